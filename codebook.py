@@ -1,0 +1,799 @@
+"""
+Codebook Features: transformers whose hidden states pass through vector-quantisation bottlenecks.
+
+Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
+Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it, "SPEC" to
+shared/SPEC.md, which lists the facts this file implements.
+
+A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
+every hidden state it sits on becomes a handful of discrete, readable and writable ids.
+
+Map of this file, in dependency order:
+  1. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
+  2. code search      top-k codes per query: torch reference, chunked torch, optional C++ extension
+  3. codebook layer   LayerNorm -> search -> mean of k codes, straight-through, losses, statistics,
+                      dead-code revival, k-means initialisation
+  4. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
+  5. interventions    record, force and disable codes (context managers)
+  6. code search      precision / recall of codes against a mask, the neuron baseline, contexts
+  7. checkpoints      plain dicts, atomic writes, weights_only loads
+  8. training loop    AdamW, schedule, clipping, accumulation, revival, DDP, resume
+"""
+import contextlib
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+SITES = ("attn", "mlp", "block")  # where a codebook can sit in a transformer block
+SIMILARITIES = ("cosine", "euclidean")
+LOSSES = ("aeloss", "none", "commitment")
+
+# ------------------------------------------------------------------------------------------------
+# 1. Addresses. A codebook is "L<layer>.H<head>" (one attention head), "L<layer>.MLP" or
+# "L<layer>.BLOCK"; a code appends its id: "L1.H2.517".
+
+_ADDRESS = re.compile(r"^L(\d+)\.(?:H(\d+)|(MLP)|(BLOCK))(?:\.(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Address:
+    layer: int
+    site: str  # one of SITES
+    head: int = 0  # attention head; 0 for the MLP and block codebooks
+    code: int | None = None
+
+    def __str__(self):
+        place = f"H{self.head}" if self.site == "attn" else self.site.upper()
+        return f"L{self.layer}.{place}" + ("" if self.code is None else f".{self.code}")
+
+    @property
+    def codebook(self):
+        """The address without its code id."""
+        return Address(self.layer, self.site, self.head)
+
+
+def parse_address(text):
+    """'L1.H2' -> Address(1, 'attn', 2); 'L3.MLP.7' -> Address(3, 'mlp', 0, 7)."""
+    if isinstance(text, Address):
+        return text
+    m = _ADDRESS.match(str(text).strip())
+    if m is None:
+        raise ValueError(f"codebook address {text!r} is malformed: write L<layer>.H<head>, "
+                         "L<layer>.MLP or L<layer>.BLOCK, with .<code> after it for one code")
+    layer, head, mlp, block, code = m.groups()
+    site = "attn" if head is not None else ("mlp" if mlp else "block")
+    return Address(int(layer), site, int(head or 0), None if code is None else int(code))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
+# codes of every query row, best first. Cosine ranking scores x . c / |c| (SPEC 2, step 2: the
+# query's own norm does not change its ranking); euclidean scores -|x - c|.
+# All three implementations return the same ids (exact ties aside) and scores.
+
+def _scores(x, codes, similarity):
+    """The (heads, tokens, codes) score matrix, the quantity the top-k ranks."""
+    if similarity == "cosine":
+        return x @ (codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
+    sq_dist = (x * x).sum(-1, keepdim=True) - 2 * x @ codes.transpose(1, 2) + (codes * codes).sum(-1)[:, None, :]
+    return -sq_dist.clamp_min(0).sqrt()
+
+
+def search_reference(x, codebook, k, similarity="cosine", disabled=None):
+    """Materialise every score, then top-k: O(tokens x codes) memory. Written to be read."""
+    scores = _scores(x, codebook, similarity)
+    if disabled is not None:
+        scores = scores.masked_fill(disabled[:, None, :], -math.inf)
+    return scores.topk(k, dim=-1)
+
+
+def search_chunked(x, codebook, k, similarity="cosine", disabled=None, tile=4096):
+    """Tile over the codes keeping a running top-k: O(tokens x (k + tile)) memory."""
+    H, N, _ = x.shape
+    best_scores = x.new_full((H, N, k), -math.inf)
+    best_ids = torch.zeros(H, N, k, dtype=torch.long, device=x.device)
+    for start in range(0, codebook.shape[1], tile):
+        s = _scores(x, codebook[:, start:start + tile], similarity)
+        if disabled is not None:
+            s = s.masked_fill(disabled[:, None, start:start + tile], -math.inf)
+        tile_ids = torch.arange(start, start + s.shape[-1], device=x.device).expand(H, N, -1)
+        best_scores, pick = torch.cat([best_scores, s], -1).topk(k, dim=-1)
+        best_ids = torch.cat([best_ids, tile_ids], -1).gather(-1, pick)
+    return best_scores, best_ids
+
+
+_extension = None  # the compiled csrc/ extension once loaded, False once it failed
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def load_extension():
+    """The fused search from csrc/, compiled on first use and cached by torch; None when it is
+    off or unavailable. CODEBOOK_EXT=0 never builds it; CODEBOOK_EXT=1 makes a failure an error."""
+    global _extension
+    mode = os.environ.get("CODEBOOK_EXT", "")
+    if mode == "0":
+        return None
+    if _extension is None:
+        try:
+            _extension = _build_extension()
+        except Exception as e:  # a missing compiler must not stop anyone: fall back, loudly
+            if mode == "1":
+                raise RuntimeError(f"CODEBOOK_EXT=1 but the csrc extension failed to build: {e}") from e
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            warnings.warn(f"csrc extension unavailable ({type(e).__name__}: {first_line}); "
+                          "using the torch code search (same results)")
+            _extension = False
+    return _extension or None
+
+
+def _build_extension():
+    raise NotImplementedError("csrc/ is not built yet")
+
+
+SCORE_MATRIX_BYTES = 256 * 2**20  # above this the torch path tiles instead of materialising
+
+
+def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
+    """(scores, ids), each (heads, tokens, k), slot 0 the most similar code. No gradient: training
+    differentiates through the gathered codes only (section 3.1), never through the scores."""
+    H, C, d = codebook.shape
+    if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
+        raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
+    if not 1 <= k <= C:
+        raise ValueError(f"k={k} must be between 1 and num_codes={C}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+    with torch.no_grad():
+        x, codebook = x.float(), codebook.float()
+        if impl == "auto":
+            ext = load_extension() if disabled is None else None
+            if ext is not None and ext.supports(x):
+                impl = "ext"
+            else:
+                impl = "reference" if H * x.shape[1] * C * 4 <= SCORE_MATRIX_BYTES else "chunked"
+        if impl == "reference":
+            return search_reference(x, codebook, k, similarity, disabled)
+        if impl == "chunked":
+            return search_chunked(x, codebook, k, similarity, disabled)
+        if impl == "ext":
+            if disabled is not None:
+                raise ValueError("impl='ext' does not take disabled codes; use impl='auto'")
+            ext = load_extension()
+            if ext is None:
+                raise ValueError("impl='ext' but the csrc extension is not available (CODEBOOK_EXT=0 or build failed)")
+            return ext.topk_codes(x, codebook, k, similarity)
+        raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'chunked', 'ext'")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The codebook layer (section 3.1, SPEC 2). One layer holds `heads` independent codebooks
+# (the per-head attention codebooks of one layer, or a single MLP / block codebook), stored as
+# one parameter (heads, codes, d) and searched in one call.
+
+class CodebookLayer(nn.Module):
+    def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
+        super().__init__()
+        if num_codes < 1:
+            raise ValueError(f"num_codes={num_codes} must be at least 1")
+        if not 1 <= k <= num_codes:
+            raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+        self.heads, self.num_codes, self.dim, self.k = heads, num_codes, dim, k
+        self.similarity, self.loss_kind, self.beta = similarity, loss, beta
+        self.ln_weight = nn.Parameter(torch.ones(heads, dim))  # one LayerNorm per codebook
+        self.ln_bias = nn.Parameter(torch.zeros(heads, dim))
+        self.codes = nn.Parameter(torch.randn(heads, num_codes, dim))  # N(0,1): norm ~ sqrt(d), as LN output
+        # usage counted per token since the last revival; summed over DDP ranks by the training loop
+        self.register_buffer("code_counts", torch.zeros(heads, num_codes, dtype=torch.long), persistent=False)
+        self.register_buffer("recon_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("token_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.enabled = True
+        self.forced = []  # (head, codes (B|1, T|1, m), positions) set by force_codes()
+        self.disabled = None  # (heads, codes) bool, set by disable_codes()
+        self.last_ids = self.last_scores = self.last_input = None
+        self.aux_loss = torch.zeros(())
+
+    def normalize(self, x):
+        return F.layer_norm(x, (self.dim,)) * self.ln_weight + self.ln_bias
+
+    def forward(self, x):
+        """x (..., heads, dim) -> same shape, each head's vector replaced by the mean of its k codes."""
+        if x.shape[-2:] != (self.heads, self.dim):
+            raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
+        if not self.enabled:
+            return x
+        lead = x.shape[:-2]
+        x_n = self.normalize(x)
+        flat = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
+        scores, ids = topk_codes(flat, self.codes, self.k, self.similarity, self.disabled)
+        ids = ids.transpose(0, 1).reshape(*lead, self.heads, self.k)
+        ids = self._apply_forcing(ids)
+        self.last_ids, self.last_scores = ids, scores.transpose(0, 1).reshape(*lead, self.heads, self.k)
+        if self.training:
+            self.last_input = flat.detach()  # the pool dead codes are revived from
+        # mean of the k chosen codes, one embedding_bag over all heads (codes of head h at offset h*C)
+        offsets = torch.arange(self.heads, device=x.device)[:, None] * self.num_codes
+        q = F.embedding_bag((ids + offsets).reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean")
+        q = q.view_as(x_n)
+        self.aux_loss = self._aux_loss(q, x_n)
+        if self.training:
+            self.code_counts.view(-1).index_add_(0, (ids + offsets).reshape(-1),
+                                                  torch.ones(ids.numel(), dtype=torch.long, device=x.device))
+            self.recon_sum += (q.detach() - x_n.detach()).pow(2).mean(-1).sum()
+            self.token_count += q.shape[:-1].numel()
+        # straight-through: the value is q, the input's gradient is the output's (section 3.1)
+        return q + x_n - x_n.detach()
+
+    def _aux_loss(self, q, x_n):
+        """The codebook's own loss, summed over heads and averaged over tokens (SPEC 2, step 5)."""
+        if self.loss_kind == "none":
+            return q.new_zeros(())
+        if self.loss_kind == "aeloss":  # pulls the codes towards the inputs they stand for
+            sq_err = (q - x_n.detach()).pow(2)
+        else:  # VQ-VAE commitment: pulls the inputs towards their codes
+            sq_err = self.beta * (x_n - q.detach()).pow(2)
+        return sq_err.sum(-1).reshape(-1, self.heads).mean(0).sum()
+
+    def _apply_forcing(self, ids):
+        """Overwrite id slots with forced codes, filling from the least similar slot (SPEC 3)."""
+        for head, codes, positions in self.forced:
+            m = codes.shape[-1]
+            slots = ids[..., head, self.k - m:]
+            mask = _position_mask(positions, ids.shape[:-2], ids.device)
+            ids = ids.clone()
+            ids[..., head, self.k - m:] = torch.where(mask[..., None], codes.to(ids.device).expand_as(slots), slots)
+        return ids
+
+    # --- statistics, revival, initialisation ---------------------------------------------------
+
+    def dead_fraction(self):
+        """Per head, the share of codes not used since the last revival/reset."""
+        return (self.code_counts == 0).float().mean(-1)
+
+    def reset_stats(self):
+        self.code_counts.zero_()
+        self.recon_sum.zero_()
+        self.token_count.zero_()
+
+    @torch.no_grad()
+    def revive_dead_codes(self, noise=0.01):
+        """Codes unused since the last revival restart at random recent inputs plus small noise
+        (SPEC 2, 'dead-code replacement'); returns how many were revived. Resets the counts."""
+        dead = self.code_counts == 0
+        pool = self.last_input
+        if pool is not None and dead.any():
+            pick = torch.randint(pool.shape[1], (self.heads, self.num_codes), device=pool.device)
+            fresh = pool.gather(1, pick[..., None].expand(-1, -1, self.dim))
+            fresh = fresh + noise * torch.randn_like(fresh)
+            self.codes.copy_(torch.where(dead[..., None], fresh.to(self.codes.dtype), self.codes))
+        revived = int(dead.sum()) if pool is not None else 0
+        self.reset_stats()
+        return revived
+
+    @torch.no_grad()
+    def init_kmeans(self, x, iters=10):
+        """k-means (Lloyd) on activations x (..., heads, dim), all heads at once, in the layer's
+        own similarity; replaces the codes. Clusters that empty keep their previous centre."""
+        data = self.normalize(x).reshape(-1, self.heads, self.dim).transpose(0, 1).float()
+        H, N, C = self.heads, data.shape[1], self.num_codes
+        centres = data.gather(1, torch.randint(N, (H, C, 1), device=data.device).expand(-1, -1, self.dim))
+        centres = centres + 0.01 * torch.randn_like(centres)  # distinct even when N < C
+        offsets = torch.arange(H, device=data.device)[:, None] * C
+        for _ in range(iters):
+            _, ids = topk_codes(data, centres, 1, self.similarity)
+            flat = (ids[..., 0] + offsets).reshape(-1)
+            sums = torch.zeros(H * C, self.dim, device=data.device).index_add_(0, flat, data.reshape(-1, self.dim))
+            counts = torch.bincount(flat, minlength=H * C).float()[:, None]
+            centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres.reshape(H * C, -1)).view(H, C, -1)
+        self.codes.copy_(centres)
+
+
+def _position_mask(positions, shape, device):
+    """positions: None (all), a list of ints (negatives count from the end) or a bool tensor."""
+    batch, seq = shape
+    if positions is None:
+        return torch.ones(1, 1, dtype=torch.bool, device=device)
+    if torch.is_tensor(positions) and positions.dtype == torch.bool:
+        return positions.to(device).view(-1 if positions.dim() == 2 else 1, seq)
+    mask = torch.zeros(1, seq, dtype=torch.bool, device=device)
+    idx = [p % seq for p in positions if -seq <= p < seq]
+    mask[0, idx] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites.
+
+@dataclass
+class CodebookSpec:
+    """Where codebooks sit and how they search. layers=None means every layer."""
+    layers: list | None = None
+    num_codes: int = 1000
+    k: int = 1
+    similarity: str = "cosine"
+    loss: str = "aeloss"
+    beta: float = 0.25
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 11
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_mlp: int = 512
+    codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        specs = {}
+        for site, spec in self.codebooks.items():
+            if site not in SITES:
+                raise ValueError(f"codebook site {site!r} is not one of {SITES}")
+            spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
+            if spec.layers is not None:
+                bad = [l for l in spec.layers if not 0 <= l < self.n_layer]
+                if bad:
+                    raise ValueError(f"codebook layers {bad} at {site!r} do not exist: n_layer={self.n_layer}")
+            specs[site] = spec
+        self.codebooks = specs
+
+    def to_dict(self):
+        return asdict(self)  # plain Python types, safe for weights_only checkpoints
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
+        self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
+        heads = {"attn": (cfg.n_head, self.d_head), "mlp": (1, cfg.d_model), "block": (1, cfg.d_model)}
+        self.codebooks = nn.ModuleDict({
+            site: CodebookLayer(*heads[site], spec.num_codes, spec.k, spec.similarity, spec.loss, spec.beta)
+            for site, spec in cfg.codebooks.items() if spec.layers is None or layer in spec.layers})
+        self.captures = None  # a dict while capture_activations() is on
+
+    def site(self, name, x):
+        """Pass activations x (B, T, heads, dim) through this block's codebook at `name`, if any."""
+        if self.captures is not None:
+            self.captures[name] = x.detach()
+        return self.codebooks[name](x) if name in self.codebooks else x
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, dh)
+        x = x + self.attn_out(self.site("attn", heads).reshape(B, T, D))
+        x = x + self.site("mlp", self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))[:, :, None])[:, :, 0]
+        return self.site("block", x[:, :, None])[:, :, 0]
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config if isinstance(config, GPTConfig) else GPTConfig(**config)
+        cfg = self.config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "codebooks" not in name:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx):
+        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab)."""
+        cfg = self.config
+        if idx.dim() != 2 or idx.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor (batch, seq), got {idx.dtype} {tuple(idx.shape)}")
+        if not 1 <= idx.shape[1] <= cfg.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} must be between 1 and block_size={cfg.block_size}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+        idx = idx.long()
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def codebook_loss(self):
+        """The sum of every codebook's auxiliary loss from the last forward."""
+        losses = [cb.aux_loss for cb in self.codebook_layers().values() if cb.enabled]
+        return sum(losses) if losses else torch.zeros((), device=self.head.weight.device)
+
+    def codebook_layers(self):
+        """{(layer, site): CodebookLayer} in model order."""
+        return {(i, site): cb for i, b in enumerate(self.blocks) for site, cb in b.codebooks.items()}
+
+    def codebook_addresses(self):
+        """Every codebook's address string, heads of a layer separately."""
+        return [str(Address(i, site, h)) for (i, site), cb in self.codebook_layers().items() for h in range(cb.heads)]
+
+    def locate(self, address):
+        """Address (or its text) -> (CodebookLayer, head index); clear errors for what is missing."""
+        a = parse_address(address)
+        if not 0 <= a.layer < len(self.blocks):
+            raise ValueError(f"{a}: layer {a.layer} does not exist (n_layer={len(self.blocks)})")
+        cb = self.blocks[a.layer].codebooks[a.site] if a.site in self.blocks[a.layer].codebooks else None
+        if cb is None:
+            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(self.codebook_addresses()) or 'none'})")
+        if not 0 <= a.head < cb.heads:
+            raise ValueError(f"{a}: head {a.head} does not exist (n_head={cb.heads})")
+        if a.code is not None and not 0 <= a.code < cb.num_codes:
+            raise ValueError(f"{a}: code {a.code} does not exist (num_codes={cb.num_codes})")
+        return cb, a.head
+
+    def set_codebooks(self, enabled):
+        """Switch every codebook on or off; off, this is exactly the plain transformer."""
+        for cb in self.codebook_layers().values():
+            cb.enabled = enabled
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample continuations; forcing and disabling in effect apply to every position."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def with_codebooks(model, codebooks):
+    """Stage two of section 3.2: the same weights with codebooks added, for finetuning."""
+    cfg = model.config.to_dict() | {"codebooks": codebooks}
+    new = GPT(cfg).to(model.head.weight.device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".codebooks." in name for name in missing)
+    return new
+
+
+@torch.no_grad()
+def init_codebooks_kmeans(model, tokens, iters=10):
+    """Initialise every codebook by k-means on the activations it sees with codebooks off."""
+    was = [cb.enabled for cb in model.codebook_layers().values()]
+    model.set_codebooks(False)
+    with capture_activations(model) as acts:
+        model(tokens)
+    for ((layer, site), cb), on in zip(model.codebook_layers().items(), was):
+        cb.init_kmeans(acts[layer][site], iters)
+        cb.enabled = on
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Interventions (section 3.3, SPEC 3): read codes after a forward, force codes on, disable
+# codes. Both context managers undo themselves on exit, also after an exception.
+
+def record_codes(model):
+    """After a forward: {address: ids (batch, seq, k)} for every codebook, heads separately."""
+    out = {}
+    for (layer, site), cb in model.codebook_layers().items():
+        if cb.last_ids is not None:
+            for h in range(cb.heads):
+                out[str(Address(layer, site, h))] = cb.last_ids[..., h, :]
+    return out
+
+
+def _codes_by_codebook(model, codes):
+    """{address: ids} or ["L1.H2.517", ...] -> {(layer, head): LongTensor (B|1, T|1, m)}."""
+    if not isinstance(codes, dict):
+        grouped = {}
+        for text in codes:
+            a = parse_address(text)
+            if a.code is None:
+                raise ValueError(f"{a}: name a code, e.g. {a}.0")
+            grouped.setdefault(str(a.codebook), []).append(a.code)
+        codes = grouped
+    out = {}
+    for address, ids in codes.items():
+        cb, head = model.locate(address)
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = ids.view(1, 1, -1) if ids.dim() <= 1 else (ids[:, None, :] if ids.dim() == 2 else ids)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= cb.num_codes):
+            raise ValueError(f"{address}: forced code ids must be in [0, num_codes={cb.num_codes})")
+        out[(cb, head)] = ids
+    return out
+
+
+@contextlib.contextmanager
+def force_codes(model, codes, positions=None):
+    """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m)
+    tensor for per-example codes) or a list of code addresses. `positions`: None for every
+    position, a list of positions (negative from the end), or a (batch, seq) bool mask."""
+    plan = _codes_by_codebook(model, codes)
+    for (cb, head), ids in plan.items():
+        if ids.shape[-1] > cb.k:
+            raise ValueError(f"{ids.shape[-1]} codes forced on one codebook, but it has only k={cb.k} slots")
+    for (cb, head), ids in plan.items():
+        cb.forced.append((head, ids, positions))
+    try:
+        yield model
+    finally:
+        for (cb, head), ids in plan.items():
+            cb.forced = [f for f in cb.forced if f[1] is not ids]
+
+
+@contextlib.contextmanager
+def disable_codes(model, codes):
+    """Disable codes (a list of code addresses): they score -inf, the next best takes their slot."""
+    saved = {cb: cb.disabled for cb in model.codebook_layers().values()}
+    try:
+        for (cb, head), ids in _codes_by_codebook(model, codes).items():
+            mask = cb.disabled.clone() if cb.disabled is not None else torch.zeros(
+                cb.heads, cb.num_codes, dtype=torch.bool, device=cb.codes.device)
+            mask[head, ids.flatten()] = True
+            if (~mask).sum(-1).min() < cb.k:
+                raise ValueError(f"disabling leaves fewer than k={cb.k} codes in a codebook")
+            cb.disabled = mask
+        yield model
+    finally:
+        for cb, before in saved.items():
+            cb.disabled = before
+
+
+@contextlib.contextmanager
+def codebooks_off(model):
+    was = {cb: cb.enabled for cb in model.codebook_layers().values()}
+    model.set_codebooks(False)
+    try:
+        yield model
+    finally:
+        for cb, on in was.items():
+            cb.enabled = on
+
+
+@contextlib.contextmanager
+def capture_activations(model):
+    """Yield {layer: {site: activations (B, T, heads, dim)}} filled by the forwards inside:
+    attention heads before W_O, MLP output, block output. What the neuron baseline reads."""
+    acts = {i: {} for i in range(len(model.blocks))}
+    for i, block in enumerate(model.blocks):
+        block.captures = acts[i]
+    try:
+        yield acts
+    finally:
+        for block in model.blocks:
+            block.captures = None
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Finding codes that mean something (section 4, SPEC 4).
+
+@torch.no_grad()
+def record_dataset(model, tokens, batch_size=64):
+    """Run a dataset (n, seq) through the model; return ({address: ids (n, seq, k)},
+    {address: scores (n, seq, k)}) on the CPU."""
+    ids, scores = {}, {}
+    device = model.head.weight.device
+    for start in range(0, tokens.shape[0], batch_size):
+        model(tokens[start:start + batch_size].to(device))
+        for (layer, site), cb in model.codebook_layers().items():
+            for h in range(cb.heads):
+                key = str(Address(layer, site, h))
+                ids.setdefault(key, []).append(cb.last_ids[..., h, :].cpu())
+                scores.setdefault(key, []).append(cb.last_scores[..., h, :].cpu())
+    return ({a: torch.cat(v) for a, v in ids.items()}, {a: torch.cat(v) for a, v in scores.items()})
+
+
+def code_counts(ids, num_codes):
+    """How often each code fires over recorded ids (..., k)."""
+    return torch.bincount(ids.reshape(-1), minlength=num_codes)
+
+
+def code_precision_recall(ids, masks, num_codes):
+    """Precision and recall of every code against boolean masks over positions.
+    ids (..., k) recorded codes; masks (S, ...) or (...): S target sets at once.
+    recall = mask positions where the code fires / mask positions;
+    precision = mask positions where the code fires / positions where it fires.
+    Returns (precision, recall), each (S, num_codes) (or (num_codes,) for one mask)."""
+    single = masks.dim() == ids.dim() - 1
+    masks = masks[None] if single else masks
+    which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
+    hits_idx = which[:, None] * num_codes + ids[tuple(where)]
+    hits = torch.bincount(hits_idx.reshape(-1), minlength=masks.shape[0] * num_codes).view(-1, num_codes).float()
+    fires = code_counts(ids, num_codes).float()
+    precision = hits / fires.clamp_min(1)
+    recall = hits / masks.flatten(1).sum(-1, keepdim=True).clamp_min(1)
+    return (precision[0], recall[0]) if single else (precision, recall)
+
+
+def neuron_precision_at_recall(acts, mask, recall):
+    """The neuron baseline (section 4.1): for each neuron (column of acts (P, D)) and each sign,
+    the threshold at which it fires on `recall` of the mask (P,) positions; its precision there.
+    Returns (D,) precision, the better of the two signs for each neuron."""
+    acts = acts.float()
+    n_pos = int(mask.sum())
+    if n_pos == 0:
+        return acts.new_zeros(acts.shape[1])
+    need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
+    best = None
+    for signed in (acts, -acts):
+        threshold = signed[mask].topk(need, dim=0).values[-1]  # (D,)
+        fires = signed >= threshold
+        precision = (fires & mask[:, None]).sum(0).float() / fires.sum(0).float()
+        best = precision if best is None else torch.maximum(best, precision)
+    return best
+
+
+def top_contexts(ids, scores, code, n=5):
+    """The n positions (row, pos, score) where `code` fires most strongly."""
+    fires = ids == code
+    strength = torch.where(fires, scores, torch.full_like(scores, -math.inf)).amax(-1).flatten()
+    found = int(fires.any(-1).sum())
+    top = strength.topk(min(n, found))
+    seq = ids.shape[1]
+    return [(int(i) // seq, int(i) % seq, float(s)) for s, i in zip(top.values, top.indices)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Checkpoints: plain dicts that torch.load(weights_only=True) reads; written atomically.
+
+FORMAT = "codebook-features/1"
+
+
+def save_checkpoint(path, model, optimizer=None, step=0, **extra):
+    state = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(),
+             "step": step, "optimizer": optimizer.state_dict() if optimizer else None, "extra": extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is truncated, corrupt or not a torch file "
+                         f"({type(e).__name__}); re-create it") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint (written by another program?)")
+    return state
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a model from a checkpoint, in eval mode."""
+    state = load_checkpoint(path, map_location=device)
+    model = GPT(state["config"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. The training loop every script uses.
+
+def distributed():
+    """(rank, world_size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("CODEBOOK_DEVICE") != "cpu" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.95)):
+    """AdamW; weight decay on matrices only, never on codebooks, LayerNorms or biases."""
+    groups = {"decay": [], "no_decay": [], "codebook": []}
+    for name, p in model.named_parameters():
+        if ".codebooks." in name:
+            groups["codebook"].append(p)
+        else:
+            groups["decay" if p.dim() >= 2 and name != "pos_emb.weight" else "no_decay"].append(p)
+    return torch.optim.AdamW([
+        {"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
+        {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
+        {"params": groups["codebook"], "weight_decay": 0.0, "lr": codebook_lr or lr},
+    ], lr=lr, betas=betas)
+
+
+def lr_factor(step, steps, warmup, cosine):
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # decays to a tenth
+
+
+def _sum_across_ranks(tensors):
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
+          warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
+          eval_every=0, ckpt_path=None, ckpt_every=0, log_every=10, desc="train", autocast=None):
+    """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`).
+    get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i; under torchrun each
+    rank draws its own shard. eval_fn(model, step) -> dict, run on rank 0. With ckpt_path, an
+    existing checkpoint there is resumed and the final state is written there."""
+    from tqdm import tqdm
+    rank, world = distributed()
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    model = model.to(device)
+    optimizer = make_optimizer(model, lr, weight_decay, codebook_lr)
+    step = 0
+    if ckpt_path and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path, map_location=device)
+        if state["config"] != model.config.to_dict():
+            raise ValueError(f"checkpoint {ckpt_path} holds a different model config; delete it or choose another output folder")
+        model.load_state_dict(state["model"])
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    codebooks = list(model.codebook_layers().values())
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    while step < steps:
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step, steps, warmup, cosine)
+        for micro in range(grad_accum):
+            x, y = (t.to(device) for t in get_batch(step * grad_accum + micro, rank, world))
+            sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
+            amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
+            with sync, amp:
+                logits = net(x)
+                ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                loss = (ce + model.codebook_loss()) / grad_accum
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % log_every == 0 or step == steps:
+            stats = {"loss": f"{ce.item():.4f}"}
+            if codebooks:
+                dead = torch.cat([cb.dead_fraction() for cb in codebooks]).mean().item()
+                mse = sum(cb.recon_sum.item() / max(1, cb.token_count.item()) for cb in codebooks) / len(codebooks)
+                stats |= {"dead": f"{dead:.0%}", "mse": f"{mse:.3f}"}
+            bar.set_postfix(stats, refresh=False)
+        bar.update(1)
+        if revive_every and step % revive_every == 0 and step < steps:
+            _sum_across_ranks([cb.code_counts for cb in codebooks])
+            for cb in codebooks:
+                cb.revive_dead_codes()
+                if world > 1:
+                    dist.broadcast(cb.codes.data, 0)  # every rank keeps rank 0's revived codes
+        if eval_fn and eval_every and step % eval_every == 0 and step < steps and rank == 0:
+            model.eval()
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_fn(model, step).items()))
+            model.train()
+        if ckpt_path and rank == 0 and ((ckpt_every and step % ckpt_every == 0) or step == steps):
+            save_checkpoint(ckpt_path, model, optimizer, step)
+    bar.close()
+    _sum_across_ranks([cb.code_counts for cb in codebooks])  # every rank ends with the global counts
+    return model.eval()

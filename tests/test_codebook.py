@@ -1,0 +1,352 @@
+"""codebook.py against the computation written out by hand: each test replays one idea of the
+paper in plain torch and asserts the library computes the same thing."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import codebook as cb
+
+TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, d_model=32, d_mlp=64)
+
+
+def tiny_model(seed=0, **codebooks):
+    torch.manual_seed(seed)
+    return cb.GPT(cb.GPTConfig(**TINY, codebooks=codebooks or {
+        "attn": dict(num_codes=40, k=2), "mlp": dict(num_codes=30, k=1, layers=[1])}))
+
+
+def tokens(n=4, seq=16, seed=1):
+    return torch.randint(0, 11, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the transformer -----------------------------------------------------------------------
+
+def test_codebooks_off_is_the_plain_transformer():
+    model = tiny_model(attn=dict(num_codes=40, k=2), mlp=dict(num_codes=30), block=dict(num_codes=20, layers=[0]))
+    plain = cb.GPT(cb.GPTConfig(**TINY))
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(".codebooks." in u for u in unexpected)
+    x = tokens()
+    with cb.codebooks_off(model):
+        assert torch.allclose(model(x), plain(x), atol=1e-6)
+    assert not torch.allclose(model(x), plain(x), atol=1e-3)  # and on, they differ
+
+    # the plain transformer itself, written out with torch's own attention module
+    block = plain.blocks[0]
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    mha.in_proj_weight.data, mha.in_proj_bias.data = block.qkv.weight.data, block.qkv.bias.data
+    mha.out_proj.weight.data, mha.out_proj.bias.data = block.attn_out.weight.data, block.attn_out.bias.data
+    h = torch.randn(2, 16, 32)
+    causal = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
+    h1 = h + mha(block.ln1(h), block.ln1(h), block.ln1(h), attn_mask=causal, need_weights=False)[0]
+    expected = h1 + block.mlp_out(F.gelu(block.mlp_in(block.ln2(h1))))
+    assert torch.allclose(block(h), expected, atol=1e-5)
+
+
+def test_generate_respects_top_k_and_is_seeded():
+    model = tiny_model().eval()
+    prompt = tokens(2, 4)
+    a = model.generate(prompt, 20, top_k=1)
+    assert torch.equal(a, model.generate(prompt, 20, temperature=0))  # top-1 sampling is greedy
+    s1 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
+    s2 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(s1, s2) and s1.shape == (2, 24) and torch.equal(s1[:, :4], prompt)
+
+
+# --- code search ---------------------------------------------------------------------------
+
+def assert_same_topk(got, want):
+    """Equal scores, and every returned id really has its score (ties may pick other ids)."""
+    (gs, gi), (ws, wi) = got, want
+    assert torch.allclose(gs, ws, atol=1e-5)
+    ids_equal = (gi == wi).float().mean()
+    assert ids_equal > 0.99 or torch.allclose(gs, ws)
+    assert gi.dtype == torch.long
+
+
+@pytest.mark.parametrize("similarity", cb.SIMILARITIES)
+@pytest.mark.parametrize("heads,tokens_,codes,k,tile", [
+    (3, 50, 100, 4, 32),  # codes not a multiple of the tile
+    (1, 7, 1, 1, 4),  # a single code
+    (2, 9, 13, 13, 5),  # k = num_codes
+    (4, 33, 257, 1, 64),  # k = 1
+])
+def test_chunked_search_equals_reference(similarity, heads, tokens_, codes, k, tile):
+    g = torch.Generator().manual_seed(0)
+    x, book = torch.randn(heads, tokens_, 8, generator=g), torch.randn(heads, codes, 8, generator=g)
+    want = cb.search_reference(x, book, k, similarity)
+    got = cb.search_chunked(x, book, k, similarity, tile=tile)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("similarity", cb.SIMILARITIES)
+def test_chunked_search_with_exact_ties(similarity):
+    book = torch.randn(2, 6, 4).repeat(1, 5, 1)  # every code appears 5 times: scores tie exactly
+    x = torch.randn(2, 20, 4)
+    for k in (1, 3, 30):
+        want, got = cb.search_reference(x, book, k, similarity), cb.search_chunked(x, book, k, similarity, tile=7)
+        assert torch.allclose(got[0], want[0], atol=1e-5)
+        assert torch.allclose(cb._scores(x, book, similarity).gather(-1, got[1]), got[0], atol=1e-5)
+        assert all(len(set(row.tolist())) == k for row in got[1].reshape(-1, k))  # distinct ids
+
+
+def test_search_honours_disabled_codes_and_ranks_by_cosine():
+    x, book = torch.randn(1, 40, 6), torch.randn(1, 25, 6)
+    disabled = torch.zeros(1, 25, dtype=torch.bool)
+    disabled[0, ::2] = True
+    for impl in ("reference", "chunked"):
+        _, ids = cb.topk_codes(x, book, 3, disabled=disabled, impl=impl)
+        assert not disabled[0, ids].any()
+    cosine = F.cosine_similarity(x[0][:, None], book[0][None], dim=-1)
+    assert torch.equal(cb.topk_codes(x, book, 5, impl="chunked")[1][0], cosine.topk(5).indices)
+
+
+# --- the codebook layer --------------------------------------------------------------------
+
+def test_gradients_straight_through_and_explicit_codebook_loss():
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=3, dim=8, num_codes=20, k=4)
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    w = torch.randn(2, 5, 3, 8)
+    out = layer(x)
+    ((out * w).sum() + layer.aux_loss).backward()
+
+    # by hand: the output is the mean of the chosen codes; input gradient passes straight through
+    x2 = x.detach().clone().requires_grad_()
+    codes = layer.codes.detach().clone().requires_grad_()
+    ln_w, ln_b = (p.detach().clone().requires_grad_() for p in (layer.ln_weight, layer.ln_bias))
+    x_n = F.layer_norm(x2, (8,)) * ln_w + ln_b
+    ids = layer.last_ids  # (2, 5, 3, 4)
+    q = torch.stack([codes[h][ids[:, :, h]].mean(-2) for h in range(3)], dim=2)
+    assert torch.allclose(out, q, atol=1e-6)
+    recon = ((q - x_n.detach()) ** 2).sum(-1).mean(dim=(0, 1)).sum()  # per head: mean over tokens
+    ((q * w).sum() + (x_n * w).sum() + recon).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(layer.codes.grad, codes.grad, atol=1e-5)
+    assert torch.allclose(layer.ln_weight.grad, ln_w.grad, atol=1e-5)
+
+
+def test_loss_variants_are_per_layer():
+    torch.manual_seed(0)
+    none, commit = cb.CodebookLayer(1, 8, 10, loss="none"), cb.CodebookLayer(1, 8, 10, loss="commitment", beta=0.5)
+    x = torch.randn(4, 1, 8)
+    none(x), commit(x)
+    assert none.aux_loss == 0
+    q = commit.codes.detach()[0][commit.last_ids[:, 0, 0]]
+    x_n = commit.normalize(x)[:, 0]
+    assert torch.allclose(commit.aux_loss, 0.5 * ((x_n - q) ** 2).sum(-1).mean())
+
+
+def test_usage_counted_per_token_and_revival_replaces_exactly_the_unused_codes():
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=2, dim=4, num_codes=50, k=2).train()
+    x = torch.randn(3, 7, 2, 4)
+    layer(x)
+    assert layer.code_counts.sum() == 3 * 7 * 2 * 2  # every token's every slot, per head
+    for h in range(2):
+        assert torch.equal(layer.code_counts[h], torch.bincount(layer.last_ids[..., h, :].flatten(), minlength=50))
+    used = layer.code_counts > 0
+    before = layer.codes.detach().clone()
+    revived = layer.revive_dead_codes()
+    assert revived == int((~used).sum())
+    changed = (layer.codes != before).any(-1)
+    assert torch.equal(changed, ~used)
+    assert layer.code_counts.sum() == 0
+    # revived codes sit near real (normalised) inputs: within the noise of one of them
+    pool = layer.normalize(x).reshape(-1, 2, 4).transpose(0, 1)
+    dist_to_pool = torch.cdist(layer.codes.detach(), pool).min(-1).values
+    assert (dist_to_pool[~used] < 0.1).all()
+
+
+def test_kmeans_init_beats_random_init_on_clustered_data():
+    torch.manual_seed(0)
+    centres = torch.randn(2, 16, 8) * 3
+    x = (centres[:, torch.randint(16, (2000,))] + 0.1 * torch.randn(2, 2000, 8)).transpose(0, 1)  # (2000, 2, 8)
+
+    def recon_error(layer):
+        layer.train(), layer.reset_stats(), layer(x)
+        return (layer.recon_sum / layer.token_count).item()
+
+    layer = cb.CodebookLayer(heads=2, dim=8, num_codes=16, k=1)
+    random_error = recon_error(layer)
+    layer.init_kmeans(x)
+    assert recon_error(layer) < 0.25 * random_error
+
+
+# --- interventions ------------------------------------------------------------------------
+
+def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
+    model = tiny_model().eval()
+    x = tokens()
+    model(x)
+    clean = cb.record_codes(model)
+    with cb.force_codes(model, ["L1.H2.7", "L1.H2.9"], positions=[3, -1]):
+        model(x)
+        forced = cb.record_codes(model)
+    for pos in range(16):
+        if pos in (3, 15):
+            assert (forced["L1.H2"][:, pos] == torch.tensor([7, 9])).all()  # least similar end first
+        else:
+            assert torch.equal(forced["L1.H2"][:, pos], clean["L1.H2"][:, pos])
+    for address in clean:
+        if address != "L1.H2":
+            assert torch.equal(forced[address][:, :3], clean[address][:, :3])  # upstream untouched
+    layer = model.blocks[1].codebooks["attn"]
+    with cb.force_codes(model, {"L1.H2": [5]}):
+        out = layer(torch.randn(4, 16, 4, 8))
+        ids = layer.last_ids
+        assert (ids[..., 2, 1] == 5).all()
+        assert torch.allclose(out[..., 2, :], layer.codes[2][ids[..., 2, :]].mean(-2), atol=1e-6)
+    assert layer.forced == []
+    # per-example codes, as the FSM interventions use them
+    per_example = torch.tensor([[1], [2], [3], [4]])
+    with cb.force_codes(model, {"L1.MLP": per_example}, positions=[-1]):
+        model(x)
+        assert torch.equal(cb.record_codes(model)["L1.MLP"][:, -1], per_example)
+
+
+def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():
+    model = tiny_model().eval()
+    x = tokens(8)
+    model(x)
+    common = torch.bincount(cb.record_codes(model)["L0.H1"].flatten(), minlength=40).topk(5).indices.tolist()
+    with pytest.raises(RuntimeError):
+        with cb.disable_codes(model, [f"L0.H1.{c}" for c in common]), cb.force_codes(model, ["L1.MLP.3"]):
+            model(x)
+            assert not torch.isin(cb.record_codes(model)["L0.H1"], torch.tensor(common)).any()
+            generated = model.generate(x[:, :4], 8)  # acts during generation too
+            model(generated)
+            assert (cb.record_codes(model)["L1.MLP"] == 3).all()
+            raise RuntimeError("boom")
+    assert all(layer.disabled is None and layer.forced == [] for layer in model.codebook_layers().values())
+    model(x)
+    assert torch.isin(cb.record_codes(model)["L0.H1"], torch.tensor(common)).any()
+
+
+def test_addresses_parse_and_format():
+    for text in ("L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517", "L10.MLP.0"):
+        assert str(cb.parse_address(text)) == text
+    assert cb.parse_address("L1.H2.517") == cb.Address(1, "attn", 2, 517)
+    assert cb.parse_address("L1.H2.517").codebook == cb.Address(1, "attn", 2)
+
+
+# --- finding codes ------------------------------------------------------------------------
+
+def test_precision_recall_on_a_hand_made_mask():
+    ids = torch.tensor([[[0], [1], [1], [2]], [[1], [0], [2], [2]]])  # (2 seqs, 4 positions, k=1)
+    mask = torch.tensor([[True, True, False, False], [False, True, False, False]])
+    precision, recall = cb.code_precision_recall(ids, mask, num_codes=4)
+    # code 0 fires at (0,0), (1,1): both in the mask; code 1 at (0,1) in, (0,2), (1,0) out
+    assert torch.allclose(precision, torch.tensor([1.0, 1 / 3, 0.0, 0.0]))
+    assert torch.allclose(recall, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+    both, _ = cb.code_precision_recall(ids, torch.stack([mask, ~mask]), num_codes=4)
+    assert torch.allclose(both[0], precision) and torch.allclose(both[1], torch.tensor([0.0, 2 / 3, 1.0, 0.0]))
+
+
+def test_neuron_baseline_on_a_hand_made_case():
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    acts = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 9.0], [0.0, 9.0],
+                         [3.5, -1.0], [0.0, -1.0], [0.0, -1.0], [0.0, 9.0]])
+    # recall 0.5: neuron 0 fires at >= 4 -> 2 hits / 2 fires; neuron 1 at >= 9 -> 2 / 3
+    assert torch.allclose(cb.neuron_precision_at_recall(acts, mask, 0.5), torch.tensor([1.0, 2 / 3]))
+    # recall 0.75: neuron 0 fires at >= 3 -> 3 hits / 4 fires; negated, at >= 0 -> 4 hits / 7 fires
+    assert torch.isclose(cb.neuron_precision_at_recall(acts, mask, 0.75)[0], torch.tensor(0.75))
+    # a neuron that fires negatively counts too: -1 marks the complement perfectly
+    assert cb.neuron_precision_at_recall(acts, ~mask, 0.75)[1] == 1.0
+
+
+def test_top_contexts_rank_by_score():
+    ids = torch.tensor([[[1, 2], [3, 1]], [[1, 0], [2, 3]]])
+    scores = torch.tensor([[[0.9, 0.5], [0.8, 0.7]], [[0.2, 0.1], [0.6, 0.3]]])
+    assert cb.top_contexts(ids, scores, code=1, n=5) == [(0, 0, pytest.approx(0.9)), (0, 1, pytest.approx(0.7)),
+                                                        (1, 0, pytest.approx(0.2))]
+
+
+# --- checkpoints and the training loop -----------------------------------------------------
+
+def random_batches(i, rank, world, batch=8):
+    g = torch.Generator().manual_seed(1000 + i)
+    t = torch.randint(0, 11, (batch, 17), generator=g)
+    shard = t[rank * batch // world:(rank + 1) * batch // world]
+    return shard[:, :-1], shard[:, 1:]
+
+
+def test_checkpoint_round_trip_resume_and_clear_errors(tmp_path):
+    path = str(tmp_path / "m.pt")
+    model = cb.train(tiny_model(), random_batches, steps=4, ckpt_path=path, log_every=2)
+    x = tokens()
+    assert torch.equal(cb.load_model(path)(x), model(x))
+    assert torch.load(path, weights_only=True)["step"] == 4
+    # resume: 4 more steps from the checkpoint == 8 steps in one go
+    resumed = cb.train(tiny_model(), random_batches, steps=8, ckpt_path=path)
+    straight = cb.train(tiny_model(), random_batches, steps=8)
+    assert torch.allclose(resumed(x), straight(x), atol=1e-5)
+
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "foreign.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for name, words in [("cut.pt", "truncated"), ("foreign.pt", "truncated"), ("other.pt", "not a"),
+                        ("missing.pt", "does not exist")]:
+        with pytest.raises(ValueError, match=words):
+            cb.load_model(str(tmp_path / name))
+    with pytest.raises(ValueError, match="different model config"):
+        cb.train(tiny_model(attn=dict(num_codes=8)), random_batches, steps=9, ckpt_path=path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: cb.CodebookLayer(1, 4, num_codes=3, k=4), "k=4 must be between 1 and num_codes=3"),
+    (lambda: cb.CodebookLayer(1, 4, num_codes=0), "num_codes=0 must be at least 1"),
+    (lambda: cb.CodebookLayer(1, 4, 8, similarity="dot"), "similarity"),
+    (lambda: cb.GPTConfig(**TINY, codebooks={"attn": dict(layers=[5])}), r"layers \[5\].*n_layer=2"),
+    (lambda: cb.GPTConfig(**TINY, codebooks={"ffn": {}}), "site 'ffn'"),
+    (lambda: cb.GPTConfig(**{**TINY, "n_head": 5}), "divisible"),
+    (lambda: cb.parse_address("L1.Q2"), "malformed"),
+    (lambda: tiny_model().locate("L7.MLP"), "layer 7 does not exist"),
+    (lambda: tiny_model().locate("L0.H4"), "head 4 does not exist"),
+    (lambda: tiny_model().locate("L1.MLP.30"), "code 30 does not exist"),
+    (lambda: tiny_model().locate("L0.BLOCK"), "no block codebook"),
+    (lambda: tiny_model()(torch.zeros(2, 3)), "integer tensor"),
+    (lambda: tiny_model()(torch.zeros(2, 3, 1, dtype=torch.long)), "integer tensor"),
+    (lambda: tiny_model()(torch.zeros(2, 17, dtype=torch.long)), "block_size=16"),
+    (lambda: tiny_model()(torch.full((2, 3), 11)), "vocab_size=11"),
+    (lambda: cb.CodebookLayer(2, 4, 8)(torch.zeros(3, 1, 4)), r"heads=2, dim=4"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1", "L1.MLP.2"]).__enter__(), "k=1 slots"),
+    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [99]}).__enter__(), "num_codes=30"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP"]).__enter__(), "name a code"),
+    (lambda: cb.disable_codes(tiny_model(), [f"L1.MLP.{i}" for i in range(30)]).__enter__(), "fewer than k"),
+    (lambda: cb.topk_codes(torch.zeros(2, 3, 4), torch.zeros(1, 5, 4), 1), "heads=1"),
+])
+def test_clear_errors(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+# --- DDP: two processes == one process on the combined batch --------------------------------
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3, log_every=5)
+    counts = [layer.code_counts for layer in model.codebook_layers().values()]
+    torch.save({"params": model.state_dict(), "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in single.state_dict().items():
+            assert torch.allclose(got["params"][name], p, atol=1e-5), name
+        for mine, theirs in zip(got["counts"], (layer.code_counts for layer in single.codebook_layers().values())):
+            assert torch.equal(mine, theirs)

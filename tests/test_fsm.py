@@ -1,0 +1,100 @@
+"""TokFSM: the data, the metrics on hand-built cases, and a smoke run of the whole pipeline."""
+import json
+import time
+
+import pytest
+import torch
+
+import codebook as cb
+import train_fsm as T
+
+
+def test_walks_are_legal_and_digits_decode_back_to_states():
+    fsm = T.TokFSM()
+    assert fsm.successors.shape == (100, 10)
+    assert all(len(set(row.tolist())) == 10 for row in fsm.successors)  # distinct successors
+    states = fsm.random_walks(50, torch.Generator().manual_seed(0))
+    tokens = fsm.encode(states)
+    assert tokens.shape == (50, 129) and (tokens[:, 0] == fsm.bos).all() and (tokens[:, 1:] < 10).all()
+    assert fsm.legal[states[:, :-1], states[:, 1:]].all()
+    assert torch.equal(fsm.decode(tokens[:, 1:]), states)
+    assert tokens[0, 1:3].tolist() == [states[0, 0] // 10, states[0, 0] % 10]  # "08": zero padded
+    ends = torch.arange(100)
+    back = fsm.walks_ending_in(ends, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(back[:, -1], ends) and fsm.legal[back[:, :-1], back[:, 1:]].all()
+
+
+def test_seeded_reproducibility():
+    assert torch.equal(T.TokFSM(seed=3).successors, T.TokFSM(seed=3).successors)
+    assert not torch.equal(T.TokFSM(seed=3).successors, T.TokFSM(seed=4).successors)
+    fsm = T.TokFSM()
+    walk = lambda: fsm.random_walks(4, torch.Generator().manual_seed(9))
+    assert torch.equal(walk(), walk())
+
+
+def test_transition_accuracy_of_an_oracle_and_of_uniform_guessing():
+    fsm = T.TokFSM()
+    g = torch.Generator().manual_seed(0)
+    oracle = fsm.random_walks(200, g)  # a sampler that only takes legal successors
+    assert fsm.transition_accuracy(oracle) == (1.0, 1.0)
+    uniform = fsm.decode(torch.randint(0, 10, (200, 128), generator=g))
+    accuracy, _ = fsm.transition_accuracy(uniform)
+    assert abs(accuracy - 0.10) < 0.02  # 10 legal successors out of 100
+    broken = oracle.clone()
+    broken[:, 1] = -1  # a BOS where a digit should be: both pairs around it are illegal
+    assert fsm.transition_accuracy(broken)[1] == 0.0
+
+
+def test_state_masks_and_precision_recall_on_a_hand_made_walk():
+    fsm = T.TokFSM(num_states=12, num_edges=3, base=10, walk_length=3)
+    states = torch.tensor([[fsm.successors[5, 0].item(), 5, 5]])
+    states[0, 0] = 7
+    states[0, 1] = fsm.successors[7, 0]
+    states[0, 2] = fsm.successors[states[0, 1], 0]
+    tokens = fsm.encode(states)  # BOS d d d d d d: state j's last digit is input position 2j + 2
+    masks = fsm.state_masks(tokens)
+    assert masks.shape == (12, 1, 6)
+    assert masks[7, 0, 2] and masks[states[0, 1], 0, 4] and masks.sum() == 2  # the last state has no input
+    ids = torch.tensor([[[0], [1], [2], [1], [3], [1]]])  # a codebook that fires code 2 at state 7's end
+    precision, recall = cb.code_precision_recall(ids, masks, num_codes=4)
+    assert precision[7].tolist() == [0, 0, 1, 0] and recall[7].tolist() == [0, 0, 1, 0]
+    assert T.best_state_codes(precision, recall)[0][7] == 1.0
+
+
+def test_intervention_on_a_hand_built_toy():
+    # one layer whose *output* is quantised (a block codebook on the residual stream), one-digit
+    # states: the prediction at a position is a function of the code there alone, so forcing b's
+    # code at a's last position must give exactly b's prediction.
+    fsm = T.TokFSM(num_states=8, num_edges=3, base=8, walk_length=12)
+    torch.manual_seed(0)
+    model = cb.GPT(dict(vocab_size=9, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32,
+                        codebooks={"block": dict(num_codes=32, k=1)})).eval()
+    pairs = torch.tensor([(a, b) for a in range(8) for b in range(8) if a != b])
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(8), 6, torch.Generator().manual_seed(7)))
+    b_predicts = model(inputs)[:, -1, :8].argmax(-1)  # each b's own prediction
+    expected = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 1]]].float().mean().item()
+    assert T.intervention_success(model, fsm, ["L0.BLOCK"], pairs) == pytest.approx(expected)
+    unforced = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 0]]].float().mean().item()  # a's own prediction
+    assert T.intervention_success(model, fsm, [], pairs) == pytest.approx(unforced)
+    assert expected != pytest.approx(unforced)
+
+
+def test_smoke_run_of_the_whole_pipeline(tmp_path):
+    started = time.time()
+    argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--num_codes", "32",
+            "--base_steps", "6", "--codebook_steps", "4", "--revive_every", "2", "--batch_size", "8",
+            "--eval_seqs", "40", "--samples", "8", "--pairs", "40", "--walk_length", "16",
+            "--device", "cpu", "--out", str(tmp_path)]
+    results = T.main(argv)
+    assert time.time() - started < 20
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("transition_accuracy", "dead_code_fraction", "state_code_precision", "state_code_recall",
+                "neuron_precision", "intervention_success"):
+        assert key in saved["codebook"]
+    assert set(saved["codebook"]["intervention_success"]) == {"mlp", "attn", "all", "none"}
+    assert "transition_accuracy" in saved["baseline"] and saved["wall_seconds"] > 0
+    fsm = json.loads((tmp_path / "fsm.json").read_text())
+    assert len(fsm["successors"]) == fsm["num_states"] == 100
+    model = cb.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
+    assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
+    assert results["codebook"]["dead_code_fraction"] == saved["codebook"]["dead_code_fraction"]

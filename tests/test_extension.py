@@ -1,0 +1,230 @@
+"""csrc/ against codebook.search_reference: the fused search returns the reference's top-k (exact
+ties aside, which it breaks towards the lower code id), follows the NaN rule both share, and a
+training step through it equals one through the torch path. CODEBOOK_EXT=0 skips the tests that
+need the extension (saying so); otherwise a failed build fails them."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import codebook as cb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIMS = ("cosine", "euclidean")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if os.environ.get("CODEBOOK_EXT") == "0":
+        pytest.skip("CODEBOOK_EXT=0: the csrc extension is switched off")
+    extension = cb.load_extension()
+    assert extension is not None, "the csrc extension did not build (see the warning above)"
+    return extension
+
+
+def check(x, book, k, similarity, got, atol=1e-4):
+    """got == the reference top-k: the same k best scores best first, each id really scoring what
+    is returned, distinct ids, and the reference's very ids wherever its ranking has no near-tie."""
+    scores, ids = got
+    H, N, C = book.shape[0], x.shape[1], book.shape[1]
+    assert scores.shape == ids.shape == (H, N, k) and scores.dtype == torch.float32 and ids.dtype == torch.long
+    if N == 0:
+        return
+    full = cb._scores(x.float(), book.float(), similarity)
+    want = full.topk(min(k + 1, C), dim=-1)
+    torch.testing.assert_close(scores, want.values[..., :k], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(full.gather(-1, ids), scores, atol=atol, rtol=1e-5)
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all() and ids.min() >= 0 and ids.max() < C
+    v = want.values
+    gap_before = torch.cat([v.new_full((H, N, 1), math.inf), v[..., :-1]], -1) - v
+    gap_after = v - torch.cat([v[..., 1:], v.new_full((H, N, 1), -math.inf)], -1)
+    clear = ((gap_before > 10 * atol) & (gap_after > 10 * atol))[..., :k]
+    assert torch.equal(ids[clear], want.indices[..., :k][clear])
+
+
+def data(heads, tokens, codes, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, tokens, d, generator=g), torch.randn(heads, codes, d, generator=g)
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+@pytest.mark.parametrize("heads,tokens,codes,d,k", [
+    (1, 1, 1, 1, 1),          # one of everything
+    (2, 5, 7, 3, 7),          # k = number of codes
+    (3, 257, 1025, 17, 5),    # past one block of rows and two tiles of codes, odd sizes
+    (1, 300, 700, 64, 64),    # the largest k the CUDA kernel keeps
+    (2, 40, 300, 8, 100),     # k above that, CPU only
+    (1, 64, 5000, 32, 1),
+    (2, 0, 10, 4, 3),         # no tokens
+])
+def test_equals_reference(ext, similarity, heads, tokens, codes, d, k):
+    x, book = data(heads, tokens, codes, d)
+    check(x, book, k, similarity, ext.topk_codes(x, book, k, similarity))
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_exact_ties_go_to_the_lower_id(ext, similarity):
+    """Integer queries and +-1 codes of norm 4: every score is exact, many tie (copies of a code
+    and distinct codes alike), and the order is score first, then the lower id."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (2, 50, 16), generator=g).float()
+    book = (torch.randint(0, 2, (2, 6, 16), generator=g) * 2 - 1).float().repeat(1, 4, 1)  # c, c + 6, ... equal
+    scores, ids = ext.topk_codes(x, book, 8, similarity)
+    check(x, book, 8, similarity, (scores, ids))
+    full = cb._scores(x, book, similarity)
+    order = torch.sort(full, dim=-1, descending=True, stable=True).indices[..., :8]  # ties keep id order
+    assert torch.equal(ids, order)
+    same = torch.ones(1, 9, 4)  # all codes equal: ids 0..k-1 in order
+    assert torch.equal(ext.topk_codes(x[:1, :3, :4], same, 5, similarity)[1], torch.arange(5).expand(1, 3, 5))
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_queries_equal_to_codes(ext, similarity):
+    _, book = data(2, 0, 300, 32)
+    x = book[:, :100] * 1.0  # every query is a code: cosine and euclidean both rank it first
+    scores, ids = ext.topk_codes(x, book, 3, similarity)
+    check(x, book, 3, similarity, (scores, ids), atol=1e-2)  # euclidean: -sqrt of a rounding error near 0
+    assert torch.equal(ids[..., 0], torch.arange(100).expand(2, 100))
+
+
+def test_non_contiguous_inputs_and_other_dtypes(ext):
+    x, book = data(3, 200, 150, 24)
+    layer_view = x.transpose(0, 1).contiguous().transpose(0, 1)  # (heads, tokens, d) view of (tokens, heads, d)
+    strided = torch.randn(3, 200, 48)[..., ::2]
+    book_t = book.transpose(1, 2).contiguous().transpose(1, 2)
+    for similarity in SIMS:
+        for q, b in [(layer_view, book), (strided, book_t), (x[:, ::3], book[:, 1::2])]:
+            assert not (q.is_contiguous() and b.is_contiguous())
+            check(q, b, 4, similarity, ext.topk_codes(q, b, 4, similarity))
+        for dtype in (torch.float64, torch.bfloat16):  # computed in float32
+            q, b = x.to(dtype), book.to(dtype)
+            check(q, b, 4, similarity, ext.topk_codes(q, b, 4, similarity))
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_nan_and_inf_follow_the_documented_rule(ext, similarity):
+    """A NaN score counts as -inf (both paths): a NaN query row gets codes 0..k-1 at -inf, a code
+    with a NaN or inf coordinate is never chosen while real scores remain."""
+    x, book = data(1, 6, 40, 8)
+    x[0, 0, 3] = math.nan
+    x[0, 1, 0] = math.inf
+    x[0, 2, :] = -math.inf
+    book[0, 5, 2] = math.nan
+    book[0, 7, 1] = math.inf
+    book[0, 9, 0] = -math.inf
+    scores, ids = ext.topk_codes(x, book, 4, similarity)
+    check(x, book, 4, similarity, (scores, ids))
+    ref_scores, _ = cb.search_reference(x, book, 4, similarity)
+    assert not scores.isnan().any() and not ref_scores.isnan().any()
+    assert (scores[0, 0] == -math.inf).all() and torch.equal(ids[0, 0], torch.arange(4))
+    assert not torch.isin(ids[0, 3:], torch.tensor([5, 7, 9])).any()  # the finite rows never pick them
+    if similarity == "cosine":  # x = (inf, ...): every code with c_0 > 0 scores +inf; lowest ids first
+        positive = (book[0, :, 0] > 0).nonzero().flatten()
+        positive = positive[~torch.isin(positive, torch.tensor([5, 7]))][:4]
+        assert (scores[0, 1] == math.inf).all() and torch.equal(ids[0, 1], positive)
+
+
+def test_argument_errors(ext):
+    x, book = data(2, 5, 7, 3)
+    with pytest.raises(RuntimeError, match="k=8"):
+        ext.topk_codes(x, book, 8, "cosine")
+    with pytest.raises(RuntimeError, match="similarity"):
+        ext.topk_codes(x, book, 2, "dot")
+    with pytest.raises(RuntimeError, match="disagree"):
+        ext.topk_codes(x[:1], book, 2, "cosine")
+
+
+def test_topk_codes_uses_the_extension(ext, monkeypatch):
+    calls = []
+    real = ext.topk_codes
+    monkeypatch.setattr(ext, "topk_codes", lambda *args: calls.append(args[2:]) or real(*args))
+    x, book = data(2, 30, 50, 8)
+    got = cb.topk_codes(x, book, 3, "euclidean")
+    assert calls == [(3, "euclidean")]
+    check(x, book, 3, "euclidean", got)
+    cb.topk_codes(x, book, 3, disabled=torch.zeros(2, 50, dtype=torch.bool))  # disabled codes: torch path
+    assert len(calls) == 1
+
+
+def test_training_step_equals_the_torch_path(ext, monkeypatch):
+    """One forward + backward of the GPT with per-head attention and MLP codebooks: the same loss
+    and gradients whether the search runs in csrc/ or in torch."""
+    def step(mode):
+        monkeypatch.setenv("CODEBOOK_EXT", mode)
+        torch.manual_seed(0)
+        model = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=4, d_model=32, d_mlp=64, codebooks={
+            "attn": dict(num_codes=50, k=2), "mlp": dict(num_codes=40, k=1, similarity="euclidean")}))
+        idx = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(1))
+        logits = model(idx)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 11), idx[:, 1:].reshape(-1)) + model.codebook_loss()
+        loss.backward()
+        ids = [layer.last_ids for layer in model.codebook_layers().values()]
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, ids
+
+    calls = []
+    real = ext.topk_codes
+    monkeypatch.setattr(ext, "topk_codes", lambda *args: calls.append(1) or real(*args))
+    loss_ext, grads_ext, ids_ext = step("1")
+    assert len(calls) == 4  # 2 layers x (attention + MLP): the extension did the searching
+    loss_torch, grads_torch, ids_torch = step("0")
+    assert len(calls) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ids_ext, ids_torch))
+    torch.testing.assert_close(loss_ext, loss_torch, atol=1e-6, rtol=1e-6)
+    for name, g in grads_torch.items():
+        torch.testing.assert_close(grads_ext[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_torch_fallback_with_codebook_ext_0():
+    """CODEBOOK_EXT=0 never builds csrc/ and searches in torch, with the same results."""
+    script = ("import torch, codebook as cb\n"
+              "assert cb.load_extension() is None and cb._extension is None\n"
+              "x, book = torch.randn(2, 30, 8), torch.randn(2, 50, 8)\n"
+              "s, i = cb.topk_codes(x, book, 3)\n"
+              "r = cb.search_reference(x, book, 3)\n"
+              "assert torch.equal(s, r.values) and torch.equal(i, r.indices)\n"
+              "print('torch path ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=os.environ | {"CODEBOOK_EXT": "0"})
+    assert out.returncode == 0 and "torch path ok" in out.stdout, out.stderr
+
+
+def test_failed_build_warns_once_or_raises(monkeypatch):
+    def broken():
+        raise OSError("no compiler\nsecond line")
+    monkeypatch.setattr(cb, "_build_extension", broken)
+    monkeypatch.setattr(cb, "_extension", None)
+    monkeypatch.setenv("CODEBOOK_EXT", "1")
+    with pytest.raises(RuntimeError, match="CODEBOOK_EXT=1 but the csrc extension failed to build"):
+        cb.load_extension()
+    monkeypatch.delenv("CODEBOOK_EXT")
+    with pytest.warns(UserWarning, match="OSError: no compiler\\); using the torch code search") as record:
+        x, book = data(1, 4, 6, 3)
+        got = cb.topk_codes(x, book, 2)
+        cb.topk_codes(x, book, 2)
+    ours = [w for w in record if "csrc" in str(w.message)]
+    assert len(ours) == 1 and "second line" not in str(ours[0].message)
+    check(x, book, 2, "cosine", got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA kernel did not run")
+@pytest.mark.parametrize("similarity", SIMS)
+def test_cuda_kernel_equals_reference(ext, similarity):
+    for heads, tokens, codes, d, k in [(1, 1, 1, 1, 1), (3, 257, 1025, 17, 5), (2, 300, 700, 64, 64),
+                                       (16, 1000, 10000, 64, 8), (2, 100, 70, 200, 33)]:
+        x, book = data(heads, tokens, codes, d)
+        got = ext.topk_codes(x.cuda(), book.cuda(), k, similarity)
+        check(x, book, k, similarity, tuple(t.cpu() for t in got))
+        got = cb.topk_codes(x.cuda(), book.cuda(), k, similarity)  # the auto path
+        check(x, book, k, similarity, tuple(t.cpu() for t in got))
+    x, book = data(1, 6, 40, 8)
+    x[0, 0, 3], book[0, 5, 2] = math.nan, math.inf
+    got = ext.topk_codes(x.cuda(), book.cuda(), 4, similarity)
+    check(x, book, 4, similarity, tuple(t.cpu() for t in got))
+    assert torch.equal(got[1][0, 0].cpu(), torch.arange(4))
+    layer_view = x.transpose(0, 1).contiguous().transpose(0, 1)
+    check(x, book, 4, similarity, tuple(t.cpu() for t in ext.topk_codes(layer_view.cuda(), book.cuda(), 4, similarity)))
+    assert not ext.supports(x.cuda(), 65) and ext.supports(x.cuda(), 64)

@@ -14,7 +14,7 @@ Map of this file, in dependency order:
   3. codebook layer   LayerNorm -> search -> mean of k codes, straight-through, losses, statistics,
                       dead-code revival, k-means initialisation
   4. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
-  5. interventions    record, force and disable codes (context managers)
+  5. interventions    record, force and disable codes; add vectors (context managers)
   6. code search      precision / recall of codes against a mask, the neuron baseline, contexts
   7. checkpoints      plain dicts, atomic writes, weights_only loads
   8. training loop    AdamW, schedule, clipping, accumulation, revival, DDP, resume
@@ -254,10 +254,9 @@ class CodebookLayer(nn.Module):
         """The codebook's own loss, summed over heads and averaged over tokens (SPEC 2, step 5)."""
         if self.loss_kind == "none":
             return q.new_zeros(())
-        if self.loss_kind == "aeloss":  # pulls the codes towards the inputs they stand for
-            sq_err = (q - x_n.detach()).pow(2)
-        else:  # VQ-VAE commitment: pulls the inputs towards their codes
-            sq_err = self.beta * (x_n - q.detach()).pow(2)
+        sq_err = (q - x_n.detach()).pow(2)  # pulls the codes towards the inputs they stand for
+        if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
+            sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
         return sq_err.sum(-1).reshape(-1, self.heads).mean(0).sum()
 
     def _apply_forcing(self, ids):
@@ -298,8 +297,13 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def init_kmeans(self, x, iters=10):
-        """k-means (Lloyd) on activations x (..., heads, dim), all heads at once, in the layer's
-        own similarity; replaces the codes. Clusters that empty keep their previous centre."""
+        """For finetuning (section 3.2): set the LayerNorm's affine to the typical scale and offset
+        of the activations x (..., heads, dim), so the quantised output starts at the scale the next
+        layer was trained on, then k-means (Lloyd) the codes on them, all heads at once, in the
+        layer's own similarity. Clusters that empty keep their previous centre."""
+        per_token = x.reshape(-1, self.heads, self.dim).float()
+        self.ln_weight.copy_(per_token.std(-1, unbiased=False).mean(0)[:, None].expand_as(self.ln_weight))
+        self.ln_bias.copy_(per_token.mean(-1).mean(0)[:, None].expand_as(self.ln_bias))
         data = self.normalize(x).reshape(-1, self.heads, self.dim).transpose(0, 1).float()
         H, N, C = self.heads, data.shape[1], self.num_codes
         centres = data.gather(1, torch.randint(N, (H, C, 1), device=data.device).expand(-1, -1, self.dim))
@@ -572,6 +576,23 @@ def disable_codes(model, codes):
     finally:
         for cb, before in saved.items():
             cb.disabled = before
+
+
+@contextlib.contextmanager
+def add_vectors(model, vectors):
+    """Activation addition, the steering baseline codes are compared with: {codebook address:
+    vector (dim,)} added to that codebook's output at every position."""
+    plan = {}
+    for address, vector in vectors.items():
+        cb, head = model.locate(address)
+        plan.setdefault(cb, torch.zeros(cb.heads, cb.dim, device=cb.codes.device))[head] += vector.to(cb.codes.device)
+    handles = [cb.register_forward_hook(lambda module, inputs, out, add=add: out + add.to(out.dtype))
+               for cb, add in plan.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

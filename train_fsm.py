@@ -177,9 +177,12 @@ def main(argv=None):
     p.add_argument("--d_mlp", type=int, default=256)
     p.add_argument("--num_codes", type=int, default=512, help="codes per codebook")
     p.add_argument("--k", type=int, default=1)
+    p.add_argument("--codebook_loss", choices=cb.LOSSES, default="commitment",
+                   help="commitment: VQ-VAE style, also pulls activations towards their codes")
+    p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment term")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--base_steps", type=int, default=1500, help="baseline training steps")
-    p.add_argument("--codebook_steps", type=int, default=600, help="codebook finetuning steps")
+    p.add_argument("--base_steps", type=int, default=1000, help="baseline training steps")
+    p.add_argument("--codebook_steps", type=int, default=400, help="codebook finetuning steps")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--codebook_lr", type=float, default=3e-3)
     p.add_argument("--revive_every", type=int, default=100)
@@ -218,8 +221,10 @@ def main(argv=None):
                   eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
     base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
                     desc="baseline", **common)
-    model = cb.with_codebooks(base, {site: dict(num_codes=args.num_codes, k=args.k) for site in ("attn", "mlp")})
-    cb.init_codebooks_kmeans(model, get_batch(-1, 0, 1)[0].to(args.device))
+    spec = dict(num_codes=args.num_codes, k=args.k, loss=args.codebook_loss, beta=args.beta)
+    model = cb.with_codebooks(base, {"attn": spec, "mlp": spec})
+    kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
+    cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
     model = cb.train(model, get_batch, args.codebook_steps, args.lr, codebook_lr=args.codebook_lr,
                      revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
                      desc="codebook", **common)

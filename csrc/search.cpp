@@ -2,12 +2,16 @@
 // and codebooks (heads, codes, d), the k best codes of every query row, best first, without ever
 // holding the (tokens x codes) score matrix. Registered as torch.ops.codebook.topk_codes.
 //
-// How: a task takes one head and a block of query rows and multiplies them by one tile of codes
-// at a time (a BLAS call into a buffer that stays in cache). Each row keeps its k best codes so
-// far, sorted; a score enters only if it beats the row's k-th best, which a vectorised compare
-// checks for 64 scores at once: after the first few hundred codes almost every score fails it,
-// so the top-k costs little next to the matrix product. Tasks run in parallel across heads and
-// query blocks (at::parallel_for, OpenMP).
+// How: a task takes one head and a block of 256 query rows. Each row keeps its k best codes so
+// far as a sorted list; a score enters only if it beats the row's k-th best, and after the first
+// few hundred codes almost none does, so the top-k costs little next to the dot products. Those
+// come from one of two engines:
+//   - with AVX-512 (built with -march=native on such a CPU): a register-blocked micro-kernel,
+//     8 query rows x 32 codes in 16 vector registers, the codes packed d-major once per call;
+//     the scores are compared with each row's k-th best while still in registers.
+//   - otherwise: BLAS (at::mm) on 256 x 512 tiles into a buffer that stays in cache, then the
+//     same compare, 64 scores at a time (AVX2 or plain C++).
+// Tasks run in parallel across heads and row blocks (at::parallel_for, OpenMP).
 //
 // Scores, as codebook._scores defines them (computed in float32 whatever the input dtype):
 //   cosine     x . c / max(|c|, 1e-12)           (codes normalised, the query not)
@@ -18,8 +22,8 @@
 // A row whose scores are all NaN therefore returns codes 0..k-1 with score -inf.
 // codebook._scores applies the same rule, so the torch paths agree.
 //
-// Extra memory: the normalised codebook (cosine) or code norms (euclidean); per thread one
-// (block x tile) score buffer and (block x k) best-so-far keys; the (heads, tokens, k) outputs.
+// Extra memory: one normalised (cosine) or packed copy of the codebook; per thread the k best
+// of 256 rows (and, without AVX-512, a 256 x 512 score tile); the (heads, tokens, k) outputs.
 // Inputs that are not float32 are converted first (float32 copies of x and codebook).
 
 #include <ATen/ATen.h>
@@ -32,15 +36,13 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
 constexpr int64_t kBlock = 256;  // query rows per task
-constexpr int64_t kTile = 512;   // codes per BLAS call
-constexpr int64_t kLd = kTile + 16;  // buffer row stride: not a power of two, so rows do not alias in cache
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // (score, id) packed into one integer that sorts like the ranking: higher score first, then the
@@ -78,41 +80,27 @@ struct Row {
   }
 };
 
-// Bit u is set when s[u] > worst, for 64 scores (never for NaN).
-inline uint64_t above64(const float* s, float worst) {
-  uint64_t mask = 0;
-#if defined(__AVX512F__)
-  for (int u = 0; u < 64; u += 16)
-    mask |= uint64_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(s + u), _mm512_set1_ps(worst), _CMP_GT_OQ)) << u;
-#elif defined(__AVX2__)
-  for (int u = 0; u < 64; u += 8)
-    mask |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + u), _mm256_set1_ps(worst), _CMP_GT_OQ))) << u;
-#else
-  for (int u = 0; u < 64; ++u) mask |= uint64_t(s[u] > worst) << u;
-#endif
-  return mask;
-}
-
-// Folds n ranking keys of codes first_id, first_id + 1, ... into a row. Codes arrive in
-// increasing id order, so a later code whose score equals the k-th best ranks below it: strict >
-// is the whole test (false for NaN). The first k codes join unconditionally (NaN as -inf).
-void fold(const float* key, int64_t n, int64_t first_id, Row& row) {
+// Folds keys[j] = the ranking key of code first_id + j, j < n <= 64, into a row: the first k
+// codes join unconditionally (NaN as -inf), later ones if they beat the k-th best. Codes arrive
+// in increasing id order, so a later code whose key equals the k-th best ranks below it: strict >
+// is the whole test (false for NaN). `above` has bit j set where keys[j] > row.worst.
+void fold_some(const float* keys, int64_t n, int64_t first_id, Row& row, uint64_t above) {
   int64_t j = 0;
-  for (; j < n && row.size < row.k; ++j) row.add(std::isnan(key[j]) ? kNegInf : key[j], first_id + j);
-  for (; j + 64 <= n; j += 64)
-    for (uint64_t mask = above64(key + j, row.worst); mask; mask &= mask - 1) {
-      int64_t at = j + __builtin_ctzll(mask);
-      if (key[at] > row.worst) row.add(key[at], first_id + at);  // worst may have risen meanwhile
-    }
-  for (; j < n; ++j)
-    if (key[j] > row.worst) row.add(key[j], first_id + j);
+  for (; j < n && row.size < row.k; ++j) row.add(std::isnan(keys[j]) ? kNegInf : keys[j], first_id + j);
+  if (j > 0) above &= j >= 64 ? 0 : ~uint64_t(0) << j;  // those already in
+  for (; above; above &= above - 1) {
+    const int at = __builtin_ctzll(above);
+    if (keys[at] > row.worst) row.add(keys[at], first_id + at);  // worst may have risen meanwhile
+  }
 }
 
 }  // namespace
 
-// Checks the arguments and returns {x, codes, x_sq, code_sq} in float32 as both devices score
-// them: x with unit stride along d; codes normalised (cosine), or the squared norms of x and codes
-// (euclidean; otherwise undefined). Also used by search_cuda.cpp.
+// Checks the arguments and returns {x, codes, x_sq, code_sq, code_norm} in float32 as both
+// devices score them: x with unit stride along d, codes contiguous; euclidean: the squared norms
+// |x|^2 (heads, tokens) and |c|^2 (heads, codes); cosine: |c| clamped at 1e-12, to divide the codes
+// by (the very division of codebook._scores). Those a similarity does not use are undefined.
+// Also used by search_cuda.cpp.
 std::vector<at::Tensor> codebook_search_inputs(const at::Tensor& x_in, const at::Tensor& codebook_in, int64_t k,
                                                c10::string_view similarity) {
   TORCH_CHECK(x_in.dim() == 3 && codebook_in.dim() == 3, "topk_codes: x must be (heads, tokens, d) and codebook (heads, codes, d)");
@@ -129,62 +117,188 @@ std::vector<at::Tensor> codebook_search_inputs(const at::Tensor& x_in, const at:
   if (x.stride(2) != 1 || x.stride(1) < d) x = x.contiguous();  // a transposed (tokens, heads, d) view is fine
   at::Tensor codes = codebook_in.detach().to(at::kFloat).contiguous();
   if (similarity == "euclidean")  // the same expressions as codebook._scores
-    return {x, codes, (x * x).sum(-1).contiguous(), (codes * codes).sum(-1).contiguous()};
-  return {x, codes / codes.norm(2, -1, true).clamp_min(1e-12), at::Tensor(), at::Tensor()};
+    return {x, codes, (x * x).sum(-1).contiguous(), (codes * codes).sum(-1).contiguous(), at::Tensor()};
+  return {x, codes, at::Tensor(), at::Tensor(), codes.norm(2, -1).clamp_min(1e-12).contiguous()};
 }
 
 namespace {
 
+// What every task shares: the float32 inputs (see codebook_search_inputs) and the shapes.
+struct Search {
+  const float* x;  // (heads, tokens, d), unit stride along d
+  int64_t x_head_stride, x_row_stride;
+  const float* x_sq;     // euclidean: |x|^2 (heads, tokens); cosine: null
+  const float* codes;    // the codebook as the engine below wants it
+  const float* code_sq;  // euclidean: |c|^2 (heads, codes); cosine: null
+  int64_t N, C, d;
+};
+
+#if defined(__AVX512F__)
+constexpr int64_t kPanel = 32;  // codes per micro-kernel call: two AVX-512 registers
+constexpr int64_t kGroup = 8;   // query rows per micro-kernel call: 8 x 2 accumulators
+
+// codes (heads, C, d) -> panels (heads, ceil(C / 32), d, 32): panel p, dimension t holds codes
+// 32p .. 32p + 31 side by side (zeros past C), divided by `norm` (cosine) when it is defined.
+at::Tensor prepare_codes(const at::Tensor& codes, const at::Tensor& norm) {
+  const int64_t H = codes.size(0), C = codes.size(1), d = codes.size(2), P = (C + kPanel - 1) / kPanel;
+  at::Tensor panels = at::zeros({H, P, d, kPanel}, codes.options());
+  const float* c = codes.data_ptr<float>();
+  const float* scale = norm.defined() ? norm.data_ptr<float>() : nullptr;
+  float* out = panels.data_ptr<float>();
+  at::parallel_for(0, H * C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t hc = begin; hc < end; ++hc) {
+      const int64_t h = hc / C, code = hc % C;
+      float* dst = out + (h * P + code / kPanel) * d * kPanel + code % kPanel;
+      for (int64_t t = 0; t < d; ++t)  // the division of codebook._scores: the same values
+        dst[t * kPanel] = scale ? c[hc * d + t] / scale[hc] : c[hc * d + t];
+    }
+  });
+  return panels;
+}
+
+// Dot products of 8 query rows with the 32 codes of a panel: out[r * 32 + j].
+inline void micro_kernel(const float* const* x, const float* panel, int64_t d, float* out) {
+  __m512 acc[kGroup][2];  // local, so that all 16 stay in registers
+  const float* xr[kGroup];
+#pragma GCC unroll 8
+  for (int r = 0; r < kGroup; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps(), xr[r] = x[r];
+  for (int64_t t = 0; t < d; ++t) {
+    const __m512 b0 = _mm512_loadu_ps(panel + t * kPanel), b1 = _mm512_loadu_ps(panel + t * kPanel + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < kGroup; ++r) {
+      const __m512 a = _mm512_set1_ps(xr[r][t]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kGroup; ++r)
+    _mm512_store_ps(out + r * kPanel, acc[r][0]), _mm512_store_ps(out + r * kPanel + 16, acc[r][1]);
+}
+
+// Rows r0 .. r0 + n_rows - 1 of head h against every code, one panel of 32 codes at a time; the
+// scores are compared with each row's k-th best right out of the micro-kernel.
+void search_rows(const Search& s, int64_t h, int64_t r0, int64_t n_rows, Row* rows) {
+  const int64_t P = (s.C + kPanel - 1) / kPanel;
+  const float* xh = s.x + h * s.x_head_stride;
+  const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
+  alignas(64) float dots[kGroup * kPanel];
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t c0 = p * kPanel, n = std::min(kPanel, s.C - c0);
+    const uint32_t real = n == kPanel ? ~0u : (1u << n) - 1;  // the codes that exist
+    const float* panel = s.codes + (h * P + p) * s.d * kPanel;
+    __m512 cc0 = zero, cc1 = zero;
+    if (s.code_sq) {
+      cc0 = _mm512_maskz_loadu_ps(__mmask16(real), s.code_sq + h * s.C + c0);
+      cc1 = _mm512_maskz_loadu_ps(__mmask16(real >> 16), s.code_sq + h * s.C + c0 + 16);
+    }
+    for (int64_t g = 0; g < n_rows; g += kGroup) {
+      const float* xr[kGroup];  // past the last row, repeat it (and ignore the result)
+      for (int r = 0; r < kGroup; ++r) xr[r] = xh + (r0 + std::min<int64_t>(g + r, n_rows - 1)) * s.x_row_stride;
+      micro_kernel(xr, panel, s.d, dots);
+      for (int r = 0; r < kGroup && g + r < n_rows; ++r) {
+        float* keys = dots + r * kPanel;
+        __m512 k0 = _mm512_load_ps(keys), k1 = _mm512_load_ps(keys + 16);
+        if (s.x_sq) {  // rank by -max(|x|^2 - 2 x.c + |c|^2, 0): the score's order, no sqrt
+          const __m512 xx = _mm512_set1_ps(s.x_sq[h * s.N + r0 + g + r]);  // max(0, NaN) is NaN
+          k0 = _mm512_sub_ps(zero, _mm512_max_ps(zero, _mm512_add_ps(_mm512_fnmadd_ps(two, k0, xx), cc0)));
+          k1 = _mm512_sub_ps(zero, _mm512_max_ps(zero, _mm512_add_ps(_mm512_fnmadd_ps(two, k1, xx), cc1)));
+          _mm512_store_ps(keys, k0), _mm512_store_ps(keys + 16, k1);
+        }
+        const __m512 worst = _mm512_set1_ps(rows[g + r].worst);
+        const uint32_t above = real & (_mm512_cmp_ps_mask(k0, worst, _CMP_GT_OQ) |
+                                       uint32_t(_mm512_cmp_ps_mask(k1, worst, _CMP_GT_OQ)) << 16);
+        if (above || rows[g + r].size < rows[g + r].k) fold_some(keys, n, c0, rows[g + r], above);
+      }
+    }
+  }
+}
+
+#else
+constexpr int64_t kTile = 512;       // codes per BLAS call
+constexpr int64_t kLd = kTile + 16;  // score tile row stride: not a power of two, so rows do not alias in cache
+
+at::Tensor prepare_codes(const at::Tensor& codes, const at::Tensor& norm) {
+  return norm.defined() ? codes / norm.unsqueeze(-1) : codes;  // the division of codebook._scores
+}
+
+// Bit u is set when s[u] > worst, for 64 scores (never for NaN).
+inline uint64_t above64(const float* s, float worst) {
+  uint64_t mask = 0;
+#if defined(__AVX2__)
+  for (int u = 0; u < 64; u += 8)
+    mask |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + u), _mm256_set1_ps(worst), _CMP_GT_OQ))) << u;
+#else
+  for (int u = 0; u < 64; ++u) mask |= uint64_t(s[u] > worst) << u;
+#endif
+  return mask;
+}
+
+// Rows r0 .. r0 + n_rows - 1 of head h against every code, one BLAS tile of 512 codes at a time.
+void search_rows(const Search& s, int64_t h, int64_t r0, int64_t n_rows, Row* rows) {
+  thread_local std::vector<float> tile;
+  tile.resize(kBlock * kLd);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor x_rows = at::from_blob(const_cast<float*>(s.x + h * s.x_head_stride + r0 * s.x_row_stride),
+                                          {n_rows, s.d}, {s.x_row_stride, 1}, f32);
+  for (int64_t c0 = 0; c0 < s.C; c0 += kTile) {
+    const int64_t n = std::min(kTile, s.C - c0);
+    at::Tensor dots = at::from_blob(tile.data(), {n_rows, n}, {kLd, 1}, f32);
+    at::mm_out(dots, x_rows, at::from_blob(const_cast<float*>(s.codes + (h * s.C + c0) * s.d), {n, s.d}, f32).t());
+    for (int64_t r = 0; r < n_rows; ++r) {
+      float* keys = tile.data() + r * kLd;
+      if (s.x_sq) {  // rank by -max(|x|^2 - 2 x.c + |c|^2, 0): the score's order, no sqrt
+        const float xx = s.x_sq[h * s.N + r0 + r], *cc = s.code_sq + h * s.C + c0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float dist = (xx - 2.0f * keys[j]) + cc[j];
+          keys[j] = -(dist < 0.0f ? 0.0f : dist);  // NaN stays NaN
+        }
+      }
+      int64_t j = 0;
+      for (; j < n && rows[r].size < rows[r].k; j += 64)  // the first k codes; all bits: a superset
+        fold_some(keys + j, std::min<int64_t>(64, n - j), c0 + j, rows[r], n - j >= 64 ? ~uint64_t(0) : (uint64_t(1) << (n - j)) - 1);
+      for (; j + 64 <= n; j += 64)
+        if (uint64_t above = above64(keys + j, rows[r].worst)) fold_some(keys + j, 64, c0 + j, rows[r], above);
+      for (; j < n; ++j)
+        if (keys[j] > rows[r].worst) rows[r].add(keys[j], c0 + j);
+    }
+  }
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> topk_codes_cpu(const at::Tensor& x_in, const at::Tensor& codebook_in,
                                                   int64_t k, c10::string_view similarity) {
   auto inputs = codebook_search_inputs(x_in, codebook_in, k, similarity);
-  const at::Tensor &x = inputs[0], &codes = inputs[1], &x_sq = inputs[2], &code_sq = inputs[3];
-  const bool euclid = x_sq.defined();
-  const int64_t H = codes.size(0), C = codes.size(1), N = x.size(1);
+  const at::Tensor &x = inputs[0], &x_sq = inputs[2], &code_sq = inputs[3];
+  const int64_t H = inputs[1].size(0), C = inputs[1].size(1), d = inputs[1].size(2), N = x.size(1);
+  const at::Tensor codes = prepare_codes(inputs[1], inputs[4]);
+  inputs[1] = at::Tensor();  // a float32 copy of the codebook, if one was made, is not needed now
   auto scores = at::empty({H, N, k}, x.options());
   auto ids = at::empty({H, N, k}, x.options().dtype(at::kLong));
   if (N == 0) return {scores, ids};
 
-  const float* xx_all = euclid ? x_sq.data_ptr<float>() : nullptr;
-  const float* cc_all = euclid ? code_sq.data_ptr<float>() : nullptr;
+  const bool euclid = x_sq.defined();
+  const Search s{x.data_ptr<float>(), x.stride(0), x.stride(1), euclid ? x_sq.data_ptr<float>() : nullptr,
+                 codes.data_ptr<float>(), euclid ? code_sq.data_ptr<float>() : nullptr, N, C, d};
   float* scores_all = scores.data_ptr<float>();
   int64_t* ids_all = ids.data_ptr<int64_t>();
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({kBlock, kLd}, x.options());
-    float* buf = buffer.data_ptr<float>();
     std::vector<uint64_t> keys(kBlock * k);
     std::vector<Row> rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / blocks, r0 = (task % blocks) * kBlock, n_rows = std::min(kBlock, N - r0);
-      at::Tensor x_block = x[h].narrow(0, r0, n_rows);
       rows.clear();
       std::fill(keys.begin(), keys.end(), 0);
       for (int64_t r = 0; r < n_rows; ++r) rows.push_back({keys.data() + r * k, k});
-      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-        const int64_t n = std::min(kTile, C - c0);
-        at::Tensor dots = buffer.narrow(0, 0, n_rows).narrow(1, 0, n);
-        at::mm_out(dots, x_block, codes[h].narrow(0, c0, n).t());
-        for (int64_t r = 0; r < n_rows; ++r) {
-          float* key = buf + r * kLd;
-          if (euclid) {  // rank by -max(|x|^2 - 2 x.c + |c|^2, 0): the score's order, no sqrt
-            const float xx = xx_all[h * N + r0 + r], *cc = cc_all + h * C + c0;
-            for (int64_t j = 0; j < n; ++j) {
-              float dist = (xx - 2.0f * key[j]) + cc[j];
-              key[j] = -(dist < 0.0f ? 0.0f : dist);  // NaN stays NaN
-            }
-          }
-          fold(key, n, c0, rows[r]);
-        }
-      }
+      search_rows(s, h, r0, n_rows, rows.data());
       for (int64_t r = 0; r < n_rows; ++r) {  // best first
-        const uint64_t* best = rows[r].keys;
         float* out_s = scores_all + (h * N + r0 + r) * k;
         int64_t* out_i = ids_all + (h * N + r0 + r) * k;
         for (int64_t j = 0; j < k; ++j) {
-          float s = score_of(best[j]);
-          out_s[j] = euclid ? -std::sqrt(-s) : s;
-          out_i[j] = id_of(best[j]);
+          const float key = score_of(rows[r].keys[j]);
+          out_s[j] = euclid ? -std::sqrt(-key) : key;
+          out_i[j] = id_of(rows[r].keys[j]);
         }
       }
     }

@@ -7,8 +7,9 @@
 // and the patch goes to a shared-memory score tile: scores never reach global memory. Each warp
 // then folds the tile into the running top-k of its kRows / 8 rows, sorted lists of 64 places in
 // shared memory; while a warp works on a row, lane l holds places l and l + 32 in registers
-// (so k <= 64). A score enters only if it beats the row's k-th best; a warp vote finds those
-// (rare after the first tiles), and each is inserted with a few shuffles.
+// (so k <= 64). A score enters only if it beats the row's k-th best, kept beside the list; a warp
+// vote finds those (rare after the first tiles, when the list is not even read), and each is
+// inserted with a few shuffles.
 //
 // Ranking, scores and the NaN rule are those of search.cpp: higher score first, equal scores by
 // lower code id; a NaN score counts as -inf. The caller passes codes already normalised (cosine)
@@ -77,6 +78,8 @@ struct Shared {
   float tile[kRows][kCodes + 1];
   float best_score[kRows][64];  // each row's top-k so far, best first
   int best_id[kRows][64];
+  float bar_score[kRows];  // each row's k-th best: what a new code must beat
+  int bar_id[kRows];
 };
 
 __global__ void __launch_bounds__(kThreads)
@@ -99,6 +102,7 @@ topk_codes_kernel(const float* __restrict__ x, long long x_head_stride, long lon
 
   for (int i = tid; i < kRows * 64; i += kThreads)  // below any real code, even one at -inf
     sh.best_score[i / 64][i % 64] = -CUDART_INF_F, sh.best_id[i / 64][i % 64] = 0x7fffffff;
+  for (int i = tid; i < kRows; i += kThreads) sh.bar_score[i] = -CUDART_INF_F, sh.bar_id[i] = 0x7fffffff;
 
   for (int c0 = 0; c0 < C; c0 += kCodes) {
     float acc[4][4] = {};
@@ -135,12 +139,10 @@ topk_codes_kernel(const float* __restrict__ x, long long x_head_stride, long lon
     __syncthreads();
 
     // fold the tile into each row's top-k: one warp per row at a time, lane l sees codes
-    // c0 + l and c0 + 32 + l
+    // c0 + l and c0 + 32 + l; the row's list is touched only when some code beats its bar
 #pragma unroll 1
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int q = warp * kRowsPerWarp + r;
-      Entry best[2] = {{sh.best_score[q][lane], sh.best_id[q][lane]},
-                       {sh.best_score[q][lane + 32], sh.best_id[q][lane + 32]}};
       float key[2];
       int id[2];
 #pragma unroll
@@ -153,10 +155,16 @@ topk_codes_kernel(const float* __restrict__ x, long long x_head_stride, long lon
         }
         key[half] = isnan(s) ? -CUDART_INF_F : s;
       }
+      Entry bar = {sh.bar_score[q], sh.bar_id[q]};
+      const bool beats0 = id[0] < C && above(key[0], id[0], bar.score, bar.id);
+      const bool beats1 = id[1] < C && above(key[1], id[1], bar.score, bar.id);
+      if (!__any_sync(kAll, beats0 || beats1)) continue;  // the common case after the first tiles
+      Entry best[2] = {{sh.best_score[q][lane], sh.best_id[q][lane]},
+                       {sh.best_score[q][lane + 32], sh.best_id[q][lane + 32]}};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const bool real = id[half] < C;
-        Entry bar = kth(best, k);
+        bar = kth(best, k);
         unsigned todo = __ballot_sync(kAll, real && above(key[half], id[half], bar.score, bar.id));
         while (todo) {  // warp-uniform: every lane sees the same mask
           const int src = __ffs(todo) - 1;
@@ -168,6 +176,7 @@ topk_codes_kernel(const float* __restrict__ x, long long x_head_stride, long lon
       }
       sh.best_score[q][lane] = best[0].score, sh.best_id[q][lane] = best[0].id;
       sh.best_score[q][lane + 32] = best[1].score, sh.best_id[q][lane + 32] = best[1].id;
+      if (lane == 0) sh.bar_score[q] = bar.score, sh.bar_id[q] = bar.id;
     }
     __syncthreads();  // the tile is overwritten next round
   }
@@ -184,9 +193,6 @@ topk_codes_kernel(const float* __restrict__ x, long long x_head_stride, long lon
 }  // namespace
 
 extern "C" {
-
-// Largest k the kernel keeps per row.
-int codebook_topk_cuda_max_k() { return 64; }
 
 // x: (heads, N, d) float32 with unit stride along d; codes: (heads, C, d) float32, contiguous;
 // x_sq (heads, N) and code_sq (heads, C): squared norms for euclidean, both null for cosine.

@@ -4,6 +4,7 @@ training step through it equals one through the torch path. CODEBOOK_EXT=0 skips
 need the extension (saying so); otherwise a failed build fails them."""
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -176,6 +177,28 @@ def test_training_step_equals_the_torch_path(ext, monkeypatch):
     torch.testing.assert_close(loss_ext, loss_torch, atol=1e-6, rtol=1e-6)
     for name, g in grads_torch.items():
         torch.testing.assert_close(grads_ext[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_blas_engine_equals_reference(ext):
+    """Without AVX-512 the CPU op multiplies BLAS tiles instead of running its micro-kernel. Build
+    that engine as well (a second extension, cached like the first) and check it the same way."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag; elsewhere the main build is the BLAS engine")
+    script = ("import sys, torch, codebook as cb\n"
+              "from torch.utils.cpp_extension import load\n"
+              "load('codebook_search_blas', [cb.CSRC + '/search.cpp'], extra_cflags=['-O3', '-fopenmp', '-mno-avx512f'],\n"
+              "     extra_ldflags=['-fopenmp'], is_python_module=False)\n"
+              "sys.path.insert(0, 'tests')\n"
+              "from test_extension import check, data\n"
+              "for sim in ('cosine', 'euclidean'):\n"
+              "    for h, n, c, d, k in [(3, 257, 1025, 17, 5), (1, 300, 700, 64, 64), (2, 5, 7, 3, 7)]:\n"
+              "        x, book = data(h, n, c, d)\n"
+              "        x[0, 0, 0] = float('nan')\n"
+              "        check(x, book, k, sim, torch.ops.codebook.topk_codes(x, book, k, sim))\n"
+              "print('blas engine ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"CODEBOOK_EXT": "0"})
+    assert out.returncode == 0 and "blas engine ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_torch_fallback_with_codebook_ext_0():

@@ -121,16 +121,21 @@ def intervention_success(model, fsm, sites, pairs, batch=200, seed=7):
     recorded at the last position of a sequence ending in b. Success: the most likely next state
     is a legal successor of b. `sites`: codebook addresses; none is no intervention."""
     g = torch.Generator().manual_seed(seed)
-    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), fsm.walk_length // 2, g))
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), min(8, fsm.walk_length), g))
     last = inputs.shape[1] - 1
     model(inputs.to(model.head.weight.device))
     recorded = {a: ids[:, last].cpu() for a, ids in cb.record_codes(model).items() if a in sites}
-    hits = 0
+    first_digits = fsm.successors // fsm.base if fsm.digits == 2 else fsm.successors
+    first_legal = torch.zeros(fsm.num_states, fsm.base, dtype=torch.bool)
+    first_legal[torch.arange(fsm.num_states)[:, None], first_digits] = True
+    hits = first_hits = 0
     for a, b in (chunk.T for chunk in pairs.split(batch)):
         forced = {site: recorded[site][b] for site in sites}
-        best = next_state_logprobs(model, fsm, inputs[a], forced, last).argmax(-1)
-        hits += fsm.legal[b, best].sum().item()
-    return hits / len(pairs)
+        logprobs = next_state_logprobs(model, fsm, inputs[a], forced, last)
+        hits += fsm.legal[b, logprobs.argmax(-1)].sum().item()
+        first = logprobs.view(len(a), -1, fsm.base).logsumexp(-1).argmax(-1) if fsm.digits == 2 else logprobs.argmax(-1)
+        first_hits += first_legal[b, first].sum().item()
+    return hits / len(pairs), first_hits / len(pairs)
 
 
 def best_state_codes(precision, recall):
@@ -175,17 +180,18 @@ def main(argv=None):
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--d_mlp", type=int, default=256)
-    p.add_argument("--num_codes", type=int, default=512, help="codes per codebook")
+    p.add_argument("--attn_codes", type=int, default=128, help="codes per attention-head codebook")
+    p.add_argument("--mlp_codes", type=int, default=256, help="codes per MLP codebook")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--codebook_loss", choices=cb.LOSSES, default="commitment",
                    help="commitment: VQ-VAE style, also pulls activations towards their codes")
     p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment term")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--base_steps", type=int, default=1000, help="baseline training steps")
-    p.add_argument("--codebook_steps", type=int, default=400, help="codebook finetuning steps")
+    p.add_argument("--codebook_steps", type=int, default=500, help="codebook finetuning steps")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--codebook_lr", type=float, default=3e-3)
-    p.add_argument("--revive_every", type=int, default=100)
+    p.add_argument("--revive_every", type=int, default=50, help="revive unused codes every this many steps")
     p.add_argument("--eval_seqs", type=int, default=1000, help="fixed validation sequences")
     p.add_argument("--samples", type=int, default=200, help="sequences sampled for transition accuracy")
     p.add_argument("--pairs", type=int, default=2000, help="(a, b) state pairs for interventions")
@@ -194,7 +200,7 @@ def main(argv=None):
     p.add_argument("--out", default="out/fsm")
     args = p.parse_args(argv)
     if args.preset == "paper":  # SPEC 5: 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512
-        for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, num_codes=10000, batch_size=512,
+        for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=10000, mlp_codes=10000, batch_size=512,
                                 base_steps=20000, codebook_steps=20000, lr=1e-3, codebook_lr=1e-3).items():
             setattr(args, name, value)
 
@@ -213,7 +219,7 @@ def main(argv=None):
 
     # --- train: the baseline, then the same weights with codebooks -----------------------------------------
     print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
-          f"{args.n_layer} layers x d_model {args.d_model}; codebooks: {args.num_codes} codes, k={args.k}")
+          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP")
     torch.manual_seed(args.seed)
     base = cb.GPT(dict(vocab_size=args.base + 1, block_size=fsm.seq_len - 1, n_layer=args.n_layer,
                        n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp))
@@ -221,8 +227,8 @@ def main(argv=None):
                   eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
     base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
                     desc="baseline", **common)
-    spec = dict(num_codes=args.num_codes, k=args.k, loss=args.codebook_loss, beta=args.beta)
-    model = cb.with_codebooks(base, {"attn": spec, "mlp": spec})
+    spec = dict(k=args.k, loss=args.codebook_loss, beta=args.beta)
+    model = cb.with_codebooks(base, {"attn": dict(spec, num_codes=args.attn_codes), "mlp": dict(spec, num_codes=args.mlp_codes)})
     kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
     cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
     model = cb.train(model, get_batch, args.codebook_steps, args.lr, codebook_lr=args.codebook_lr,
@@ -239,11 +245,12 @@ def main(argv=None):
     c = results["codebook"]
 
     ids, _ = cb.record_dataset(model, eval_tokens[:, :-1])
-    c["dead_code_fraction"] = {a: (cb.code_counts(v, args.num_codes) == 0).float().mean().item() for a, v in ids.items()}
+    num_codes = {a: model.locate(a)[0].num_codes for a in ids}
+    c["dead_code_fraction"] = {a: (cb.code_counts(v, num_codes[a]) == 0).float().mean().item() for a, v in ids.items()}
 
     # state codes (section 4.1): per state the best code of each codebook; the best codebook's mean
     masks = fsm.state_masks(eval_tokens)
-    per_codebook = {a: best_state_codes(*cb.code_precision_recall(v, masks, args.num_codes)) for a, v in ids.items()}
+    per_codebook = {a: best_state_codes(*cb.code_precision_recall(v, masks, num_codes[a])) for a, v in ids.items()}
     best = max(per_codebook, key=lambda a: (per_codebook[a][0] * per_codebook[a][1]).mean().item())
     precision, recall = per_codebook[best]
     c |= {"state_code_codebook": best, "state_code_precision": precision.mean().item(),
@@ -265,8 +272,10 @@ def main(argv=None):
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     pairs = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 3))[:args.pairs]]
     attn, mlp = [a for a in ids if ".H" in a], [a for a in ids if a.endswith(".MLP")]
-    c["intervention_success"] = {name: intervention_success(model, fsm, sites, pairs)
-                                 for name, sites in (("none", []), ("attn", attn), ("mlp", mlp), ("all", attn + mlp))}
+    conditions = {name: intervention_success(model, fsm, sites, pairs)
+                  for name, sites in (("none", []), ("attn", attn), ("mlp", mlp), ("all", attn + mlp))}
+    c["intervention_success"] = {name: both[0] for name, both in conditions.items()}
+    c["intervention_first_digit_success"] = {name: both[1] for name, both in conditions.items()}
     results["wall_seconds"] = time.time() - started
 
     # --- report -------------------------------------------------------------------------------------------
@@ -283,10 +292,11 @@ dead codes: mean of {len(dead):2d} codebooks                      {pct(sum(dead.
 state codes ({best:>7}): mean best-code precision      {pct(c['state_code_precision'])}
                          mean best-code recall         {pct(c['state_code_recall'])}
 best neuron: precision at that recall                  {pct(c['neuron_precision'])}
-intervention success: none                             {pct(c['intervention_success']['none'])}
-                      attention codes                  {pct(c['intervention_success']['attn'])}
-                      MLP codes                        {pct(c['intervention_success']['mlp'])}
-                      all codes                        {pct(c['intervention_success']['all'])}
+intervention success (next state / its first digit):
+                      none                  {pct(c['intervention_success']['none'])} / {pct(c['intervention_first_digit_success']['none'])}
+                      attention codes       {pct(c['intervention_success']['attn'])} / {pct(c['intervention_first_digit_success']['attn'])}
+                      MLP codes             {pct(c['intervention_success']['mlp'])} / {pct(c['intervention_first_digit_success']['mlp'])}
+                      all codes             {pct(c['intervention_success']['all'])} / {pct(c['intervention_first_digit_success']['all'])}
 wall time                                              {results['wall_seconds']:.0f} s""")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

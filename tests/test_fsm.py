@@ -70,18 +70,18 @@ def test_intervention_on_a_hand_built_toy():
     model = cb.GPT(dict(vocab_size=9, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32,
                         codebooks={"block": dict(num_codes=32, k=1)})).eval()
     pairs = torch.tensor([(a, b) for a in range(8) for b in range(8) if a != b])
-    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(8), 6, torch.Generator().manual_seed(7)))
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(8), 8, torch.Generator().manual_seed(7)))
     b_predicts = model(inputs)[:, -1, :8].argmax(-1)  # each b's own prediction
     expected = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 1]]].float().mean().item()
-    assert T.intervention_success(model, fsm, ["L0.BLOCK"], pairs) == pytest.approx(expected)
+    assert T.intervention_success(model, fsm, ["L0.BLOCK"], pairs)[0] == pytest.approx(expected)
     unforced = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 0]]].float().mean().item()  # a's own prediction
-    assert T.intervention_success(model, fsm, [], pairs) == pytest.approx(unforced)
+    assert T.intervention_success(model, fsm, [], pairs)[0] == pytest.approx(unforced)
     assert expected != pytest.approx(unforced)
 
 
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
     started = time.time()
-    argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--num_codes", "32",
+    argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32", "--mlp_codes", "16",
             "--base_steps", "6", "--codebook_steps", "4", "--revive_every", "2", "--batch_size", "8",
             "--eval_seqs", "40", "--samples", "8", "--pairs", "40", "--walk_length", "16",
             "--device", "cpu", "--out", str(tmp_path)]

@@ -3,7 +3,7 @@ TokFSM, the paper's first experiment (section 4.1, SPEC 5): a transformer learns
 a finite state machine written as digits; its codebooks then hold codes that *are* the FSM
 states, and forcing another state's codes makes the model continue from that state.
 
-    python train_fsm.py                      # CPU defaults, under 10 minutes on 2 cores
+    python train_fsm.py                      # CPU defaults (README: results and wall time)
     python train_fsm.py --preset paper --device cuda
 
 Trains (1) a baseline transformer and (2) the codebook model: the same weights plus per-head
@@ -181,7 +181,7 @@ def main(argv=None):
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--d_mlp", type=int, default=256)
     p.add_argument("--attn_codes", type=int, default=128, help="codes per attention-head codebook")
-    p.add_argument("--mlp_codes", type=int, default=256, help="codes per MLP codebook")
+    p.add_argument("--mlp_codes", type=int, default=512, help="codes per MLP codebook")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--codebook_loss", choices=cb.LOSSES, default="commitment",
                    help="commitment: VQ-VAE style, also pulls activations towards their codes")

@@ -32,7 +32,7 @@ import codebook as cb  # noqa: E402
 
 GRID = [(n, d, c, k) for n in (4096, 16384) for d in (32, 64, 256) for c in (1024, 10000, 65536) for k in (1, 8, 32)]
 PYTHIA = (16, 4096, 64, 10000, 8)  # heads, tokens, d, codes, k: a Pythia-410M layer's per-head codebooks
-QUICK = [(4096, d, c, k) for d in (32, 64) for c in (1024, 10000) for k in (1, 8)]
+QUICK = [(4096, d, c, 8) for d in (32, 64) for c in (1024, 10000)]
 AUTHORS = {"layer_s": 2.78, "tokfsm_step_s": 1.33, "tokfsm_plain_step_s": 0.82}  # their code, this machine (issue 4)
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -66,11 +66,11 @@ def run(fn):
 
 def race(fns, budget=1.0, max_runs=5):
     """Times every fn in turn, round after round, until `budget` seconds or `max_runs` rounds have
-    passed (at least two rounds); returns {name: (best seconds, largest peak extra bytes)}."""
+    passed (at least two rounds, unless max_runs is 1); returns {name: (best seconds, largest peak extra bytes)}."""
     times = {name: [] for name in fns}
     peaks = {name: [] for name in fns}
     spent, rounds = 0.0, 0
-    while rounds < 2 or (spent < budget and rounds < max_runs):
+    while rounds < min(2, max_runs) or (spent < budget and rounds < max_runs):
         for name, fn in fns.items():
             seconds, peak = run(fn)
             times[name].append(seconds)
@@ -198,7 +198,7 @@ def _in_torch(fn):
         return fn()
 
 
-def layer_time(reps):
+def layer_time(reps, with_torch=True):
     """Forward + backward of one CodebookLayer at the authors' per-head shape: 4096 tokens x 16
     heads x 64 dims, 10,000 codes, k = 8 (their code: 2.78 s on this machine)."""
     torch.manual_seed(0)
@@ -210,7 +210,8 @@ def layer_time(reps):
         (out.pow(2).mean() + layer.aux_loss).backward()
         x.grad = layer.codes.grad = layer.ln_weight.grad = layer.ln_bias.grad = None
 
-    fns = {"ext": fwd_bwd, "torch": lambda: _in_torch(fwd_bwd)}
+    fns = {"ext": fwd_bwd, "torch": lambda: _in_torch(fwd_bwd)} if with_torch else {"ext": fwd_bwd}
+    fwd_bwd()  # warm-up
     result = race(fns, budget=0, max_runs=reps)
     return {name: seconds for name, (seconds, _) in result.items()}
 
@@ -253,7 +254,7 @@ def main():
     print("\n## training steps")
     if libc is not None:  # back to roomy malloc settings: training allocates many mid-sized tensors
         libc.mallopt(-3, 32 * 2**20), libc.mallopt(-1, 64 * 2**20)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    steps = 2 if args.quick else 5
+    steps = 1 if args.quick else 5
     training = {}
     for num_codes in ((1000,) if args.quick else (1000, 10000)):
         t = tokfsm_step_time(num_codes, steps)
@@ -262,10 +263,11 @@ def main():
               f"without codebooks {t['plain']:.3f} s/step; with, extension {t['ext']:.3f} s "
               f"({t['ext'] / t['plain']:.2f}x, target <= 1.5x; authors {AUTHORS['tokfsm_step_s']} s, target <= 0.66 s); "
               f"with, torch search {t['torch']:.3f} s ({t['torch'] / t['plain']:.2f}x)", flush=True)
-    layer = layer_time(2 if args.quick else 3)
+    layer = layer_time(1 if args.quick else 3, with_torch=not args.quick)
     training["per_head_layer"] = layer
     print(f"CodebookLayer 4096 tokens x 16 heads x 64 dims, 10,000 codes, k=8, forward + backward: "
-          f"extension {layer['ext']:.3f} s (authors {AUTHORS['layer_s']} s, target <= 0.7 s), torch search {layer['torch']:.3f} s")
+          f"extension {layer['ext']:.3f} s (authors {AUTHORS['layer_s']} s, target <= 0.7 s)"
+          + (f", torch search {layer['torch']:.3f} s" if "torch" in layer else ""))
     print(f"# load average {os.getloadavg()[0]:.2f} at the end (other jobs share these cores)")
 
     if args.json:

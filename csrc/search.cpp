@@ -11,7 +11,8 @@
 //     the scores are compared with each row's k-th best while still in registers.
 //   - otherwise: BLAS (at::mm) on 256 x 512 tiles into a buffer that stays in cache, then the
 //     same compare, 64 scores at a time (AVX2 or plain C++).
-// Tasks run in parallel across heads and row blocks (at::parallel_for, OpenMP).
+// Tasks run in parallel across heads and row blocks (at::parallel_for, OpenMP), handed out one
+// at a time.
 //
 // Scores, as codebook._scores defines them (computed in float32 whatever the input dtype):
 //   cosine     x . c / max(|c|, 1e-12)           (codes normalised, the query not)
@@ -31,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -282,11 +284,14 @@ std::tuple<at::Tensor, at::Tensor> topk_codes_cpu(const at::Tensor& x_in, const 
                  codes.data_ptr<float>(), euclid ? code_sq.data_ptr<float>() : nullptr, N, C, d};
   float* scores_all = scores.data_ptr<float>();
   int64_t* ids_all = ids.data_ptr<int64_t>();
+  // tasks are handed out one at a time, so a thread slowed down (other jobs on the machine) holds
+  // up no more than the task it is on
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<uint64_t> keys(kBlock * k);
     std::vector<Row> rows;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task++) < H * blocks;) {
       const int64_t h = task / blocks, r0 = (task % blocks) * kBlock, n_rows = std::min(kBlock, N - r0);
       rows.clear();
       std::fill(keys.begin(), keys.end(), 0);

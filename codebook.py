@@ -282,14 +282,16 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
-        """Codes unused since the last revival restart at random recent inputs plus small noise
-        (SPEC 2, 'dead-code replacement'); returns how many were revived. Resets the counts."""
+        """Codes unused since the last revival restart at random recent inputs plus noise of
+        `noise` x the inputs' spread (SPEC 2, 'dead-code replacement'); returns how many were
+        revived. Resets the counts. The noise is relative because a head's inputs can sit in a
+        ball far smaller than any fixed noise, and a code placed outside it is never chosen."""
         dead = self.code_counts == 0
         pool = self.last_input
         if pool is not None and dead.any():
             pick = torch.randint(pool.shape[1], (self.heads, self.num_codes), device=pool.device)
             fresh = pool.gather(1, pick[..., None].expand(-1, -1, self.dim))
-            fresh = fresh + noise * torch.randn_like(fresh)
+            fresh = fresh + noise * pool.std(1, keepdim=True) * torch.randn_like(fresh)
             self.codes.copy_(torch.where(dead[..., None], fresh.to(self.codes.dtype), self.codes))
         revived = int(dead.sum()) if pool is not None else 0
         self.reset_stats()

@@ -163,6 +163,21 @@ def test_usage_counted_per_token_and_revival_replaces_exactly_the_unused_codes()
     assert (dist_to_pool[~used] < 0.1).all()
 
 
+def test_revival_noise_follows_the_inputs_spread():
+    # a head whose inputs fill a tiny ball (its LayerNorm gain near 0, as finetuning can leave it):
+    # codes revived with a fixed noise would all sit outside the ball, and one code would win all
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=1, dim=8, num_codes=64, k=1, similarity="euclidean").train()
+    with torch.no_grad():
+        layer.ln_weight.fill_(1e-4)
+    x = torch.randn(512, 1, 8)
+    layer(x)
+    assert (layer.code_counts > 0).sum() == 1
+    layer.revive_dead_codes()
+    layer(x)
+    assert (layer.code_counts > 0).sum() > 32
+
+
 def test_kmeans_init_beats_random_init_on_clustered_data():
     torch.manual_seed(0)
     centres = torch.randn(2, 16, 8) * 3

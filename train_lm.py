@@ -7,7 +7,7 @@ k-means on the heads' activations, and finetunes the whole model. The script pri
 validation loss and next-byte accuracy, their ratio and the share of dead codes, and saves
 OUT/base.pt, OUT/codebook.pt and OUT/results.json.
 
-    python train_lm.py                                  # generated stories, ~12 min on 2 CPU cores
+    python train_lm.py                                  # generated stories, ~14 min on 2 CPU cores
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast
@@ -464,7 +464,7 @@ parser.add_argument("--seed", type=int, default=0)
 # the model (stage 1)
 parser.add_argument("--n_layer", type=int, default=4)
 parser.add_argument("--n_head", type=int, default=4)
-parser.add_argument("--d_model", type=int, default=64)
+parser.add_argument("--d_model", type=int, default=128)
 parser.add_argument("--block_size", type=int, default=128, help="context length in bytes")
 parser.add_argument("--batch_size", type=int, default=32, help="windows per step (per process under torchrun)")
 parser.add_argument("--base_steps", type=int, default=2000)

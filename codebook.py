@@ -216,7 +216,7 @@ class CodebookLayer(nn.Module):
         self.enabled = True
         self.forced = []  # (head, codes (B|1, T|1, m), positions) set by force_codes()
         self.disabled = None  # (heads, codes) bool, set by disable_codes()
-        self.last_ids = self.last_scores = self.last_input = None
+        self.last_ids = self.last_scores = self.last_input = self.last_error = None
         self.aux_loss = torch.zeros(())
 
     def normalize(self, x):
@@ -233,6 +233,7 @@ class CodebookLayer(nn.Module):
         flat = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
         scores, ids = topk_codes(flat, self.codes, self.k, self.similarity, self.disabled)
         ids = ids.transpose(0, 1).reshape(*lead, self.heads, self.k)
+        searched = ids
         ids = self._apply_forcing(ids)
         self.last_ids, self.last_scores = ids, scores.transpose(0, 1).reshape(*lead, self.heads, self.k)
         if self.training:
@@ -241,23 +242,31 @@ class CodebookLayer(nn.Module):
         offsets = torch.arange(self.heads, device=x.device)[:, None] * self.num_codes
         q = F.embedding_bag((ids + offsets).reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean")
         q = q.view_as(x_n)
-        self.aux_loss = self._aux_loss(q, x_n)
+        # a forced code was not chosen for this input: neither train it towards it nor count it as used
+        chosen = (ids == searched).all(-1) if self.forced else None
+        self.aux_loss = self._aux_loss(q, x_n, chosen)
         if self.training:
-            self.code_counts.view(-1).index_add_(0, (ids + offsets).reshape(-1),
-                                                  torch.ones(ids.numel(), dtype=torch.long, device=x.device))
-            self.recon_sum += (q.detach() - x_n.detach()).pow(2).mean(-1).sum()
-            self.token_count += q.shape[:-1].numel()
-        # straight-through: the value is q, the input's gradient is the output's (section 3.1)
-        return q + x_n - x_n.detach()
+            used = (ids + offsets) if chosen is None else (ids + offsets)[chosen]
+            self.code_counts.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=x.device))
+            error = (q.detach() - x_n.detach()).pow(2).mean(-1)
+            self.recon_sum += error.sum()
+            self.token_count += error.numel()
+            self.last_error = error.reshape(-1, self.heads).T  # (heads, tokens): revival favours the worst
+        # straight-through: the value is q, the input's gradient is the output's (section 3.1);
+        # not where a code is forced, as there the output does not depend on the input
+        passed = x_n - x_n.detach()
+        return q + (passed if chosen is None else passed * chosen[..., None])
 
-    def _aux_loss(self, q, x_n):
-        """The codebook's own loss, summed over heads and averaged over tokens (SPEC 2, step 5)."""
+    def _aux_loss(self, q, x_n, chosen=None):
+        """The codebook's own loss, summed over heads and averaged over tokens (SPEC 2, step 5);
+        `chosen` (..., heads) bool: leave out the rest."""
         if self.loss_kind == "none":
             return q.new_zeros(())
         sq_err = (q - x_n.detach()).pow(2)  # pulls the codes towards the inputs they stand for
         if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
             sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
-        return sq_err.sum(-1).reshape(-1, self.heads).mean(0).sum()
+        sq_err = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen
+        return sq_err.reshape(-1, self.heads).mean(0).sum()
 
     def _apply_forcing(self, ids):
         """Overwrite id slots with forced codes, filling from the least similar slot (SPEC 3)."""
@@ -282,14 +291,17 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
-        """Codes unused since the last revival restart at random recent inputs plus noise of
-        `noise` x the inputs' spread (SPEC 2, 'dead-code replacement'); returns how many were
-        revived. Resets the counts. The noise is relative because a head's inputs can sit in a
-        ball far smaller than any fixed noise, and a code placed outside it is never chosen."""
+        """Codes unused since the last revival restart at recent inputs plus noise of `noise` x the
+        inputs' spread (SPEC 2, 'dead-code replacement'); returns how many were revived. Resets the
+        counts. Inputs are drawn in proportion to their squared reconstruction error (as k-means++
+        seeds): an input its code already fits would keep that code and leave the new one unused.
+        The noise is relative because a head's inputs can sit in a ball far smaller than any fixed
+        noise, and a code placed outside it is never chosen."""
         dead = self.code_counts == 0
         pool = self.last_input
         if pool is not None and dead.any():
-            pick = torch.randint(pool.shape[1], (self.heads, self.num_codes), device=pool.device)
+            weights = self.last_error.float() + 1e-12  # all equal when every input is fitted exactly
+            pick = torch.multinomial(weights, self.num_codes, replacement=True)
             fresh = pool.gather(1, pick[..., None].expand(-1, -1, self.dim))
             fresh = fresh + noise * pool.std(1, keepdim=True) * torch.randn_like(fresh)
             self.codes.copy_(torch.where(dead[..., None], fresh.to(self.codes.dtype), self.codes))

@@ -178,6 +178,46 @@ def test_revival_noise_follows_the_inputs_spread():
     assert (layer.code_counts > 0).sum() > 32
 
 
+def test_revival_favours_the_inputs_the_codebook_fits_worst():
+    # 500 inputs sit on code 0; 12 lie far away and must share a code. Revived codes placed
+    # uniformly would mostly land on the 500 (and lose to code 0); error-weighted, on the 12
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=1, dim=8, num_codes=16, k=1, similarity="euclidean").train()
+    near, far = torch.randn(8), torch.randn(8) * 10
+    with torch.no_grad():
+        layer.ln_weight.fill_(1.0)
+        x = torch.cat([near.expand(500, 8), far + 0.3 * torch.randn(12, 8)])[:, None]
+        layer.codes.zero_()
+        layer.codes[0, 0] = layer.normalize(near)
+        layer.codes[0, 1:] = 50.0  # never chosen
+    layer(x)
+    layer.revive_dead_codes()
+    far_n = layer.normalize(x[500:, 0]).detach()
+    revived = layer.codes.detach()[0, 1:]
+    assert (torch.cdist(revived, far_n).min(-1).values < 0.5).all()
+    layer(x)
+    assert (layer.code_counts[0, 1:] > 0).sum() >= 8  # most of them now win some of the 12
+
+
+def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=1, dim=4, num_codes=8, k=1, loss="commitment").train()
+    x = torch.randn(2, 6, 1, 4)
+    where = torch.zeros(2, 6, dtype=torch.bool)
+    where[:, :3] = True  # half the positions
+    layer.forced = [(0, torch.tensor([[[5]]]), where)]
+    layer(x)
+    assert (layer.last_ids[:, :3, 0, 0] == 5).all()
+    assert layer.code_counts.sum() == 6  # only the searched half
+    layer.aux_loss.backward()
+    free = layer.last_ids[:, 3:, 0, 0].unique()
+    if 5 not in free:
+        assert layer.codes.grad[0, 5].abs().sum() == 0
+    layer.forced = [(0, torch.tensor([[[5]]]), None)]
+    layer(x)
+    assert layer.aux_loss == 0
+
+
 def test_kmeans_init_beats_random_init_on_clustered_data():
     torch.manual_seed(0)
     centres = torch.randn(2, 16, 8) * 3

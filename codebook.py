@@ -233,25 +233,22 @@ class CodebookLayer(nn.Module):
         flat = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
         scores, ids = topk_codes(flat, self.codes, self.k, self.similarity, self.disabled)
         ids = ids.transpose(0, 1).reshape(*lead, self.heads, self.k)
-        searched = ids
-        ids = self._apply_forcing(ids)
+        searched, ids = ids, self._apply_forcing(ids)
         self.last_ids, self.last_scores = ids, scores.transpose(0, 1).reshape(*lead, self.heads, self.k)
-        if self.training:
-            self.last_input = flat.detach()  # the pool dead codes are revived from
         # mean of the k chosen codes, one embedding_bag over all heads (codes of head h at offset h*C)
-        offsets = torch.arange(self.heads, device=x.device)[:, None] * self.num_codes
-        q = F.embedding_bag((ids + offsets).reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean")
-        q = q.view_as(x_n)
+        rows = ids + torch.arange(self.heads, device=x.device)[:, None] * self.num_codes
+        q = F.embedding_bag(rows.reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean").view_as(x_n)
         # a forced code was not chosen for this input: neither train it towards it nor count it as used
         chosen = (ids == searched).all(-1) if self.forced else None
         self.aux_loss = self._aux_loss(q, x_n, chosen)
         if self.training:
-            used = (ids + offsets) if chosen is None else (ids + offsets)[chosen]
+            used = rows if chosen is None else rows[chosen]
             self.code_counts.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=x.device))
             error = (q.detach() - x_n.detach()).pow(2).mean(-1)
             self.recon_sum += error.sum()
             self.token_count += error.numel()
-            self.last_error = error.reshape(-1, self.heads).T  # (heads, tokens): revival favours the worst
+            # what dead codes are revived from: recent inputs (heads, tokens, dim) and their errors
+            self.last_input, self.last_error = flat.detach(), error.reshape(-1, self.heads).T
         # straight-through: the value is q, the input's gradient is the output's (section 3.1);
         # not where a code is forced, as there the output does not depend on the input
         passed = x_n - x_n.detach()
@@ -265,8 +262,8 @@ class CodebookLayer(nn.Module):
         sq_err = (q - x_n.detach()).pow(2)  # pulls the codes towards the inputs they stand for
         if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
             sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
-        sq_err = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen
-        return sq_err.reshape(-1, self.heads).mean(0).sum()
+        per_token = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen
+        return per_token.reshape(-1, self.heads).mean(0).sum()
 
     def _apply_forcing(self, ids):
         """Overwrite id slots with forced codes, filling from the least similar slot (SPEC 3)."""

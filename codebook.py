@@ -408,10 +408,16 @@ class Block(nn.Module):
             self.captures[name] = x.detach()
         return self.codebooks[name](x) if name in self.codebooks else x
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """cache: a dict holding the keys and values of earlier positions (generation), or None."""
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, dh)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # one new query after cached positions may see all of them; otherwise causal
+        heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1).transpose(1, 2)  # (B, T, H, dh)
         x = x + self.attn_out(self.site("attn", heads).reshape(B, T, D))
         x = x + self.site("mlp", self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))[:, :, None])[:, :, 0]
         return self.site("block", x[:, :, None])[:, :, 0]
@@ -433,19 +439,25 @@ class GPT(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx):
-        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab)."""
+    def forward(self, idx, cache=None):
+        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict,
+        empty at first; generate() uses it) idx continues the tokens of the earlier calls."""
         cfg = self.config
         if idx.dim() != 2 or idx.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor (batch, seq), got {idx.dtype} {tuple(idx.shape)}")
-        if not 1 <= idx.shape[1] <= cfg.block_size:
-            raise ValueError(f"sequence length {idx.shape[1]} must be between 1 and block_size={cfg.block_size}")
+        start = cache.get("length", 0) if cache is not None else 0
+        if not 1 <= start + idx.shape[1] <= cfg.block_size:
+            raise ValueError(f"sequence length {start + idx.shape[1]} must be between 1 and block_size={cfg.block_size}")
+        if start and idx.shape[1] != 1:
+            raise ValueError("after the first call with a cache, pass one new token at a time")
         if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
         idx = idx.long()
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.setdefault(i, {}))
+        if cache is not None:
+            cache["length"] = start + idx.shape[1]
         return self.head(self.ln_f(x))
 
     def codebook_loss(self):
@@ -482,9 +494,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample continuations; forcing and disabling in effect apply to every position."""
+        """Sample continuations; forcing and disabling in effect apply to every position.
+        Earlier positions' keys and values are cached while the sequence fits in block_size,
+        unless a code is forced at chosen positions only; otherwise each step reruns the window."""
+        whole_sequence = all(positions is None and codes.shape[1] == 1
+                             for cb in self.codebook_layers().values() for _, codes, positions in cb.forced)
+        cache = {} if whole_sequence else None
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
+            if cache is not None and idx.shape[1] <= self.config.block_size:
+                logits = self(idx[:, cache.get("length", 0):], cache)[:, -1, :].float()
+            else:
+                logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -672,22 +692,29 @@ def code_precision_recall(ids, masks, num_codes):
     return (precision[0], recall[0]) if single else (precision, recall)
 
 
-def neuron_precision_at_recall(acts, mask, recall):
+def neuron_precision_at_recall(acts, masks, recalls):
     """The neuron baseline (section 4.1): for each neuron (column of acts (P, D)) and each sign,
-    the threshold at which it fires on `recall` of the mask (P,) positions; its precision there.
-    Returns (D,) precision, the better of the two signs for each neuron."""
+    the threshold at which it fires on `recall` of the mask's positions; its precision there.
+    masks (P,) or (S, P) bool with one recall each (a float or (S,)). Returns (D,) or (S, D):
+    per neuron the better of its two signs. Each column is sorted once for all the masks."""
     acts = acts.float()
-    n_pos = int(mask.sum())
-    if n_pos == 0:
-        return acts.new_zeros(acts.shape[1])
-    need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
-    best = None
+    single = masks.dim() == 1
+    masks = masks[None] if single else masks
+    recalls = torch.as_tensor(recalls, dtype=torch.float64).reshape(-1).expand(len(masks))
+    best = acts.new_zeros(len(masks), acts.shape[1])
     for signed in (acts, -acts):
-        threshold = signed[mask].topk(need, dim=0).values[-1]  # (D,)
-        fires = signed >= threshold
-        precision = (fires & mask[:, None]).sum(0).float() / fires.sum(0).float()
-        best = precision if best is None else torch.maximum(best, precision)
-    return best
+        ordered = signed.T.contiguous().sort(-1).values  # (D, P): how many positions reach a threshold
+        for s, (mask, recall) in enumerate(zip(masks, recalls.tolist())):
+            n_pos = int(mask.sum())
+            if n_pos == 0:
+                continue
+            need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
+            inside = signed[mask]
+            threshold = inside.topk(need, dim=0).values[-1]  # (D,)
+            fires = len(acts) - torch.searchsorted(ordered, threshold[:, None].contiguous())[:, 0]
+            precision = (inside >= threshold).sum(0).float() / fires.float()
+            best[s] = torch.maximum(best[s], precision)
+    return best[0] if single else best
 
 
 def top_contexts(ids, scores, code, n=5):

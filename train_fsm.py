@@ -264,8 +264,7 @@ def main(argv=None):
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)
     sub_masks = masks[:, :n_seqs].flatten(1)
-    c["neuron_precision"] = torch.stack([cb.neuron_precision_at_recall(neurons, sub_masks[s], recall[s].item()).max()
-                                         for s in range(args.num_states)]).mean().item()
+    c["neuron_precision"] = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
 
     # interventions: force b's codes at a's last position
     pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))

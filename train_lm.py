@@ -602,6 +602,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     if dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before any tears the group down
         dist.destroy_process_group()
 
 

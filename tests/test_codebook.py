@@ -58,6 +58,28 @@ def test_generate_respects_top_k_and_is_seeded():
     assert torch.equal(s1, s2) and s1.shape == (2, 24) and torch.equal(s1[:, :4], prompt)
 
 
+
+def test_generation_with_the_key_value_cache_is_the_full_recomputation():
+    model = tiny_model().double().eval()  # float64: the two orders of summation agree to ~1e-15
+    x = tokens(2, 16)
+    cache = {}
+    steps = [model(x[:, :3], cache)] + [model(x[:, t:t + 1], cache) for t in range(3, 16)]
+    assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
+    with pytest.raises(ValueError, match="one new token"):
+        model(x[:, :2], {"length": 3})
+
+    def recompute(idx, n, generator):  # generation as the definition: rerun the whole prefix
+        for _ in range(n):
+            probs = F.softmax(model(idx[:, -16:])[:, -1].float(), -1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], 1)
+        return idx
+
+    prompt = tokens(3, 5)
+    for forcing in (dict(codes=["L0.H2.5"]), dict(codes=["L0.H2.5"], positions=[-1])):  # cached / not
+        with cb.disable_codes(model, ["L0.H1.3"]), cb.force_codes(model, **forcing):
+            expected = recompute(prompt, 14, torch.Generator().manual_seed(5))  # past block_size 16 too
+            assert torch.equal(model.generate(prompt, 14, generator=torch.Generator().manual_seed(5)), expected)
+
 # --- code search ---------------------------------------------------------------------------
 
 def assert_same_topk(got, want):
@@ -314,6 +336,16 @@ def test_neuron_baseline_on_a_hand_made_case():
     assert torch.isclose(cb.neuron_precision_at_recall(acts, mask, 0.75)[0], torch.tensor(0.75))
     # a neuron that fires negatively counts too: -1 marks the complement perfectly
     assert cb.neuron_precision_at_recall(acts, ~mask, 0.75)[1] == 1.0
+    # many masks at once, on random data with ties, against the definition written out
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randint(-20, 20, (500, 7), generator=g).float()
+    masks = torch.rand(5, 500, generator=g) < torch.tensor([0.01, 0.1, 0.3, 0.5, 0.9])[:, None]
+    recalls = torch.tensor([1.0, 0.9, 0.5, 0.33, 0.1])
+    for mask, recall, got in zip(masks, recalls, cb.neuron_precision_at_recall(acts, masks, recalls)):
+        need = math.ceil(recall.item() * mask.sum().item() - 1e-9)
+        expected = torch.stack([(fires & mask[:, None]).sum(0) / fires.sum(0) for signed in (acts, -acts)
+                                for fires in [signed >= signed[mask].topk(need, 0).values[-1]]]).amax(0)
+        assert torch.allclose(got, expected)
 
 
 def test_top_contexts_rank_by_score():
@@ -391,6 +423,7 @@ def _ddp_worker(rank, world, port, out_dir):
     model = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3, log_every=5)
     counts = [layer.code_counts for layer in model.codebook_layers().values()]
     torch.save({"params": model.state_dict(), "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # both ranks done with gloo before either tears it down
     torch.distributed.destroy_process_group()
 
 

@@ -193,6 +193,22 @@ def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
 # (the per-head attention codebooks of one layer, or a single MLP / block codebook), stored as
 # one parameter (heads, codes, d) and searched in one call.
 
+class StraightThrough(torch.autograd.Function):
+    """q's value; the gradient of the output goes unchanged to q (the codes, through the gather)
+    and to x_n (the input), where `passed` (..., heads) allows. What `q + x_n - sg(x_n)` computes,
+    without two passes over the activations forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, q, x_n, passed=None):
+        ctx.save_for_backward(passed)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        passed, = ctx.saved_tensors
+        return grad, grad if passed is None else grad * passed[..., None], None
+
+
 class CodebookLayer(nn.Module):
     def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
         super().__init__()
@@ -220,7 +236,7 @@ class CodebookLayer(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def normalize(self, x):
-        return F.layer_norm(x, (self.dim,)) * self.ln_weight + self.ln_bias
+        return torch.addcmul(self.ln_bias, F.layer_norm(x, (self.dim,)), self.ln_weight)
 
     def forward(self, x):
         """x (..., heads, dim) -> same shape, each head's vector replaced by the mean of its k codes."""
@@ -240,26 +256,25 @@ class CodebookLayer(nn.Module):
         q = F.embedding_bag(rows.reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean").view_as(x_n)
         # a forced code was not chosen for this input: neither train it towards it nor count it as used
         chosen = (ids == searched).all(-1) if self.forced else None
-        self.aux_loss = self._aux_loss(q, x_n, chosen)
+        sq_err = (q - x_n.detach()).pow(2)  # its gradient pulls the codes towards their inputs
+        self.aux_loss = self._aux_loss(sq_err, q, x_n, chosen)
         if self.training:
             used = rows if chosen is None else rows[chosen]
             self.code_counts.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=x.device))
-            error = (q.detach() - x_n.detach()).pow(2).mean(-1)
+            error = sq_err.detach().mean(-1)
             self.recon_sum += error.sum()
             self.token_count += error.numel()
             # what dead codes are revived from: recent inputs (heads, tokens, dim) and their errors
             self.last_input, self.last_error = flat.detach(), error.reshape(-1, self.heads).T
-        # straight-through: the value is q, the input's gradient is the output's (section 3.1);
+        # straight-through (section 3.1): the value is q, the input's gradient is the output's;
         # not where a code is forced, as there the output does not depend on the input
-        passed = x_n - x_n.detach()
-        return q + (passed if chosen is None else passed * chosen[..., None])
+        return StraightThrough.apply(q, x_n, chosen)
 
-    def _aux_loss(self, q, x_n, chosen=None):
-        """The codebook's own loss, summed over heads and averaged over tokens (SPEC 2, step 5);
-        `chosen` (..., heads) bool: leave out the rest."""
+    def _aux_loss(self, sq_err, q, x_n, chosen=None):
+        """The codebook's own loss from sq_err = (q - sg(x_n))^2, summed over heads and averaged
+        over tokens (SPEC 2, step 5); `chosen` (..., heads) bool: leave out the rest."""
         if self.loss_kind == "none":
             return q.new_zeros(())
-        sq_err = (q - x_n.detach()).pow(2)  # pulls the codes towards the inputs they stand for
         if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
             sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
         per_token = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen

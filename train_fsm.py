@@ -14,6 +14,7 @@ OUT/results.json, OUT/base.pt, OUT/codebook.pt and OUT/fsm.json (for codebook.lo
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -98,8 +99,9 @@ class TokFSM:
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def next_state_logprobs(model, fsm, x, forced=None, position=None):
-    """log P(next state) (n, num_states) after inputs x, exact over both digits. `forced`:
-    {codebook address: per-row code ids (n, k)}, forced at `position` in every forward."""
+    """log P(next state) (n, num_states) after inputs x, exact over both digits, and log P(next
+    digit) (n, base). `forced`: {codebook address: per-row code ids (n, k)}, forced at `position`
+    in every forward."""
     device = model.head.weight.device
 
     def digit_logprobs(inputs, codes):
@@ -107,35 +109,44 @@ def next_state_logprobs(model, fsm, x, forced=None, position=None):
         with force:
             return F.log_softmax(model(inputs.to(device))[:, -1, :fsm.base].float(), -1).cpu()
 
-    lp = digit_logprobs(x, forced)
+    first = lp = digit_logprobs(x, forced)
     if fsm.digits == 2:  # each first digit, then the second: the joint over all two-digit states
         x2 = torch.cat([x.repeat_interleave(fsm.base, 0), torch.arange(fsm.base).repeat(len(x))[:, None]], 1)
         codes2 = {a: ids.repeat_interleave(fsm.base, 0) for a, ids in forced.items()} if forced else None
         lp = (lp[:, :, None] + digit_logprobs(x2, codes2).view(-1, fsm.base, fsm.base)).flatten(1)
-    return lp[:, :fsm.num_states]
+    return lp[:, :fsm.num_states], first
+
+
+def js_divergence(logp, logq):
+    """Jensen-Shannon divergence in nats between rows of log-probabilities."""
+    logm = torch.logaddexp(logp, logq) - math.log(2)
+    kl = lambda a: (a.exp() * (a - logm)).sum(-1)
+    return 0.5 * (kl(logp) + kl(logq))
 
 
 @torch.no_grad()
 def intervention_success(model, fsm, sites, pairs, batch=200, seed=7):
     """Section 4.1, Fig. 2: in a sequence ending in state a, force at its last position the codes
     recorded at the last position of a sequence ending in b. Success: the most likely next state
-    is a legal successor of b. `sites`: codebook addresses; none is no intervention."""
+    is a legal successor of b. `sites`: codebook addresses; none is no intervention. Returns the
+    success rate, the same for the next digit alone, and the paper's own measure: the mean
+    Jensen-Shannon divergence (nats) of the next digit's distribution to b's unforced one."""
     g = torch.Generator().manual_seed(seed)
     inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), min(8, fsm.walk_length), g))
     last = inputs.shape[1] - 1
-    model(inputs.to(model.head.weight.device))
+    clean = F.log_softmax(model(inputs.to(model.head.weight.device))[:, -1, :fsm.base].float(), -1).cpu()
     recorded = {a: ids[:, last].cpu() for a, ids in cb.record_codes(model).items() if a in sites}
     first_digits = fsm.successors // fsm.base if fsm.digits == 2 else fsm.successors
     first_legal = torch.zeros(fsm.num_states, fsm.base, dtype=torch.bool)
     first_legal[torch.arange(fsm.num_states)[:, None], first_digits] = True
-    hits = first_hits = 0
+    hits = first_hits = js = 0
     for a, b in (chunk.T for chunk in pairs.split(batch)):
         forced = {site: recorded[site][b] for site in sites}
-        logprobs = next_state_logprobs(model, fsm, inputs[a], forced, last)
+        logprobs, first = next_state_logprobs(model, fsm, inputs[a], forced, last)
         hits += fsm.legal[b, logprobs.argmax(-1)].sum().item()
-        first = logprobs.view(len(a), -1, fsm.base).logsumexp(-1).argmax(-1) if fsm.digits == 2 else logprobs.argmax(-1)
-        first_hits += first_legal[b, first].sum().item()
-    return hits / len(pairs), first_hits / len(pairs)
+        first_hits += first_legal[b, first.argmax(-1)].sum().item()
+        js += js_divergence(first, clean[b]).sum().item()
+    return hits / len(pairs), first_hits / len(pairs), js / len(pairs)
 
 
 def best_state_codes(precision, recall):
@@ -275,6 +286,7 @@ def main(argv=None):
                   for name, sites in (("none", []), ("attn", attn), ("mlp", mlp), ("all", attn + mlp))}
     c["intervention_success"] = {name: both[0] for name, both in conditions.items()}
     c["intervention_first_digit_success"] = {name: both[1] for name, both in conditions.items()}
+    c["intervention_js_to_b"] = {name: both[2] for name, both in conditions.items()}
     results["wall_seconds"] = time.time() - started
 
     # --- report -------------------------------------------------------------------------------------------
@@ -291,11 +303,11 @@ dead codes: mean of {len(dead):2d} codebooks                      {pct(sum(dead.
 state codes ({best:>7}): mean best-code precision      {pct(c['state_code_precision'])}
                          mean best-code recall         {pct(c['state_code_recall'])}
 best neuron: precision at that recall                  {pct(c['neuron_precision'])}
-intervention success (next state / its first digit):
-                      none                  {pct(c['intervention_success']['none'])} / {pct(c['intervention_first_digit_success']['none'])}
-                      attention codes       {pct(c['intervention_success']['attn'])} / {pct(c['intervention_first_digit_success']['attn'])}
-                      MLP codes             {pct(c['intervention_success']['mlp'])} / {pct(c['intervention_first_digit_success']['mlp'])}
-                      all codes             {pct(c['intervention_success']['all'])} / {pct(c['intervention_first_digit_success']['all'])}
+intervention success (next state / its first digit) and the next digit's JS divergence to b's:
+                      none                  {pct(c['intervention_success']['none'])} / {pct(c['intervention_first_digit_success']['none'])} / {c['intervention_js_to_b']['none']:.3f}
+                      attention codes       {pct(c['intervention_success']['attn'])} / {pct(c['intervention_first_digit_success']['attn'])} / {c['intervention_js_to_b']['attn']:.3f}
+                      MLP codes             {pct(c['intervention_success']['mlp'])} / {pct(c['intervention_first_digit_success']['mlp'])} / {c['intervention_js_to_b']['mlp']:.3f}
+                      all codes             {pct(c['intervention_success']['all'])} / {pct(c['intervention_first_digit_success']['all'])} / {c['intervention_js_to_b']['all']:.3f}
 wall time                                              {results['wall_seconds']:.0f} s""")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -73,10 +73,15 @@ def test_intervention_on_a_hand_built_toy():
     inputs = fsm.encode(fsm.walks_ending_in(torch.arange(8), 8, torch.Generator().manual_seed(7)))
     b_predicts = model(inputs)[:, -1, :8].argmax(-1)  # each b's own prediction
     expected = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 1]]].float().mean().item()
-    assert T.intervention_success(model, fsm, ["L0.BLOCK"], pairs)[0] == pytest.approx(expected)
+    forced, _, forced_js = T.intervention_success(model, fsm, ["L0.BLOCK"], pairs)
+    assert forced == pytest.approx(expected) and forced_js == pytest.approx(0, abs=1e-6)  # b's output exactly
     unforced = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 0]]].float().mean().item()  # a's own prediction
-    assert T.intervention_success(model, fsm, [], pairs)[0] == pytest.approx(unforced)
-    assert expected != pytest.approx(unforced)
+    none, _, none_js = T.intervention_success(model, fsm, [], pairs)
+    assert none == pytest.approx(unforced) and expected != pytest.approx(unforced)
+    p = model(inputs)[:, -1, :8].log_softmax(-1)  # the divergence written out, from a's output to b's
+    m = (p[pairs[:, 0]].exp() + p[pairs[:, 1]].exp()) / 2
+    kl = lambda x: (x.exp() * (x - m.log())).sum(-1)
+    assert none_js == pytest.approx((0.5 * kl(p[pairs[:, 0]]) + 0.5 * kl(p[pairs[:, 1]])).mean().item(), rel=1e-4)
 
 
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
@@ -92,6 +97,7 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
                 "neuron_precision", "intervention_success"):
         assert key in saved["codebook"]
     assert set(saved["codebook"]["intervention_success"]) == {"mlp", "attn", "all", "none"}
+    assert set(saved["codebook"]["intervention_js_to_b"]) == {"mlp", "attn", "all", "none"}
     assert "transition_accuracy" in saved["baseline"] and saved["wall_seconds"] > 0
     fsm = json.loads((tmp_path / "fsm.json").read_text())
     assert len(fsm["successors"]) == fsm["num_states"] == 100

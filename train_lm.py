@@ -7,7 +7,7 @@ k-means on the heads' activations, and finetunes the whole model. The script pri
 validation loss and next-byte accuracy, their ratio and the share of dead codes, and saves
 OUT/base.pt, OUT/codebook.pt and OUT/results.json.
 
-    python train_lm.py                                  # generated stories, ~14 min on 2 CPU cores
+    python train_lm.py                                  # generated stories, 8-14 min on 2 CPU cores
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast

@@ -257,7 +257,7 @@ def main():
     print("\n## training steps")
     if libc is not None:  # back to roomy malloc settings: training allocates many mid-sized tensors
         libc.mallopt(-3, 32 * 2**20), libc.mallopt(-1, 64 * 2**20)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    steps = 1 if args.quick else 5
+    steps = 3 if args.quick else 5  # medians; a single step is too noisy even for a quick look
     training = {}
     for num_codes in ((1000,) if args.quick else (1000, 10000)):
         t = tokfsm_step_time(num_codes, steps)

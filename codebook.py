@@ -201,7 +201,7 @@ class StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, x_n, passed=None):
         ctx.save_for_backward(passed)
-        return q.view_as(q)
+        return q.view_as(q)  # q itself, as a new tensor autograd can attach this function to
 
     @staticmethod
     def backward(ctx, grad):

@@ -17,7 +17,7 @@ Map of this file, in dependency order:
   5. interventions    record, force and disable codes; add vectors (context managers)
   6. code search      precision / recall of codes against a mask, the neuron baseline, contexts
   7. checkpoints      plain dicts, atomic writes, weights_only loads
-  8. training loop    AdamW, schedule, clipping, accumulation, revival, DDP, resume
+  8. training loop    AdamW, schedule, clipping, accumulation, revival, DDP, resume, forced codes
 """
 import contextlib
 import math
@@ -358,13 +358,14 @@ def _position_mask(positions, shape, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites.
+# 4. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
+# attention causal over the whole prefix, or over a window of the last attn_window positions.
 
 @dataclass
 class CodebookSpec:
     """Where codebooks sit and how they search. layers=None means every layer."""
     layers: list | None = None
-    num_codes: int = 1000
+    num_codes: int | list = 1000  # or one count per layer of the model
     k: int = 1
     similarity: str = "cosine"
     loss: str = "aeloss"
@@ -379,12 +380,15 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     d_mlp: int = 512
+    attn_window: int = 0  # > 0: each position attends to itself and the attn_window - 1 before it
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.attn_window, int) or self.attn_window < 0:
+            raise ValueError(f"attn_window={self.attn_window!r} must be 0 (full causal attention) or a positive integer")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         specs = {}
@@ -392,6 +396,8 @@ class GPTConfig:
             if site not in SITES:
                 raise ValueError(f"codebook site {site!r} is not one of {SITES}")
             spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
+            if isinstance(spec.num_codes, list) and len(spec.num_codes) != self.n_layer:
+                raise ValueError(f"{site} codebooks: {len(spec.num_codes)} code counts for n_layer={self.n_layer} layers")
             if spec.layers is not None:
                 bad = [l for l in spec.layers if not 0 <= l < self.n_layer]
                 if bad:
@@ -406,14 +412,15 @@ class GPTConfig:
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        self.n_head, self.d_head, self.window = cfg.n_head, cfg.d_model // cfg.n_head, cfg.attn_window
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
         self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
         heads = {"attn": (cfg.n_head, self.d_head), "mlp": (1, cfg.d_model), "block": (1, cfg.d_model)}
         self.codebooks = nn.ModuleDict({
-            site: CodebookLayer(*heads[site], spec.num_codes, spec.k, spec.similarity, spec.loss, spec.beta)
+            site: CodebookLayer(*heads[site], spec.num_codes if isinstance(spec.num_codes, int) else spec.num_codes[layer],
+                                spec.k, spec.similarity, spec.loss, spec.beta)
             for site, spec in cfg.codebooks.items() if spec.layers is None or layer in spec.layers})
         self.captures = None  # a dict while capture_activations() is on
 
@@ -431,8 +438,13 @@ class Block(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        # one new query after cached positions may see all of them; otherwise causal
-        heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1).transpose(1, 2)  # (B, T, H, dh)
+        if self.window:  # key j is visible from query i when i - window < j <= i
+            i = torch.arange(k.shape[2] - T, k.shape[2], device=x.device)[:, None]
+            j = torch.arange(k.shape[2], device=x.device)
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window))
+        else:  # one new query after cached positions may see all of them; otherwise causal
+            heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        heads = heads.transpose(1, 2)  # (B, T, H, dh)
         x = x + self.attn_out(self.site("attn", heads).reshape(B, T, D))
         x = x + self.site("mlp", self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))[:, :, None])[:, :, 0]
         return self.site("block", x[:, :, None])[:, :, 0]
@@ -824,7 +836,8 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
           eval_every=0, ckpt_path=None, ckpt_every=0, log_every=10, desc="train", autocast=None):
     """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`).
     get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i; under torchrun each
-    rank draws its own shard. eval_fn(model, step) -> dict, run on rank 0. With ckpt_path, an
+    rank draws its own shard. It may add (codes, positions) to train with those codes forced
+    (force_codes' arguments): interchange training. eval_fn(model, step) -> dict, run on rank 0. With ckpt_path, an
     existing checkpoint there is resumed and the final state is written there."""
     from tqdm import tqdm
     rank, world = distributed()
@@ -851,10 +864,12 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step, steps, warmup, cosine)
         for micro in range(grad_accum):
-            x, y = (t.to(device) for t in get_batch(step * grad_accum + micro, rank, world))
+            x, y, *forced = get_batch(step * grad_accum + micro, rank, world)
+            x, y = x.to(device), y.to(device)
             sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
             amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
-            with sync, amp:
+            force = force_codes(model, *forced[0]) if forced else contextlib.nullcontext()
+            with sync, amp, force:
                 logits = net(x)
                 ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
                 loss = (ce + model.codebook_loss()) / grad_accum

@@ -10,6 +10,14 @@ Trains (1) a baseline transformer and (2) the codebook model: the same weights p
 attention and MLP codebooks (k = 1) in every layer, k-means initialised on the baseline's
 activations and finetuned (the method is finetuning, section 3.2). Evaluates both and writes
 OUT/results.json, OUT/base.pt, OUT/codebook.pt and OUT/fsm.json (for codebook.load_model users).
+
+Two choices of this CPU default go beyond the paper (README: what each one changes):
+- attention over the last 2 positions only (--attn_window 2). The FSM is Markov in its state, so
+  this loses nothing, and a position learns of earlier states only through the position before
+  it: its token and its codes;
+- interchange training (--interchange 0.25): the codebook stage also trains on walks where a
+  state's codes are another state's, so that forcing codes is what moves the model (section 4.1's
+  intervention is then trained for, not only found).
 """
 import argparse
 import contextlib
@@ -96,6 +104,41 @@ class TokFSM:
                 "walk_length": self.walk_length, "successors": self.successors.tolist()}
 
 
+# --- interchange training ------------------------------------------------------------------------
+def interchange_batch(model, fsm, walks, share, g):
+    """Interchange intervention training (Geiger et al., 2022) for the intervention of section
+    4.1: at a `share` of state ends the tokens spell another state a (a legal successor of the
+    state before), while every codebook at a's last digit gets the codes recorded where the true
+    state b ends elsewhere in the batch; the targets go on from b. Without it the next position
+    rereads a's digits and ignores the codes. Returns inputs, targets, (codes, positions)."""
+    n, length = walks.shape
+    ends = fsm.digits * torch.arange(1, length)  # input position of the last digit of states 0 .. length - 2
+    model_was_training = model.training
+    model.eval()  # the clean forward neither counts code usage nor feeds revival
+    ids, _ = cb.record_dataset(model, fsm.encode(walks)[:, :-1])
+    model.train(model_was_training)
+
+    swap = torch.rand(n, length - 1, generator=g) < share
+    before = torch.cat([torch.randint(fsm.num_states, (n, 1), generator=g), walks[:, :-2]], 1)
+    shown = fsm.successors[before, torch.randint(fsm.successors.shape[1], before.shape, generator=g)]
+    tokens = fsm.encode(torch.cat([torch.where(swap, shown, walks[:, :-1]), walks[:, -1:]], 1))
+
+    # each state's codes come from one of its ends, drawn at random anywhere in the batch
+    true = walks[:, :-1].flatten()
+    order, count = true.argsort(), torch.bincount(true, minlength=fsm.num_states)
+    first = count.cumsum(0) - count
+    drawn = order[(first + (torch.rand(fsm.num_states, generator=g) * count).long()).clamp_max(len(true) - 1)]
+    source = drawn[true[swap.flatten()]]
+    positions = torch.zeros(n, tokens.shape[1] - 1, dtype=torch.bool)
+    positions[:, ends] = swap
+    codes = {}
+    for address, v in ids.items():
+        forced = torch.zeros(*positions.shape, v.shape[-1], dtype=torch.long)
+        forced[positions] = v[:, ends].flatten(0, 1)[source]
+        codes[address] = forced
+    return tokens[:, :-1], tokens[:, 1:], (codes, positions)
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def next_state_logprobs(model, fsm, x, forced=None, position=None):
@@ -173,6 +216,11 @@ def val_metrics(model, tokens):
     return {"val_loss": loss.item(), "val_acc": (logits.argmax(-1) == tokens[:, 1:]).float().mean().item()}
 
 
+def code_counts(text):
+    """'64' -> [64]; '192,512' -> [192, 512]: layer 0, then every later layer."""
+    return [int(n) for n in text.split(",")]
+
+
 def pct(x):
     return f"{100 * x:6.2f}%"
 
@@ -191,17 +239,21 @@ def main(argv=None):
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--d_mlp", type=int, default=256)
-    p.add_argument("--attn_codes", type=int, default=128, help="codes per attention-head codebook")
-    p.add_argument("--mlp_codes", type=int, default=512, help="codes per MLP codebook")
+    p.add_argument("--attn_window", type=int, default=2, help="0: full causal attention; w: each position sees itself and w - 1 before it")
+    p.add_argument("--attn_codes", type=code_counts, default=[64], help="codes per attention-head codebook (as --mlp_codes)")
+    p.add_argument("--mlp_codes", type=code_counts, default=[192, 512], help="codes per MLP codebook; a list gives layers 0, 1, ..., "
+                   "its last count repeating (layer 0 of a window-2 model sees only ~200 digit pairs)")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--codebook_loss", choices=cb.LOSSES, default="commitment",
                    help="commitment: VQ-VAE style, also pulls activations towards their codes")
     p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment term")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--base_steps", type=int, default=1000, help="baseline training steps")
-    p.add_argument("--codebook_steps", type=int, default=700, help="codebook finetuning steps")
+    p.add_argument("--codebook_steps", type=int, default=1000, help="codebook finetuning steps")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--finetune_lr", type=float, default=1e-3, help="the model's weights in the codebook stage")
     p.add_argument("--codebook_lr", type=float, default=1.5e-3, help="codes and their LayerNorms; higher lets heads collapse onto few codes")
+    p.add_argument("--interchange", type=float, default=0.25, help="share of states trained with another state's codes (0: off)")
     p.add_argument("--revive_every", type=int, default=50, help="revive unused codes every this many steps")
     p.add_argument("--eval_seqs", type=int, default=1000, help="fixed validation sequences")
     p.add_argument("--samples", type=int, default=200, help="sequences sampled for transition accuracy")
@@ -211,9 +263,16 @@ def main(argv=None):
     p.add_argument("--out", default="out/fsm")
     args = p.parse_args(argv)
     if args.preset == "paper":  # SPEC 5: 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512
-        for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=10000, mlp_codes=10000, batch_size=512,
-                                base_steps=20000, codebook_steps=20000, lr=1e-3, codebook_lr=1e-3).items():
+        for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
+                                base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
+                                attn_window=0, interchange=0.0).items():
             setattr(args, name, value)
+
+    for name in ("attn_codes", "mlp_codes"):  # one count per layer, the last one repeating
+        counts = getattr(args, name)
+        if len(counts) > args.n_layer:
+            raise ValueError(f"--{name}: {len(counts)} code counts for {args.n_layer} layers")
+        setattr(args, name, counts + counts[-1:] * (args.n_layer - len(counts)))
 
     # --- data ---------------------------------------------------------------------------------------
     fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
@@ -230,10 +289,12 @@ def main(argv=None):
 
     # --- train: the baseline, then the same weights with codebooks -----------------------------------------
     print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
-          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP")
+          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP "
+          f"(layer 0, 1, ...); attention window {args.attn_window or 'full'}")
     torch.manual_seed(args.seed)
     base = cb.GPT(dict(vocab_size=args.base + 1, block_size=fsm.seq_len - 1, n_layer=args.n_layer,
-                       n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp))
+                       n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp,
+                       attn_window=args.attn_window))
     common = dict(device=args.device, warmup=100, cosine=True, eval_every=500,
                   eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
     base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
@@ -242,7 +303,12 @@ def main(argv=None):
     model = cb.with_codebooks(base, {"attn": dict(spec, num_codes=args.attn_codes), "mlp": dict(spec, num_codes=args.mlp_codes)})
     kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
     cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
-    model = cb.train(model, get_batch, args.codebook_steps, args.lr, codebook_lr=args.codebook_lr,
+
+    def get_interchange_batch(i, rank, world):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
+        return interchange_batch(model, fsm, fsm.random_walks(args.batch_size // world, g), args.interchange, g)
+
+    model = cb.train(model, get_interchange_batch if args.interchange else get_batch, args.codebook_steps, args.finetune_lr, codebook_lr=args.codebook_lr,
                      revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
                      desc="codebook", **common)
 

@@ -42,10 +42,13 @@ def test_codebooks_off_is_the_plain_transformer():
     mha.in_proj_weight.data, mha.in_proj_bias.data = block.qkv.weight.data, block.qkv.bias.data
     mha.out_proj.weight.data, mha.out_proj.bias.data = block.attn_out.weight.data, block.attn_out.bias.data
     h = torch.randn(2, 16, 32)
-    causal = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
-    h1 = h + mha(block.ln1(h), block.ln1(h), block.ln1(h), attn_mask=causal, need_weights=False)[0]
-    expected = h1 + block.mlp_out(F.gelu(block.mlp_in(block.ln2(h1))))
-    assert torch.allclose(block(h), expected, atol=1e-5)
+    for window in (0, 1, 3):  # 0: full causal attention; w: a query sees its w - 1 predecessors too
+        block.window = window
+        i, j = torch.arange(16)[:, None], torch.arange(16)
+        hidden = (j > i) | ((i - j >= window) if window else False)  # True: may not attend
+        h1 = h + mha(block.ln1(h), block.ln1(h), block.ln1(h), attn_mask=hidden, need_weights=False)[0]
+        expected = h1 + block.mlp_out(F.gelu(block.mlp_in(block.ln2(h1))))
+        assert torch.allclose(block(h), expected, atol=1e-5)
 
 
 def test_generate_respects_top_k_and_is_seeded():
@@ -59,8 +62,11 @@ def test_generate_respects_top_k_and_is_seeded():
 
 
 
-def test_generation_with_the_key_value_cache_is_the_full_recomputation():
-    model = tiny_model().double().eval()  # float64: the two orders of summation agree to ~1e-15
+@pytest.mark.parametrize("window", [0, 3])
+def test_generation_with_the_key_value_cache_is_the_full_recomputation(window):
+    torch.manual_seed(0)
+    model = cb.GPT(cb.GPTConfig(**TINY, attn_window=window, codebooks={"attn": dict(num_codes=40, k=2)}))
+    model = model.double().eval()  # float64: the two orders of summation agree to ~1e-15
     x = tokens(2, 16)
     cache = {}
     steps = [model(x[:, :3], cache)] + [model(x[:, t:t + 1], cache) for t in range(3, 16)]
@@ -240,6 +246,25 @@ def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
     assert layer.aux_loss == 0
 
 
+def test_training_with_forced_codes_is_a_step_taken_under_force_codes():
+    x, y = random_batches(0, 0, 1)
+    where = torch.zeros(8, 16, dtype=torch.bool)
+    where[:, 5] = True  # interchange training: codes forced at chosen positions of each row
+    codes = {"L1.MLP": torch.randint(0, 30, (8, 16, 1), generator=torch.Generator().manual_seed(2))}
+    trained = cb.train(tiny_model(), lambda i, rank, world: (x, y, (codes, where)), steps=1, lr=1e-2)
+    model = tiny_model().train()  # the same step written out
+    optimizer = cb.make_optimizer(model, 1e-2)
+    with cb.force_codes(model, codes, positions=where):
+        logits = model(x)
+        (F.cross_entropy(logits.view(-1, 11), y.reshape(-1)) + model.codebook_loss()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    unforced = cb.train(tiny_model(), lambda i, rank, world: (x, y), steps=1, lr=1e-2)
+    assert not torch.allclose(unforced.blocks[1].codebooks["mlp"].codes, trained.blocks[1].codebooks["mlp"].codes)
+
+
 def test_kmeans_init_beats_random_init_on_clustered_data():
     torch.manual_seed(0)
     centres = torch.randn(2, 16, 8) * 3
@@ -403,6 +428,9 @@ def test_checkpoint_round_trip_resume_and_clear_errors(tmp_path):
     (lambda: tiny_model()(torch.zeros(2, 3, 1, dtype=torch.long)), "integer tensor"),
     (lambda: tiny_model()(torch.zeros(2, 17, dtype=torch.long)), "block_size=16"),
     (lambda: tiny_model()(torch.full((2, 3), 11)), "vocab_size=11"),
+    (lambda: cb.GPT(dict(TINY, attn_window=-1)), "attn_window=-1"),
+    (lambda: cb.GPT(dict(TINY, codebooks={"mlp": dict(num_codes=[40])})), "1 code counts for n_layer=2"),
+    (lambda: cb.GPT(dict(TINY, codebooks={"mlp": dict(num_codes=[40, 20])})).locate("L1.MLP.20"), "num_codes=20"),
     (lambda: cb.CodebookLayer(2, 4, 8)(torch.zeros(3, 1, 4)), r"heads=2, dim=4"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1", "L1.MLP.2"]).__enter__(), "k=1 slots"),
     (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [99]}).__enter__(), "num_codes=30"),

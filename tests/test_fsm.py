@@ -84,6 +84,30 @@ def test_intervention_on_a_hand_built_toy():
     assert none_js == pytest.approx((0.5 * kl(p[pairs[:, 0]]) + 0.5 * kl(p[pairs[:, 1]])).mean().item(), rel=1e-4)
 
 
+def test_interchange_batches_show_a_but_carry_b_codes_and_continue_from_b():
+    fsm = T.TokFSM()
+    torch.manual_seed(0)
+    model = cb.GPT(dict(vocab_size=11, block_size=128, n_layer=2, n_head=2, d_model=16, d_mlp=32, attn_window=2,
+                        codebooks={"attn": dict(num_codes=24), "mlp": dict(num_codes=40)}))
+    walks = fsm.random_walks(16, torch.Generator().manual_seed(1))
+    x, y, (codes, positions) = T.interchange_batch(model.train(), fsm, walks, 0.3, torch.Generator().manual_seed(2))
+    assert model.training and all(layer.code_counts.sum() == 0 for layer in model.codebook_layers().values())
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == positions.shape == (16, 128)
+    shown, true = fsm.decode(y), walks[:, :-1]  # y spells states 0 .. 63; state j ends at input 2j + 2
+    swapped = positions[:, 2::2]
+    assert not positions[:, 1::2].any() and positions[:, 0].sum() == 0 and 0.2 < swapped.float().mean() < 0.4
+    assert torch.equal(shown[:, :-1][~swapped], true[~swapped]) and torch.equal(shown[:, -1], walks[:, -1])
+    before = torch.cat([torch.zeros(16, 1, dtype=torch.long), true[:, :-1]], 1)
+    assert fsm.legal[before, shown[:, :-1]][:, 1:][swapped[:, 1:]].all()  # a: a legal successor of the state before
+    # the forced codes at a swapped end: all recorded together at one end of the same true state (clean walks)
+    clean, _ = cb.record_dataset(model.eval(), fsm.encode(walks)[:, :-1])
+    ends = {}
+    for r, j in (~torch.zeros_like(swapped)).nonzero().tolist():
+        ends.setdefault(true[r, j].item(), []).append(tuple(clean[a][r, 2 * j + 2].item() for a in clean))
+    for r, j in swapped.nonzero().tolist():
+        assert tuple(codes[a][r, 2 * j + 2].item() for a in clean) in ends[true[r, j].item()]
+
+
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
     started = time.time()
     argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32", "--mlp_codes", "16",

@@ -108,27 +108,29 @@ class TokFSM:
 def interchange_batch(model, fsm, walks, share, g):
     """Interchange intervention training (Geiger et al., 2022) for the intervention of section
     4.1: at a `share` of state ends the tokens spell another state a (a legal successor of the
-    state before), while every codebook at a's last digit gets the codes recorded where the true
-    state b ends elsewhere in the batch; the targets go on from b. Without it the next position
-    rereads a's digits and ignores the codes. Returns inputs, targets, (codes, positions)."""
+    state before), while every codebook at a's last digit gets the codes recorded at an end of
+    the true state b in a quarter of the batch's walks, unaltered; the targets go on from b.
+    Without it the next position goes by a's digits, which it also sees, more than by the codes.
+    Returns inputs, targets, (codes, positions)."""
     n, length = walks.shape
     ends = fsm.digits * torch.arange(1, length)  # input position of the last digit of states 0 .. length - 2
+    sources = walks[:max(1, n // 4)]  # 16 walks of 64 states hold every state's end ~10 times
     model_was_training = model.training
     model.eval()  # the clean forward neither counts code usage nor feeds revival
-    ids, _ = cb.record_dataset(model, fsm.encode(walks)[:, :-1])
+    ids, _ = cb.record_dataset(model, fsm.encode(sources)[:, :-1])
     model.train(model_was_training)
 
-    swap = torch.rand(n, length - 1, generator=g) < share
-    before = torch.cat([torch.randint(fsm.num_states, (n, 1), generator=g), walks[:, :-2]], 1)
-    shown = fsm.successors[before, torch.randint(fsm.successors.shape[1], before.shape, generator=g)]
-    tokens = fsm.encode(torch.cat([torch.where(swap, shown, walks[:, :-1]), walks[:, -1:]], 1))
-
-    # each state's codes come from one of its ends, drawn at random anywhere in the batch
-    true = walks[:, :-1].flatten()
+    # each state's codes come from one of its ends in the source walks, drawn at random
+    true = sources[:, :-1].flatten()
     order, count = true.argsort(), torch.bincount(true, minlength=fsm.num_states)
     first = count.cumsum(0) - count
     drawn = order[(first + (torch.rand(fsm.num_states, generator=g) * count).long()).clamp_max(len(true) - 1)]
-    source = drawn[true[swap.flatten()]]
+
+    swap = (torch.rand(n, length - 1, generator=g) < share) & (count[walks[:, :-1]] > 0)
+    before = torch.cat([torch.randint(fsm.num_states, (n, 1), generator=g), walks[:, :-2]], 1)
+    shown = fsm.successors[before, torch.randint(fsm.successors.shape[1], before.shape, generator=g)]
+    tokens = fsm.encode(torch.cat([torch.where(swap, shown, walks[:, :-1]), walks[:, -1:]], 1))
+    source = drawn[walks[:, :-1][swap]]
     positions = torch.zeros(n, tokens.shape[1] - 1, dtype=torch.bool)
     positions[:, ends] = swap
     codes = {}
@@ -249,7 +251,7 @@ def main(argv=None):
     p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment term")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--base_steps", type=int, default=1000, help="baseline training steps")
-    p.add_argument("--codebook_steps", type=int, default=1000, help="codebook finetuning steps")
+    p.add_argument("--codebook_steps", type=int, default=1300, help="codebook finetuning steps")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--finetune_lr", type=float, default=1e-3, help="the model's weights in the codebook stage")
     p.add_argument("--codebook_lr", type=float, default=1.5e-3, help="codes and their LayerNorms; higher lets heads collapse onto few codes")

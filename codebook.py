@@ -836,9 +836,9 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
           eval_every=0, ckpt_path=None, ckpt_every=0, log_every=10, desc="train", autocast=None):
     """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`).
     get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i; under torchrun each
-    rank draws its own shard. It may add (codes, positions) to train with those codes forced
-    (force_codes' arguments): interchange training. eval_fn(model, step) -> dict, run on rank 0. With ckpt_path, an
-    existing checkpoint there is resumed and the final state is written there."""
+    rank draws its own shard. It may add (codes, positions), force_codes' arguments, to train
+    with those codes forced (interchange training). eval_fn(model, step) -> dict, run on rank 0.
+    With ckpt_path, an existing checkpoint there is resumed and the final state is written there."""
     from tqdm import tqdm
     rank, world = distributed()
     if world > 1 and device == "cuda":

@@ -270,6 +270,8 @@ def main(argv=None):
                                 attn_window=0, interchange=0.0).items():
             setattr(args, name, value)
 
+    if not 0 <= args.interchange <= 1:
+        raise ValueError(f"--interchange {args.interchange}: a share of states, between 0 and 1")
     for name in ("attn_codes", "mlp_codes"):  # one count per layer, the last one repeating
         counts = getattr(args, name)
         if len(counts) > args.n_layer:

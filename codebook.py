@@ -371,6 +371,9 @@ class CodebookSpec:
     loss: str = "aeloss"
     beta: float = 0.25
 
+    def codes_in(self, layer):
+        return self.num_codes if isinstance(self.num_codes, int) else self.num_codes[layer]
+
 
 @dataclass
 class GPTConfig:
@@ -419,8 +422,7 @@ class Block(nn.Module):
         self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
         heads = {"attn": (cfg.n_head, self.d_head), "mlp": (1, cfg.d_model), "block": (1, cfg.d_model)}
         self.codebooks = nn.ModuleDict({
-            site: CodebookLayer(*heads[site], spec.num_codes if isinstance(spec.num_codes, int) else spec.num_codes[layer],
-                                spec.k, spec.similarity, spec.loss, spec.beta)
+            site: CodebookLayer(*heads[site], spec.codes_in(layer), spec.k, spec.similarity, spec.loss, spec.beta)
             for site, spec in cfg.codebooks.items() if spec.layers is None or layer in spec.layers})
         self.captures = None  # a dict while capture_activations() is on
 

@@ -1,0 +1,246 @@
+"""report.py: the page is one file that requests nothing, escapes what it shows, and its code browser
+tells what the recorded codes did; then the page itself in headless Chromium (selenium and
+chromedriver): no console error, every codebook and card there, the search filters, an anchor
+scrolls to its card, the screenshot shows something. Without Chromium the browser tests skip,
+unless CODEBOOK_REQUIRE_BROWSER=1 (CI), where they fail instead."""
+import base64
+import os
+import re
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+import codebook as cb
+import report
+
+HOSTILE = '</script><b>"&'  # a token whose text would break a page that did not escape it
+TEXT = [str(d) for d in range(9)] + [HOSTILE, "^"]  # token 9 is hostile, 10 is BOS
+
+
+@pytest.fixture(scope="module")
+def run():
+    """A tiny codebook model, k-means initialised as the scripts do, its reference set and per-position labels."""
+    torch.manual_seed(0)
+    model = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, d_model=32, d_mlp=64, codebooks={
+        "attn": dict(num_codes=24, k=1), "mlp": dict(num_codes=40, k=2, layers=[1])}))
+    data = torch.randint(0, 10, (32, 17), generator=torch.Generator().manual_seed(0))
+    cb.init_codebooks_kmeans(model, data[:, :-1])
+    model.eval()
+    tokens = torch.cat([torch.full((12, 1), 10), data[:12, 1:-1]], 1)
+    labels = torch.where(tokens < 10, tokens % 3, -1)  # three labels: the token's value mod 3
+    return model, tokens, labels
+
+
+def browser_data(run, **kw):
+    model, tokens, labels = run
+    return report.code_browser_data(model, tokens, TEXT, labels=labels, label_names=["zero", "one", "two"],
+                                    contexts=5, before=4, after=2, **kw)
+
+
+def write_page(run, path, **kw):
+    data = browser_data(run, **kw)
+    curves = [{"name": "loss", "x": [0, 10, 20], "y": [2.4, 2.0, 1.9]}]
+    return data, report.write(str(path), "Test run", [
+        report.section("Results", report.table([["loss", 1.9], ["<i>accuracy</i>", "50.0%"]], ["metric", "value"])),
+        report.section("Training", report.line_chart(curves, "step", "loss", log_y=True),
+                       report.bar_chart(["a", "b"], [{"name": "hits", "values": [0.2, 0.9]}], report.pct, 1.0)),
+        report.section("States", report.heat_map([[0.0, 0.5], [1.0, 0.0]], ["s0", "s1"], ["c0", "c1"])),
+        report.section("Code browser", report.code_browser(data))])
+
+
+# --- the data -------------------------------------------------------------------------------
+
+def test_cards_count_the_recorded_codes_and_hold_their_strongest_contexts(run):
+    model, tokens, labels = run
+    data = browser_data(run, max_cards=6)
+    ids, scores = cb.record_dataset(model, tokens)
+    assert [b["address"] for b in data["codebooks"]] == model.codebook_addresses()
+    for book in data["codebooks"]:
+        v, s = ids[book["address"]], scores[book["address"]]
+        counts = torch.bincount(v.flatten(), minlength=book["num_codes"])
+        assert book["used"] == int((counts > 0).sum()) and sorted(book["counts"]) == sorted(counts[counts > 0].tolist())
+        assert [c["fires"] for c in book["cards"]] == sorted(counts[counts > 0].tolist(), reverse=True)[:6]  # most frequent first
+        for card in book["cards"]:
+            c = card["code"]
+            fired = (v == c).any(-1)  # (rows, seq)
+            strength = torch.where(v == c, s, torch.tensor(-float("inf"))).amax(-1)
+            expected = strength[fired].sort(descending=True).values[:5]
+            assert [x["score"] for x in card["contexts"]] == pytest.approx(expected.tolist())
+            for x in card["contexts"]:
+                assert fired[x["row"], x["pos"]] and x["token"] == TEXT[tokens[x["row"], x["pos"]]]
+                assert x["left"] == "".join(TEXT[t] for t in tokens[x["row"], max(0, x["pos"] - 4):x["pos"]])
+            # the best label by F1, counted by hand
+            on = [labels[fired] == lab for lab in range(3)]
+            precision = [float(m.float().mean()) for m in on]
+            recall = [float(m.sum()) / float((labels == lab).sum()) for lab, m in enumerate(on)]
+            f1 = [2 * p * r / (p + r) if p + r else 0 for p, r in zip(precision, recall)]
+            best = max(range(3), key=lambda lab: f1[lab])
+            assert card["label"]["name"] == ["zero", "one", "two"][best]
+            assert card["label"]["precision"] == pytest.approx(precision[best])
+            assert card["label"]["recall"] == pytest.approx(recall[best])
+
+
+def test_a_code_that_never_fires_gets_its_card_when_asked_for(run, tmp_path):
+    data = browser_data(run, max_cards=1)
+    book = data["codebooks"][-1]  # L1.MLP: 40 codes, some of them unused on 12 x 16 tokens
+    counts = torch.bincount(cb.record_dataset(run[0], run[1])[0][book["address"]].flatten(), minlength=40)
+    dead = int((counts == 0).nonzero()[0])
+    data, path = write_page(run, tmp_path / "report.html", max_cards=1, always=[f"{book['address']}.{dead}"])
+    card = data["codebooks"][-1]["cards"][-1]
+    assert card["address"] == f"{book['address']}.{dead}" and card["fires"] == 0 and card["contexts"] == []
+    page = open(path).read()
+    assert re.search(rf'id="{re.escape(card["address"])}".*?never fires on the reference set', page)
+
+
+def test_bad_inputs_are_one_line_errors(run):
+    model, tokens, labels = run
+    plain = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32))
+    cases = [(lambda: report.code_browser_data(plain, tokens, TEXT), "has no codebooks"),
+             (lambda: report.code_browser_data(model, tokens[:0], TEXT), "reference set is empty"),
+             (lambda: report.code_browser_data(model, tokens, TEXT[:5]), "5 strings for a vocabulary of 11"),
+             (lambda: report.code_browser_data(model, tokens, TEXT, labels=labels[:, :3]), "do not match tokens"),
+             (lambda: report.code_browser_data(model, tokens, TEXT, always=["L1.MLP"]), "name a code"),
+             (lambda: report.code_browser_data(model, tokens, TEXT, always=["L0.MLP.3"]), "no mlp codebook")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+# --- the page as a file ---------------------------------------------------------------------
+
+def test_the_page_is_one_file_that_requests_nothing_and_escapes_its_text(run, tmp_path):
+    _, path = write_page(run, tmp_path / "out" / "report.html")
+    assert path == str(tmp_path / "out" / "report.html") and os.listdir(tmp_path / "out") == ["report.html"]
+    page = open(path, encoding="utf-8").read()
+    for pattern in (r"https?:", r"//cdn", r"@import", r"@font-face", r"url\(", r"<link", r"<img", r"<iframe"):
+        assert not re.search(pattern, page, re.I), pattern
+    refs = re.findall(r"""\b(?:src|href|xlink:href|action)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
+    assert refs and all(r.startswith("#") for r in refs)  # links to its own anchors only
+    assert page.count("<script") == 1 and page.count("</script>") == 1  # the page's own script
+    assert "<i>accuracy</i>" not in page and "&lt;i&gt;accuracy&lt;/i&gt;" in page
+    assert "<b>\"&" not in page and "&lt;/script&gt;&lt;b&gt;&quot;&amp;" in page
+
+
+def test_charts_take_odd_data():
+    assert report.line_chart([{"name": "x", "x": [0, 1], "y": [float("nan"), None]}]).startswith("<p")
+    assert "<svg" in report.line_chart([{"name": "x", "x": [5], "y": [0.0]}])  # one point
+    assert "<svg" in report.line_chart([{"name": "x", "x": [0, 1, 2], "y": [0.0, 1e-3, 10.0]}], log_y=True)
+    assert "<svg" in report.bar_chart(["a"], [{"name": "v", "values": [0.0]}])
+    assert report.nice_ticks(0, 1, 5) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert report.nice_ticks(0.13, 0.97, 4, outward=True) == [0, 0.25, 0.5, 0.75, 1.0]
+    assert report.log_ticks(1e-2, 2) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]
+    assert report.log_ticks(1e-3, 20) == [0.001, 0.01, 0.1, 1, 10]  # many decades: the decades only
+    assert str(report.highlight("a dragon <3 dragons", r"dragons?")) == \
+        'a <mark class="word">dragon</mark> &lt;3 <mark class="word">dragons</mark>'
+
+
+# --- the page in a real browser ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    required = os.environ.get("CODEBOOK_REQUIRE_BROWSER") == "1"
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    missing = ("selenium is not installed (pip install selenium)" if webdriver is None else
+               "no Chromium binary on PATH (apt install chromium)" if binary is None else
+               "no chromedriver on PATH (apt install chromium-driver)" if driver_path is None else None)
+    if missing:
+        (pytest.fail if required else pytest.skip)(f"browser test: {missing}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def opened(run, browser, tmp_path_factory):
+    data, path = write_page(run, tmp_path_factory.mktemp("page") / "report.html", max_cards=8)
+    url = "file://" + path
+    browser.get(url)
+    return data, url
+
+
+def test_browser_shows_every_codebook_and_card_without_errors(browser, opened):
+    data, _ = opened
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+    count = lambda selector: browser.execute_script(f"return document.querySelectorAll('{selector}').length")
+    assert count(".codebook") == len(data["codebooks"]) == 5  # two heads in two layers, one MLP
+    assert count(".card") == sum(len(b["cards"]) for b in data["codebooks"]) > 10
+    assert count(".overview .cbcell") == len(data["codebooks"])
+    assert count("svg.chart") >= 3 + len(data["codebooks"])  # the charts and one sparkline per codebook
+    # the hostile token shows as text: a mark holds it, and no element came out of it
+    marks = browser.execute_script("return Array.from(document.querySelectorAll('mark'), m => m.textContent)")
+    assert HOSTILE in marks
+    assert browser.execute_script("return document.querySelectorAll('.ctx b').length") == 0
+    # a screenshot that is not one colour: decoded by the browser itself, sampled on a grid
+    shot = base64.b64encode(base64.b64decode(browser.get_screenshot_as_base64())).decode()
+    colours = browser.execute_async_script("""
+        var done = arguments[1], img = new Image();
+        img.onload = function () {
+          var c = document.createElement('canvas'); c.width = img.width; c.height = img.height;
+          var g = c.getContext('2d'); g.drawImage(img, 0, 0);
+          var px = g.getImageData(0, 0, img.width, img.height).data, seen = {};
+          for (var y = 0; y < img.height; y += 7) for (var x = 0; x < img.width; x += 7) {
+            var i = 4 * (y * img.width + x); seen[px[i] + ',' + px[i + 1] + ',' + px[i + 2]] = 1; }
+          done(Object.keys(seen).length);
+        };
+        img.src = 'data:image/png;base64,' + arguments[0];""", shot)
+    assert colours >= 8
+
+
+def test_browser_search_hides_the_cards_that_do_not_match(browser, opened):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    data, url = opened
+    browser.get(url)
+    box = browser.find_element(By.ID, "code-search")
+    clear = lambda: box.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)  # typed, so the page sees it
+    visible = "return Array.from(document.querySelectorAll('.card')).filter(c => !c.closest('[hidden]')).map(c => c.id)"
+    book = data["codebooks"][1]
+    box.send_keys(book["address"] + ".")
+    expected = sorted(c["address"] for c in book["cards"])
+    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: sorted(d.execute_script(visible)) == expected)
+    # by context text: a piece of one card's context; the cards shown are exactly those holding it
+    clear()
+    piece = data["codebooks"][0]["cards"][0]["contexts"][0]
+    query = (piece["left"][-2:] + piece["token"] + piece["right"][:1]).lower()
+    box.send_keys(query)
+    holds = f"""return Array.from(document.querySelectorAll('.card')).filter(c =>
+                  (c.id + ' ' + c.textContent).toLowerCase().indexOf({query!r}) >= 0).map(c => c.id)"""
+    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: sorted(d.execute_script(visible)) == sorted(d.execute_script(holds)))
+    shown = browser.execute_script(visible)
+    assert data["codebooks"][0]["cards"][0]["address"] in shown
+    assert 0 < len(shown) < sum(len(b["cards"]) for b in data["codebooks"])
+    clear()
+    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: len(d.execute_script(visible)) == sum(len(b["cards"]) for b in data["codebooks"]))
+
+
+def test_browser_code_anchor_scrolls_its_card_into_view(browser, opened):
+    data, url = opened
+    address = data["codebooks"][-1]["cards"][-1]["address"]  # the last card, far below the first screen
+    browser.get(url)
+    assert browser.execute_script("return window.scrollY") == 0
+    browser.get(f"{url}#{address}")
+    top, bottom, height = browser.execute_script(
+        "var r = document.getElementById(arguments[0]).getBoundingClientRect(); return [r.top, r.bottom, innerHeight]",
+        address)
+    assert browser.execute_script("return window.scrollY") > 0 and 0 <= top and bottom <= height
+    assert browser.execute_script("return document.querySelector(':target').id") == address

@@ -364,12 +364,12 @@ def _positions_by_code(ids, counts):
     return order, counts.cumsum(0) - counts
 
 
-def code_browser_data(model, tokens, token_text, labels=None, label_names=None, max_cards=100, contexts=5,
-                      before=12, after=4, separator="", always=(), recorded=None, batch_size=64):
+def code_browser_data(model, tokens, token_text=None, labels=None, label_names=None, max_cards=100, contexts=5,
+                      before=12, after=4, separator="", always=(), recorded=None, position_text=None, batch_size=64):
     """What every code of every codebook does on a reference set, as plain data.
 
     tokens (rows, seq): the reference set, fed as model inputs. token_text: display text per token id
-    (a list or a function). labels (rows, seq) ints, -1 where a position has none, with label_names
+    (a list or a function), or position_text: one string per position (rows of strings). labels (rows, seq) ints, -1 where a position has none, with label_names
     their names: then every code's best label (by F1) with its precision and recall (section 4).
     Per codebook, cards for the max_cards most frequent codes, each with its `contexts` strongest
     firings, `before` and `after` tokens around the firing one; codes in `always` (addresses such
@@ -385,7 +385,13 @@ def code_browser_data(model, tokens, token_text, labels=None, label_names=None, 
     if max_cards < 0 or contexts < 1 or before < 0 or after < 0:
         raise ValueError(f"max_cards={max_cards}, contexts={contexts}, before={before}, after={after}: "
                          "need max_cards >= 0, contexts >= 1 and before, after >= 0")
-    texts = token_texts(token_text, model.config.vocab_size)
+    if position_text is None:
+        if token_text is None:
+            raise ValueError("give token_text (display text per token id) or position_text (per position)")
+        texts = token_texts(token_text, model.config.vocab_size)
+        position_text = [[texts[t] for t in row] for row in tokens.tolist()]
+    elif len(position_text) != tokens.shape[0] or any(len(r) != tokens.shape[1] for r in position_text):
+        raise ValueError(f"position_text must hold one string per token: {tuple(tokens.shape)}")
     if labels is not None:
         if tuple(labels.shape) != tuple(tokens.shape):
             raise ValueError(f"labels of shape {tuple(labels.shape)} do not match tokens {tuple(tokens.shape)}")
@@ -404,7 +410,7 @@ def code_browser_data(model, tokens, token_text, labels=None, label_names=None, 
         extra.setdefault(str(a.codebook), []).append(a.code)
 
     ids, scores = recorded if recorded is not None else cb.record_dataset(model, tokens, batch_size)
-    rows, label_rows = tokens.tolist(), labels.tolist() if labels is not None else None
+    label_rows = labels.tolist() if labels is not None else None
     seq = tokens.shape[1]
     codebooks = []
     for address in addresses:
@@ -440,10 +446,10 @@ def code_browser_data(model, tokens, token_text, labels=None, label_names=None, 
                 firing = torch.full((n, 1, 1), c), flat_scores[entries].view(n, 1, 1)
                 for i, _, score in cb.top_contexts(*firing, c, contexts):
                     r, p = divmod(int(entries[i]) // k, seq)
-                    left, right = rows[r][max(0, p - before):p], rows[r][p + 1:p + 1 + after]
+                    text = position_text[r]
                     context = {"row": r, "pos": p, "score": score,
-                               "left": "".join(texts[t] + separator for t in left), "token": texts[rows[r][p]],
-                               "right": "".join(separator + texts[t] for t in right),
+                               "left": "".join(t + separator for t in text[max(0, p - before):p]), "token": text[p],
+                               "right": "".join(separator + t for t in text[p + 1:p + 1 + after]),
                                "cut_left": p > before, "cut_right": p + 1 + after < seq}
                     if labels is not None and label_rows[r][p] >= 0:
                         context["label"] = label_names[label_rows[r][p]]

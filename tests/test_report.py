@@ -94,6 +94,17 @@ def test_a_code_that_never_fires_gets_its_card_when_asked_for(run, tmp_path):
     assert re.search(rf'id="{re.escape(card["address"])}".*?never fires on the reference set', page)
 
 
+def test_position_text_shows_each_position_its_own_way(run):
+    model, tokens, _ = run
+    shown = [[f"<{r},{p}>" for p in range(tokens.shape[1])] for r in range(tokens.shape[0])]
+    data = report.code_browser_data(model, tokens, position_text=shown, before=2, after=1, separator=" ")
+    for x in data["codebooks"][0]["cards"][0]["contexts"]:
+        r, p = x["row"], x["pos"]
+        assert x["token"] == f"<{r},{p}>"
+        assert x["left"] == "".join(f"<{r},{q}> " for q in range(max(0, p - 2), p))
+        assert x["right"] == "".join(f" <{r},{q}>" for q in range(p + 1, min(p + 2, tokens.shape[1])))
+
+
 def test_bad_inputs_are_one_line_errors(run):
     model, tokens, labels = run
     plain = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32))
@@ -101,6 +112,8 @@ def test_bad_inputs_are_one_line_errors(run):
              (lambda: report.code_browser_data(model, tokens[:0], TEXT), "reference set is empty"),
              (lambda: report.code_browser_data(model, tokens, TEXT[:5]), "5 strings for a vocabulary of 11"),
              (lambda: report.code_browser_data(model, tokens, TEXT, labels=labels[:, :3]), "do not match tokens"),
+             (lambda: report.code_browser_data(model, tokens, position_text=[["a"]]), "one string per token"),
+             (lambda: report.code_browser_data(model, tokens), "give token_text"),
              (lambda: report.code_browser_data(model, tokens, TEXT, always=["L1.MLP"]), "name a code"),
              (lambda: report.code_browser_data(model, tokens, TEXT, always=["L0.MLP.3"]), "no mlp codebook")]
     for call, message in cases:

@@ -113,6 +113,11 @@ def row(*parts):
     return tag("div", join(tag("div", p, class_="cell") for p in parts), class_="row")
 
 
+def scroll(*parts, height=420):
+    """Pieces in a box of at most `height` pixels that scrolls (a long table)."""
+    return tag("div", join(parts), class_="scroll", style=f"max-height:{height}px")
+
+
 def figure(title, body, caption=""):
     return tag("figure", join([tag("h3", title), body, tag("figcaption", caption) if caption else ""]))
 
@@ -145,10 +150,13 @@ def write(path, title, sections, subtitle=""):
 NUMBER = re.compile(r"^[-+]?[\d,.]+(%| s| ms)?$")  # cells written as numbers ("12.5%") align as numbers
 
 
-def table(rows, columns):
-    """rows: lists of cells (text, numbers or Markup); columns: header texts. Numbers are right
-    aligned and formatted by fmt()."""
-    head = tag("thead", tag("tr", join(tag("th", c) for c in columns)))
+def table(rows, columns, groups=None):
+    """rows: lists of cells (text, numbers or Markup); columns: header texts; groups: an upper
+    header row of (text, columns spanned). Numbers are right aligned and formatted by fmt()."""
+    head = [tag("tr", join(tag("th", c) for c in columns))]
+    if groups:
+        head.insert(0, tag("tr", join(tag("th", g, colspan=span, class_="group" if g else None) for g, span in groups)))
+    head = tag("thead", join(head))
     body = []
     for r in rows:
         cells = [tag("td", fmt(v), class_="num") if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -371,7 +379,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
     tokens (rows, seq): the reference set, fed as model inputs. token_text: display text per token id
     (a list or a function), or position_text: one string per position (rows of strings). labels (rows, seq) ints, -1 where a position has none, with label_names
     their names: then every code's best label (by F1) with its precision and recall (section 4).
-    Per codebook, cards for the max_cards most frequent codes, each with its `contexts` strongest
+    Per codebook, cards for the max_cards most frequent codes (None: every code that fires), each with its `contexts` strongest
     firings, `before` and `after` tokens around the firing one; codes in `always` (addresses such
     as "L1.H2.517") get a card whatever their rank, a "never fires" card if they do not fire.
     recorded: (ids, scores) from cb.record_dataset(model, tokens), when the caller has them."""
@@ -382,7 +390,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
     if tokens.dim() != 2 or tokens.numel() == 0:
         raise ValueError(f"the reference set is empty (tokens of shape {tuple(tokens.shape)}): "
                          "give at least one sequence of at least one token")
-    if max_cards < 0 or contexts < 1 or before < 0 or after < 0:
+    if (max_cards is not None and max_cards < 0) or contexts < 1 or before < 0 or after < 0:
         raise ValueError(f"max_cards={max_cards}, contexts={contexts}, before={before}, after={after}: "
                          "need max_cards >= 0, contexts >= 1 and before, after >= 0")
     if position_text is None:
@@ -418,7 +426,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         a = cb.parse_address(address)
         v, s = ids[address], scores[address]
         k = v.shape[-1]
-        counts = cb.code_counts(v, book.num_codes)
+        counts = cb.count_codes(v, book.num_codes)
         share = counts.double() / counts.sum()
         entropy = max(0.0, float(-(share[share > 0] * share[share > 0].log2()).sum()))
         fires = counts.tolist()
@@ -427,7 +435,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         if labels is not None:
             precision, recall = cb.code_precision_recall(v, masks, book.num_codes)  # (labels, codes)
             f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-9)
-            best_label = f1.argmax(0)
+            best_f1, best_label = f1.max(0)
         order, starts = _positions_by_code(v, counts)
         flat_scores = s.reshape(-1)
         starts = starts.tolist()
@@ -435,7 +443,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         for c in chosen:
             n = fires[c]
             card = {"address": f"{address}.{c}", "code": c, "fires": n, "density": n / (v.numel() // k), "contexts": []}
-            if n and labels is not None:
+            if n and labels is not None and best_f1[c] > 0:  # a code on no labelled position has no best label
                 b = int(best_label[c])
                 card["label"] = {"name": label_names[b], "precision": float(precision[b, c]),
                                  "recall": float(recall[b, c])}
@@ -514,8 +522,7 @@ def _card(card, has_labels):
     label = card.get("label")
     if label:
         head.append(tag("span", join([tag("b", label["name"]),
-                                      f" P {pct(label['precision'], 0)} · R {pct(label['recall'], 0)}"]),
-                        class_="label", title="best label by F1: precision, recall"))
+                                      f" P {pct(label['precision'], 0)} · R {pct(label['recall'], 0)}"]), class_="label"))
     lines = []
     for ctx in card["contexts"]:
         left = ("…" if ctx["cut_left"] else "") + ctx["left"]
@@ -579,10 +586,12 @@ a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
 .note{color:var(--muted);font-size:12.5px;margin:2px 0 8px}
 .row{display:flex;flex-wrap:wrap;gap:18px 28px;align-items:flex-start}.row>.cell{min-width:0;flex:0 1 auto}
 figure{margin:0;background:#fff;border:1px solid var(--line);border-radius:6px;padding:10px 12px}
+.scroll{overflow:auto;border:1px solid var(--line);border-radius:6px;background:#fff}.scroll table{width:100%}
+.scroll thead th{position:sticky;top:0}
 figcaption{color:var(--muted);font-size:12px;margin-top:4px;max-width:560px}
 table{border-collapse:collapse;background:#fff;font-size:13px}
-th,td{border-bottom:1px solid var(--line);padding:4px 10px;text-align:left;vertical-align:top}
-thead th{background:#eef1f5;font-weight:600}
+th,td{border-bottom:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
+thead th{background:#eef1f5;font-weight:600}thead th.group{text-align:center;border-bottom:1px solid #d5dae2}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 svg.chart{display:block;max-width:100%;height:auto;font-size:11px}
 svg .tick{fill:var(--muted);font-size:10.5px}svg .value{fill:var(--fg);font-size:10.5px}
@@ -591,6 +600,11 @@ svg .grid{stroke:#edf0f3}svg .axis{stroke:#9aa3b0}svg .hist{fill:#6b8fc7}svg .he
 .legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;color:var(--muted);margin-top:2px}
 .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px;vertical-align:-1px}
 mark.word{background:var(--word);padding:0 1px;border-radius:2px}
+.topic{margin:16px 0 0}.topic h3{font-size:15px;margin-bottom:4px}
+.chips{display:flex;flex-wrap:wrap;gap:4px 6px;margin-bottom:8px}
+.chip{background:#fff;border:1px solid var(--line);border-radius:4px;padding:1px 6px;font-size:12px;color:var(--muted)}
+.chip a{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+.samples h4{margin:0 0 6px;font-size:12.5px;color:var(--muted);font-weight:600}
 .samples{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:10px}
 .samples>div{background:#fff;border:1px solid var(--line);border-radius:6px;padding:8px 10px;font-size:13px}
 .samples p{margin:0 0 6px;white-space:pre-wrap;overflow-wrap:anywhere}

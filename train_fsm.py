@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import codebook as cb
+import report as pages
 import runs
 
 
@@ -195,10 +196,10 @@ def intervention_success(model, fsm, sites, pairs, batch=200, seed=7):
 
 
 def best_state_codes(precision, recall):
-    """Per state (row), the code with the best F1: (precision, recall), each (num_states,)."""
+    """Per state (row), the code with the best F1: (precision, recall, code), each (num_states,)."""
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-9)
     code = f1.argmax(-1, keepdim=True)
-    return precision.gather(1, code)[:, 0], recall.gather(1, code)[:, 0]
+    return precision.gather(1, code)[:, 0], recall.gather(1, code)[:, 0], code[:, 0]
 
 
 @torch.no_grad()
@@ -267,7 +268,8 @@ def main(argv=None):
     results = evaluate(base, model, fsm, eval_tokens, args)
     report(results, time.time() - started)
     runs.save_json(os.path.join(args.out, "results.json"), results)
-    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json")
+    page = write_page(results, fsm, model, eval_tokens, args)
+    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json\nreport: {page}")
     return results
 
 
@@ -306,6 +308,7 @@ def settings(argv):
     p.add_argument("--pairs", type=int, default=2000, help="(a, b) state pairs for interventions")
     p.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
     p.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
+    p.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/fsm")
@@ -319,7 +322,7 @@ def settings(argv):
     runs.check_settings(args, positive=("num_states", "num_edges", "base", "walk_length", "n_layer", "n_head", "d_model",
                                         "d_mlp", "attn_codes", "mlp_codes", "k", "batch_size", "base_steps",
                                         "codebook_steps", "eval_seqs", "samples", "pairs", "ckpt_every"),
-                        non_negative=("attn_window", "revive_every", "ckpt_seconds"),
+                        non_negative=("attn_window", "revive_every", "ckpt_seconds", "cards"),
                         rates=("lr", "finetune_lr", "codebook_lr"), shares=("interchange",), finite=("beta",))
     if args.beta < 0:
         raise ValueError(f"--beta {args.beta}: the commitment weight must be 0 or more")
@@ -366,7 +369,7 @@ def evaluate(base, model, fsm, eval_tokens, args):
     masks = fsm.state_masks(eval_tokens)
     per_codebook = {a: best_state_codes(*cb.code_precision_recall(v, masks, num_codes[a])) for a, v in ids.items()}
     best = max(per_codebook, key=lambda a: (per_codebook[a][0] * per_codebook[a][1]).mean().item())
-    precision, recall = per_codebook[best]
+    precision, recall, state_code = per_codebook[best]
     c |= {"state_code_codebook": best, "state_code_precision": precision.mean().item(),
           "state_code_recall": recall.mean().item(),
           "state_code_precision_per_codebook": {a: v[0].mean().item() for a, v in per_codebook.items()},
@@ -378,7 +381,11 @@ def evaluate(base, model, fsm, eval_tokens, args):
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)
     sub_masks = masks[:, :n_seqs].flatten(1)
-    c["neuron_precision"] = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
+    best_neuron = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1)
+    c["neuron_precision"] = best_neuron.values.mean().item()
+    c["states"] = [{"state": s, "code": f"{best}.{int(state_code[s])}", "precision": precision[s].item(),
+                    "recall": recall[s].item(), "neuron": neuron_name(int(best_neuron.indices[s]), args),
+                    "neuron_precision": best_neuron.values[s].item()} for s in range(fsm.num_states)]
 
     # interventions: force b's codes at a's last position
     pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))
@@ -391,6 +398,14 @@ def evaluate(base, model, fsm, eval_tokens, args):
     c["intervention_first_digit_success"] = {name: both[1] for name, both in conditions.items()}
     c["intervention_js_to_b"] = {name: both[2] for name, both in conditions.items()}
     return results
+
+
+def neuron_name(column, args):
+    """Column of the neuron baseline's activations -> 'L1.H2[5]' (a head's output before W_O) or 'L1.MLP[40]'."""
+    block, unit = divmod(column, args.d_model)
+    layer, site = divmod(block, 2)
+    d_head = args.d_model // args.n_head
+    return f"L{layer}.H{unit // d_head}[{unit % d_head}]" if site == 0 else f"L{layer}.MLP[{unit}]"
 
 
 def pct(x):
@@ -417,6 +432,83 @@ intervention success (next state / its first digit) and the next digit's JS dive
     for name, label in (("none", "none"), ("attn", "attention codes"), ("mlp", "MLP codes"), ("all", "all codes")):
         print(f"                      {label:21s} {pct(success[name])} / {pct(first[name])} / {js[name]:.3f}")
     print(f"wall time                                              {wall_seconds:.0f} s")
+
+
+
+@torch.no_grad()
+def write_page(results, fsm, model, eval_tokens, args):
+    """OUT/report.html: the table, the training curves, the state codes next to the best neurons,
+    the interventions, the dead codes, and the code browser on the evaluation walks, each position
+    at a state's last digit labelled with that state. Returns its path."""
+    b, c = results["baseline"], results["codebook"]
+    best, dead = c["state_code_codebook"], c["dead_code_fraction"]
+    table = pages.table([
+        ["transition accuracy (sampled walks)", pages.pct(b["transition_accuracy"], 2), pages.pct(c["transition_accuracy"], 2)],
+        ["first-transition accuracy", pages.pct(b["first_transition_accuracy"], 2), pages.pct(c["first_transition_accuracy"], 2)],
+        ["validation loss", f"{b['val_loss']:.4f}", f"{c['val_loss']:.4f}"],
+        ["validation next-token accuracy", pages.pct(b["val_acc"], 2), pages.pct(c["val_acc"], 2)],
+        ["dead codes: mean over codebooks / worst", "", f"{pages.pct(sum(dead.values()) / len(dead), 2)} / {pages.pct(max(dead.values()), 2)}"],
+        [pages.join(["state codes (", pages.link(best, best), "): mean best-code precision"]), "", pages.pct(c["state_code_precision"], 2)],
+        ["state codes: mean best-code recall", "", pages.pct(c["state_code_recall"], 2)],
+        ["best neuron: precision at that recall", pages.pct(c["neuron_precision"], 2), ""],
+        ["intervention success, all codes (next state / its first digit)", "",
+         f"{pages.pct(c['intervention_success']['all'], 2)} / {pages.pct(c['intervention_first_digit_success']['all'], 2)}"],
+    ], ["", "baseline", "codebook"])
+
+    history = results["history"]
+    curve = lambda stage, key: {"name": stage, "x": [h["step"] for h in history[stage]], "y": [h.get(key) for h in history[stage]]}
+    training = pages.row(
+        pages.figure("Training loss", pages.line_chart([curve("baseline", "loss"), curve("codebook", "loss")], "step of its stage", "cross-entropy", width=360)),
+        pages.figure("Dead codes (codebook stage)", pages.line_chart([curve("codebook", "dead")], "step", "share of codes unused", y_format=pages.pct, width=360),
+                     "mean over codebooks, since the last revival"),
+        pages.figure("Reconstruction error (codebook stage)", pages.line_chart([curve("codebook", "mse")], "step", "mean squared error", width=360)))
+
+    # which code fires at each state's last digit, codes ordered by the state they fire at most
+    tokens, masks = eval_tokens[:, :-1], fsm.state_masks(eval_tokens)
+    ids, scores = cb.record_dataset(model, tokens)
+    _, share = cb.code_precision_recall(ids[best], masks, model.locate(best)[0].num_codes)  # (states, codes)
+    used = [code for code in range(share.shape[1]) if share[:, code].sum() > 0]
+    used.sort(key=lambda code: (int(share[:, code].argmax()), -float(share[:, code].max())))
+    heat = pages.heat_map(share[:, used].tolist(), [f"state {s}" for s in range(fsm.num_states)], [str(u) for u in used],
+                          "FSM state", f"{best} code", col_links=[f"{best}.{u}" for u in used], width=560)
+    states = pages.table([[f"state {r['state']}", pages.code_link(r["code"]), pages.pct(r["precision"]), pages.pct(r["recall"]),
+                           r["neuron"], pages.pct(r["neuron_precision"])] for r in c["states"]],
+                         ["state", "best code", "precision", "recall", "best neuron", "its precision"])
+
+    conditions = ["none", "attn", "mlp", "all"]
+    names = ["no intervention", "attention codes", "MLP codes", "all codes"]
+    interventions = pages.row(
+        pages.figure("Intervention success", pages.bar_chart(names, [
+            {"name": "next state a successor of b", "values": [c["intervention_success"][n] for n in conditions]},
+            {"name": "its first digit", "values": [c["intervention_first_digit_success"][n] for n in conditions]}],
+            pages.pct, 1.0, width=480)),
+        pages.figure("Next digit's JS divergence to b's", pages.bar_chart(
+            names, [{"name": "nats", "values": [c["intervention_js_to_b"][n] for n in conditions]}], lambda v: f"{v:.3f}", width=400),
+            "lower: the forced model predicts as if it were in b"))
+
+    position_text = [[("^" if p == 0 else (" " if (p - 1) % fsm.digits == 0 else "") + str(t)) for p, t in enumerate(row)]
+                     for row in tokens.tolist()]
+    labels = torch.where(masks.any(0), masks.float().argmax(0), -1)
+    browser = pages.code_browser_data(model, tokens, labels=labels, label_names=[f"state {s}" for s in range(fsm.num_states)],
+                                      max_cards=args.cards or None, before=13, after=4, recorded=(ids, scores),
+                                      always=[r["code"] for r in c["states"]], position_text=position_text)
+
+    return pages.write(os.path.join(args.out, "report.html"), "TokFSM: codebook features", [
+        pages.section("Results", table, note=f"{fsm.num_states} states x {args.num_edges} edges; model {args.n_layer} layers x "
+                      f"d_model {args.d_model}; codebooks k={args.k}; {args.eval_seqs} evaluation walks."),
+        pages.section("Training", training),
+        pages.section("State codes", pages.row(pages.figure(f"How often each {best} code fires at each state's last digit", heat,
+                                                            "a good model: close to a permutation, one code per state"),
+                                               pages.scroll(states, height=560)),
+                      note="Per state, the code of the best codebook with the best F1 (section 4.1), beside the best "
+                           "single neuron of the baseline at the same recall (its precision there)."),
+        pages.section("Interventions", interventions, note="Force the codes recorded at the end of state b at the last "
+                      f"position of a walk ending in state a, {args.pairs} pairs (a, b) (section 4.1, Fig. 2)."),
+        pages.section("Dead codes", pages.bar_chart(list(dead), [{"name": "dead", "values": list(dead.values())}], pages.pct,
+                                                    links=list(dead), width=520),
+                      note="Share of each codebook's codes that never fire on the evaluation walks."),
+        pages.section("Code browser", pages.code_browser(browser, "state")),
+    ], subtitle=f"python train_fsm.py --out {args.out}; settings and every figure in results.json")
 
 
 if __name__ == "__main__":

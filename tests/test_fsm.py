@@ -125,3 +125,8 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     assert len(fsm["successors"]) == fsm["num_states"] == 100
     model = cb.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
     assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
+    # report.html: every state's best code links to its card in the code browser
+    page = (tmp_path / "report.html").read_text()
+    assert len(saved["codebook"]["states"]) == 100
+    for row in saved["codebook"]["states"]:
+        assert f'href="#{row["code"]}"' in page and f'id="{row["code"]}"' in page

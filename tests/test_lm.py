@@ -129,6 +129,12 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert steered["mean_hit_rate_base"] == r["hit_rate_base"] and r["codes"]
     printed = capsys.readouterr().out
     assert "precision" in printed and "recall" in printed and "dragons" in printed
+    # report.html: the forced codes link to their cards, and --browse writes the browser alone
+    page = open(tmp_path / "steer" / "report.html").read()
+    assert 'id="topic-dragons"' in page and all(f'href="#{c}"' in page and f'id="{c}"' in page for c in r["codes"])
+    steer.main(steer_args[:4] + ["--browse", "--cards", "3", "--reference_stories", "60"])
+    page = open(tmp_path / "steer" / "report.html").read()
+    assert 'id="topic-dragons"' not in page and page.count('class="codebook"') == 4 and page.count('class="card"') == 4 * 3
 
     # codes by address: samples with and without
     code = r["codes"][0]

@@ -57,6 +57,7 @@ def test_cards_count_the_recorded_codes_and_hold_their_strongest_contexts(run):
     data = browser_data(run, max_cards=6)
     ids, scores = cb.record_dataset(model, tokens)
     assert [b["address"] for b in data["codebooks"]] == model.codebook_addresses()
+    assert any("label" in c for b in data["codebooks"] for c in b["cards"])
     for book in data["codebooks"]:
         v, s = ids[book["address"]], scores[book["address"]]
         counts = torch.bincount(v.flatten(), minlength=book["num_codes"])
@@ -77,6 +78,9 @@ def test_cards_count_the_recorded_codes_and_hold_their_strongest_contexts(run):
             recall = [float(m.sum()) / float((labels == lab).sum()) for lab, m in enumerate(on)]
             f1 = [2 * p * r / (p + r) if p + r else 0 for p, r in zip(precision, recall)]
             best = max(range(3), key=lambda lab: f1[lab])
+            if f1[best] == 0:  # fires on no labelled position (BOS only): no label to name
+                assert "label" not in card
+                continue
             assert card["label"]["name"] == ["zero", "one", "two"][best]
             assert card["label"]["precision"] == pytest.approx(precision[best])
             assert card["label"]["recall"] == pytest.approx(recall[best])

@@ -23,12 +23,12 @@ Map of this file:
 """
 import html
 import math
-import os
 import re
 
 import torch
 
 import codebook as cb
+import runs
 
 # ------------------------------------------------------------------------------------------------
 # 1. Markup. A Markup string is HTML this module wrote; anything else is text and gets escaped.
@@ -136,11 +136,11 @@ def page(title, sections, subtitle=""):
 def write(path, title, sections, subtitle=""):
     """Write the page to `path` atomically (readers see the old page or the new one); return path."""
     text = page(title, sections, subtitle)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+
+    def write_text(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    runs.write_atomically(path, write_text)
     return path
 
 

@@ -892,6 +892,7 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     run = {"config": model.config.to_dict(), "settings": settings or {},
            "loop": dict(steps=steps, lr=lr, weight_decay=weight_decay, codebook_lr=codebook_lr, warmup=warmup,
                         cosine=cosine, grad_clip=grad_clip, grad_accum=grad_accum, revive_every=revive_every)}
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
     step, history = 0, []
     if ckpt_path and os.path.exists(ckpt_path):
         step, history = _resume(ckpt_path, model, optimizer, run, codebooks, rank, world)
@@ -902,7 +903,6 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
             save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state)
 
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     last_save = time.monotonic()
     model.train()

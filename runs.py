@@ -164,7 +164,8 @@ def run_main(main):
     try:
         main()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except Interrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:
             launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "

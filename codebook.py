@@ -2,7 +2,8 @@
 Codebook Features: transformers whose hidden states pass through vector-quantisation bottlenecks.
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
-Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it.
+Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it. What codes
+are compared with (single neurons, activation addition, sparse autoencoders) is in baselines.py.
 
 A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.
@@ -13,9 +14,9 @@ This file, in the paper's order:
   3. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
                       usage statistics and dead-code revival
   4. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
-  5. interventions    record, force and disable codes; add vectors (section 3.3)
+  5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
   6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
-  7. finding codes    precision / recall against a mask, the neuron baseline, contexts (section 4)
+  7. finding codes    precision / recall of codes against a mask, top contexts (section 4)
   8. checkpoints      plain dicts, atomic writes, weights_only loads
   9. training loop    AdamW, schedule, revival, DDP, checkpoints as it goes, exact resume
 """
@@ -589,23 +590,6 @@ def disable_codes(model, codes):
 
 
 @contextlib.contextmanager
-def add_vectors(model, vectors):
-    """Activation addition, the steering baseline codes are compared with: {codebook address:
-    vector (dim,)} added to that codebook's output at every position."""
-    plan = {}
-    for address, vector in vectors.items():
-        cb, head = model.locate(address)
-        plan.setdefault(cb, torch.zeros(cb.heads, cb.dim, device=cb.codes.device))[head] += vector.to(cb.codes.device)
-    handles = [cb.register_forward_hook(lambda module, inputs, out, add=add: out + add.to(out.dtype))
-               for cb, add in plan.items()]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
 def codebooks_off(model):
     """Within the block, every codebook is off: the model is the plain transformer."""
     was = {cb: cb.enabled for cb in model.codebook_layers().values()}
@@ -724,31 +708,6 @@ def code_precision_recall(ids, masks, num_codes):
     precision = hits / fires.clamp_min(1)
     recall = hits / masks.flatten(1).sum(-1, keepdim=True).clamp_min(1)
     return (precision[0], recall[0]) if single else (precision, recall)
-
-
-def neuron_precision_at_recall(acts, masks, recalls):
-    """The neuron baseline (section 4.1): for each neuron (column of acts (P, D)) and each sign,
-    the threshold at which it fires on `recall` of the mask's positions; its precision there.
-    masks (P,) or (S, P) bool with one recall each (a float or (S,)). Returns (D,) or (S, D):
-    per neuron the better of its two signs. Each column is sorted once for all the masks."""
-    acts = acts.float()
-    single = masks.dim() == 1
-    masks = masks[None] if single else masks
-    recalls = torch.as_tensor(recalls, dtype=torch.float64).reshape(-1).expand(len(masks))
-    best = acts.new_zeros(len(masks), acts.shape[1])
-    for signed in (acts, -acts):
-        ordered = signed.T.contiguous().sort(-1).values  # (D, P): how many positions reach a threshold
-        for s, (mask, recall) in enumerate(zip(masks, recalls.tolist())):
-            n_pos = int(mask.sum())
-            if n_pos == 0:
-                continue
-            need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
-            inside = signed[mask]
-            threshold = inside.topk(need, dim=0).values[-1]  # (D,)
-            fires = len(acts) - torch.searchsorted(ordered, threshold[:, None].contiguous())[:, 0]
-            precision = (inside >= threshold).sum(0).float() / fires.float()
-            best[s] = torch.maximum(best[s], precision)
-    return best[0] if single else best
 
 
 def top_contexts(ids, scores, code, n=5):

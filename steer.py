@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import baselines
 import codebook
 import runs
 import text
@@ -251,7 +252,7 @@ def main(argv=None):
                 print(f"  {address}.{c:<5d} precision {precision[t, c]:6.1%}  recall {recall[t, c]:6.1%}   "
                       + " | ".join(f"...{s}" for s in snippets))
         steered = run(codebook.force_codes(model, chosen))
-        added = run(codebook.add_vectors(model, {a: args.addition_scale * direction(a, t) for a in chosen}))
+        added = run(baselines.add_vectors(model, {a: args.addition_scale * direction(a, t) for a in chosen}))
         rate_base, ppl_base, _ = score(base_samples, hit)
         rate_steered, ppl_steered, texts = score(steered, hit)
         rate_added, ppl_added, _ = score(added, hit)

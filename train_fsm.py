@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import baselines
 import codebook as cb
 import runs
 
@@ -378,7 +379,7 @@ def evaluate(base, model, fsm, eval_tokens, args):
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)
     sub_masks = masks[:, :n_seqs].flatten(1)
-    c["neuron_precision"] = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
+    c["neuron_precision"] = baselines.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
 
     # interventions: force b's codes at a's last position
     pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))

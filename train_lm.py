@@ -18,7 +18,6 @@ Every stage checkpoints as it goes; rerunning the same command resumes where it 
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np

@@ -498,7 +498,7 @@ def load_tokenizer(folder):
 
 # ------------------------------------------------------------------------------------------------
 # 4. A model and its tokenizer, together: from a folder, or from a checkpoint that stores the
-# tokenizer's plain data under extra["tokenizer"] (byte models store none and get ByteTokenizer).
+# tokenizer's plain data under "tokenizer" (byte models may store none and get ByteTokenizer).
 
 def check_tokenizer(tokenizer, config, where):
     """The tokenizer's ids must all be ids of the model."""
@@ -517,7 +517,7 @@ def load_pretrained(folder, codebooks=None):
 def load_model(path, device="cpu"):
     """(model, tokenizer) of a codebook checkpoint: cb.load_model plus the tokenizer stored with it."""
     state = cb.load_checkpoint(path)
-    stored = (state.get("extra") or {}).get("tokenizer")
+    stored = state.get("tokenizer")
     if stored is None and state["config"].get("vocab_size") != ByteTokenizer.vocab_size:
         raise ValueError(f"{path} stores no tokenizer and is not a byte model (vocab_size {state['config'].get('vocab_size')})")
     tokenizer = check_tokenizer(ByteTokenizer() if stored is None else tokenizer_from_dict(stored),

@@ -902,7 +902,7 @@ def _resume(path, model, optimizer, run, codebooks, rank, world):
 def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
           warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
           eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
-          desc="train", autocast=None):
+          desc="train", autocast=None, ckpt_extra=None):
     """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`, in eval
     mode, with `model.history`: [{"step", "loss", "dead", "mse"}] every log_every steps).
 
@@ -915,7 +915,8 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     whichever comes first, at the end, and at a SIGINT / SIGTERM (then raises Interrupted). A
     checkpoint already there is resumed exactly (weights, optimiser, RNG states, code statistics),
     or returned as it is when finished; one trained with other settings (the model's config, the
-    loop's arguments, `settings`: plain data describing the batches) is refused."""
+    loop's arguments, `settings`: plain data describing the batches) is refused. ckpt_extra: plain
+    data every checkpoint also holds (train_lm.py stores the tokenizer there)."""
     from tqdm import tqdm
     rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
     if world > 1 and device == "cuda":
@@ -934,7 +935,8 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     def save():
         loop_state = _loop_state(codebooks, world)  # a collective: every rank takes part
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state)
+            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state,
+                            **(ckpt_extra or {}))
 
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     base_lrs = [g["lr"] for g in optimizer.param_groups]

@@ -18,7 +18,7 @@ what the original computes in eval mode.
 Map of this file:
   1. weights      safetensors read by hand (a length, a JSON header, raw tensors), .bin via torch
   2. models       config.json and weight names of each family -> GPTConfig and GPT's state_dict
-  3. tokenizers   byte-level BPE (GPT-2's algorithm), the byte tokenizer, both as plain data
+  3. tokenizers   byte-level BPE (GPT-2's algorithm), as plain data like text.ByteTokenizer
   4. checkpoints  a model with its tokenizer, checked against each other
 """
 import json
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import codebook as cb
+import text
 
 # ------------------------------------------------------------------------------------------------
 # 1. Weights. safetensors: 8 bytes little-endian header length n, n bytes of JSON
@@ -224,13 +225,20 @@ def read_config(folder):
     return c
 
 
-def from_pretrained(folder, codebooks=None):
+def from_pretrained(folder, codebooks=None, block_size=None):
     """A codebook.GPT (eval mode, float32, on the CPU) computing the folder's model; with
-    `codebooks` ({site: CodebookSpec fields}, as GPTConfig takes them) they are added, untrained."""
+    `codebooks` ({site: CodebookSpec fields}, as GPTConfig takes them) they are added, untrained.
+    block_size: a shorter context than the model's (learned positions past it are dropped)."""
     c = read_config(folder)
     config, state_dict = FAMILIES[c["model_type"]](c, folder)
+    if block_size is not None:
+        if not 1 <= block_size <= config["block_size"]:
+            raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
+        config["block_size"] = block_size
     weights = Weights(read_weights(folder), folder)
     sd = state_dict(weights)
+    if config.get("learned_positions", True):
+        sd["pos_emb.weight"] = sd["pos_emb.weight"][:config["block_size"]]
     head = next((n for n in ("lm_head.weight", "embed_out.weight") if n in weights), None)
     sd["head.weight"] = sd["tok_emb.weight"] if config["tied_head"] else weights[head or "lm_head.weight"]
     unused = [n for n in weights if n not in weights.used and n != head and not BUFFERS.search(n)]
@@ -332,30 +340,32 @@ class BPETokenizer:
                 "normalizers": self.normalizers, "add_prefix_space": self.add_prefix_space, "use_regex": self.use_regex,
                 "ignore_merges": self.ignore_merges, "bos": self.bos}
 
-    def normalize(self, text):
+    def normalize(self, string):
         for form in self.normalizers:
-            text = unicodedata.normalize(form, text)
-        return text
+            string = unicodedata.normalize(form, string)
+        return string
 
-    def _split_added(self, text, added):
-        """Yield (text, None) for plain stretches and (content, id) for added tokens."""
+    def _split_added(self, string, added):
+        """Yield (stretch, None) for plain stretches of the string and (content, id) for added tokens."""
         if added is None:
-            yield text, None
+            yield string, None
             return
         ids, pattern = added
         start = 0
-        for m in pattern.finditer(text):
+        for m in pattern.finditer(string):
             if m.start() > start:
-                yield text[start:m.start()], None
+                yield string[start:m.start()], None
             yield m.group(), ids[m.group()]
             start = m.end()
-        if start < len(text):
-            yield text[start:], None
+        if start < len(string):
+            yield string[start:], None
 
-    def encode(self, text):
-        """str -> list of token ids."""
+    def encode(self, string):
+        """str (or bytes, read as UTF-8) -> list of token ids."""
+        if isinstance(string, bytes):
+            string = string.decode("utf-8", errors="replace")
         ids = []
-        for raw, raw_id in self._split_added(text, self.raw_added):
+        for raw, raw_id in self._split_added(string, self.raw_added):
             if raw_id is not None:
                 ids.append(raw_id)
                 continue
@@ -416,28 +426,11 @@ def _token_bytes(token):
     return token.encode("utf-8")
 
 
-class ByteTokenizer:
-    """The project's byte-level models: the 256 byte values, and BOS = 256 starting each document."""
-    kind = "bytes"
-    vocab_size = 257
-    bos = 256
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids, skip_special=True):
-        """Ids outside 0..255 (BOS) are dropped; invalid UTF-8 becomes U+FFFD."""
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    def to_dict(self):
-        return {"kind": self.kind}
-
-
 def tokenizer_from_dict(data):
     """The inverse of to_dict() for either tokenizer."""
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind == "bytes":
-        return ByteTokenizer()
+        return text.ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer(**{k: v for k, v in data.items() if k != "kind"})
     raise ValueError(f"tokenizer data of kind {kind!r} is not 'bytes' or 'bpe'")
@@ -498,30 +491,31 @@ def load_tokenizer(folder):
 
 # ------------------------------------------------------------------------------------------------
 # 4. A model and its tokenizer, together: from a folder, or from a checkpoint that stores the
-# tokenizer's plain data under "tokenizer" (byte models may store none and get ByteTokenizer).
+# tokenizer's plain data under "tokenizer" (byte models may store none: text.ByteTokenizer).
 
-def check_tokenizer(tokenizer, config, where):
-    """The tokenizer's ids must all be ids of the model."""
-    if tokenizer.vocab_size > config.vocab_size:
+def check_tokenizer(tokenizer, vocab_size, where):
+    """The tokenizer's ids must all be ids of the model (whose vocabulary may be padded beyond)."""
+    if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
-                         f"{config.vocab_size}: they do not belong together")
+                         f"{vocab_size}: they do not belong together")
     return tokenizer
 
 
-def load_pretrained(folder, codebooks=None):
-    """(model, tokenizer) of a Hugging Face model folder."""
-    model = from_pretrained(folder, codebooks)
-    return model, check_tokenizer(load_tokenizer(folder), model.config, folder)
+def load_pretrained(folder, codebooks=None, block_size=None):
+    """(model, tokenizer) of a Hugging Face model folder, checked against each other before the weights load."""
+    c = read_config(folder)
+    tokenizer = check_tokenizer(load_tokenizer(folder), FAMILIES[c["model_type"]](c, folder)[0]["vocab_size"], folder)
+    return from_pretrained(folder, codebooks, block_size), tokenizer
 
 
-def load_model(path, device="cpu"):
+def load_with_tokenizer(path, device="cpu"):
     """(model, tokenizer) of a codebook checkpoint: cb.load_model plus the tokenizer stored with it."""
     state = cb.load_checkpoint(path)
     stored = state.get("tokenizer")
-    if stored is None and state["config"].get("vocab_size") != ByteTokenizer.vocab_size:
+    if stored is None and state["config"].get("vocab_size") != text.VOCAB_SIZE:
         raise ValueError(f"{path} stores no tokenizer and is not a byte model (vocab_size {state['config'].get('vocab_size')})")
-    tokenizer = check_tokenizer(ByteTokenizer() if stored is None else tokenizer_from_dict(stored),
-                                cb.GPTConfig(**state["config"]), path)
+    tokenizer = check_tokenizer(text.ByteTokenizer() if stored is None else tokenizer_from_dict(stored),
+                                state["config"]["vocab_size"], path)
     model = cb.GPT(state["config"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer

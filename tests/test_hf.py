@@ -9,11 +9,13 @@ import json
 import os
 import sysconfig
 
+import numpy as np
 import pytest
 import torch
 
 import codebook as cb
 import hf
+import text
 
 
 def need(module):
@@ -48,17 +50,17 @@ def randomize(model, seed):
     return model.eval()
 
 
-def tiny(family, **options):
-    """A tiny random transformers model of `family` (vocab 96, d 64, 4 heads, 2 layers, 64 positions)."""
+def tiny(family, vocab_size=96, **options):
+    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
     t = need("transformers")
     if family == "gpt2":
-        config = t.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
+        config = t.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
         return randomize(t.GPT2LMHeadModel(config), 0)
     if family == "gpt_neo":  # layer 0 global, layer 1 local: a window of 5, shorter than the sequences
-        config = t.GPTNeoConfig(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+        config = t.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
                                 attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0, **options)
         return randomize(t.GPTNeoForCausalLM(config), 1)
-    config = t.GPTNeoXConfig(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+    config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                              num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
     return randomize(t.GPTNeoXForCausalLM(config), 2)
 
@@ -134,9 +136,9 @@ SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straß
           "Whitespace:\ta\t\tb  c   d\r\n\r\n\n\x0b\x0c\u00a0nbsp\u2003em\u3000ideographic \u2028sep  \n   \t  end  ")
 
 
-def bpe(tmp_path, normalize=False, prefix_space=False):
-    """A byte-level BPE trained by `tokenizers` on ~300 KB of stdlib source, with <|endoftext|> special;
-    Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
+def bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
+    """A byte-level BPE trained by `tokenizers` (on ~300 KB of stdlib source unless `corpus`, a list
+    of texts), with <|endoftext|> special; Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
     tk = need("tokenizers")
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
@@ -145,7 +147,7 @@ def bpe(tmp_path, normalize=False, prefix_space=False):
         tok.normalizer = tk.normalizers.NFC()
     trainer = tk.trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([stdlib_text(0, 300_000)], trainer)
+    tok.train_from_iterator(corpus or [stdlib_text(0, 300_000)], trainer)
     if normalize:
         tok.add_tokens(["    ", "        "])
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -177,8 +179,8 @@ def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
 
 
 def test_byte_tokenizer():
-    tok = hf.tokenizer_from_dict(hf.ByteTokenizer().to_dict())
-    assert tok.encode(SAMPLE) == list(SAMPLE.encode()) and tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    tok = hf.tokenizer_from_dict(text.ByteTokenizer().to_dict())
+    assert list(tok.encode(SAMPLE)) == list(SAMPLE.encode()) and tok.decode(tok.encode(SAMPLE)) == SAMPLE
     assert tok.decode([tok.bos, *tok.encode("hi"), 300, -1]) == "hi" and tok.vocab_size == 257
 
 
@@ -222,19 +224,70 @@ def test_clear_errors_from_broken_folders(tmp_path):
 
 
 def test_a_checkpoint_carries_its_tokenizer(tmp_path):
-    """Where the tokenizer is checked against the model: hf.load_model (checkpoints) and
+    """Where the tokenizer is checked against the model: hf.load_with_tokenizer (checkpoints) and
     hf.load_pretrained (folders), whenever a model and a tokenizer come together."""
     bpe(tmp_path)  # 700 ids
     tokenizer = hf.load_tokenizer(str(tmp_path))
     config = dict(vocab_size=704, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32)
     cb.save_checkpoint(tmp_path / "good.pt", cb.GPT(config), tokenizer=tokenizer.to_dict())
-    model, loaded = hf.load_model(str(tmp_path / "good.pt"))
+    model, loaded = hf.load_with_tokenizer(str(tmp_path / "good.pt"))
     assert loaded.encode(SAMPLE) == tokenizer.encode(SAMPLE) and model.config.vocab_size == 704
     cb.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
-        hf.load_model(str(tmp_path / "bad.pt"))
+        hf.load_with_tokenizer(str(tmp_path / "bad.pt"))
     cb.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
-    assert isinstance(hf.load_model(str(tmp_path / "bytes.pt"))[1], hf.ByteTokenizer)
+    assert isinstance(hf.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
     cb.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))
     with pytest.raises(ValueError, match="stores no tokenizer"):
-        hf.load_model(str(tmp_path / "none.pt"))
+        hf.load_with_tokenizer(str(tmp_path / "none.pt"))
+
+
+# --- train_lm.py --hf and steer.py ---------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
+    """train_lm.py --hf on a tiny saved GPT-2-style and Pythia-style folder (BPE trained on the
+    generated stories; for Pythia NFC, added space tokens and a padded vocabulary), then steer.py."""
+    import steer
+    import train_lm
+    folder, out = tmp_path / "model", tmp_path / "lm"
+    folder.mkdir()
+    theirs = bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
+    model = tiny(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
+    model.save_pretrained(folder)
+    train_lm.main(["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
+                   "--codebook_steps", "3", "--num_codes", "16", "--k", "2", "--revive_every", "2", "--eval_windows", "8",
+                   "--kmeans_windows", "4", "--threads", "1", "--device", "cpu"])
+    results = json.load(open(out / "results.json"))
+    assert all(np.isfinite(results[k]) for k in ("base_val_loss", "finetuned_val_loss", "codebook_val_loss"))
+
+    # stage 1 is the loaded model, its context cut to --block_size; every checkpoint holds the tokenizer
+    base, tok = hf.load_with_tokenizer(str(out / "base.pt"))
+    x = torch.randint(0, theirs.get_vocab_size(), (2, 32))
+    with torch.no_grad():
+        assert (base(x) - model(x).logits).abs().max() <= 1e-4 and base.config.block_size == 32
+    for name in ("base.pt", "finetuned.pt", "codebook.pt"):
+        assert cb.load_checkpoint(str(out / name))["tokenizer"] == tok.to_dict()
+
+    # the corpus: 16-bit token ids, tokenised once, each document after the end-of-text id
+    data, = glob.glob(str(out / "data" / "stories-*"))
+    stream = np.fromfile(os.path.join(data, "train.bin"), dtype=np.uint16)
+    first = stream[:np.load(os.path.join(data, "train_docs.npy"))[1]]
+    assert tok.decode(first) in [s for _, s in text.make_stories(300)]
+    assert text.Split(data, "train", tok).tokens(0, 3)[0] == tok.bos == theirs.token_to_id("<|endoftext|>")
+
+    capsys.readouterr()
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
+                "--samples", "2", "--new_bytes", "6", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons,sea",
+                "--reference_stories", "40", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1"])
+    steered = json.load(open(tmp_path / "steer" / "results.json"))
+    assert set(steered["topics"]) == {"dragons", "sea"} and steered["topics"]["sea"]["codes"]
+
+
+def test_token_widths():
+    wide = type("Tokenizer", (), {"kind": "bpe", "vocab_size": 70_000})
+    assert text.token_dtype(text.ByteTokenizer()) == np.uint8 and text.token_dtype(wide) == np.uint32
+    assert text.token_dtype(type("Tokenizer", (), {"kind": "bpe", "vocab_size": 2**16})) == np.uint16

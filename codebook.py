@@ -509,9 +509,6 @@ class GPT(nn.Module):
         """(address string, CodebookLayer, head) for every codebook, heads of a layer separately."""
         return [(str(Address(i, site, h)), cb, h) for (i, site), cb in self.codebook_layers().items() for h in range(cb.heads)]
 
-    def codebook_addresses(self):
-        return [address for address, _, _ in self.codebook_heads()]
-
     def locate(self, address):
         """Address (or its text) -> (CodebookLayer, head index); clear errors for what is missing."""
         a = parse_address(address)
@@ -519,7 +516,7 @@ class GPT(nn.Module):
             raise ValueError(f"{a}: layer {a.layer} does not exist (n_layer={len(self.blocks)})")
         cb = self.blocks[a.layer].codebooks[a.site] if a.site in self.blocks[a.layer].codebooks else None
         if cb is None:
-            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(self.codebook_addresses()) or 'none'})")
+            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(a for a, _, _ in self.codebook_heads()) or 'none'})")
         if not 0 <= a.head < cb.heads:
             raise ValueError(f"{a}: head {a.head} does not exist (n_head={cb.heads})")
         if a.code is not None and not 0 <= a.code < cb.num_codes:
@@ -832,32 +829,6 @@ def _stats_buffers(codebooks):
     return [t for cb in codebooks for t in (cb.usage, cb.recon_sum, cb.token_count)]
 
 
-def _loop_state(codebooks, world):
-    """What a resumed run needs beyond weights and optimiser to continue exactly: every rank's
-    RNG states and the codebook statistics since the last revival, summed over ranks."""
-    stats = [t.clone() for t in _stats_buffers(codebooks)]
-    _sum_across_ranks(stats)
-    return {"rng": runs.rng_states(world), "codebook_stats": [t.cpu() for t in stats]}
-
-
-def _resume(path, model, optimizer, run, codebooks, rank, world):
-    """Load a checkpoint train() wrote, refusing one trained with other settings; (step, history)."""
-    state = load_checkpoint(path, map_location=next(model.parameters()).device)
-    differs = runs.first_difference(state.get("run", {"config": state["config"]}), run)
-    if differs:
-        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
-                         "checkpoint's settings, or choose another output folder")
-    saved_ranks = len(state["loop_state"]["rng"])
-    if state["step"] < run["loop"]["steps"] and saved_ranks != world:
-        raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    runs.restore_rng(state["loop_state"]["rng"][rank if rank < saved_ranks else 0])
-    for buffer, saved in zip(_stats_buffers(codebooks), state["loop_state"]["codebook_stats"]):
-        buffer.copy_(saved if rank == 0 else torch.zeros_like(saved))  # the sum over ranks stays the same
-    return state["step"], state["history"]
-
-
 def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
           warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
           eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
@@ -890,10 +861,11 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
     step, history = 0, []
     if ckpt_path and os.path.exists(ckpt_path):
-        step, history = _resume(ckpt_path, model, optimizer, run, codebooks, rank, world)
+        state = load_checkpoint(ckpt_path, map_location=device)
+        step, history = runs.resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
 
     def save():
-        loop_state = _loop_state(codebooks, world)  # a collective: every rank takes part
+        loop_state = runs.loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
         if rank == 0:
             save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state,
                             **(ckpt_extra or {}))

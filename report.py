@@ -383,8 +383,8 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
     firings, `before` and `after` tokens around the firing one; codes in `always` (addresses such
     as "L1.H2.517") get a card whatever their rank, a "never fires" card if they do not fire.
     recorded: (ids, scores) from cb.record_dataset(model, tokens), when the caller has them."""
-    addresses = model.codebook_addresses()
-    if not addresses:
+    heads = model.codebook_heads()
+    if not heads:
         raise ValueError("the model has no codebooks: give a checkpoint written by a codebook stage "
                          "(codebook.pt of train_fsm.py or train_lm.py), not a base model")
     if tokens.dim() != 2 or tokens.numel() == 0:
@@ -421,8 +421,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
     label_rows = labels.tolist() if labels is not None else None
     seq = tokens.shape[1]
     codebooks = []
-    for address in addresses:
-        book, _ = model.locate(address)
+    for address, book, _ in heads:
         a = cb.parse_address(address)
         v, s = ids[address], scores[address]
         k = v.shape[-1]

@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import baselines
 import codebook as cb
 import report as pages
 import runs
@@ -381,7 +382,7 @@ def evaluate(base, model, fsm, eval_tokens, args):
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)
     sub_masks = masks[:, :n_seqs].flatten(1)
-    best_neuron = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1)
+    best_neuron = baselines.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1)
     c["neuron_precision"] = best_neuron.values.mean().item()
     c["states"] = [{"state": s, "code": f"{best}.{int(state_code[s])}", "precision": precision[s].item(),
                     "recall": recall[s].item(), "neuron": neuron_name(int(best_neuron.indices[s]), args),

@@ -1,6 +1,5 @@
 """codebook.py against the computation written out by hand: each test replays one idea of the
 paper in plain torch and asserts the library computes the same thing."""
-import math
 import os
 import re
 import signal
@@ -344,28 +343,6 @@ def test_precision_recall_on_a_hand_made_mask():
     assert torch.allclose(both[0], precision) and torch.allclose(both[1], torch.tensor([0.0, 2 / 3, 1.0, 0.0]))
 
 
-def test_neuron_baseline_on_a_hand_made_case():
-    mask = torch.tensor([True, True, True, True, False, False, False, False])
-    acts = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 9.0], [0.0, 9.0],
-                         [3.5, -1.0], [0.0, -1.0], [0.0, -1.0], [0.0, 9.0]])
-    # recall 0.5: neuron 0 fires at >= 4 -> 2 hits / 2 fires; neuron 1 at >= 9 -> 2 / 3
-    assert torch.allclose(cb.neuron_precision_at_recall(acts, mask, 0.5), torch.tensor([1.0, 2 / 3]))
-    # recall 0.75: neuron 0 fires at >= 3 -> 3 hits / 4 fires; negated, at >= 0 -> 4 hits / 7 fires
-    assert torch.isclose(cb.neuron_precision_at_recall(acts, mask, 0.75)[0], torch.tensor(0.75))
-    # a neuron that fires negatively counts too: -1 marks the complement perfectly
-    assert cb.neuron_precision_at_recall(acts, ~mask, 0.75)[1] == 1.0
-    # many masks at once, on random data with ties, against the definition written out
-    g = torch.Generator().manual_seed(0)
-    acts = torch.randint(-20, 20, (500, 7), generator=g).float()
-    masks = torch.rand(5, 500, generator=g) < torch.tensor([0.01, 0.1, 0.3, 0.5, 0.9])[:, None]
-    recalls = torch.tensor([1.0, 0.9, 0.5, 0.33, 0.1])
-    for mask, recall, got in zip(masks, recalls, cb.neuron_precision_at_recall(acts, masks, recalls)):
-        need = math.ceil(recall.item() * mask.sum().item() - 1e-9)
-        expected = torch.stack([(fires & mask[:, None]).sum(0) / fires.sum(0) for signed in (acts, -acts)
-                                for fires in [signed >= signed[mask].topk(need, 0).values[-1]]]).amax(0)
-        assert torch.allclose(got, expected)
-
-
 def test_top_contexts_rank_by_score():
     ids = torch.tensor([[[1, 2], [3, 1]], [[1, 0], [2, 3]]])
     scores = torch.tensor([[[0.9, 0.5], [0.8, 0.7]], [[0.2, 0.1], [0.6, 0.3]]])
@@ -417,7 +394,7 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return random_batches(i, rank, world)
 
-    settings = dict(steps=11, lr=3e-3, revive_every=3, log_every=2, ckpt_every=4)
+    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4)
     stop_at_5 = False
     straight = cb.train(tiny_model(), batches, **settings)
     stop_at_5 = True
@@ -503,3 +480,57 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
             assert torch.allclose(got["params"][name], p, atol=1e-5), name
         for mine, theirs in zip(got["counts"], (layer.usage for layer in single.codebook_layers().values())):
             assert torch.equal(mine, theirs)
+
+
+# --- finetuning and the tools around interventions, against forward hooks -------------------
+
+def hooked_activations(model):
+    """What the paper's sites hold, read with torch's forward hooks: each head's output before W_O
+    (the input of attn_out), the MLP output (the output of mlp_out), and each block's output."""
+    acts, handles = {}, []
+    for i, block in enumerate(model.blocks):
+        H = block.n_head
+        handles += [
+            block.attn_out.register_forward_pre_hook(lambda m, a, i=i, H=H: acts.__setitem__((i, "attn"), a[0].unflatten(-1, (H, -1)))),
+            block.mlp_out.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__((i, "mlp"), out[:, :, None])),
+            block.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__((i, "block"), out[:, :, None]))]
+    return acts, handles
+
+
+def test_capture_activations_equals_what_forward_hooks_record():
+    model = tiny_model(block=dict(num_codes=8, layers=[1])).eval()
+    acts, handles = hooked_activations(model)
+    with torch.no_grad(), cb.codebooks_off(model), cb.capture_activations(model) as captured:
+        model(tokens())  # codebooks off: the hooks see what the codebooks would quantise
+    for handle in handles:
+        handle.remove()
+    assert sorted((i, site) for i in captured for site in captured[i]) == sorted(acts)
+    for (i, site), a in acts.items():
+        assert torch.equal(captured[i][site], a), (i, site)
+
+
+def test_with_codebooks_off_is_the_base_model_exactly():
+    base = cb.GPT(cb.GPTConfig(**TINY, attn_window=3)).eval()
+    model = cb.with_codebooks(base, {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8), "block": dict(num_codes=8)}).eval()
+    x = tokens()
+    with torch.no_grad(), cb.codebooks_off(model):
+        assert torch.equal(model(x), base(x))
+    with torch.no_grad():
+        assert not torch.allclose(model(x), base(x), atol=1e-3)
+
+
+def test_kmeans_init_sets_each_layernorm_to_the_scale_and_offset_of_its_inputs():
+    model = cb.with_codebooks(cb.GPT(cb.GPTConfig(**TINY)), {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8)})
+    x = tokens(8)
+    acts, handles = hooked_activations(model)
+    with torch.no_grad(), cb.codebooks_off(model):
+        model(x)
+    for handle in handles:
+        handle.remove()
+    cb.init_codebooks_kmeans(model, x)
+    for (i, site), layer in model.codebook_layers().items():
+        a = acts[(i, site)].reshape(-1, layer.heads, layer.dim)  # (tokens, heads, dim)
+        scale = ((a - a.mean(-1, keepdim=True)) ** 2).mean(-1).sqrt().mean(0)  # per head: mean over tokens of each vector's std
+        offset = a.mean(-1).mean(0)
+        torch.testing.assert_close(layer.ln_weight, scale[:, None].expand(-1, layer.dim))
+        torch.testing.assert_close(layer.ln_bias, offset[:, None].expand(-1, layer.dim))

@@ -543,8 +543,11 @@ def code_browser(data, label_kind="label"):
                       tag("span", f"{b['used']:,} of {b['num_codes']:,} codes fire; {shown:,} cards, most frequent "
                                   "first", class_="note")])
         cards = join(_card(c, has_labels) for c in b["cards"])
+        # offscreen sections are not laid out (content-visibility); this guess of their height, three
+        # cards a row, keeps the scrollbar steady until they are
+        guess = 40 + math.ceil(shown / 3) * (34 + 19 * max((len(c["contexts"]) for c in b["cards"]), default=1))
         sections.append(tag("div", join([tag("div", title, class_="bh"), tag("div", cards, class_="cards")]),
-                            class_="codebook", id=b["address"], data_cards=str(shown)))
+                            class_="codebook", id=b["address"], style=f"contain-intrinsic-size:auto {guess}px"))
     search = tag("div", join([
         Markup('<input id="code-search" type="search" autocomplete="off" spellcheck="false" '
                'placeholder="filter cards: an address (L1.H2, L1.H2.517) or text from a context">'),
@@ -614,7 +617,7 @@ table.overview td{padding:0}table.overview th{vertical-align:middle}
 td.empty{background:#fafbfc}
 .search{position:sticky;top:0;z-index:2;background:var(--bg);padding:10px 0 6px;display:flex;gap:12px;align-items:center}
 #code-search{flex:0 1 520px;font:inherit;padding:6px 10px;border:1px solid #c5cbd4;border-radius:6px;background:#fff}
-.codebook{margin-top:14px;content-visibility:auto;contain-intrinsic-size:auto 900px}
+.codebook{margin-top:14px;content-visibility:auto}
 .bh{display:flex;gap:12px;align-items:baseline}.bh h3{margin:0}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:8px;margin-top:6px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px 9px 7px;min-width:0}

@@ -44,7 +44,7 @@ from text import BOS
 BYTES = text.ByteTokenizer()
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--ckpt", default="out/lm/codebook.pt", help="a codebook LM written by text.py")
+parser.add_argument("--ckpt", default="out/lm/codebook.pt", help="a codebook LM written by train_lm.py")
 parser.add_argument("--out", default="out/steer", help="output folder for results.json")
 parser.add_argument("--topics", default="", help="comma-separated topics of the generated corpus (default: all)")
 parser.add_argument("--regex", default="", help="one topic: texts and generations that match this regex")

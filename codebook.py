@@ -425,11 +425,14 @@ class Block(nn.Module):
             site: CodebookLayer(*heads[site], spec.codes_in(layer), spec.k, spec.similarity, spec.loss, spec.beta)
             for site, spec in cfg.codebooks.items() if spec.layers is None or layer in spec.layers})
         self.captures = None  # a dict while capture_activations() is on
+        self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
         """Pass activations x (B, T, heads, dim) through this block's codebook at `name`, if any."""
         if self.captures is not None:
             self.captures[name] = x.detach()
+        if name in self.replacements:
+            x = self.replacements[name](x)
         return self.codebooks[name](x) if name in self.codebooks else x
 
     def forward(self, x, cache=None):
@@ -678,6 +681,26 @@ def capture_activations(model):
     finally:
         for block in model.blocks:
             block.captures = None
+
+
+@contextlib.contextmanager
+def replace_activations(model, replacements):
+    """Within the block, {(layer, site): fn} replaces the activations x (B, T, heads, dim) at that
+    site by fn(x), before its codebook if any: splicing a reconstruction in, or patching."""
+    for layer, site in replacements:
+        if not 0 <= layer < len(model.blocks) or site not in SITES:
+            raise ValueError(f"cannot replace activations at ({layer}, {site!r}): layers are 0 .. "
+                             f"{len(model.blocks) - 1}, sites {SITES}")
+    saved = [block.replacements for block in model.blocks]
+    try:
+        for block in model.blocks:
+            block.replacements = dict(block.replacements)  # nested blocks add to the outer ones
+        for (layer, site), fn in replacements.items():
+            model.blocks[layer].replacements[site] = fn
+        yield model
+    finally:
+        for block, before in zip(model.blocks, saved):
+            block.replacements = before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""
+TopK sparse autoencoders: the baseline codebooks are compared with.
+
+Paper: Gao, la Tour, Tillman, Goh, Troll, Radford, Sutskever, Leike, Wu, "Scaling and evaluating
+sparse autoencoders", arXiv 2406.04093. Section and appendix numbers below refer to it.
+
+An SAE is trained post hoc on a frozen model's activations x at one site and rewrites each of them
+as a sparse, non-negative combination of learned unit-norm directions:
+
+    z     = ReLU(TopK_k(W_enc (x - b_pre) + b_enc))     the latents: at most k non-zero  (section 2.3)
+    x_hat = W_dec z + b_pre                             each column of W_dec has unit norm
+    loss  = |x - x_hat|^2 + alpha |e - e_hat|^2         e = x - x_hat; e_hat = W_dec z_aux, z_aux the
+                                                        top k_aux dead latents (AuxK, appendix A.2)
+
+Here the SAEs sit exactly where the codebooks do (each attention head before W_O, each MLP output)
+with the codebook's dictionary size and k, so the two can be read, spliced in and written alike.
+A TopK SAE with k = 1 is gain-shape vector quantisation: a direction and a length per position,
+where a k = 1 codebook gives one vector. What is left to compare is mostly what *finetuning* the
+model around its bottleneck buys: the codebook model is trained with its codes in place, the SAE
+fits activations of a model that never saw it.
+
+Map of this file:
+  1. TopKSAE             `heads` independent SAEs in one module, (..., heads, dim) -> same shape
+  2. training            train_sae (one module), train_saes (one per codebook site, cached activations)
+  3. reading latents     record_latents, latent_precision_recall, dead_fraction: as codebook.py
+                         records and scores codes
+"""
+import torch
+import torch.nn as nn
+
+import codebook as cb
+
+
+def geometric_median(x, iters=20):
+    """x (N, heads, dim) -> (heads, dim): per head the point with the least summed distance to the
+    rows, by Weiszfeld's iteration (a distance-weighted mean, repeated) from the mean."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1 / (x - median).norm(dim=-1).clamp_min(1e-8)  # (N, heads)
+        median = (weights[..., None] * x).sum(0) / weights.sum(0)[..., None]
+    return median
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. The SAE. One module holds `heads` independent SAEs (the per-head attention sites of one layer,
+# or a single MLP site), stored as stacked parameters and run in one batched call, like
+# codebook.CodebookLayer.
+
+class TopKSAE(nn.Module):
+    def __init__(self, heads, dim, num_latents, k, k_aux=None, aux_alpha=1 / 32, dead_after=2**15, generator=None):
+        super().__init__()
+        if not 1 <= k <= num_latents:
+            raise ValueError(f"k={k} must be between 1 and num_latents={num_latents}")
+        self.heads, self.dim, self.num_latents, self.k = heads, dim, num_latents, k
+        # AuxK (appendix A.2): k_aux a power of two near dim / 2; dead after `dead_after` tokens unfired
+        self.k_aux = min(num_latents, k_aux or 2 ** max(0, (dim // 2).bit_length() - 1))
+        self.aux_alpha, self.dead_after = aux_alpha, dead_after
+        # appendix A.1: random unit-norm decoder directions, the encoder its transpose, b_enc zero;
+        # b_pre is set from data by init_b_pre()
+        decoder = torch.randn(heads, num_latents, dim, generator=generator)
+        decoder = decoder / decoder.norm(dim=-1, keepdim=True)
+        self.decoder = nn.Parameter(decoder)  # (heads, latents, dim): row i is latent i's direction
+        self.encoder = nn.Parameter(decoder.transpose(1, 2).clone())  # (heads, dim, latents)
+        self.b_enc = nn.Parameter(torch.zeros(heads, num_latents))
+        self.b_pre = nn.Parameter(torch.zeros(heads, dim))
+        self.register_buffer("tokens_since_fired", torch.zeros(heads, num_latents, dtype=torch.long))
+
+    def pre_activations(self, x):
+        """x (..., heads, dim) -> W_enc (x - b_pre) + b_enc, (..., heads, latents)."""
+        return torch.einsum("...hd,hdl->...hl", x - self.b_pre, self.encoder) + self.b_enc
+
+    def top_k(self, pre, k, allowed=None):
+        """Keep the k largest pre-activations per head (among `allowed` (heads, latents) only, when
+        given), ReLU them, zero the rest: the sparse latents z (..., heads, latents)."""
+        if allowed is not None:
+            pre = pre.masked_fill(~allowed, -torch.inf)
+        values, ids = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, ids, values.relu())
+
+    def decode(self, z):
+        """Latents z (..., heads, latents) -> W_dec z + b_pre, (..., heads, dim)."""
+        return torch.einsum("...hl,hld->...hd", z, self.decoder) + self.b_pre
+
+    def encode(self, x):
+        return self.top_k(self.pre_activations(x), self.k)
+
+    def forward(self, x):
+        """x (..., heads, dim) -> its reconstruction, same shape and dtype: what is spliced in."""
+        if x.shape[-2:] != (self.heads, self.dim):
+            raise ValueError(f"SAE input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
+        return self.decode(self.encode(x.float())).to(x.dtype)
+
+    def losses(self, x):
+        """(mse, aux) on x (tokens, heads, dim), each summed over heads and averaged over tokens;
+        in training mode also counts, per latent, the tokens since it last fired."""
+        pre = self.pre_activations(x)
+        z = self.top_k(pre, self.k)
+        error = x - self.decode(z)
+        mse = error.pow(2).sum(-1).mean(0).sum()
+        if self.training:
+            with torch.no_grad():
+                self.tokens_since_fired += len(x)
+                self.tokens_since_fired[(z > 0).any(0)] = 0
+        dead = self.tokens_since_fired >= self.dead_after
+        if not dead.any():
+            return mse, mse.new_zeros(())
+        # AuxK: the dead latents' best k_aux reconstruct what the live ones missed (no b_pre: e is a
+        # difference); gives dead latents a gradient so they can come back
+        error_hat = torch.einsum("thl,hld->thd", self.top_k(pre, self.k_aux, allowed=dead), self.decoder)
+        aux = (error.detach() - error_hat).pow(2).sum(-1).mean(0)
+        return mse, (aux * dead.any(-1)).sum()  # heads without a dead latent add nothing
+
+    @torch.no_grad()
+    def init_b_pre(self, x):
+        """b_pre at the geometric median of samples x (N, heads, dim) (appendix A.1)."""
+        self.b_pre.copy_(geometric_median(x.float()))
+
+    @torch.no_grad()
+    def project_decoder_grad(self):
+        """Remove each decoder row's gradient component along the row itself: that component only
+        changes its norm, which normalize_decoder() undoes after the step (appendix A)."""
+        if self.decoder.grad is not None:
+            along = (self.decoder.grad * self.decoder).sum(-1, keepdim=True)
+            self.decoder.grad -= along * self.decoder
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        self.decoder /= self.decoder.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def top_latents(self, x):
+        """x (..., heads, dim) -> ids (..., heads, k) of the latents TopK chose. A slot whose
+        latent the ReLU zeroed (it did not fire) holds num_latents, an id no latent has."""
+        values, ids = self.pre_activations(x.float()).topk(self.k, dim=-1)
+        return ids.masked_fill(values <= 0, self.num_latents)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Training on cached activations. Adam (appendix A), no weight decay, gradient clipping at 1.
+
+def train_sae(sae, acts, steps, batch_size=1024, lr=1e-3, generator=None):
+    """Train `sae` on activations acts (N, heads, dim) for `steps` Adam steps of `batch_size`
+    random rows (drawn with `generator`); the learning rate decays linearly to zero over the last
+    fifth. Returns the SAE, in eval mode."""
+    acts = acts.float()
+    sae.init_b_pre(acts[torch.randperm(len(acts), generator=generator)[:4096]])
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, 5 * (1 - step / steps)))
+    sae.train()
+    for _ in range(steps):
+        batch = acts[torch.randint(len(acts), (batch_size,), generator=generator)]
+        mse, aux = sae.losses(batch)
+        (mse + sae.aux_alpha * aux).backward()
+        sae.project_decoder_grad()
+        nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        schedule.step()
+    return sae.eval()
+
+
+def codebook_sizes(model):
+    """{(layer, site): (num_codes, k)} of a codebook model: the dictionary size and k an SAE gets
+    at each site for a like-for-like comparison."""
+    return {key: (layer.num_codes, layer.k) for key, layer in model.codebook_layers().items()}
+
+
+@torch.no_grad()
+def cache_activations(model, tokens, sites, batch_size=64):
+    """Run tokens (n, seq) through the model; {(layer, site): activations (n * seq, heads, dim)} on
+    the CPU, at each of `sites`, as the site sees them (before any codebook there)."""
+    device = model.head.weight.device
+    cached = {key: [] for key in sites}
+    for start in range(0, len(tokens), batch_size):
+        with cb.capture_activations(model) as acts:
+            model(tokens[start:start + batch_size].to(device))
+        for layer, site in sites:
+            cached[layer, site].append(acts[layer][site].flatten(0, 1).float().cpu())
+    return {key: torch.cat(v) for key, v in cached.items()}
+
+
+def train_saes(acts, sizes, steps=1000, batch_size=1024, lr=1e-3, seed=0, **sae_options):
+    """One TopKSAE per site: acts {(layer, site): (N, heads, dim)}, sizes {(layer, site):
+    (num_latents, k)} (codebook_sizes of the codebook model). All randomness comes from a
+    generator seeded by `seed`, never from torch's global one. Returns {(layer, site): TopKSAE}."""
+    missing = sorted(set(sizes) - set(acts))
+    if missing:
+        raise ValueError(f"no cached activations for the SAE sites {missing}")
+    generator = torch.Generator().manual_seed(seed)
+    saes = {}
+    for key, (num_latents, k) in sizes.items():
+        x = acts[key]
+        sae = TopKSAE(x.shape[-2], x.shape[-1], num_latents, k, generator=generator, **sae_options)
+        saes[key] = train_sae(sae, x.reshape(-1, *x.shape[-2:]), steps, batch_size, lr, generator)
+    return saes
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Reading latents the way codebook.py reads codes: ids per position and head, scored by the
+# same precision / recall as codes.
+
+@torch.no_grad()
+def record_latents(model, saes, tokens, batch_size=64):
+    """Run tokens (n, seq) through the (frozen) model: {address: ids (n, seq, k)} of each SAE's
+    top latents at every position, one address per head ("L1.H2", "L0.MLP"), as
+    codebook.record_dataset returns codes. A slot where no latent fired holds num_latents."""
+    device = model.head.weight.device
+    ids = {}
+    for start in range(0, len(tokens), batch_size):
+        with cb.capture_activations(model) as acts:
+            model(tokens[start:start + batch_size].to(device))
+        for (layer, site), sae in saes.items():
+            top = sae.top_latents(acts[layer][site]).cpu()
+            for h in range(sae.heads):
+                ids.setdefault(str(cb.Address(layer, site, h)), []).append(top[..., h, :])
+    return {a: torch.cat(v) for a, v in ids.items()}
+
+
+def latent_precision_recall(ids, masks, num_latents):
+    """codebook.code_precision_recall for latent ids from record_latents: (precision, recall) of
+    every latent, each (S, num_latents), the 'no latent fired' id left out."""
+    precision, recall = cb.code_precision_recall(ids, masks, num_latents + 1)
+    return precision[..., :num_latents], recall[..., :num_latents]
+
+
+def dead_fraction(ids, num_latents):
+    """Share of the latents that never fire in recorded ids (..., k)."""
+    return (cb.code_counts(ids, num_latents + 1)[:num_latents] == 0).float().mean().item()

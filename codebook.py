@@ -2,34 +2,37 @@
 Codebook Features: transformers whose hidden states pass through vector-quantisation bottlenecks.
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
-Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it, "SPEC" to
-shared/SPEC.md, which lists the facts this file implements.
+Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it. What codes
+are compared with (single neurons, activation addition, sparse autoencoders) is in baselines.py.
 
 A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.
 
-Map of this file, in dependency order:
+This file, in the paper's order:
   1. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
-  2. code search      top-k codes per query: torch reference, chunked torch, optional C++ extension
-  3. codebook layer   LayerNorm -> search -> mean of k codes, straight-through, losses, statistics,
-                      dead-code revival, k-means initialisation
+  2. code search      the k best codes of every query (section 3.1, steps 2-3)
+  3. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
+                      usage statistics and dead-code revival
   4. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
-  5. interventions    record, force and disable codes; add vectors (context managers)
-  6. code search      precision / recall of codes against a mask, the neuron baseline, contexts
-  7. checkpoints      plain dicts, atomic writes, weights_only loads
-  8. training loop    AdamW, schedule, clipping, accumulation, revival, DDP, resume, forced codes
+  5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
+  6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
+  7. finding codes    precision / recall of codes against a mask, top contexts (section 4)
+  8. checkpoints      plain dicts, atomic writes, weights_only loads
+  9. training loop    AdamW, schedule, revival, DDP, checkpoints as it goes, exact resume
 """
 import contextlib
 import math
 import os
 import re
-import warnings
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import runs
 
 SITES = ("attn", "mlp", "block")  # where a codebook can sit in a transformer block
 SIMILARITIES = ("cosine", "euclidean")
@@ -74,9 +77,9 @@ def parse_address(text):
 
 # ------------------------------------------------------------------------------------------------
 # 2. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
-# codes of every query row, best first. Cosine ranking scores x . c / |c| (SPEC 2, step 2: the
-# query's own norm does not change its ranking); euclidean scores -|x - c|.
-# All three implementations return the same ids (exact ties aside) and scores.
+# codes of every query row, best first. Cosine ranking scores x . c / |c| (section 3.1: the
+# query's own norm does not change its ranking); euclidean scores -|x - c|. The torch versions
+# here and the fused C++/CUDA one in csrc/ return the same ids (exact ties aside) and scores.
 
 def _scores(x, codes, similarity):
     """The (heads, tokens, codes) score matrix, the quantity the top-k ranks. A NaN score (from a
@@ -112,45 +115,10 @@ def search_chunked(x, codebook, k, similarity="cosine", disabled=None, tile=4096
     return best_scores, best_ids
 
 
-_extension = None  # the compiled csrc/ extension once loaded, False once it failed
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-
-
 def load_extension():
-    """The fused search from csrc/, compiled on first use and cached by torch; None when it is
-    off or unavailable. CODEBOOK_EXT=0 never builds it; CODEBOOK_EXT=1 makes a failure an error."""
-    global _extension
-    mode = os.environ.get("CODEBOOK_EXT", "")
-    if mode == "0":
-        return None
-    if _extension is None:
-        try:
-            _extension = _build_extension()
-        except Exception as e:  # a missing compiler must not stop anyone: fall back, loudly
-            if mode == "1":
-                raise RuntimeError(f"CODEBOOK_EXT=1 but the csrc extension failed to build: {e}") from e
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            warnings.warn(f"csrc extension unavailable ({type(e).__name__}: {first_line}); "
-                          "using the torch code search (same results)")
-            _extension = False
-    return _extension or None
-
-
-def _build_extension():
-    """Compile csrc/ with torch's JIT build (cached, rebuilt when a source changes). The JIT build
-    adds no optimisation or OpenMP flags by itself: without them the C++ loops run ~70x slower, on
-    one thread. The CUDA kernel is built only against a torch with CUDA and a CUDA toolkit."""
-    import platform
-    import types
-    from torch.utils.cpp_extension import CUDA_HOME, load
-    cuda = torch.cuda.is_available() and CUDA_HOME is not None
-    sources = ["search.cpp"] + (["search.cu", "search_cuda.cpp"] if cuda else [])
-    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []  # AVX-512/AVX2 compares
-    load("codebook_search", [os.path.join(CSRC, s) for s in sources], extra_cflags=["-O3", "-fopenmp", *native],
-         extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False)
-    return types.SimpleNamespace(  # the CUDA kernel keeps at most 64 codes per row
-        supports=lambda x, k: x.device.type == "cpu" or (cuda and x.device.type == "cuda" and k <= 64),
-        topk_codes=torch.ops.codebook.topk_codes)
+    """The fused search of csrc/ (csrc/loader.py: built on first use; CODEBOOK_EXT=0 / 1)."""
+    from csrc.loader import load_extension
+    return load_extension()
 
 
 SCORE_MATRIX_BYTES = 256 * 2**20  # above this the torch path tiles instead of materialising
@@ -166,6 +134,8 @@ def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
         raise ValueError(f"k={k} must be between 1 and num_codes={C}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+    if impl not in ("auto", "reference", "chunked", "ext"):
+        raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'chunked', 'ext'")
     with torch.no_grad():
         x, codebook = x.float(), codebook.float()
         if impl == "auto":
@@ -178,25 +148,23 @@ def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
             return search_reference(x, codebook, k, similarity, disabled)
         if impl == "chunked":
             return search_chunked(x, codebook, k, similarity, disabled)
-        if impl == "ext":
-            if disabled is not None:
-                raise ValueError("impl='ext' does not take disabled codes; use impl='auto'")
-            ext = load_extension()
-            if ext is None:
-                raise ValueError("impl='ext' but the csrc extension is not available (CODEBOOK_EXT=0 or build failed)")
-            return ext.topk_codes(x, codebook, k, similarity)
-        raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'chunked', 'ext'")
+        if disabled is not None:
+            raise ValueError("impl='ext' does not take disabled codes; use impl='auto'")
+        ext = load_extension()
+        if ext is None:
+            raise ValueError("impl='ext' but the csrc extension is not available (CODEBOOK_EXT=0 or build failed)")
+        return ext.topk_codes(x, codebook, k, similarity)
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. The codebook layer (section 3.1, SPEC 2). One layer holds `heads` independent codebooks
-# (the per-head attention codebooks of one layer, or a single MLP / block codebook), stored as
-# one parameter (heads, codes, d) and searched in one call.
+# 3. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the
+# per-head attention codebooks of one layer, or a single MLP / block codebook), stored as one
+# parameter (heads, codes, d) and searched in one call.
 
 class StraightThrough(torch.autograd.Function):
-    """q's value; the gradient of the output goes unchanged to q (the codes, through the gather)
-    and to x_n (the input), where `passed` (..., heads) allows. What `q + x_n - sg(x_n)` computes,
-    without two passes over the activations forward and one backward."""
+    """Value q; the output's gradient goes unchanged to q (so to the codes) and to the input x_n,
+    where `passed` (..., heads) allows. What `q + x_n - x_n.detach()` computes, as one function
+    because that expression costs two passes over the activations forward and one backward."""
 
     @staticmethod
     def forward(ctx, q, x_n, passed=None):
@@ -212,21 +180,14 @@ class StraightThrough(torch.autograd.Function):
 class CodebookLayer(nn.Module):
     def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
         super().__init__()
-        if num_codes < 1:
-            raise ValueError(f"num_codes={num_codes} must be at least 1")
-        if not 1 <= k <= num_codes:
-            raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+        check_codebook(num_codes, k, similarity, loss)
         self.heads, self.num_codes, self.dim, self.k = heads, num_codes, dim, k
         self.similarity, self.loss_kind, self.beta = similarity, loss, beta
         self.ln_weight = nn.Parameter(torch.ones(heads, dim))  # one LayerNorm per codebook
         self.ln_bias = nn.Parameter(torch.zeros(heads, dim))
         self.codes = nn.Parameter(torch.randn(heads, num_codes, dim))  # N(0,1): norm ~ sqrt(d), as LN output
-        # usage counted per token since the last revival; summed over DDP ranks by the training loop
-        self.register_buffer("code_counts", torch.zeros(heads, num_codes, dtype=torch.long), persistent=False)
+        # training statistics since the last revival, per token; summed over DDP ranks by train()
+        self.register_buffer("usage", torch.zeros(heads, num_codes, dtype=torch.long), persistent=False)
         self.register_buffer("recon_sum", torch.zeros(()), persistent=False)
         self.register_buffer("token_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.enabled = True
@@ -235,53 +196,46 @@ class CodebookLayer(nn.Module):
         self.last_ids = self.last_scores = self.last_input = self.last_error = None
         self.aux_loss = torch.zeros(())
 
-    def normalize(self, x):
-        return torch.addcmul(self.ln_bias, F.layer_norm(x, (self.dim,)), self.ln_weight)
-
     def forward(self, x):
-        """x (..., heads, dim) -> same shape, each head's vector replaced by the mean of its k codes."""
+        """x (..., heads, dim) -> the same shape, each head's vector replaced by the mean of its
+        k codes: the paper's steps 1-5 (section 3.1)."""
         if x.shape[-2:] != (self.heads, self.dim):
             raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
         if not self.enabled:
             return x
-        lead = x.shape[:-2]
-        x_n = self.normalize(x)
-        flat = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
-        scores, ids = topk_codes(flat, self.codes, self.k, self.similarity, self.disabled)
-        ids = ids.transpose(0, 1).reshape(*lead, self.heads, self.k)
-        searched, ids = ids, self._apply_forcing(ids)
-        self.last_ids, self.last_scores = ids, scores.transpose(0, 1).reshape(*lead, self.heads, self.k)
-        # mean of the k chosen codes, one embedding_bag over all heads (codes of head h at offset h*C)
-        rows = ids + torch.arange(self.heads, device=x.device)[:, None] * self.num_codes
-        q = F.embedding_bag(rows.reshape(-1, self.k), self.codes.reshape(-1, self.dim), mode="mean").view_as(x_n)
-        # a forced code was not chosen for this input: neither train it towards it nor count it as used
-        chosen = (ids == searched).all(-1) if self.forced else None
-        sq_err = (q - x_n.detach()).pow(2)  # its gradient pulls the codes towards their inputs
-        self.aux_loss = self._aux_loss(sq_err, q, x_n, chosen)
+        x_n = self.normalize(x)                                       # 1. LayerNorm
+        scores, searched = self.search(x_n)                           # 2-3. score every code, keep the k best
+        ids = self.apply_forcing(searched)                            # interventions (section 3.3)
+        chosen = (ids == searched).all(-1) if self.forced else None   # heads whose codes were not forced
+        self.last_ids, self.last_scores = ids, scores
+        q = self.mean_of_codes(ids)                                   # 4. the mean of the k codes replaces x
+        sq_err = (q - x_n.detach()).pow(2)
+        self.aux_loss = self.codebook_loss(sq_err, q, x_n, chosen)    # 5. the codebook's own loss
         if self.training:
-            used = rows if chosen is None else rows[chosen]
-            self.code_counts.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=x.device))
-            error = sq_err.detach().mean(-1)
-            self.recon_sum += error.sum()
-            self.token_count += error.numel()
-            # what dead codes are revived from: recent inputs (heads, tokens, dim) and their errors
-            self.last_input, self.last_error = flat.detach(), error.reshape(-1, self.heads).T
-        # straight-through (section 3.1): the value is q, the input's gradient is the output's;
-        # not where a code is forced, as there the output does not depend on the input
-        return StraightThrough.apply(q, x_n, chosen)
+            self.count_usage(ids, chosen, sq_err, x_n)
+        return StraightThrough.apply(q, x_n, chosen)                  # 5. gradient straight through to x
 
-    def _aux_loss(self, sq_err, q, x_n, chosen=None):
-        """The codebook's own loss from sq_err = (q - sg(x_n))^2, summed over heads and averaged
-        over tokens (SPEC 2, step 5); `chosen` (..., heads) bool: leave out the rest."""
-        if self.loss_kind == "none":
-            return q.new_zeros(())
-        if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
-            sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
-        per_token = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen
-        return per_token.reshape(-1, self.heads).mean(0).sum()
+    def normalize(self, x):
+        return torch.addcmul(self.ln_bias, F.layer_norm(x, (self.dim,)), self.ln_weight)
 
-    def _apply_forcing(self, ids):
-        """Overwrite id slots with forced codes, filling from the least similar slot (SPEC 3)."""
+    def search(self, x_n):
+        """(scores, ids), each (..., heads, k): every head's k best codes, all heads in one call."""
+        per_head = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
+        scores, ids = topk_codes(per_head, self.codes, self.k, self.similarity, self.disabled)
+        return [t.transpose(0, 1).reshape(*x_n.shape[:-1], self.k) for t in (scores, ids)]
+
+    def mean_of_codes(self, ids):
+        """codes[h][ids[..., h, :]].mean(-2) for every head h, as one embedding_bag over all heads'
+        codes: it never materialises the (..., heads, k, dim) gathered codes, forward or backward."""
+        bags = self._rows(ids).reshape(-1, self.k)
+        return F.embedding_bag(bags, self.codes.reshape(-1, self.dim), mode="mean").view(*ids.shape[:-1], self.dim)
+
+    def _rows(self, ids):
+        """Code ids (..., heads, k) as rows of codes.reshape(-1, dim): head h's codes start at h * num_codes."""
+        return ids + torch.arange(self.heads, device=ids.device)[:, None] * self.num_codes
+
+    def apply_forcing(self, ids):
+        """Overwrite id slots with forced codes, filling from the least similar slot (section 3.3)."""
         for head, codes, positions in self.forced:
             m = codes.shape[-1]
             slots = ids[..., head, self.k - m:]
@@ -290,26 +244,46 @@ class CodebookLayer(nn.Module):
             ids[..., head, self.k - m:] = torch.where(mask[..., None], codes.to(ids.device).expand_as(slots), slots)
         return ids
 
-    # --- statistics, revival, initialisation ---------------------------------------------------
+    def codebook_loss(self, sq_err, q, x_n, chosen=None):
+        """From sq_err = (q - sg(x_n))^2: its sum over dimensions, averaged over tokens, summed
+        over heads (the reconstruction term of "aeloss"); `chosen` (..., heads) leaves out forced
+        codes, which were not chosen for their input."""
+        if self.loss_kind == "none":
+            return q.new_zeros(())
+        if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
+            sq_err = sq_err + self.beta * (x_n - q.detach()).pow(2)
+        per_token = sq_err.sum(-1) if chosen is None else sq_err.sum(-1) * chosen
+        return per_token.reshape(-1, self.heads).mean(0).sum()
+
+    def count_usage(self, ids, chosen, sq_err, x_n):
+        """Per-token usage of the codes the search chose, the reconstruction error, and the recent
+        inputs and errors that dead codes are revived from."""
+        used = self._rows(ids) if chosen is None else self._rows(ids)[chosen]
+        self.usage.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=ids.device))
+        error = sq_err.detach().mean(-1)  # (..., heads)
+        self.recon_sum += error.sum()
+        self.token_count += error.numel()
+        self.last_input = x_n.detach().reshape(-1, self.heads, self.dim).transpose(0, 1)
+        self.last_error = error.reshape(-1, self.heads).T
 
     def dead_fraction(self):
         """Per head, the share of codes not used since the last revival/reset."""
-        return (self.code_counts == 0).float().mean(-1)
+        return (self.usage == 0).float().mean(-1)
 
     def reset_stats(self):
-        self.code_counts.zero_()
+        self.usage.zero_()
         self.recon_sum.zero_()
         self.token_count.zero_()
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
         """Codes unused since the last revival restart at recent inputs plus noise of `noise` x the
-        inputs' spread (SPEC 2, 'dead-code replacement'); returns how many were revived. Resets the
-        counts. Inputs are drawn in proportion to their squared reconstruction error (as k-means++
-        seeds): an input its code already fits would keep that code and leave the new one unused.
-        The noise is relative because a head's inputs can sit in a ball far smaller than any fixed
-        noise, and a code placed outside it is never chosen."""
-        dead = self.code_counts == 0
+        inputs' spread (the paper's dead-code replacement); returns how many were revived. Resets
+        the statistics. Inputs are drawn in proportion to their squared reconstruction error (as
+        k-means++ seeds): an input its code already fits would keep that code and leave the new one
+        unused. The noise is relative because a head's inputs can sit in a ball far smaller than
+        any fixed noise, and a code placed outside it is never chosen."""
+        dead = self.usage == 0
         pool = self.last_input
         if pool is not None and dead.any():
             weights = self.last_error.float() + 1e-12  # all equal when every input is fitted exactly
@@ -321,27 +295,16 @@ class CodebookLayer(nn.Module):
         self.reset_stats()
         return revived
 
-    @torch.no_grad()
-    def init_kmeans(self, x, iters=10):
-        """For finetuning (section 3.2): set the LayerNorm's affine to the typical scale and offset
-        of the activations x (..., heads, dim), so the quantised output starts at the scale the next
-        layer was trained on, then k-means (Lloyd) the codes on them, all heads at once, in the
-        layer's own similarity. Clusters that empty keep their previous centre."""
-        per_token = x.reshape(-1, self.heads, self.dim).float()
-        self.ln_weight.copy_(per_token.std(-1, unbiased=False).mean(0)[:, None].expand_as(self.ln_weight))
-        self.ln_bias.copy_(per_token.mean(-1).mean(0)[:, None].expand_as(self.ln_bias))
-        data = self.normalize(x).reshape(-1, self.heads, self.dim).transpose(0, 1).float()
-        H, N, C = self.heads, data.shape[1], self.num_codes
-        centres = data.gather(1, torch.randint(N, (H, C, 1), device=data.device).expand(-1, -1, self.dim))
-        centres = centres + 0.01 * torch.randn_like(centres)  # distinct even when N < C
-        offsets = torch.arange(H, device=data.device)[:, None] * C
-        for _ in range(iters):
-            _, ids = topk_codes(data, centres, 1, self.similarity)
-            flat = (ids[..., 0] + offsets).reshape(-1)
-            sums = torch.zeros(H * C, self.dim, device=data.device).index_add_(0, flat, data.reshape(-1, self.dim))
-            counts = torch.bincount(flat, minlength=H * C).float()[:, None]
-            centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres.reshape(H * C, -1)).view(H, C, -1)
-        self.codes.copy_(centres)
+
+def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
+    if not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes={num_codes} must be at least 1")
+    if not isinstance(k, int) or not 1 <= k <= num_codes:
+        raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
 
 
 def _position_mask(positions, shape, device):
@@ -401,10 +364,14 @@ class GPTConfig:
             spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
             if isinstance(spec.num_codes, list) and len(spec.num_codes) != self.n_layer:
                 raise ValueError(f"{site} codebooks: {len(spec.num_codes)} code counts for n_layer={self.n_layer} layers")
-            if spec.layers is not None:
-                bad = [l for l in spec.layers if not 0 <= l < self.n_layer]
-                if bad:
-                    raise ValueError(f"codebook layers {bad} at {site!r} do not exist: n_layer={self.n_layer}")
+            bad = [l for l in spec.layers or [] if not 0 <= l < self.n_layer]
+            if bad:
+                raise ValueError(f"codebook layers {bad} at {site!r} do not exist: n_layer={self.n_layer}")
+            for layer in spec.layers if spec.layers is not None else range(self.n_layer):
+                try:
+                    check_codebook(spec.codes_in(layer), spec.k, spec.similarity, spec.loss)
+                except ValueError as e:
+                    raise ValueError(f"{site} codebooks of layer {layer}: {e}") from None
             specs[site] = spec
         self.codebooks = specs
 
@@ -428,7 +395,8 @@ class Block(nn.Module):
         self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
-        """Pass activations x (B, T, heads, dim) through this block's codebook at `name`, if any."""
+        """Activations x (B, T, heads, dim) at site `name`: recorded, replaced, then quantised by
+        this block's codebook there, whichever of these is switched on."""
         if self.captures is not None:
             self.captures[name] = x.detach()
         if name in self.replacements:
@@ -436,12 +404,12 @@ class Block(nn.Module):
         return self.codebooks[name](x) if name in self.codebooks else x
 
     def forward(self, x, cache=None):
-        """cache: a dict holding the keys and values of earlier positions (generation), or None."""
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        """x (B, T, D); cache: a dict holding the keys and values of earlier positions, or None."""
+        B, T, D = x.shape  # batch, sequence length, d_model
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, dh)
         if cache is not None:
             if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, T_past + T, dh)
             cache["k"], cache["v"] = k, v
         if self.window:  # key j is visible from query i when i - window < j <= i
             i = torch.arange(k.shape[2] - T, k.shape[2], device=x.device)[:, None]
@@ -449,9 +417,10 @@ class Block(nn.Module):
             heads = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window))
         else:  # one new query after cached positions may see all of them; otherwise causal
             heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        heads = heads.transpose(1, 2)  # (B, T, H, dh)
-        x = x + self.attn_out(self.site("attn", heads).reshape(B, T, D))
-        x = x + self.site("mlp", self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))[:, :, None])[:, :, 0]
+        heads = self.site("attn", heads.transpose(1, 2))  # (B, T, H, dh): each head's output before W_O
+        x = x + self.attn_out(heads.reshape(B, T, D))
+        mlp = self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))  # (B, T, D)
+        x = x + self.site("mlp", mlp[:, :, None])[:, :, 0]  # the MLP codebook sees one "head" of D
         return self.site("block", x[:, :, None])[:, :, 0]
 
 
@@ -501,9 +470,12 @@ class GPT(nn.Module):
         """{(layer, site): CodebookLayer} in model order."""
         return {(i, site): cb for i, b in enumerate(self.blocks) for site, cb in b.codebooks.items()}
 
+    def codebook_heads(self):
+        """(address string, CodebookLayer, head) for every codebook, heads of a layer separately."""
+        return [(str(Address(i, site, h)), cb, h) for (i, site), cb in self.codebook_layers().items() for h in range(cb.heads)]
+
     def codebook_addresses(self):
-        """Every codebook's address string, heads of a layer separately."""
-        return [str(Address(i, site, h)) for (i, site), cb in self.codebook_layers().items() for h in range(cb.heads)]
+        return [address for address, _, _ in self.codebook_heads()]
 
     def locate(self, address):
         """Address (or its text) -> (CodebookLayer, head index); clear errors for what is missing."""
@@ -526,9 +498,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample continuations; forcing and disabling in effect apply to every position.
-        Earlier positions' keys and values are cached while the sequence fits in block_size,
-        unless a code is forced at chosen positions only; otherwise each step reruns the window."""
+        """Sample continuations (temperature 0: greedy); forcing and disabling in effect apply to
+        every position. Earlier positions' keys and values are cached while the sequence fits in
+        block_size, unless a code is forced at chosen positions only; else each step reruns the window."""
         whole_sequence = all(positions is None and codes.shape[1] == 1
                              for cb in self.codebook_layers().values() for _, codes, positions in cb.forced)
         cache = {} if whole_sequence else None
@@ -549,39 +521,15 @@ class GPT(nn.Module):
         return idx
 
 
-def with_codebooks(model, codebooks):
-    """Stage two of section 3.2: the same weights with codebooks added, for finetuning."""
-    cfg = model.config.to_dict() | {"codebooks": codebooks}
-    new = GPT(cfg).to(model.head.weight.device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(".codebooks." in name for name in missing)
-    return new
-
-
-@torch.no_grad()
-def init_codebooks_kmeans(model, tokens, iters=10):
-    """Initialise every codebook by k-means on the activations it sees with codebooks off."""
-    was = [cb.enabled for cb in model.codebook_layers().values()]
-    model.set_codebooks(False)
-    with capture_activations(model) as acts:
-        model(tokens)
-    for ((layer, site), cb), on in zip(model.codebook_layers().items(), was):
-        cb.init_kmeans(acts[layer][site], iters)
-        cb.enabled = on
-
-
 # ------------------------------------------------------------------------------------------------
-# 5. Interventions (section 3.3, SPEC 3): read codes after a forward, force codes on, disable
-# codes. Both context managers undo themselves on exit, also after an exception.
+# 5. Interventions (section 3.3): read codes after a forward, force codes on, disable codes, and
+# the tools around them. Every context manager undoes itself on exit, also after an exception.
 
-def record_codes(model):
-    """After a forward: {address: ids (batch, seq, k)} for every codebook, heads separately."""
-    out = {}
-    for (layer, site), cb in model.codebook_layers().items():
-        if cb.last_ids is not None:
-            for h in range(cb.heads):
-                out[str(Address(layer, site, h))] = cb.last_ids[..., h, :]
-    return out
+def record_codes(model, scores=False):
+    """After a forward: {address: ids (batch, seq, k)} for every codebook, heads separately (or
+    the similarity scores of those codes, with scores=True)."""
+    return {address: (cb.last_scores if scores else cb.last_ids)[..., h, :]
+            for address, cb, h in model.codebook_heads() if cb.last_ids is not None}
 
 
 def _codes_by_codebook(model, codes):
@@ -642,24 +590,8 @@ def disable_codes(model, codes):
 
 
 @contextlib.contextmanager
-def add_vectors(model, vectors):
-    """Activation addition, the steering baseline codes are compared with: {codebook address:
-    vector (dim,)} added to that codebook's output at every position."""
-    plan = {}
-    for address, vector in vectors.items():
-        cb, head = model.locate(address)
-        plan.setdefault(cb, torch.zeros(cb.heads, cb.dim, device=cb.codes.device))[head] += vector.to(cb.codes.device)
-    handles = [cb.register_forward_hook(lambda module, inputs, out, add=add: out + add.to(out.dtype))
-               for cb, add in plan.items()]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
 def codebooks_off(model):
+    """Within the block, every codebook is off: the model is the plain transformer."""
     was = {cb: cb.enabled for cb in model.codebook_layers().values()}
     model.set_codebooks(False)
     try:
@@ -704,25 +636,66 @@ def replace_activations(model, replacements):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Finding codes that mean something (section 4, SPEC 4).
+# 6. Finetuning with codebooks (section 3.2): train (or load) a model, add codebooks, initialise
+# each by k-means on the activations it will quantise, finetune the whole model.
+
+def with_codebooks(model, codebooks):
+    """The same weights with codebooks added ({site: CodebookSpec or its dict}), for finetuning."""
+    new = GPT(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".codebooks." in name for name in missing)
+    return new
+
+
+@torch.no_grad()
+def init_codebooks_kmeans(model, tokens, iters=10):
+    """Initialise every codebook from the activations it sees on `tokens` with codebooks off."""
+    with codebooks_off(model), capture_activations(model) as acts:
+        model(tokens)
+    for (layer, site), cb in model.codebook_layers().items():
+        kmeans_init(cb, acts[layer][site], iters)
+
+
+@torch.no_grad()
+def kmeans_init(cb, x, iters=10):
+    """Set the codebook's LayerNorm affine to the typical scale and offset of its activations x
+    (..., heads, dim), so the quantised output starts at the scale the next layer was trained on;
+    then k-means (Lloyd) the codes on the normalised x, all heads at once, in the layer's own
+    similarity. Clusters that empty keep their previous centre."""
+    per_token = x.reshape(-1, cb.heads, cb.dim).float()
+    cb.ln_weight.copy_(per_token.std(-1, unbiased=False).mean(0)[:, None].expand_as(cb.ln_weight))
+    cb.ln_bias.copy_(per_token.mean(-1).mean(0)[:, None].expand_as(cb.ln_bias))
+    data = cb.normalize(x).reshape(-1, cb.heads, cb.dim).transpose(0, 1).float()
+    H, N, C = cb.heads, data.shape[1], cb.num_codes
+    centres = data.gather(1, torch.randint(N, (H, C, 1), device=data.device).expand(-1, -1, cb.dim))
+    centres = centres + 0.01 * torch.randn_like(centres)  # distinct even when N < C
+    offsets = torch.arange(H, device=data.device)[:, None] * C
+    for _ in range(iters):
+        _, ids = topk_codes(data, centres, 1, cb.similarity)
+        flat = (ids[..., 0] + offsets).reshape(-1)
+        sums = torch.zeros(H * C, cb.dim, device=data.device).index_add_(0, flat, data.reshape(-1, cb.dim))
+        counts = torch.bincount(flat, minlength=H * C).float()[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres.reshape(H * C, -1)).view(H, C, -1)
+    cb.codes.copy_(centres)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Finding codes that mean something (section 4).
 
 @torch.no_grad()
 def record_dataset(model, tokens, batch_size=64):
     """Run a dataset (n, seq) through the model; return ({address: ids (n, seq, k)},
     {address: scores (n, seq, k)}) on the CPU."""
     ids, scores = {}, {}
-    device = model.head.weight.device
     for start in range(0, tokens.shape[0], batch_size):
-        model(tokens[start:start + batch_size].to(device))
-        for (layer, site), cb in model.codebook_layers().items():
-            for h in range(cb.heads):
-                key = str(Address(layer, site, h))
-                ids.setdefault(key, []).append(cb.last_ids[..., h, :].cpu())
-                scores.setdefault(key, []).append(cb.last_scores[..., h, :].cpu())
+        model(tokens[start:start + batch_size].to(model.head.weight.device))
+        for store, values in ((ids, record_codes(model)), (scores, record_codes(model, scores=True))):
+            for address, v in values.items():
+                store.setdefault(address, []).append(v.cpu())
     return ({a: torch.cat(v) for a, v in ids.items()}, {a: torch.cat(v) for a, v in scores.items()})
 
 
-def code_counts(ids, num_codes):
+def count_codes(ids, num_codes):
     """How often each code fires over recorded ids (..., k)."""
     return torch.bincount(ids.reshape(-1), minlength=num_codes)
 
@@ -738,35 +711,10 @@ def code_precision_recall(ids, masks, num_codes):
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
     hits_idx = which[:, None] * num_codes + ids[tuple(where)]
     hits = torch.bincount(hits_idx.reshape(-1), minlength=masks.shape[0] * num_codes).view(-1, num_codes).float()
-    fires = code_counts(ids, num_codes).float()
+    fires = count_codes(ids, num_codes).float()
     precision = hits / fires.clamp_min(1)
     recall = hits / masks.flatten(1).sum(-1, keepdim=True).clamp_min(1)
     return (precision[0], recall[0]) if single else (precision, recall)
-
-
-def neuron_precision_at_recall(acts, masks, recalls):
-    """The neuron baseline (section 4.1): for each neuron (column of acts (P, D)) and each sign,
-    the threshold at which it fires on `recall` of the mask's positions; its precision there.
-    masks (P,) or (S, P) bool with one recall each (a float or (S,)). Returns (D,) or (S, D):
-    per neuron the better of its two signs. Each column is sorted once for all the masks."""
-    acts = acts.float()
-    single = masks.dim() == 1
-    masks = masks[None] if single else masks
-    recalls = torch.as_tensor(recalls, dtype=torch.float64).reshape(-1).expand(len(masks))
-    best = acts.new_zeros(len(masks), acts.shape[1])
-    for signed in (acts, -acts):
-        ordered = signed.T.contiguous().sort(-1).values  # (D, P): how many positions reach a threshold
-        for s, (mask, recall) in enumerate(zip(masks, recalls.tolist())):
-            n_pos = int(mask.sum())
-            if n_pos == 0:
-                continue
-            need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
-            inside = signed[mask]
-            threshold = inside.topk(need, dim=0).values[-1]  # (D,)
-            fires = len(acts) - torch.searchsorted(ordered, threshold[:, None].contiguous())[:, 0]
-            precision = (inside >= threshold).sum(0).float() / fires.float()
-            best[s] = torch.maximum(best[s], precision)
-    return best[0] if single else best
 
 
 def top_contexts(ids, scores, code, n=5):
@@ -780,18 +728,15 @@ def top_contexts(ids, scores, code, n=5):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Checkpoints: plain dicts that torch.load(weights_only=True) reads; written atomically.
+# 8. Checkpoints: plain dicts that torch.load(weights_only=True) reads; written atomically.
 
 FORMAT = "codebook-features/1"
 
 
 def save_checkpoint(path, model, optimizer=None, step=0, **extra):
     state = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(),
-             "step": step, "optimizer": optimizer.state_dict() if optimizer else None, "extra": extra}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+             "step": step, "optimizer": optimizer.state_dict() if optimizer else None, **extra}
+    runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -816,13 +761,12 @@ def load_model(path, device="cpu"):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. The training loop every script uses.
+# 9. The training loop every script uses.
 
-def distributed():
-    """(rank, world_size); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("CODEBOOK_DEVICE") != "cpu" else "gloo")
+def distributed(backend="gloo"):
+    """(rank, world_size); starts the process group with `backend` when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -856,74 +800,137 @@ def _sum_across_ranks(tensors):
             dist.all_reduce(t)
 
 
+def _stats_buffers(codebooks):
+    return [t for cb in codebooks for t in (cb.usage, cb.recon_sum, cb.token_count)]
+
+
+def _loop_state(codebooks, world):
+    """What a resumed run needs beyond weights and optimiser to continue exactly: every rank's
+    RNG states and the codebook statistics since the last revival, summed over ranks."""
+    stats = [t.clone() for t in _stats_buffers(codebooks)]
+    _sum_across_ranks(stats)
+    return {"rng": runs.rng_states(world), "codebook_stats": [t.cpu() for t in stats]}
+
+
+def _resume(path, model, optimizer, run, codebooks, rank, world):
+    """Load a checkpoint train() wrote, refusing one trained with other settings; (step, history)."""
+    state = load_checkpoint(path, map_location=next(model.parameters()).device)
+    differs = runs.first_difference(state.get("run", {"config": state["config"]}), run)
+    if differs:
+        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
+                         "checkpoint's settings, or choose another output folder")
+    saved_ranks = len(state["loop_state"]["rng"])
+    if state["step"] < run["loop"]["steps"] and saved_ranks != world:
+        raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    runs.restore_rng(state["loop_state"]["rng"][rank if rank < saved_ranks else 0])
+    for buffer, saved in zip(_stats_buffers(codebooks), state["loop_state"]["codebook_stats"]):
+        buffer.copy_(saved if rank == 0 else torch.zeros_like(saved))  # the sum over ranks stays the same
+    return state["step"], state["history"]
+
+
 def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
           warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
-          eval_every=0, ckpt_path=None, ckpt_every=0, log_every=10, desc="train", autocast=None):
-    """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`).
-    get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i; under torchrun each
-    rank draws its own shard. It may add (codes, positions), force_codes' arguments, to train
-    with those codes forced (interchange training). eval_fn(model, step) -> dict, run on rank 0.
-    With ckpt_path, an existing checkpoint there is resumed and the final state is written there."""
+          eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
+          desc="train", autocast=None):
+    """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`, in eval
+    mode, with `model.history`: [{"step", "loss", "dead", "mse"}] every log_every steps).
+
+    get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i, a function of its
+    arguments alone (so a resumed run draws the same data); under torchrun each rank draws its
+    own shard. It may add (codes, positions), force_codes' arguments, to train with those codes
+    forced (interchange training). eval_fn(model, step) -> dict, printed, run on rank 0.
+
+    With ckpt_path the loop writes a checkpoint every ckpt_every steps or ckpt_seconds seconds,
+    whichever comes first, at the end, and at a SIGINT / SIGTERM (then raises Interrupted). A
+    checkpoint already there is resumed exactly (weights, optimiser, RNG states, code statistics),
+    or returned as it is when finished; one trained with other settings (the model's config, the
+    loop's arguments, `settings`: plain data describing the batches) is refused."""
     from tqdm import tqdm
-    rank, world = distributed()
+    rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     model = model.to(device)
     optimizer = make_optimizer(model, lr, weight_decay, codebook_lr)
-    step = 0
-    if ckpt_path and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, map_location=device)
-        if state["config"] != model.config.to_dict():
-            raise ValueError(f"checkpoint {ckpt_path} holds a different model config; delete it or choose another output folder")
-        model.load_state_dict(state["model"])
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     codebooks = list(model.codebook_layers().values())
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    run = {"config": model.config.to_dict(), "settings": settings or {},
+           "loop": dict(steps=steps, lr=lr, weight_decay=weight_decay, codebook_lr=codebook_lr, warmup=warmup,
+                        cosine=cosine, grad_clip=grad_clip, grad_accum=grad_accum, revive_every=revive_every)}
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
+    step, history = 0, []
+    if ckpt_path and os.path.exists(ckpt_path):
+        step, history = _resume(ckpt_path, model, optimizer, run, codebooks, rank, world)
+
+    def save():
+        loop_state = _loop_state(codebooks, world)  # a collective: every rank takes part
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state)
+
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    last_save = time.monotonic()
     model.train()
-    while step < steps:
-        for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base * lr_factor(step, steps, warmup, cosine)
-        for micro in range(grad_accum):
-            x, y, *forced = get_batch(step * grad_accum + micro, rank, world)
-            x, y = x.to(device), y.to(device)
-            sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
-            amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
-            force = force_codes(model, *forced[0]) if forced else contextlib.nullcontext()
-            with sync, amp, force:
-                logits = net(x)
-                ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-                loss = (ce + model.codebook_loss()) / grad_accum
-            loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % log_every == 0 or step == steps:
-            stats = {"loss": f"{ce.item():.4f}"}
-            if codebooks:
-                dead = torch.cat([cb.dead_fraction() for cb in codebooks]).mean().item()
-                mse = sum(cb.recon_sum.item() / max(1, cb.token_count.item()) for cb in codebooks) / len(codebooks)
-                stats |= {"dead": f"{dead:.0%}", "mse": f"{mse:.3f}"}
-            bar.set_postfix(stats, refresh=False)
-        bar.update(1)
-        if revive_every and step % revive_every == 0 and step < steps:
-            _sum_across_ranks([cb.code_counts for cb in codebooks])
-            for cb in codebooks:
-                cb.revive_dead_codes()
-                if world > 1:
-                    dist.broadcast(cb.codes.data, 0)  # every rank keeps rank 0's revived codes
-        if eval_fn and eval_every and step % eval_every == 0 and step < steps and rank == 0:
-            model.eval()
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_fn(model, step).items()))
-            model.train()
-        if ckpt_path and rank == 0 and ((ckpt_every and step % ckpt_every == 0) or step == steps):
-            save_checkpoint(ckpt_path, model, optimizer, step)
+    with runs.stop_on_signals() as stop_requests:
+        while step < steps:
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, steps, warmup, cosine)
+            for micro in range(grad_accum):
+                x, y, *forced = get_batch(step * grad_accum + micro, rank, world)
+                x, y = x.to(device), y.to(device)
+                sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
+                amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
+                force = force_codes(model, *forced[0]) if forced else contextlib.nullcontext()
+                with sync, amp, force:
+                    logits = net(x)
+                    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = (ce + model.codebook_loss()) / grad_accum
+                loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % log_every == 0 or step == steps:
+                history.append({"step": step, "loss": ce.item()} | _codebook_stats(codebooks))
+                bar.set_postfix({name: f"{value:.4f}" if name != "dead" else f"{value:.0%}"
+                                 for name, value in history[-1].items() if name != "step"}, refresh=False)
+            bar.update(1)
+            if revive_every and step % revive_every == 0 and step < steps:
+                _sum_across_ranks([cb.usage for cb in codebooks])
+                for cb in codebooks:
+                    cb.revive_dead_codes()
+                    if world > 1:
+                        dist.broadcast(cb.codes.data, 0)  # every rank keeps rank 0's revived codes
+            if eval_fn and eval_every and step % eval_every == 0 and step < steps and rank == 0:
+                model.eval()
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_fn(model, step).items()))
+                model.train()
+            # every rank must agree on when to save and stop: take the most urgent of all ranks' wishes
+            wishes = torch.tensor([time.monotonic() - last_save >= ckpt_seconds, bool(stop_requests)],
+                                  dtype=torch.float, device=device)
+            _sum_across_ranks([wishes])
+            if ckpt_path and (step % ckpt_every == 0 or step == steps or wishes.any()):
+                save()
+                last_save = time.monotonic()
+            if wishes[1] > 0:
+                bar.close()
+                raise runs.Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
     bar.close()
-    _sum_across_ranks([cb.code_counts for cb in codebooks])  # every rank ends with the global counts
+    _sum_across_ranks([cb.usage for cb in codebooks])  # every rank ends with the global counts
+    model.history = history
     return model.eval()
+
+
+def _codebook_stats(codebooks):
+    """The mean share of dead codes and the mean reconstruction error since the last revival,
+    over every codebook and every rank."""
+    if not codebooks:
+        return {}
+    stats = [t.clone() for t in _stats_buffers(codebooks)]
+    _sum_across_ranks(stats)
+    usage, recon, tokens = stats[0::3], stats[1::3], stats[2::3]
+    dead = torch.cat([(u == 0).float().mean(-1) for u in usage]).mean().item()
+    mse = sum(r.item() / max(1, t.item()) for r, t in zip(recon, tokens)) / len(codebooks)
+    return {"dead": dead, "mse": mse}

@@ -1,5 +1,5 @@
 """
-TokFSM, the paper's first experiment (section 4.1, SPEC 5): a transformer learns random walks on
+TokFSM, the paper's first experiment (section 4.1): a transformer learns random walks on
 a finite state machine written as digits; its codebooks then hold codes that *are* the FSM
 states, and forcing another state's codes makes the model continue from that state.
 
@@ -10,6 +10,7 @@ Trains (1) a baseline transformer and (2) the codebook model: the same weights p
 attention and MLP codebooks (k = 1) in every layer, k-means initialised on the baseline's
 activations and finetuned (the method is finetuning, section 3.2). Evaluates both and writes
 OUT/results.json, OUT/base.pt, OUT/codebook.pt and OUT/fsm.json (for codebook.load_model users).
+Each stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 
 Two choices of this CPU default go beyond the paper (README: what each one changes):
 - attention over the last 2 positions only (--attn_window 2). The FSM is Markov in its state, so
@@ -21,19 +22,19 @@ Two choices of this CPU default go beyond the paper (README: what each one chang
 """
 import argparse
 import contextlib
-import json
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import baselines
 import codebook as cb
+import runs
 
 
-# --- the FSM and its data (SPEC 5) --------------------------------------------------------------
+# --- the FSM and its data ------------------------------------------------------------------------
 class TokFSM:
     """num_states states, each with num_edges distinct successors (uniform, self-loops allowed),
     each state written as zero-padded base-`base` digits; token `base` is BOS."""
@@ -218,18 +219,62 @@ def val_metrics(model, tokens):
     return {"val_loss": loss.item(), "val_acc": (logits.argmax(-1) == tokens[:, 1:]).float().mean().item()}
 
 
-def code_counts(text):
+def per_layer_counts(text):
     """'64' -> [64]; '192,512' -> [192, 512]: layer 0, then every later layer."""
     return [int(n) for n in text.split(",")]
 
 
-def pct(x):
-    return f"{100 * x:6.2f}%"
-
-
 def main(argv=None):
     started = time.time()
-    # --- settings ---------------------------------------------------------------------------------
+    args = settings(argv)
+
+    # --- data: the FSM, batches drawn on the fly (seeded by step and rank), fixed evaluation walks
+    fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
+
+    def get_batch(i, rank, world):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
+        tokens = fsm.encode(fsm.random_walks(args.batch_size // world, g))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    eval_tokens = fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
+    runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())
+    print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
+          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP "
+          f"(layer 0, 1, ...); attention window {args.attn_window or 'full'}")
+
+    # --- model and training: the baseline, then the same weights with codebooks (section 3.2)
+    torch.manual_seed(args.seed)
+    base = cb.GPT(args.base_config)
+    data = dict(fsm=[args.num_states, args.num_edges, args.base, args.walk_length], seed=args.seed, batch_size=args.batch_size)
+    common = dict(device=args.device, warmup=100, cosine=True, eval_every=500, ckpt_every=args.ckpt_every,
+                  ckpt_seconds=args.ckpt_seconds, eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
+    base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
+                    desc="baseline", settings=data, **common)
+    model = cb.with_codebooks(base, args.codebook_config.codebooks)
+    kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
+    cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
+
+    def get_interchange_batch(i, rank, world):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
+        return interchange_batch(model, fsm, fsm.random_walks(args.batch_size // world, g), args.interchange, g)
+
+    model = cb.train(model, get_interchange_batch if args.interchange else get_batch, args.codebook_steps,
+                     args.finetune_lr, codebook_lr=args.codebook_lr, revive_every=args.revive_every,
+                     ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
+                     settings=data | {"interchange": args.interchange}, **common)
+
+    # --- evaluate and report
+    print("evaluating ...")
+    results = evaluate(base, model, fsm, eval_tokens, args)
+    report(results, time.time() - started)
+    runs.save_json(os.path.join(args.out, "results.json"), results)
+    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json")
+    return results
+
+
+def settings(argv):
+    """The command line, every setting checked, and the two models' configurations built (so a bad
+    codebook setting is refused before the baseline trains)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="paper: the paper's sizes, for a GPU")
@@ -242,8 +287,8 @@ def main(argv=None):
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--d_mlp", type=int, default=256)
     p.add_argument("--attn_window", type=int, default=2, help="0: full causal attention; w: each position sees itself and w - 1 before it")
-    p.add_argument("--attn_codes", type=code_counts, default=[64], help="codes per attention-head codebook (as --mlp_codes)")
-    p.add_argument("--mlp_codes", type=code_counts, default=[192, 512], help="codes per MLP codebook; a list gives layers 0, 1, ..., "
+    p.add_argument("--attn_codes", type=per_layer_counts, default=[64], help="codes per attention-head codebook (as --mlp_codes)")
+    p.add_argument("--mlp_codes", type=per_layer_counts, default=[192, 512], help="codes per MLP codebook; a list gives layers 0, 1, ..., "
                    "its last count repeating (layer 0 of a window-2 model sees only ~200 digit pairs)")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--codebook_loss", choices=cb.LOSSES, default="commitment",
@@ -256,69 +301,58 @@ def main(argv=None):
     p.add_argument("--finetune_lr", type=float, default=1e-3, help="the model's weights in the codebook stage")
     p.add_argument("--codebook_lr", type=float, default=1.5e-3, help="codes and their LayerNorms; higher lets heads collapse onto few codes")
     p.add_argument("--interchange", type=float, default=0.25, help="share of states trained with another state's codes (0: off)")
-    p.add_argument("--revive_every", type=int, default=50, help="revive unused codes every this many steps")
+    p.add_argument("--revive_every", type=int, default=50, help="revive unused codes every this many steps (0: never)")
     p.add_argument("--eval_seqs", type=int, default=1000, help="fixed validation sequences")
     p.add_argument("--samples", type=int, default=200, help="sequences sampled for transition accuracy")
     p.add_argument("--pairs", type=int, default=2000, help="(a, b) state pairs for interventions")
+    p.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
+    p.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/fsm")
     args = p.parse_args(argv)
-    if args.preset == "paper":  # SPEC 5: 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512
+    if args.preset == "paper":  # 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512 (section 4.1)
         for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
                                 base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
                                 attn_window=0, interchange=0.0).items():
             setattr(args, name, value)
 
-    if not 0 <= args.interchange <= 1:
-        raise ValueError(f"--interchange {args.interchange}: a share of states, between 0 and 1")
+    runs.check_settings(args, positive=("num_states", "num_edges", "base", "walk_length", "n_layer", "n_head", "d_model",
+                                        "d_mlp", "attn_codes", "mlp_codes", "k", "batch_size", "base_steps",
+                                        "codebook_steps", "eval_seqs", "samples", "pairs", "ckpt_every"),
+                        non_negative=("attn_window", "revive_every", "ckpt_seconds"),
+                        rates=("lr", "finetune_lr", "codebook_lr"), shares=("interchange",), finite=("beta",))
+    if args.beta < 0:
+        raise ValueError(f"--beta {args.beta}: the commitment weight must be 0 or more")
+    runs.check_device(args.device)
+    runs.check_out(args.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise ValueError(f"--batch_size {args.batch_size}: must divide among the {world} processes")
     for name in ("attn_codes", "mlp_codes"):  # one count per layer, the last one repeating
         counts = getattr(args, name)
         if len(counts) > args.n_layer:
             raise ValueError(f"--{name}: {len(counts)} code counts for {args.n_layer} layers")
         setattr(args, name, counts + counts[-1:] * (args.n_layer - len(counts)))
-
-    # --- data ---------------------------------------------------------------------------------------
-    fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
-
-    def get_batch(i, rank, world):  # generated on the fly, seeded by step and rank
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
-        tokens = fsm.encode(fsm.random_walks(args.batch_size // world, g))
-        return tokens[:, :-1], tokens[:, 1:]
-
-    eval_tokens = fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fsm.json"), "w") as f:
-        json.dump(fsm.to_json(), f)
-
-    # --- train: the baseline, then the same weights with codebooks -----------------------------------------
-    print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
-          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP "
-          f"(layer 0, 1, ...); attention window {args.attn_window or 'full'}")
-    torch.manual_seed(args.seed)
-    base = cb.GPT(dict(vocab_size=args.base + 1, block_size=fsm.seq_len - 1, n_layer=args.n_layer,
-                       n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp,
-                       attn_window=args.attn_window))
-    common = dict(device=args.device, warmup=100, cosine=True, eval_every=500,
-                  eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
-    base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
-                    desc="baseline", **common)
+    fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)  # its own checks
+    orphans = (~fsm.legal.any(0)).nonzero()[:, 0].tolist()
+    if orphans:
+        raise ValueError(f"--seed {args.seed}: states {orphans} of this FSM have no predecessor, so no walk ends "
+                         "in them and the interventions cannot be measured: choose another --seed")
+    digits = 1 if args.num_states <= args.base else 2
+    args.base_config = cb.GPTConfig(vocab_size=args.base + 1, block_size=digits * args.walk_length, n_layer=args.n_layer,
+                                    n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp, attn_window=args.attn_window)
     spec = dict(k=args.k, loss=args.codebook_loss, beta=args.beta)
-    model = cb.with_codebooks(base, {"attn": dict(spec, num_codes=args.attn_codes), "mlp": dict(spec, num_codes=args.mlp_codes)})
-    kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
-    cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
+    args.codebook_config = cb.GPTConfig(**args.base_config.to_dict() | {"codebooks": {
+        "attn": dict(spec, num_codes=args.attn_codes), "mlp": dict(spec, num_codes=args.mlp_codes)}})
+    return args
 
-    def get_interchange_batch(i, rank, world):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
-        return interchange_batch(model, fsm, fsm.random_walks(args.batch_size // world, g), args.interchange, g)
 
-    model = cb.train(model, get_interchange_batch if args.interchange else get_batch, args.codebook_steps, args.finetune_lr, codebook_lr=args.codebook_lr,
-                     revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
-                     desc="codebook", **common)
-
-    # --- evaluate -------------------------------------------------------------------------------------
-    print("evaluating ...")
-    results = {"config": vars(args), "baseline": {}, "codebook": {}}
+@torch.no_grad()
+def evaluate(base, model, fsm, eval_tokens, args):
+    """Every figure of the table, for results.json."""
+    results = {"config": {k: v for k, v in vars(args).items() if not k.endswith("_config")},
+               "baseline": {}, "codebook": {}, "history": {"baseline": base.history, "codebook": model.history}}
     for name, m in (("baseline", base), ("codebook", model)):
         accuracy, first = fsm.transition_accuracy(sample_states(m, fsm, args.samples, args.seed + 1))
         results[name] |= {"transition_accuracy": accuracy, "first_transition_accuracy": first,
@@ -327,7 +361,7 @@ def main(argv=None):
 
     ids, _ = cb.record_dataset(model, eval_tokens[:, :-1])
     num_codes = {a: model.locate(a)[0].num_codes for a in ids}
-    c["dead_code_fraction"] = {a: (cb.code_counts(v, num_codes[a]) == 0).float().mean().item() for a, v in ids.items()}
+    c["dead_code_fraction"] = {a: (cb.count_codes(v, num_codes[a]) == 0).float().mean().item() for a, v in ids.items()}
 
     # state codes (section 4.1): per state the best code of each codebook; the best codebook's mean
     masks = fsm.state_masks(eval_tokens)
@@ -341,11 +375,11 @@ def main(argv=None):
 
     # the neuron baseline: every coordinate of the baseline's attention and MLP outputs, every layer
     n_seqs = min(300, args.eval_seqs)
-    with torch.no_grad(), cb.capture_activations(base) as acts:
+    with cb.capture_activations(base) as acts:
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)
     sub_masks = masks[:, :n_seqs].flatten(1)
-    c["neuron_precision"] = cb.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
+    c["neuron_precision"] = baselines.neuron_precision_at_recall(neurons, sub_masks, recall).max(-1).values.mean().item()
 
     # interventions: force b's codes at a's last position
     pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))
@@ -357,11 +391,18 @@ def main(argv=None):
     c["intervention_success"] = {name: both[0] for name, both in conditions.items()}
     c["intervention_first_digit_success"] = {name: both[1] for name, both in conditions.items()}
     c["intervention_js_to_b"] = {name: both[2] for name, both in conditions.items()}
-    results["wall_seconds"] = time.time() - started
+    return results
 
-    # --- report -------------------------------------------------------------------------------------------
-    b, dead = results["baseline"], c["dead_code_fraction"]
+
+def pct(x):
+    return f"{100 * x:6.2f}%"
+
+
+def report(results, wall_seconds):
+    b, c = results["baseline"], results["codebook"]
+    dead, best = c["dead_code_fraction"], c["state_code_codebook"]
     worst = max(dead, key=dead.get)
+    success, first, js = c["intervention_success"], c["intervention_first_digit_success"], c["intervention_js_to_b"]
     print(f"""
                                           baseline   codebook
 transition accuracy                       {pct(b['transition_accuracy'])}    {pct(c['transition_accuracy'])}
@@ -373,20 +414,11 @@ dead codes: mean of {len(dead):2d} codebooks                      {pct(sum(dead.
 state codes ({best:>7}): mean best-code precision      {pct(c['state_code_precision'])}
                          mean best-code recall         {pct(c['state_code_recall'])}
 best neuron: precision at that recall                  {pct(c['neuron_precision'])}
-intervention success (next state / its first digit) and the next digit's JS divergence to b's:
-                      none                  {pct(c['intervention_success']['none'])} / {pct(c['intervention_first_digit_success']['none'])} / {c['intervention_js_to_b']['none']:.3f}
-                      attention codes       {pct(c['intervention_success']['attn'])} / {pct(c['intervention_first_digit_success']['attn'])} / {c['intervention_js_to_b']['attn']:.3f}
-                      MLP codes             {pct(c['intervention_success']['mlp'])} / {pct(c['intervention_first_digit_success']['mlp'])} / {c['intervention_js_to_b']['mlp']:.3f}
-                      all codes             {pct(c['intervention_success']['all'])} / {pct(c['intervention_first_digit_success']['all'])} / {c['intervention_js_to_b']['all']:.3f}
-wall time                                              {results['wall_seconds']:.0f} s""")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json")
-    return results
+intervention success (next state / its first digit) and the next digit's JS divergence to b's:""")
+    for name, label in (("none", "none"), ("attn", "attention codes"), ("mlp", "MLP codes"), ("all", "all codes")):
+        print(f"                      {label:21s} {pct(success[name])} / {pct(first[name])} / {js[name]:.3f}")
+    print(f"wall time                                              {wall_seconds:.0f} s")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad settings or a foreign checkpoint: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    runs.run_main(main)

@@ -1,32 +1,23 @@
 """
-Finetune a byte-level language model with per-head attention codebooks (paper section 5, SPEC 6).
+Finetune a language model with per-head attention codebooks (paper section 5).
 
 Stage 1 trains a plain GPT on bytes (or loads one with --init_from). Stage 2 puts a codebook after
 every attention head of every layer (k = 8 of --num_codes codes each), initialises the codes by
-k-means on the heads' activations, and finetunes the whole model. The script prints both models'
-validation loss and next-byte accuracy, their ratio and the share of dead codes, and saves
-OUT/base.pt, OUT/codebook.pt and OUT/results.json.
+k-means on the heads' activations, and finetunes the whole model. For the paper's comparison the
+base is also finetuned as long without codebooks (the control). The script prints the models'
+validation loss and next-byte accuracy, their ratios and the share of dead codes, and saves
+OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and OUT/results.json.
 
-    python train_lm.py                                  # generated stories, 8-14 min on 2 CPU cores
+    python train_lm.py                                  # generated stories, about 8 min on 2 CPU cores
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast
 
-Tokens are the 256 byte values plus BOS (256), which starts every document, so any UTF-8 or
-binary text works and nothing is downloaded. A corpus is tokenised once into uint8 files under
-OUT/data/ and read through numpy memmap: a corpus of several GB never has to fit in memory.
-Without --data the script writes its own corpus: short stories in the spirit of TinyStories, each
-about one of TOPICS, whose words recur through the story: the ground truth steer.py steers towards.
-steer.py imports the tokenizer, the corpus and the loader from here.
+Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded.
+Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 """
 import argparse
-import fnmatch
-import hashlib
-import json
 import os
-import random
-import re
-import sys
 import time
 
 import numpy as np
@@ -35,401 +26,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import codebook
+import runs
+import text
 
-# ------------------------------------------------------------------------------------------------
-# Bytes as tokens.
-
-BOS = 256  # begins every document (and so ends the one before it)
-VOCAB_SIZE = 257
-
-
-def encode(text):
-    """str (as UTF-8) or bytes -> int64 array of byte tokens, no BOS."""
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-
-
-def decode_bytes(tokens):
-    """Tokens -> bytes; BOS and anything outside 0..255 is dropped."""
-    return bytes(int(t) for t in tokens if 0 <= int(t) < 256)
-
-
-def decode(tokens):
-    return decode_bytes(tokens).decode("utf-8", errors="replace")
-
-
-# ------------------------------------------------------------------------------------------------
-# The default corpus: generated stories, each about one topic. A topic's `words` appear in its
-# stories (several times each story) and in no other story; steer.py counts a generation as on
-# topic when it contains one of them. Every other slot is filled from shared lists.
-
-TOPICS = {
-    "dragons": dict(
-        words=["dragon", "cave", "scale", "wing", "fire"],
-        nouns=["dragon", "cave", "fire", "wing", "scale"], adjs=["fiery", "scaly", "smoky", "mighty"],
-        places=["a dark cave", "the dragon's cave", "a cave on the mountain", "the dragon's fire pit"],
-        lines=["The dragon flapped its wings and the cave shook.",
-               "Little flames of fire came out of the dragon's nose.",
-               "{Name} saw that the dragon's scales were as green as grass.",
-               "The dragon was not scary at all; the dragon just wanted a friend.",
-               "Deep in the cave, the dragon kept its fire warm and bright.",
-               "The dragon lifted {name} up on its big wings."]),
-    "sea": dict(
-        words=["sea", "wave", "boat", "shell", "beach", "fish"],
-        nouns=["sea", "wave", "boat", "shell", "beach", "fish"], adjs=["salty", "sandy", "deep", "blue"],
-        places=["the beach", "the sea", "a little boat on the sea", "the sandy beach by the sea"],
-        lines=["The waves rolled up the beach and back to the sea.",
-               "A little fish swam next to the boat.",
-               "{Name} held a shell to {his} ear and heard the sea.",
-               "The boat rocked gently on the waves.",
-               "The sea was blue and the beach was warm.",
-               "{Name} found a shiny shell on the beach."]),
-    "garden": dict(
-        words=["garden", "flower", "seed", "rose", "bee"],
-        nouns=["garden", "flower", "seed", "rose", "bee"], adjs=["blooming", "pink", "fragrant", "tiny"],
-        places=["the garden", "grandma's garden", "a garden full of roses", "the flower garden"],
-        lines=["The bees buzzed from flower to flower.",
-               "{Name} put a seed in the soil of the garden.",
-               "Soon a little flower came up where the seed had been.",
-               "The roses in the garden were red and pink.",
-               "A bee landed on a rose and drank from the flower.",
-               "Every morning {name} watered the flowers in the garden."]),
-    "space": dict(
-        words=["rocket", "star", "moon", "planet", "astronaut"],
-        nouns=["rocket", "star", "moon", "planet", "astronaut"], adjs=["faraway", "glowing", "starry", "cosmic"],
-        places=["the moon", "a faraway planet", "space, far above the stars", "a red planet near the moon"],
-        lines=["The rocket went up, up, up, past the stars.",
-               "On the moon, {name} could jump very high, like an astronaut.",
-               "{Name} put on {his} astronaut helmet and got in the rocket.",
-               "The planet below was blue and green.",
-               "The stars twinkled all around the rocket.",
-               "An astronaut waved from the window of the rocket."]),
-    "forest": dict(
-        words=["forest", "tree", "owl", "leaf", "leaves", "squirrel"],
-        nouns=["forest", "tree", "owl", "squirrel", "leaf"], adjs=["green", "wild", "mossy", "tall"],
-        places=["the forest", "the deep green forest", "a tall tree in the forest", "the old forest"],
-        lines=["The owl said \"Hoo, hoo\" from the tree.",
-               "The leaves fell from the trees one by one.",
-               "A squirrel ran up the tree with a nut.",
-               "The forest was quiet and full of tall trees.",
-               "{Name} heard the leaves crunch under {his} feet in the forest.",
-               "The old owl knew every tree in the forest."]),
-    "baking": dict(
-        words=["cake", "oven", "cookie", "flour", "muffin", "baking"],
-        nouns=["cake", "oven", "cookie", "flour", "muffin"], adjs=["sugary", "yummy", "crunchy", "warm"],
-        places=["the kitchen, next to the oven", "the bakery with the big oven", "grandma's kitchen by the oven",
-                "the warm kitchen with the cookie jar"],
-        lines=["The kitchen smelled of cake and cookies.",
-               "{Name} got flour on {his} nose while baking.",
-               "The oven was hot, so mom took the cake out.",
-               "They mixed flour, sugar and eggs for the cake.",
-               "The cookies came out of the oven golden and warm.",
-               "Baking cookies was {name}'s favorite thing to do."]),
-    "snow": dict(
-        words=["snow", "snowman", "snowflake", "snowball", "ice", "sled", "winter", "mitten"],
-        nouns=["snow", "snowman", "sled", "mitten", "snowflake"], adjs=["cold", "frosty", "white", "icy"],
-        places=["the snowy hill in winter", "the frozen pond, covered in ice", "the park in winter",
-                "a hill covered in snow"],
-        lines=["The snow fell softly all winter night.",
-               "{Name} put on {his} warm mittens to play in the snow.",
-               "The sled went fast down the snowy hill.",
-               "The ice on the pond was thick and shiny.",
-               "It was cold, but {name} loved the winter snow.",
-               "The snowman had a carrot nose and coal eyes."]),
-    "trains": dict(
-        words=["train", "track", "station", "whistle", "engine"],
-        nouns=["train", "track", "station", "whistle", "engine"], adjs=["long", "fast", "noisy", "steamy"],
-        places=["the train station", "the railroad tracks", "the old station", "a train on the tracks"],
-        lines=["The train went choo-choo down the tracks.",
-               "The engine blew its whistle as it left the station.",
-               "{Name} waited for the train at the station.",
-               "The tracks went over the bridge, and the train went too.",
-               "The driver let {name} blow the whistle of the train.",
-               "The engine puffed and the train began to move."]),
-    "music": dict(
-        words=["music", "song", "drum", "piano", "guitar"],
-        nouns=["music", "song", "drum", "piano", "guitar"], adjs=["loud", "musical", "soft", "jolly"],
-        places=["the music room", "a big stage with a piano", "the music shop", "the school music concert"],
-        lines=["The music filled the room.",
-               "{Name} played the piano and everyone clapped for the song.",
-               "Boom, boom, went the drum to the music.",
-               "{Name} strummed the guitar and made up a song.",
-               "They played music together all afternoon.",
-               "The song was so happy that everyone danced to the music."]),
-    "farm": dict(
-        words=["farm", "cow", "barn", "tractor", "pig"],
-        nouns=["farm", "cow", "barn", "tractor", "pig"], adjs=["muddy", "brown", "hungry", "fat"],
-        places=["the farm", "the big red barn", "grandpa's farm", "the barn on the farm"],
-        lines=["The cow said moo and the pig said oink.",
-               "The tractor drove across the farm.",
-               "{Name} fed the pigs in the barn.",
-               "Every morning the farm was busy and loud.",
-               "The cows slept in the barn at night.",
-               "{Name} rode on the tractor with grandpa on the farm."]),
-    "castle": dict(
-        words=["castle", "princess", "crown", "knight", "king"],
-        nouns=["castle", "princess", "crown", "knight", "king"], adjs=["royal", "golden", "noble", "grand"],
-        places=["the castle", "the king's castle", "a castle on a hill", "the tall castle tower"],
-        lines=["The king sat on his throne in the castle.",
-               "The princess wore a crown of gold.",
-               "A knight stood at the door of the castle.",
-               "The castle had tall towers and many flags.",
-               "The knight bowed to the princess.",
-               "The king gave {name} a small crown."]),
-    "robots": dict(
-        words=["robot", "gear", "metal", "beep", "bolt", "wire", "battery"],
-        nouns=["robot", "gear", "bolt", "wire", "battery"], adjs=["beeping", "metal", "electric", "blinking"],
-        places=["the robot shop", "a lab full of robots", "the garage with the robot",
-                "a room of metal robots"],
-        lines=["The robot said \"Beep, beep!\"",
-               "{Name} turned the gears and the robot woke up.",
-               "The robot was made of shiny metal.",
-               "A bolt fell off, so {name} fixed the robot.",
-               "The robot's metal arms went up and down.",
-               "Beep, boop, said the little robot."]),
-    "pirates": dict(
-        words=["pirate", "treasure", "parrot", "ship", "map"],
-        nouns=["pirate", "treasure", "parrot", "ship", "map"], adjs=["secret", "hidden", "scary", "lost"],
-        places=["the pirate ship", "a treasure island", "the deck of the pirate ship", "the pirate's hideout"],
-        lines=["The pirate ship had a black flag.",
-               "The parrot said, \"Treasure, treasure!\"",
-               "{Name} followed the map to find the treasure.",
-               "The pirate captain laughed and steered the ship.",
-               "The treasure chest was full of gold coins.",
-               "The map showed an X where the treasure was."]),
-    "dinosaurs": dict(
-        words=["dinosaur", "fossil", "bone", "volcano", "jungle"],
-        nouns=["dinosaur", "fossil", "bone", "volcano", "jungle"], adjs=["huge", "ancient", "stompy", "rocky"],
-        places=["the dinosaur museum", "a jungle with dinosaurs", "the land of dinosaurs", "a volcano in the jungle"],
-        lines=["The dinosaur stomped through the jungle.",
-               "Roar! went the big dinosaur.",
-               "{Name} brushed the sand off the fossil.",
-               "The volcano rumbled far away in the jungle.",
-               "The dinosaur bones were bigger than {name}.",
-               "A baby dinosaur came out of its egg in the jungle."]),
-    "circus": dict(
-        words=["circus", "clown", "juggler", "tent", "acrobat"],
-        nouns=["circus", "clown", "juggler", "tent", "acrobat"], adjs=["silly", "striped", "colorful", "bouncy"],
-        places=["the circus", "the big circus tent", "the circus ring", "the tent of the circus"],
-        lines=["The clown honked his horn and everyone laughed.",
-               "The acrobat flew high above the circus ring.",
-               "The juggler threw the balls up high.",
-               "The circus tent was red and yellow.",
-               "{Name} got a balloon from the clown.",
-               "At the circus, the acrobat did a flip."]),
-    "rain": dict(
-        words=["rain", "umbrella", "puddle", "cloud", "thunder", "rainbow", "raincoat"],
-        nouns=["rain", "umbrella", "puddle", "cloud", "raincoat", "rainbow"], adjs=["wet", "gray", "stormy", "drippy"],
-        places=["the street in the rain", "a big puddle", "the park in the rain", "the porch, under the rain clouds"],
-        lines=["The rain went pitter-patter on the umbrella.",
-               "Thunder rumbled in the dark clouds.",
-               "{Name} jumped in a puddle and splashed in the rain.",
-               "After the rain, a rainbow came out.",
-               "The clouds were big and gray with rain.",
-               "{Name} put on {his} raincoat and took an umbrella."]),
-}
-
-NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Emma", "Sam", "Zoe", "Jack"]
-GIRLS = set(NAMES[0::2])
-KINDS = {"she": ["girl", "little girl", "bunny"], "he": ["boy", "little boy", "puppy"]}
-ADJS = ["happy", "curious", "kind", "brave", "little"]
-HOMES = ["small house", "little town", "quiet village"]
-FRIENDS = ["{his} mom", "{his} dad", "grandma", "{his} friend"]
-
-# The story: a generic opening (no topic yet), then simple sentences with a topic word every few
-# bytes (a dense, short-range signal a small model learns to follow quickly), then an ending.
-OPENINGS = ["Once upon a time, there was a {adj} {kind} named {name}.",
-            "There was once a {adj} {kind} named {name}.",
-            "{Name} was a {adj} {kind} who lived in a {home}.",
-            "Once upon a time, a {adj} {kind} called {name} lived in a {home}."]
-TOPIC_SENTENCES = ["{Name} saw a {noun}.",
-                   "The {noun} was {tadj}.",
-                   "{He} liked the {tadj} {noun}.",
-                   "There was a {noun} near the {noun}.",
-                   "One day, {name} went to {place}.",
-                   "At {place}, {he} found a {noun}.",
-                   "The {noun} and the {noun} were {tadj}.",
-                   "{He} played with the {noun} and the {noun}.",
-                   "\"Look, a {tadj} {noun}!\" said {name}.",
-                   "{Name} showed the {noun} to {friend}.",
-                   "{He} wanted to see the {tadj} {noun} again.",
-                   "{Friend} liked the {noun} too."]
-ENDINGS = ["{Name} loved the {noun}. The end.",
-           "That night, {name} dreamed about the {tadj} {noun}.",
-           "{Name} went home happy. It was a good day at {place}."]
-
-
-def make_story(rng, topic):
-    """One story about `topic` (a key of TOPICS) drawn with `rng` (random.Random)."""
-    t = TOPICS[topic]
-    name = rng.choice(NAMES)
-    he = "she" if name in GIRLS else "he"
-    his = "her" if he == "she" else "his"
-
-    fixed = {"name": name, "he": he, "his": his}
-    pools = {"adj": ADJS, "kind": KINDS[he], "home": HOMES, "friend": FRIENDS, "place": t["places"],
-             "noun": t["nouns"], "tadj": t["adjs"]}
-
-    def fill(template):
-        """Fill every {slot}, fixed for the story or drawn anew; "{Name}" is "{name}" capitalised."""
-        def slot(m):
-            key = m.group(1).lower()
-            value = fixed[key] if key in fixed else fill(rng.choice(pools[key]))
-            return value[:1].upper() + value[1:] if m.group(1)[0].isupper() else value
-        return re.sub(r"\{(\w+)\}", slot, template)
-
-    sentences = [fill(rng.choice(OPENINGS))]
-    middle = rng.sample(TOPIC_SENTENCES, rng.randint(5, 7)) + rng.sample(t["lines"], rng.randint(1, 2))
-    rng.shuffle(middle)
-    sentences += [fill(s) for s in middle]
-    sentences.append(fill(rng.choice(ENDINGS)))
-    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", " ".join(sentences))  # "a owl" -> "an owl"
-
-
-def make_stories(n, seed=0):
-    """n (topic, story) pairs, topics in turn; the same n and seed always give the same stories."""
-    rng = random.Random(seed)
-    names = sorted(TOPICS)
-    return [(names[i % len(names)], make_story(rng, names[i % len(names)])) for i in range(n)]
-
-
-def topic_regex(words):
-    """A generation is on topic when it contains one of the words (or its plural) as a word."""
-    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:s|es)?\b", re.IGNORECASE)
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenised corpora on disk. Each split is a uint8 file of its documents' bytes back to back plus
-# the byte offset where each document starts; read as a token stream in which BOS precedes every
-# document. Documents go to the validation split at random (seeded) when the corpus is written.
-
-MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces, so any corpus splits finely
-
-
-def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git")):
-    """The file `path`, or every file under the folder `path` whose name matches `include`, in sorted
-    order, skipping folders named in `exclude`."""
-    if not os.path.exists(path):
-        raise ValueError(f"data path {path} does not exist")
-    if not os.path.isdir(path):
-        return [path]
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if d not in exclude]
-        files += [os.path.join(root, f) for f in names if fnmatch.fnmatch(f, include)]
-    if not files:
-        raise ValueError(f"data folder {path} holds no files matching {include!r}")
-    return sorted(files)
-
-
-def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),
-                   chunk_bytes=2**24):
-    """Yield the documents (bytes) in list_files(path, include, exclude), each file cut at
-    `separator`; files are read in chunks, so no file is ever read whole."""
-    files = list_files(path, include, exclude)
-    sep = separator.encode() if separator else b""
-    for file in files:
-        rest = b""
-        with open(file, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                parts = (rest + chunk).split(sep) if sep else [rest + chunk]
-                rest = parts.pop()
-                yield from parts
-                while len(rest) > MAX_DOC_BYTES:
-                    yield rest[:MAX_DOC_BYTES]
-                    rest = rest[MAX_DOC_BYTES:]
-        yield rest
-
-
-def write_corpus(documents, folder, val_fraction=0.05, seed=0):
-    """Tokenise documents (an iterable of str or bytes) into folder/{train,val}.bin and
-    {train,val}_docs.npy; returns the number of bytes in each split."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(seed)
-    files = {s: open(os.path.join(folder, f"{s}.bin.tmp"), "wb") for s in ("train", "val")}
-    starts, size = {"train": [], "val": []}, {"train": 0, "val": 0}
-    for doc in documents:
-        doc = doc.encode("utf-8") if isinstance(doc, str) else doc
-        for piece in (doc[i:i + MAX_DOC_BYTES] for i in range(0, len(doc), MAX_DOC_BYTES)):
-            split = "val" if rng.random() < val_fraction else "train"
-            starts[split].append(size[split])
-            files[split].write(piece)
-            size[split] += len(piece)
-    for split, f in files.items():
-        f.close()
-        np.save(os.path.join(folder, f"{split}_docs.npy"), np.array(starts[split], dtype=np.int64))
-        os.replace(f.name, os.path.join(folder, f"{split}.bin"))
-    return size
-
-
-class Split:
-    """One split of a tokenised corpus, read through a memmap."""
-
-    def __init__(self, folder, split):
-        path = os.path.join(folder, f"{split}.bin")
-        self.data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-        starts = np.load(os.path.join(folder, f"{split}_docs.npy"))
-        self.bos_at = starts + np.arange(len(starts))  # token position of each document's BOS
-        self.num_tokens = len(self.data) + len(starts)
-
-    def tokens(self, begin, end):
-        """Tokens [begin, end) of the stream, int64."""
-        pos = np.arange(begin, end)
-        doc = np.searchsorted(self.bos_at, pos, side="right") - 1
-        at_bos = pos == self.bos_at[doc]
-        data = self.data[np.where(at_bos, 0, pos - doc - 1)].astype(np.int64)  # doc + 1 BOS came before
-        return np.where(at_bos, BOS, data)
-
-    def windows(self, starts, length):
-        return torch.from_numpy(np.stack([self.tokens(s, s + length) for s in starts]))
-
-    def random_windows(self, rng, n, length):
-        """n windows of `length` tokens at random places (numpy Generator `rng`)."""
-        return self.windows(rng.integers(0, self.num_tokens - length + 1, n), length)
-
-
-def prepare_data(data, out, val_fraction, seed, stories, include, separator, block_size,
-                 exclude=("site-packages", "__pycache__", ".git")):
-    """Tokenise the corpus once (cached under out/data/ by its files' names, sizes and times) and
-    return its (train, val) splits."""
-    if data:
-        path = os.path.abspath(data)
-        if not os.path.exists(path):
-            raise ValueError(f"data path {data} does not exist")
-        files = list_files(path, include, exclude)
-        key = [path, include, separator, list(exclude)] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
-        name = os.path.basename(path.rstrip(os.sep)) or "data"
-    else:
-        key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator
-    key = hashlib.sha1(json.dumps(key + [val_fraction, seed]).encode()).hexdigest()[:12]
-    folder = os.path.join(out, "data", f"{name}-{key}")
-    if not os.path.exists(os.path.join(folder, "done")):
-        if data:
-            documents = iter_documents(path, include, separator, exclude)
-        else:
-            documents = (story for _, story in make_stories(stories, seed))
-        size = write_corpus(documents, folder, val_fraction, seed)
-        with open(os.path.join(folder, "done"), "w") as f:
-            json.dump(size, f)
-    train_split, val_split = Split(folder, "train"), Split(folder, "val")
-    for split_name, split in (("train", train_split), ("validation", val_split)):
-        if len(split.data) == 0:
-            raise ValueError(f"the corpus at {data or 'generated stories'} is empty in its {split_name} split "
-                             f"({len(train_split.data) + len(val_split.data)} bytes in all): give more text")
-        if split.num_tokens <= block_size:
-            raise ValueError(f"the {split_name} split holds {split.num_tokens} tokens, fewer than "
-                             f"block_size + 1 = {block_size + 1}: give more text or a smaller --block_size")
-    return train_split, val_split, folder
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation: loss, next-byte accuracy and code usage over fixed validation windows.
 
 @torch.no_grad()
 def evaluate(model, windows, batch_size=32, autocast=None):
-    """Mean cross-entropy (nats/byte), next-byte accuracy and {codebook address: dead fraction}."""
+    """Mean cross-entropy (nats/token), next-token accuracy and {codebook address: dead fraction}."""
     model.eval()
     device = model.head.weight.device
     loss_sum, correct, count, usage = 0.0, 0, 0, {}
@@ -443,13 +46,10 @@ def evaluate(model, windows, batch_size=32, autocast=None):
         count += y.numel()
         for address, ids in codebook.record_codes(model).items():
             num_codes = model.locate(address)[0].num_codes
-            usage[address] = usage.get(address, 0) + codebook.code_counts(ids.cpu(), num_codes)
+            usage[address] = usage.get(address, 0) + codebook.count_codes(ids.cpu(), num_codes)
     dead = {a: (counts == 0).float().mean().item() for a, counts in usage.items()}
     return loss_sum / count, correct / count, dead
 
-
-# ------------------------------------------------------------------------------------------------
-# Settings: every one a command-line flag.
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--data", default="", help="text file or folder of text files; empty: generated stories")
@@ -465,7 +65,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--n_layer", type=int, default=4)
 parser.add_argument("--n_head", type=int, default=4)
 parser.add_argument("--d_model", type=int, default=128)
-parser.add_argument("--block_size", type=int, default=128, help="context length in bytes")
+parser.add_argument("--block_size", type=int, default=128, help="context length in tokens")
 parser.add_argument("--batch_size", type=int, default=32, help="windows per step (per process under torchrun)")
 parser.add_argument("--base_steps", type=int, default=2000)
 parser.add_argument("--base_lr", type=float, default=3e-3)
@@ -477,36 +77,57 @@ parser.add_argument("--codebook_lr", type=float, default=1e-3)
 parser.add_argument("--revive_every", type=int, default=100, help="re-initialise unused codes every this many steps (0: never)")
 parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="also finetune the base model without codebooks, same steps: the paper's comparison")
-parser.add_argument("--kmeans_windows", type=int, default=64, help="validation-free training windows for the k-means init")
+parser.add_argument("--kmeans_windows", type=int, default=64, help="training windows for the k-means init")
 # evaluation and machinery
 parser.add_argument("--eval_windows", type=int, default=256, help="fixed validation windows for the final figures")
 parser.add_argument("--eval_every", type=int, default=0, help="print a validation loss every this many steps (0: never)")
+parser.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
+parser.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
 
 
 def main(argv=None):
+    # --- settings, all checked before any work
     args = parser.parse_args(argv)
     t0 = time.time()
+    runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
+                                        "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
+                                        "eval_windows", "ckpt_every"),
+                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds"),
+                        rates=("base_lr", "codebook_lr"))
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction {args.val_fraction}: a share of documents, strictly between 0 and 1")
+    runs.check_device(args.device)
+    runs.check_out(args.out)
+    codebook.check_codebook(args.num_codes, args.k)
+    if args.data and not os.path.exists(args.data):
+        raise ValueError(f"data path {args.data} does not exist")
+    base_config = codebook.GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
+                                     n_head=args.n_head, d_model=args.d_model, d_mlp=4 * args.d_model)
+    if args.init_from:
+        base = codebook.load_model(args.init_from, args.device)
+        if base.codebook_layers():
+            raise ValueError(f"--init_from {args.init_from} already has codebooks: give a base model")
+        if base.config.vocab_size != text.VOCAB_SIZE or base.config.block_size < args.block_size:
+            raise ValueError(f"--init_from {args.init_from} is not a byte model with block_size >= {args.block_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch sees no GPU")
-    os.environ.setdefault("CODEBOOK_DEVICE", args.device.split(":")[0])  # gloo for DDP on the CPU
-    rank, world = codebook.distributed()
+    rank, world = codebook.distributed("nccl" if args.device.startswith("cuda") else "gloo")
     say = print if rank == 0 else (lambda *a, **k: None)
     autocast = torch.bfloat16 if args.device.startswith("cuda") else None
     torch.manual_seed(args.seed)
 
     # --- data: tokenised once by rank 0, then memory-mapped by every process
+    def prepare():
+        return text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories, args.include,
+                                 args.separator, args.block_size, args.exclude.split(","))
     if rank == 0:
-        train_split, val_split, folder = prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
-                                                      args.include, args.separator, args.block_size, args.exclude.split(","))
+        train_split, val_split, folder = prepare()
     if world > 1:
         dist.barrier()
     if rank != 0:
-        train_split, val_split, folder = prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
-                                                      args.include, args.separator, args.block_size, args.exclude.split(","))
+        train_split, val_split, folder = prepare()
     say(f"data: {args.data or f'{args.stories} generated stories'} -> {folder}: "
         f"{len(train_split.data) / 1e6:.2f} MB train, {len(val_split.data) / 1e6:.2f} MB validation")
 
@@ -525,24 +146,20 @@ def main(argv=None):
         loss, acc, _ = evaluate(model, eval_windows[:64], autocast=autocast)
         return {"val_loss": loss, "val_acc": acc}
 
-    common = dict(device=args.device, autocast=autocast, eval_fn=eval_fn, eval_every=args.eval_every,
-                  warmup=min(50, args.base_steps // 10 + 1), cosine=True)
-    warmup2 = min(50, args.codebook_steps // 10 + 1)
+    # what the batches depend on: resuming with another corpus or batch shape is refused
+    data_settings = dict(data=os.path.basename(folder), batch_size=args.batch_size, block_size=args.block_size, seed=args.seed)
+    common = dict(device=args.device, autocast=autocast, eval_fn=eval_fn, eval_every=args.eval_every, cosine=True,
+                  ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, settings=data_settings)
+    finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
 
     # --- stage 1: the base model, trained here or loaded
     if args.init_from:
-        base = codebook.load_model(args.init_from, args.device)
-        if base.codebook_layers():
-            raise ValueError(f"--init_from {args.init_from} already has codebooks: give a base model")
-        if base.config.vocab_size != VOCAB_SIZE or base.config.block_size < args.block_size:
-            raise ValueError(f"--init_from {args.init_from} is not a byte model with block_size >= {args.block_size}")
         if rank == 0:
             codebook.save_checkpoint(os.path.join(args.out, "base.pt"), base, step=0, init_from=args.init_from)
     else:
-        config = codebook.GPTConfig(vocab_size=VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
-                                    n_head=args.n_head, d_model=args.d_model, d_mlp=4 * args.d_model)
-        base = codebook.train(codebook.GPT(config), batches(1), args.base_steps, args.base_lr,
-                              ckpt_path=os.path.join(args.out, "base.pt"), desc="stage 1: base", **common)
+        base = codebook.train(codebook.GPT(base_config), batches(1), args.base_steps, args.base_lr,
+                              ckpt_path=os.path.join(args.out, "base.pt"), desc="stage 1: base",
+                              warmup=min(50, args.base_steps // 10 + 1), **common)
 
     # --- the control (the paper's comparison, section 5): the base finetuned without codebooks, as long
     control = None
@@ -550,64 +167,58 @@ def main(argv=None):
         control = codebook.GPT(base.config).to(args.device)
         control.load_state_dict(base.state_dict())
         control = codebook.train(control, batches(2), args.codebook_steps, args.codebook_lr, desc="control: no codebooks",
-                                 ckpt_path=os.path.join(args.out, "finetuned.pt"), **common | {"warmup": warmup2})
+                                 ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
 
-    # --- stage 2: per-head attention codebooks in every layer, k-means init, finetune
+    # --- stage 2: per-head attention codebooks in every layer, k-means init, finetune (section 3.2)
     torch.manual_seed(args.seed)  # the same k-means start on every process
     model = codebook.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
     kmeans_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 2]),
                                                args.kmeans_windows, args.block_size)
     codebook.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
     model = codebook.train(model, batches(2), args.codebook_steps, args.codebook_lr, revive_every=args.revive_every,
-                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks",
-                           **common | {"warmup": warmup2})
+                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks", **finetune)
 
-    # --- evaluate, print, save (rank 0)
+    # --- evaluate and report (rank 0)
     if rank == 0:
         base_loss, base_acc, _ = evaluate(base, eval_windows, autocast=autocast)
         base_train_loss, _, _ = evaluate(base, train_windows, autocast=autocast)
-        if control is not None:
-            control_loss, control_acc, _ = evaluate(control, eval_windows, autocast=autocast)
-        cb_loss, cb_acc, dead = evaluate(model, eval_windows, autocast=autocast)
-        wall = time.time() - t0
-        ratio = cb_loss / base_loss
-        mean_dead = float(np.mean(list(dead.values())))
-        print(f"\nvalidation: {len(eval_windows)} windows x {args.block_size} bytes = "
-              f"{len(eval_windows) * args.block_size} next-byte predictions")
         columns = [("base", base_loss, base_acc)]
         if control is not None:
+            control_loss, control_acc, _ = evaluate(control, eval_windows, autocast=autocast)
             columns.append(("finetuned", control_loss, control_acc))
+        cb_loss, cb_acc, dead = evaluate(model, eval_windows, autocast=autocast)
         columns.append(("codebooks", cb_loss, cb_acc))
+        ratio, mean_dead = cb_loss / base_loss, float(np.mean(list(dead.values())))
+
+        print(f"\nvalidation: {len(eval_windows)} windows x {args.block_size} tokens = "
+              f"{len(eval_windows) * args.block_size} next-token predictions")
         print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
-        print(f"{'val loss (nats/byte)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
-        print(f"{'val next-byte accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
-        print(f"{'train loss (nats/byte)':30s}{base_train_loss:12.4f}")
-        print(f"loss ratio codebooks / base       {ratio:.3f}   (target <= 1.10)")
+        print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
+        print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
+        print(f"{'train loss (nats/token)':30s}{base_train_loss:12.4f}")
+        print(f"loss ratio codebooks / base       {ratio:.3f}")
         if control is not None:
             print(f"loss ratio codebooks / finetuned  {cb_loss / control_loss:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
         print(f"dead codes                        {mean_dead:.2%} mean over {len(dead)} codebooks of {args.num_codes} "
               f"codes, k={args.k}, on the validation windows")
         for layer in range(model.config.n_layer):
             print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(model.config.n_head)))
-        print(f"wall time {wall:.0f} s ({world} process{'es' if world > 1 else ''}); "
-              f"saved {args.out}/base.pt, {args.out}/codebook.pt, {args.out}/results.json")
+
         results = {"base_val_loss": base_loss, "codebook_val_loss": cb_loss, "loss_ratio": ratio,
                    "base_val_accuracy": base_acc, "codebook_val_accuracy": cb_acc, "base_train_loss": base_train_loss,
-                   "dead_code_fraction": dead, "mean_dead_code_fraction": mean_dead,
-                   "wall_seconds": wall, "processes": world, "data": args.data or "generated stories",
-                   "settings": vars(args), "command": " ".join(sys.argv)}
+                   "dead_code_fraction": dead, "mean_dead_code_fraction": mean_dead, "processes": world,
+                   "data": args.data or "generated stories", "settings": vars(args),
+                   "history": {"base": getattr(base, "history", []), "codebook": model.history}}
         if control is not None:
             results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
                         "loss_ratio_finetuned": cb_loss / control_loss}
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        runs.save_json(os.path.join(args.out, "results.json"), results)
+        print(f"wall time {time.time() - t0:.0f} s ({world} process{'es' if world > 1 else ''}); "
+              f"wrote {args.out}/results.json, base.pt, codebook.pt" + (", finetuned.pt" if control else ""))
     if dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before any tears the group down
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    runs.run_main(main)

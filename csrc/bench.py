@@ -17,7 +17,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import statistics

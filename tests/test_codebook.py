@@ -1,7 +1,8 @@
 """codebook.py against the computation written out by hand: each test replays one idea of the
 paper in plain torch and asserts the library computes the same thing."""
-import math
 import os
+import re
+import signal
 import socket
 
 import pytest
@@ -88,15 +89,6 @@ def test_generation_with_the_key_value_cache_is_the_full_recomputation(window):
 
 # --- code search ---------------------------------------------------------------------------
 
-def assert_same_topk(got, want):
-    """Equal scores, and every returned id really has its score (ties may pick other ids)."""
-    (gs, gi), (ws, wi) = got, want
-    assert torch.allclose(gs, ws, atol=1e-5)
-    ids_equal = (gi == wi).float().mean()
-    assert ids_equal > 0.99 or torch.allclose(gs, ws)
-    assert gi.dtype == torch.long
-
-
 @pytest.mark.parametrize("similarity", cb.SIMILARITIES)
 @pytest.mark.parametrize("heads,tokens_,codes,k,tile", [
     (3, 50, 100, 4, 32),  # codes not a multiple of the tile
@@ -175,16 +167,16 @@ def test_usage_counted_per_token_and_revival_replaces_exactly_the_unused_codes()
     layer = cb.CodebookLayer(heads=2, dim=4, num_codes=50, k=2).train()
     x = torch.randn(3, 7, 2, 4)
     layer(x)
-    assert layer.code_counts.sum() == 3 * 7 * 2 * 2  # every token's every slot, per head
+    assert layer.usage.sum() == 3 * 7 * 2 * 2  # every token's every slot, per head
     for h in range(2):
-        assert torch.equal(layer.code_counts[h], torch.bincount(layer.last_ids[..., h, :].flatten(), minlength=50))
-    used = layer.code_counts > 0
+        assert torch.equal(layer.usage[h], torch.bincount(layer.last_ids[..., h, :].flatten(), minlength=50))
+    used = layer.usage > 0
     before = layer.codes.detach().clone()
     revived = layer.revive_dead_codes()
     assert revived == int((~used).sum())
     changed = (layer.codes != before).any(-1)
     assert torch.equal(changed, ~used)
-    assert layer.code_counts.sum() == 0
+    assert layer.usage.sum() == 0
     # revived codes sit near real (normalised) inputs: within the noise of one of them
     pool = layer.normalize(x).reshape(-1, 2, 4).transpose(0, 1)
     dist_to_pool = torch.cdist(layer.codes.detach(), pool).min(-1).values
@@ -200,10 +192,10 @@ def test_revival_noise_follows_the_inputs_spread():
         layer.ln_weight.fill_(1e-4)
     x = torch.randn(512, 1, 8)
     layer(x)
-    assert (layer.code_counts > 0).sum() == 1
+    assert (layer.usage > 0).sum() == 1
     layer.revive_dead_codes()
     layer(x)
-    assert (layer.code_counts > 0).sum() > 32
+    assert (layer.usage > 0).sum() > 32
 
 
 def test_revival_favours_the_inputs_the_codebook_fits_worst():
@@ -224,7 +216,7 @@ def test_revival_favours_the_inputs_the_codebook_fits_worst():
     revived = layer.codes.detach()[0, 1:]
     assert (torch.cdist(revived, far_n).min(-1).values < 0.5).all()
     layer(x)
-    assert (layer.code_counts[0, 1:] > 0).sum() >= 8  # most of them now win some of the 12
+    assert (layer.usage[0, 1:] > 0).sum() >= 8  # most of them now win some of the 12
 
 
 def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
@@ -238,7 +230,7 @@ def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
     layer.forced = [(0, torch.tensor([[[5]]]), where)]
     layer(x)
     assert (layer.last_ids[:, :3, 0, 0] == 5).all()
-    assert layer.code_counts.sum() == 6  # only the searched half
+    assert layer.usage.sum() == 6  # only the searched half
     layer.aux_loss.backward()
     assert layer.codes.grad[0, 5].abs().sum() == 0
     layer.forced = [(0, torch.tensor([[[5]]]), None)]
@@ -277,7 +269,7 @@ def test_kmeans_init_beats_random_init_on_clustered_data():
 
     layer = cb.CodebookLayer(heads=2, dim=8, num_codes=16, k=1)
     random_error = recon_error(layer)
-    layer.init_kmeans(x)
+    cb.kmeans_init(layer, x)
     assert recon_error(layer) < 0.25 * random_error
 
 
@@ -351,28 +343,6 @@ def test_precision_recall_on_a_hand_made_mask():
     assert torch.allclose(both[0], precision) and torch.allclose(both[1], torch.tensor([0.0, 2 / 3, 1.0, 0.0]))
 
 
-def test_neuron_baseline_on_a_hand_made_case():
-    mask = torch.tensor([True, True, True, True, False, False, False, False])
-    acts = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 9.0], [0.0, 9.0],
-                         [3.5, -1.0], [0.0, -1.0], [0.0, -1.0], [0.0, 9.0]])
-    # recall 0.5: neuron 0 fires at >= 4 -> 2 hits / 2 fires; neuron 1 at >= 9 -> 2 / 3
-    assert torch.allclose(cb.neuron_precision_at_recall(acts, mask, 0.5), torch.tensor([1.0, 2 / 3]))
-    # recall 0.75: neuron 0 fires at >= 3 -> 3 hits / 4 fires; negated, at >= 0 -> 4 hits / 7 fires
-    assert torch.isclose(cb.neuron_precision_at_recall(acts, mask, 0.75)[0], torch.tensor(0.75))
-    # a neuron that fires negatively counts too: -1 marks the complement perfectly
-    assert cb.neuron_precision_at_recall(acts, ~mask, 0.75)[1] == 1.0
-    # many masks at once, on random data with ties, against the definition written out
-    g = torch.Generator().manual_seed(0)
-    acts = torch.randint(-20, 20, (500, 7), generator=g).float()
-    masks = torch.rand(5, 500, generator=g) < torch.tensor([0.01, 0.1, 0.3, 0.5, 0.9])[:, None]
-    recalls = torch.tensor([1.0, 0.9, 0.5, 0.33, 0.1])
-    for mask, recall, got in zip(masks, recalls, cb.neuron_precision_at_recall(acts, masks, recalls)):
-        need = math.ceil(recall.item() * mask.sum().item() - 1e-9)
-        expected = torch.stack([(fires & mask[:, None]).sum(0) / fires.sum(0) for signed in (acts, -acts)
-                                for fires in [signed >= signed[mask].topk(need, 0).values[-1]]]).amax(0)
-        assert torch.allclose(got, expected)
-
-
 def test_top_contexts_rank_by_score():
     ids = torch.tensor([[[1, 2], [3, 1]], [[1, 0], [2, 3]]])
     scores = torch.tensor([[[0.9, 0.5], [0.8, 0.7]], [[0.2, 0.1], [0.6, 0.3]]])
@@ -389,16 +359,15 @@ def random_batches(i, rank, world, batch=8):
     return shard[:, :-1], shard[:, 1:]
 
 
-def test_checkpoint_round_trip_resume_and_clear_errors(tmp_path):
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     path = str(tmp_path / "m.pt")
     model = cb.train(tiny_model(), random_batches, steps=4, ckpt_path=path, log_every=2)
     x = tokens()
     assert torch.equal(cb.load_model(path)(x), model(x))
     assert torch.load(path, weights_only=True)["step"] == 4
-    # resume: 4 more steps from the checkpoint == 8 steps in one go
-    resumed = cb.train(tiny_model(), random_batches, steps=8, ckpt_path=path)
-    straight = cb.train(tiny_model(), random_batches, steps=8)
-    assert torch.allclose(resumed(x), straight(x), atol=1e-5)
+    assert [h["step"] for h in model.history] == [2, 4] and set(model.history[0]) == {"step", "loss", "dead", "mse"}
+    again = cb.train(tiny_model(), random_batches, steps=4, ckpt_path=path)  # finished: loaded, not retrained
+    assert torch.equal(again(x), model(x)) and again.history == model.history
 
     data = open(path, "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
@@ -408,8 +377,52 @@ def test_checkpoint_round_trip_resume_and_clear_errors(tmp_path):
                         ("missing.pt", "does not exist")]:
         with pytest.raises(ValueError, match=words):
             cb.load_model(str(tmp_path / name))
-    with pytest.raises(ValueError, match="different model config"):
-        cb.train(tiny_model(attn=dict(num_codes=8)), random_batches, steps=9, ckpt_path=path)
+    # resuming with other settings is refused, naming the setting and both values
+    for change, words in [(dict(model=tiny_model(attn=dict(num_codes=8, k=2))), "config.codebooks.attn.num_codes: 40 in the checkpoint, 8 now"),
+                          (dict(steps=9), "loop.steps: 4 in the checkpoint, 9 now"),
+                          (dict(settings={"data": "other"}), "settings.data: 'unset' in the checkpoint, 'other' now")]:
+        args = dict(model=tiny_model(), get_batch=random_batches, steps=4, ckpt_path=path) | change
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cb.train(**args)
+
+
+def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM mid-stage: a checkpoint at the step boundary, Interrupted; the rerun from it ends
+    bit-identical to an uninterrupted run: weights, optimiser, code statistics, revivals, history."""
+    def batches(i, rank, world):
+        if i == 5 and stop_at_5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return random_batches(i, rank, world)
+
+    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4)
+    stop_at_5 = False
+    straight = cb.train(tiny_model(), batches, **settings)
+    stop_at_5 = True
+    path = str(tmp_path / "run.pt")
+    with pytest.raises(cb.runs.Interrupted, match="SIGTERM: checkpoint .* written at step 6"):
+        cb.train(tiny_model(), batches, ckpt_path=path, **settings)
+    assert torch.load(path, weights_only=True)["step"] == 6
+    stop_at_5 = False
+    torch.manual_seed(123)  # the global RNG a rerun starts from does not matter: the checkpoint carries it
+    resumed = cb.train(tiny_model(), batches, ckpt_path=path, **settings)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.pt")
+    cb.train(tiny_model(), random_batches, steps=2, ckpt_path=path)
+    before = open(path, "rb").read()
+
+    def disk_full(state, f):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ValueError, match=r"could not write .*m.pt \(No space left on device\); what was there before is unchanged"):
+        cb.save_checkpoint(path, tiny_model())
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
 
 
 @pytest.mark.parametrize("make, words", [
@@ -449,7 +462,7 @@ def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3, log_every=5)
-    counts = [layer.code_counts for layer in model.codebook_layers().values()]
+    counts = [layer.usage for layer in model.codebook_layers().values()]
     torch.save({"params": model.state_dict(), "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()  # both ranks done with gloo before either tears it down
     torch.distributed.destroy_process_group()
@@ -465,5 +478,59 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, p in single.state_dict().items():
             assert torch.allclose(got["params"][name], p, atol=1e-5), name
-        for mine, theirs in zip(got["counts"], (layer.code_counts for layer in single.codebook_layers().values())):
+        for mine, theirs in zip(got["counts"], (layer.usage for layer in single.codebook_layers().values())):
             assert torch.equal(mine, theirs)
+
+
+# --- finetuning and the tools around interventions, against forward hooks -------------------
+
+def hooked_activations(model):
+    """What the paper's sites hold, read with torch's forward hooks: each head's output before W_O
+    (the input of attn_out), the MLP output (the output of mlp_out), and each block's output."""
+    acts, handles = {}, []
+    for i, block in enumerate(model.blocks):
+        H = block.n_head
+        handles += [
+            block.attn_out.register_forward_pre_hook(lambda m, a, i=i, H=H: acts.__setitem__((i, "attn"), a[0].unflatten(-1, (H, -1)))),
+            block.mlp_out.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__((i, "mlp"), out[:, :, None])),
+            block.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__((i, "block"), out[:, :, None]))]
+    return acts, handles
+
+
+def test_capture_activations_equals_what_forward_hooks_record():
+    model = tiny_model(block=dict(num_codes=8, layers=[1])).eval()
+    acts, handles = hooked_activations(model)
+    with torch.no_grad(), cb.codebooks_off(model), cb.capture_activations(model) as captured:
+        model(tokens())  # codebooks off: the hooks see what the codebooks would quantise
+    for handle in handles:
+        handle.remove()
+    assert sorted((i, site) for i in captured for site in captured[i]) == sorted(acts)
+    for (i, site), a in acts.items():
+        assert torch.equal(captured[i][site], a), (i, site)
+
+
+def test_with_codebooks_off_is_the_base_model_exactly():
+    base = cb.GPT(cb.GPTConfig(**TINY, attn_window=3)).eval()
+    model = cb.with_codebooks(base, {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8), "block": dict(num_codes=8)}).eval()
+    x = tokens()
+    with torch.no_grad(), cb.codebooks_off(model):
+        assert torch.equal(model(x), base(x))
+    with torch.no_grad():
+        assert not torch.allclose(model(x), base(x), atol=1e-3)
+
+
+def test_kmeans_init_sets_each_layernorm_to_the_scale_and_offset_of_its_inputs():
+    model = cb.with_codebooks(cb.GPT(cb.GPTConfig(**TINY)), {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8)})
+    x = tokens(8)
+    acts, handles = hooked_activations(model)
+    with torch.no_grad(), cb.codebooks_off(model):
+        model(x)
+    for handle in handles:
+        handle.remove()
+    cb.init_codebooks_kmeans(model, x)
+    for (i, site), layer in model.codebook_layers().items():
+        a = acts[(i, site)].reshape(-1, layer.heads, layer.dim)  # (tokens, heads, dim)
+        scale = ((a - a.mean(-1, keepdim=True)) ** 2).mean(-1).sqrt().mean(0)  # per head: mean over tokens of each vector's std
+        offset = a.mean(-1).mean(0)
+        torch.testing.assert_close(layer.ln_weight, scale[:, None].expand(-1, layer.dim))
+        torch.testing.assert_close(layer.ln_bias, offset[:, None].expand(-1, layer.dim))

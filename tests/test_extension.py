@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import codebook as cb
+from csrc import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMS = ("cosine", "euclidean")
@@ -185,8 +186,9 @@ def test_blas_engine_equals_reference(ext):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("-mno-avx512f is an x86 flag; elsewhere the main build is the BLAS engine")
     script = ("import sys, torch, codebook as cb\n"
+              "from csrc import loader\n"
               "from torch.utils.cpp_extension import load\n"
-              "load('codebook_search_blas', [cb.CSRC + '/search.cpp'], extra_cflags=['-O3', '-fopenmp', '-mno-avx512f'],\n"
+              "load('codebook_search_blas', [loader.HERE + '/search.cpp'], extra_cflags=['-O3', '-fopenmp', '-mno-avx512f'],\n"
               "     extra_ldflags=['-fopenmp'], is_python_module=False)\n"
               "sys.path.insert(0, 'tests')\n"
               "from test_extension import check, data\n"
@@ -204,7 +206,8 @@ def test_blas_engine_equals_reference(ext):
 def test_torch_fallback_with_codebook_ext_0():
     """CODEBOOK_EXT=0 never builds csrc/ and searches in torch, with the same results."""
     script = ("import torch, codebook as cb\n"
-              "assert cb.load_extension() is None and cb._extension is None\n"
+              "from csrc import loader\n"
+              "assert cb.load_extension() is None and loader._extension is None\n"
               "x, book = torch.randn(2, 30, 8), torch.randn(2, 50, 8)\n"
               "s, i = cb.topk_codes(x, book, 3)\n"
               "r = cb.search_reference(x, book, 3)\n"
@@ -218,8 +221,8 @@ def test_torch_fallback_with_codebook_ext_0():
 def test_failed_build_warns_once_or_raises(monkeypatch):
     def broken():
         raise OSError("no compiler\nsecond line")
-    monkeypatch.setattr(cb, "_build_extension", broken)
-    monkeypatch.setattr(cb, "_extension", None)
+    monkeypatch.setattr(loader, "build_extension", broken)
+    monkeypatch.setattr(loader, "_extension", None)
     monkeypatch.setenv("CODEBOOK_EXT", "1")
     with pytest.raises(RuntimeError, match="CODEBOOK_EXT=1 but the csrc extension failed to build"):
         cb.load_extension()

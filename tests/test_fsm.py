@@ -1,6 +1,5 @@
 """TokFSM: the data, the metrics on hand-built cases, and a smoke run of the whole pipeline."""
 import json
-import time
 
 import pytest
 import torch
@@ -91,7 +90,7 @@ def test_interchange_batches_show_a_but_carry_b_codes_and_continue_from_b():
                         codebooks={"attn": dict(num_codes=24), "mlp": dict(num_codes=40)}))
     walks = fsm.random_walks(16, torch.Generator().manual_seed(1))
     x, y, (codes, positions) = T.interchange_batch(model.train(), fsm, walks, 0.3, torch.Generator().manual_seed(2))
-    assert model.training and all(layer.code_counts.sum() == 0 for layer in model.codebook_layers().values())
+    assert model.training and all(layer.usage.sum() == 0 for layer in model.codebook_layers().values())
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == positions.shape == (16, 128)
     shown, true = fsm.decode(y), walks[:, :-1]  # y spells states 0 .. 63; state j ends at input 2j + 2
     swapped = positions[:, 2::2]
@@ -109,22 +108,20 @@ def test_interchange_batches_show_a_but_carry_b_codes_and_continue_from_b():
 
 
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
-    started = time.time()
     argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32", "--mlp_codes", "16",
             "--base_steps", "6", "--codebook_steps", "4", "--revive_every", "2", "--batch_size", "8",
             "--eval_seqs", "40", "--samples", "8", "--pairs", "40", "--walk_length", "16",
             "--device", "cpu", "--out", str(tmp_path)]
-    results = T.main(argv)
-    assert time.time() - started < 20
+    T.main(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("transition_accuracy", "dead_code_fraction", "state_code_precision", "state_code_recall",
                 "neuron_precision", "intervention_success"):
         assert key in saved["codebook"]
     assert set(saved["codebook"]["intervention_success"]) == {"mlp", "attn", "all", "none"}
     assert set(saved["codebook"]["intervention_js_to_b"]) == {"mlp", "attn", "all", "none"}
-    assert "transition_accuracy" in saved["baseline"] and saved["wall_seconds"] > 0
+    assert "transition_accuracy" in saved["baseline"]
+    assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())
     assert len(fsm["successors"]) == fsm["num_states"] == 100
     model = cb.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
     assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
-    assert results["codebook"]["dead_code_fraction"] == saved["codebook"]["dead_code_fraction"]

@@ -1,0 +1,48 @@
+"""Loading the fused code search of this folder: compiled on first use with torch's JIT build
+(cached by torch in ~/.cache/torch_extensions, rebuilt when a source changes).
+
+CODEBOOK_EXT decides: unset, the extension if it builds, else one warning and the torch search
+(same results); 0, never build it; 1, the extension must build, or the search raises."""
+import os
+import platform
+import types
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_extension = None  # the loaded extension, False once its build failed
+
+
+def load_extension():
+    """The extension (with .supports(x, k) and .topk_codes(x, codebook, k, similarity)), or None
+    when it is switched off or failed to build."""
+    global _extension
+    mode = os.environ.get("CODEBOOK_EXT", "")
+    if mode == "0":
+        return None
+    if _extension is None:
+        try:
+            _extension = build_extension()
+        except Exception as e:  # a missing compiler must not stop anyone: fall back, loudly
+            if mode == "1":
+                raise RuntimeError(f"CODEBOOK_EXT=1 but the csrc extension failed to build: {e}") from e
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            warnings.warn(f"csrc extension unavailable ({type(e).__name__}: {first_line}); "
+                          "using the torch code search (same results)")
+            _extension = False
+    return _extension or None
+
+
+def build_extension():
+    """The JIT build adds no optimisation or OpenMP flags by itself: without them the C++ loops
+    run ~70x slower, on one thread. The CUDA kernel joins only with a CUDA torch and toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+    cuda = torch.cuda.is_available() and CUDA_HOME is not None
+    sources = ["search.cpp"] + (["search.cu", "search_cuda.cpp"] if cuda else [])
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []  # AVX-512/AVX2 compares
+    load("codebook_search", [os.path.join(HERE, s) for s in sources], extra_cflags=["-O3", "-fopenmp", *native],
+         extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False)
+    return types.SimpleNamespace(  # the CUDA kernel keeps at most 64 codes per row
+        supports=lambda x, k: x.device.type == "cpu" or (cuda and x.device.type == "cuda" and k <= 64),
+        topk_codes=torch.ops.codebook.topk_codes)

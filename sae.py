@@ -55,65 +55,88 @@ class TopKSAE(nn.Module):
         # AuxK (appendix A.2): k_aux a power of two near dim / 2; dead after `dead_after` tokens unfired
         self.k_aux = min(num_latents, k_aux or 2 ** max(0, (dim // 2).bit_length() - 1))
         self.aux_alpha, self.dead_after = aux_alpha, dead_after
-        # appendix A.1: random unit-norm decoder directions, the encoder its transpose, b_enc zero;
-        # b_pre is set from data by init_b_pre()
+        # appendix A.1: random unit-norm decoder directions, the encoder's the same (W_enc = W_dec^T),
+        # b_enc zero; b_pre is set from data by init_b_pre()
         decoder = torch.randn(heads, num_latents, dim, generator=generator)
         decoder = decoder / decoder.norm(dim=-1, keepdim=True)
         self.decoder = nn.Parameter(decoder)  # (heads, latents, dim): row i is latent i's direction
-        self.encoder = nn.Parameter(decoder.transpose(1, 2).clone())  # (heads, dim, latents)
+        self.encoder = nn.Parameter(decoder.clone())  # (heads, latents, dim): row i reads latent i
         self.b_enc = nn.Parameter(torch.zeros(heads, num_latents))
         self.b_pre = nn.Parameter(torch.zeros(heads, dim))
         self.register_buffer("tokens_since_fired", torch.zeros(heads, num_latents, dtype=torch.long))
 
     def pre_activations(self, x):
         """x (..., heads, dim) -> W_enc (x - b_pre) + b_enc, (..., heads, latents)."""
-        return torch.einsum("...hd,hdl->...hl", x - self.b_pre, self.encoder) + self.b_enc
+        return torch.einsum("...hd,hld->...hl", x - self.b_pre, self.encoder) + self.b_enc
 
-    def top_k(self, pre, k, allowed=None):
-        """Keep the k largest pre-activations per head (among `allowed` (heads, latents) only, when
-        given), ReLU them, zero the rest: the sparse latents z (..., heads, latents)."""
+    def select(self, x, k, allowed=None):
+        """The k largest pre-activations of each head (among its `allowed` (heads, latents) latents
+        only, when given) after ReLU: (ids, values), each (..., heads, k). The ids are chosen
+        without gradient, then only their pre-activations are recomputed with it: the values and
+        gradients of top-k over all latents, at k / num_latents of the cost of the backward."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            if allowed is not None:
+                pre = pre.masked_fill(~allowed, -torch.inf)
+            ids = pre.topk(k, dim=-1).indices
+        head = torch.arange(self.heads, device=x.device)[:, None]  # indexes along with ids
+        values = ((x - self.b_pre)[..., None, :] * self.encoder[head, ids]).sum(-1) + self.b_enc[head, ids]
         if allowed is not None:
-            pre = pre.masked_fill(~allowed, -torch.inf)
-        values, ids = pre.topk(k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, ids, values.relu())
+            values = values * allowed[head, ids]  # a head with fewer than k allowed latents
+        return ids, values.relu()
 
-    def decode(self, z):
-        """Latents z (..., heads, latents) -> W_dec z + b_pre, (..., heads, dim)."""
-        return torch.einsum("...hl,hld->...hd", z, self.decoder) + self.b_pre
+    def decode(self, ids, values, b_pre=True):
+        """Latents (ids, values) (..., heads, k) -> W_dec z + b_pre (..., heads, dim)."""
+        head = torch.arange(self.heads, device=ids.device)[:, None]
+        out = (values[..., None] * self.decoder[head, ids]).sum(-2)
+        return out + self.b_pre if b_pre else out
 
     def encode(self, x):
-        return self.top_k(self.pre_activations(x), self.k)
+        """The latents z (..., heads, latents): k or fewer non-zero per head."""
+        ids, values = self.select(x, self.k)
+        return torch.zeros(*x.shape[:-1], self.num_latents, device=x.device).scatter(-1, ids, values)
 
     def forward(self, x):
         """x (..., heads, dim) -> its reconstruction, same shape and dtype: what is spliced in."""
         if x.shape[-2:] != (self.heads, self.dim):
             raise ValueError(f"SAE input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
-        return self.decode(self.encode(x.float())).to(x.dtype)
+        return self.decode(*self.select(x.float(), self.k)).to(x.dtype)
 
     def losses(self, x):
         """(mse, aux) on x (tokens, heads, dim), each summed over heads and averaged over tokens;
         in training mode also counts, per latent, the tokens since it last fired."""
-        pre = self.pre_activations(x)
-        z = self.top_k(pre, self.k)
-        error = x - self.decode(z)
+        ids, values = self.select(x, self.k)
+        error = x - self.decode(ids, values)
         mse = error.pow(2).sum(-1).mean(0).sum()
         if self.training:
             with torch.no_grad():
                 self.tokens_since_fired += len(x)
-                self.tokens_since_fired[(z > 0).any(0)] = 0
+                fired = values > 0
+                head = torch.arange(self.heads, device=x.device)[:, None].expand_as(ids)
+                self.tokens_since_fired[head[fired], ids[fired]] = 0
         dead = self.tokens_since_fired >= self.dead_after
         if not dead.any():
             return mse, mse.new_zeros(())
-        # AuxK: the dead latents' best k_aux reconstruct what the live ones missed (no b_pre: e is a
-        # difference); gives dead latents a gradient so they can come back
-        error_hat = torch.einsum("thl,hld->thd", self.top_k(pre, self.k_aux, allowed=dead), self.decoder)
+        # AuxK: the best k_aux dead latents reconstruct what the live ones missed (without b_pre:
+        # the error is a difference); it gives dead latents a gradient, so they can come back
+        error_hat = self.decode(*self.select(x, self.k_aux, allowed=dead), b_pre=False)
         aux = (error.detach() - error_hat).pow(2).sum(-1).mean(0)
         return mse, (aux * dead.any(-1)).sum()  # heads without a dead latent add nothing
 
     @torch.no_grad()
-    def init_b_pre(self, x):
-        """b_pre at the geometric median of samples x (N, heads, dim) (appendix A.1)."""
-        self.b_pre.copy_(geometric_median(x.float()))
+    def init_from_data(self, x, directions=True, generator=None):
+        """From samples x (N, heads, dim): b_pre at their geometric median (appendix A.1); with
+        `directions`, each latent's decoder and encoder rows along b_pre -> a random sample (the
+        SAE's counterpart of the codebooks' k-means start). Gao et al. draw random directions;
+        at k = 1 and this size most of those are never chosen and AuxK, which fits only the
+        residual, does not bring them back (README: both measured)."""
+        x = x.float()
+        self.b_pre.copy_(geometric_median(x))
+        if directions:
+            picked = x[torch.randint(len(x), (self.num_latents,), generator=generator)] - self.b_pre
+            rows = picked.transpose(0, 1) / picked.transpose(0, 1).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.decoder.copy_(rows)
+            self.encoder.copy_(rows)
 
     @torch.no_grad()
     def project_decoder_grad(self):
@@ -131,19 +154,19 @@ class TopKSAE(nn.Module):
     def top_latents(self, x):
         """x (..., heads, dim) -> ids (..., heads, k) of the latents TopK chose. A slot whose
         latent the ReLU zeroed (it did not fire) holds num_latents, an id no latent has."""
-        values, ids = self.pre_activations(x.float()).topk(self.k, dim=-1)
+        ids, values = self.select(x.float(), self.k)
         return ids.masked_fill(values <= 0, self.num_latents)
 
 
 # ------------------------------------------------------------------------------------------------
 # 2. Training on cached activations. Adam (appendix A), no weight decay, gradient clipping at 1.
 
-def train_sae(sae, acts, steps, batch_size=1024, lr=1e-3, generator=None):
+def train_sae(sae, acts, steps, batch_size=512, lr=3e-3, data_directions=True, generator=None):
     """Train `sae` on activations acts (N, heads, dim) for `steps` Adam steps of `batch_size`
-    random rows (drawn with `generator`); the learning rate decays linearly to zero over the last
-    fifth. Returns the SAE, in eval mode."""
+    random rows (drawn with `generator`), started by init_from_data; the learning rate decays
+    linearly to zero over the last fifth. Returns the SAE, in eval mode."""
     acts = acts.float()
-    sae.init_b_pre(acts[torch.randperm(len(acts), generator=generator)[:4096]])
+    sae.init_from_data(acts[torch.randperm(len(acts), generator=generator)[:4096]], data_directions, generator)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, 5 * (1 - step / steps)))
     sae.train()
@@ -180,7 +203,7 @@ def cache_activations(model, tokens, sites, batch_size=64):
     return {key: torch.cat(v) for key, v in cached.items()}
 
 
-def train_saes(acts, sizes, steps=1000, batch_size=1024, lr=1e-3, seed=0, **sae_options):
+def train_saes(acts, sizes, steps=400, batch_size=512, lr=3e-3, data_directions=True, seed=0, **sae_options):
     """One TopKSAE per site: acts {(layer, site): (N, heads, dim)}, sizes {(layer, site):
     (num_latents, k)} (codebook_sizes of the codebook model). All randomness comes from a
     generator seeded by `seed`, never from torch's global one. Returns {(layer, site): TopKSAE}."""
@@ -192,7 +215,7 @@ def train_saes(acts, sizes, steps=1000, batch_size=1024, lr=1e-3, seed=0, **sae_
     for key, (num_latents, k) in sizes.items():
         x = acts[key]
         sae = TopKSAE(x.shape[-2], x.shape[-1], num_latents, k, generator=generator, **sae_options)
-        saes[key] = train_sae(sae, x.reshape(-1, *x.shape[-2:]), steps, batch_size, lr, generator)
+        saes[key] = train_sae(sae, x.reshape(-1, *x.shape[-2:]), steps, batch_size, lr, data_directions, generator)
     return saes
 
 
@@ -226,4 +249,4 @@ def latent_precision_recall(ids, masks, num_latents):
 
 def dead_fraction(ids, num_latents):
     """Share of the latents that never fire in recorded ids (..., k)."""
-    return (cb.code_counts(ids, num_latents + 1)[:num_latents] == 0).float().mean().item()
+    return (cb.count_codes(ids, num_latents + 1)[:num_latents] == 0).float().mean().item()

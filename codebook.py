@@ -323,6 +323,7 @@ def _position_mask(positions, shape, device):
 # ------------------------------------------------------------------------------------------------
 # 4. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
 # attention causal over the whole prefix, or over a window of the last attn_window positions.
+# A few fields make the same block compute GPT-2, GPT-Neo and GPT-NeoX (hf.py loads them).
 
 @dataclass
 class CodebookSpec:
@@ -346,15 +347,30 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     d_mlp: int = 512
-    attn_window: int = 0  # > 0: each position attends to itself and the attn_window - 1 before it
+    attn_window: int | list = 0  # > 0: each position attends to itself and the attn_window - 1 before it; or one per layer
+    attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head) (GPT-Neo: 1.0)
+    qkv_bias: bool = True  # biases on the query, key and value projections (GPT-Neo has none)
+    learned_positions: bool = True  # a learned position embedding is added to the token embedding
+    rotary_dims: int = 0  # > 0: rotary embeddings on each head's first rotary_dims query/key dims (GPT-NeoX)
+    rotary_base: float = 10000.0  # the rotary frequencies are rotary_base ** (-2i / rotary_dims)
+    parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
+    gelu: str = "none"  # F.gelu's approximate: "none" (exact) or "tanh" (GPT-2, GPT-Neo)
+    ln_eps: float = 1e-5  # LayerNorm epsilon
+    tied_head: bool = False  # the output layer shares the token embedding's weight (GPT-2, GPT-Neo)
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if not isinstance(self.attn_window, int) or self.attn_window < 0:
-            raise ValueError(f"attn_window={self.attn_window!r} must be 0 (full causal attention) or a positive integer")
+        windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
+        if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
+            raise ValueError(f"attn_window={self.attn_window!r} must be 0 (full causal attention), a positive integer "
+                             f"or a list of n_layer={self.n_layer} of them")
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu={self.gelu!r} must be 'none' (exact) or 'tanh'")
+        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_model // self.n_head:
+            raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_model // self.n_head}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         specs = {}
@@ -382,9 +398,10 @@ class GPTConfig:
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head, self.d_head, self.window = cfg.n_head, cfg.d_model // cfg.n_head, cfg.attn_window
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.n_head, self.d_head, self.cfg = cfg.n_head, cfg.d_model // cfg.n_head, cfg
+        self.window = cfg.attn_window[layer] if isinstance(cfg.attn_window, list) else cfg.attn_window
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps), nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
         self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
         self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
         heads = {"attn": (cfg.n_head, self.d_head), "mlp": (1, cfg.d_model), "block": (1, cfg.d_model)}
@@ -407,6 +424,9 @@ class Block(nn.Module):
         """x (B, T, D); cache: a dict holding the keys and values of earlier positions, or None."""
         B, T, D = x.shape  # batch, sequence length, d_model
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, dh)
+        if self.cfg.rotary_dims:
+            start = cache["k"].shape[2] if cache is not None and "k" in cache else 0
+            q, k = (rotary(t, start, self.cfg.rotary_dims, self.cfg.rotary_base) for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, T_past + T, dh)
@@ -414,14 +434,25 @@ class Block(nn.Module):
         if self.window:  # key j is visible from query i when i - window < j <= i
             i = torch.arange(k.shape[2] - T, k.shape[2], device=x.device)[:, None]
             j = torch.arange(k.shape[2], device=x.device)
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window))
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window), scale=self.cfg.attn_scale)
         else:  # one new query after cached positions may see all of them; otherwise causal
-            heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.cfg.attn_scale)
         heads = self.site("attn", heads.transpose(1, 2))  # (B, T, H, dh): each head's output before W_O
-        x = x + self.attn_out(heads.reshape(B, T, D))
-        mlp = self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))  # (B, T, D)
-        x = x + self.site("mlp", mlp[:, :, None])[:, :, 0]  # the MLP codebook sees one "head" of D
+        h = x + self.attn_out(heads.reshape(B, T, D))
+        mlp = self.mlp_out(F.gelu(self.mlp_in(self.ln2(x if self.cfg.parallel_residual else h)), approximate=self.cfg.gelu))
+        x = h + self.site("mlp", mlp[:, :, None])[:, :, 0]  # the MLP codebook sees one "head" of D
         return self.site("block", x[:, :, None])[:, :, 0]
+
+
+def rotary(x, start, dims, base):
+    """Rotary position embedding of queries or keys x (B, H, T, d_head) at positions start, start + 1, ...:
+    the first `dims` dims of each head, dim i paired with i + dims/2 (GPT-NeoX's layout), the rest unchanged."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float, device=x.device) / dims))
+    angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(x.dtype) for f in (torch.cos, torch.sin))
+    rot, rest = x[..., :dims], x[..., dims:]
+    rotated_half = torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1)
+    return torch.cat([rot * cos + rotated_half * sin, rest], -1)
 
 
 class GPT(nn.Module):
@@ -430,15 +461,17 @@ class GPT(nn.Module):
         self.config = config if isinstance(config, GPTConfig) else GPTConfig(**config)
         cfg = self.config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():
             if p.dim() == 2 and "codebooks" not in name:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
+        if cfg.tied_head:
+            self.head.weight = self.tok_emb.weight
 
     def forward(self, idx, cache=None):
         """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict,
@@ -454,7 +487,9 @@ class GPT(nn.Module):
         if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
         idx = idx.long()
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
@@ -474,9 +509,6 @@ class GPT(nn.Module):
         """(address string, CodebookLayer, head) for every codebook, heads of a layer separately."""
         return [(str(Address(i, site, h)), cb, h) for (i, site), cb in self.codebook_layers().items() for h in range(cb.heads)]
 
-    def codebook_addresses(self):
-        return [address for address, _, _ in self.codebook_heads()]
-
     def locate(self, address):
         """Address (or its text) -> (CodebookLayer, head index); clear errors for what is missing."""
         a = parse_address(address)
@@ -484,7 +516,7 @@ class GPT(nn.Module):
             raise ValueError(f"{a}: layer {a.layer} does not exist (n_layer={len(self.blocks)})")
         cb = self.blocks[a.layer].codebooks[a.site] if a.site in self.blocks[a.layer].codebooks else None
         if cb is None:
-            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(self.codebook_addresses()) or 'none'})")
+            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(a for a, _, _ in self.codebook_heads()) or 'none'})")
         if not 0 <= a.head < cb.heads:
             raise ValueError(f"{a}: head {a.head} does not exist (n_head={cb.heads})")
         if a.code is not None and not 0 <= a.code < cb.num_codes:
@@ -804,36 +836,10 @@ def _stats_buffers(codebooks):
     return [t for cb in codebooks for t in (cb.usage, cb.recon_sum, cb.token_count)]
 
 
-def _loop_state(codebooks, world):
-    """What a resumed run needs beyond weights and optimiser to continue exactly: every rank's
-    RNG states and the codebook statistics since the last revival, summed over ranks."""
-    stats = [t.clone() for t in _stats_buffers(codebooks)]
-    _sum_across_ranks(stats)
-    return {"rng": runs.rng_states(world), "codebook_stats": [t.cpu() for t in stats]}
-
-
-def _resume(path, model, optimizer, run, codebooks, rank, world):
-    """Load a checkpoint train() wrote, refusing one trained with other settings; (step, history)."""
-    state = load_checkpoint(path, map_location=next(model.parameters()).device)
-    differs = runs.first_difference(state.get("run", {"config": state["config"]}), run)
-    if differs:
-        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
-                         "checkpoint's settings, or choose another output folder")
-    saved_ranks = len(state["loop_state"]["rng"])
-    if state["step"] < run["loop"]["steps"] and saved_ranks != world:
-        raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    runs.restore_rng(state["loop_state"]["rng"][rank if rank < saved_ranks else 0])
-    for buffer, saved in zip(_stats_buffers(codebooks), state["loop_state"]["codebook_stats"]):
-        buffer.copy_(saved if rank == 0 else torch.zeros_like(saved))  # the sum over ranks stays the same
-    return state["step"], state["history"]
-
-
 def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
           warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
           eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
-          desc="train", autocast=None):
+          desc="train", autocast=None, ckpt_extra=None):
     """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`, in eval
     mode, with `model.history`: [{"step", "loss", "dead", "mse"}] every log_every steps).
 
@@ -846,7 +852,8 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     whichever comes first, at the end, and at a SIGINT / SIGTERM (then raises Interrupted). A
     checkpoint already there is resumed exactly (weights, optimiser, RNG states, code statistics),
     or returned as it is when finished; one trained with other settings (the model's config, the
-    loop's arguments, `settings`: plain data describing the batches) is refused."""
+    loop's arguments, `settings`: plain data describing the batches) is refused. ckpt_extra: plain
+    data every checkpoint also holds (train_lm.py stores the tokenizer there)."""
     from tqdm import tqdm
     rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
     if world > 1 and device == "cuda":
@@ -861,12 +868,14 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
     step, history = 0, []
     if ckpt_path and os.path.exists(ckpt_path):
-        step, history = _resume(ckpt_path, model, optimizer, run, codebooks, rank, world)
+        state = load_checkpoint(ckpt_path, map_location=device)
+        step, history = runs.resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
 
     def save():
-        loop_state = _loop_state(codebooks, world)  # a collective: every rank takes part
+        loop_state = runs.loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state)
+            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state,
+                            **(ckpt_extra or {}))
 
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)

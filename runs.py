@@ -70,7 +70,7 @@ def check_out(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Files.
+# Files and settings that must match.
 
 def write_atomically(path, write):
     """write(tmp_path), then rename over `path`: readers see the old file or the new one, never
@@ -105,6 +105,37 @@ def first_difference(saved, now, prefix=""):
         elif a != b:
             return f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now"
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact resume: a checkpoint of the training loop carries what the next step depends on.
+
+def loop_state(summed, world):
+    """What a resumed loop needs beyond weights and optimiser to continue exactly: every rank's RNG
+    states and the tensors `summed` (statistics such as code usage), summed over ranks."""
+    summed = [t.clone() for t in summed]
+    if world > 1:
+        for t in summed:
+            torch.distributed.all_reduce(t)
+    return {"rng": rng_states(world), "summed": [t.cpu() for t in summed]}
+
+
+def resume(path, state, run, model, optimizer, summed, rank, world):
+    """Continue from a checkpoint `state` of the loop, refusing one whose `run` (the settings that
+    shape training) differs from this run's; returns (step, history)."""
+    differs = first_difference(state.get("run", {"config": state["config"]}), run)
+    if differs:
+        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
+                         "checkpoint's settings, or choose another output folder")
+    saved_ranks = len(state["loop_state"]["rng"])
+    if state["step"] < run["loop"]["steps"] and saved_ranks != world:
+        raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["loop_state"]["rng"][rank if rank < saved_ranks else 0])  # a finished stage may go on with more
+    for tensor, saved in zip(summed, state["loop_state"]["summed"]):
+        tensor.copy_(saved if rank == 0 else torch.zeros_like(saved))  # the sum over ranks stays the same
+    return state["step"], state["history"]
 
 
 def rng_states(world):

@@ -2,6 +2,7 @@
 The text machinery the language-model scripts share (train_lm.py trains on it, steer.py steers
 towards its topics): bytes as tokens, the generated topic-story corpus, and corpora tokenised once
 into files read through numpy memmap, so a corpus of several GB never has to fit in memory.
+A pretrained model's BPE tokenizer (hf.py) has the interface of ByteTokenizer and works everywhere here.
 """
 import fnmatch
 import hashlib
@@ -33,6 +34,26 @@ def decode_bytes(tokens):
 
 def decode(tokens):
     return decode_bytes(tokens).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """The functions above as an object with hf.BPETokenizer's interface, so the scripts treat
+    byte models and pretrained models alike."""
+    kind, vocab_size, bos = "bytes", VOCAB_SIZE, BOS
+
+    def encode(self, text):
+        return encode(text)
+
+    def decode(self, tokens, skip_special=True):  # BOS, the one special token, is always dropped
+        return decode(tokens)
+
+    def to_dict(self):
+        return {"kind": self.kind}
+
+
+def token_dtype(tokenizer):
+    """How token ids are stored on disk: bytes as uint8 (BOS is never stored), others in 16 or 32 bits."""
+    return np.uint8 if tokenizer.kind == "bytes" else np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,11 +297,12 @@ def topic_regex(words):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tokenised corpora on disk. Each split is a uint8 file of its documents' bytes back to back plus
-# the byte offset where each document starts; read as a token stream in which BOS precedes every
-# document. Documents go to the validation split at random (seeded) when the corpus is written.
+# Tokenised corpora on disk. Each split is a file of its documents' tokens back to back (uint8 for
+# bytes, token_dtype() otherwise) plus the offset where each document starts; read as a token stream
+# in which BOS (the tokenizer's bos) precedes every document. Documents go to the validation split
+# at random (seeded) when the corpus is written.
 
-MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces, so any corpus splits finely
+MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces (of as many tokens), so any corpus splits finely
 
 
 def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git")):
@@ -318,21 +340,22 @@ def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-
         yield rest
 
 
-def write_corpus(documents, folder, val_fraction=0.05, seed=0):
-    """Tokenise documents (an iterable of str or bytes) into folder/{train,val}.bin and
-    {train,val}_docs.npy; returns the number of bytes in each split."""
+def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None):
+    """Tokenise documents (an iterable of str or bytes; tokenizer None: bytes) into
+    folder/{train,val}.bin and {train,val}_docs.npy; returns the number of tokens in each split."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     files = {s: open(os.path.join(folder, f"{s}.bin.tmp"), "wb") for s in ("train", "val")}
     starts, size = {"train": [], "val": []}, {"train": 0, "val": 0}
+    tokenizer = tokenizer or ByteTokenizer()
     for doc in documents:
-        doc = doc.encode("utf-8") if isinstance(doc, str) else doc
-        for piece in (doc[i:i + MAX_DOC_BYTES] for i in range(0, len(doc), MAX_DOC_BYTES)):
+        tokens = np.asarray(tokenizer.encode(doc), dtype=token_dtype(tokenizer))
+        for piece in (tokens[i:i + MAX_DOC_BYTES] for i in range(0, len(tokens), MAX_DOC_BYTES)):
             split = "val" if rng.random() < val_fraction else "train"
             starts[split].append(size[split])
-            files[split].write(piece)
+            files[split].write(piece.tobytes())
             size[split] += len(piece)
     for split, f in files.items():
         f.close()
@@ -344,9 +367,10 @@ def write_corpus(documents, folder, val_fraction=0.05, seed=0):
 class Split:
     """One split of a tokenised corpus, read through a memmap."""
 
-    def __init__(self, folder, split):
-        path = os.path.join(folder, f"{split}.bin")
-        self.data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+    def __init__(self, folder, split, tokenizer=None):
+        path, dtype = os.path.join(folder, f"{split}.bin"), token_dtype(tokenizer or ByteTokenizer())
+        self.bos = (tokenizer or ByteTokenizer()).bos
+        self.data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
         starts = np.load(os.path.join(folder, f"{split}_docs.npy"))
         self.bos_at = starts + np.arange(len(starts))  # token position of each document's BOS
         self.num_tokens = len(self.data) + len(starts)
@@ -357,7 +381,7 @@ class Split:
         doc = np.searchsorted(self.bos_at, pos, side="right") - 1
         at_bos = pos == self.bos_at[doc]
         data = self.data[np.where(at_bos, 0, pos - doc - 1)].astype(np.int64)  # doc + 1 BOS came before
-        return np.where(at_bos, BOS, data)
+        return np.where(at_bos, self.bos, data)
 
     def windows(self, starts, length):
         return torch.from_numpy(np.stack([self.tokens(s, s + length) for s in starts]))
@@ -368,9 +392,9 @@ class Split:
 
 
 def prepare_data(data, out, val_fraction, seed, stories, include, separator, block_size,
-                 exclude=("site-packages", "__pycache__", ".git")):
-    """Tokenise the corpus once (cached under out/data/ by its files' names, sizes and times) and
-    return its (train, val) splits."""
+                 exclude=("site-packages", "__pycache__", ".git"), tokenizer=None):
+    """Tokenise the corpus once (cached under out/data/ by its files' names, sizes and times, and
+    the tokenizer; None: bytes) and return its (train, val) splits."""
     if data:
         path = os.path.abspath(data)
         if not os.path.exists(path):
@@ -380,6 +404,8 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         name = os.path.basename(path.rstrip(os.sep)) or "data"
     else:
         key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator
+    if tokenizer is not None and tokenizer.kind != "bytes":  # byte corpora keep the key they always had
+        key.append(json.dumps(tokenizer.to_dict(), sort_keys=True))
     key = hashlib.sha1(json.dumps(key + [val_fraction, seed]).encode()).hexdigest()[:12]
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
@@ -387,14 +413,14 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
             documents = iter_documents(path, include, separator, exclude)
         else:
             documents = (story for _, story in make_stories(stories, seed))
-        size = write_corpus(documents, folder, val_fraction, seed)
+        size = write_corpus(documents, folder, val_fraction, seed, tokenizer)
         with open(os.path.join(folder, "done"), "w") as f:
             json.dump(size, f)
-    train_split, val_split = Split(folder, "train"), Split(folder, "val")
+    train_split, val_split = Split(folder, "train", tokenizer), Split(folder, "val", tokenizer)
     for split_name, split in (("train", train_split), ("validation", val_split)):
         if len(split.data) == 0:
             raise ValueError(f"the corpus at {data or 'generated stories'} is empty in its {split_name} split "
-                             f"({len(train_split.data) + len(val_split.data)} bytes in all): give more text")
+                             f"({len(train_split.data) + len(val_split.data)} tokens in all): give more text")
         if split.num_tokens <= block_size:
             raise ValueError(f"the {split_name} split holds {split.num_tokens} tokens, fewer than "
                              f"block_size + 1 = {block_size + 1}: give more text or a smaller --block_size")

@@ -1,7 +1,8 @@
 """
 Finetune a language model with per-head attention codebooks (paper section 5).
 
-Stage 1 trains a plain GPT on bytes (or loads one with --init_from). Stage 2 puts a codebook after
+Stage 1 trains a plain GPT on bytes, or loads one (--init_from), or loads a pretrained GPT-2,
+GPT-Neo or GPT-NeoX from a Hugging Face folder with its tokenizer (--hf). Stage 2 puts a codebook after
 every attention head of every layer (k = 8 of --num_codes codes each), initialises the codes by
 k-means on the heads' activations, and finetunes the whole model. For the paper's comparison the
 base is also finetuned as long without codebooks (the control). The script prints the models'
@@ -12,8 +13,11 @@ OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and OUT/results.json.
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast
+    python train_lm.py --hf models/pythia-70m --data corpus.txt   # codebooks on a pretrained model
 
-Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded.
+Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded;
+with --hf they are the model's BPE tokens (hf.py), and BOS is its end-of-text token. Every
+checkpoint holds its tokenizer, so steer.py and hf.load_with_tokenizer need nothing else.
 Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 """
 import argparse
@@ -26,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import codebook
+import hf
 import runs
 import text
 
@@ -60,12 +65,14 @@ parser.add_argument("--stories", type=int, default=30000, help="size of the gene
 parser.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
 parser.add_argument("--out", default="out/lm", help="output folder")
 parser.add_argument("--init_from", default="", help="skip stage 1: start from this base checkpoint (no codebooks)")
+parser.add_argument("--hf", default="", help="skip stage 1: start from this Hugging Face model folder (GPT-2, GPT-Neo, "
+                    "GPT-NeoX) and its tokenizer; --n_layer, --n_head, --d_model are then the model's")
 parser.add_argument("--seed", type=int, default=0)
 # the model (stage 1)
 parser.add_argument("--n_layer", type=int, default=4)
 parser.add_argument("--n_head", type=int, default=4)
 parser.add_argument("--d_model", type=int, default=128)
-parser.add_argument("--block_size", type=int, default=128, help="context length in tokens")
+parser.add_argument("--block_size", type=int, default=128, help="context length in tokens (with --hf, at most the model's)")
 parser.add_argument("--batch_size", type=int, default=32, help="windows per step (per process under torchrun)")
 parser.add_argument("--base_steps", type=int, default=2000)
 parser.add_argument("--base_lr", type=float, default=3e-3)
@@ -105,12 +112,23 @@ def main(argv=None):
         raise ValueError(f"data path {args.data} does not exist")
     base_config = codebook.GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
                                      n_head=args.n_head, d_model=args.d_model, d_mlp=4 * args.d_model)
+    tokenizer = text.ByteTokenizer()
+    if args.init_from and args.hf:
+        raise ValueError("--init_from and --hf both give the base model: choose one")
     if args.init_from:
-        base = codebook.load_model(args.init_from, args.device)
+        base, tokenizer = hf.load_with_tokenizer(args.init_from, args.device)
         if base.codebook_layers():
             raise ValueError(f"--init_from {args.init_from} already has codebooks: give a base model")
-        if base.config.vocab_size != text.VOCAB_SIZE or base.config.block_size < args.block_size:
-            raise ValueError(f"--init_from {args.init_from} is not a byte model with block_size >= {args.block_size}")
+        if base.config.block_size < args.block_size:
+            raise ValueError(f"--init_from {args.init_from} has block_size {base.config.block_size} < --block_size {args.block_size}")
+    if args.hf:
+        try:
+            base, tokenizer = hf.load_pretrained(args.hf, block_size=args.block_size)
+        except ValueError as e:
+            raise ValueError(f"--hf {args.hf}: {e}") from None
+        if tokenizer.bos is None:
+            raise ValueError(f"--hf {args.hf}: its tokenizer has no <|endoftext|> token to separate documents with")
+        base = base.to(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = codebook.distributed("nccl" if args.device.startswith("cuda") else "gloo")
@@ -121,7 +139,7 @@ def main(argv=None):
     # --- data: tokenised once by rank 0, then memory-mapped by every process
     def prepare():
         return text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories, args.include,
-                                 args.separator, args.block_size, args.exclude.split(","))
+                                 args.separator, args.block_size, args.exclude.split(","), tokenizer)
     if rank == 0:
         train_split, val_split, folder = prepare()
     if world > 1:
@@ -129,7 +147,7 @@ def main(argv=None):
     if rank != 0:
         train_split, val_split, folder = prepare()
     say(f"data: {args.data or f'{args.stories} generated stories'} -> {folder}: "
-        f"{len(train_split.data) / 1e6:.2f} MB train, {len(val_split.data) / 1e6:.2f} MB validation")
+        f"{len(train_split.data) / 1e6:.2f} M tokens train, {len(val_split.data) / 1e6:.2f} M validation ({tokenizer.kind})")
 
     def batches(stage):
         def get_batch(i, rank, world):
@@ -149,13 +167,15 @@ def main(argv=None):
     # what the batches depend on: resuming with another corpus or batch shape is refused
     data_settings = dict(data=os.path.basename(folder), batch_size=args.batch_size, block_size=args.block_size, seed=args.seed)
     common = dict(device=args.device, autocast=autocast, eval_fn=eval_fn, eval_every=args.eval_every, cosine=True,
-                  ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, settings=data_settings)
+                  ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, settings=data_settings,
+                  ckpt_extra={"tokenizer": tokenizer.to_dict()})
     finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
 
     # --- stage 1: the base model, trained here or loaded
-    if args.init_from:
+    if args.init_from or args.hf:
         if rank == 0:
-            codebook.save_checkpoint(os.path.join(args.out, "base.pt"), base, step=0, init_from=args.init_from)
+            codebook.save_checkpoint(os.path.join(args.out, "base.pt"), base, step=0, init_from=args.init_from or args.hf,
+                                     tokenizer=tokenizer.to_dict())
     else:
         base = codebook.train(codebook.GPT(base_config), batches(1), args.base_steps, args.base_lr,
                               ckpt_path=os.path.join(args.out, "base.pt"), desc="stage 1: base",

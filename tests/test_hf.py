@@ -1,0 +1,293 @@
+"""hf.py against the industrial implementations (minGPT's test, once per family): a tiny random
+GPT-2, GPT-Neo and GPT-NeoX made and saved by `transformers`, loaded by hf.py, give the same logits
+and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
+code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
+unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure."""
+import glob
+import importlib
+import json
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+import codebook as cb
+import hf
+import text
+
+
+def need(module):
+    if os.environ.get("CODEBOOK_REQUIRE_HF") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
+
+
+STDLIB = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+def stdlib_text(first, size):
+    """About `size` characters of this Python's standard library source, from file `first` on."""
+    parts, total = [], 0
+    for path in STDLIB[first:]:
+        parts.append(open(path, encoding="utf-8", errors="replace").read())
+        total += len(parts[-1])
+        if total >= size:
+            break
+    return "".join(parts)[:size]
+
+
+# --- models --------------------------------------------------------------------------------
+
+def randomize(model, seed):
+    """Every parameter (biases and LayerNorms too) random and large enough that attention is far
+    from uniform, so a wrong mask, scale, rotation or layout changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name or "ln" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny(family, vocab_size=96, **options):
+    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
+    t = need("transformers")
+    if family == "gpt2":
+        config = t.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
+        return randomize(t.GPT2LMHeadModel(config), 0)
+    if family == "gpt_neo":  # layer 0 global, layer 1 local: a window of 5, shorter than the sequences
+        config = t.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+                                attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0, **options)
+        return randomize(t.GPTNeoForCausalLM(config), 1)
+    config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
+    return randomize(t.GPTNeoXForCausalLM(config), 2)
+
+
+CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
+         "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
+         "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_logits_and_generations_as_transformers(case, tmp_path):
+    family, options = CASES[case]
+    theirs = tiny(family, **options)
+    theirs.save_pretrained(tmp_path)
+    if case.endswith("-bin"):  # the older format: a torch pickle of the state_dict
+        os.remove(tmp_path / "model.safetensors")
+        torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = hf.from_pretrained(str(tmp_path))
+    assert ours.config.tied_head == (family != "gpt_neox")
+
+    x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = theirs(x).logits
+    got = ours(x)
+    assert want.std() > 1.0  # far from uniform: the comparison can tell the models apart
+    assert (got - want).abs().max() <= 1e-4
+
+    prompt = x[:2, :8]
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert want_ids.shape == (2, 28)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+
+    # codebooks added and switched off: the same model again
+    with_cb = cb.with_codebooks(ours, {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8), "block": dict(num_codes=8)})
+    assert not torch.allclose(with_cb(x), want, atol=1e-2)  # on, they change the computation
+    with cb.codebooks_off(with_cb):
+        assert (with_cb(x) - want).abs().max() <= 1e-4
+        assert torch.equal(with_cb.generate(prompt, 20, temperature=0), want_ids)
+    acts = {}
+    with cb.capture_activations(with_cb) as acts:
+        with_cb(x)
+    assert acts[1]["attn"].shape == (3, 40, 4, 16) and acts[1]["mlp"].shape == acts[1]["block"].shape == (3, 40, 1, 64)
+
+
+def test_the_new_fields_keep_generation_with_the_cache_exact():
+    """Rotary positions, parallel residual, per-layer windows, no score scale, tied head: the key-value
+    cache still computes what the whole prefix does, and rotary scores depend only on the offset."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=2, d_model=16, d_mlp=32, attn_window=[0, 4, 2],
+                  attn_scale=1.0, qkv_bias=False, learned_positions=False, rotary_dims=4, parallel_residual=True,
+                  gelu="tanh", ln_eps=1e-6, tied_head=True, codebooks={"attn": dict(num_codes=20, k=2)})
+    model = cb.GPT(config).double().eval()
+    assert model.head.weight is model.tok_emb.weight and "pos_emb.weight" not in model.state_dict()
+    x = torch.randint(0, 50, (2, 24))
+    cache = {}
+    steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
+    assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
+
+    q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
+    score = lambda i, j: (cb.rotary(q, i, 4, 10000.0) * cb.rotary(k, j, 4, 10000.0)).sum()
+    assert torch.allclose(score(3, 1), score(10, 8)) and not torch.allclose(score(3, 1), score(3, 2))
+    assert torch.equal(cb.rotary(q, 5, 4, 10000.0)[..., 4:], q[..., 4:])  # dims past rotary_dims untouched
+
+
+# --- tokenizer -----------------------------------------------------------------------------
+
+SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straße, İstanbul.\n"
+          "東京都の天気は晴れです。北京欢迎你！ 서울 Привет, мир! Γειά σου κόσμε. שָׁלוֹם עולם\n"
+          "Emoji: 🐉🔥👩‍👩‍👧 ✨ 1️⃣ flags 🇫🇷\n"
+          "Numbers: 3.14159, 1,000,000, ٣٤٥, ½ ¾, x²; 0x1F 1e-9 2024-06-01\n"
+          "Contractions: I'm, you're, he's, we've, they'll, I'd, don't, it's, O'Neil's, 'TIS\n"
+          "Whitespace:\ta\t\tb  c   d\r\n\r\n\n\x0b\x0c\u00a0nbsp\u2003em\u3000ideographic \u2028sep  \n   \t  end  ")
+
+
+def bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
+    """A byte-level BPE trained by `tokenizers` (on ~300 KB of stdlib source unless `corpus`, a list
+    of texts), with <|endoftext|> special; Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
+    tk = need("tokenizers")
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = tk.decoders.ByteLevel()
+    if normalize:
+        tok.normalizer = tk.normalizers.NFC()
+    trainer = tk.trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus or [stdlib_text(0, 300_000)], trainer)
+    if normalize:
+        tok.add_tokens(["    ", "        "])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tok.model.save(str(tmp_path))  # vocab.json, merges.txt
+    return tok
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "pythia", "prefix_space"])
+def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
+    theirs = bpe(tmp_path, normalize=variant == "pythia", prefix_space=variant == "prefix_space")
+    ours = hf.load_tokenizer(str(tmp_path))
+    unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
+    for text in [unseen, SAMPLE, SAMPLE + "<|endoftext|>" + SAMPLE[:50] + "<|endoftext|>", "", " ", "\x1c\x1d a"]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text).ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+        if variant != "prefix_space":  # which writes a space before every stretch of text
+            assert ours.decode(ids) == (theirs.normalizer.normalize_str(text) if variant == "pythia" else text)
+    assert ours.bos == theirs.token_to_id("<|endoftext|>") and ours.vocab_size == theirs.get_vocab_size()
+    ids = ours.encode("a<|endoftext|>b")
+    assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)
+
+    # the same tokenizer from plain data, and (GPT-2 style) from vocab.json + merges.txt
+    again = hf.tokenizer_from_dict(ours.to_dict())
+    assert again.encode(SAMPLE) == ours.encode(SAMPLE) and again.bos == ours.bos
+    if variant == "gpt2":
+        os.remove(tmp_path / "tokenizer.json")
+        assert hf.load_tokenizer(str(tmp_path)).encode(unseen[:50_000] + SAMPLE) == theirs.encode(unseen[:50_000] + SAMPLE).ids
+
+
+def test_byte_tokenizer():
+    tok = hf.tokenizer_from_dict(text.ByteTokenizer().to_dict())
+    assert list(tok.encode(SAMPLE)) == list(SAMPLE.encode()) and tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    assert tok.decode([tok.bos, *tok.encode("hi"), 300, -1]) == "hi" and tok.vocab_size == 257
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        hf.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        hf.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        hf.load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="of kind 'sentencepiece'"):
+        hf.tokenizer_from_dict({"kind": "sentencepiece"})
+
+
+def test_clear_errors_from_broken_folders(tmp_path):
+    model = tiny("gpt_neox")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="rope_type='linear' is not implemented"):
+        hf.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[:len(weights) - 1000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        hf.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(weights[:5])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        hf.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    sd = model.state_dict()
+    del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="'layers.1.mlp.dense_4h_to_h.bias' is missing"):
+        hf.from_pretrained(str(tmp_path))
+
+
+def test_a_checkpoint_carries_its_tokenizer(tmp_path):
+    """Where the tokenizer is checked against the model: hf.load_with_tokenizer (checkpoints) and
+    hf.load_pretrained (folders), whenever a model and a tokenizer come together."""
+    bpe(tmp_path)  # 700 ids
+    tokenizer = hf.load_tokenizer(str(tmp_path))
+    config = dict(vocab_size=704, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32)
+    cb.save_checkpoint(tmp_path / "good.pt", cb.GPT(config), tokenizer=tokenizer.to_dict())
+    model, loaded = hf.load_with_tokenizer(str(tmp_path / "good.pt"))
+    assert loaded.encode(SAMPLE) == tokenizer.encode(SAMPLE) and model.config.vocab_size == 704
+    cb.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
+    with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
+        hf.load_with_tokenizer(str(tmp_path / "bad.pt"))
+    cb.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
+    assert isinstance(hf.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
+    cb.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))
+    with pytest.raises(ValueError, match="stores no tokenizer"):
+        hf.load_with_tokenizer(str(tmp_path / "none.pt"))
+
+
+# --- train_lm.py --hf and steer.py ---------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
+    """train_lm.py --hf on a tiny saved GPT-2-style and Pythia-style folder (BPE trained on the
+    generated stories; for Pythia NFC, added space tokens and a padded vocabulary), then steer.py."""
+    import steer
+    import train_lm
+    folder, out = tmp_path / "model", tmp_path / "lm"
+    folder.mkdir()
+    theirs = bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
+    model = tiny(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
+    model.save_pretrained(folder)
+    train_lm.main(["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
+                   "--codebook_steps", "3", "--num_codes", "16", "--k", "2", "--revive_every", "2", "--eval_windows", "8",
+                   "--kmeans_windows", "4", "--threads", "1", "--device", "cpu"])
+    results = json.load(open(out / "results.json"))
+    assert all(np.isfinite(results[k]) for k in ("base_val_loss", "finetuned_val_loss", "codebook_val_loss"))
+
+    # stage 1 is the loaded model, its context cut to --block_size; every checkpoint holds the tokenizer
+    base, tok = hf.load_with_tokenizer(str(out / "base.pt"))
+    x = torch.randint(0, theirs.get_vocab_size(), (2, 32))
+    with torch.no_grad():
+        assert (base(x) - model(x).logits).abs().max() <= 1e-4 and base.config.block_size == 32
+    for name in ("base.pt", "finetuned.pt", "codebook.pt"):
+        assert cb.load_checkpoint(str(out / name))["tokenizer"] == tok.to_dict()
+
+    # the corpus: 16-bit token ids, tokenised once, each document after the end-of-text id
+    data, = glob.glob(str(out / "data" / "stories-*"))
+    stream = np.fromfile(os.path.join(data, "train.bin"), dtype=np.uint16)
+    first = stream[:np.load(os.path.join(data, "train_docs.npy"))[1]]
+    assert tok.decode(first) in [s for _, s in text.make_stories(300)]
+    assert text.Split(data, "train", tok).tokens(0, 3)[0] == tok.bos == theirs.token_to_id("<|endoftext|>")
+
+    capsys.readouterr()
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
+                "--samples", "2", "--new_bytes", "6", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons,sea",
+                "--reference_stories", "40", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1"])
+    steered = json.load(open(tmp_path / "steer" / "results.json"))
+    assert set(steered["topics"]) == {"dragons", "sea"} and steered["topics"]["sea"]["codes"]
+
+
+def test_token_widths():
+    wide = type("Tokenizer", (), {"kind": "bpe", "vocab_size": 70_000})
+    assert text.token_dtype(text.ByteTokenizer()) == np.uint8 and text.token_dtype(wide) == np.uint32
+    assert text.token_dtype(type("Tokenizer", (), {"kind": "bpe", "vocab_size": 2**16})) == np.uint16

@@ -21,14 +21,19 @@ fits activations of a model that never saw it.
 
 Map of this file:
   1. TopKSAE             `heads` independent SAEs in one module, (..., heads, dim) -> same shape
-  2. training            train_sae (one module), train_saes (one per codebook site, cached activations)
+  2. training            train_sae (one module), train_saes (one per codebook site, cached activations),
+                         fit_saes: the same, kept in a file; save_saes / load_saes
   3. reading latents     record_latents, latent_precision_recall, dead_fraction: as codebook.py
                          records and scores codes
 """
+import hashlib
+import os
+
 import torch
 import torch.nn as nn
 
 import codebook as cb
+import runs
 
 
 def geometric_median(x, iters=20):
@@ -216,6 +221,52 @@ def train_saes(acts, sizes, steps=400, batch_size=512, lr=3e-3, data_directions=
         x = acts[key]
         sae = TopKSAE(x.shape[-2], x.shape[-1], num_latents, k, generator=generator, **sae_options)
         saes[key] = train_sae(sae, x.reshape(-1, *x.shape[-2:]), steps, batch_size, lr, data_directions, generator)
+    return saes
+
+
+FORMAT = "codebook-features-sae/1"
+
+
+def save_saes(path, saes, settings):
+    """{(layer, site): TopKSAE} and the settings they were fitted with, as plain data and tensors
+    (torch.load(..., weights_only=True) reads them), written atomically."""
+    state = {"format": FORMAT, "settings": settings, "saes": [
+        {"layer": layer, "site": site, "shape": [s.heads, s.dim, s.num_latents, s.k],
+         "options": {"k_aux": s.k_aux, "aux_alpha": s.aux_alpha, "dead_after": s.dead_after}, "state": s.state_dict()}
+        for (layer, site), s in saes.items()]}
+    runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def fit_saes(path, model, tokens, sizes, **fit):
+    """train_saes on the model's activations on tokens (n, seq) at the sites of `sizes`, written
+    to `path`; read back from there instead when the file holds SAEs fitted with the same
+    options to the same model (its weights) and tokens. Returns {(layer, site): TopKSAE}."""
+    digest = hashlib.sha1(tokens.cpu().numpy().tobytes())
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    settings = dict(fit, sizes=[[*key, *size] for key, size in sizes.items()], digest=digest.hexdigest())
+    saes = load_saes(path, settings) if os.path.exists(path) else None
+    if saes is None:
+        saes = train_saes(cache_activations(model, tokens, sizes), sizes, **fit)
+        save_saes(path, saes, settings)
+    return saes
+
+
+def load_saes(path, settings=None):
+    """The SAEs save_saes wrote, in eval mode; None when `settings` are given and differ."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"SAE file {path} is truncated, corrupt or not a torch file ({type(e).__name__}); delete it") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (written by another program?)")
+    if settings is not None and state["settings"] != settings:
+        return None
+    saes = {}
+    for entry in state["saes"]:
+        s = TopKSAE(*entry["shape"], **entry["options"])
+        s.load_state_dict(entry["state"])
+        saes[entry["layer"], entry["site"]] = s.eval()
     return saes
 
 

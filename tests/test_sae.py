@@ -23,7 +23,7 @@ def by_hand(sae, x):
     out = torch.empty_like(x)
     for t in range(x.shape[0]):
         for h in range(sae.heads):
-            pre = sae.encoder[h].T @ (x[t, h] - sae.b_pre[h]) + sae.b_enc[h]
+            pre = sae.encoder[h] @ (x[t, h] - sae.b_pre[h]) + sae.b_enc[h]
             top = sorted(range(sae.num_latents), key=lambda i: -pre[i])[:sae.k]
             out[t, h] = sae.b_pre[h] + sum(max(pre[i], 0) * sae.decoder[h, i] for i in top)
     return out
@@ -59,7 +59,7 @@ def test_auxk_is_zero_without_dead_latents_and_the_error_fitted_by_dead_ones_oth
     error = x - by_hand(sae, x)
     expected = 0.0
     for t in range(9):
-        pre = sae.encoder[0].T @ (x[t, 0] - sae.b_pre[0]) + sae.b_enc[0]
+        pre = sae.encoder[0] @ (x[t, 0] - sae.b_pre[0]) + sae.b_enc[0]
         top = sorted(dead[0], key=lambda i: -pre[i])[:2]
         error_hat = sum(max(pre[i], 0) * sae.decoder[0, i] for i in top)
         expected += (error[t, 0] - error_hat).pow(2).sum() / 9
@@ -81,19 +81,31 @@ def test_training_keeps_decoder_rows_unit_norm_and_counts_tokens_since_firing():
 
 def test_recovers_a_dictionary_from_its_sparse_combinations():
     # activations that are exactly k = 2 positive combinations of 32 random unit atoms in 32
-    # dimensions, plus an offset; an SAE of 64 latents, k = 2, must find every atom and fit them
+    # dimensions, plus an offset; an SAE of 64 latents, k = 2, started as Gao et al. start it
+    # (random directions), must find every atom and fit them
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     atoms = F.normalize(torch.randn(32, 32, generator=g), dim=-1)
     which = torch.rand(8000, 32, generator=g).topk(2, -1).indices
     x = ((1 + torch.rand(8000, 2, 1, generator=g)) * atoms[which]).sum(1) + torch.randn(32, generator=g)
     saes = S.train_saes({(0, "mlp"): x[:, None]}, {(0, "mlp"): (64, 2)}, steps=800, batch_size=512, lr=3e-3,
-                        dead_after=4096)
+                        data_directions=False, dead_after=4096)
     sae = saes[0, "mlp"]
     with torch.no_grad():
         relative_error = (sae(x[:, None]) - x[:, None]).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         best_cosine = (atoms @ sae.decoder[0].T).max(-1).values
     assert relative_error < 0.01 and best_cosine.min() > 0.99, (relative_error, best_cosine.min())
+
+
+def test_initialisation_from_data():
+    x = torch.randn(500, 2, 3) + torch.tensor([5.0, -2.0, 1.0])
+    sae = S.TopKSAE(2, 3, 7, 1)
+    sae.init_from_data(x, generator=torch.Generator().manual_seed(0))
+    distance = lambda m: (x - m).norm(dim=-1).sum(0)  # the geometric median: least summed distance
+    assert (distance(sae.b_pre) < distance(sae.b_pre + 0.05 * torch.randn(2, 3))).all()
+    assert torch.allclose(sae.encoder, sae.decoder) and torch.allclose(sae.decoder.norm(dim=-1), torch.ones(2, 7))
+    picked = x[torch.randint(500, (7,), generator=torch.Generator().manual_seed(0))] - sae.b_pre  # (7, heads, 3)
+    assert torch.allclose(sae.decoder, F.normalize(picked.transpose(0, 1), dim=-1), atol=1e-6)
 
 
 # --- on a model: caching, training per site, reading latents -----------------------------------

@@ -3,7 +3,8 @@ Codebook Features: transformers whose hidden states pass through vector-quantisa
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
 Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it. What codes
-are compared with (single neurons, activation addition, sparse autoencoders) is in baselines.py.
+are compared with is in baselines.py (single neurons, activation addition) and sae.py (sparse
+autoencoders).
 
 A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.

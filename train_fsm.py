@@ -292,7 +292,7 @@ def main(argv=None):
         results["sae"]["fit_seconds"] = sae_seconds
     report(results, time.time() - started)
     runs.save_json(os.path.join(args.out, "results.json"), results)
-    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json")
+    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else ""))
     return results
 
 
@@ -389,7 +389,7 @@ def fit_saes(base, model, get_batch, args):
     saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, tokens, sae.codebook_sizes(model), steps=args.sae_steps,
                         data_directions=args.sae_directions == "data", seed=args.seed)
     seconds = time.time() - started
-    print(f"SAEs: {len(saes)} sites, {sum(s.heads for s in saes.values())} SAEs fitted in {seconds:.0f} s")
+    print(f"SAEs: {len(saes)} sites, {sum(s.heads for s in saes.values())} SAEs, fitted (or read back) in {seconds:.0f} s")
     return saes, seconds
 
 
@@ -442,6 +442,7 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
     # in; interventions that write b's reconstruction (SAE) or b's activations (neurons) at a's
     # last position, at every site
     if saes:
+        started = time.time()
         s = results["sae"] = {}
         with cb.replace_activations(base, saes):
             accuracy, first = fsm.transition_accuracy(sample_states(base, fsm, args.samples, args.seed + 1))
@@ -468,6 +469,7 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
             column["intervention_success"] = {name: o[0] for name, o in outcomes.items()}
             column["intervention_first_digit_success"] = {name: o[1] for name, o in outcomes.items()}
             column["intervention_js_to_b"] = {name: o[2] for name, o in outcomes.items()}
+        s["eval_seconds"] = time.time() - started  # the SAE and neuron columns' evaluation
     return results
 
 
@@ -503,24 +505,31 @@ def report_comparison(results):
     """Neurons, SAEs and codebooks side by side: detection, splicing, interventions."""
     b, c, s, n = results["baseline"], results["codebook"], results["sae"], results["neurons"]
     mean = lambda d: sum(d.values()) / len(d)
+
+    def row(label, *cells):
+        print(f"  {label:46s}" + "".join(f"{cell:>11s}" for cell in cells))
+
     print(f"""
 neurons and TopK SAEs of the frozen baseline, codebooks finetuned, on the same evaluation sets
-(the SAEs sit at the codebook sites with the same dictionary size and k; fitted in {s['fit_seconds']:.0f} s):
-                                                     neurons       SAEs  codebooks
-states: mean precision of each state's best feature  {pct(n['precision_at_sae_recall'])}    {pct(s['state_latent_precision'])}    {pct(c['state_code_precision'])}
-        at mean recall (neurons: the SAE's)                     {pct(s['state_latent_recall'])}    {pct(c['state_code_recall'])}
-        best site                                              {s['state_latent_sae']:>7s}    {c['state_code_codebook']:>7s}
-        neurons at the codes' recall                 {pct(n['precision_at_code_recall'])}
-spliced in at every site (neurons: the baseline as it is):
-        validation loss                               {b['val_loss']:7.4f}    {s['spliced_val_loss']:7.4f}    {c['val_loss']:7.4f}
-        validation next-token accuracy               {pct(b['val_acc'])}    {pct(s['spliced_val_acc'])}    {pct(c['val_acc'])}
-        transition accuracy                          {pct(b['transition_accuracy'])}    {pct(s['spliced_transition_accuracy'])}    {pct(c['transition_accuracy'])}
-        dead features, mean over sites                          {pct(mean(s['dead_latent_fraction']))}    {pct(mean(c['dead_code_fraction']))}
-interventions: a's last position gets b's activations / reconstruction / codes (two-digit success):""")
-    for name, label in (("none", "none"), ("attn", "attention sites"), ("mlp", "MLP sites"), ("all", "every site")):
-        print(f"        {label:37s}        {pct(n['intervention_success'][name])}    {pct(s['intervention_success'][name])}    "
-              f"{pct(c['intervention_success'][name])}")
-
+(SAEs at the codebook sites, same dictionary size and k; fitted, or read back, in {s['fit_seconds']:.0f} s;
+these two columns evaluated in {s['eval_seconds']:.0f} s):""")
+    row("", "neurons", "SAEs", "codebooks")
+    row("states: each one's best feature, mean precision", pct(n["precision_at_sae_recall"]),
+        pct(s["state_latent_precision"]), pct(c["state_code_precision"]))
+    row("        at mean recall (neurons: the SAEs')", "", pct(s["state_latent_recall"]), pct(c["state_code_recall"]))
+    row("        best site", "", s["state_latent_sae"], c["state_code_codebook"])
+    row("        neurons at the codes' recall", pct(n["precision_at_code_recall"]))
+    row("spliced in at every site (neurons: the baseline)")
+    row("        validation loss", f"{b['val_loss']:.4f}", f"{s['spliced_val_loss']:.4f}", f"{c['val_loss']:.4f}")
+    row("        validation next-token accuracy", pct(b["val_acc"]), pct(s["spliced_val_acc"]), pct(c["val_acc"]))
+    row("        transition accuracy", pct(b["transition_accuracy"]), pct(s["spliced_transition_accuracy"]),
+        pct(c["transition_accuracy"]))
+    row("        dead features, mean over sites", "", pct(mean(s["dead_latent_fraction"])), pct(mean(c["dead_code_fraction"])))
+    row("two-digit success when a's last position gets b's")
+    row("  activations / reconstruction / codes at")
+    for name, label in (("none", "no site"), ("attn", "the attention sites"), ("mlp", "the MLP sites"), ("all", "every site")):
+        row(f"        {label}", pct(n["intervention_success"][name]), pct(s["intervention_success"][name]),
+            pct(c["intervention_success"][name]))
 
 if __name__ == "__main__":
     runs.run_main(main)

@@ -3,7 +3,8 @@ Codebook Features: transformers whose hidden states pass through vector-quantisa
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
 Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it. What codes
-are compared with (single neurons, activation addition, sparse autoencoders) is in baselines.py.
+are compared with is in baselines.py (single neurons, activation addition) and sae.py (sparse
+autoencoders).
 
 A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.
@@ -651,13 +652,20 @@ def capture_activations(model):
 def replace_activations(model, replacements):
     """Within the block, {(layer, site): fn} replaces the activations x (B, T, heads, dim) at that
     site by fn(x), before its codebook if any: splicing a reconstruction in, or patching."""
-    for (layer, site), fn in replacements.items():
-        model.blocks[layer].replacements[site] = fn
+    for layer, site in replacements:
+        if not 0 <= layer < len(model.blocks) or site not in SITES:
+            raise ValueError(f"cannot replace activations at ({layer}, {site!r}): layers are 0 .. "
+                             f"{len(model.blocks) - 1}, sites {SITES}")
+    saved = [block.replacements for block in model.blocks]
     try:
+        for block in model.blocks:
+            block.replacements = dict(block.replacements)  # nested blocks add to the outer ones
+        for (layer, site), fn in replacements.items():
+            model.blocks[layer].replacements[site] = fn
         yield model
     finally:
-        for block in model.blocks:
-            block.replacements = {}
+        for block, before in zip(model.blocks, saved):
+            block.replacements = before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ states, and forcing another state's codes makes the model continue from that sta
 
 Trains (1) a baseline transformer and (2) the codebook model: the same weights plus per-head
 attention and MLP codebooks (k = 1) in every layer, k-means initialised on the baseline's
-activations and finetuned (the method is finetuning, section 3.2). Evaluates both and writes
-OUT/results.json, OUT/base.pt, OUT/codebook.pt and OUT/fsm.json (for codebook.load_model users).
+activations and finetuned (the method is finetuning, section 3.2). Then (3, --sae) TopK sparse
+autoencoders (sae.py) fitted post hoc to the frozen baseline at the same sites, with the same
+dictionary size and k. Evaluates all of them and writes OUT/results.json, OUT/base.pt,
+OUT/codebook.pt, OUT/sae.pt and OUT/fsm.json (for codebook.load_model users).
 Each stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 
 Two choices of this CPU default go beyond the paper (README: what each one changes):
@@ -33,6 +35,7 @@ import baselines
 import codebook as cb
 import report as pages
 import runs
+import sae
 
 
 # --- the FSM and its data ------------------------------------------------------------------------
@@ -145,22 +148,33 @@ def interchange_batch(model, fsm, walks, share, g):
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def next_state_logprobs(model, fsm, x, forced=None, position=None):
+def next_state_logprobs(model, fsm, x, forced=None, position=None, patched=None):
     """log P(next state) (n, num_states) after inputs x, exact over both digits, and log P(next
     digit) (n, base). `forced`: {codebook address: per-row code ids (n, k)}, forced at `position`
-    in every forward."""
+    in every forward; `patched`: {(layer, site): per-row activations (n, heads, dim)}, written
+    over the activations there at `position`."""
     device = model.head.weight.device
 
-    def digit_logprobs(inputs, codes):
+    def put_at_position(values):
+        def put(acts):
+            acts = acts.clone()
+            acts[:, position] = values.to(acts.device, acts.dtype)
+            return acts
+        return put
+
+    def digit_logprobs(inputs, codes, values):
         force = cb.force_codes(model, codes, positions=[position]) if codes else contextlib.nullcontext()
-        with force:
+        patch = cb.replace_activations(model, {key: put_at_position(v) for key, v in values.items()}) if values \
+            else contextlib.nullcontext()
+        with force, patch:
             return F.log_softmax(model(inputs.to(device))[:, -1, :fsm.base].float(), -1).cpu()
 
-    first = lp = digit_logprobs(x, forced)
+    first = lp = digit_logprobs(x, forced, patched)
     if fsm.digits == 2:  # each first digit, then the second: the joint over all two-digit states
         x2 = torch.cat([x.repeat_interleave(fsm.base, 0), torch.arange(fsm.base).repeat(len(x))[:, None]], 1)
         codes2 = {a: ids.repeat_interleave(fsm.base, 0) for a, ids in forced.items()} if forced else None
-        lp = (lp[:, :, None] + digit_logprobs(x2, codes2).view(-1, fsm.base, fsm.base)).flatten(1)
+        values2 = {key: v.repeat_interleave(fsm.base, 0) for key, v in patched.items()} if patched else None
+        lp = (lp[:, :, None] + digit_logprobs(x2, codes2, values2).view(-1, fsm.base, fsm.base)).flatten(1)
     return lp[:, :fsm.num_states], first
 
 
@@ -172,24 +186,29 @@ def js_divergence(logp, logq):
 
 
 @torch.no_grad()
-def intervention_success(model, fsm, sites, pairs, batch=200, seed=7):
+def intervention_success(model, fsm, sites, pairs, batch=200, seed=7, patch=None):
     """Section 4.1, Fig. 2: in a sequence ending in state a, force at its last position the codes
     recorded at the last position of a sequence ending in b. Success: the most likely next state
-    is a legal successor of b. `sites`: codebook addresses; none is no intervention. Returns the
-    success rate, the same for the next digit alone, and the paper's own measure: the mean
-    Jensen-Shannon divergence (nats) of the next digit's distribution to b's unforced one."""
+    is a legal successor of b. `sites`: codebook addresses; none is no intervention. `patch`:
+    {(layer, site): fn} to write activations instead: at a's last position each of those sites
+    gets fn(b's activations there); fn an SAE gives b's reconstruction (its latents, decoded),
+    the identity b's activations themselves. Returns the success rate, the same for the next
+    digit alone, and the paper's own measure: the mean Jensen-Shannon divergence (nats) of the
+    next digit's distribution to b's unforced one."""
     g = torch.Generator().manual_seed(seed)
     inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), min(8, fsm.walk_length), g))
     last = inputs.shape[1] - 1
-    clean = F.log_softmax(model(inputs.to(model.head.weight.device))[:, -1, :fsm.base].float(), -1).cpu()
+    with cb.capture_activations(model) as acts:
+        clean = F.log_softmax(model(inputs.to(model.head.weight.device))[:, -1, :fsm.base].float(), -1).cpu()
     recorded = {a: ids[:, last].cpu() for a, ids in cb.record_codes(model).items() if a in sites}
+    written = {(layer, site): fn(acts[layer][site][:, last]) for (layer, site), fn in (patch or {}).items()}
     first_digits = fsm.successors // fsm.base if fsm.digits == 2 else fsm.successors
     first_legal = torch.zeros(fsm.num_states, fsm.base, dtype=torch.bool)
     first_legal[torch.arange(fsm.num_states)[:, None], first_digits] = True
     hits = first_hits = js = 0
     for a, b in (chunk.T for chunk in pairs.split(batch)):
         forced = {site: recorded[site][b] for site in sites}
-        logprobs, first = next_state_logprobs(model, fsm, inputs[a], forced, last)
+        logprobs, first = next_state_logprobs(model, fsm, inputs[a], forced, last, {key: v[b] for key, v in written.items()})
         hits += fsm.legal[b, logprobs.argmax(-1)].sum().item()
         first_hits += first_legal[b, first.argmax(-1)].sum().item()
         js += js_divergence(first, clean[b]).sum().item()
@@ -264,13 +283,18 @@ def main(argv=None):
                      ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
                      settings=data | {"interchange": args.interchange}, **common)
 
+    # --- the comparison: TopK SAEs fitted post hoc to the frozen baseline, at the codebook sites
+    saes, sae_seconds = fit_saes(base, model, get_batch, args) if args.sae else (None, 0.0)
+
     # --- evaluate and report
     print("evaluating ...")
-    results = evaluate(base, model, fsm, eval_tokens, args)
+    results = evaluate(base, model, fsm, eval_tokens, args, saes)
+    if saes:
+        results["sae"]["fit_seconds"] = sae_seconds
     report(results, time.time() - started)
     runs.save_json(os.path.join(args.out, "results.json"), results)
     page = write_page(results, fsm, model, eval_tokens, args)
-    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json\nreport: {page}")
+    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else "") + f"\nreport: {page}")
     return results
 
 
@@ -310,6 +334,12 @@ def settings(argv):
     p.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
     p.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
     p.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
+    p.add_argument("--sae", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit TopK SAEs to the frozen baseline at the codebook sites and compare")
+    p.add_argument("--sae_steps", type=int, default=400, help="Adam steps of each SAE, 512 cached activations each")
+    p.add_argument("--sae_seqs", type=int, default=256, help="training walks whose activations the SAEs are fitted to")
+    p.add_argument("--sae_directions", choices=["data", "random"], default="data",
+                   help="SAE decoder rows start along b_pre -> random activations, or random (Gao et al.)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/fsm")
@@ -322,7 +352,7 @@ def settings(argv):
 
     runs.check_settings(args, positive=("num_states", "num_edges", "base", "walk_length", "n_layer", "n_head", "d_model",
                                         "d_mlp", "attn_codes", "mlp_codes", "k", "batch_size", "base_steps",
-                                        "codebook_steps", "eval_seqs", "samples", "pairs", "ckpt_every"),
+                                        "codebook_steps", "eval_seqs", "samples", "pairs", "ckpt_every", "sae_steps", "sae_seqs"),
                         non_negative=("attn_window", "revive_every", "ckpt_seconds", "cards"),
                         rates=("lr", "finetune_lr", "codebook_lr"), shares=("interchange",), finite=("beta",))
     if args.beta < 0:
@@ -351,8 +381,23 @@ def settings(argv):
     return args
 
 
+def fit_saes(base, model, get_batch, args):
+    """TopK SAEs (sae.py) on the frozen baseline's activations at every codebook site, with that
+    codebook's dictionary size and k, fitted to --sae_seqs training walks of their own; kept in
+    OUT/sae.pt (a rerun reads them back). The SAEs draw from their own seeded generator, never
+    from torch's global one. Returns ({(layer, site): TopKSAE}, seconds)."""
+    started = time.time()
+    batches = -1000 - torch.arange(math.ceil(args.sae_seqs / args.batch_size))  # apart from training's and k-means'
+    tokens = torch.cat([get_batch(int(i), 0, 1)[0] for i in batches])[:args.sae_seqs]
+    saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, tokens, sae.codebook_sizes(model), steps=args.sae_steps,
+                        data_directions=args.sae_directions == "data", seed=args.seed)
+    seconds = time.time() - started
+    print(f"SAEs: {len(saes)} sites, {sum(s.heads for s in saes.values())} SAEs, fitted (or read back) in {seconds:.0f} s")
+    return saes, seconds
+
+
 @torch.no_grad()
-def evaluate(base, model, fsm, eval_tokens, args):
+def evaluate(base, model, fsm, eval_tokens, args, saes=None):
     """Every figure of the table, for results.json."""
     results = {"config": {k: v for k, v in vars(args).items() if not k.endswith("_config")},
                "baseline": {}, "codebook": {}, "history": {"baseline": base.history, "codebook": model.history}}
@@ -398,6 +443,40 @@ def evaluate(base, model, fsm, eval_tokens, args):
     c["intervention_success"] = {name: both[0] for name, both in conditions.items()}
     c["intervention_first_digit_success"] = {name: both[1] for name, both in conditions.items()}
     c["intervention_js_to_b"] = {name: both[2] for name, both in conditions.items()}
+
+    # the same measures for TopK SAEs (post hoc, frozen baseline) and for neurons: detection by
+    # each SAE's best latent per state, exactly as codes; splicing every site's reconstruction
+    # in; interventions that write b's reconstruction (SAE) or b's activations (neurons) at a's
+    # last position, at every site
+    if saes:
+        started = time.time()
+        s = results["sae"] = {}
+        with cb.replace_activations(base, saes):
+            accuracy, first = fsm.transition_accuracy(sample_states(base, fsm, args.samples, args.seed + 1))
+            s |= {"spliced_transition_accuracy": accuracy, "spliced_first_transition_accuracy": first,
+                  **{f"spliced_{k}": v for k, v in val_metrics(base, eval_tokens[:256]).items()}}
+        latents = sae.record_latents(base, saes, eval_tokens[:, :-1])
+        sizes = {a: saes[cb.parse_address(a).layer, cb.parse_address(a).site].num_latents for a in latents}
+        s["dead_latent_fraction"] = {a: sae.dead_fraction(v, sizes[a]) for a, v in latents.items()}
+        per_sae = {a: best_state_codes(*sae.latent_precision_recall(v, masks, sizes[a])) for a, v in latents.items()}
+        best_sae = max(per_sae, key=lambda a: (per_sae[a][0] * per_sae[a][1]).mean().item())
+        sae_precision, sae_recall, _ = per_sae[best_sae]
+        s |= {"state_latent_sae": best_sae, "state_latent_precision": sae_precision.mean().item(),
+              "state_latent_recall": sae_recall.mean().item(),
+              "state_latent_precision_per_sae": {a: v[0].mean().item() for a, v in per_sae.items()},
+              "state_latent_recall_per_sae": {a: v[1].mean().item() for a, v in per_sae.items()}}
+        n = results["neurons"] = {"precision_at_code_recall": c["neuron_precision"],
+                                  "precision_at_sae_recall": baselines.neuron_precision_at_recall(
+                                      neurons, sub_masks, sae_recall).max(-1).values.mean().item()}
+        keys = {"attn": [key for key in saes if key[1] == "attn"], "mlp": [key for key in saes if key[1] == "mlp"], "all": list(saes)}
+        none = intervention_success(base, fsm, [], pairs)
+        for column, write in ((s, lambda key: saes[key]), (n, lambda key: (lambda acts: acts))):
+            outcomes = {"none": none} | {name: intervention_success(base, fsm, [], pairs, patch={key: write(key) for key in at})
+                                         for name, at in keys.items()}
+            column["intervention_success"] = {name: o[0] for name, o in outcomes.items()}
+            column["intervention_first_digit_success"] = {name: o[1] for name, o in outcomes.items()}
+            column["intervention_js_to_b"] = {name: o[2] for name, o in outcomes.items()}
+        s["eval_seconds"] = time.time() - started  # the SAE and neuron columns' evaluation
     return results
 
 
@@ -432,6 +511,8 @@ best neuron: precision at that recall                  {pct(c['neuron_precision'
 intervention success (next state / its first digit) and the next digit's JS divergence to b's:""")
     for name, label in (("none", "none"), ("attn", "attention codes"), ("mlp", "MLP codes"), ("all", "all codes")):
         print(f"                      {label:21s} {pct(success[name])} / {pct(first[name])} / {js[name]:.3f}")
+    if "sae" in results:
+        report_comparison(results)
     print(f"wall time                                              {wall_seconds:.0f} s")
 
 
@@ -511,6 +592,36 @@ def write_page(results, fsm, model, eval_tokens, args):
         pages.section("Code browser", pages.code_browser(browser, "state")),
     ], subtitle=f"python train_fsm.py --out {args.out}; settings and every figure in results.json")
 
+
+def report_comparison(results):
+    """Neurons, SAEs and codebooks side by side: detection, splicing, interventions."""
+    b, c, s, n = results["baseline"], results["codebook"], results["sae"], results["neurons"]
+    mean = lambda d: sum(d.values()) / len(d)
+
+    def row(label, *cells):
+        print(f"  {label:46s}" + "".join(f"{cell:>11s}" for cell in cells))
+
+    print(f"""
+neurons and TopK SAEs of the frozen baseline, codebooks finetuned, on the same evaluation sets
+(SAEs at the codebook sites, same dictionary size and k; fitted, or read back, in {s['fit_seconds']:.0f} s;
+these two columns evaluated in {s['eval_seconds']:.0f} s):""")
+    row("", "neurons", "SAEs", "codebooks")
+    row("states: each one's best feature, mean precision", pct(n["precision_at_sae_recall"]),
+        pct(s["state_latent_precision"]), pct(c["state_code_precision"]))
+    row("        at mean recall (neurons: the SAEs')", "", pct(s["state_latent_recall"]), pct(c["state_code_recall"]))
+    row("        best site", "", s["state_latent_sae"], c["state_code_codebook"])
+    row("        neurons at the codes' recall", pct(n["precision_at_code_recall"]))
+    row("spliced in at every site (neurons: the baseline)")
+    row("        validation loss", f"{b['val_loss']:.4f}", f"{s['spliced_val_loss']:.4f}", f"{c['val_loss']:.4f}")
+    row("        validation next-token accuracy", pct(b["val_acc"]), pct(s["spliced_val_acc"]), pct(c["val_acc"]))
+    row("        transition accuracy", pct(b["transition_accuracy"]), pct(s["spliced_transition_accuracy"]),
+        pct(c["transition_accuracy"]))
+    row("        dead features, mean over sites", "", pct(mean(s["dead_latent_fraction"])), pct(mean(c["dead_code_fraction"])))
+    row("two-digit success when a's last position gets b's")
+    row("  activations / reconstruction / codes at")
+    for name, label in (("none", "no site"), ("attn", "the attention sites"), ("mlp", "the MLP sites"), ("all", "every site")):
+        row(f"        {label}", pct(n["intervention_success"][name]), pct(s["intervention_success"][name]),
+            pct(c["intervention_success"][name]))
 
 if __name__ == "__main__":
     runs.run_main(main)

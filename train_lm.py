@@ -7,13 +7,17 @@ every attention head of every layer (k = 8 of --num_codes codes each), initialis
 k-means on the heads' activations, and finetunes the whole model. For the paper's comparison the
 base is also finetuned as long without codebooks (the control). The script prints the models'
 validation loss and next-byte accuracy, their ratios and the share of dead codes, and saves
-OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and OUT/results.json.
+OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and OUT/results.json. With --sae it also fits TopK
+sparse autoencoders (sae.py) post hoc to the base model's attention heads, with the codebooks'
+dictionary size and k, and prints the loss with all of them spliced in beside the codebooks'
+(OUT/sae.pt).
 
     python train_lm.py                                  # generated stories, about 8 min on 2 CPU cores
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast
     python train_lm.py --hf models/pythia-70m --data corpus.txt   # codebooks on a pretrained model
+    python train_lm.py --sae                            # and TopK SAEs on the base model, compared
 
 Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded;
 with --hf they are the model's BPE tokens (hf.py), and BOS is its end-of-text token. Every
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 import codebook
 import hf
 import runs
+import sae
 import text
 
 
@@ -85,6 +90,11 @@ parser.add_argument("--revive_every", type=int, default=100, help="re-initialise
 parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="also finetune the base model without codebooks, same steps: the paper's comparison")
 parser.add_argument("--kmeans_windows", type=int, default=64, help="training windows for the k-means init")
+# the SAE comparison
+parser.add_argument("--sae", action=argparse.BooleanOptionalAction, default=False,
+                    help="also fit TopK SAEs to the base model's attention heads (same dictionary size and k) and splice them in")
+parser.add_argument("--sae_steps", type=int, default=400, help="Adam steps of each SAE, 512 cached activations each")
+parser.add_argument("--sae_windows", type=int, default=256, help="training windows whose activations the SAEs are fitted to")
 # evaluation and machinery
 parser.add_argument("--eval_windows", type=int, default=256, help="fixed validation windows for the final figures")
 parser.add_argument("--eval_every", type=int, default=0, help="print a validation loss every this many steps (0: never)")
@@ -100,7 +110,7 @@ def main(argv=None):
     t0 = time.time()
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
-                                        "eval_windows", "ckpt_every"),
+                                        "eval_windows", "ckpt_every", "sae_steps", "sae_windows"),
                         non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds"),
                         rates=("base_lr", "codebook_lr"))
     if not 0 < args.val_fraction < 1:
@@ -199,6 +209,7 @@ def main(argv=None):
                            ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks", **finetune)
 
     # --- evaluate and report (rank 0)
+    results = None
     if rank == 0:
         base_loss, base_acc, _ = evaluate(base, eval_windows, autocast=autocast)
         base_train_loss, _, _ = evaluate(base, train_windows, autocast=autocast)
@@ -209,6 +220,18 @@ def main(argv=None):
         cb_loss, cb_acc, dead = evaluate(model, eval_windows, autocast=autocast)
         columns.append(("codebooks", cb_loss, cb_acc))
         ratio, mean_dead = cb_loss / base_loss, float(np.mean(list(dead.values())))
+        if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
+            started = time.time()
+            sizes = sae.codebook_sizes(model)
+            sae_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 3]), args.sae_windows, args.block_size)
+            saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sizes, steps=args.sae_steps, seed=args.seed)
+            saes = {key: s.to(args.device) for key, s in saes.items()}
+            sae_seconds = time.time() - started
+            with codebook.replace_activations(base, saes):
+                sae_loss, sae_acc, _ = evaluate(base, eval_windows, autocast=autocast)
+            latents = sae.record_latents(base, saes, eval_windows[:, :-1])
+            sae_dead = {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}
+            columns.append(("SAEs", sae_loss, sae_acc))
 
         print(f"\nvalidation: {len(eval_windows)} windows x {args.block_size} tokens = "
               f"{len(eval_windows) * args.block_size} next-token predictions")
@@ -217,18 +240,27 @@ def main(argv=None):
         print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
         print(f"{'train loss (nats/token)':30s}{base_train_loss:12.4f}")
         print(f"loss ratio codebooks / base       {ratio:.3f}")
+        if args.sae:
+            print(f"loss ratio SAEs / base            {sae_loss / base_loss:.3f}   (TopK SAEs of the frozen base spliced in at every head, "
+                  f"{args.num_codes} latents, k={args.k}; fitted in {sae_seconds:.0f} s)")
         if control is not None:
             print(f"loss ratio codebooks / finetuned  {cb_loss / control_loss:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
         print(f"dead codes                        {mean_dead:.2%} mean over {len(dead)} codebooks of {args.num_codes} "
               f"codes, k={args.k}, on the validation windows")
         for layer in range(model.config.n_layer):
             print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(model.config.n_head)))
+        if args.sae:
+            print(f"dead SAE latents                  {np.mean(list(sae_dead.values())):.2%} mean over {len(sae_dead)} SAEs, "
+                  "on the validation windows")
 
         results = {"base_val_loss": base_loss, "codebook_val_loss": cb_loss, "loss_ratio": ratio,
                    "base_val_accuracy": base_acc, "codebook_val_accuracy": cb_acc, "base_train_loss": base_train_loss,
                    "dead_code_fraction": dead, "mean_dead_code_fraction": mean_dead, "processes": world,
                    "data": args.data or "generated stories", "settings": vars(args),
                    "history": {"base": getattr(base, "history", []), "codebook": model.history}}
+        if args.sae:
+            results |= {"sae_val_loss": sae_loss, "sae_val_accuracy": sae_acc, "sae_loss_ratio": sae_loss / base_loss,
+                        "sae_dead_latent_fraction": sae_dead, "sae_fit_seconds": sae_seconds}
         if control is not None:
             results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
                         "loss_ratio_finetuned": cb_loss / control_loss}
@@ -238,6 +270,7 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before any tears the group down
         dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

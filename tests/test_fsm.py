@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import codebook as cb
+import sae
 import train_fsm as T
 
 
@@ -83,6 +84,29 @@ def test_intervention_on_a_hand_built_toy():
     assert none_js == pytest.approx((0.5 * kl(p[pairs[:, 0]]) + 0.5 * kl(p[pairs[:, 1]])).mean().item(), rel=1e-4)
 
 
+def test_patching_activations_on_a_hand_built_toy():
+    # the toy above without codebooks: writing b's residual stream (the block output) at a's last
+    # position must give exactly b's prediction; writing an SAE's reconstruction of it there, the
+    # prediction read from that reconstruction
+    fsm = T.TokFSM(num_states=8, num_edges=3, base=8, walk_length=12)
+    torch.manual_seed(0)
+    model = cb.GPT(dict(vocab_size=9, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32)).eval()
+    pairs = torch.tensor([(a, b) for a in range(8) for b in range(8) if a != b])
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(8), 8, torch.Generator().manual_seed(7)))
+    with torch.no_grad(), cb.capture_activations(model) as acts:
+        b_predicts = model(inputs)[:, -1, :8].argmax(-1)
+    expected = fsm.legal[pairs[:, 1], b_predicts[pairs[:, 1]]].float().mean().item()
+    patched, _, patched_js = T.intervention_success(model, fsm, [], pairs, patch={(0, "block"): lambda x: x})
+    assert patched == pytest.approx(expected) and patched_js == pytest.approx(0, abs=1e-6)
+    reconstruct = sae.TopKSAE(1, 16, 12, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reconstruct.b_pre.normal_(generator=torch.Generator().manual_seed(2))
+        from_reconstruction = model.head(model.ln_f(reconstruct(acts[0]["block"][:, -1])[:, 0]))[:, :8].argmax(-1)
+    expected = fsm.legal[pairs[:, 1], from_reconstruction[pairs[:, 1]]].float().mean().item()
+    assert T.intervention_success(model, fsm, [], pairs, patch={(0, "block"): reconstruct})[0] == pytest.approx(expected)
+    assert (from_reconstruction != b_predicts).any()  # the reconstruction is not b's activations
+
+
 def test_interchange_batches_show_a_but_carry_b_codes_and_continue_from_b():
     fsm = T.TokFSM()
     torch.manual_seed(0)
@@ -111,9 +135,19 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32", "--mlp_codes", "16",
             "--base_steps", "6", "--codebook_steps", "4", "--revive_every", "2", "--batch_size", "8",
             "--eval_seqs", "40", "--samples", "8", "--pairs", "40", "--walk_length", "16",
-            "--device", "cpu", "--out", str(tmp_path)]
+            "--sae_steps", "5", "--sae_seqs", "16", "--device", "cpu", "--out", str(tmp_path)]
     T.main(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("state_latent_precision", "state_latent_recall", "spliced_val_loss", "spliced_transition_accuracy",
+                "dead_latent_fraction", "intervention_success", "fit_seconds"):
+        assert key in saved["sae"]
+    assert set(saved["sae"]["dead_latent_fraction"]) == set(saved["codebook"]["dead_code_fraction"])
+    assert set(saved["sae"]["intervention_success"]) == set(saved["neurons"]["intervention_success"]) == {"none", "attn", "mlp", "all"}
+    saes = sae.load_saes(str(tmp_path / "sae.pt"))
+    assert {key: (s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (32, 1), (0, "mlp"): (16, 1)}
+    # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
+    without = T.main(argv + ["--no-sae"])
+    assert without["codebook"] == saved["codebook"] and "sae" not in without
     for key in ("transition_accuracy", "dead_code_fraction", "state_code_precision", "state_code_recall",
                 "neuron_precision", "intervention_success"):
         assert key in saved["codebook"]

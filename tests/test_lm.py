@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import codebook as cb  # noqa: E402
+import sae  # noqa: E402
 import steer  # noqa: E402
 import text  # noqa: E402
 import train_lm  # noqa: E402
@@ -103,6 +104,14 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert results["base_val_loss"] < np.log(256)  # it learned something
     assert [h["step"] for h in results["history"]["codebook"]] == [10]
     assert os.path.exists(os.path.join(out, "base.pt")) and os.path.exists(os.path.join(out, "codebook.pt"))
+
+    # SAEs on the base's heads, spliced in (every stage resumed, done): the codebook figures stay
+    with_saes = train_lm.main(TINY + ["--out", out, "--sae", "--sae_steps", "5", "--sae_windows", "8"])
+    assert with_saes["codebook_val_loss"] == results["codebook_val_loss"]
+    assert with_saes["sae_loss_ratio"] == pytest.approx(with_saes["sae_val_loss"] / results["base_val_loss"])
+    assert set(with_saes["sae_dead_latent_fraction"]) == set(results["dead_code_fraction"])
+    saes = sae.load_saes(os.path.join(out, "sae.pt"))
+    assert {key: (s.heads, s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (2, 32, 4), (1, "attn"): (2, 32, 4)}
 
     steer_args = ["--ckpt", os.path.join(out, "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons",
                   "--reference_stories", "60", "--samples", "2", "--new_bytes", "20", "--min_precision", "0",

@@ -240,7 +240,8 @@ def save_saes(path, saes, settings):
 def fit_saes(path, model, tokens, sizes, **fit):
     """train_saes on the model's activations on tokens (n, seq) at the sites of `sizes`, written
     to `path`; read back from there instead when the file holds SAEs fitted with the same
-    options to the same model (its weights) and tokens. Returns {(layer, site): TopKSAE}."""
+    options to the same model (its weights) and tokens. Returns {(layer, site): TopKSAE} on the
+    model's device (they are fitted on the CPU)."""
     digest = hashlib.sha1(tokens.cpu().numpy().tobytes())
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -249,7 +250,7 @@ def fit_saes(path, model, tokens, sizes, **fit):
     if saes is None:
         saes = train_saes(cache_activations(model, tokens, sizes), sizes, **fit)
         save_saes(path, saes, settings)
-    return saes
+    return {key: s.to(model.head.weight.device) for key, s in saes.items()}
 
 
 def load_saes(path, settings=None):

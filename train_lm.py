@@ -225,7 +225,6 @@ def main(argv=None):
             sizes = sae.codebook_sizes(model)
             sae_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 3]), args.sae_windows, args.block_size)
             saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sizes, steps=args.sae_steps, seed=args.seed)
-            saes = {key: s.to(args.device) for key, s in saes.items()}
             sae_seconds = time.time() - started
             with codebook.replace_activations(base, saes):
                 sae_loss, sae_acc, _ = evaluate(base, eval_windows, autocast=autocast)

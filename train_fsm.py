@@ -222,6 +222,16 @@ def best_state_codes(precision, recall):
     return precision.gather(1, code)[:, 0], recall.gather(1, code)[:, 0], code[:, 0]
 
 
+def best_site(scores):
+    """scores: {site address: (precision, recall) of its features per state, each (num_states,
+    features)}. The site whose best features (by F1, per state) score highest on average: (its
+    address, its best_state_codes, and every site's mean precision and mean recall)."""
+    per_site = {a: best_state_codes(*pr) for a, pr in scores.items()}
+    best = max(per_site, key=lambda a: (per_site[a][0] * per_site[a][1]).mean().item())
+    return (best, per_site[best], {a: v[0].mean().item() for a, v in per_site.items()},
+            {a: v[1].mean().item() for a, v in per_site.items()})
+
+
 @torch.no_grad()
 def sample_states(model, fsm, n, seed):
     device = model.head.weight.device
@@ -413,13 +423,10 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
 
     # state codes (section 4.1): per state the best code of each codebook; the best codebook's mean
     masks = fsm.state_masks(eval_tokens)
-    per_codebook = {a: best_state_codes(*cb.code_precision_recall(v, masks, num_codes[a])) for a, v in ids.items()}
-    best = max(per_codebook, key=lambda a: (per_codebook[a][0] * per_codebook[a][1]).mean().item())
-    precision, recall, state_code = per_codebook[best]
+    best, (precision, recall, state_code), c["state_code_precision_per_codebook"], c["state_code_recall_per_codebook"] = \
+        best_site({a: cb.code_precision_recall(v, masks, num_codes[a]) for a, v in ids.items()})
     c |= {"state_code_codebook": best, "state_code_precision": precision.mean().item(),
-          "state_code_recall": recall.mean().item(),
-          "state_code_precision_per_codebook": {a: v[0].mean().item() for a, v in per_codebook.items()},
-          "state_code_recall_per_codebook": {a: v[1].mean().item() for a, v in per_codebook.items()}}
+          "state_code_recall": recall.mean().item()}
 
     # the neuron baseline: every coordinate of the baseline's attention and MLP outputs, every layer
     n_seqs = min(300, args.eval_seqs)
@@ -458,13 +465,10 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
         latents = sae.record_latents(base, saes, eval_tokens[:, :-1])
         sizes = {a: saes[cb.parse_address(a).layer, cb.parse_address(a).site].num_latents for a in latents}
         s["dead_latent_fraction"] = {a: sae.dead_fraction(v, sizes[a]) for a, v in latents.items()}
-        per_sae = {a: best_state_codes(*sae.latent_precision_recall(v, masks, sizes[a])) for a, v in latents.items()}
-        best_sae = max(per_sae, key=lambda a: (per_sae[a][0] * per_sae[a][1]).mean().item())
-        sae_precision, sae_recall, _ = per_sae[best_sae]
+        best_sae, (sae_precision, sae_recall, _), s["state_latent_precision_per_sae"], s["state_latent_recall_per_sae"] = \
+            best_site({a: sae.latent_precision_recall(v, masks, sizes[a]) for a, v in latents.items()})
         s |= {"state_latent_sae": best_sae, "state_latent_precision": sae_precision.mean().item(),
-              "state_latent_recall": sae_recall.mean().item(),
-              "state_latent_precision_per_sae": {a: v[0].mean().item() for a, v in per_sae.items()},
-              "state_latent_recall_per_sae": {a: v[1].mean().item() for a, v in per_sae.items()}}
+              "state_latent_recall": sae_recall.mean().item()}
         n = results["neurons"] = {"precision_at_code_recall": c["neuron_precision"],
                                   "precision_at_sae_recall": baselines.neuron_precision_at_recall(
                                       neurons, sub_masks, sae_recall).max(-1).values.mean().item()}

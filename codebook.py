@@ -10,11 +10,11 @@ A codebook replaces an activation x by the mean of the k codes most similar to L
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.
 
 This file, in the paper's order:
-  1. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
-  2. code search      the k best codes of every query (section 3.1, steps 2-3)
-  3. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
+  1. code search      the k best codes of every query (section 3.1, steps 2-3)
+  2. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
                       usage statistics and dead-code revival
-  4. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
+  3. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
+  4. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
   5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
   6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
   7. finding codes    precision / recall of codes against a mask, top contexts (section 4)
@@ -40,44 +40,7 @@ SIMILARITIES = ("cosine", "euclidean")
 LOSSES = ("aeloss", "none", "commitment")
 
 # ------------------------------------------------------------------------------------------------
-# 1. Addresses. A codebook is "L<layer>.H<head>" (one attention head), "L<layer>.MLP" or
-# "L<layer>.BLOCK"; a code appends its id: "L1.H2.517".
-
-_ADDRESS = re.compile(r"^L(\d+)\.(?:H(\d+)|(MLP)|(BLOCK))(?:\.(\d+))?$")
-
-
-@dataclass(frozen=True)
-class Address:
-    layer: int
-    site: str  # one of SITES
-    head: int = 0  # attention head; 0 for the MLP and block codebooks
-    code: int | None = None
-
-    def __str__(self):
-        place = f"H{self.head}" if self.site == "attn" else self.site.upper()
-        return f"L{self.layer}.{place}" + ("" if self.code is None else f".{self.code}")
-
-    @property
-    def codebook(self):
-        """The address without its code id."""
-        return Address(self.layer, self.site, self.head)
-
-
-def parse_address(text):
-    """'L1.H2' -> Address(1, 'attn', 2); 'L3.MLP.7' -> Address(3, 'mlp', 0, 7)."""
-    if isinstance(text, Address):
-        return text
-    m = _ADDRESS.match(str(text).strip())
-    if m is None:
-        raise ValueError(f"codebook address {text!r} is malformed: write L<layer>.H<head>, "
-                         "L<layer>.MLP or L<layer>.BLOCK, with .<code> after it for one code")
-    layer, head, mlp, block, code = m.groups()
-    site = "attn" if head is not None else ("mlp" if mlp else "block")
-    return Address(int(layer), site, int(head or 0), None if code is None else int(code))
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
+# 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
 # codes of every query row, best first. Cosine ranking scores x . c / |c| (section 3.1: the
 # query's own norm does not change its ranking); euclidean scores -|x - c|. The torch versions
 # here and the fused C++/CUDA one in csrc/ return the same ids (exact ties aside) and scores.
@@ -158,25 +121,9 @@ def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the
+# 2. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the
 # per-head attention codebooks of one layer, or a single MLP / block codebook), stored as one
 # parameter (heads, codes, d) and searched in one call.
-
-class StraightThrough(torch.autograd.Function):
-    """Value q; the output's gradient goes unchanged to q (so to the codes) and to the input x_n,
-    where `passed` (..., heads) allows. What `q + x_n - x_n.detach()` computes, as one function
-    because that expression costs two passes over the activations forward and one backward."""
-
-    @staticmethod
-    def forward(ctx, q, x_n, passed=None):
-        ctx.save_for_backward(passed)
-        return q.view_as(q)  # q itself, as a new tensor autograd can attach this function to
-
-    @staticmethod
-    def backward(ctx, grad):
-        passed, = ctx.saved_tensors
-        return grad, grad if passed is None else grad * passed[..., None], None
-
 
 class CodebookLayer(nn.Module):
     def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
@@ -297,6 +244,22 @@ class CodebookLayer(nn.Module):
         return revived
 
 
+class StraightThrough(torch.autograd.Function):
+    """Value q; the output's gradient goes unchanged to q (so to the codes) and to the input x_n,
+    where `passed` (..., heads) allows. What `q + x_n - x_n.detach()` computes, as one function
+    because that expression costs two passes over the activations forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, q, x_n, passed=None):
+        ctx.save_for_backward(passed)
+        return q.view_as(q)  # q itself, as a new tensor autograd can attach this function to
+
+    @staticmethod
+    def backward(ctx, grad):
+        passed, = ctx.saved_tensors
+        return grad, grad if passed is None else grad * passed[..., None], None
+
+
 def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
     if not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes={num_codes} must be at least 1")
@@ -322,7 +285,7 @@ def _position_mask(positions, shape, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
+# 3. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
 # attention causal over the whole prefix, or over a window of the last attn_window positions.
 # A few fields make the same block compute GPT-2, GPT-Neo and GPT-NeoX (hf.py loads them).
 
@@ -555,6 +518,43 @@ class GPT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# 4. Addresses. A codebook is "L<layer>.H<head>" (one attention head), "L<layer>.MLP" or
+# "L<layer>.BLOCK"; a code appends its id: "L1.H2.517".
+
+_ADDRESS = re.compile(r"^L(\d+)\.(?:H(\d+)|(MLP)|(BLOCK))(?:\.(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Address:
+    layer: int
+    site: str  # one of SITES
+    head: int = 0  # attention head; 0 for the MLP and block codebooks
+    code: int | None = None
+
+    def __str__(self):
+        place = f"H{self.head}" if self.site == "attn" else self.site.upper()
+        return f"L{self.layer}.{place}" + ("" if self.code is None else f".{self.code}")
+
+    @property
+    def codebook(self):
+        """The address without its code id."""
+        return Address(self.layer, self.site, self.head)
+
+
+def parse_address(text):
+    """'L1.H2' -> Address(1, 'attn', 2); 'L3.MLP.7' -> Address(3, 'mlp', 0, 7)."""
+    if isinstance(text, Address):
+        return text
+    m = _ADDRESS.match(str(text).strip())
+    if m is None:
+        raise ValueError(f"codebook address {text!r} is malformed: write L<layer>.H<head>, "
+                         "L<layer>.MLP or L<layer>.BLOCK, with .<code> after it for one code")
+    layer, head, mlp, block, code = m.groups()
+    site = "attn" if head is not None else ("mlp" if mlp else "block")
+    return Address(int(layer), site, int(head or 0), None if code is None else int(code))
+
+
+# ------------------------------------------------------------------------------------------------
 # 5. Interventions (section 3.3): read codes after a forward, force codes on, disable codes, and
 # the tools around them. Every context manager undoes itself on exit, also after an exception.
 
@@ -607,31 +607,24 @@ def force_codes(model, codes, positions=None):
 @contextlib.contextmanager
 def disable_codes(model, codes):
     """Disable codes (a list of code addresses): they score -inf, the next best takes their slot."""
-    saved = {cb: cb.disabled for cb in model.codebook_layers().values()}
-    try:
-        for (cb, head), ids in _codes_by_codebook(model, codes).items():
-            mask = cb.disabled.clone() if cb.disabled is not None else torch.zeros(
-                cb.heads, cb.num_codes, dtype=torch.bool, device=cb.codes.device)
-            mask[head, ids.flatten()] = True
-            if (~mask).sum(-1).min() < cb.k:
-                raise ValueError(f"disabling leaves fewer than k={cb.k} codes in a codebook")
-            cb.disabled = mask
+    masks = {cb: cb.disabled for cb in model.codebook_layers().values()}
+    for (cb, head), ids in _codes_by_codebook(model, codes).items():
+        mask = masks[cb].clone() if masks[cb] is not None else torch.zeros(
+            cb.heads, cb.num_codes, dtype=torch.bool, device=cb.codes.device)
+        mask[head, ids.flatten()] = True
+        if (~mask).sum(-1).min() < cb.k:
+            raise ValueError(f"disabling leaves fewer than k={cb.k} codes in a codebook")
+        masks[cb] = mask
+    with _set_within(list(masks), "disabled", list(masks.values())):
         yield model
-    finally:
-        for cb, before in saved.items():
-            cb.disabled = before
 
 
 @contextlib.contextmanager
 def codebooks_off(model):
     """Within the block, every codebook is off: the model is the plain transformer."""
-    was = {cb: cb.enabled for cb in model.codebook_layers().values()}
-    model.set_codebooks(False)
-    try:
+    layers = list(model.codebook_layers().values())
+    with _set_within(layers, "enabled", [False] * len(layers)):
         yield model
-    finally:
-        for cb, on in was.items():
-            cb.enabled = on
 
 
 @contextlib.contextmanager
@@ -639,13 +632,8 @@ def capture_activations(model):
     """Yield {layer: {site: activations (B, T, heads, dim)}} filled by the forwards inside:
     attention heads before W_O, MLP output, block output. What the neuron baseline reads."""
     acts = {i: {} for i in range(len(model.blocks))}
-    for i, block in enumerate(model.blocks):
-        block.captures = acts[i]
-    try:
+    with _set_within(model.blocks, "captures", list(acts.values())):
         yield acts
-    finally:
-        for block in model.blocks:
-            block.captures = None
 
 
 @contextlib.contextmanager
@@ -656,16 +644,24 @@ def replace_activations(model, replacements):
         if not 0 <= layer < len(model.blocks) or site not in SITES:
             raise ValueError(f"cannot replace activations at ({layer}, {site!r}): layers are 0 .. "
                              f"{len(model.blocks) - 1}, sites {SITES}")
-    saved = [block.replacements for block in model.blocks]
-    try:
-        for block in model.blocks:
-            block.replacements = dict(block.replacements)  # nested blocks add to the outer ones
-        for (layer, site), fn in replacements.items():
-            model.blocks[layer].replacements[site] = fn
+    within = [dict(block.replacements) for block in model.blocks]  # nested blocks add to the outer ones
+    for (layer, site), fn in replacements.items():
+        within[layer][site] = fn
+    with _set_within(model.blocks, "replacements", within):
         yield model
+
+
+@contextlib.contextmanager
+def _set_within(objects, name, values):
+    """Set attribute `name` of each object to its value within the block, and back after it."""
+    before = [getattr(o, name) for o in objects]
+    for o, v in zip(objects, values):
+        setattr(o, name, v)
+    try:
+        yield
     finally:
-        for block, before in zip(model.blocks, saved):
-            block.replacements = before
+        for o, v in zip(objects, before):
+            setattr(o, name, v)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -259,7 +259,7 @@ def main(argv=None):
                    "history": {"base": getattr(base, "history", []), "codebook": model.history}}
         if args.sae:
             results |= {"sae_val_loss": sae_loss, "sae_val_accuracy": sae_acc, "sae_loss_ratio": sae_loss / base_loss,
-                        "sae_dead_latent_fraction": sae_dead, "sae_fit_seconds": sae_seconds}
+                        "sae_dead_latent_fraction": sae_dead}
         if control is not None:
             results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
                         "loss_ratio_finetuned": cb_loss / control_loss}

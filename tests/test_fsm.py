@@ -139,7 +139,7 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     T.main(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("state_latent_precision", "state_latent_recall", "spliced_val_loss", "spliced_transition_accuracy",
-                "dead_latent_fraction", "intervention_success", "fit_seconds"):
+                "dead_latent_fraction", "intervention_success"):
         assert key in saved["sae"]
     assert set(saved["sae"]["dead_latent_fraction"]) == set(saved["codebook"]["dead_code_fraction"])
     assert set(saved["sae"]["intervention_success"]) == set(saved["neurons"]["intervention_success"]) == {"none", "attn", "mlp", "all"}

@@ -49,19 +49,38 @@ def run(command, stop=None):
     return proc.wait(timeout=120), seen.decode(errors="replace")
 
 
+def flatten(data, prefix=""):
+    """A checkpoint's nested dicts and lists as {path: leaf}."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}/").items()}
+    if isinstance(data, (list, tuple)):
+        return {k: v for i, value in enumerate(data) for k, v in flatten(value, f"{prefix}{i}/").items()}
+    return {prefix: data}
+
+
 def final_state(out):
-    weights = {name: torch.load(os.path.join(out, name), weights_only=True)["model"]
-               for name in sorted(os.listdir(out)) if name.endswith(".pt")}
-    return weights, open(os.path.join(out, "results.json"), "rb").read()
+    """Every file a run wrote: each .pt file's contents (weights, optimiser, RNG states, history,
+    SAEs), and the other files' bytes."""
+    files = {}
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.endswith(".pt"):
+            files[name] = flatten(torch.load(path, weights_only=True))
+        elif os.path.isfile(path):
+            files[name] = open(path, "rb").read()
+    return files
 
 
 def assert_same(a, b):
-    (weights_a, results_a), (weights_b, results_b) = a, b
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        for key, tensor in weights_a[name].items():
-            assert torch.equal(tensor, weights_b[name][key]), f"{name}: {key}"
-    assert results_a == results_b
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], bytes):
+            assert a[name] == b[name], name
+            continue
+        assert a[name].keys() == b[name].keys(), name
+        for key, value in a[name].items():
+            same = torch.equal(value, b[name][key]) if torch.is_tensor(value) else value == b[name][key]
+            assert same, f"{name}: {key}"
 
 
 def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp_path):

@@ -160,12 +160,12 @@ def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
     theirs = bpe(tmp_path, normalize=variant == "pythia", prefix_space=variant == "prefix_space")
     ours = hf.load_tokenizer(str(tmp_path))
     unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
-    for text in [unseen, SAMPLE, SAMPLE + "<|endoftext|>" + SAMPLE[:50] + "<|endoftext|>", "", " ", "\x1c\x1d a"]:
-        ids = ours.encode(text)
-        assert ids == theirs.encode(text).ids
+    for string in [unseen, SAMPLE, SAMPLE + "<|endoftext|>" + SAMPLE[:50] + "<|endoftext|>", "", " ", "\x1c\x1d a"]:
+        ids = ours.encode(string)
+        assert ids == theirs.encode(string).ids
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
         if variant != "prefix_space":  # which writes a space before every stretch of text
-            assert ours.decode(ids) == (theirs.normalizer.normalize_str(text) if variant == "pythia" else text)
+            assert ours.decode(ids) == (theirs.normalizer.normalize_str(string) if variant == "pythia" else string)
     assert ours.bos == theirs.token_to_id("<|endoftext|>") and ours.vocab_size == theirs.get_vocab_size()
     ids = ours.encode("a<|endoftext|>b")
     assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)

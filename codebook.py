@@ -487,11 +487,6 @@ class GPT(nn.Module):
             raise ValueError(f"{a}: code {a.code} does not exist (num_codes={cb.num_codes})")
         return cb, a.head
 
-    def set_codebooks(self, enabled):
-        """Switch every codebook on or off; off, this is exactly the plain transformer."""
-        for cb in self.codebook_layers().values():
-            cb.enabled = enabled
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample continuations (temperature 0: greedy); forcing and disabling in effect apply to

@@ -2,9 +2,8 @@
 Codebook Features: transformers whose hidden states pass through vector-quantisation bottlenecks.
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
-Neural Networks", arXiv 2310.17230 (ICML 2024). Section numbers below refer to it. What codes
-are compared with is in baselines.py (single neurons, activation addition) and sae.py (sparse
-autoencoders).
+Neural Networks", arXiv 2310.17230 (ICML 2024); section numbers below refer to it. What codes are
+compared with (neurons, activation addition, sparse autoencoders): baselines.py and sae.py.
 
 A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
 every hidden state it sits on becomes a handful of discrete, readable and writable ids.
@@ -38,6 +37,7 @@ import runs
 SITES = ("attn", "mlp", "block")  # where a codebook can sit in a transformer block
 SIMILARITIES = ("cosine", "euclidean")
 LOSSES = ("aeloss", "none", "commitment")
+SCORE_MATRIX_BYTES = 256 * 2**20  # a larger score matrix is searched in tiles, never materialised
 
 # ------------------------------------------------------------------------------------------------
 # 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
@@ -85,38 +85,28 @@ def load_extension():
     return load_extension()
 
 
-SCORE_MATRIX_BYTES = 256 * 2**20  # above this the torch path tiles instead of materialising
-
-
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
     """(scores, ids), each (heads, tokens, k), slot 0 the most similar code. No gradient: training
     differentiates through the gathered codes only (section 3.1), never through the scores."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
-    if not 1 <= k <= C:
-        raise ValueError(f"k={k} must be between 1 and num_codes={C}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+    check_codebook(C, k, similarity)
     if impl not in ("auto", "reference", "chunked", "ext"):
         raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'chunked', 'ext'")
     with torch.no_grad():
         x, codebook = x.float(), codebook.float()
+        ext = load_extension() if impl in ("auto", "ext") and disabled is None else None
+        if impl == "ext" and ext is None:
+            raise ValueError("impl='ext' needs the csrc extension (CODEBOOK_EXT not 0, a build that works) "
+                             "and no disabled codes; use impl='auto'")
         if impl == "auto":
-            ext = load_extension() if disabled is None else None
-            if ext is not None and ext.supports(x, k):
-                impl = "ext"
-            else:
-                impl = "reference" if H * x.shape[1] * C * 4 <= SCORE_MATRIX_BYTES else "chunked"
+            fits = H * x.shape[1] * C * 4 <= SCORE_MATRIX_BYTES
+            impl = "ext" if ext is not None and ext.supports(x, k) else "reference" if fits else "chunked"
         if impl == "reference":
             return search_reference(x, codebook, k, similarity, disabled)
         if impl == "chunked":
             return search_chunked(x, codebook, k, similarity, disabled)
-        if disabled is not None:
-            raise ValueError("impl='ext' does not take disabled codes; use impl='auto'")
-        ext = load_extension()
-        if ext is None:
-            raise ValueError("impl='ext' but the csrc extension is not available (CODEBOOK_EXT=0 or build failed)")
         return ext.topk_codes(x, codebook, k, similarity)
 
 
@@ -193,9 +183,8 @@ class CodebookLayer(nn.Module):
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
-        """From sq_err = (q - sg(x_n))^2: its sum over dimensions, averaged over tokens, summed
-        over heads (the reconstruction term of "aeloss"); `chosen` (..., heads) leaves out forced
-        codes, which were not chosen for their input."""
+        """sq_err = (q - sg(x_n))^2 summed over dimensions, averaged over tokens, summed over heads
+        ("aeloss"); `chosen` (..., heads) leaves out forced codes, not chosen for their input."""
         if self.loss_kind == "none":
             return q.new_zeros(())
         if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
@@ -204,8 +193,7 @@ class CodebookLayer(nn.Module):
         return per_token.reshape(-1, self.heads).mean(0).sum()
 
     def count_usage(self, ids, chosen, sq_err, x_n):
-        """Per-token usage of the codes the search chose, the reconstruction error, and the recent
-        inputs and errors that dead codes are revived from."""
+        """Usage of the codes the search chose, reconstruction error, the inputs to revive codes at."""
         used = self._rows(ids) if chosen is None else self._rows(ids)[chosen]
         self.usage.view(-1).index_add_(0, used.reshape(-1), torch.ones(used.numel(), dtype=torch.long, device=ids.device))
         error = sq_err.detach().mean(-1)  # (..., heads)
@@ -215,22 +203,15 @@ class CodebookLayer(nn.Module):
         self.last_error = error.reshape(-1, self.heads).T
 
     def dead_fraction(self):
-        """Per head, the share of codes not used since the last revival/reset."""
+        """Per head, the share of codes not used since the last revival."""
         return (self.usage == 0).float().mean(-1)
-
-    def reset_stats(self):
-        self.usage.zero_()
-        self.recon_sum.zero_()
-        self.token_count.zero_()
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
-        """Codes unused since the last revival restart at recent inputs plus noise of `noise` x the
-        inputs' spread (the paper's dead-code replacement); returns how many were revived. Resets
-        the statistics. Inputs are drawn in proportion to their squared reconstruction error (as
-        k-means++ seeds): an input its code already fits would keep that code and leave the new one
-        unused. The noise is relative because a head's inputs can sit in a ball far smaller than
-        any fixed noise, and a code placed outside it is never chosen."""
+        """Restart the codes unused since the last revival at recent inputs, drawn in proportion to
+        their squared error (an input its code fits already would leave a new code unused), plus
+        noise relative to the inputs' spread (a code outside a head's small ball of inputs is never
+        chosen). Returns how many were revived, and resets the statistics."""
         dead = self.usage == 0
         pool = self.last_input
         if pool is not None and dead.any():
@@ -239,9 +220,9 @@ class CodebookLayer(nn.Module):
             fresh = pool.gather(1, pick[..., None].expand(-1, -1, self.dim))
             fresh = fresh + noise * pool.std(1, keepdim=True) * torch.randn_like(fresh)
             self.codes.copy_(torch.where(dead[..., None], fresh.to(self.codes.dtype), self.codes))
-        revived = int(dead.sum()) if pool is not None else 0
-        self.reset_stats()
-        return revived
+        for statistic in (self.usage, self.recon_sum, self.token_count):
+            statistic.zero_()
+        return int(dead.sum()) if pool is not None else 0
 
 
 class StraightThrough(torch.autograd.Function):
@@ -344,10 +325,9 @@ class GPTConfig:
             spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
             if isinstance(spec.num_codes, list) and len(spec.num_codes) != self.n_layer:
                 raise ValueError(f"{site} codebooks: {len(spec.num_codes)} code counts for n_layer={self.n_layer} layers")
-            bad = [l for l in spec.layers or [] if not 0 <= l < self.n_layer]
-            if bad:
-                raise ValueError(f"codebook layers {bad} at {site!r} do not exist: n_layer={self.n_layer}")
             for layer in spec.layers if spec.layers is not None else range(self.n_layer):
+                if not 0 <= layer < self.n_layer:
+                    raise ValueError(f"codebook layer {layer} at {site!r} does not exist: n_layer={self.n_layer}")
                 try:
                     check_codebook(spec.codes_in(layer), spec.k, spec.similarity, spec.loss)
                 except ValueError as e:
@@ -376,8 +356,7 @@ class Block(nn.Module):
         self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
-        """Activations x (B, T, heads, dim) at site `name`: recorded, replaced, then quantised by
-        this block's codebook there, whichever of these is switched on."""
+        """Activations x (B, T, heads, dim) at site `name`: captured, replaced, quantised, as switched on."""
         if self.captures is not None:
             self.captures[name] = x.detach()
         if name in self.replacements:
@@ -422,8 +401,7 @@ def rotary(x, start, dims, base):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config if isinstance(config, GPTConfig) else GPTConfig(**config)
-        cfg = self.config
+        self.config = cfg = config if isinstance(config, GPTConfig) else GPTConfig(**config)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -478,9 +456,9 @@ class GPT(nn.Module):
         a = parse_address(address)
         if not 0 <= a.layer < len(self.blocks):
             raise ValueError(f"{a}: layer {a.layer} does not exist (n_layer={len(self.blocks)})")
-        cb = self.blocks[a.layer].codebooks[a.site] if a.site in self.blocks[a.layer].codebooks else None
-        if cb is None:
+        if a.site not in self.blocks[a.layer].codebooks:
             raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(a for a, _, _ in self.codebook_heads()) or 'none'})")
+        cb = self.blocks[a.layer].codebooks[a.site]
         if not 0 <= a.head < cb.heads:
             raise ValueError(f"{a}: head {a.head} does not exist (n_head={cb.heads})")
         if a.code is not None and not 0 <= a.code < cb.num_codes:
@@ -489,17 +467,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample continuations (temperature 0: greedy); forcing and disabling in effect apply to
-        every position. Earlier positions' keys and values are cached while the sequence fits in
-        block_size, unless a code is forced at chosen positions only; else each step reruns the window."""
+        """Sample continuations (temperature 0: greedy) under the forcing and disabling in effect.
+        Keys and values are cached, unless a code is forced at chosen positions only."""
         whole_sequence = all(positions is None and codes.shape[1] == 1
                              for cb in self.codebook_layers().values() for _, codes, positions in cb.forced)
         cache = {} if whole_sequence else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= self.config.block_size:
-                logits = self(idx[:, cache.get("length", 0):], cache)[:, -1, :].float()
-            else:
-                logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
+                logits = self(idx[:, cache.get("length", 0):], cache)[:, -1].float()
+            else:  # the sequence outgrew the cache: rerun the last block_size tokens
+                logits = self(idx[:, -self.config.block_size:])[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -682,10 +659,9 @@ def init_codebooks_kmeans(model, tokens, iters=10):
 
 @torch.no_grad()
 def kmeans_init(cb, x, iters=10):
-    """Set the codebook's LayerNorm affine to the typical scale and offset of its activations x
-    (..., heads, dim), so the quantised output starts at the scale the next layer was trained on;
-    then k-means (Lloyd) the codes on the normalised x, all heads at once, in the layer's own
-    similarity. Clusters that empty keep their previous centre."""
+    """Set the LayerNorm affine to the typical scale and offset of the activations x (..., heads,
+    dim), so the output starts at the scale the next layer was trained on; then k-means (Lloyd)
+    the codes on the normalised x, all heads at once; a cluster that empties keeps its centre."""
     per_token = x.reshape(-1, cb.heads, cb.dim).float()
     cb.ln_weight.copy_(per_token.std(-1, unbiased=False).mean(0)[:, None].expand_as(cb.ln_weight))
     cb.ln_bias.copy_(per_token.mean(-1).mean(0)[:, None].expand_as(cb.ln_bias))
@@ -708,8 +684,7 @@ def kmeans_init(cb, x, iters=10):
 
 @torch.no_grad()
 def record_dataset(model, tokens, batch_size=64):
-    """Run a dataset (n, seq) through the model; return ({address: ids (n, seq, k)},
-    {address: scores (n, seq, k)}) on the CPU."""
+    """tokens (n, seq) through the model: ({address: ids (n, seq, k)}, {address: scores}) on the CPU."""
     ids, scores = {}, {}
     for start in range(0, tokens.shape[0], batch_size):
         model(tokens[start:start + batch_size].to(model.head.weight.device))
@@ -725,11 +700,10 @@ def count_codes(ids, num_codes):
 
 
 def code_precision_recall(ids, masks, num_codes):
-    """Precision and recall of every code against boolean masks over positions.
-    ids (..., k) recorded codes; masks (S, ...) or (...): S target sets at once.
-    recall = mask positions where the code fires / mask positions;
-    precision = mask positions where the code fires / positions where it fires.
-    Returns (precision, recall), each (S, num_codes) (or (num_codes,) for one mask)."""
+    """Of every code against boolean masks over positions: ids (..., k) recorded codes, masks
+    (S, ...) S target sets at once or (...) one. With hits = mask positions where the code fires,
+    precision = hits / positions where it fires, recall = hits / mask positions. Returns
+    (precision, recall), each (S, num_codes), or (num_codes,) for one mask."""
     single = masks.dim() == ids.dim() - 1
     masks = masks[None] if single else masks
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
@@ -745,10 +719,8 @@ def top_contexts(ids, scores, code, n=5):
     """The n positions (row, pos, score) where `code` fires most strongly."""
     fires = ids == code
     strength = torch.where(fires, scores, torch.full_like(scores, -math.inf)).amax(-1).flatten()
-    found = int(fires.any(-1).sum())
-    top = strength.topk(min(n, found))
-    seq = ids.shape[1]
-    return [(int(i) // seq, int(i) % seq, float(s)) for s, i in zip(top.values, top.indices)]
+    top = strength.topk(min(n, int(fires.any(-1).sum())))
+    return [(int(i) // ids.shape[1], int(i) % ids.shape[1], float(s)) for s, i in zip(top.values, top.indices)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -798,10 +770,8 @@ def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.
     """AdamW; weight decay on matrices only, never on codebooks, LayerNorms or biases."""
     groups = {"decay": [], "no_decay": [], "codebook": []}
     for name, p in model.named_parameters():
-        if ".codebooks." in name:
-            groups["codebook"].append(p)
-        else:
-            groups["decay" if p.dim() >= 2 and name != "pos_emb.weight" else "no_decay"].append(p)
+        matrix = p.dim() >= 2 and name != "pos_emb.weight"
+        groups["codebook" if ".codebooks." in name else "decay" if matrix else "no_decay"].append(p)
     return torch.optim.AdamW([
         {"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
         {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
@@ -832,20 +802,19 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
           warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
           eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
           desc="train", autocast=None, ckpt_extra=None):
-    """Train `model` for `steps` optimiser steps and return it (unwrapped, on `device`, in eval
-    mode, with `model.history`: [{"step", "loss", "dead", "mse"}] every log_every steps).
+    """Train `model` for `steps` optimiser steps; return it unwrapped, on `device`, in eval mode,
+    with `model.history` ([{"step", "loss", "dead", "mse"}] every log_every steps).
 
-    get_batch(i, rank, world_size) -> (inputs, targets) for micro-batch i, a function of its
-    arguments alone (so a resumed run draws the same data); under torchrun each rank draws its
-    own shard. It may add (codes, positions), force_codes' arguments, to train with those codes
-    forced (interchange training). eval_fn(model, step) -> dict, printed, run on rank 0.
+    get_batch(i, rank, world_size) -> (inputs, targets) of micro-batch i, a function of its
+    arguments alone (so a resumed run draws the same data; each torchrun rank its own shard),
+    optionally plus (codes, positions) to train with those codes forced (interchange training).
+    eval_fn(model, step) -> dict, printed by rank 0.
 
-    With ckpt_path the loop writes a checkpoint every ckpt_every steps or ckpt_seconds seconds,
-    whichever comes first, at the end, and at a SIGINT / SIGTERM (then raises Interrupted). A
-    checkpoint already there is resumed exactly (weights, optimiser, RNG states, code statistics),
-    or returned as it is when finished; one trained with other settings (the model's config, the
-    loop's arguments, `settings`: plain data describing the batches) is refused. ckpt_extra: plain
-    data every checkpoint also holds (train_lm.py stores the tokenizer there)."""
+    With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end, and
+    at SIGINT / SIGTERM (then runs.Interrupted is raised). One already there is resumed exactly
+    (weights, optimiser, RNG states, code statistics), or returned when finished; one made with
+    another config, loop arguments or `settings` (plain data describing the batches) is refused.
+    ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
     from tqdm import tqdm
     rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
     if world > 1 and device == "cuda":
@@ -925,8 +894,7 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
 
 
 def _codebook_stats(codebooks):
-    """The mean share of dead codes and the mean reconstruction error since the last revival,
-    over every codebook and every rank."""
+    """Mean dead share and reconstruction error since the last revival, over codebooks and ranks."""
     if not codebooks:
         return {}
     stats = [t.clone() for t in _stats_buffers(codebooks)]

@@ -429,7 +429,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     (lambda: cb.CodebookLayer(1, 4, num_codes=3, k=4), "k=4 must be between 1 and num_codes=3"),
     (lambda: cb.CodebookLayer(1, 4, num_codes=0), "num_codes=0 must be at least 1"),
     (lambda: cb.CodebookLayer(1, 4, 8, similarity="dot"), "similarity"),
-    (lambda: cb.GPTConfig(**TINY, codebooks={"attn": dict(layers=[5])}), r"layers \[5\].*n_layer=2"),
+    (lambda: cb.GPTConfig(**TINY, codebooks={"attn": dict(layers=[5])}), r"layer 5 .*does not exist: n_layer=2"),
     (lambda: cb.GPTConfig(**TINY, codebooks={"ffn": {}}), "site 'ffn'"),
     (lambda: cb.GPTConfig(**{**TINY, "n_head": 5}), "divisible"),
     (lambda: cb.parse_address("L1.Q2"), "malformed"),
@@ -468,11 +468,15 @@ def _ddp_worker(rank, world, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    # forked, the workers start with torch already imported (spawned, each would import it anew)
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     single = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

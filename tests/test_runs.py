@@ -23,17 +23,17 @@ ENV = os.environ | {"CODEBOOK_EXT": "0", "OMP_NUM_THREADS": "1", "TQDM_MININTERV
 TINY_FSM = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32",
             "--mlp_codes", "16", "--base_steps", "40", "--codebook_steps", "40", "--revive_every", "7",
             "--batch_size", "8", "--ckpt_every", "6", "--eval_seqs", "40", "--samples", "8", "--pairs", "40",
-            "--walk_length", "16", "--device", "cpu"]
+            "--walk_length", "16", "--sae_steps", "20", "--sae_seqs", "16", "--device", "cpu"]
 TINY_LM = ["--stories", "600", "--n_layer", "1", "--n_head", "2", "--d_model", "32", "--block_size", "32",
            "--batch_size", "4", "--base_steps", "30", "--codebook_steps", "30", "--num_codes", "16", "--k", "2",
            "--revive_every", "5", "--eval_windows", "8", "--kmeans_windows", "4", "--ckpt_every", "4",
            "--threads", "1", "--device", "cpu"]
 
 
-def run(command, stop=None):
-    """Run a command; with stop=(stage, step, signal), send the signal to its whole process
-    group once the progress bar of `stage` shows `step`. Returns (exit code, stderr)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+def run(command, stop=None, cwd=ROOT):
+    """Run a command; with stop=(stage, step, signal), send the signal to it and every process
+    below it once the progress bar of `stage` shows `step`. Returns (exit code, stderr)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     seen = b""
     if stop:
@@ -43,10 +43,29 @@ def run(command, stop=None):
             seen += chunk
             shown = progress.findall(seen[-8192:])
             if shown and int(shown[-1]) >= step:
-                os.killpg(proc.pid, sig)
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    os.kill(pid, sig)
                 break
-    seen += proc.stderr.read()
+    seen += proc.stderr.read()  # to its end: every process holding the pipe has exited
     return proc.wait(timeout=120), seen.decode(errors="replace")
+
+
+def descendants(pid):
+    """The processes below pid, found through /proc: torchrun starts each worker in a session of its
+    own, so signalling the launcher's process group would leave the workers running."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def flatten(data, prefix=""):
@@ -83,24 +102,35 @@ def assert_same(a, b):
             assert same, f"{name}: {key}"
 
 
-def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp_path):
-    out = str(tmp_path / "fsm")
-    command = [sys.executable, "train_fsm.py", *TINY_FSM, "--out", out]
-    assert run(command)[0] == 0
-    os.rename(out, out + "-uninterrupted")  # the drill runs in the same folder, so results.json matches byte for byte
+def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp_path, monkeypatch):
+    # both runs write to "fsm" in their own working folder, so even the files naming it match byte
+    # for byte; the uninterrupted one runs alongside the drill, on the other core
+    command = [sys.executable, os.path.join(ROOT, "train_fsm.py"), *TINY_FSM, "--out", "fsm"]
+    uninterrupted, drill = tmp_path / "uninterrupted", tmp_path / "drill"
+    uninterrupted.mkdir(), drill.mkdir()
+    with open(tmp_path / "uninterrupted.err", "wb") as err:
+        reference = subprocess.Popen(command, cwd=uninterrupted, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
     chance = random.Random()
     for stage in ("baseline", "codebook"):
         step = chance.randint(1, 38)
-        code, err = run(command, stop=(stage, step, signal.SIGKILL))
+        code, err = run(command, stop=(stage, step, signal.SIGKILL), cwd=drill)
         assert code == -signal.SIGKILL, f"killed in {stage} at step {step}: {err[-2000:]}"
-    code, err = run(command)
-    assert code == 0, err[-2000:]
-    assert_same(final_state(out), final_state(out + "-uninterrupted"))
+    # the rerun, in this process as the runs above would do it: one thread, the torch search
+    monkeypatch.chdir(drill)
+    monkeypatch.setenv("CODEBOOK_EXT", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_fsm.main([*TINY_FSM, "--out", "fsm"])
+    finally:
+        torch.set_num_threads(threads)
+    assert reference.wait(timeout=120) == 0, (tmp_path / "uninterrupted.err").read_text()[-2000:]
+    assert_same(final_state(drill / "fsm"), final_state(uninterrupted / "fsm"))
 
 
 def test_sigterm_writes_a_checkpoint_at_a_step_boundary_and_the_rerun_finishes(tmp_path):
-    out = str(tmp_path / "lm")
-    command = [sys.executable, "train_lm.py", *TINY_LM, "--out", out]
+    out, flags = str(tmp_path / "lm"), [*TINY_LM, "--no-control"]
+    command = [sys.executable, "train_lm.py", *flags, "--out", out]
     code, err = run(command, stop=("stage 2: codebooks", 9, signal.SIGTERM))
     assert code == 128 + signal.SIGTERM, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -109,8 +139,7 @@ def test_sigterm_writes_a_checkpoint_at_a_step_boundary_and_the_rerun_finishes(t
     written = int(re.search(r"at step (\d+)", last).group(1))
     assert 9 <= written < 30 and torch.load(f"{out}/codebook.pt", weights_only=True)["step"] == written
     assert not os.path.exists(f"{out}/results.json")
-    code, err = run(command)
-    assert code == 0, err[-2000:]
+    train_lm.main([*flags, "--out", out])  # the rerun, in this process
     assert json.load(open(f"{out}/results.json"))["history"]["codebook"][-1]["step"] == 30
 
 

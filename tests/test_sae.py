@@ -88,7 +88,7 @@ def test_recovers_a_dictionary_from_its_sparse_combinations():
     atoms = F.normalize(torch.randn(32, 32, generator=g), dim=-1)
     which = torch.rand(8000, 32, generator=g).topk(2, -1).indices
     x = ((1 + torch.rand(8000, 2, 1, generator=g)) * atoms[which]).sum(1) + torch.randn(32, generator=g)
-    saes = S.train_saes({(0, "mlp"): x[:, None]}, {(0, "mlp"): (64, 2)}, steps=800, batch_size=512, lr=3e-3,
+    saes = S.train_saes({(0, "mlp"): x[:, None]}, {(0, "mlp"): (64, 2)}, steps=300, batch_size=256, lr=3e-3,
                         data_directions=False, dead_after=4096)
     sae = saes[0, "mlp"]
     with torch.no_grad():

@@ -51,8 +51,8 @@ def run(command, stop=None, cwd=ROOT):
 
 
 def descendants(pid):
-    """The processes below pid, found through /proc: torchrun starts each worker in a session of its
-    own, so signalling the launcher's process group would leave the workers running."""
+    """The processes below pid, found through /proc: torchrun puts each worker in a process group of
+    its own, so signalling the launcher's group would leave the workers running."""
     children = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -254,7 +254,7 @@ def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
 
 def _position_mask(positions, shape, device):
     """positions: None (all), a list of ints (negatives count from the end) or a bool tensor."""
-    batch, seq = shape
+    seq = shape[-1]
     if positions is None:
         return torch.ones(1, 1, dtype=torch.bool, device=device)
     if torch.is_tensor(positions) and positions.dtype == torch.bool:
@@ -457,7 +457,8 @@ class GPT(nn.Module):
         if not 0 <= a.layer < len(self.blocks):
             raise ValueError(f"{a}: layer {a.layer} does not exist (n_layer={len(self.blocks)})")
         if a.site not in self.blocks[a.layer].codebooks:
-            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {', '.join(a for a, _, _ in self.codebook_heads()) or 'none'})")
+            there = ", ".join(name for name, _, _ in self.codebook_heads()) or "none"
+            raise ValueError(f"{a}: layer {a.layer} has no {a.site} codebook (codebooks: {there})")
         cb = self.blocks[a.layer].codebooks[a.site]
         if not 0 <= a.head < cb.heads:
             raise ValueError(f"{a}: head {a.head} does not exist (n_head={cb.heads})")
@@ -531,14 +532,13 @@ def parse_address(text):
 # the tools around them. Every context manager undoes itself on exit, also after an exception.
 
 def record_codes(model, scores=False):
-    """After a forward: {address: ids (batch, seq, k)} for every codebook, heads separately (or
-    the similarity scores of those codes, with scores=True)."""
+    """After a forward: {address: ids (batch, seq, k)} of every codebook head (scores=True: their scores)."""
     return {address: (cb.last_scores if scores else cb.last_ids)[..., h, :]
             for address, cb, h in model.codebook_heads() if cb.last_ids is not None}
 
 
 def _codes_by_codebook(model, codes):
-    """{address: ids} or ["L1.H2.517", ...] -> {(layer, head): LongTensor (B|1, T|1, m)}."""
+    """{address: ids} or ["L1.H2.517", ...] -> {(CodebookLayer, head): LongTensor (B|1, T|1, m)}."""
     if not isinstance(codes, dict):
         grouped = {}
         for text in codes:
@@ -700,10 +700,10 @@ def count_codes(ids, num_codes):
 
 
 def code_precision_recall(ids, masks, num_codes):
-    """Of every code against boolean masks over positions: ids (..., k) recorded codes, masks
-    (S, ...) S target sets at once or (...) one. With hits = mask positions where the code fires,
-    precision = hits / positions where it fires, recall = hits / mask positions. Returns
-    (precision, recall), each (S, num_codes), or (num_codes,) for one mask."""
+    """Each code's precision and recall against boolean masks over positions: ids (..., k) recorded
+    codes, masks (S, ...) S target sets at once or (...) one. With hits = mask positions where the
+    code fires, precision = hits / positions where it fires, recall = hits / mask positions.
+    Returns (precision, recall), each (S, num_codes), or (num_codes,) for one mask."""
     single = masks.dim() == ids.dim() - 1
     masks = masks[None] if single else masks
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set

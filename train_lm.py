@@ -12,7 +12,7 @@ sparse autoencoders (sae.py) post hoc to the base model's attention heads, with 
 dictionary size and k, and prints the loss with all of them spliced in beside the codebooks'
 (OUT/sae.pt).
 
-    python train_lm.py                                  # generated stories, about 8 min on 2 CPU cores
+    python train_lm.py                                  # generated stories, about 18 min on 2 CPU cores
     python train_lm.py --data corpus.txt                # a text file, or a folder of them
     torchrun --nproc_per_node 2 train_lm.py             # DDP, one shard of every batch per process
     python train_lm.py --device cuda                    # GPU, bf16 autocast

@@ -1,6 +1,6 @@
 """Benchmark: the fused code search of csrc/ against the torch paths of codebook.py, side by side.
 
-    python csrc/bench.py                  # the whole grid and the training steps (~15 min, 2 cores)
+    python csrc/bench.py                  # the whole grid and the training steps (~17 min, 2 cores)
     python csrc/bench.py --quick          # a subset, under a minute
     python csrc/bench.py --json out.json  # also write every row and the summary figures
 

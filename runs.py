@@ -2,6 +2,7 @@
 settings checked before any work, files written atomically, SIGINT / SIGTERM turned into a
 checkpoint at the next step boundary, and the one-line messages a user sees."""
 import contextlib
+import glob
 import json
 import math
 import os
@@ -74,17 +75,34 @@ def check_out(path):
 
 def write_atomically(path, write):
     """write(tmp_path), then rename over `path`: readers see the old file or the new one, never
-    half of one. A failed write (a full disk, a read-only folder) leaves the old file as it was."""
+    half of one. A failed write (a full disk, a read-only folder) leaves the old file as it was;
+    the half-written file of a run killed mid-write goes at the next write."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+        for leftover in glob.glob(glob.escape(path) + ".tmp*"):
+            if not _writer_alive(leftover.rsplit(".tmp", 1)[1]):
+                os.remove(leftover)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not write {path} ({reason}); what was there before is unchanged") from None
+
+
+def _writer_alive(pid):
+    """Whether the process named in a temporary file's suffix still runs (and may be writing it)."""
+    if not pid.isdigit():
+        return True  # not one of ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user
+    return True
 
 
 def save_json(path, data):

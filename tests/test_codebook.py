@@ -4,6 +4,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -423,6 +425,15 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"could not write .*m.pt \(No space left on device\); what was there before is unchanged"):
         cb.save_checkpoint(path, tiny_model())
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"m.pt.tmp{finished.stdout.strip()}"  # a process that no longer runs wrote it
+    live = tmp_path / f"m.pt.tmp{os.getppid()}"  # a running process may still be writing this one
+    dead.write_bytes(b"half"), live.write_bytes(b"half")
+    cb.save_checkpoint(str(tmp_path / "m.pt"), tiny_model())
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", live.name]
 
 
 @pytest.mark.parametrize("make, words", [

@@ -268,7 +268,7 @@ def _position_mask(positions, shape, device):
 # ------------------------------------------------------------------------------------------------
 # 3. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
 # attention causal over the whole prefix, or over a window of the last attn_window positions.
-# A few fields make the same block compute GPT-2, GPT-Neo and GPT-NeoX (hf.py loads them).
+# A few fields make the same block compute GPT-2, GPT-Neo and GPT-NeoX (models.py loads them).
 
 @dataclass
 class CodebookSpec:

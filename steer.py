@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import baselines
 import codebook
-import hf
+import models
 import report as pages
 import runs
 import text
@@ -124,7 +124,7 @@ def main(argv=None):
     for flag in ("topic_file", "reference"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             raise ValueError(f"--{flag} {getattr(args, flag)}: no such file or folder")
-    model, tok = hf.load_with_tokenizer(args.ckpt, args.device)
+    model, tok = models.load_with_tokenizer(args.ckpt, args.device)
     cfg = model.config
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")

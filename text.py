@@ -2,7 +2,7 @@
 The text machinery the language-model scripts share (train_lm.py trains on it, steer.py steers
 towards its topics): bytes as tokens, the generated topic-story corpus, and corpora tokenised once
 into files read through numpy memmap, so a corpus of several GB never has to fit in memory.
-A pretrained model's BPE tokenizer (hf.py) has the interface of ByteTokenizer and works everywhere here.
+A pretrained model's BPE tokenizer (bpe.py) has the interface of ByteTokenizer and works everywhere here.
 """
 import fnmatch
 import hashlib
@@ -37,7 +37,7 @@ def decode(tokens):
 
 
 class ByteTokenizer:
-    """The functions above as an object with hf.BPETokenizer's interface, so the scripts treat
+    """The functions above as an object with bpe.BPETokenizer's interface, so the scripts treat
     byte models and pretrained models alike."""
     kind, vocab_size, bos = "bytes", VOCAB_SIZE, BOS
 

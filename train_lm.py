@@ -20,8 +20,8 @@ dictionary size and k, and prints the loss with all of them spliced in beside th
     python train_lm.py --sae                            # and TopK SAEs on the base model, compared
 
 Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded;
-with --hf they are the model's BPE tokens (hf.py), and BOS is its end-of-text token. Every
-checkpoint holds its tokenizer, so steer.py and hf.load_with_tokenizer need nothing else.
+with --hf they are the model's BPE tokens (bpe.py), and BOS is its end-of-text token. Every
+checkpoint holds its tokenizer, so steer.py and models.load_with_tokenizer need nothing else.
 Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 """
 import argparse
@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import codebook
-import hf
+import models
 import runs
 import sae
 import text
@@ -126,14 +126,14 @@ def main(argv=None):
     if args.init_from and args.hf:
         raise ValueError("--init_from and --hf both give the base model: choose one")
     if args.init_from:
-        base, tokenizer = hf.load_with_tokenizer(args.init_from, args.device)
+        base, tokenizer = models.load_with_tokenizer(args.init_from, args.device)
         if base.codebook_layers():
             raise ValueError(f"--init_from {args.init_from} already has codebooks: give a base model")
         if base.config.block_size < args.block_size:
             raise ValueError(f"--init_from {args.init_from} has block_size {base.config.block_size} < --block_size {args.block_size}")
     if args.hf:
         try:
-            base, tokenizer = hf.load_pretrained(args.hf, block_size=args.block_size)
+            base, tokenizer = models.load_pretrained(args.hf, block_size=args.block_size)
         except ValueError as e:
             raise ValueError(f"--hf {args.hf}: {e}") from None
         if tokenizer.bos is None:

@@ -1,5 +1,5 @@
-"""hf.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo and GPT-NeoX made and saved by `transformers`, loaded by hf.py, give the same logits
+"""models.py against the industrial implementations (minGPT's test, once per family): a tiny random
+GPT-2, GPT-Neo and GPT-NeoX made and saved by `transformers`, loaded by models.py, give the same logits
 and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure."""
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import codebook as cb
-import hf
+import bpe
+import models
 import text
 
 
@@ -78,7 +79,7 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     if case.endswith("-bin"):  # the older format: a torch pickle of the state_dict
         os.remove(tmp_path / "model.safetensors")
         torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
-    ours = hf.from_pretrained(str(tmp_path))
+    ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family != "gpt_neox")
 
     x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3))
@@ -136,7 +137,7 @@ SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straß
           "Whitespace:\ta\t\tb  c   d\r\n\r\n\n\x0b\x0c\u00a0nbsp\u2003em\u3000ideographic \u2028sep  \n   \t  end  ")
 
 
-def bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
+def trained_bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
     """A byte-level BPE trained by `tokenizers` (on ~300 KB of stdlib source unless `corpus`, a list
     of texts), with <|endoftext|> special; Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
     tk = need("tokenizers")
@@ -157,8 +158,8 @@ def bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
 
 @pytest.mark.parametrize("variant", ["gpt2", "pythia", "prefix_space"])
 def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
-    theirs = bpe(tmp_path, normalize=variant == "pythia", prefix_space=variant == "prefix_space")
-    ours = hf.load_tokenizer(str(tmp_path))
+    theirs = trained_bpe(tmp_path, normalize=variant == "pythia", prefix_space=variant == "prefix_space")
+    ours = bpe.load_tokenizer(str(tmp_path))
     unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
     for string in [unseen, SAMPLE, SAMPLE + "<|endoftext|>" + SAMPLE[:50] + "<|endoftext|>", "", " ", "\x1c\x1d a"]:
         ids = ours.encode(string)
@@ -171,15 +172,15 @@ def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
     assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)
 
     # the same tokenizer from plain data, and (GPT-2 style) from vocab.json + merges.txt
-    again = hf.tokenizer_from_dict(ours.to_dict())
+    again = bpe.tokenizer_from_dict(ours.to_dict())
     assert again.encode(SAMPLE) == ours.encode(SAMPLE) and again.bos == ours.bos
     if variant == "gpt2":
         os.remove(tmp_path / "tokenizer.json")
-        assert hf.load_tokenizer(str(tmp_path)).encode(unseen[:50_000] + SAMPLE) == theirs.encode(unseen[:50_000] + SAMPLE).ids
+        assert bpe.load_tokenizer(str(tmp_path)).encode(unseen[:50_000] + SAMPLE) == theirs.encode(unseen[:50_000] + SAMPLE).ids
 
 
 def test_byte_tokenizer():
-    tok = hf.tokenizer_from_dict(text.ByteTokenizer().to_dict())
+    tok = bpe.tokenizer_from_dict(text.ByteTokenizer().to_dict())
     assert list(tok.encode(SAMPLE)) == list(SAMPLE.encode()) and tok.decode(tok.encode(SAMPLE)) == SAMPLE
     assert tok.decode([tok.bos, *tok.encode("hi"), 300, -1]) == "hi" and tok.vocab_size == 257
 
@@ -188,14 +189,14 @@ def test_byte_tokenizer():
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no tokenizer.json"):
-        hf.load_tokenizer(str(tmp_path))
+        bpe.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="of kind 'sentencepiece'"):
-        hf.tokenizer_from_dict({"kind": "sentencepiece"})
+        bpe.tokenizer_from_dict({"kind": "sentencepiece"})
 
 
 def test_clear_errors_from_broken_folders(tmp_path):
@@ -204,42 +205,42 @@ def test_clear_errors_from_broken_folders(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}))
     with pytest.raises(ValueError, match="rope_type='linear' is not implemented"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(config))
 
     weights = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(weights[:len(weights) - 1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(weights[:5])
     with pytest.raises(ValueError, match="truncated or not a safetensors file"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(weights)
     sd = model.state_dict()
     del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
     os.remove(tmp_path / "model.safetensors")
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="'layers.1.mlp.dense_4h_to_h.bias' is missing"):
-        hf.from_pretrained(str(tmp_path))
+        models.from_pretrained(str(tmp_path))
 
 
 def test_a_checkpoint_carries_its_tokenizer(tmp_path):
-    """Where the tokenizer is checked against the model: hf.load_with_tokenizer (checkpoints) and
-    hf.load_pretrained (folders), whenever a model and a tokenizer come together."""
-    bpe(tmp_path)  # 700 ids
-    tokenizer = hf.load_tokenizer(str(tmp_path))
+    """Where the tokenizer is checked against the model: models.load_with_tokenizer (checkpoints) and
+    models.load_pretrained (folders), whenever a model and a tokenizer come together."""
+    trained_bpe(tmp_path)  # 700 ids
+    tokenizer = bpe.load_tokenizer(str(tmp_path))
     config = dict(vocab_size=704, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32)
     cb.save_checkpoint(tmp_path / "good.pt", cb.GPT(config), tokenizer=tokenizer.to_dict())
-    model, loaded = hf.load_with_tokenizer(str(tmp_path / "good.pt"))
+    model, loaded = models.load_with_tokenizer(str(tmp_path / "good.pt"))
     assert loaded.encode(SAMPLE) == tokenizer.encode(SAMPLE) and model.config.vocab_size == 704
     cb.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
-        hf.load_with_tokenizer(str(tmp_path / "bad.pt"))
+        models.load_with_tokenizer(str(tmp_path / "bad.pt"))
     cb.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
-    assert isinstance(hf.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
+    assert isinstance(models.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
     cb.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))
     with pytest.raises(ValueError, match="stores no tokenizer"):
-        hf.load_with_tokenizer(str(tmp_path / "none.pt"))
+        models.load_with_tokenizer(str(tmp_path / "none.pt"))
 
 
 # --- train_lm.py --hf and steer.py ---------------------------------------------------------
@@ -252,7 +253,7 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     import train_lm
     folder, out = tmp_path / "model", tmp_path / "lm"
     folder.mkdir()
-    theirs = bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
+    theirs = trained_bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
     model = tiny(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
     model.save_pretrained(folder)
     train_lm.main(["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
@@ -262,7 +263,7 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     assert all(np.isfinite(results[k]) for k in ("base_val_loss", "finetuned_val_loss", "codebook_val_loss"))
 
     # stage 1 is the loaded model, its context cut to --block_size; every checkpoint holds the tokenizer
-    base, tok = hf.load_with_tokenizer(str(out / "base.pt"))
+    base, tok = models.load_with_tokenizer(str(out / "base.pt"))
     x = torch.randint(0, theirs.get_vocab_size(), (2, 32))
     with torch.no_grad():
         assert (base(x) - model(x).logits).abs().max() <= 1e-4 and base.config.block_size == 32

@@ -260,7 +260,7 @@ def main(argv=None):
         # --- data: the FSM, training walks drawn on the fly (seeded by step and rank), fixed evaluation walks
         fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
         get_batch = functools.partial(walk_batch, fsm, args)
-        eval_tokens = fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
+        eval_tokens = evaluation_walks(fsm, args)
         runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())
         print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
               f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, "
@@ -292,6 +292,11 @@ def main(argv=None):
         page = write_page(results, fsm, model, eval_tokens, args)
         print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else "") + f"\nreport: {page}")
         return results
+
+
+def evaluation_walks(fsm, args):
+    """The fixed evaluation walks as tokens (--eval_seqs, seq_len), drawn apart from every batch."""
+    return fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
 
 
 def walk_batch(fsm, args, i, rank, world, model=None):

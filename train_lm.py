@@ -95,9 +95,7 @@ def main(argv=None):
     with runs.one_run_per_folder(args.out):
         # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows
         train_split, val_split, folder = load_data(args, tokenizer, rank, world)
-        windows = args.eval_windows, args.block_size + 1
-        eval_windows = val_split.random_windows(np.random.default_rng([args.seed, 10**9]), *windows)
-        train_windows = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 1]), *windows)
+        eval_windows, train_windows = fixed_windows(val_split, args, 0), fixed_windows(train_split, args, 1)
         stage1, stage2 = (functools.partial(window_batch, train_split, args, stage) for stage in (1, 2))
 
         # --- training; what the batches depend on is in every checkpoint: resuming with another corpus is refused
@@ -195,6 +193,12 @@ def window_batch(split, args, stage, i, rank, world):
     rng = np.random.default_rng([args.seed, stage, i, rank])
     windows = split.random_windows(rng, args.batch_size, args.block_size + 1)
     return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_windows(split, args, which):
+    """--eval_windows windows of a split, the same in every run with --seed, apart from every batch:
+    which=0 the validation windows, 1 those of the training loss."""
+    return split.random_windows(np.random.default_rng([args.seed, 10**9 + which]), args.eval_windows, args.block_size + 1)
 
 
 def validation(model, windows, autocast):

@@ -11,7 +11,7 @@ attention and MLP codebooks (k = 1) in every layer, k-means initialised on the b
 activations and finetuned (the method is finetuning, section 3.2). Then (3, --sae) TopK sparse
 autoencoders (sae.py) fitted post hoc to the frozen baseline at the same sites, with the same
 dictionary size and k. Evaluates all of them and writes OUT/results.json, OUT/base.pt,
-OUT/codebook.pt, OUT/sae.pt and OUT/fsm.json (for codebook.load_model users).
+OUT/codebook.pt, OUT/sae.pt and OUT/fsm.json (for runs.load_model users).
 Each stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 
 Two choices of this CPU default go beyond the paper (README: what each one changes):

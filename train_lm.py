@@ -220,7 +220,7 @@ def base_model(args, pretrained, tokenizer, get_batch, common, rank):
 
 def finetuned_control(args, base, get_batch, finetune):
     """The paper's comparison (section 5): the base finetuned without codebooks, as long as stage 2."""
-    control = cb.GPT(base.config).to(args.device)
+    control = type(base)(base.config).to(args.device)
     control.load_state_dict(base.state_dict())
     return runs.train(control, get_batch, args.codebook_steps, args.codebook_lr, desc="control: no codebooks",
                       ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)

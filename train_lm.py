@@ -95,7 +95,8 @@ def main(argv=None):
     with runs.one_run_per_folder(args.out):
         # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows
         train_split, val_split, folder = load_data(args, tokenizer, rank, world)
-        eval_windows, train_windows = fixed_windows(val_split, args, 0), fixed_windows(train_split, args, 1)
+        windows = args.eval_windows, args.block_size + 1
+        eval_windows, train_windows = fixed_windows(val_split, args, 0, *windows), fixed_windows(train_split, args, 1, *windows)
         stage1, stage2 = (functools.partial(window_batch, train_split, args, stage) for stage in (1, 2))
 
         # --- training; what the batches depend on is in every checkpoint: resuming with another corpus is refused
@@ -195,10 +196,10 @@ def window_batch(split, args, stage, i, rank, world):
     return windows[:, :-1], windows[:, 1:]
 
 
-def fixed_windows(split, args, which):
-    """--eval_windows windows of a split, the same in every run with --seed, apart from every batch:
-    which=0 the validation windows, 1 those of the training loss."""
-    return split.random_windows(np.random.default_rng([args.seed, 10**9 + which]), args.eval_windows, args.block_size + 1)
+def fixed_windows(split, args, which, count, length):
+    """`count` windows of `length` tokens of a split, the same in every run with --seed, apart from
+    every batch: which=0 the validation windows, 1 the training loss's, 2 k-means', 3 the SAEs'."""
+    return split.random_windows(np.random.default_rng([args.seed, 10**9 + which]), count, length)
 
 
 def validation(model, windows, autocast):
@@ -231,15 +232,15 @@ def codebook_model(args, base, train_split):
     by k-means on training windows."""
     torch.manual_seed(args.seed)  # the same k-means start on every process
     model = cb.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
-    kmeans_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 2]), args.kmeans_windows, args.block_size)
+    kmeans_tokens = fixed_windows(train_split, args, 2, args.kmeans_windows, args.block_size)
     cb.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
     return model
 
 
-def evaluate(args, models, eval_windows, train_windows, train_split, autocast, world):
-    """Every figure of the table for models (base, control or None, codebook model), for results.json
+def evaluate(args, trained, eval_windows, train_windows, train_split, autocast, world):
+    """Every figure of the table for the trained (base, control or None, codebook model), for results.json
     (with --sae, the SAEs fitted first), and the seconds the SAEs took."""
-    base, control, model = models
+    base, control, model = trained
     base_loss, base_acc, _ = runs.evaluate(base, eval_windows, autocast=autocast)
     base_train_loss, _, _ = runs.evaluate(base, train_windows, autocast=autocast)
     if control is not None:
@@ -253,7 +254,7 @@ def evaluate(args, models, eval_windows, train_windows, train_split, autocast, w
     sae_seconds = 0.0
     if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
         started = time.time()
-        sae_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 3]), args.sae_windows, args.block_size)
+        sae_tokens = fixed_windows(train_split, args, 3, args.sae_windows, args.block_size)
         saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sae.codebook_sizes(model),
                             steps=args.sae_steps, seed=args.seed)
         sae_seconds = time.time() - started

@@ -278,7 +278,8 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     assert tok.decode(first) in [s for _, s in text.make_stories(300)]
     assert text.Split(data, "train", tok).tokens(0, 3)[0] == tok.bos == theirs.token_to_id("<|endoftext|>")
     # the base's validation loss is the original's (transformers) on the same windows of the same tokens
-    windows = train_lm.fixed_windows(text.Split(data, "val", tok), train_lm.parser.parse_args(flags), 0)
+    args = train_lm.parser.parse_args(flags)
+    windows = train_lm.fixed_windows(text.Split(data, "val", tok), args, 0, args.eval_windows, args.block_size + 1)
     with torch.no_grad():
         logits = model(windows[:, :-1]).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()

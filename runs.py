@@ -4,12 +4,12 @@ files written atomically, SIGINT / SIGTERM turned into a checkpoint at the next 
 the one-line messages a user sees. The method itself is codebook.py.
 
 Map of this file:
-  1. settings         checked before any work, each failure one line naming the flag
-  2. one run a folder a lock on the output folder that dies with its holder
-  3. files            atomic writes, torch files read with weights_only=True, checkpoints
-  4. exact resume     what a checkpoint of the loop carries beyond weights and optimiser
-  5. training loop    the loop every script uses
-  6. signals          stop at a step boundary with a checkpoint; run_main, the scripts' entry
+  1. settings          checked before any work, each failure one line naming the flag
+  2. one run a folder  a lock on the output folder that goes with its holder
+  3. files             atomic writes, torch files read with weights_only=True, checkpoints
+  4. exact resume      what a checkpoint of the loop carries beyond weights and optimiser
+  5. training loop     the loop every script uses (train), and next-token evaluation (evaluate)
+  6. signals           stop at a step boundary with a checkpoint; run_main, the scripts' entry
 """
 import contextlib
 import fcntl

@@ -119,7 +119,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.codes:
+    if forced_codes(args):
         return force_by_address(args, model, tok, prompts)
     with runs.one_run_per_folder(args.out):
         # --- the reference texts, each position labelled with its topic; every code recorded on them
@@ -164,12 +164,11 @@ def settings(argv):
     for prompt in args.prompt or PROMPTS:
         if 1 + len(tok.encode(prompt)) >= cfg.block_size:
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate")
-    for address in args.codes.split(","):
-        if address.strip():
-            try:
-                model.locate(cb.parse_code(address))  # a clear error for a code that does not exist
-            except ValueError as e:
-                raise ValueError(f"--codes {e}") from None
+    for address in forced_codes(args):
+        try:
+            model.locate(cb.parse_code(address))  # a clear error for a code that does not exist
+        except ValueError as e:
+            raise ValueError(f"--codes {e}") from None
     return args, model, tok, choose_topics(args)
 
 
@@ -192,9 +191,14 @@ def choose_topics(args):
     return {t: text.topic_regex(text.TOPICS[t]["words"]) for t in names}
 
 
+def forced_codes(args):
+    """The code addresses given by --codes."""
+    return [c.strip() for c in args.codes.split(",") if c.strip()]
+
+
 def force_by_address(args, model, tok, prompts):
     """--codes: samples of each prompt without and with the codes forced at every position, printed."""
-    codes = [c.strip() for c in args.codes.split(",") if c.strip()]
+    codes = forced_codes(args)
     for i, prompt in enumerate(prompts):
         plain, n = sample(model, prompt, args, args.seed + i, tok)
         with cb.force_codes(model, codes):

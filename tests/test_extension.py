@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import codebook as cb
+from conftest import ROOT
 from csrc import loader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMS = ("cosine", "euclidean")
 
 

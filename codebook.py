@@ -17,27 +17,22 @@ This file, in the paper's order:
   5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
   6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
   7. finding codes    precision / recall of codes against a mask, top contexts (section 4)
-  8. checkpoints      plain dicts, atomic writes, weights_only loads
-  9. training loop    AdamW, schedule, revival, DDP, checkpoints as it goes, exact resume
+
+How a model is trained, checkpointed and resumed is runs.py (runs.train, runs.load_model); the
+fused code search, and the machinery choosing it, is csrc/.
 """
 import contextlib
 import math
-import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-import runs
 
 SITES = ("attn", "mlp", "block")  # where a codebook can sit in a transformer block
 SIMILARITIES = ("cosine", "euclidean")
 LOSSES = ("aeloss", "none", "commitment")
-SCORE_MATRIX_BYTES = 256 * 2**20  # a larger score matrix is searched in tiles, never materialised
 
 # ------------------------------------------------------------------------------------------------
 # 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
@@ -45,7 +40,7 @@ SCORE_MATRIX_BYTES = 256 * 2**20  # a larger score matrix is searched in tiles, 
 # query's own norm does not change its ranking); euclidean scores -|x - c|. The torch versions
 # here and the fused C++/CUDA one in csrc/ return the same ids (exact ties aside) and scores.
 
-def _scores(x, codes, similarity):
+def code_scores(x, codes, similarity):
     """The (heads, tokens, codes) score matrix, the quantity the top-k ranks. A NaN score (from a
     NaN or inf input) counts as -inf, never chosen before a real score; csrc/ does the same."""
     if similarity == "cosine":
@@ -58,56 +53,26 @@ def _scores(x, codes, similarity):
 
 def search_reference(x, codebook, k, similarity="cosine", disabled=None):
     """Materialise every score, then top-k: O(tokens x codes) memory. Written to be read."""
-    scores = _scores(x, codebook, similarity)
+    s = code_scores(x, codebook, similarity)
     if disabled is not None:
-        scores = scores.masked_fill(disabled[:, None, :], -math.inf)
-    return scores.topk(k, dim=-1)
-
-
-def search_chunked(x, codebook, k, similarity="cosine", disabled=None, tile=4096):
-    """Tile over the codes keeping a running top-k: O(tokens x (k + tile)) memory."""
-    H, N, _ = x.shape
-    best_scores = x.new_full((H, N, k), -math.inf)
-    best_ids = torch.zeros(H, N, k, dtype=torch.long, device=x.device)
-    for start in range(0, codebook.shape[1], tile):
-        s = _scores(x, codebook[:, start:start + tile], similarity)
-        if disabled is not None:
-            s = s.masked_fill(disabled[:, None, start:start + tile], -math.inf)
-        tile_ids = torch.arange(start, start + s.shape[-1], device=x.device).expand(H, N, -1)
-        best_scores, pick = torch.cat([best_scores, s], -1).topk(k, dim=-1)
-        best_ids = torch.cat([best_ids, tile_ids], -1).gather(-1, pick)
-    return best_scores, best_ids
-
-
-def load_extension():
-    """The fused search of csrc/ (csrc/loader.py: built on first use; CODEBOOK_EXT=0 / 1)."""
-    from csrc.loader import load_extension
-    return load_extension()
+        s = s.masked_fill(disabled[:, None, :], -math.inf)
+    return s.topk(k, dim=-1)
 
 
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
     """(scores, ids), each (heads, tokens, k), slot 0 the most similar code. No gradient: training
-    differentiates through the gathered codes only (section 3.1), never through the scores."""
+    differentiates through the gathered codes only (section 3.1), never through the scores.
+    impl: "reference" (above), or "chunked" / "ext" / "auto" (csrc/dispatch.py: the same results
+    in less memory, "auto" the fastest that applies)."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
     check_codebook(C, k, similarity)
-    if impl not in ("auto", "reference", "chunked", "ext"):
-        raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'chunked', 'ext'")
     with torch.no_grad():
-        x, codebook = x.float(), codebook.float()
-        ext = load_extension() if impl in ("auto", "ext") and disabled is None else None
-        if impl == "ext" and ext is None:
-            raise ValueError("impl='ext' needs the csrc extension (CODEBOOK_EXT not 0, a build that works) "
-                             "and no disabled codes; use impl='auto'")
-        if impl == "auto":
-            fits = H * x.shape[1] * C * 4 <= SCORE_MATRIX_BYTES
-            impl = "ext" if ext is not None and ext.supports(x, k) else "reference" if fits else "chunked"
         if impl == "reference":
-            return search_reference(x, codebook, k, similarity, disabled)
-        if impl == "chunked":
-            return search_chunked(x, codebook, k, similarity, disabled)
-        return ext.topk_codes(x, codebook, k, similarity)
+            return search_reference(x.float(), codebook.float(), k, similarity, disabled)
+        from csrc import dispatch  # imported here: it builds on this file's search
+        return dispatch.topk_codes(x.float(), codebook.float(), k, similarity, disabled, impl)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +169,7 @@ class CodebookLayer(nn.Module):
 
     def dead_fraction(self):
         """Per head, the share of codes not used since the last revival."""
-        return (self.usage == 0).float().mean(-1)
+        return dead_share(self.usage)
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
@@ -527,6 +492,14 @@ def parse_address(text):
     return Address(int(layer), site, int(head or 0), None if code is None else int(code))
 
 
+def parse_code(text):
+    """A code's address: 'L1.H2.517' -> Address(1, 'attn', 2, 517); a codebook's alone is refused."""
+    a = parse_address(text)
+    if a.code is None:
+        raise ValueError(f"{a}: name a code, e.g. {a}.0")
+    return a
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Interventions (section 3.3): read codes after a forward, force codes on, disable codes, and
 # the tools around them. Every context manager undoes itself on exit, also after an exception.
@@ -542,9 +515,7 @@ def _codes_by_codebook(model, codes):
     if not isinstance(codes, dict):
         grouped = {}
         for text in codes:
-            a = parse_address(text)
-            if a.code is None:
-                raise ValueError(f"{a}: name a code, e.g. {a}.0")
+            a = parse_code(text)
             grouped.setdefault(str(a.codebook), []).append(a.code)
         codes = grouped
     out = {}
@@ -699,6 +670,16 @@ def count_codes(ids, num_codes):
     return torch.bincount(ids.reshape(-1), minlength=num_codes)
 
 
+def dead_share(counts):
+    """The share of codes that never fired, from counts (..., codes) such as count_codes': (...)."""
+    return (counts == 0).float().mean(-1)
+
+
+def f1_score(precision, recall):
+    """2 P R / (P + R), elementwise (0 where both are 0): how well a code matches a feature."""
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-9)
+
+
 def code_precision_recall(ids, masks, num_codes):
     """Each code's precision and recall against boolean masks over positions: ids (..., k) recorded
     codes, masks (S, ...) S target sets at once or (...) one. With hits = mask positions where the
@@ -721,185 +702,3 @@ def top_contexts(ids, scores, code, n=5):
     strength = torch.where(fires, scores, torch.full_like(scores, -math.inf)).amax(-1).flatten()
     top = strength.topk(min(n, int(fires.any(-1).sum())))
     return [(int(i) // ids.shape[1], int(i) % ids.shape[1], float(s)) for s, i in zip(top.values, top.indices)]
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Checkpoints: plain dicts that torch.load(weights_only=True) reads; written atomically.
-
-FORMAT = "codebook-features/1"
-
-
-def save_checkpoint(path, model, optimizer=None, step=0, **extra):
-    state = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(),
-             "step": step, "optimizer": optimizer.state_dict() if optimizer else None, **extra}
-    runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is truncated, corrupt or not a torch file "
-                         f"({type(e).__name__}); re-create it") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint (written by another program?)")
-    return state
-
-
-def load_model(path, device="cpu"):
-    """Rebuild a model from a checkpoint, in eval mode."""
-    state = load_checkpoint(path, map_location=device)
-    model = GPT(state["config"]).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. The training loop every script uses.
-
-def distributed(backend="gloo"):
-    """(rank, world_size); starts the process group with `backend` when launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.95)):
-    """AdamW; weight decay on matrices only, never on codebooks, LayerNorms or biases."""
-    groups = {"decay": [], "no_decay": [], "codebook": []}
-    for name, p in model.named_parameters():
-        matrix = p.dim() >= 2 and name != "pos_emb.weight"
-        groups["codebook" if ".codebooks." in name else "decay" if matrix else "no_decay"].append(p)
-    return torch.optim.AdamW([
-        {"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
-        {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
-        {"params": groups["codebook"], "weight_decay": 0.0, "lr": codebook_lr or lr},
-    ], lr=lr, betas=betas)
-
-
-def lr_factor(step, steps, warmup, cosine):
-    if step < warmup:
-        return (step + 1) / warmup
-    if not cosine:
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # decays to a tenth
-
-
-def _sum_across_ranks(tensors):
-    if dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
-def _stats_buffers(codebooks):
-    return [t for cb in codebooks for t in (cb.usage, cb.recon_sum, cb.token_count)]
-
-
-def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
-          warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
-          eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
-          desc="train", autocast=None, ckpt_extra=None):
-    """Train `model` for `steps` optimiser steps; return it unwrapped, on `device`, in eval mode,
-    with `model.history` ([{"step", "loss", "dead", "mse"}] every log_every steps).
-
-    get_batch(i, rank, world_size) -> (inputs, targets) of micro-batch i, a function of its
-    arguments alone (so a resumed run draws the same data; each torchrun rank its own shard),
-    optionally plus (codes, positions) to train with those codes forced (interchange training).
-    eval_fn(model, step) -> dict, printed by rank 0.
-
-    With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end, and
-    at SIGINT / SIGTERM (then runs.Interrupted is raised). One already there is resumed exactly
-    (weights, optimiser, RNG states, code statistics), or returned when finished; one made with
-    another config, loop arguments or `settings` (plain data describing the batches) is refused.
-    ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
-    from tqdm import tqdm
-    rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
-    if world > 1 and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    model = model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay, codebook_lr)
-    codebooks = list(model.codebook_layers().values())
-    run = {"config": model.config.to_dict(), "settings": settings or {},
-           "loop": dict(steps=steps, lr=lr, weight_decay=weight_decay, codebook_lr=codebook_lr, warmup=warmup,
-                        cosine=cosine, grad_clip=grad_clip, grad_accum=grad_accum, revive_every=revive_every)}
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
-    step, history = 0, []
-    if ckpt_path and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, map_location=device)
-        step, history = runs.resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
-
-    def save():
-        loop_state = runs.loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=loop_state,
-                            **(ckpt_extra or {}))
-
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
-    last_save = time.monotonic()
-    model.train()
-    with runs.stop_on_signals() as stop_requests:
-        while step < steps:
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, steps, warmup, cosine)
-            for micro in range(grad_accum):
-                x, y, *forced = get_batch(step * grad_accum + micro, rank, world)
-                x, y = x.to(device), y.to(device)
-                sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
-                amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
-                force = force_codes(model, *forced[0]) if forced else contextlib.nullcontext()
-                with sync, amp, force:
-                    logits = net(x)
-                    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-                    loss = (ce + model.codebook_loss()) / grad_accum
-                loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % log_every == 0 or step == steps:
-                history.append({"step": step, "loss": ce.item()} | _codebook_stats(codebooks))
-                bar.set_postfix({name: f"{value:.4f}" if name != "dead" else f"{value:.0%}"
-                                 for name, value in history[-1].items() if name != "step"}, refresh=False)
-            bar.update(1)
-            if revive_every and step % revive_every == 0 and step < steps:
-                _sum_across_ranks([cb.usage for cb in codebooks])
-                for cb in codebooks:
-                    cb.revive_dead_codes()
-                    if world > 1:
-                        dist.broadcast(cb.codes.data, 0)  # every rank keeps rank 0's revived codes
-            if eval_fn and eval_every and step % eval_every == 0 and step < steps and rank == 0:
-                model.eval()
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_fn(model, step).items()))
-                model.train()
-            # every rank must agree on when to save and stop: take the most urgent of all ranks' wishes
-            wishes = torch.tensor([time.monotonic() - last_save >= ckpt_seconds, bool(stop_requests)],
-                                  dtype=torch.float, device=device)
-            _sum_across_ranks([wishes])
-            if ckpt_path and (step % ckpt_every == 0 or step == steps or wishes.any()):
-                save()
-                last_save = time.monotonic()
-            if wishes[1] > 0:
-                bar.close()
-                raise runs.Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
-    bar.close()
-    _sum_across_ranks([cb.usage for cb in codebooks])  # every rank ends with the global counts
-    model.history = history
-    return model.eval()
-
-
-def _codebook_stats(codebooks):
-    """Mean dead share and reconstruction error since the last revival, over codebooks and ranks."""
-    if not codebooks:
-        return {}
-    stats = [t.clone() for t in _stats_buffers(codebooks)]
-    _sum_across_ranks(stats)
-    usage, recon, tokens = stats[0::3], stats[1::3], stats[2::3]
-    dead = torch.cat([(u == 0).float().mean(-1) for u in usage]).mean().item()
-    mse = sum(r.item() / max(1, t.item()) for r, t in zip(recon, tokens)) / len(codebooks)
-    return {"dead": dead, "mse": mse}

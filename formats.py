@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+import runs
+
 # ------------------------------------------------------------------------------------------------
 # safetensors: safetensors: 8 bytes little-endian header length n, n bytes of JSON
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the tensors' raw little-endian bytes.
@@ -56,9 +58,5 @@ def read_weights(folder):
         shards = sorted(set(json.load(open(index))["weight_map"].values()))
         return {name: t for shard in shards for name, t in read_safetensors(os.path.join(folder, shard)).items()}
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        path = os.path.join(folder, "pytorch_model.bin")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is truncated, corrupt or not a torch file ({type(e).__name__}); download it again") from None
+        return runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")
     raise ValueError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")

@@ -22,6 +22,7 @@ import re
 import torch
 
 import codebook as cb
+import runs
 import text
 from formats import read_weights
 from bpe import check_tokenizer, load_tokenizer, tokenizer_from_dict
@@ -202,8 +203,8 @@ def load_pretrained(folder, codebooks=None, block_size=None):
 
 
 def load_with_tokenizer(path, device="cpu"):
-    """(model, tokenizer) of a codebook checkpoint: cb.load_model plus the tokenizer stored with it."""
-    state = cb.load_checkpoint(path)
+    """(model, tokenizer) of a codebook checkpoint: runs.load_model plus the tokenizer stored with it."""
+    state = runs.load_checkpoint(path)
     stored = state.get("tokenizer")
     if stored is None and state["config"].get("vocab_size") != text.VOCAB_SIZE:
         raise ValueError(f"{path} stores no tokenizer and is not a byte model (vocab_size {state['config'].get('vocab_size')})")

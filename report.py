@@ -411,9 +411,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         masks = torch.stack([labels == s for s in range(len(label_names))])
     extra = {}
     for text in always:
-        a = cb.parse_address(text)
-        if a.code is None:
-            raise ValueError(f"{a}: name a code, e.g. {a}.0")
+        a = cb.parse_code(text)
         model.locate(a)
         extra.setdefault(str(a.codebook), []).append(a.code)
 
@@ -433,8 +431,7 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         chosen = ranked[:max_cards] + [c for c in dict.fromkeys(extra.get(address, [])) if c not in ranked[:max_cards]]
         if labels is not None:
             precision, recall = cb.code_precision_recall(v, masks, book.num_codes)  # (labels, codes)
-            f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-9)
-            best_f1, best_label = f1.max(0)
+            best_f1, best_label = cb.f1_score(precision, recall).max(0)
         order, starts = _positions_by_code(v, counts)
         flat_scores = s.reshape(-1)
         starts = starts.tolist()
@@ -563,8 +560,9 @@ def code_browser(data, label_kind="label"):
 
 def ranked_codes(rows, label="matches"):
     """A code search's ranking as a table: rows of {"address", "precision", "recall"} (section 4)."""
-    body = [[i + 1, code_link(r["address"]), pct(r["precision"]), pct(r["recall"]),
-             pct(2 * r["precision"] * r["recall"] / max(1e-9, r["precision"] + r["recall"]))] for i, r in enumerate(rows)]
+    precision, recall = (torch.tensor([r[key] for r in rows], dtype=torch.float64) for key in ("precision", "recall"))
+    body = [[i + 1, code_link(r["address"]), pct(r["precision"]), pct(r["recall"]), pct(f1)]
+            for i, (r, f1) in enumerate(zip(rows, cb.f1_score(precision, recall).tolist()))]
     return table(body, ["rank", "code", f"precision ({label})", "recall", "F1"])
 
 

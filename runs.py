@@ -1,7 +1,18 @@
-"""What makes a run survive and refuse bad input, shared by codebook.train and the scripts:
-settings checked before any work, files written atomically, SIGINT / SIGTERM turned into a
-checkpoint at the next step boundary, and the one-line messages a user sees."""
+"""How every run goes: the training loop (AdamW, schedule, code revival, DDP, checkpoints as it
+goes, exact resume), checkpoints, settings checked before any work, one run per output folder,
+files written atomically, SIGINT / SIGTERM turned into a checkpoint at the next step boundary, and
+the one-line messages a user sees. The method itself is codebook.py.
+
+Map of this file:
+  1. settings          checked before any work, each failure one line naming the flag
+  2. one run a folder  a lock on the output folder that goes with its holder
+  3. files             atomic writes, torch files read with weights_only=True, checkpoints
+  4. exact resume      what a checkpoint of the loop carries beyond weights and optimiser
+  5. training loop     the loop every script uses (train), and next-token evaluation (evaluate)
+  6. signals           stop at a step boundary with a checkpoint; run_main, the scripts' entry
+"""
 import contextlib
+import fcntl
 import glob
 import json
 import math
@@ -10,11 +21,17 @@ import shlex
 import signal
 import sys
 import threading
+import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import codebook as cb
 
 # ------------------------------------------------------------------------------------------------
-# Settings, checked before any work: each failure is one ValueError line naming the flag.
+# 1. Settings, checked before any work: each failure is one ValueError line naming the flag.
 
 
 def check_settings(args, positive=(), non_negative=(), rates=(), shares=(), finite=()):
@@ -71,7 +88,48 @@ def check_out(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Files and settings that must match.
+# 2. One run per output folder: two processes training into one folder would each resume from and
+# overwrite the other's checkpoints.
+
+LOCK = ".lock"  # the file in an output folder whose lock the run writing there holds
+
+
+@contextlib.contextmanager
+def one_run_per_folder(out):
+    """Within the block this run holds the output folder `out` (created if need be): another run
+    given the same folder stops with one line naming the holder's process id. The lock (flock)
+    goes with its holder, so a killed run never blocks its rerun. Under torchrun rank 0 holds it
+    for the whole run."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out}: another run (process {_lock_holder(fd)}) is writing to this folder; "
+                             "wait for it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd):
+    """The process id the lock's holder wrote into the lock file (it writes it just after locking)."""
+    for _ in range(100):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Files: written atomically, read with weights_only=True; checkpoints are plain dicts.
 
 def write_atomically(path, write):
     """write(tmp_path), then rename over `path`: readers see the old file or the new one, never
@@ -112,21 +170,43 @@ def save_json(path, data):
     write_atomically(path, write)
 
 
-def first_difference(saved, now, prefix=""):
-    """The first setting that differs between two nested dicts, as 'name: a ... b', or None."""
-    for key in sorted(set(saved) | set(now), key=str):
-        a, b = saved.get(key, "unset"), now.get(key, "unset")
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now"
-    return None
+def load_torch_file(path, remedy, name=None, map_location="cpu"):
+    """torch.load(path, weights_only=True): plain data and tensors, never code. A file cut short,
+    corrupt or not torch's is one ValueError line naming it (`name`, default the path) and `remedy`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{name or path} is truncated, corrupt or not a torch file ({type(e).__name__}); {remedy}") from None
+
+
+FORMAT = "codebook-features/1"
+
+
+def save_checkpoint(path, model, optimizer=None, step=0, **extra):
+    state = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(),
+             "step": step, "optimizer": optimizer.state_dict() if optimizer else None, **extra}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist")
+    state = load_torch_file(path, "re-create it", f"checkpoint {path}", map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint (written by another program?)")
+    return state
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a model from a checkpoint, in eval mode."""
+    state = load_checkpoint(path, map_location=device)
+    model = cb.GPT(state["config"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------
-# Exact resume: a checkpoint of the training loop carries what the next step depends on.
+# 4. Exact resume: a checkpoint of the training loop carries what the next step depends on.
 
 def loop_state(summed, world):
     """What a resumed loop needs beyond weights and optimiser to continue exactly: every rank's RNG
@@ -172,8 +252,190 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def first_difference(saved, now, prefix=""):
+    """The first setting that differs between two nested dicts, as 'name: a ... b', or None."""
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key, "unset"), now.get(key, "unset")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
-# Signals: stop at a step boundary, with a checkpoint.
+# 5. The training loop every script uses.
+
+def distributed(backend="gloo"):
+    """(rank, world_size); starts the process group with `backend` when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.95)):
+    """AdamW; weight decay on matrices only, never on codebooks, LayerNorms or biases."""
+    groups = {"decay": [], "no_decay": [], "codebook": []}
+    for name, p in model.named_parameters():
+        matrix = p.dim() >= 2 and name != "pos_emb.weight"
+        groups["codebook" if ".codebooks." in name else "decay" if matrix else "no_decay"].append(p)
+    return torch.optim.AdamW([
+        {"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
+        {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
+        {"params": groups["codebook"], "weight_decay": 0.0, "lr": codebook_lr or lr},
+    ], lr=lr, betas=betas)
+
+
+def lr_factor(step, steps, warmup, cosine):
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # decays to a tenth
+
+
+def _sum_across_ranks(tensors):
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _stats_buffers(codebooks):
+    return [t for layer in codebooks for t in (layer.usage, layer.recon_sum, layer.token_count)]
+
+
+def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,
+          warmup=0, cosine=False, grad_clip=1.0, grad_accum=1, revive_every=0, eval_fn=None,
+          eval_every=0, ckpt_path=None, ckpt_every=100, ckpt_seconds=120, settings=None, log_every=10,
+          desc="train", autocast=None, ckpt_extra=None):
+    """Train `model` for `steps` optimiser steps; return it unwrapped, on `device`, in eval mode,
+    with `model.history` ([{"step", "loss", "dead", "mse"}] every log_every steps).
+
+    get_batch(i, rank, world_size) -> (inputs, targets) of micro-batch i, a function of its
+    arguments alone (so a resumed run draws the same data; each torchrun rank its own shard),
+    optionally plus (codes, positions) to train with those codes forced (interchange training).
+    eval_fn(model) -> dict, printed by rank 0 every eval_every steps.
+
+    With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end, and
+    at SIGINT / SIGTERM (then Interrupted is raised). One already there is resumed exactly
+    (weights, optimiser, RNG states, code statistics), or returned when finished; one made with
+    another config, loop arguments or `settings` (plain data describing the batches) is refused.
+    ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
+    from tqdm import tqdm
+    rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    model = model.to(device)
+    optimizer = make_optimizer(model, lr, weight_decay, codebook_lr)
+    codebooks = list(model.codebook_layers().values())
+    run = {"config": model.config.to_dict(), "settings": settings or {},
+           "loop": dict(steps=steps, lr=lr, weight_decay=weight_decay, codebook_lr=codebook_lr, warmup=warmup,
+                        cosine=cosine, grad_clip=grad_clip, grad_accum=grad_accum, revive_every=revive_every)}
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
+    step, history = 0, []
+    if ckpt_path and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path, map_location=device)
+        step, history = resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
+
+    def save():
+        summed = loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=summed,
+                            **(ckpt_extra or {}))
+
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    last_save = time.monotonic()
+    model.train()
+    with stop_on_signals() as stop_requests:
+        while step < steps:
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, steps, warmup, cosine)
+            for micro in range(grad_accum):
+                x, y, *forced = get_batch(step * grad_accum + micro, rank, world)
+                x, y = x.to(device), y.to(device)
+                sync = contextlib.nullcontext() if micro == grad_accum - 1 or world == 1 else net.no_sync()
+                amp = torch.autocast(device.split(":")[0], dtype=autocast) if autocast else contextlib.nullcontext()
+                force = cb.force_codes(model, *forced[0]) if forced else contextlib.nullcontext()
+                with sync, amp, force:
+                    logits = net(x)
+                    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = (ce + model.codebook_loss()) / grad_accum
+                loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % log_every == 0 or step == steps:
+                history.append({"step": step, "loss": ce.item()} | _codebook_stats(codebooks))
+                bar.set_postfix({name: f"{value:.4f}" if name != "dead" else f"{value:.0%}"
+                                 for name, value in history[-1].items() if name != "step"}, refresh=False)
+            bar.update(1)
+            if revive_every and step % revive_every == 0 and step < steps:
+                _sum_across_ranks([layer.usage for layer in codebooks])
+                for layer in codebooks:
+                    layer.revive_dead_codes()
+                    if world > 1:
+                        dist.broadcast(layer.codes.data, 0)  # every rank keeps rank 0's revived codes
+            if eval_fn and eval_every and step % eval_every == 0 and step < steps and rank == 0:
+                model.eval()
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_fn(model).items()))
+                model.train()
+            # every rank must agree on when to save and stop: take the most urgent of all ranks' wishes
+            wishes = torch.tensor([time.monotonic() - last_save >= ckpt_seconds, bool(stop_requests)],
+                                  dtype=torch.float, device=device)
+            _sum_across_ranks([wishes])
+            if ckpt_path and (step % ckpt_every == 0 or step == steps or wishes.any()):
+                save()
+                last_save = time.monotonic()
+            if wishes[1] > 0:
+                bar.close()
+                raise Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
+    bar.close()
+    _sum_across_ranks([layer.usage for layer in codebooks])  # every rank ends with the global counts
+    model.history = history
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, tokens, batch_size=32, autocast=None):
+    """Next-token cross-entropy (nats/token) and accuracy of `model` on token rows (n, seq), and
+    {codebook address: share of its codes that never fire there}. Puts the model in eval mode."""
+    model.eval()
+    device = model.head.weight.device
+    loss_sum, correct, count, usage = 0.0, 0, 0, {}
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.autocast(device.type, dtype=autocast) if autocast else torch.no_grad():
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+        for address, ids in cb.record_codes(model).items():
+            usage[address] = usage.get(address, 0) + cb.count_codes(ids.cpu(), model.locate(address)[0].num_codes)
+    return loss_sum / count, correct / count, {a: cb.dead_share(counts).item() for a, counts in usage.items()}
+
+
+def _codebook_stats(codebooks):
+    """Mean dead share and reconstruction error since the last revival, over codebooks and ranks."""
+    if not codebooks:
+        return {}
+    stats = [t.clone() for t in _stats_buffers(codebooks)]
+    _sum_across_ranks(stats)
+    usage, recon, tokens = stats[0::3], stats[1::3], stats[2::3]
+    dead = torch.cat([cb.dead_share(u) for u in usage]).mean().item()
+    mse = sum(r.item() / max(1, t.item()) for r, t in zip(recon, tokens)) / len(codebooks)
+    return {"dead": dead, "mse": mse}
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Signals: stop at a step boundary, with a checkpoint.
 
 class Interrupted(Exception):
     """The training loop stopped at a step boundary after SIGINT or SIGTERM, its checkpoint written."""

@@ -255,10 +255,7 @@ def fit_saes(path, model, tokens, sizes, **fit):
 
 def load_saes(path, settings=None):
     """The SAEs save_saes wrote, in eval mode; None when `settings` are given and differ."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"SAE file {path} is truncated, corrupt or not a torch file ({type(e).__name__}); delete it") from None
+    state = runs.load_torch_file(path, "delete it", f"SAE file {path}")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (written by another program?)")
     if settings is not None and state["settings"] != settings:
@@ -301,4 +298,4 @@ def latent_precision_recall(ids, masks, num_latents):
 
 def dead_fraction(ids, num_latents):
     """Share of the latents that never fire in recorded ids (..., k)."""
-    return (cb.count_codes(ids, num_latents + 1)[:num_latents] == 0).float().mean().item()
+    return cb.dead_share(cb.count_codes(ids, num_latents + 1)[:num_latents]).item()

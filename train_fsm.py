@@ -11,7 +11,7 @@ attention and MLP codebooks (k = 1) in every layer, k-means initialised on the b
 activations and finetuned (the method is finetuning, section 3.2). Then (3, --sae) TopK sparse
 autoencoders (sae.py) fitted post hoc to the frozen baseline at the same sites, with the same
 dictionary size and k. Evaluates all of them and writes OUT/results.json, OUT/base.pt,
-OUT/codebook.pt, OUT/sae.pt and OUT/fsm.json (for codebook.load_model users).
+OUT/codebook.pt, OUT/sae.pt and OUT/fsm.json (for runs.load_model users).
 Each stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 
 Two choices of this CPU default go beyond the paper (README: what each one changes):
@@ -24,6 +24,7 @@ Two choices of this CPU default go beyond the paper (README: what each one chang
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import time
@@ -217,8 +218,7 @@ def intervention_success(model, fsm, sites, pairs, batch=200, seed=7, patch=None
 
 def best_state_codes(precision, recall):
     """Per state (row), the code with the best F1: (precision, recall, code), each (num_states,)."""
-    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-9)
-    code = f1.argmax(-1, keepdim=True)
+    code = cb.f1_score(precision, recall).argmax(-1, keepdim=True)
     return precision.gather(1, code)[:, 0], recall.gather(1, code)[:, 0], code[:, 0]
 
 
@@ -240,13 +240,10 @@ def sample_states(model, fsm, n, seed):
     return fsm.decode(tokens[:, 1:].cpu())
 
 
-@torch.no_grad()
 def val_metrics(model, tokens):
     """Next-token loss and accuracy on fixed validation tokens."""
-    device = model.head.weight.device
-    logits = torch.cat([model(tokens[i:i + 64, :-1].to(device)).float().cpu() for i in range(0, len(tokens), 64)])
-    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    return {"val_loss": loss.item(), "val_acc": (logits.argmax(-1) == tokens[:, 1:]).float().mean().item()}
+    loss, accuracy, _ = runs.evaluate(model, tokens, batch_size=64)
+    return {"val_loss": loss, "val_acc": accuracy}
 
 
 def per_layer_counts(text):
@@ -257,53 +254,69 @@ def per_layer_counts(text):
 def main(argv=None):
     started = time.time()
     args = settings(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with runs.one_run_per_folder(args.out):
+        # --- data: the FSM, training walks drawn on the fly (seeded by step and rank), fixed evaluation walks
+        fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
+        get_batch = functools.partial(walk_batch, fsm, args)
+        eval_tokens = evaluation_walks(fsm, args)
+        runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())
+        print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
+              f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, "
+              f"{args.mlp_codes} per MLP (layer 0, 1, ...); attention window {args.attn_window or 'full'}")
 
-    # --- data: the FSM, batches drawn on the fly (seeded by step and rank), fixed evaluation walks
-    fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
+        # --- model and training: the baseline, then the same weights with codebooks (section 3.2)
+        torch.manual_seed(args.seed)
+        data = dict(fsm=[args.num_states, args.num_edges, args.base, args.walk_length], seed=args.seed, batch_size=args.batch_size)
+        common = dict(device=args.device, warmup=100, cosine=True, eval_every=500, ckpt_every=args.ckpt_every,
+                      ckpt_seconds=args.ckpt_seconds, eval_fn=functools.partial(val_metrics, tokens=eval_tokens[:256]))
+        base = runs.train(cb.GPT(args.base_config), get_batch, args.base_steps, args.lr, desc="baseline",
+                          ckpt_path=os.path.join(args.out, "base.pt"), settings=data, **common)
+        model = cb.with_codebooks(base, args.codebook_config.codebooks)
+        kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
+        cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
+        model = runs.train(model, functools.partial(walk_batch, fsm, args, model=model) if args.interchange else get_batch,
+                           args.codebook_steps, args.finetune_lr, codebook_lr=args.codebook_lr, revive_every=args.revive_every,
+                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
+                           settings=data | {"interchange": args.interchange}, **common)
 
-    def get_batch(i, rank, world):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
-        tokens = fsm.encode(fsm.random_walks(args.batch_size // world, g))
-        return tokens[:, :-1], tokens[:, 1:]
+        # --- the comparison: TopK SAEs fitted post hoc to the frozen baseline, at the codebook sites
+        saes, sae_seconds = fit_saes(base, model, get_batch, args) if args.sae else (None, 0.0)
 
-    eval_tokens = fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
-    runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())
-    print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
-          f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, {args.mlp_codes} per MLP "
-          f"(layer 0, 1, ...); attention window {args.attn_window or 'full'}")
+        # --- evaluate and report
+        print("evaluating ...")
+        results = evaluate(base, model, fsm, eval_tokens, args, saes)  # only what a rerun reproduces: no times
+        report(results, time.time() - started, sae_seconds)
+        runs.save_json(os.path.join(args.out, "results.json"), results)
+        page = write_page(results, fsm, model, eval_tokens, args)
+        print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else "") + f"\nreport: {page}")
+        return results
 
-    # --- model and training: the baseline, then the same weights with codebooks (section 3.2)
-    torch.manual_seed(args.seed)
-    base = cb.GPT(args.base_config)
-    data = dict(fsm=[args.num_states, args.num_edges, args.base, args.walk_length], seed=args.seed, batch_size=args.batch_size)
-    common = dict(device=args.device, warmup=100, cosine=True, eval_every=500, ckpt_every=args.ckpt_every,
-                  ckpt_seconds=args.ckpt_seconds, eval_fn=lambda m, step: val_metrics(m, eval_tokens[:256]))
-    base = cb.train(base, get_batch, args.base_steps, args.lr, ckpt_path=os.path.join(args.out, "base.pt"),
-                    desc="baseline", settings=data, **common)
-    model = cb.with_codebooks(base, args.codebook_config.codebooks)
-    kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
-    cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
 
-    def get_interchange_batch(i, rank, world):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
-        return interchange_batch(model, fsm, fsm.random_walks(args.batch_size // world, g), args.interchange, g)
+def evaluation_walks(fsm, args):
+    """The fixed evaluation walks as tokens (--eval_seqs, seq_len), drawn apart from every batch."""
+    return fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
 
-    model = cb.train(model, get_interchange_batch if args.interchange else get_batch, args.codebook_steps,
-                     args.finetune_lr, codebook_lr=args.codebook_lr, revive_every=args.revive_every,
-                     ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
-                     settings=data | {"interchange": args.interchange}, **common)
 
-    # --- the comparison: TopK SAEs fitted post hoc to the frozen baseline, at the codebook sites
-    saes, sae_seconds = fit_saes(base, model, get_batch, args) if args.sae else (None, 0.0)
+def walk_batch(fsm, args, i, rank, world, model=None):
+    """Micro-batch i of random walks (inputs, targets) for `rank` of `world` processes, a function of
+    its arguments alone (runs.train); with `model`, an interchange batch of it (--interchange)."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + i * world + rank + 1)
+    walks = fsm.random_walks(args.batch_size // world, g)
+    if model is not None:
+        return interchange_batch(model, fsm, walks, args.interchange, g)
+    tokens = fsm.encode(walks)
+    return tokens[:, :-1], tokens[:, 1:]
 
-    # --- evaluate and report
-    print("evaluating ...")
-    results = evaluate(base, model, fsm, eval_tokens, args, saes)  # only what a rerun reproduces: no times
-    report(results, time.time() - started, sae_seconds)
-    runs.save_json(os.path.join(args.out, "results.json"), results)
-    page = write_page(results, fsm, model, eval_tokens, args)
-    print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else "") + f"\nreport: {page}")
-    return results
+
+# --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them
+PRESETS = {
+    "cpu": {},  # the defaults below: README's table, on a CPU
+    "paper": dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
+                  base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
+                  attn_window=0, interchange=0.0),  # the paper's sizes (section 4.1), for a GPU
+}
 
 
 def settings(argv):
@@ -311,7 +324,8 @@ def settings(argv):
     codebook setting is refused before the baseline trains)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="paper: the paper's sizes, for a GPU")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="other defaults for a set of flags (PRESETS in this file); a flag given here wins over its preset")
     p.add_argument("--num_states", type=int, default=100)
     p.add_argument("--num_edges", type=int, default=10, help="successors of each state")
     p.add_argument("--base", type=int, default=10, help="states are written in this base")
@@ -349,19 +363,16 @@ def settings(argv):
     p.add_argument("--sae_directions", choices=["data", "random"], default="data",
                    help="SAE decoder rows start along b_pre -> random activations, or random (Gao et al.)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); README's tables: 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/fsm")
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
-    if args.preset == "paper":  # 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512 (section 4.1)
-        for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
-                                base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
-                                attn_window=0, interchange=0.0).items():
-            setattr(args, name, value)
 
     runs.check_settings(args, positive=("num_states", "num_edges", "base", "walk_length", "n_layer", "n_head", "d_model",
                                         "d_mlp", "attn_codes", "mlp_codes", "k", "batch_size", "base_steps",
                                         "codebook_steps", "eval_seqs", "samples", "pairs", "ckpt_every", "sae_steps", "sae_seqs"),
-                        non_negative=("attn_window", "revive_every", "ckpt_seconds", "cards"),
+                        non_negative=("attn_window", "revive_every", "ckpt_seconds", "cards", "threads"),
                         rates=("lr", "finetune_lr", "codebook_lr"), shares=("interchange",), finite=("beta",))
     if args.beta < 0:
         raise ValueError(f"--beta {args.beta}: the commitment weight must be 0 or more")
@@ -417,7 +428,7 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
 
     ids, _ = cb.record_dataset(model, eval_tokens[:, :-1])
     num_codes = {a: model.locate(a)[0].num_codes for a in ids}
-    c["dead_code_fraction"] = {a: (cb.count_codes(v, num_codes[a]) == 0).float().mean().item() for a, v in ids.items()}
+    c["dead_code_fraction"] = {a: cb.dead_share(cb.count_codes(v, num_codes[a])).item() for a, v in ids.items()}
 
     # state codes (section 4.1): per state the best code of each codebook; the best codebook's mean
     masks = fsm.state_masks(eval_tokens)

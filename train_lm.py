@@ -25,40 +25,19 @@ checkpoint holds its tokenizer, so steer.py and models.load_with_tokenizer need 
 Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 """
 import argparse
+import functools
 import os
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-import codebook
+import codebook as cb
 import models
 import runs
 import sae
 import text
-
-
-@torch.no_grad()
-def evaluate(model, windows, batch_size=32, autocast=None):
-    """Mean cross-entropy (nats/token), next-token accuracy and {codebook address: dead fraction}."""
-    model.eval()
-    device = model.head.weight.device
-    loss_sum, correct, count, usage = 0.0, 0, 0, {}
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].to(device)
-        x, y = batch[:, :-1], batch[:, 1:]
-        with torch.autocast(device.type, dtype=autocast) if autocast else torch.no_grad():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-        for address, ids in codebook.record_codes(model).items():
-            num_codes = model.locate(address)[0].num_codes
-            usage[address] = usage.get(address, 0) + codebook.count_codes(ids.cpu(), num_codes)
-    dead = {a: (counts == 0).float().mean().item() for a, counts in usage.items()}
-    return loss_sum / count, correct / count, dead
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,9 +84,51 @@ parser.add_argument("--threads", type=int, default=0, help="torch CPU threads pe
 
 
 def main(argv=None):
-    # --- settings, all checked before any work
+    started = time.time()
+    args = settings(argv)
+    pretrained, tokenizer = starting_model(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = runs.distributed("nccl" if args.device.startswith("cuda") else "gloo")
+    autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+    torch.manual_seed(args.seed)
+    with runs.one_run_per_folder(args.out):
+        # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows
+        train_split, val_split, folder = load_data(args, tokenizer, rank, world)
+        windows = args.eval_windows, args.block_size + 1
+        eval_windows, train_windows = fixed_windows(val_split, args, 0, *windows), fixed_windows(train_split, args, 1, *windows)
+        stage1, stage2 = (functools.partial(window_batch, train_split, args, stage) for stage in (1, 2))
+
+        # --- training; what the batches depend on is in every checkpoint: resuming with another corpus is refused
+        common = dict(device=args.device, autocast=autocast, eval_every=args.eval_every, cosine=True,
+                      eval_fn=functools.partial(validation, windows=eval_windows[:64], autocast=autocast),
+                      ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, ckpt_extra={"tokenizer": tokenizer.to_dict()},
+                      settings=dict(data=os.path.basename(folder), batch_size=args.batch_size, block_size=args.block_size,
+                                    seed=args.seed))
+        finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
+        base = base_model(args, pretrained, tokenizer, stage1, common, rank)
+        control = finetuned_control(args, base, stage2, finetune) if args.control else None
+        model = runs.train(codebook_model(args, base, train_split), stage2, args.codebook_steps, args.codebook_lr,
+                           revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
+                           desc="stage 2: codebooks", **finetune)
+
+        # --- evaluate and report (rank 0)
+        results = None
+        if rank == 0:
+            results, sae_seconds = evaluate(args, (base, control, model), eval_windows, train_windows, train_split, autocast, world)
+            report(results, args, model.config, sae_seconds)
+            runs.save_json(os.path.join(args.out, "results.json"), results)
+            print(f"wall time {time.time() - started:.0f} s ({world} process{'es' if world > 1 else ''}); "
+                  f"wrote {args.out}/results.json, base.pt, codebook.pt" + (", finetuned.pt" if control else ""))
+    if dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before any tears the group down
+        dist.destroy_process_group()
+    return results
+
+
+def settings(argv):
+    """The command line, every setting checked before any work."""
     args = parser.parse_args(argv)
-    t0 = time.time()
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
                                         "eval_windows", "ckpt_every", "sae_steps", "sae_windows"),
@@ -117,20 +138,30 @@ def main(argv=None):
         raise ValueError(f"--val_fraction {args.val_fraction}: a share of documents, strictly between 0 and 1")
     runs.check_device(args.device)
     runs.check_out(args.out)
-    codebook.check_codebook(args.num_codes, args.k)
+    cb.check_codebook(args.num_codes, args.k)
     if args.data and not os.path.exists(args.data):
         raise ValueError(f"data path {args.data} does not exist")
-    base_config = codebook.GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
-                                     n_head=args.n_head, d_model=args.d_model, d_mlp=4 * args.d_model)
-    tokenizer = text.ByteTokenizer()
+    base_config(args)  # its own checks
     if args.init_from and args.hf:
         raise ValueError("--init_from and --hf both give the base model: choose one")
+    return args
+
+
+def base_config(args):
+    """The byte model stage 1 trains."""
+    return cb.GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
+                        n_head=args.n_head, d_model=args.d_model, d_mlp=4 * args.d_model)
+
+
+def starting_model(args):
+    """(the base model of --init_from or --hf, on --device, or None: trained here; its tokenizer), checked."""
     if args.init_from:
         base, tokenizer = models.load_with_tokenizer(args.init_from, args.device)
         if base.codebook_layers():
             raise ValueError(f"--init_from {args.init_from} already has codebooks: give a base model")
         if base.config.block_size < args.block_size:
             raise ValueError(f"--init_from {args.init_from} has block_size {base.config.block_size} < --block_size {args.block_size}")
+        return base, tokenizer
     if args.hf:
         try:
             base, tokenizer = models.load_pretrained(args.hf, block_size=args.block_size)
@@ -138,138 +169,132 @@ def main(argv=None):
             raise ValueError(f"--hf {args.hf}: {e}") from None
         if tokenizer.bos is None:
             raise ValueError(f"--hf {args.hf}: its tokenizer has no <|endoftext|> token to separate documents with")
-        base = base.to(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world = codebook.distributed("nccl" if args.device.startswith("cuda") else "gloo")
-    say = print if rank == 0 else (lambda *a, **k: None)
-    autocast = torch.bfloat16 if args.device.startswith("cuda") else None
-    torch.manual_seed(args.seed)
+        return base.to(args.device), tokenizer
+    return None, text.ByteTokenizer()
 
-    # --- data: tokenised once by rank 0, then memory-mapped by every process
-    def prepare():
-        return text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories, args.include,
-                                 args.separator, args.block_size, args.exclude.split(","), tokenizer)
-    if rank == 0:
-        train_split, val_split, folder = prepare()
-    if world > 1:
-        dist.barrier()
+
+def load_data(args, tokenizer, rank, world):
+    """(train split, validation split, their folder): the corpus tokenised once into OUT/data/ by
+    rank 0, then memory-mapped by every process."""
     if rank != 0:
-        train_split, val_split, folder = prepare()
-    say(f"data: {args.data or f'{args.stories} generated stories'} -> {folder}: "
-        f"{len(train_split.data) / 1e6:.2f} M tokens train, {len(val_split.data) / 1e6:.2f} M validation ({tokenizer.kind})")
-
-    def batches(stage):
-        def get_batch(i, rank, world):
-            """Micro-batch i of a stage: random windows, a different draw on every process."""
-            rng = np.random.default_rng([args.seed, stage, i, rank])
-            windows = train_split.random_windows(rng, args.batch_size, args.block_size + 1)
-            return windows[:, :-1], windows[:, 1:]
-        return get_batch
-
-    eval_windows = val_split.random_windows(np.random.default_rng([args.seed, 10**9]), args.eval_windows, args.block_size + 1)
-    train_windows = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 1]), args.eval_windows, args.block_size + 1)
-
-    def eval_fn(model, step):
-        loss, acc, _ = evaluate(model, eval_windows[:64], autocast=autocast)
-        return {"val_loss": loss, "val_acc": acc}
-
-    # what the batches depend on: resuming with another corpus or batch shape is refused
-    data_settings = dict(data=os.path.basename(folder), batch_size=args.batch_size, block_size=args.block_size, seed=args.seed)
-    common = dict(device=args.device, autocast=autocast, eval_fn=eval_fn, eval_every=args.eval_every, cosine=True,
-                  ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, settings=data_settings,
-                  ckpt_extra={"tokenizer": tokenizer.to_dict()})
-    finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
-
-    # --- stage 1: the base model, trained here or loaded
-    if args.init_from or args.hf:
-        if rank == 0:
-            codebook.save_checkpoint(os.path.join(args.out, "base.pt"), base, step=0, init_from=args.init_from or args.hf,
-                                     tokenizer=tokenizer.to_dict())
-    else:
-        base = codebook.train(codebook.GPT(base_config), batches(1), args.base_steps, args.base_lr,
-                              ckpt_path=os.path.join(args.out, "base.pt"), desc="stage 1: base",
-                              warmup=min(50, args.base_steps // 10 + 1), **common)
-
-    # --- the control (the paper's comparison, section 5): the base finetuned without codebooks, as long
-    control = None
-    if args.control:
-        control = codebook.GPT(base.config).to(args.device)
-        control.load_state_dict(base.state_dict())
-        control = codebook.train(control, batches(2), args.codebook_steps, args.codebook_lr, desc="control: no codebooks",
-                                 ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
-
-    # --- stage 2: per-head attention codebooks in every layer, k-means init, finetune (section 3.2)
-    torch.manual_seed(args.seed)  # the same k-means start on every process
-    model = codebook.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
-    kmeans_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 2]),
-                                               args.kmeans_windows, args.block_size)
-    codebook.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
-    model = codebook.train(model, batches(2), args.codebook_steps, args.codebook_lr, revive_every=args.revive_every,
-                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks", **finetune)
-
-    # --- evaluate and report (rank 0)
-    results = None
+        dist.barrier()  # rank 0 has tokenised it
+    train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
+                                                       args.include, args.separator, args.block_size,
+                                                       args.exclude.split(","), tokenizer)
+    if rank == 0 and world > 1:
+        dist.barrier()
     if rank == 0:
-        base_loss, base_acc, _ = evaluate(base, eval_windows, autocast=autocast)
-        base_train_loss, _, _ = evaluate(base, train_windows, autocast=autocast)
-        columns = [("base", base_loss, base_acc)]
-        if control is not None:
-            control_loss, control_acc, _ = evaluate(control, eval_windows, autocast=autocast)
-            columns.append(("finetuned", control_loss, control_acc))
-        cb_loss, cb_acc, dead = evaluate(model, eval_windows, autocast=autocast)
-        columns.append(("codebooks", cb_loss, cb_acc))
-        ratio, mean_dead = cb_loss / base_loss, float(np.mean(list(dead.values())))
-        if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
-            started = time.time()
-            sizes = sae.codebook_sizes(model)
-            sae_tokens = train_split.random_windows(np.random.default_rng([args.seed, 10**9 + 3]), args.sae_windows, args.block_size)
-            saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sizes, steps=args.sae_steps, seed=args.seed)
-            sae_seconds = time.time() - started
-            with codebook.replace_activations(base, saes):
-                sae_loss, sae_acc, _ = evaluate(base, eval_windows, autocast=autocast)
-            latents = sae.record_latents(base, saes, eval_windows[:, :-1])
-            sae_dead = {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}
-            columns.append(("SAEs", sae_loss, sae_acc))
+        print(f"data: {args.data or f'{args.stories} generated stories'} -> {folder}: {len(train_split.data) / 1e6:.2f} M "
+              f"tokens train, {len(val_split.data) / 1e6:.2f} M validation ({tokenizer.kind})")
+    return train_split, val_split, folder
 
-        print(f"\nvalidation: {len(eval_windows)} windows x {args.block_size} tokens = "
-              f"{len(eval_windows) * args.block_size} next-token predictions")
-        print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
-        print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
-        print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
-        print(f"{'train loss (nats/token)':30s}{base_train_loss:12.4f}")
-        print(f"loss ratio codebooks / base       {ratio:.3f}")
-        if args.sae:
-            print(f"loss ratio SAEs / base            {sae_loss / base_loss:.3f}   (TopK SAEs of the frozen base spliced in at every head, "
-                  f"{args.num_codes} latents, k={args.k}; fitted in {sae_seconds:.0f} s)")
-        if control is not None:
-            print(f"loss ratio codebooks / finetuned  {cb_loss / control_loss:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
-        print(f"dead codes                        {mean_dead:.2%} mean over {len(dead)} codebooks of {args.num_codes} "
-              f"codes, k={args.k}, on the validation windows")
-        for layer in range(model.config.n_layer):
-            print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(model.config.n_head)))
-        if args.sae:
-            print(f"dead SAE latents                  {np.mean(list(sae_dead.values())):.2%} mean over {len(sae_dead)} SAEs, "
-                  "on the validation windows")
 
-        results = {"base_val_loss": base_loss, "codebook_val_loss": cb_loss, "loss_ratio": ratio,
-                   "base_val_accuracy": base_acc, "codebook_val_accuracy": cb_acc, "base_train_loss": base_train_loss,
-                   "dead_code_fraction": dead, "mean_dead_code_fraction": mean_dead, "processes": world,
-                   "data": args.data or "generated stories", "settings": vars(args),
-                   "history": {"base": getattr(base, "history", []), "codebook": model.history}}
-        if args.sae:
-            results |= {"sae_val_loss": sae_loss, "sae_val_accuracy": sae_acc, "sae_loss_ratio": sae_loss / base_loss,
-                        "sae_dead_latent_fraction": sae_dead}
-        if control is not None:
-            results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
-                        "loss_ratio_finetuned": cb_loss / control_loss}
-        runs.save_json(os.path.join(args.out, "results.json"), results)
-        print(f"wall time {time.time() - t0:.0f} s ({world} process{'es' if world > 1 else ''}); "
-              f"wrote {args.out}/results.json, base.pt, codebook.pt" + (", finetuned.pt" if control else ""))
-    if dist.is_initialized():
-        dist.barrier()  # every rank done with its collectives before any tears the group down
-        dist.destroy_process_group()
-    return results
+def window_batch(split, args, stage, i, rank, world):
+    """Micro-batch i of a stage: random windows of the split, a different draw on every process."""
+    rng = np.random.default_rng([args.seed, stage, i, rank])
+    windows = split.random_windows(rng, args.batch_size, args.block_size + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_windows(split, args, which, count, length):
+    """`count` windows of `length` tokens of a split, the same in every run with --seed, apart from
+    every batch: which=0 the validation windows, 1 the training loss's, 2 k-means', 3 the SAEs'."""
+    return split.random_windows(np.random.default_rng([args.seed, 10**9 + which]), count, length)
+
+
+def validation(model, windows, autocast):
+    """What training prints every --eval_every steps."""
+    loss, accuracy, _ = runs.evaluate(model, windows, autocast=autocast)
+    return {"val_loss": loss, "val_acc": accuracy}
+
+
+def base_model(args, pretrained, tokenizer, get_batch, common, rank):
+    """Stage 1: the base model trained here, or the one given (--init_from, --hf) kept as OUT/base.pt."""
+    path = os.path.join(args.out, "base.pt")
+    if pretrained is None:
+        return runs.train(cb.GPT(base_config(args)), get_batch, args.base_steps, args.base_lr, ckpt_path=path,
+                          desc="stage 1: base", warmup=min(50, args.base_steps // 10 + 1), **common)
+    if rank == 0:
+        runs.save_checkpoint(path, pretrained, step=0, init_from=args.init_from or args.hf, tokenizer=tokenizer.to_dict())
+    return pretrained
+
+
+def finetuned_control(args, base, get_batch, finetune):
+    """The paper's comparison (section 5): the base finetuned without codebooks, as long as stage 2."""
+    control = type(base)(base.config).to(args.device)
+    control.load_state_dict(base.state_dict())
+    return runs.train(control, get_batch, args.codebook_steps, args.codebook_lr, desc="control: no codebooks",
+                      ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
+
+
+def codebook_model(args, base, train_split):
+    """Stage 2's start (section 3.2): the base with a codebook after every attention head, initialised
+    by k-means on training windows."""
+    torch.manual_seed(args.seed)  # the same k-means start on every process
+    model = cb.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
+    kmeans_tokens = fixed_windows(train_split, args, 2, args.kmeans_windows, args.block_size)
+    cb.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
+    return model
+
+
+def evaluate(args, trained, eval_windows, train_windows, train_split, autocast, world):
+    """Every figure of the table for the trained (base, control or None, codebook model), for results.json
+    (with --sae, the SAEs fitted first), and the seconds the SAEs took."""
+    base, control, model = trained
+    base_loss, base_acc, _ = runs.evaluate(base, eval_windows, autocast=autocast)
+    base_train_loss, _, _ = runs.evaluate(base, train_windows, autocast=autocast)
+    if control is not None:
+        control_loss, control_acc, _ = runs.evaluate(control, eval_windows, autocast=autocast)
+    cb_loss, cb_acc, dead = runs.evaluate(model, eval_windows, autocast=autocast)
+    results = {"base_val_loss": base_loss, "codebook_val_loss": cb_loss, "loss_ratio": cb_loss / base_loss,
+               "base_val_accuracy": base_acc, "codebook_val_accuracy": cb_acc, "base_train_loss": base_train_loss,
+               "dead_code_fraction": dead, "mean_dead_code_fraction": float(np.mean(list(dead.values()))), "processes": world,
+               "data": args.data or "generated stories", "settings": vars(args),
+               "history": {"base": getattr(base, "history", []), "codebook": model.history}}
+    sae_seconds = 0.0
+    if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
+        started = time.time()
+        sae_tokens = fixed_windows(train_split, args, 3, args.sae_windows, args.block_size)
+        saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sae.codebook_sizes(model),
+                            steps=args.sae_steps, seed=args.seed)
+        sae_seconds = time.time() - started
+        with cb.replace_activations(base, saes):
+            sae_loss, sae_acc, _ = runs.evaluate(base, eval_windows, autocast=autocast)
+        latents = sae.record_latents(base, saes, eval_windows[:, :-1])
+        results |= {"sae_val_loss": sae_loss, "sae_val_accuracy": sae_acc, "sae_loss_ratio": sae_loss / base_loss,
+                    "sae_dead_latent_fraction": {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}}
+    if control is not None:
+        results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
+                    "loss_ratio_finetuned": cb_loss / control_loss}
+    return results, sae_seconds
+
+
+def report(r, args, config, sae_seconds):
+    """The table README shows; `config` the codebook model's."""
+    columns = [("base", "base_val_loss", "base_val_accuracy"), ("finetuned", "finetuned_val_loss", "finetuned_val_accuracy"),
+               ("codebooks", "codebook_val_loss", "codebook_val_accuracy"), ("SAEs", "sae_val_loss", "sae_val_accuracy")]
+    columns = [(name, r[loss], r[acc]) for name, loss, acc in columns if loss in r]
+    print(f"\nvalidation: {args.eval_windows} windows x {args.block_size} tokens = "
+          f"{args.eval_windows * args.block_size} next-token predictions")
+    print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
+    print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
+    print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
+    print(f"{'train loss (nats/token)':30s}{r['base_train_loss']:12.4f}")
+    print(f"loss ratio codebooks / base       {r['loss_ratio']:.3f}")
+    if "sae_loss_ratio" in r:
+        print(f"loss ratio SAEs / base            {r['sae_loss_ratio']:.3f}   (TopK SAEs of the frozen base spliced in at "
+              f"every head, {args.num_codes} latents, k={args.k}; fitted in {sae_seconds:.0f} s)")
+    if "loss_ratio_finetuned" in r:
+        print(f"loss ratio codebooks / finetuned  {r['loss_ratio_finetuned']:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
+    dead = r["dead_code_fraction"]
+    print(f"dead codes                        {r['mean_dead_code_fraction']:.2%} mean over {len(dead)} codebooks of "
+          f"{args.num_codes} codes, k={args.k}, on the validation windows")
+    for layer in range(config.n_layer):
+        print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(config.n_head)))
+    if "sae_dead_latent_fraction" in r:
+        sae_dead = r["sae_dead_latent_fraction"]
+        print(f"dead SAE latents                  {np.mean(list(sae_dead.values())):.2%} mean over {len(sae_dead)} SAEs, "
+              "on the validation windows")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codebook as cb  # noqa: E402
+import runs  # noqa: E402
+from csrc import dispatch, loader  # noqa: E402
 
 GRID = [(n, d, c, k) for n in (4096, 16384) for d in (32, 64, 256) for c in (1024, 10000, 65536) for k in (1, 8, 32)]
 PYTHIA = (16, 4096, 64, 10000, 8)  # heads, tokens, d, codes, k: a Pythia-410M layer's per-head codebooks
@@ -83,7 +85,7 @@ def search_row(heads, tokens, d, codes, k, budget):
     g = torch.Generator().manual_seed(0)
     x, book = torch.randn(heads, tokens, d, generator=g), torch.randn(heads, codes, d, generator=g)
     score_bytes = heads * tokens * codes * 4
-    fns = {"chunked": lambda: cb.search_chunked(x, book, k),
+    fns = {"chunked": lambda: dispatch.search_chunked(x, book, k),
            "ext": lambda: cb.topk_codes(x, book, k, impl="ext")}
     note = ""
     if score_bytes * 2.5 < 0.6 * _mem_available():  # the matrix, its topk work space, and room for the rest
@@ -164,7 +166,7 @@ def tokfsm_step_time(num_codes, steps):
         torch.manual_seed(0)
         model = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=128, n_layer=4, n_head=4, d_model=128, d_mlp=512,
                                     codebooks=codebooks)).train()
-        opt = cb.make_optimizer(model, 1e-3)
+        opt = runs.make_optimizer(model, 1e-3)
         idx = torch.randint(0, 11, (64, 129), generator=torch.Generator().manual_seed(0))
 
         def step():
@@ -225,7 +227,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a subset of the grid and short training runs")
     parser.add_argument("--json", help="write every row and the summary here")
     args = parser.parse_args()
-    if cb.load_extension() is None:
+    if loader.load_extension() is None:
         sys.exit("the csrc extension is not available (CODEBOOK_EXT=0, or the build failed): nothing to compare")
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -5,7 +5,7 @@ import math
 import torch
 
 import baselines
-from test_codebook import tiny_model, tokens
+from conftest import tiny_model, tokens
 
 
 def test_neuron_baseline_on_a_hand_made_case():

@@ -1,30 +1,12 @@
 """codebook.py against the computation written out by hand: each test replays one idea of the
 paper in plain torch and asserts the library computes the same thing."""
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import codebook as cb
-
-TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, d_model=32, d_mlp=64)
-
-
-def tiny_model(seed=0, **codebooks):
-    torch.manual_seed(seed)
-    return cb.GPT(cb.GPTConfig(**TINY, codebooks=codebooks or {
-        "attn": dict(num_codes=40, k=2), "mlp": dict(num_codes=30, k=1, layers=[1])}))
-
-
-def tokens(n=4, seq=16, seed=1):
-    return torch.randint(0, 11, (n, seq), generator=torch.Generator().manual_seed(seed))
+from conftest import TINY, tiny_model, tokens
+from csrc import dispatch
 
 
 # --- the transformer -----------------------------------------------------------------------
@@ -102,7 +84,7 @@ def test_chunked_search_equals_reference(similarity, heads, tokens_, codes, k, t
     g = torch.Generator().manual_seed(0)
     x, book = torch.randn(heads, tokens_, 8, generator=g), torch.randn(heads, codes, 8, generator=g)
     want = cb.search_reference(x, book, k, similarity)
-    got = cb.search_chunked(x, book, k, similarity, tile=tile)
+    got = dispatch.search_chunked(x, book, k, similarity, tile=tile)
     assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
 
 
@@ -111,9 +93,9 @@ def test_chunked_search_with_exact_ties(similarity):
     book = torch.randn(2, 6, 4).repeat(1, 5, 1)  # every code appears 5 times: scores tie exactly
     x = torch.randn(2, 20, 4)
     for k in (1, 3, 30):
-        want, got = cb.search_reference(x, book, k, similarity), cb.search_chunked(x, book, k, similarity, tile=7)
+        want, got = cb.search_reference(x, book, k, similarity), dispatch.search_chunked(x, book, k, similarity, tile=7)
         assert torch.allclose(got[0], want[0], atol=1e-5)
-        assert torch.allclose(cb._scores(x, book, similarity).gather(-1, got[1]), got[0], atol=1e-5)
+        assert torch.allclose(cb.code_scores(x, book, similarity).gather(-1, got[1]), got[0], atol=1e-5)
         assert all(len(set(row.tolist())) == k for row in got[1].reshape(-1, k))  # distinct ids
 
 
@@ -240,25 +222,6 @@ def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
     assert layer.aux_loss == 0
 
 
-def test_training_with_forced_codes_is_a_step_taken_under_force_codes():
-    x, y = random_batches(0, 0, 1)
-    where = torch.zeros(8, 16, dtype=torch.bool)
-    where[:, 5] = True  # interchange training: codes forced at chosen positions of each row
-    codes = {"L1.MLP": torch.randint(0, 30, (8, 16, 1), generator=torch.Generator().manual_seed(2))}
-    trained = cb.train(tiny_model(), lambda i, rank, world: (x, y, (codes, where)), steps=1, lr=1e-2)
-    model = tiny_model().train()  # the same step written out
-    optimizer = cb.make_optimizer(model, 1e-2)
-    with cb.force_codes(model, codes, positions=where):
-        logits = model(x)
-        (F.cross_entropy(logits.view(-1, 11), y.reshape(-1)) + model.codebook_loss()).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
-    unforced = cb.train(tiny_model(), lambda i, rank, world: (x, y), steps=1, lr=1e-2)
-    assert not torch.allclose(unforced.blocks[1].codebooks["mlp"].codes, trained.blocks[1].codebooks["mlp"].codes)
-
-
 def test_kmeans_init_beats_random_init_on_clustered_data():
     torch.manual_seed(0)
     centres = torch.randn(2, 16, 8) * 3
@@ -352,90 +315,6 @@ def test_top_contexts_rank_by_score():
                                                         (1, 0, pytest.approx(0.2))]
 
 
-# --- checkpoints and the training loop -----------------------------------------------------
-
-def random_batches(i, rank, world, batch=8):
-    g = torch.Generator().manual_seed(1000 + i)
-    t = torch.randint(0, 11, (batch, 17), generator=g)
-    shard = t[rank * batch // world:(rank + 1) * batch // world]
-    return shard[:, :-1], shard[:, 1:]
-
-
-def test_checkpoint_round_trip_and_clear_errors(tmp_path):
-    path = str(tmp_path / "m.pt")
-    model = cb.train(tiny_model(), random_batches, steps=4, ckpt_path=path, log_every=2)
-    x = tokens()
-    assert torch.equal(cb.load_model(path)(x), model(x))
-    assert torch.load(path, weights_only=True)["step"] == 4
-    assert [h["step"] for h in model.history] == [2, 4] and set(model.history[0]) == {"step", "loss", "dead", "mse"}
-    again = cb.train(tiny_model(), random_batches, steps=4, ckpt_path=path)  # finished: loaded, not retrained
-    assert torch.equal(again(x), model(x)) and again.history == model.history
-
-    data = open(path, "rb").read()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "foreign.pt").write_bytes(b"")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    for name, words in [("cut.pt", "truncated"), ("foreign.pt", "truncated"), ("other.pt", "not a"),
-                        ("missing.pt", "does not exist")]:
-        with pytest.raises(ValueError, match=words):
-            cb.load_model(str(tmp_path / name))
-    # resuming with other settings is refused, naming the setting and both values
-    for change, words in [(dict(model=tiny_model(attn=dict(num_codes=8, k=2))), "config.codebooks.attn.num_codes: 40 in the checkpoint, 8 now"),
-                          (dict(steps=9), "loop.steps: 4 in the checkpoint, 9 now"),
-                          (dict(settings={"data": "other"}), "settings.data: 'unset' in the checkpoint, 'other' now")]:
-        args = dict(model=tiny_model(), get_batch=random_batches, steps=4, ckpt_path=path) | change
-        with pytest.raises(ValueError, match=re.escape(words)):
-            cb.train(**args)
-
-
-def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
-    """SIGTERM mid-stage: a checkpoint at the step boundary, Interrupted; the rerun from it ends
-    bit-identical to an uninterrupted run: weights, optimiser, code statistics, revivals, history."""
-    def batches(i, rank, world):
-        if i == 5 and stop_at_5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return random_batches(i, rank, world)
-
-    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4)
-    stop_at_5 = False
-    straight = cb.train(tiny_model(), batches, **settings)
-    stop_at_5 = True
-    path = str(tmp_path / "run.pt")
-    with pytest.raises(cb.runs.Interrupted, match="SIGTERM: checkpoint .* written at step 6"):
-        cb.train(tiny_model(), batches, ckpt_path=path, **settings)
-    assert torch.load(path, weights_only=True)["step"] == 6
-    stop_at_5 = False
-    torch.manual_seed(123)  # the global RNG a rerun starts from does not matter: the checkpoint carries it
-    resumed = cb.train(tiny_model(), batches, ckpt_path=path, **settings)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed.history == straight.history
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
-
-
-def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
-    path = str(tmp_path / "m.pt")
-    cb.train(tiny_model(), random_batches, steps=2, ckpt_path=path)
-    before = open(path, "rb").read()
-
-    def disk_full(state, f):
-        open(f, "wb").write(b"half")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(ValueError, match=r"could not write .*m.pt \(No space left on device\); what was there before is unchanged"):
-        cb.save_checkpoint(path, tiny_model())
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
-
-
-def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f"m.pt.tmp{finished.stdout.strip()}"  # a process that no longer runs wrote it
-    live = tmp_path / f"m.pt.tmp{os.getppid()}"  # a running process may still be writing this one
-    dead.write_bytes(b"half"), live.write_bytes(b"half")
-    cb.save_checkpoint(str(tmp_path / "m.pt"), tiny_model())
-    assert sorted(os.listdir(tmp_path)) == ["m.pt", live.name]
-
-
 @pytest.mark.parametrize("make, words", [
     (lambda: cb.CodebookLayer(1, 4, num_codes=3, k=4), "k=4 must be between 1 and num_codes=3"),
     (lambda: cb.CodebookLayer(1, 4, num_codes=0), "num_codes=0 must be at least 1"),
@@ -465,36 +344,6 @@ def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
 def test_clear_errors(make, words):
     with pytest.raises(ValueError, match=words):
         make()
-
-
-# --- DDP: two processes == one process on the combined batch --------------------------------
-
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    model = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3, log_every=5)
-    counts = [layer.usage for layer in model.codebook_layers().values()]
-    torch.save({"params": model.state_dict(), "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.barrier()  # both ranks done with gloo before either tears it down
-    torch.distributed.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
-    # forked, the workers start with torch already imported (spawned, each would import it anew)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    single = cb.train(tiny_model(), random_batches, steps=5, lr=3e-3)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for name, p in single.state_dict().items():
-            assert torch.allclose(got["params"][name], p, atol=1e-5), name
-        for mine, theirs in zip(got["counts"], (layer.usage for layer in single.codebook_layers().values())):
-            assert torch.equal(mine, theirs)
 
 
 # --- finetuning and the tools around interventions, against forward hooks -------------------

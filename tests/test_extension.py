@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import codebook as cb
+from conftest import ROOT
 from csrc import loader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMS = ("cosine", "euclidean")
 
 
@@ -23,7 +23,7 @@ SIMS = ("cosine", "euclidean")
 def ext():
     if os.environ.get("CODEBOOK_EXT") == "0":
         pytest.skip("CODEBOOK_EXT=0: the csrc extension is switched off")
-    extension = cb.load_extension()
+    extension = loader.load_extension()
     assert extension is not None, "the csrc extension did not build (see the warning above)"
     return extension
 
@@ -36,7 +36,7 @@ def check(x, book, k, similarity, got, atol=1e-4):
     assert scores.shape == ids.shape == (H, N, k) and scores.dtype == torch.float32 and ids.dtype == torch.long
     if N == 0:
         return
-    full = cb._scores(x.float(), book.float(), similarity)
+    full = cb.code_scores(x.float(), book.float(), similarity)
     want = full.topk(min(k + 1, C), dim=-1)
     torch.testing.assert_close(scores, want.values[..., :k], atol=atol, rtol=1e-5)
     torch.testing.assert_close(full.gather(-1, ids), scores, atol=atol, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_exact_ties_go_to_the_lower_id(ext, similarity):
     book = (torch.randint(0, 2, (2, 6, 16), generator=g) * 2 - 1).float().repeat(1, 4, 1)  # c, c + 6, ... equal
     scores, ids = ext.topk_codes(x, book, 8, similarity)
     check(x, book, 8, similarity, (scores, ids))
-    full = cb._scores(x, book, similarity)
+    full = cb.code_scores(x, book, similarity)
     order = torch.sort(full, dim=-1, descending=True, stable=True).indices[..., :8]  # ties keep id order
     assert torch.equal(ids, order)
     same = torch.ones(1, 9, 4)  # all codes equal: ids 0..k-1 in order
@@ -215,10 +215,10 @@ def test_the_codebook_ext_switch(monkeypatch):
     scores, ids = cb.topk_codes(x, book, 2)
     reference = cb.search_reference(x, book, 2)
     assert torch.equal(scores, reference.values) and torch.equal(ids, reference.indices)
-    assert cb.load_extension() is None and loader._extension is None  # a build was never tried
+    assert loader.load_extension() is None and loader._extension is None  # a build was never tried
     monkeypatch.setenv("CODEBOOK_EXT", "1")
     with pytest.raises(RuntimeError, match="CODEBOOK_EXT=1 but the csrc extension failed to build"):
-        cb.load_extension()
+        loader.load_extension()
     monkeypatch.delenv("CODEBOOK_EXT")
     with pytest.warns(UserWarning, match="OSError: no compiler\\); using the torch code search") as record:
         got = cb.topk_codes(x, book, 2)

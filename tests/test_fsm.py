@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import codebook as cb
+import runs
 import sae
 import train_fsm as T
 
@@ -138,9 +139,23 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
             "--sae_steps", "5", "--sae_seqs", "16", "--device", "cpu", "--out", str(tmp_path)]
     T.main(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("state_latent_precision", "state_latent_recall", "spliced_val_loss", "spliced_transition_accuracy",
-                "dead_latent_fraction", "intervention_success"):
-        assert key in saved["sae"]
+    # figures of results.json again from the files the run wrote: the models' validation loss, the
+    # SAEs' spliced in, each state's best code's precision and recall
+    args = T.settings(argv)
+    fsm = T.TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
+    walks = T.evaluation_walks(fsm, args)
+    model, base = runs.load_model(str(tmp_path / "codebook.pt")), runs.load_model(str(tmp_path / "base.pt"))
+    saes = sae.load_saes(str(tmp_path / "sae.pt"))
+    assert T.val_metrics(model, walks[:256]) == {k: saved["codebook"][k] for k in ("val_loss", "val_acc")}
+    with cb.replace_activations(base, saes):
+        assert T.val_metrics(base, walks[:256]) == {k: saved["sae"][f"spliced_{k}"] for k in ("val_loss", "val_acc")}
+    best = saved["codebook"]["state_code_codebook"]
+    ids, _ = cb.record_dataset(model, walks[:, :-1])
+    precision, recall = cb.code_precision_recall(ids[best], fsm.state_masks(walks), model.locate(best)[0].num_codes)
+    for row in saved["codebook"]["states"]:
+        code = cb.parse_code(row["code"]).code
+        assert (row["precision"], row["recall"]) == (precision[row["state"], code].item(), recall[row["state"], code].item())
+    assert saved["codebook"]["state_code_precision"] == pytest.approx(sum(r["precision"] for r in saved["codebook"]["states"]) / 100)
     assert set(saved["sae"]["dead_latent_fraction"]) == set(saved["codebook"]["dead_code_fraction"])
     assert set(saved["sae"]["intervention_success"]) == set(saved["neurons"]["intervention_success"]) == {"none", "attn", "mlp", "all"}
     saes = sae.load_saes(str(tmp_path / "sae.pt"))
@@ -148,19 +163,26 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
     without = T.main(argv + ["--no-sae"])
     assert without["codebook"] == saved["codebook"] and "sae" not in without
-    for key in ("transition_accuracy", "dead_code_fraction", "state_code_precision", "state_code_recall",
-                "neuron_precision", "intervention_success"):
-        assert key in saved["codebook"]
     assert set(saved["codebook"]["intervention_success"]) == {"mlp", "attn", "all", "none"}
     assert set(saved["codebook"]["intervention_js_to_b"]) == {"mlp", "attn", "all", "none"}
     assert "transition_accuracy" in saved["baseline"]
     assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())
     assert len(fsm["successors"]) == fsm["num_states"] == 100
-    model = cb.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
+    model = runs.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
     assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
     # report.html: every state's best code links to its card in the code browser
     page = (tmp_path / "report.html").read_text()
     assert len(saved["codebook"]["states"]) == 100
     for row in saved["codebook"]["states"]:
         assert f'href="#{row["code"]}"' in page and f'id="{row["code"]}"' in page
+
+
+def test_a_flag_given_wins_over_its_preset(tmp_path):
+    common = ["--device", "cpu", "--out", str(tmp_path)]
+    paper = T.settings(["--preset", "paper", *common])
+    assert (paper.n_layer, paper.d_model, paper.attn_codes, paper.interchange) == (4, 128, [10000] * 4, 0.0)
+    given = T.settings(["--preset", "paper", "--d_model", "64", "--attn_codes", "32", "--interchange", "0.5", *common])
+    assert (given.n_layer, given.d_model, given.attn_codes, given.interchange) == (4, 64, [32] * 4, 0.5)
+    assert given.base_config.d_model == 64 and given.batch_size == 512  # the flags not given: the preset's
+    assert T.settings(common).d_model == 64 and T.settings(common).batch_size == 64  # no preset: the defaults

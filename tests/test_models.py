@@ -16,6 +16,7 @@ import torch
 import codebook as cb
 import bpe
 import models
+import runs
 import text
 
 
@@ -230,15 +231,15 @@ def test_a_checkpoint_carries_its_tokenizer(tmp_path):
     trained_bpe(tmp_path)  # 700 ids
     tokenizer = bpe.load_tokenizer(str(tmp_path))
     config = dict(vocab_size=704, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32)
-    cb.save_checkpoint(tmp_path / "good.pt", cb.GPT(config), tokenizer=tokenizer.to_dict())
+    runs.save_checkpoint(tmp_path / "good.pt", cb.GPT(config), tokenizer=tokenizer.to_dict())
     model, loaded = models.load_with_tokenizer(str(tmp_path / "good.pt"))
     assert loaded.encode(SAMPLE) == tokenizer.encode(SAMPLE) and model.config.vocab_size == 704
-    cb.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
+    runs.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
         models.load_with_tokenizer(str(tmp_path / "bad.pt"))
-    cb.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
+    runs.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
     assert isinstance(models.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
-    cb.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))
+    runs.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))
     with pytest.raises(ValueError, match="stores no tokenizer"):
         models.load_with_tokenizer(str(tmp_path / "none.pt"))
 
@@ -256,11 +257,11 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     theirs = trained_bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
     model = tiny(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
     model.save_pretrained(folder)
-    train_lm.main(["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
-                   "--codebook_steps", "3", "--num_codes", "16", "--k", "2", "--revive_every", "2", "--eval_windows", "8",
-                   "--kmeans_windows", "4", "--threads", "1", "--device", "cpu"])
+    flags = ["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
+             "--codebook_steps", "3", "--num_codes", "16", "--k", "2", "--revive_every", "2", "--eval_windows", "8",
+             "--kmeans_windows", "4", "--threads", "1", "--device", "cpu"]
+    train_lm.main(flags)
     results = json.load(open(out / "results.json"))
-    assert all(np.isfinite(results[k]) for k in ("base_val_loss", "finetuned_val_loss", "codebook_val_loss"))
 
     # stage 1 is the loaded model, its context cut to --block_size; every checkpoint holds the tokenizer
     base, tok = models.load_with_tokenizer(str(out / "base.pt"))
@@ -268,7 +269,7 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     with torch.no_grad():
         assert (base(x) - model(x).logits).abs().max() <= 1e-4 and base.config.block_size == 32
     for name in ("base.pt", "finetuned.pt", "codebook.pt"):
-        assert cb.load_checkpoint(str(out / name))["tokenizer"] == tok.to_dict()
+        assert runs.load_checkpoint(str(out / name))["tokenizer"] == tok.to_dict()
 
     # the corpus: 16-bit token ids, tokenised once, each document after the end-of-text id
     data, = glob.glob(str(out / "data" / "stories-*"))
@@ -276,6 +277,13 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     first = stream[:np.load(os.path.join(data, "train_docs.npy"))[1]]
     assert tok.decode(first) in [s for _, s in text.make_stories(300)]
     assert text.Split(data, "train", tok).tokens(0, 3)[0] == tok.bos == theirs.token_to_id("<|endoftext|>")
+    # the base's validation loss is the original's (transformers) on the same windows of the same tokens
+    args = train_lm.parser.parse_args(flags)
+    windows = train_lm.fixed_windows(text.Split(data, "val", tok), args, 0, args.eval_windows, args.block_size + 1)
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert results["base_val_loss"] == pytest.approx(expected, rel=1e-5)
 
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",

@@ -1,10 +1,8 @@
 """The README's Python example runs as written."""
 import os
 import re
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT
 
 
 def test_readme_api_example_runs(tmp_path, monkeypatch):

@@ -143,9 +143,17 @@ def test_the_page_is_one_file_that_requests_nothing_and_escapes_its_text(run, tm
 
 def test_charts_take_odd_data():
     assert report.line_chart([{"name": "x", "x": [0, 1], "y": [float("nan"), None]}]).startswith("<p")
-    assert "<svg" in report.line_chart([{"name": "x", "x": [5], "y": [0.0]}])  # one point
-    assert "<svg" in report.line_chart([{"name": "x", "x": [0, 1, 2], "y": [0.0, 1e-3, 10.0]}], log_y=True)
-    assert "<svg" in report.bar_chart(["a"], [{"name": "v", "values": [0.0]}])
+    def ticks(svg, anchor):  # {label: its x (x axis, anchor middle) or the y of its grid line (y axis, anchor end)}
+        found = re.findall(rf'<text x="([\d.]+)" y="([\d.]+)" text-anchor="{anchor}" class="tick">([^<]*)<', svg)
+        return {label: float(x) if anchor == "middle" else float(y) - 4 for x, y, label in found}
+
+    one = report.line_chart([{"name": "x", "x": [5], "y": [0.0]}])  # one point: a dot at (5, 0)
+    assert re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', one) == [(f"{ticks(one, 'middle')['5']:.1f}", f"{ticks(one, 'end')['0']:.1f}")]
+    log = report.line_chart([{"name": "x", "x": [0, 1, 2], "y": [0.0, 1e-3, 10.0]}], log_y=True)  # 0 has no place: left out
+    x, y = ticks(log, "middle"), ticks(log, "end")
+    assert re.findall(r'<polyline points="([^"]*)"', log) == [f"{x['1']:.1f},{y['0.001']:.1f} {x['2']:.1f},{y['10']:.1f}"]
+    assert re.findall(r'<rect [^>]*width="([\d.]+)"[^>]*><title>([^<]*)<', report.bar_chart(["a"], [{"name": "v", "values": [0.0]}])) \
+        == [("0.0", "v: 0")]  # a bar of no length
     assert report.nice_ticks(0, 1, 5) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert report.nice_ticks(0.13, 0.97, 4, outward=True) == [0, 0.25, 0.5, 0.75, 1.0]
     assert report.log_ticks(1e-2, 2) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]

@@ -1,6 +1,8 @@
-"""Runs that survive being killed and refuse bad settings: the drill. A run killed at a random
-step of each stage and rerun ends bit-identical to an uninterrupted one; SIGTERM writes a
-checkpoint and says how to resume; every bad setting is one line on stderr, before any work."""
+"""runs.py: the training loop and its checkpoints against the step written out; runs that survive
+being killed and refuse bad settings: the drill. A run killed at a random step of each stage and
+rerun ends bit-identical to an uninterrupted one; SIGTERM writes a checkpoint and says how to
+resume; every bad setting is one line on stderr, before any work; a second run given the folder of
+a running one stops at once."""
 import json
 import os
 import random
@@ -11,15 +13,16 @@ import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import runs  # noqa: E402
-import steer  # noqa: E402
-import train_fsm  # noqa: E402
-import train_lm  # noqa: E402
+import codebook as cb
+import runs
+import steer
+import train_fsm
+import train_lm
+from conftest import ENV, ROOT, assert_same, final_state, free_port, run, tiny_model, tokens
 
-ENV = os.environ | {"CODEBOOK_EXT": "0", "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "0"}  # a progress line per step
 TINY_FSM = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32",
             "--mlp_codes", "16", "--base_steps", "40", "--codebook_steps", "40", "--revive_every", "7",
             "--batch_size", "8", "--ckpt_every", "6", "--eval_seqs", "40", "--samples", "8", "--pairs", "40",
@@ -30,79 +33,138 @@ TINY_LM = ["--stories", "600", "--n_layer", "1", "--n_head", "2", "--d_model", "
            "--threads", "1", "--device", "cpu"]
 
 
-def run(command, stop=None, cwd=ROOT):
-    """Run a command; with stop=(stage, step, signal), send the signal to it and every process
-    below it once the progress bar of `stage` shows `step`. Returns (exit code, stderr)."""
-    proc = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    seen = b""
-    if stop:
-        stage, step, sig = stop
-        progress = re.compile(rf"{re.escape(stage)}:\s+\d+%\|[^|]*\|\s*(\d+)/".encode())
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            seen += chunk
-            shown = progress.findall(seen[-8192:])
-            if shown and int(shown[-1]) >= step:
-                for pid in [proc.pid, *descendants(proc.pid)]:
-                    os.kill(pid, sig)
-                break
-    seen += proc.stderr.read()  # to its end: every process holding the pipe has exited
-    return proc.wait(timeout=120), seen.decode(errors="replace")
+# --- the training loop and checkpoints -----------------------------------------------------
+
+def test_training_with_forced_codes_is_a_step_taken_under_force_codes():
+    x, y = random_batches(0, 0, 1)
+    where = torch.zeros(8, 16, dtype=torch.bool)
+    where[:, 5] = True  # interchange training: codes forced at chosen positions of each row
+    codes = {"L1.MLP": torch.randint(0, 30, (8, 16, 1), generator=torch.Generator().manual_seed(2))}
+    trained = runs.train(tiny_model(), lambda i, rank, world: (x, y, (codes, where)), steps=1, lr=1e-2)
+    model = tiny_model().train()  # the same step written out
+    optimizer = runs.make_optimizer(model, 1e-2)
+    with cb.force_codes(model, codes, positions=where):
+        logits = model(x)
+        (F.cross_entropy(logits.view(-1, 11), y.reshape(-1)) + model.codebook_loss()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    unforced = runs.train(tiny_model(), lambda i, rank, world: (x, y), steps=1, lr=1e-2)
+    assert not torch.allclose(unforced.blocks[1].codebooks["mlp"].codes, trained.blocks[1].codebooks["mlp"].codes)
 
 
-def descendants(pid):
-    """The processes below pid, found through /proc: torchrun puts each worker in a process group of
-    its own, so signalling the launcher's group would leave the workers running."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
+
+def random_batches(i, rank, world, batch=8):
+    g = torch.Generator().manual_seed(1000 + i)
+    t = torch.randint(0, 11, (batch, 17), generator=g)
+    shard = t[rank * batch // world:(rank + 1) * batch // world]
+    return shard[:, :-1], shard[:, 1:]
 
 
-def flatten(data, prefix=""):
-    """A checkpoint's nested dicts and lists as {path: leaf}."""
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}/").items()}
-    if isinstance(data, (list, tuple)):
-        return {k: v for i, value in enumerate(data) for k, v in flatten(value, f"{prefix}{i}/").items()}
-    return {prefix: data}
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    path = str(tmp_path / "m.pt")
+    model = runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path, log_every=2)
+    x = tokens()
+    assert torch.equal(runs.load_model(path)(x), model(x))
+    assert torch.load(path, weights_only=True)["step"] == 4
+    assert [h["step"] for h in model.history] == [2, 4] and set(model.history[0]) == {"step", "loss", "dead", "mse"}
+    again = runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path)  # finished: loaded, not retrained
+    assert torch.equal(again(x), model(x)) and again.history == model.history
+
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "foreign.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for name, words in [("cut.pt", "truncated"), ("foreign.pt", "truncated"), ("other.pt", "not a"),
+                        ("missing.pt", "does not exist")]:
+        with pytest.raises(ValueError, match=words):
+            runs.load_model(str(tmp_path / name))
+    # resuming with other settings is refused, naming the setting and both values
+    for change, words in [(dict(model=tiny_model(attn=dict(num_codes=8, k=2))), "config.codebooks.attn.num_codes: 40 in the checkpoint, 8 now"),
+                          (dict(steps=9), "loop.steps: 4 in the checkpoint, 9 now"),
+                          (dict(settings={"data": "other"}), "settings.data: 'unset' in the checkpoint, 'other' now")]:
+        args = dict(model=tiny_model(), get_batch=random_batches, steps=4, ckpt_path=path) | change
+        with pytest.raises(ValueError, match=re.escape(words)):
+            runs.train(**args)
 
 
-def final_state(out):
-    """Every file a run wrote: each .pt file's contents (weights, optimiser, RNG states, history,
-    SAEs), and the other files' bytes."""
-    files = {}
-    for name in sorted(os.listdir(out)):
-        path = os.path.join(out, name)
-        if name.endswith(".pt"):
-            files[name] = flatten(torch.load(path, weights_only=True))
-        elif os.path.isfile(path):
-            files[name] = open(path, "rb").read()
-    return files
+def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM mid-stage: a checkpoint at the step boundary, Interrupted; the rerun from it ends
+    bit-identical to an uninterrupted run: weights, optimiser, code statistics, revivals, history."""
+    def batches(i, rank, world):
+        if i == 5 and stop_at_5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return random_batches(i, rank, world)
+
+    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4)
+    stop_at_5 = False
+    straight = runs.train(tiny_model(), batches, **settings)
+    stop_at_5 = True
+    path = str(tmp_path / "run.pt")
+    with pytest.raises(runs.Interrupted, match="SIGTERM: checkpoint .* written at step 6"):
+        runs.train(tiny_model(), batches, ckpt_path=path, **settings)
+    assert torch.load(path, weights_only=True)["step"] == 6
+    stop_at_5 = False
+    torch.manual_seed(123)  # the global RNG a rerun starts from does not matter: the checkpoint carries it
+    resumed = runs.train(tiny_model(), batches, ckpt_path=path, **settings)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
 
 
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], bytes):
-            assert a[name] == b[name], name
-            continue
-        assert a[name].keys() == b[name].keys(), name
-        for key, value in a[name].items():
-            same = torch.equal(value, b[name][key]) if torch.is_tensor(value) else value == b[name][key]
-            assert same, f"{name}: {key}"
+def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.pt")
+    runs.train(tiny_model(), random_batches, steps=2, ckpt_path=path)
+    before = open(path, "rb").read()
+
+    def disk_full(state, f):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ValueError, match=r"could not write .*m.pt \(No space left on device\); what was there before is unchanged"):
+        runs.save_checkpoint(path, tiny_model())
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
 
 
-def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp_path, monkeypatch):
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"m.pt.tmp{finished.stdout.strip()}"  # a process that no longer runs wrote it
+    live = tmp_path / f"m.pt.tmp{os.getppid()}"  # a running process may still be writing this one
+    dead.write_bytes(b"half"), live.write_bytes(b"half")
+    runs.save_checkpoint(str(tmp_path / "m.pt"), tiny_model())
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", live.name]
+
+
+
+# --- DDP: two processes == one process on the combined batch --------------------------------
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = runs.train(tiny_model(), random_batches, steps=5, lr=3e-3, log_every=5)
+    counts = [layer.usage for layer in model.codebook_layers().values()]
+    torch.save({"params": model.state_dict(), "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # both ranks done with gloo before either tears it down
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    # forked, the workers start with torch already imported (spawned, each would import it anew)
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    single = runs.train(tiny_model(), random_batches, steps=5, lr=3e-3)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, p in single.state_dict().items():
+            assert torch.allclose(got["params"][name], p, atol=1e-5), name
+        for mine, theirs in zip(got["counts"], (layer.usage for layer in single.codebook_layers().values())):
+            assert torch.equal(mine, theirs)
+
+
+# --- the drill: scripts killed, interrupted, given bad settings, started twice -------------
+
+def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp_path, monkeypatch, one_thread):
     # both runs write to "fsm" in their own working folder, so even the files naming it match byte
     # for byte; the uninterrupted one runs alongside the drill, on the other core
     command = [sys.executable, os.path.join(ROOT, "train_fsm.py"), *TINY_FSM, "--out", "fsm"]
@@ -110,22 +172,19 @@ def test_a_run_killed_in_each_stage_resumes_to_identical_weights_and_results(tmp
     uninterrupted.mkdir(), drill.mkdir()
     with open(tmp_path / "uninterrupted.err", "wb") as err:
         reference = subprocess.Popen(command, cwd=uninterrupted, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-    chance = random.Random()
-    for stage in ("baseline", "codebook"):
-        step = chance.randint(1, 38)
+    seed = int(os.environ.get("CODEBOOK_DRILL_SEED", random.randrange(10**6)))  # set to replay a failed drill
+    chance = random.Random(seed)
+    steps = {stage: chance.randint(1, 38) for stage in ("baseline", "codebook")}
+    drill_was = f"CODEBOOK_DRILL_SEED={seed} (killed at {steps}): "
+    for stage, step in steps.items():
         code, err = run(command, stop=(stage, step, signal.SIGKILL), cwd=drill)
-        assert code == -signal.SIGKILL, f"killed in {stage} at step {step}: {err[-2000:]}"
+        assert code == -signal.SIGKILL, f"{drill_was}{stage} not killed: {err[-2000:]}"
     # the rerun, in this process as the runs above would do it: one thread, the torch search
     monkeypatch.chdir(drill)
     monkeypatch.setenv("CODEBOOK_EXT", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_fsm.main([*TINY_FSM, "--out", "fsm"])
-    finally:
-        torch.set_num_threads(threads)
+    train_fsm.main([*TINY_FSM, "--out", "fsm"])
     assert reference.wait(timeout=120) == 0, (tmp_path / "uninterrupted.err").read_text()[-2000:]
-    assert_same(final_state(drill / "fsm"), final_state(uninterrupted / "fsm"))
+    assert_same(final_state(drill / "fsm"), final_state(uninterrupted / "fsm"), drill_was)
 
 
 def test_sigterm_writes_a_checkpoint_at_a_step_boundary_and_the_rerun_finishes(tmp_path):
@@ -219,3 +278,29 @@ def test_the_command_line_prints_one_line_and_exits_1():
     run = subprocess.run([sys.executable, "train_fsm.py", "--batch_size", "0"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr == "error: --batch_size 0: must be a positive integer\n"
+
+
+@pytest.mark.parametrize("script, flags", [(train_fsm, TINY_FSM), (train_lm, TINY_LM)], ids=["train_fsm", "train_lm"])
+def test_a_second_run_in_the_same_folder_stops_before_any_work(script, flags, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import runs, sys, time\nwith runs.one_run_per_folder(sys.argv[1]):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)", out],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *flags, "--out", out])
+        with pytest.raises(SystemExit) as exit:
+            runs.run_main(script.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 1 and err == [f"error: --out {out}: another run (process {holder.pid}) is writing to "
+                                                "this folder; wait for it to end or choose another --out"], err
+        assert os.listdir(out) == [runs.LOCK]  # nothing done
+        monkeypatch.setenv("RANK", "1")  # under torchrun rank 0 alone holds the folder
+        with runs.one_run_per_folder(out):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no chance to let go of the lock itself
+        holder.wait()
+    monkeypatch.delenv("RANK")
+    with runs.one_run_per_folder(out):  # the lock went with its holder
+        assert open(os.path.join(out, runs.LOCK)).read() == str(os.getpid())

@@ -79,11 +79,10 @@ def test_training_keeps_decoder_rows_unit_norm_and_counts_tokens_since_firing():
     assert torch.allclose(sae.decoder.norm(dim=-1), torch.ones(2, 6), atol=1e-6)
 
 
-def test_recovers_a_dictionary_from_its_sparse_combinations():
+def test_recovers_a_dictionary_from_its_sparse_combinations(one_thread):
     # activations that are exactly k = 2 positive combinations of 32 random unit atoms in 32
     # dimensions, plus an offset; an SAE of 64 latents, k = 2, started as Gao et al. start it
     # (random directions), must find every atom and fit them
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     atoms = F.normalize(torch.randn(32, 32, generator=g), dim=-1)
     which = torch.rand(8000, 32, generator=g).topk(2, -1).indices

@@ -1,7 +1,8 @@
 """
 The text machinery the language-model scripts share (train_lm.py trains on it, steer.py steers
-towards its topics): bytes as tokens, the generated topic-story corpus, and corpora tokenised once
-into files read through numpy memmap, so a corpus of several GB never has to fit in memory.
+towards its topics): bytes as tokens, the generated topic-story corpus, real prose that ships with
+Python (its reference text and its standard library's docstrings), and corpora tokenised once into
+files read through numpy memmap, so a corpus of several GB never has to fit in memory.
 A pretrained model's BPE tokenizer (bpe.py) has the interface of ByteTokenizer and works everywhere here.
 """
 import ast
@@ -9,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import pydoc_data.topics
 import random
 import re
 import sysconfig
@@ -440,16 +442,15 @@ def read_splits(folder, tokenizer, block_size, where):
 # ------------------------------------------------------------------------------------------------
 # Real prose nobody here wrote, on every machine that has Python: the reference text this Python
 # ships (pydoc_data.topics, what help("if") shows) and the docstrings of its standard library. Each
-# is a sorted list of documents, cut into a training and a held-out part by document, by held_out().
+# is a sorted list of documents, cut into a training and a held-out part by document, by prose().
 
 def reference_documents():
     """The sections of pydoc_data.topics (about 465 KB of English on the language and its types),
     each a document, each once (about 370 KB): topics repeat sections ('compound' holds 'if', ...),
     which would otherwise sit in both parts. A heading is underlined with '=' (the topics use '*',
     '=' or '-' by depth), so a section repeated at another depth is the same document."""
-    from pydoc_data.topics import topics
     sections = set()
-    for topic in topics.values():
+    for topic in pydoc_data.topics.topics.values():
         for section in re.split(r"\n(?=[^\n]+\n[=*-]{3,}\n)", topic):
             section = re.sub(r"^([^\n]+)\n[=*-]{3,}\n", lambda m: f"{m[1]}\n{'=' * len(m[1])}\n", section.strip())
             if section:

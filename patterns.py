@@ -150,6 +150,11 @@ def pattern_table(model, tokens, masks, base=None, saes=None, min_recall=0.1, ba
     Returns a list of plain dicts, one per pattern, for results.json."""
     if saes is not None and base is None:
         raise ValueError("SAE latents are read from the model the SAEs were fitted to: pass it as base")
+    if not masks or any(m.shape != tokens.shape for m in masks.values()):
+        raise ValueError(f"give one mask shaped like the tokens {tuple(tokens.shape)} per pattern (pattern_masks "
+                         f"of the same tokens), got {[tuple(m.shape) for m in masks.values()]}")
+    if not 0 < min_recall <= 1:
+        raise ValueError(f"min_recall={min_recall} must be in (0, 1]")
     names = list(masks)
     stacked = torch.stack([masks[n].bool() for n in names])  # (patterns, rows, seq)
     ids, _ = cb.record_dataset(model, tokens, batch_size)

@@ -186,6 +186,10 @@ def test_pattern_table_without_targets_and_bad_input(capsys):
     assert "0 of 1 patterns" in capsys.readouterr().out
     with pytest.raises(ValueError, match="pass it as base"):
         patterns.pattern_table(model, tokens, masks, saes={})
+    with pytest.raises(ValueError, match="one mask shaped like the tokens"):
+        patterns.pattern_table(model, tokens, {"digit": masks["digit"][:, :8]})
+    with pytest.raises(ValueError, match="min_recall"):
+        patterns.pattern_table(model, tokens, masks, min_recall=0)
 
 
 # --- the prose corpora --------------------------------------------------------------------------
@@ -211,3 +215,7 @@ def test_prose_corpora_split_by_document_the_same_way_every_time(tmp_path):
     assert text.prepare_prose("reference", str(tmp_path), 64)[2] == folder
     with pytest.raises(ValueError, match="no prose corpus"):
         text.prose("wiki")
+    with pytest.raises(ValueError, match="held-out fraction"):
+        text.prose("reference", 1.0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        text.docstring_documents(0)

@@ -9,17 +9,18 @@ import math
 import torch
 
 
-def neuron_precision_at_recall(acts, masks, recalls):
+def neuron_precision_at_recall(acts, masks, recalls, signs=(1, -1)):
     """The neuron baseline (section 4.1): for each neuron (column of acts (P, D)) and each sign,
     the threshold at which it fires on `recall` of the mask's positions; its precision there.
     masks (P,) or (S, P) bool with one recall each (a float or (S,)). Returns (D,) or (S, D):
-    per neuron the better of its two signs. Each column is sorted once for all the masks."""
+    per neuron the better of its `signs` (an SAE latent, never negative, reads only as +1).
+    Each column is sorted once for all the masks."""
     acts = acts.float()
     single = masks.dim() == 1
     masks = masks[None] if single else masks
     recalls = torch.as_tensor(recalls, dtype=torch.float64).reshape(-1).expand(len(masks))
     best = acts.new_zeros(len(masks), acts.shape[1])
-    for signed in (acts, -acts):
+    for signed in (sign * acts for sign in signs):
         ordered = signed.T.contiguous().sort(-1).values  # (D, P): how many positions reach a threshold
         for s, (mask, recall) in enumerate(zip(masks, recalls.tolist())):
             n_pos = int(mask.sum())

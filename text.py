@@ -1,15 +1,19 @@
 """
 The text machinery the language-model scripts share (train_lm.py trains on it, steer.py steers
-towards its topics): bytes as tokens, the generated topic-story corpus, and corpora tokenised once
-into files read through numpy memmap, so a corpus of several GB never has to fit in memory.
+towards its topics): bytes as tokens, the generated topic-story corpus, real prose that ships with
+Python (its reference text and its standard library's docstrings), and corpora tokenised once into
+files read through numpy memmap, so a corpus of several GB never has to fit in memory.
 A pretrained model's BPE tokenizer (bpe.py) has the interface of ByteTokenizer and works everywhere here.
 """
+import ast
 import fnmatch
 import hashlib
 import json
 import os
+import pydoc_data.topics
 import random
 import re
+import sysconfig
 
 import numpy as np
 import torch
@@ -340,9 +344,10 @@ def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-
         yield rest
 
 
-def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None):
+def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None, split_of=None):
     """Tokenise documents (an iterable of str or bytes; tokenizer None: bytes) into
-    folder/{train,val}.bin and {train,val}_docs.npy; returns the number of tokens in each split."""
+    folder/{train,val}.bin and {train,val}_docs.npy; returns the number of tokens in each split.
+    Each document goes to "val" at random (val_fraction, seed), or where split_of(document) says."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
     os.makedirs(folder, exist_ok=True)
@@ -352,8 +357,9 @@ def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None):
     tokenizer = tokenizer or ByteTokenizer()
     for doc in documents:
         tokens = np.asarray(tokenizer.encode(doc), dtype=token_dtype(tokenizer))
+        fixed = split_of(doc) if split_of else None
         for piece in (tokens[i:i + MAX_DOC_BYTES] for i in range(0, len(tokens), MAX_DOC_BYTES)):
-            split = "val" if rng.random() < val_fraction else "train"
+            split = fixed or ("val" if rng.random() < val_fraction else "train")
             starts[split].append(size[split])
             files[split].write(piece.tobytes())
             size[split] += len(piece)
@@ -416,12 +422,106 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)
         with open(os.path.join(folder, "done"), "w") as f:
             json.dump(size, f)
+    return read_splits(folder, tokenizer, block_size, data or "generated stories")
+
+
+def read_splits(folder, tokenizer, block_size, where):
+    """The (train, val) Splits of a corpus folder and the folder; a clear error where one of them is
+    empty or shorter than a block."""
     train_split, val_split = Split(folder, "train", tokenizer), Split(folder, "val", tokenizer)
     for split_name, split in (("train", train_split), ("validation", val_split)):
         if len(split.data) == 0:
-            raise ValueError(f"the corpus at {data or 'generated stories'} is empty in its {split_name} split "
+            raise ValueError(f"the corpus at {where} is empty in its {split_name} split "
                              f"({len(train_split.data) + len(val_split.data)} tokens in all): give more text")
         if split.num_tokens <= block_size:
             raise ValueError(f"the {split_name} split holds {split.num_tokens} tokens, fewer than "
                              f"block_size + 1 = {block_size + 1}: give more text or a smaller --block_size")
     return train_split, val_split, folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Real prose nobody here wrote, on every machine that has Python: the reference text this Python
+# ships (pydoc_data.topics, what help("if") shows) and the docstrings of its standard library. Each
+# is a sorted list of documents, cut into a training and a held-out part by document, by prose().
+
+def reference_documents():
+    """The sections of pydoc_data.topics (about 465 KB of English on the language and its types),
+    each a document, each once (about 370 KB): topics repeat sections ('compound' holds 'if', ...),
+    which would otherwise sit in both parts. A heading is underlined with '=' (the topics use '*',
+    '=' or '-' by depth), so a section repeated at another depth is the same document."""
+    sections = set()
+    for topic in pydoc_data.topics.topics.values():
+        for section in re.split(r"\n(?=[^\n]+\n[=*-]{3,}\n)", topic):
+            section = re.sub(r"^([^\n]+)\n[=*-]{3,}\n", lambda m: f"{m[1]}\n{'=' * len(m[1])}\n", section.strip())
+            if section:
+                sections.add(section)
+    return sorted(sections)
+
+
+STDLIB_SKIPPED = ("site-packages", "__pycache__", "test", "tests", "idle_test")  # tests: code, hardly any prose
+
+
+def docstring_documents(max_bytes=2**18):
+    """Docstrings of modules, classes and functions of this Python's standard library, read with ast
+    from its .py files (tests and site-packages left out), each once, sorted. Files are read in an
+    order that spreads over the library (by a hash of each one's path) until `max_bytes` of
+    docstrings: parsing is the cost, about 1 s per 200 KB of docstrings (all 1.8 MB: about 10 s)."""
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes={max_bytes} must be positive")
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(list_files(root, "*.py", STDLIB_SKIPPED), key=lambda f: hashlib.sha1(
+        os.path.relpath(f, root).encode()).hexdigest())
+    docs, size = set(), 0
+    for file in files:
+        with open(file, "rb") as f:
+            try:
+                tree = ast.parse(f.read())
+            except (SyntaxError, ValueError):  # a file not in this Python's syntax
+                continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and doc not in docs:
+                    docs.add(doc)
+                    size += len(doc.encode())
+                    if size >= max_bytes:
+                        return sorted(docs)
+    return sorted(docs)
+
+
+PROSE = {"reference": reference_documents, "docstrings": docstring_documents}
+
+
+def prose(name, fraction=0.1):
+    """(training documents, held-out documents) of the prose corpus `name` (a key of PROSE). The
+    rule: documents in the order of a hash of their text are held out, first to last, until they
+    hold `fraction` of its bytes; a document's place in that order depends on its text alone."""
+    if name not in PROSE:
+        raise ValueError(f"no prose corpus {name!r}: choose one of {sorted(PROSE)}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction {fraction} must be between 0 and 1")
+    docs = PROSE[name]()
+    held, size, total = set(), 0, sum(len(d.encode()) for d in docs)
+    for doc in sorted(docs, key=lambda d: hashlib.sha1(d.encode()).hexdigest()):
+        if size >= fraction * total:
+            break
+        held.add(doc)
+        size += len(doc.encode())
+    return [d for d in docs if d not in held], [d for d in docs if d in held]
+
+
+def prepare_prose(name, out, block_size, tokenizer=None, fraction=0.1):
+    """The prose corpus `name` tokenised once (cached under out/data/ by its text and the
+    tokenizer; None: bytes) as prepare_data's corpora are: its (train, val) Splits, val the
+    held-out documents, and the folder."""
+    train_docs, val_docs = prose(name, fraction)
+    key = [name, fraction, hashlib.sha1("\0".join(train_docs + ["\0"] + val_docs).encode()).hexdigest()]
+    key = hashlib.sha1(json.dumps(key + [(tokenizer or ByteTokenizer()).to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(out, "data", f"{name}-{key}")
+    if not os.path.exists(os.path.join(folder, "done")):
+        held = set(val_docs)
+        size = write_corpus(train_docs + val_docs, folder, tokenizer=tokenizer,
+                            split_of=lambda doc: "val" if doc in held else "train")
+        with open(os.path.join(folder, "done"), "w") as f:
+            json.dump(size, f)
+    return read_splits(folder, tokenizer, block_size, f"prose corpus {name}")

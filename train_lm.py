@@ -194,7 +194,7 @@ def main(argv=None):
     # --- the control (the paper's comparison, section 5): the base finetuned without codebooks, as long
     control = None
     if args.control:
-        control = codebook.GPT(base.config).to(args.device)
+        control = type(base)(base.config).to(args.device)
         control.load_state_dict(base.state_dict())
         control = codebook.train(control, batches(2), args.codebook_steps, args.codebook_lr, desc="control: no codebooks",
                                  ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)

@@ -452,9 +452,9 @@ def from_pretrained(path, codebooks=None, block_size=None):
 def load_pretrained(path, codebooks=None, block_size=None):
     """(model, tokenizer) of a Hugging Face model folder or a GGUF file, checked against each other."""
     if is_gguf(path):
-        metadata, tensors = formats.read_gguf(path)
-        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), gguf_config(metadata, tensors, path)["vocab_size"], path)
-        return from_gguf(path, codebooks, block_size, (metadata, tensors)), tokenizer
+        metadata, infos = formats.read_gguf_info(path)
+        vocab_size = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)["vocab_size"]
+        return from_gguf(path, codebooks, block_size), bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
     c = read_config(path)
     tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
     return from_pretrained(path, codebooks, block_size), tokenizer
@@ -477,9 +477,9 @@ def is_gguf(path):
     return str(path).endswith(".gguf") and not os.path.isdir(path)
 
 
-def gguf_config(metadata, tensors, path):
-    """config.json's fields from a GGUF file's metadata; an architecture or option not implemented
-    is a one-line error."""
+def gguf_config(metadata, shapes, path):
+    """config.json's fields from a GGUF file's metadata and {tensor name: shape}; an architecture or
+    option not implemented is a one-line error."""
     arch = metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
@@ -498,17 +498,17 @@ def gguf_config(metadata, tensors, path):
     kind = _option({"type": get("rope.scaling.type", "none")}, "type", "none", ["none", "linear"], path)
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
-    if "rope_freqs.weight" in tensors:
+    if "rope_freqs.weight" in shapes:
         raise ValueError(f"{path}: rope_freqs (llama.cpp's per-frequency rope scaling, as for Llama-3.1) is not implemented")
-    if "token_embd.weight" not in tensors:
+    if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
-    c["vocab_size"] = tensors["token_embd.weight"].shape[0]
+    c["vocab_size"] = shapes["token_embd.weight"][0]
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is not None and len(tokens) != c["vocab_size"]:
         raise ValueError(f"{path}: the metadata lists {len(tokens)} tokens but token_embd.weight has {c['vocab_size']} rows")
-    c["tie_word_embeddings"] = "output.weight" not in tensors
-    c["attention_bias"] = "blk.0.attn_output.bias" in tensors
-    c["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    c["tie_word_embeddings"] = "output.weight" not in shapes
+    c["attention_bias"] = "blk.0.attn_output.bias" in shapes
+    c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     return c
 
 
@@ -518,11 +518,13 @@ def unpermute(heads):
     return lambda t: t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def from_gguf(path, codebooks=None, block_size=None, contents=None):
-    """A Transformer of a GGUF file (as from_pretrained); contents: its (metadata, tensors) when read already."""
-    metadata, tensors = contents or formats.read_gguf(path)
-    c = gguf_config(metadata, tensors, path)
+def from_gguf(path, codebooks=None, block_size=None):
+    """A Transformer of a GGUF file (as from_pretrained): its architecture and sizes checked on the
+    header, then its tensors dequantised to float32."""
+    metadata, infos = formats.read_gguf_info(path)
+    c = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)
     config, _, _ = FAMILIES[c["model_type"]](c, path)
+    tensors = formats.read_gguf(path).tensors
     transforms = {}
     if c["model_type"] == "llama":  # only the llama architecture's rotary is interleaved in llama.cpp
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}

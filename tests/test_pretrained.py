@@ -1,0 +1,122 @@
+"""models.py on GGUF files: a tiny Llama written by the `gguf` package's writer (its q / k rows
+permuted as llama.cpp's converter does) against transformers' float32 original; files that
+disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) of .ci/fetch_models against
+transformers' own GGUF loader, then finetuned with codebooks by train_lm.py and steered by steer.py.
+Test-only packages (transformers, gguf) and the model file skip where absent, unless
+CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import codebook as cb
+import models
+from test_models import LLAMA3, STDLIB, tiny
+
+REQUIRED = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1" or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
+SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")),
+                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def need(module):
+    return importlib.import_module(module) if REQUIRED else pytest.importorskip(module, reason=f"{module} is test-only: pip install {module}")
+
+
+def smollm2():
+    if not os.path.isfile(SMOLLM2) and not REQUIRED:
+        pytest.skip(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
+    return SMOLLM2
+
+
+# --- a tiny Llama as a GGUF file ------------------------------------------------------------
+
+def permute(w, heads):
+    """What llama.cpp's converter does to q / k rows: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
+    """model (a transformers LlamaForCausalLM) as llama.cpp's converter writes it: matrices in
+    `quantisation` (norms stay F32), metadata from its config; `changes` overwrite metadata values."""
+    gguf = need("gguf")
+    c = model.config
+    meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
+            "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
+            "attention.head_count_kv": c.num_key_value_heads, "rope.freq_base": c.rope_parameters["rope_theta"],
+            "attention.layer_norm_rms_epsilon": c.rms_norm_eps} | changes
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    kind = gguf.GGMLQuantizationType[quantisation]
+    for name, t in model.state_dict().items():
+        w = t.numpy()
+        if "q_proj" in name or "k_proj" in name:
+            w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            _, _, layer, part = stem.split(".", 3)
+            gguf_name = f"blk.{layer}.{names[part]}.weight"
+        else:
+            gguf_name = names[stem] + ".weight"
+        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def rounded(model, quantisation):
+    """A copy of the transformers model with every matrix rounded through the GGUF block format."""
+    gguf = need("gguf")
+    kind = gguf.GGMLQuantizationType[quantisation]
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict({name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), kind), kind))
+                          if t.dim() == 2 else t for name, t in model.state_dict().items()})
+    return copy
+
+
+@pytest.mark.parametrize("quantisation", ["F32", "Q8_0", "Q4_1"])
+def test_a_gguf_file_gives_its_original_logits(quantisation, tmp_path):
+    """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
+    matrices rounded to the format (gguf's own dequantisation), which is not the original."""
+    theirs = tiny("llama", rope_scaling=None, tie_word_embeddings=False)
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation)
+    ours = models.from_pretrained(path)
+    assert ours.config.family == "llama" and ours.config.n_kv_head == 2 and not ours.config.tied_head
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = rounded(theirs, quantisation)
+    with torch.no_grad():
+        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    if quantisation != "F32":
+        assert (want - original).abs().max() > 1e-2  # the rounding is large enough to see
+    prompt = x[:1, :8]
+    want_ids = reference.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+
+
+def test_gguf_files_that_disagree_with_themselves(tmp_path):
+    theirs = tiny("llama", tie_word_embeddings=False)
+    cases = [(dict(arch="mamba"), "architecture 'mamba' is not supported"),
+             (dict(block_count=3), "weight 'blk.2.attn_norm.weight' is missing"),
+             (dict(block_count=1), r"weights \['blk.1."),
+             (dict(feed_forward_length=128), r"blk.0.ffn_up.weight has shape \(96, 64\), which does not fit"),
+             (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)")]
+    for changes, message in cases:
+        path = write_gguf(tmp_path / "bad.gguf", theirs, **changes)
+        with pytest.raises(ValueError, match=message) as e:
+            models.from_pretrained(path)
+        assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written

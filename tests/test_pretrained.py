@@ -120,3 +120,48 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
             models.from_pretrained(path)
         assert "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written
+
+
+# --- the real model -------------------------------------------------------------------------
+
+def test_smollm2_gives_the_logits_and_generations_of_transformers():
+    """SmolLM2-135M-Instruct (Q4_1, Q8_0 and F32 tensors) by models.py and by transformers'
+    GGUF loader (which dequantises through `gguf`), both float32: logits within 1e-3 on English
+    prose this Python ships, the same 20 greedy tokens after a story prompt."""
+    transformers = need("transformers")
+    need("gguf")
+    path = smollm2()
+    ours, tok = models.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32).eval()
+    assert ours.config.n_layer == 30 and ours.config.n_kv_head == 3 and ours.config.tied_head
+    from pydoc_data.topics import topics
+    x = torch.tensor([tok.encode(topics["assert"])[:128]])
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-3 and want.std() > 1.0
+    prompt = torch.tensor([tok.encode("Once upon a time, there was a little dragon who")])
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    got_ids = ours.generate(prompt, 20, temperature=0)
+    assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))
+
+
+def test_train_lm_and_steer_on_smollm2(tmp_path, capsys):
+    """train_lm.py --hf on the GGUF file, as small as its flags allow (16-token windows, 2 per step,
+    2 codebook steps, 8 codes per head), then steer.py forcing a code of its checkpoint."""
+    import steer
+    import train_lm
+    path, out = smollm2(), tmp_path / "lm"
+    train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
+                   "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
+                   "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
+    results = json.load(open(out / "results.json"))
+    assert np.isfinite(results["base_val_loss"]) and np.isfinite(results["codebook_val_loss"])
+    assert len(results["dead_code_fraction"]) == 30 * 9  # a codebook on every head of every layer
+    assert cb.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == "llama"
+    capsys.readouterr()
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
+                "--samples", "2", "--new_bytes", "6", "--threads", "2"])
+    printed = capsys.readouterr().out
+    assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4

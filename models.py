@@ -85,7 +85,8 @@ class TransformerConfig:
         windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")), ("activation", tuple(ACTIVATIONS))):
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")),
+                              ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3"):
@@ -286,7 +287,8 @@ def gpt2(c, where):
                   qkv_bias=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
     table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},
                   {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.c_attn", "attn.k": "attn.c_attn",
-                   "attn.v": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "h.{i}.")
+                   "attn.v": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
+                  "h.{i}.")
     conv1d = lambda t: t.T if t.dim() == 2 else t  # Conv1D stores (in, out)
     part = lambda i: lambda t: conv1d(t).chunk(3)[i]  # q, k or v of the fused projection
     transforms = {"blocks.{i}.attn.q": part(0), "blocks.{i}.attn.k": part(1), "blocks.{i}.attn.v": part(2),
@@ -334,11 +336,11 @@ def gpt_neox(c, where):
                    "attn.k": "attention.query_key_value", "attn.v": "attention.query_key_value", "attn.o": "attention.dense",
                    "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "layers.{i}.")
     per_head = lambda i: lambda t: t.reshape(heads, 3, d_head, *t.shape[1:])[:, i].reshape(d, *t.shape[1:])  # q, k, v
-    return config, table, {"blocks.{i}.attn.q": per_head(0), "blocks.{i}.attn.k": per_head(1), "blocks.{i}.attn.v": per_head(2)}
+    return config, table, {f"blocks.{{i}}.attn.{x}": per_head(i) for i, x in enumerate("qkv")}
 
 
 LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_head"},
-                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",  # Llama's name for the norm before its MLP
+                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",  # the norm before the MLP
                      "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
                      "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
                      "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}, "layers.{i}.")
@@ -446,7 +448,8 @@ def from_pretrained(path, codebooks=None, block_size=None):
         return from_gguf(path, codebooks, block_size)
     c = read_config(path)
     config, table, transforms = FAMILIES[c["model_type"]](c, f"{path}/config.json")
-    return build(config, c["model_type"], Weights(formats.read_weights(path), path), table, transforms, codebooks, block_size)
+    weights = Weights(formats.read_weights(path), path)
+    return build(config, c["model_type"], weights, table, transforms, codebooks, block_size)
 
 
 def load_pretrained(path, codebooks=None, block_size=None):
@@ -454,7 +457,8 @@ def load_pretrained(path, codebooks=None, block_size=None):
     if is_gguf(path):
         metadata, infos = formats.read_gguf_info(path)
         vocab_size = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)["vocab_size"]
-        return from_gguf(path, codebooks, block_size), bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
+        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
+        return from_gguf(path, codebooks, block_size), tokenizer
     c = read_config(path)
     tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
     return from_pretrained(path, codebooks, block_size), tokenizer

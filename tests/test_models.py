@@ -323,3 +323,5 @@ def test_a_compact_model_saved_with_the_former_config_fields_loads():
     assert type(model) is cb.GPT and model.config == cb.GPTConfig(**config)
     with pytest.raises(ValueError, match="pretrained model saved by an earlier version"):
         models.model_from_config(config | cb.FORMER_FIELDS | {"rotary_dims": 4})
+    with pytest.raises(ValueError, match="pretrained llama model's: models.model_from_config builds it"):
+        cb.GPT(models.TransformerConfig(family="llama").to_dict())

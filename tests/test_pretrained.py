@@ -22,7 +22,9 @@ SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.
 
 
 def need(module):
-    return importlib.import_module(module) if REQUIRED else pytest.importorskip(module, reason=f"{module} is test-only: pip install {module}")
+    if REQUIRED:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
 
 
 def smollm2():
@@ -39,32 +41,36 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
-    """model (a transformers LlamaForCausalLM) as llama.cpp's converter writes it: matrices in
-    `quantisation` (norms stay F32), metadata from its config; `changes` overwrite metadata values."""
+    """model (a transformers Llama, Qwen2 or Qwen3) as llama.cpp's converter writes it: matrices in
+    `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
+    rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
+    transformers), metadata from its config; `changes` overwrite metadata values."""
     gguf = need("gguf")
     c = model.config
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
             "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
             "attention.head_count_kv": c.num_key_value_heads, "rope.freq_base": c.rope_parameters["rope_theta"],
+            "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "attention.layer_norm_rms_epsilon": c.rms_norm_eps} | changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
     for name, t in model.state_dict().items():
         w = t.numpy()
-        if "q_proj" in name or "k_proj" in name:
+        if ("q_proj" in name or "k_proj" in name) and arch == "llama":
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
-        stem = name.removesuffix(".weight")
+        stem, suffix = name.rsplit(".", 1)
         if stem.startswith("model.layers."):
             _, _, layer, part = stem.split(".", 3)
-            gguf_name = f"blk.{layer}.{names[part]}.weight"
+            gguf_name = f"blk.{layer}.{names[part]}.{suffix}"
         else:
-            gguf_name = names[stem] + ".weight"
+            gguf_name = f"{names[stem]}.{suffix}"
         if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
@@ -86,14 +92,15 @@ def rounded(model, quantisation):
     return copy
 
 
-@pytest.mark.parametrize("quantisation", ["F32", "Q8_0", "Q4_1"])
-def test_a_gguf_file_gives_its_original_logits(quantisation, tmp_path):
+@pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("qwen2", "F32"),
+                                               ("qwen3", "Q8_0")])
+def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original."""
-    theirs = tiny("llama", rope_scaling=None, tie_word_embeddings=False)
-    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation)
+    theirs = tiny(arch, tie_word_embeddings=False, **dict(head_dim=32) if arch == "qwen3" else {})
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch)
     ours = models.from_pretrained(path)
-    assert ours.config.family == "llama" and ours.config.n_kv_head == 2 and not ours.config.tied_head
+    assert ours.config.family == arch and ours.config.n_kv_head == 2 and not ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     reference = rounded(theirs, quantisation)
     with torch.no_grad():

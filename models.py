@@ -62,7 +62,7 @@ class TransformerConfig:
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
     rotary_base: float = 10000.0
-    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear" or "llama3", its parameters}
+    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -89,8 +89,8 @@ class TransformerConfig:
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3"):
-            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear' or 'llama3'")
+        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
+            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
@@ -119,10 +119,13 @@ def rotary_frequencies(dims, base, scaling):
     """The rotary embedding's angular frequencies (dims / 2,), base^(-2i / dims), rescaled for a
     longer context: "linear" divides them all by the factor; "llama3" divides those whose
     wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
-    original_max_position_embeddings / high_freq_factor, and blends the two in between."""
+    original_max_position_embeddings / high_freq_factor, and blends the two in between;
+    "divisors" divides each by its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
     if scaling.get("rope_type") == "linear":
         return inv_freq / scaling["factor"]
+    if scaling.get("rope_type") == "divisors":
+        return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float)
     if scaling.get("rope_type") == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         context = scaling["original_max_position_embeddings"]
@@ -502,8 +505,6 @@ def gguf_config(metadata, shapes, path):
     kind = _option({"type": get("rope.scaling.type", "none")}, "type", "none", ["none", "linear"], path)
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
-    if "rope_freqs.weight" in shapes:
-        raise ValueError(f"{path}: rope_freqs (llama.cpp's per-frequency rope scaling, as for Llama-3.1) is not implemented")
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
     c["vocab_size"] = shapes["token_embd.weight"][0]
@@ -529,6 +530,12 @@ def from_gguf(path, codebooks=None, block_size=None):
     c = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)
     config, _, _ = FAMILIES[c["model_type"]](c, path)
     tensors = formats.read_gguf(path).tensors
+    if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
+        divisors = tensors.pop("rope_freqs.weight").flatten().tolist()
+        if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:
+            raise ValueError(f"{path}: rope_freqs holds {len(divisors)} divisors for {config['rotary_dims'] // 2} rotary "
+                             f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
+        config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     transforms = {}
     if c["model_type"] == "llama":  # only the llama architecture's rotary is interleaved in llama.cpp
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}

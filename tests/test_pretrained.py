@@ -40,11 +40,12 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, **changes):
     """model (a transformers Llama, Qwen2 or Qwen3) as llama.cpp's converter writes it: matrices in
     `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
     rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
-    transformers), metadata from its config; `changes` overwrite metadata values."""
+    transformers), metadata from its config; `changes` overwrite metadata values; rope_freqs: the
+    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling."""
     gguf = need("gguf")
     c = model.config
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
@@ -75,6 +76,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -92,13 +95,20 @@ def rounded(model, quantisation):
     return copy
 
 
-@pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("qwen2", "F32"),
-                                               ("qwen3", "Q8_0")])
+@pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
+                                               ("qwen2", "F32"), ("qwen3", "Q8_0")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
-    matrices rounded to the format (gguf's own dequantisation), which is not the original."""
-    theirs = tiny(arch, tie_word_embeddings=False, **dict(head_dim=32) if arch == "qwen3" else {})
-    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch)
+    matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
+    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it."""
+    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3)}.get(arch, {})
+    theirs = tiny(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
+    divisors = None
+    if arch == "llama3":
+        divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
+        assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
+        arch = "llama"
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors)
     ours = models.from_pretrained(path)
     assert ours.config.family == arch and ours.config.n_kv_head == 2 and not ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))

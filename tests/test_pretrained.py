@@ -16,20 +16,21 @@ import codebook as cb
 import models
 from test_models import LLAMA3, STDLIB, tiny
 
-REQUIRED = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1" or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
+REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
+REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
 SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")),
                        "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def need(module):
-    if REQUIRED:
+    if REQUIRE_PACKAGES:
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
 
 
 def smollm2():
-    if not os.path.isfile(SMOLLM2) and not REQUIRED:
-        pytest.skip(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
+    if not os.path.isfile(SMOLLM2):
+        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
     return SMOLLM2
 
 

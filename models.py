@@ -14,7 +14,8 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both). Nothing is downloaded and transformers is not needed.
+quantised in blocks (formats.py reads both; architectures llama, qwen2 and qwen3). Nothing is
+downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
@@ -244,8 +245,10 @@ def model_from_config(config):
 
 # ------------------------------------------------------------------------------------------------
 # 2. Families. Each maps config.json `c` to TransformerConfig fields and gives its table
-# {our module name: theirs} ("blocks.{i}." and "{L}" stand for layer i) and the transforms some
-# tensors need ({our module name: fn(tensor)}, on weights and biases alike).
+# {our module name: theirs} ("{i}" stands for the layer) and the transforms some tensors need
+# ({our module name: fn(tensor)}, on weights and biases alike). A family that needs another part
+# (Gemma: norms scaling by 1 + weight, norms after attention and MLP, soft-capped scores) adds a
+# TransformerConfig field and its few lines to the parts above, never a forward of its own.
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 

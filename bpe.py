@@ -1,7 +1,11 @@
 """
 Tokenizers of pretrained models, written here (no tokenizer package at run time), with the
 interface of text.ByteTokenizer so every script treats them alike; each is plain data in a
-checkpoint (to_dict / tokenizer_from_dict).
+checkpoint (to_dict / tokenizer_from_dict). Two kinds:
+- byte-level BPE (GPT-2, Pythia, Llama-3, SmolLM2, Qwen2/3): BPETokenizer;
+- SentencePiece BPE (Gemma, Llama-2, TinyLlama): SentencePieceBPE.
+Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF file's metadata
+(tokenizer_from_gguf).
 """
 import json
 import os
@@ -11,9 +15,226 @@ import unicodedata
 import text
 
 # ------------------------------------------------------------------------------------------------
-# Byte-level BPE. Byte-level BPE (GPT-2's): the text's UTF-8 bytes, each shown as a printable
-# character, are cut into words by GPT-2's pattern, and each word's characters are merged pairwise,
-# the pair with the lowest merge rank first, until no pair of the merge list is left.
+# Pre-tokenisation patterns. The tokenizer files write them for Rust's and Oniguruma's regex engines,
+# which know Unicode classes (\p{L} letters, \p{N} numbers, ...) that Python's re lacks: python_regex
+# spells each class out as ranges of code points from unicodedata's categories. Characters newer than
+# Python's Unicode tables (3.11: Unicode 14) belong to no class.
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# Unicode's White_Space property: what \s matches there (Python's str.isspace() also counts U+001C..U+001F)
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_category_runs = []  # (first code point, last, category) of each run of one category
+_classes = {}
+_compiled = {}
+
+
+def unicode_class(name):
+    r"""The code points of \p{name} (a category such as Lu, or a major class such as L) as a
+    character-class body for Python's re; the table of categories is built on first use (0.5 s)."""
+    if not _category_runs:
+        start, previous = 0, "Cc"
+        for c in range(1, 0x110000):
+            cat = unicodedata.category(chr(c))
+            if cat != previous:
+                _category_runs.append((start, c - 1, previous))
+                start, previous = c, cat
+        _category_runs.append((start, 0x10FFFF, previous))
+    if name not in _classes:
+        ranges = []
+        for a, b, cat in _category_runs:
+            if name in (cat, cat[0]):
+                if ranges and ranges[-1][1] == a - 1:
+                    ranges[-1][1] = b
+                else:
+                    ranges.append([a, b])
+        if not ranges:
+            raise ValueError(f"\\p{{{name}}}: unknown Unicode class (known: the categories and their major classes, e.g. L, Lu, N)")
+        _classes[name] = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+    return _classes[name]
+
+
+def python_regex(pattern):
+    r"""A tokenizer file's pattern for Python's re: \p{..} and \s, \S spelt out, inside and outside [...]."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            esc = pattern[i:i + 2]
+            if esc == "\\p" and pattern[i + 2:i + 3] == "{":
+                end = pattern.index("}", i)
+                ranges = unicode_class(pattern[i + 3:end])
+                out.append(ranges if in_class else f"[{ranges}]")
+                i = end + 1
+                continue
+            if esc == "\\S" and in_class:
+                raise ValueError(f"pattern {pattern!r}: \\S inside [...] is not implemented")
+            out.append({"\\s": WHITESPACE if in_class else f"[{WHITESPACE}]", "\\S": f"[^{WHITESPACE}]"}.get(esc, esc))
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern[i:i + 1] == "^":
+                out.append("^")
+                i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def compiled(pattern):
+    if pattern not in _compiled:
+        _compiled[pattern] = re.compile(python_regex(pattern))
+    return _compiled[pattern]
+
+
+SPLIT_BEHAVIORS = ("isolated", "removed", "merged_with_previous", "merged_with_next")
+
+
+def split(string, pattern, behavior):
+    """The pieces of `string` around the matches of `pattern`, as tokenizers' Split pre-tokenizer cuts
+    them: matches alone ('isolated'), dropped ('removed') or joined to the piece before or after."""
+    pieces, start, pending = [], 0, ""
+    for m in compiled(pattern).finditer(string):
+        if m.end() == m.start():
+            continue
+        gap = string[start:m.start()]
+        if behavior == "isolated":
+            pieces += [gap, m.group()]
+        elif behavior == "removed":
+            pieces.append(gap)
+        elif behavior == "merged_with_previous":
+            pieces.append(gap + m.group())
+        else:  # merged_with_next
+            pieces.append(pending + gap)
+            pending = m.group()
+            start = m.end()
+            continue
+        start = m.end()
+    pieces.append(pending + string[start:])
+    return [p for p in pieces if p]
+
+
+def pre_tokenize(string, steps):
+    """The words of `string` after each step in turn (a list of plain dicts: {"type": "Split",
+    "pattern", "behavior"} or {"type": "ByteLevel", "add_prefix_space", "use_regex"}), each step
+    cutting every piece the one before left, as tokenizers' Sequence does."""
+    pieces = [string]
+    for step in steps:
+        if step["type"] == "Split":
+            pieces = [q for p in pieces for q in split(p, step["pattern"], step["behavior"])]
+        else:  # ByteLevel: GPT-2's pattern unless told otherwise
+            if step["add_prefix_space"]:
+                pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+            if step["use_regex"]:
+                pieces = [q for p in pieces for q in compiled(GPT2_SPLIT).findall(p)]
+    return pieces
+
+
+def byte_level(add_prefix_space=False, use_regex=True):
+    return {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "use_regex": use_regex}
+
+
+def isolate(pattern):
+    return {"type": "Split", "pattern": pattern, "behavior": "isolated"}
+
+
+# The pre-tokenisation a GGUF file names in tokenizer.ggml.pre (llama.cpp's names), for byte-level BPE
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": [byte_level()], "default": [byte_level()],
+    "smollm": [isolate(r"\p{N}"), byte_level()],  # digits one by one, then GPT-2's split
+    "llama-bpe": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "llama3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "qwen2": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
+}
+
+# ------------------------------------------------------------------------------------------------
+# What both kinds share: added tokens cut out of the text first, and the BPE merge loop.
+
+
+def added_pattern(tokens):
+    """(tokens, regex) finding the leftmost-longest of `tokens` (a dict {content: id}), or None. The
+    regex is a trie of the contents, so thousands of them (Gemma has 6,384) cost little per character."""
+    if not tokens:
+        return None
+    trie = {}
+    for content in tokens:
+        node = trie
+        for ch in content:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def alternatives(node):
+        branches = [re.escape(ch) + alternatives(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer token first
+
+    return tokens, re.compile(alternatives(trie))
+
+
+def split_added(string, added):
+    """Yield (stretch, None) for plain stretches of the string and (content, id) for added tokens."""
+    if added is None:
+        if string:
+            yield string, None
+        return
+    ids, pattern = added
+    start = 0
+    for m in pattern.finditer(string):
+        if m.start() > start:
+            yield string[start:m.start()], None
+        yield m.group(), ids[m.group()]
+        start = m.end()
+    if start < len(string):
+        yield string[start:], None
+
+
+def merge(parts, rank):
+    """BPE: merge adjacent parts, the pair of lowest rank(pair) first (every occurrence of it, left
+    to right), until no pair has a rank (rank returns None)."""
+    while len(parts) > 1:
+        best = None
+        for pair in zip(parts, parts[1:]):
+            r = rank(pair)
+            if r is not None and (best is None or r < best[0]):
+                best = (r, pair)
+        if best is None:
+            break
+        pair, merged, i = best[1], [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and parts[i] == pair[0] and parts[i + 1] == pair[1]:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+class Cache(dict):
+    """Ids per word: texts repeat their words, so most are looked up, not merged."""
+
+    def put(self, key, ids):
+        if len(self) > 200_000:  # a bound on memory over a large corpus
+            self.clear()
+        self[key] = ids
+        return ids
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte-level BPE (GPT-2's): the text's UTF-8 bytes, each shown as a printable character, are cut
+# into words by the pre-tokenizer, and each word's characters are merged pairwise, the pair with the
+# lowest merge rank first, until no pair of the merge list is left.
 
 def bytes_to_unicode():
     """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other 68
@@ -32,49 +253,22 @@ def bytes_to_unicode():
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {ch: b for b, ch in BYTE_TO_CHAR.items()}
 _LATIN1_TO_CHARS = str.maketrans({chr(b): ch for b, ch in BYTE_TO_CHAR.items()})
-# Unicode's White_Space property: what GPT-2's \s matches (str.isspace() also counts U+001C..U+001F)
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_word_pattern = None
-
-
-def word_pattern():
-    r"""GPT-2's pre-tokenisation pattern
-        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-    for Python's re, which has no \p{L} (letters) or \p{N} (numbers): both are spelt out as ranges
-    of code points from unicodedata's categories. Characters newer than Python's Unicode tables
-    (3.11: Unicode 14) count as neither. Built on first use (0.3 s)."""
-    global _word_pattern
-    if _word_pattern is None:
-        ranges = {"L": [], "N": []}
-        for c in range(0x110000):
-            group = ranges.get(unicodedata.category(chr(c))[0])
-            if group is not None:
-                if group and group[-1][1] == c - 1:
-                    group[-1][1] = c
-                else:
-                    group.append([c, c])
-        letters, numbers = ("".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges[g]) for g in "LN")
-        s = WHITESPACE
-        _word_pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{s}{letters}{numbers}]+"
-                                   rf"|[{s}]+(?![^{s}])|[{s}]+")
-    return _word_pattern
-
-
 NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 class BPETokenizer:
-    """Byte-level BPE with the vocabulary and merges of a GPT-2, GPT-Neo or Pythia tokenizer.
-    Added tokens (<|endoftext|>, ...) are cut out of the text first and encode to their own ids;
-    `bos` is the end-of-text id, which starts (and so separates) documents as BOS does for bytes."""
+    """Byte-level BPE with the vocabulary and merges of a GPT-2, Pythia, Llama-3, SmolLM2 or Qwen
+    tokenizer. Added tokens (<|endoftext|>, <|im_start|>, ...) are cut out of the text first and
+    encode to their own ids; `bos` starts (and so separates) documents as BOS does for bytes;
+    `prefix` / `suffix` are the ids the model's own tokenizer puts around a text (encode(special=True))."""
     kind = "bpe"
 
-    def __init__(self, vocab, merges, added_tokens=(), normalizers=(), add_prefix_space=False, use_regex=True,
-                 ignore_merges=False, bos=None):
+    def __init__(self, vocab, merges, added_tokens=(), normalizers=(), pre_tokenizers=(byte_level(),),
+                 ignore_merges=False, bos=None, eos=None, prefix=(), suffix=()):
         self.vocab, self.merges = dict(vocab), [list(m) for m in merges]
         self.added_tokens = [dict(t) for t in added_tokens]  # {"id", "content", "special", "normalized"}
-        self.normalizers, self.add_prefix_space, self.use_regex = list(normalizers), add_prefix_space, use_regex
-        self.ignore_merges, self.bos = ignore_merges, bos
+        self.normalizers, self.pre_tokenizers = list(normalizers), [dict(s) for s in pre_tokenizers]
+        self.ignore_merges, self.bos, self.eos, self.prefix, self.suffix = ignore_merges, bos, eos, list(prefix), list(suffix)
         self.ranks = {tuple(m): rank for rank, m in enumerate(self.merges)}
         self.id_to_token = {i: t for t, i in self.vocab.items()} | {t["id"]: t["content"] for t in self.added_tokens}
         self.vocab_size = max(self.id_to_token) + 1
@@ -82,91 +276,47 @@ class BPETokenizer:
         self.special_ids = {t["id"] for t in self.added_tokens if t["special"]}
         # added tokens are matched longest first; unnormalised ones in the raw text, the rest after normalising
         self.raw_added, self.normalized_added = (
-            self._alternation({t["content"]: t["id"] for t in self.added_tokens if t["normalized"] == normalized})
+            added_pattern({t["content"]: t["id"] for t in self.added_tokens if t["normalized"] == normalized})
             for normalized in (False, True))
-        self.cache = {}
-
-    @staticmethod
-    def _alternation(tokens):
-        if not tokens:
-            return None
-        return tokens, re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+        self.cache = Cache()
 
     def to_dict(self):
         """Plain Python data (for weights_only checkpoints); tokenizer_from_dict() rebuilds the tokenizer."""
         return {"kind": self.kind, "vocab": self.vocab, "merges": self.merges, "added_tokens": self.added_tokens,
-                "normalizers": self.normalizers, "add_prefix_space": self.add_prefix_space, "use_regex": self.use_regex,
-                "ignore_merges": self.ignore_merges, "bos": self.bos}
+                "normalizers": self.normalizers, "pre_tokenizers": self.pre_tokenizers,
+                "ignore_merges": self.ignore_merges, "bos": self.bos, "eos": self.eos, "prefix": self.prefix,
+                "suffix": self.suffix}
 
     def normalize(self, string):
         for form in self.normalizers:
             string = unicodedata.normalize(form, string)
         return string
 
-    def _split_added(self, string, added):
-        """Yield (stretch, None) for plain stretches of the string and (content, id) for added tokens."""
-        if added is None:
-            yield string, None
-            return
-        ids, pattern = added
-        start = 0
-        for m in pattern.finditer(string):
-            if m.start() > start:
-                yield string[start:m.start()], None
-            yield m.group(), ids[m.group()]
-            start = m.end()
-        if start < len(string):
-            yield string[start:], None
-
-    def encode(self, string):
-        """str (or bytes, read as UTF-8) -> list of token ids."""
+    def encode(self, string, special=False):
+        """str (or bytes, read as UTF-8) -> list of token ids; with special=True, between `prefix` and
+        `suffix` as the model's own tokenizer gives them (transformers' add_special_tokens)."""
         if isinstance(string, bytes):
             string = string.decode("utf-8", errors="replace")
-        ids = []
-        for raw, raw_id in self._split_added(string, self.raw_added):
+        ids = list(self.prefix) if special else []
+        for raw, raw_id in split_added(string, self.raw_added):
             if raw_id is not None:
                 ids.append(raw_id)
                 continue
-            for piece, piece_id in self._split_added(self.normalize(raw), self.normalized_added):
+            for piece, piece_id in split_added(self.normalize(raw), self.normalized_added):
                 if piece_id is not None:
                     ids.append(piece_id)
                     continue
-                if self.add_prefix_space and not piece.startswith(" "):
-                    piece = " " + piece
-                words = word_pattern().findall(piece) if self.use_regex else [piece]
-                for word in words:
-                    ids.extend(self._word_ids(word))
-        return ids
+                for word in pre_tokenize(piece, self.pre_tokenizers):
+                    ids.extend(self.cache.get(word) or self._word_ids(word))
+        return ids + self.suffix if special else ids
 
     def _word_ids(self, word):
-        if word in self.cache:
-            return self.cache[word]
         chars = word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_CHARS)
-        if self.ignore_merges and chars in self.vocab:
-            parts = [chars]
-        else:
-            parts = list(chars)
-            while len(parts) > 1:
-                rank, pair = min((self.ranks.get(pair, len(self.ranks)), pair) for pair in zip(parts, parts[1:]))
-                if rank == len(self.ranks):
-                    break
-                merged, i = [], 0
-                while i < len(parts):  # every occurrence of the pair, left to right
-                    if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                        merged.append(parts[i] + parts[i + 1])
-                        i += 2
-                    else:
-                        merged.append(parts[i])
-                        i += 1
-                parts = merged
+        parts = [chars] if self.ignore_merges and chars in self.vocab else merge(list(chars), self.ranks.get)
         missing = [p for p in parts if p not in self.vocab]
         if missing:
             raise ValueError(f"the tokenizer's vocabulary lacks {missing[0]!r}: its vocabulary is not byte-level")
-        ids = [self.vocab[p] for p in parts]
-        if len(self.cache) > 200_000:  # a bound on memory over a large corpus
-            self.cache.clear()
-        self.cache[word] = ids
-        return ids
+        return self.cache.put(word, [self.vocab[p] for p in parts])
 
     def decode(self, ids, skip_special=False):
         """Token ids -> str (invalid UTF-8 as U+FFFD). Ids outside the vocabulary are dropped, and
@@ -184,67 +334,308 @@ def _token_bytes(token):
     return token.encode("utf-8")
 
 
+# ------------------------------------------------------------------------------------------------
+# SentencePiece BPE (Gemma, Llama-2): spaces become "▁" (U+2581), the characters of the text are
+# merged pairwise, the pair whose merged token ranks best first (the merge list's order, or the
+# merged token's score), and a character the vocabulary lacks is written as its UTF-8 bytes
+# (<0x0A>-style tokens: byte fallback). Control tokens (<bos>, ...) and user-defined ones (Gemma's
+# runs of newlines and tabs, HTML tags) are cut out of the raw text first, like added tokens.
+
+SPACE = "\u2581"
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece's token types
+DUMMY_PREFIXES = ("never", "first", "always")
+
+
+class SentencePieceBPE:
+    """SentencePiece BPE over `tokens` (by id) with their `types`; merge priority from `merges` (pairs,
+    best first) or else from `scores` (higher first; for one merged token, the longer left part first,
+    as transformers orders the merges it derives). `dummy_prefix`: a "▁" before the text's first
+    stretch ("first", unless it starts with one) or before every stretch ("always"), or none."""
+    kind = "sentencepiece"
+
+    def __init__(self, tokens, types, scores=None, merges=None, bos=None, eos=None, unk=None, prefix=(), suffix=(),
+                 dummy_prefix="never"):
+        if (scores is None) == (merges is None):
+            raise ValueError("SentencePieceBPE takes either merges or scores, not both or neither")
+        if dummy_prefix not in DUMMY_PREFIXES:
+            raise ValueError(f"dummy_prefix={dummy_prefix!r} is not one of {DUMMY_PREFIXES}")
+        self.tokens, self.types, self.scores = list(tokens), list(types), None if scores is None else list(scores)
+        self.merges = None if merges is None else [list(m) for m in merges]
+        self.bos, self.eos, self.unk, self.prefix, self.suffix = bos, eos, unk, list(prefix), list(suffix)
+        self.dummy_prefix, self.vocab_size = dummy_prefix, len(self.tokens)
+        self.vocab = {t: i for i, t in enumerate(self.tokens)}  # a repeated token: its last id, as transformers
+        self.pair_rank = self._score_rank if self.merges is None else {tuple(m): r for r, m in enumerate(self.merges)}.get
+        self.byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]
+        self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
+        self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)})
+        # a vocabulary token with "▁" after another character can merge across the cut before that "▁"
+        self.crossing = added_pattern({t: 0 for t in self.vocab if re.search(f"[^{SPACE}]{SPACE}", t)})
+        self.cache, self.token_bytes = Cache(), None
+
+    def _score_rank(self, pair):
+        left, right = pair
+        i = self.vocab.get(left + right)
+        if i is None or left not in self.vocab or right not in self.vocab:
+            return None
+        return -self.scores[i], -len(left), i
+
+    def to_dict(self):
+        """Plain Python data (for weights_only checkpoints); tokenizer_from_dict() rebuilds the tokenizer."""
+        return {"kind": self.kind, "tokens": self.tokens, "types": self.types, "scores": self.scores,
+                "merges": self.merges, "bos": self.bos, "eos": self.eos, "unk": self.unk, "prefix": self.prefix,
+                "suffix": self.suffix, "dummy_prefix": self.dummy_prefix}
+
+    def encode(self, string, special=False):
+        """str (or bytes, read as UTF-8) -> list of token ids; with special=True, between `prefix` and
+        `suffix` as the model's own tokenizer gives them (transformers' add_special_tokens)."""
+        if isinstance(string, bytes):
+            string = string.decode("utf-8", errors="replace")
+        ids, first = list(self.prefix) if special else [], True
+        for raw, raw_id in split_added(string, self.added):
+            if raw_id is not None:
+                ids.append(raw_id)
+            else:
+                piece = raw.replace(" ", SPACE)
+                if self.dummy_prefix == "always" or (self.dummy_prefix == "first" and first and piece[0] != SPACE):
+                    piece = SPACE + piece
+                for chunk in self._chunks(piece):
+                    ids.extend(self.cache.get(chunk) or self._chunk_ids(chunk))
+            first = False
+        return ids + self.suffix if special else ids
+
+    def _chunks(self, piece):
+        """The piece cut before each "▁" that follows another character (where no merge can cross: BPE
+        over the whole piece gives the same tokens, but the chunks repeat and so are cached)."""
+        cuts = [m.start() for m in re.finditer(f"(?<=[^{SPACE}]){SPACE}", piece)]
+        if self.crossing is not None and cuts:
+            inside = {c for m in re.finditer(f"(?=({self.crossing[1].pattern}))", piece)
+                      for c in range(m.start() + 1, m.start() + len(m.group(1)))}
+            cuts = [c for c in cuts if c not in inside]
+        return [piece[a:b] for a, b in zip([0, *cuts], [*cuts, len(piece)])]
+
+    def _chunk_ids(self, chunk):
+        ids = []
+        for part in merge(list(chunk), self.pair_rank):
+            i = self.vocab.get(part)
+            if i is not None:
+                ids.append(i)
+            elif all(b is not None for b in self.byte_ids):
+                ids.extend(self.byte_ids[b] for b in part.encode("utf-8"))
+            elif self.unk is not None:
+                if not ids or ids[-1] != self.unk:  # runs of unknown characters fuse into one <unk>
+                    ids.append(self.unk)
+            else:
+                raise ValueError(f"the tokenizer has neither byte tokens nor an unknown token for {part!r}")
+        return self.cache.put(chunk, ids)
+
+    def decode(self, ids, skip_special=False):
+        """Token ids -> str (invalid UTF-8 as U+FFFD). Ids outside the vocabulary are dropped, and with
+        skip_special the control tokens (<bos>, ...) too."""
+        if self.token_bytes is None:  # built on first use: 262k tokens take a moment
+            self.token_bytes = [bytes([int(t[3:5], 16)]) if kind == BYTE else t.replace(SPACE, " ").encode("utf-8")
+                                for t, kind in zip(self.tokens, self.types)]
+        skip = self.special_ids if skip_special else ()
+        data = b"".join(self.token_bytes[i] for i in map(int, ids) if 0 <= i < self.vocab_size and i not in skip)
+        decoded = data.decode("utf-8", errors="replace")
+        return decoded[1:] if self.dummy_prefix != "never" and decoded.startswith(" ") else decoded
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: plain data, a model folder, GGUF metadata.
+
 def tokenizer_from_dict(data):
-    """The inverse of to_dict() for either tokenizer."""
+    """The inverse of to_dict() for every tokenizer."""
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind == "bytes":
         return text.ByteTokenizer()
-    if kind == "bpe":
-        return BPETokenizer(**{k: v for k, v in data.items() if k != "kind"})
-    raise ValueError(f"tokenizer data of kind {kind!r} is not 'bytes' or 'bpe'")
+    classes = {"bpe": (BPETokenizer, ("vocab", "merges")), "sentencepiece": (SentencePieceBPE, ("tokens", "types"))}
+    if kind not in classes:
+        raise ValueError(f"tokenizer data of kind {kind!r} is not 'bytes', 'bpe' or 'sentencepiece'")
+    cls, needed = classes[kind]
+    missing = [key for key in needed if key not in data]
+    if missing:
+        raise ValueError(f"tokenizer data of kind {kind!r} lacks {', '.join(missing)}: it is not a tokenizer's to_dict()")
+    return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
 def _normalizers(spec, path):
+    """The flat list of a tokenizer.json's normalizers."""
     if spec is None:
         return []
     if spec.get("type") == "Sequence":
-        return [form for s in spec["normalizers"] for form in _normalizers(s, path)]
-    if spec.get("type") in NORMALIZERS:
-        return [spec["type"]]
-    raise ValueError(f"{path}: normalizer {spec.get('type')!r} is not implemented (supported: {', '.join(NORMALIZERS)})")
+        return [n for s in spec["normalizers"] for n in _normalizers(s, path)]
+    return [spec]
+
+
+def _pattern(spec, path):
+    if "Regex" in spec:
+        return spec["Regex"]
+    if "String" in spec:
+        return re.escape(spec["String"])
+    raise ValueError(f"{path}: pattern {spec!r} is neither a Regex nor a String")
+
+
+def _pre_tokenizers(spec, path):
+    """A tokenizer.json's byte-level pre-tokenizer as pre_tokenize's steps."""
+    kind = (spec or {}).get("type")
+    if kind == "Sequence":
+        return [step for s in spec["pretokenizers"] for step in _pre_tokenizers(s, path)]
+    if kind == "ByteLevel":
+        return [byte_level(spec.get("add_prefix_space", False), spec.get("use_regex", True))]
+    if kind == "Digits":
+        return [isolate(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")]
+    if kind == "Split":
+        behavior = re.sub(r"(?<!^)([A-Z])", r"_\1", spec["behavior"]).lower()  # MergedWithPrevious -> merged_with_previous
+        if behavior not in SPLIT_BEHAVIORS or spec.get("invert"):
+            raise ValueError(f"{path}: Split behavior {spec['behavior']!r} (invert {spec.get('invert')}) is not "
+                             f"implemented (supported: {', '.join(SPLIT_BEHAVIORS)}, not inverted)")
+        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior}
+        compiled(step["pattern"])  # a pattern Python cannot take fails here, before any text
+        return [step]
+    raise ValueError(f"{path}: pre_tokenizer {kind!r} is not implemented (byte-level BPE takes Sequence, Split, "
+                     f"Digits, ByteLevel)")
+
+
+def _template(spec, ids, path):
+    """(prefix, suffix): the special-token ids a post-processor puts around a single text."""
+    kind = (spec or {}).get("type")
+    if kind in (None, "ByteLevel"):
+        return [], []
+    if kind == "Sequence":
+        parts = [_template(s, ids, path) for s in spec["processors"]]
+        return [i for p, _ in parts for i in p], [i for _, s in parts for i in s]
+    if kind == "TemplateProcessing":
+        prefix, suffix, seen = [], [], False
+        for item in spec["single"]:
+            if "Sequence" in item:
+                seen = True
+            else:
+                (suffix if seen else prefix).extend(spec["special_tokens"][item["SpecialToken"]["id"]]["ids"])
+        return prefix, suffix
+    raise ValueError(f"{path}: post_processor {kind!r} is not implemented (supported: TemplateProcessing, ByteLevel)")
+
+
+def _sentencepiece_from_json(spec, path):
+    """A tokenizer.json of SentencePiece BPE (byte fallback, spaces replaced by "▁") as SentencePieceBPE."""
+    model, dummy = spec["model"], "never"
+    for n in _normalizers(spec.get("normalizer"), path):
+        if n["type"] == "Prepend" and n["prepend"] == SPACE:
+            dummy = "always"
+        elif not (n["type"] == "Replace" and n["pattern"].get("String") == " " and n["content"] == SPACE):
+            raise ValueError(f"{path}: normalizer {n} is not implemented for SentencePiece BPE "
+                             f"(supported: Replace ' ' by '▁', Prepend '▁')")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and not pre.get("split") and pre.get("prepend_scheme") in ("first", "never"):
+        dummy = pre["prepend_scheme"]
+    elif pre and not (pre.get("type") == "Split" and pre["pattern"].get("String") == " " and dummy != "always"
+                      and spec.get("normalizer")):  # cutting at spaces after they became "▁" cuts nothing
+        raise ValueError(f"{path}: pre_tokenizer {pre} is not implemented for SentencePiece BPE "
+                         f"(supported: none, Metaspace without split, Split at ' ' after the Replace normalizer)")
+    tokens = [None] * (1 + max([*model["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]))
+    types = [NORMAL] * len(tokens)
+    for t, i in model["vocab"].items():
+        tokens[i] = t
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            types[i] = BYTE
+    for t in spec.get("added_tokens", []):
+        if t.get("normalized") and not t["special"]:
+            raise ValueError(f"{path}: added token {t['content']!r} is normalized, which is not implemented here")
+        tokens[t["id"]], types[t["id"]] = t["content"], CONTROL if t["special"] else USER_DEFINED
+    if None in tokens:
+        raise ValueError(f"{path}: the vocabulary has no token of id {tokens.index(None)}")
+    ids = {t: i for i, t in enumerate(tokens)}
+    prefix, suffix = _template(spec.get("post_processor"), ids, path)
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    return SentencePieceBPE(tokens, types, merges=merges, bos=prefix[0] if prefix else ids.get("<s>", ids.get("<bos>")),
+                            eos=ids.get("</s>", ids.get("<eos>")), unk=ids.get(model.get("unk_token")), prefix=prefix,
+                            suffix=suffix, dummy_prefix=dummy)
 
 
 def load_tokenizer(folder):
-    """The BPETokenizer of a model folder: tokenizer.json, or vocab.json + merges.txt (GPT-2's
-    pre-tokenisation, <|endoftext|> special)."""
+    """The tokenizer of a model folder: tokenizer.json (byte-level BPE, or SentencePiece BPE with byte
+    fallback), or vocab.json + merges.txt (GPT-2's pre-tokenisation, <|endoftext|> special)."""
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
-        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        model = spec.get("model") or {}
         if model.get("type") != "BPE":
-            raise ValueError(f"{path}: model type {model.get('type')!r} is not implemented (only byte-level 'BPE')")
-        for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+            raise ValueError(f"{path}: model type {model.get('type')!r} is not implemented (only 'BPE')")
+        for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(option):
                 raise ValueError(f"{path}: BPE option {option}={model[option]!r} is not implemented")
-        for part, allowed in (("pre_tokenizer", ("ByteLevel",)), ("decoder", ("ByteLevel", None)),
-                              ("post_processor", ("ByteLevel", None))):
-            kind = (spec.get(part) or {}).get("type")
-            if kind not in allowed:
-                raise ValueError(f"{path}: {part} {kind!r} is not implemented (byte-level BPE takes {allowed[0]})")
         for t in spec.get("added_tokens", []):
             for option in ("single_word", "lstrip", "rstrip"):
                 if t.get(option):
                     raise ValueError(f"{path}: added token {t['content']!r} uses {option}, which is not implemented")
+        if model.get("byte_fallback"):
+            return _sentencepiece_from_json(spec, path)
+        if (spec.get("decoder") or {}).get("type") not in ("ByteLevel", None):
+            raise ValueError(f"{path}: decoder {spec['decoder']['type']!r} is not implemented (byte-level BPE "
+                             f"takes ByteLevel; SentencePiece BPE needs byte_fallback)")
+        pre_tokenizers = _pre_tokenizers(spec.get("pre_tokenizer"), path)
+        if not any(step["type"] == "ByteLevel" for step in pre_tokenizers):
+            raise ValueError(f"{path}: the pre_tokenizer has no ByteLevel step, so this is not byte-level BPE")
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         added = [{"id": t["id"], "content": t["content"], "special": t["special"], "normalized": t["normalized"]}
                  for t in spec.get("added_tokens", [])]
-        normalizers = _normalizers(spec.get("normalizer"), path)
-        options = dict(add_prefix_space=pre.get("add_prefix_space", False), use_regex=pre.get("use_regex", True),
-                       ignore_merges=model.get("ignore_merges", False))
+        normalizers = [n["type"] for n in _normalizers(spec.get("normalizer"), path)]
+        if any(n not in NORMALIZERS for n in normalizers):
+            raise ValueError(f"{path}: normalizers {normalizers} are not all implemented (supported: {', '.join(NORMALIZERS)})")
         vocab = model["vocab"]
-    elif os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        ids = {t["content"]: t["id"] for t in added} | vocab
+        prefix, suffix = _template(spec.get("post_processor"), ids, path)
+        return BPETokenizer(vocab, merges, added, normalizers, pre_tokenizers, model.get("ignore_merges", False),
+                            bos=prefix[0] if prefix else ids.get("<|endoftext|>"), prefix=prefix, suffix=suffix)
+    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
         with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
             vocab = json.load(f)
         with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
             merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
         added = [{"id": vocab[t], "content": t, "special": True, "normalized": False}
                  for t in ["<|endoftext|>"] if t in vocab]
-        normalizers, options = [], {}
-    else:
-        raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)")
-    ids = {t["content"]: t["id"] for t in added} | vocab
-    return BPETokenizer(vocab, merges, added, normalizers, bos=ids.get("<|endoftext|>"), **options)
+        return BPETokenizer(vocab, merges, added, bos=vocab.get("<|endoftext|>"))
+    raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)")
+
+
+def tokenizer_from_gguf(metadata):
+    """The tokenizer a GGUF file's metadata ({key: value}) describes: tokenizer.ggml.model "gpt2" is
+    byte-level BPE (pre-tokenisation named by tokenizer.ggml.pre), "llama" SentencePiece BPE."""
+    model = metadata.get("tokenizer.ggml.model")
+    needs = {"gpt2": ("tokens", "merges"), "llama": ("tokens", "scores")}
+    if model not in needs:
+        raise ValueError(f"GGUF tokenizer.ggml.model {model!r} is not implemented (supported: 'gpt2', byte-level "
+                         f"BPE; 'llama', SentencePiece BPE)")
+    for key in needs[model]:
+        if f"tokenizer.ggml.{key}" not in metadata:
+            raise ValueError(f"GGUF metadata has no tokenizer.ggml.{key}, which a {model!r} tokenizer needs")
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
+    prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None else []
+    suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+    if model == "gpt2":
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+        # a control token spelt outside the byte alphabet is a mislabel of llama.cpp's converter (as transformers reads it)
+        added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
+                 for i, (t, kind) in enumerate(zip(tokens, types))
+                 if kind == USER_DEFINED or (kind == CONTROL and all(ch in CHAR_TO_BYTE for ch in t))]
+        return BPETokenizer({t: i for i, t in enumerate(tokens)}, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
+                            added, pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], bos=bos, eos=eos, prefix=prefix, suffix=suffix)
+    scores = list(metadata["tokenizer.ggml.scores"])
+    if str(metadata.get("general.architecture", "")).startswith("gemma"):
+        # Gemma's files keep runs of spaces as spaces, and score its user-defined tokens -1000, off the order of
+        # its merges, which is the order of the tokens (as transformers reads these files)
+        for i, t in enumerate(tokens):
+            if " " in t and not t.strip():
+                tokens[i], types[i] = SPACE * len(t), NORMAL
+        scores = [-float(i) for i in range(len(tokens))]
+    dummy = "first" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=metadata.get("tokenizer.ggml.unknown_token_id"),
+                            prefix=prefix, suffix=suffix, dummy_prefix=dummy)
 
 
 def check_tokenizer(tokenizer, vocab_size, where):

@@ -12,7 +12,8 @@ This file, in the paper's order:
   1. code search      the k best codes of every query (section 3.1, steps 2-3)
   2. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
                       usage statistics and dead-code revival
-  3. transformer      a compact GPT with codebooks at attention heads / MLP / block outputs
+  3. transformer      what a model with codebooks provides (CodebookModel); a compact GPT with
+                      codebooks at attention heads / MLP / block outputs
   4. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
   5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
   6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
@@ -231,9 +232,9 @@ def _position_mask(positions, shape, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. The transformer: pre-LayerNorm GPT, learned positions, GELU MLP, codebooks at chosen sites;
-# attention causal over the whole prefix, or over a window of the last attn_window positions.
-# A few fields make the same block compute GPT-2, GPT-Neo and GPT-NeoX (models.py loads them).
+# 3. The transformer. CodebookModel is what every function of this file (and of report.py,
+# sae.py, steer.py, ...) needs of a model with codebooks; GPT below, the compact model of the
+# paper's experiments, and models.Transformer, the pretrained families, both provide it.
 
 @dataclass
 class CodebookSpec:
@@ -249,159 +250,70 @@ class CodebookSpec:
         return self.num_codes if isinstance(self.num_codes, int) else self.num_codes[layer]
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 11
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_mlp: int = 512
-    attn_window: int | list = 0  # > 0: each position attends to itself and the attn_window - 1 before it; or one per layer
-    attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head) (GPT-Neo: 1.0)
-    qkv_bias: bool = True  # biases on the query, key and value projections (GPT-Neo has none)
-    learned_positions: bool = True  # a learned position embedding is added to the token embedding
-    rotary_dims: int = 0  # > 0: rotary embeddings on each head's first rotary_dims query/key dims (GPT-NeoX)
-    rotary_base: float = 10000.0  # the rotary frequencies are rotary_base ** (-2i / rotary_dims)
-    parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
-    gelu: str = "none"  # F.gelu's approximate: "none" (exact) or "tanh" (GPT-2, GPT-Neo)
-    ln_eps: float = 1e-5  # LayerNorm epsilon
-    tied_head: bool = False  # the output layer shares the token embedding's weight (GPT-2, GPT-Neo)
-    codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
-        if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
-            raise ValueError(f"attn_window={self.attn_window!r} must be 0 (full causal attention), a positive integer "
-                             f"or a list of n_layer={self.n_layer} of them")
-        if self.gelu not in ("none", "tanh"):
-            raise ValueError(f"gelu={self.gelu!r} must be 'none' (exact) or 'tanh'")
-        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_model // self.n_head:
-            raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_model // self.n_head}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        specs = {}
-        for site, spec in self.codebooks.items():
-            if site not in SITES:
-                raise ValueError(f"codebook site {site!r} is not one of {SITES}")
-            spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
-            if isinstance(spec.num_codes, list) and len(spec.num_codes) != self.n_layer:
-                raise ValueError(f"{site} codebooks: {len(spec.num_codes)} code counts for n_layer={self.n_layer} layers")
-            for layer in spec.layers if spec.layers is not None else range(self.n_layer):
-                if not 0 <= layer < self.n_layer:
-                    raise ValueError(f"codebook layer {layer} at {site!r} does not exist: n_layer={self.n_layer}")
-                try:
-                    check_codebook(spec.codes_in(layer), spec.k, spec.similarity, spec.loss)
-                except ValueError as e:
-                    raise ValueError(f"{site} codebooks of layer {layer}: {e}") from None
-            specs[site] = spec
-        self.codebooks = specs
-
-    def to_dict(self):
-        return asdict(self)  # plain Python types, safe for weights_only checkpoints
+def codebook_specs(codebooks, n_layer):
+    """{site: CodebookSpec} from {site: CodebookSpec or its dict}, every layer and count checked."""
+    specs = {}
+    for site, spec in codebooks.items():
+        if site not in SITES:
+            raise ValueError(f"codebook site {site!r} is not one of {SITES}")
+        spec = spec if isinstance(spec, CodebookSpec) else CodebookSpec(**spec)
+        if isinstance(spec.num_codes, list) and len(spec.num_codes) != n_layer:
+            raise ValueError(f"{site} codebooks: {len(spec.num_codes)} code counts for n_layer={n_layer} layers")
+        for layer in spec.layers if spec.layers is not None else range(n_layer):
+            if not 0 <= layer < n_layer:
+                raise ValueError(f"codebook layer {layer} at {site!r} does not exist: n_layer={n_layer}")
+            try:
+                check_codebook(spec.codes_in(layer), spec.k, spec.similarity, spec.loss)
+            except ValueError as e:
+                raise ValueError(f"{site} codebooks of layer {layer}: {e}") from None
+        specs[site] = spec
+    return specs
 
 
-class Block(nn.Module):
-    def __init__(self, cfg, layer):
-        super().__init__()
-        self.n_head, self.d_head, self.cfg = cfg.n_head, cfg.d_model // cfg.n_head, cfg
-        self.window = cfg.attn_window[layer] if isinstance(cfg.attn_window, list) else cfg.attn_window
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps), nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
-        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
-        self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
-        heads = {"attn": (cfg.n_head, self.d_head), "mlp": (1, cfg.d_model), "block": (1, cfg.d_model)}
+class CodebookBlock(nn.Module):
+    """A transformer block's three codebook sites. A subclass computes the block and passes each
+    site's activations through site(); init_sites() comes last in its __init__ (after its weights,
+    so that their random initialisation does not depend on the codebooks)."""
+
+    def init_sites(self, specs, layer, n_head, d_head, d_model):
+        heads = {"attn": (n_head, d_head), "mlp": (1, d_model), "block": (1, d_model)}
         self.codebooks = nn.ModuleDict({
             site: CodebookLayer(*heads[site], spec.codes_in(layer), spec.k, spec.similarity, spec.loss, spec.beta)
-            for site, spec in cfg.codebooks.items() if spec.layers is None or layer in spec.layers})
+            for site, spec in specs.items() if spec.layers is None or layer in spec.layers})
         self.captures = None  # a dict while capture_activations() is on
         self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
-        """Activations x (B, T, heads, dim) at site `name`: captured, replaced, quantised, as switched on."""
+        """Activations x (B, T, heads, dim) at site `name`: captured, replaced, quantised, as switched on.
+        "attn": each head's output before W_O; "mlp": the MLP's output; "block": the block's output."""
         if self.captures is not None:
             self.captures[name] = x.detach()
         if name in self.replacements:
             x = self.replacements[name](x)
         return self.codebooks[name](x) if name in self.codebooks else x
 
-    def forward(self, x, cache=None):
-        """x (B, T, D); cache: a dict holding the keys and values of earlier positions, or None."""
-        B, T, D = x.shape  # batch, sequence length, d_model
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, dh)
-        if self.cfg.rotary_dims:
-            start = cache["k"].shape[2] if cache is not None and "k" in cache else 0
-            q, k = (rotary(t, start, self.cfg.rotary_dims, self.cfg.rotary_base) for t in (q, k))
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, T_past + T, dh)
-            cache["k"], cache["v"] = k, v
-        if self.window:  # key j is visible from query i when i - window < j <= i
-            i = torch.arange(k.shape[2] - T, k.shape[2], device=x.device)[:, None]
-            j = torch.arange(k.shape[2], device=x.device)
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window), scale=self.cfg.attn_scale)
-        else:  # one new query after cached positions may see all of them; otherwise causal
-            heads = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.cfg.attn_scale)
-        heads = self.site("attn", heads.transpose(1, 2))  # (B, T, H, dh): each head's output before W_O
-        h = x + self.attn_out(heads.reshape(B, T, D))
-        mlp = self.mlp_out(F.gelu(self.mlp_in(self.ln2(x if self.cfg.parallel_residual else h)), approximate=self.cfg.gelu))
-        x = h + self.site("mlp", mlp[:, :, None])[:, :, 0]  # the MLP codebook sees one "head" of D
-        return self.site("block", x[:, :, None])[:, :, 0]
 
+class CodebookModel(nn.Module):
+    """The interface of a model with codebooks. A subclass provides
+      config    to_dict() (plain data that rebuilds the model: type(model)(config.to_dict())),
+                vocab_size, block_size, n_layer, n_head and codebooks ({site: CodebookSpec})
+      blocks    an nn.ModuleList of CodebookBlock
+      head      the output nn.Linear (model.head.weight.device is the model's device)
+      forward(idx, cache=None) -> logits (batch, seq, vocab), checked by start_of(idx, cache);
+    it gets here what interventions, search, training and reports use of it."""
 
-def rotary(x, start, dims, base):
-    """Rotary position embedding of queries or keys x (B, H, T, d_head) at positions start, start + 1, ...:
-    the first `dims` dims of each head, dim i paired with i + dims/2 (GPT-NeoX's layout), the rest unchanged."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float, device=x.device) / dims))
-    angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(x.dtype) for f in (torch.cos, torch.sin))
-    rot, rest = x[..., :dims], x[..., dims:]
-    rotated_half = torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1)
-    return torch.cat([rot * cos + rotated_half * sin, rest], -1)
-
-
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config if isinstance(config, GPTConfig) else GPTConfig(**config)
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and "codebooks" not in name:
-                nn.init.normal_(p, std=0.02)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-        if cfg.tied_head:
-            self.head.weight = self.tok_emb.weight
-
-    def forward(self, idx, cache=None):
-        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict,
-        empty at first; generate() uses it) idx continues the tokens of the earlier calls."""
-        cfg = self.config
+    def start_of(self, idx, cache):
+        """The position of idx's first token (after the cached ones); a ValueError for bad tokens."""
         if idx.dim() != 2 or idx.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor (batch, seq), got {idx.dtype} {tuple(idx.shape)}")
         start = cache.get("length", 0) if cache is not None else 0
-        if not 1 <= start + idx.shape[1] <= cfg.block_size:
-            raise ValueError(f"sequence length {start + idx.shape[1]} must be between 1 and block_size={cfg.block_size}")
+        if not 1 <= start + idx.shape[1] <= self.config.block_size:
+            raise ValueError(f"sequence length {start + idx.shape[1]} must be between 1 and block_size={self.config.block_size}")
         if start and idx.shape[1] != 1:
             raise ValueError("after the first call with a cache, pass one new token at a time")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size})")
-        idx = idx.long()
-        x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.setdefault(i, {}))
-        if cache is not None:
-            cache["length"] = start + idx.shape[1]
-        return self.head(self.ln_f(x))
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        return start
 
     def codebook_loss(self):
         """The sum of every codebook's auxiliary loss from the last forward."""
@@ -453,6 +365,120 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+# GPT: pre-LayerNorm, learned positions, exact-GELU MLP, biases everywhere, untied output layer;
+# attention causal over the whole prefix, or over a window of the last attn_window positions.
+
+# What GPTConfig held while it also described pretrained families (now models.py): a config that
+# holds them at these values is a compact model, saved before, and loads.
+FORMER_FIELDS = dict(attn_scale=None, qkv_bias=True, learned_positions=True, rotary_dims=0, rotary_base=10000.0,
+                     parallel_residual=False, gelu="none", ln_eps=1e-5, tied_head=False)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 11
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_mlp: int = 512
+    attn_window: int | list = 0  # > 0: each position attends to itself and the attn_window - 1 before it; or one per layer
+    codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
+        if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
+            raise ValueError(f"attn_window={self.attn_window!r} must be 0 (full causal attention), a positive integer "
+                             f"or a list of n_layer={self.n_layer} of them")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        self.codebooks = codebook_specs(self.codebooks, self.n_layer)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The config of to_dict()'s plain data (or of an earlier version's, FORMER_FIELDS)."""
+        if "family" in d:
+            raise ValueError(f"this config is a pretrained {d['family']} model's: models.model_from_config builds it")
+        former = {name: d[name] for name in FORMER_FIELDS if name in d}
+        if any(value != FORMER_FIELDS[name] for name, value in former.items()):
+            raise ValueError(f"this config ({former}) is a pretrained model saved by an earlier version: "
+                             "load the model from its folder or GGUF file again (models.load_pretrained)")
+        return cls(**{name: value for name, value in d.items() if name not in former})
+
+    def to_dict(self):
+        return asdict(self)  # plain Python types, safe for weights_only checkpoints
+
+
+class Block(CodebookBlock):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        self.window = cfg.attn_window[layer] if isinstance(cfg.attn_window, list) else cfg.attn_window
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
+        self.mlp_in, self.mlp_out = nn.Linear(cfg.d_model, cfg.d_mlp), nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.init_sites(cfg.codebooks, layer, cfg.n_head, self.d_head, cfg.d_model)
+
+    def forward(self, x, cache=None):
+        """x (B, T, D); cache: a dict holding the keys and values of earlier positions, or None."""
+        B, T, D = x.shape  # batch, sequence length, d_model
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, dh)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, T_past + T, dh)
+            cache["k"], cache["v"] = k, v
+        heads = causal_attention(q, k, v, self.window)
+        heads = self.site("attn", heads.transpose(1, 2))  # (B, T, H, dh): each head's output before W_O
+        h = x + self.attn_out(heads.reshape(B, T, D))
+        x = h + self.site("mlp", self.mlp_out(F.gelu(self.mlp_in(self.ln2(h))))[:, :, None])[:, :, 0]  # one "head" of D
+        return self.site("block", x[:, :, None])[:, :, 0]
+
+
+def causal_attention(q, k, v, window=0, scale=None):
+    """Each query (B, H, T, dh) attends to the keys (B, H, T_past + T, dh) at or before its position,
+    the last `window` of them when window > 0; scores times `scale` (None: 1/sqrt(dh))."""
+    T, S = q.shape[2], k.shape[2]
+    if window:  # key j is visible from query i when i - window < j <= i
+        i = torch.arange(S - T, S, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)
+        mask = (j <= i) & (j > i - window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # one new query after cached positions may see all of them; otherwise causal
+    return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class GPT(CodebookModel):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config if isinstance(config, GPTConfig) else GPTConfig.from_dict(config)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "codebooks" not in name:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx, cache=None):
+        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict,
+        empty at first; generate() uses it) idx continues the tokens of the earlier calls."""
+        start = self.start_of(idx, cache)
+        idx = idx.long()
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.setdefault(i, {}))
+        if cache is not None:
+            cache["length"] = start + idx.shape[1]
+        return self.head(self.ln_f(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -612,8 +638,9 @@ def _set_within(objects, name, values):
 # each by k-means on the activations it will quantise, finetune the whole model.
 
 def with_codebooks(model, codebooks):
-    """The same weights with codebooks added ({site: CodebookSpec or its dict}), for finetuning."""
-    new = GPT(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device)
+    """The same model (a CodebookModel: GPT or models.Transformer) with codebooks added ({site:
+    CodebookSpec or its dict}), for finetuning."""
+    new = type(model)(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".codebooks." in name for name in missing)
     return new

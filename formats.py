@@ -1,9 +1,14 @@
 """
 Weight files read by hand, so that no package is needed at run time: safetensors (and PyTorch's
-.bin through torch.load(weights_only=True)).
+.bin through torch.load(weights_only=True)), and GGUF files (llama.cpp's format) with the block
+formats people have.
 """
+import collections
 import json
+import math
+import mmap
 import os
+import struct
 
 import numpy as np
 import torch
@@ -60,3 +65,263 @@ def read_weights(folder):
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         return runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")
     raise ValueError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's docs/gguf.md), little-endian: b"GGUF", uint32 version (3; 2 is the same layout),
+# uint64 tensor count, uint64 key-value count; the key-values (a string key, a uint32 value type, the
+# value); per tensor its name, uint32 n_dims, n_dims uint64 dims (fastest-varying first), uint32 block
+# format, uint64 offset into the data section; zero padding to general.alignment (default 32); the data
+# section, each tensor at an aligned offset. A string is a uint64 length and UTF-8 bytes; an array a
+# uint32 element type, a uint64 count and the elements.
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                12: "<d"}  # value type: its struct (and numpy) format; 8 is a string, 9 an array
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+GGUF = collections.namedtuple("GGUF", "metadata tensors")
+GGUFTensorInfo = collections.namedtuple("GGUFTensorInfo", "type shape offset nbytes")
+
+
+def f16(blocks, at):
+    """The float16 at byte `at` of each block, as a float32 column (n_blocks, 1)."""
+    return blocks[:, at:at + 2].view("<f2").astype(np.float32)
+
+
+def nibbles(packed):
+    """Each byte's low 4 bits, then each byte's high 4 bits, along the last axis."""
+    return np.concatenate([packed & 15, packed >> 4], axis=-1)
+
+
+def fifth_bits(packed):
+    """Bit j of the little-endian uint32 `packed` (4 bytes per block), for j = 0..31: (n_blocks, 32)."""
+    return np.unpackbits(packed, axis=-1, bitorder="little")
+
+
+def k_scales(packed):
+    """Q4_K and Q5_K's 12 bytes (n, 12) holding 8 six-bit scales and 8 six-bit minimums: bytes 0-3 hold
+    scales 0-3 (low 6 bits), bytes 4-7 minimums 0-3; scales and minimums 4-7 have their low 4 bits in
+    bytes 8-11 (scale low nibble, minimum high nibble) and their top 2 bits in the top bits of bytes
+    0-3 (scales) and 4-7 (minimums). Returns (scales, minimums), float32 (n, 8)."""
+    lo, mid, hi = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([lo & 63, (hi & 15) | (lo >> 6 << 4)], axis=-1)
+    minimums = np.concatenate([mid & 63, (hi >> 4) | (mid >> 6 << 4)], axis=-1)
+    return scales.astype(np.float32), minimums.astype(np.float32)
+
+
+# Each dequantiser maps blocks (n_blocks, bytes per block) uint8 to their values (n_blocks, values per
+# block) float32, with the arithmetic of ggml's reference dequantisation (the gguf package's too), so
+# the floats are the same bit for bit. "d" is a block's scale, "m" its minimum (offset), q its integers.
+
+# Q4_0: 32 values in 18 bytes: f16 d, then 16 bytes of 4-bit q (value j in byte j's low nibble, value
+# j + 16 in its high one); value = d * (q - 8)
+def dequantise_q4_0(b):
+    return f16(b, 0) * (nibbles(b[:, 2:18]).astype(np.int8) - 8).astype(np.float32)
+
+
+# Q4_1: 32 values in 20 bytes: f16 d, f16 m, 16 bytes of 4-bit q as in Q4_0; value = d * q + m
+def dequantise_q4_1(b):
+    return f16(b, 0) * nibbles(b[:, 4:20]).astype(np.float32) + f16(b, 2)
+
+
+# Q5_0: 32 values in 22 bytes: f16 d, a uint32 whose bit j is value j's fifth bit, 16 bytes of the low 4 bits
+# as in Q4_0; value = d * (q - 16)
+def dequantise_q5_0(b):
+    q = nibbles(b[:, 6:22]) | fifth_bits(b[:, 2:6]) << 4
+    return f16(b, 0) * (q.astype(np.int8) - 16).astype(np.float32)
+
+
+# Q5_1: 32 values in 24 bytes: f16 d, f16 m, then the fifth bits and low bits as in Q5_0; value = d * q + m
+def dequantise_q5_1(b):
+    return f16(b, 0) * (nibbles(b[:, 8:24]) | fifth_bits(b[:, 4:8]) << 4).astype(np.float32) + f16(b, 2)
+
+
+# Q8_0: 32 values in 34 bytes: f16 d, 32 int8 q; value = d * q
+def dequantise_q8_0(b):
+    return b[:, 2:34].view(np.int8).astype(np.float32) * f16(b, 0)
+
+
+def dequantise_q4_k(b):
+    """256 values in 144 bytes: f16 d, f16 dmin, 12 bytes of 8 scales and 8 minimums (k_scales), then
+    128 bytes of 4-bit q in 4 runs of 32 bytes: run r's low nibbles are sub-block 2r, its high nibbles
+    sub-block 2r+1 (32 values each); value = d * scale * q - dmin * minimum of its sub-block."""
+    scales, minimums = k_scales(b[:, 4:16])
+    runs = b[:, 16:144].reshape(-1, 4, 1, 32)
+    q = np.concatenate([runs & 15, runs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return ((f16(b, 0) * scales)[:, :, None] * q - (f16(b, 2) * minimums)[:, :, None]).reshape(-1, 256)
+
+
+def dequantise_q5_k(b):
+    """256 values in 176 bytes: as Q4_K (f16 d, f16 dmin, 12 bytes of scales, 128 bytes of low 4 bits at
+    byte 48) with 32 bytes at byte 16 of fifth bits: bit s of byte l is value l's of sub-block s."""
+    scales, minimums = k_scales(b[:, 4:16])
+    runs = b[:, 48:176].reshape(-1, 4, 1, 32)
+    fifth = b[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None] & 1
+    q = (np.concatenate([runs & 15, runs >> 4], axis=2).reshape(-1, 8, 32) | fifth << 4).astype(np.float32)
+    return ((f16(b, 0) * scales)[:, :, None] * q - (f16(b, 2) * minimums)[:, :, None]).reshape(-1, 256)
+
+
+def dequantise_q6_k(b):
+    """256 values in 210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales (one per
+    16 values), f16 d; value = d * scale * (q - 32). Each half of 128 values takes 64 low bytes (values
+    0-63 their low nibbles, 64-127 their high ones) and 32 high bytes (bit pairs 0-1, 2-3, 4-5, 6-7 for
+    values 0-31, 32-63, 64-95, 96-127)."""
+    low = nibbles(b[:, :128].reshape(-1, 2, 64))
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None] & 3).reshape(-1, 2, 128)
+    q = ((low | high << 4).astype(np.int8) - 32).reshape(-1, 16, 16).astype(np.float32)
+    return ((f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32))[:, :, None] * q).reshape(-1, 256)
+
+
+def dequantise_bf16(b):  # bfloat16 is the top half of a float32
+    return (b.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+# ggml's type number: (name, values per block, bytes per block, dequantiser)
+GGML_TYPES = {0: ("F32", 1, 4, lambda b: b.view("<f4").astype(np.float32)),
+              1: ("F16", 1, 2, lambda b: b.view("<f2").astype(np.float32)),
+              30: ("BF16", 1, 2, dequantise_bf16),
+              2: ("Q4_0", 32, 18, dequantise_q4_0), 3: ("Q4_1", 32, 20, dequantise_q4_1),
+              6: ("Q5_0", 32, 22, dequantise_q5_0), 7: ("Q5_1", 32, 24, dequantise_q5_1),
+              8: ("Q8_0", 32, 34, dequantise_q8_0), 12: ("Q4_K", 256, 144, dequantise_q4_k),
+              13: ("Q5_K", 256, 176, dequantise_q5_k), 14: ("Q6_K", 256, 210, dequantise_q6_k)}
+GGML_UNSUPPORTED = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+                    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+                    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+GGML_TYPE_NUMBERS = {name: number for number, (name, *_) in GGML_TYPES.items()}
+
+
+def read_gguf_info(path):
+    """GGUF(metadata, {name: GGUFTensorInfo(type, shape, offset, nbytes)}) of a GGUF file, reading only its
+    header: nothing is dequantised. metadata maps each key to a str, int, float, bool or list (arrays,
+    numeric ones too, are Python lists, which checkpoints can carry); type is the block format's name
+    ("Q4_K"), shape the torch shape (the file's dims reversed), offset the tensor's first byte in the
+    file. Raises a one-line ValueError for anything this reader cannot read, before any tensor is."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if size < 24 or head[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return parse_gguf_header(path, buf)
+
+
+def parse_gguf_header(path, buf):
+    """read_gguf_info's work on the file's bytes `buf`."""
+    pos, what = 4, "header"
+
+    def take(n):  # the offset of the next n bytes, which must be there
+        nonlocal pos
+        if n > len(buf) - pos:
+            raise ValueError(f"{path} is truncated: it ends inside its {what} (byte {pos} + {n} of {len(buf)}); "
+                             f"download it again")
+        pos += n
+        return pos - n
+
+    def number(fmt):
+        return struct.unpack_from(fmt, buf, take(struct.calcsize(fmt)))[0]
+
+    def string():
+        n = number("<Q")
+        at = take(n)
+        try:
+            return buf[at:at + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is corrupt: its {what} holds a string that is not UTF-8") from None
+
+    def value(kind):
+        if kind in GGUF_SCALARS:
+            return number(GGUF_SCALARS[kind])
+        if kind == GGUF_STRING:
+            return string()
+        if kind == GGUF_ARRAY:
+            kind, count = number("<I"), number("<Q")
+            if kind in GGUF_SCALARS:
+                dtype = np.dtype(GGUF_SCALARS[kind])
+                return np.frombuffer(buf, dtype, count, take(count * dtype.itemsize)).tolist()
+            return [value(kind) for _ in range(count)]
+        raise ValueError(f"{path} is corrupt: its {what} has value type {kind}, which GGUF does not define")
+
+    version = number("<I")
+    if version in (2 << 24, 3 << 24):
+        raise ValueError(f"{path} is a big-endian GGUF file; this reader reads little-endian ones (most are)")
+    if version not in (2, 3):
+        raise ValueError(f"{path} is GGUF version {version}; this reader reads versions 2 and 3: convert it "
+                         f"again with a current llama.cpp")
+    n_tensors, n_keys = number("<Q"), number("<Q")
+    metadata = {}
+    for i in range(n_keys):
+        what = f"key-value {i + 1} of {n_keys}"
+        key = string()
+        what = f"key-value {key!r}"
+        metadata[key] = value(number("<I"))
+    alignment = metadata.get("general.alignment", 32)
+    if type(alignment) is not int or alignment <= 0 or alignment % 8:
+        raise ValueError(f"{path} is corrupt: general.alignment is {alignment!r}, not a positive multiple of 8")
+    infos = {}
+    for i in range(n_tensors):
+        what = f"tensor info {i + 1} of {n_tensors}"
+        name = string()
+        n_dims = number("<I")
+        if not 1 <= n_dims <= 4:
+            raise ValueError(f"{path} is corrupt or its tensor count ({n_tensors}) is wrong: {what} ({name!r}) "
+                             f"has {n_dims} dims, not 1 to 4")
+        dims = list(struct.unpack_from(f"<{n_dims}Q", buf, take(8 * n_dims)))
+        kind, offset = number("<I"), number("<Q")
+        if kind not in GGML_TYPES:
+            raise ValueError(f"{path}: tensor {name} is stored as {GGML_UNSUPPORTED.get(kind, 'unknown')} (ggml type "
+                             f"{kind}), a block format this reader does not read (it reads "
+                             f"{', '.join(sorted(GGML_TYPE_NUMBERS))}); requantise the model to one of those")
+        type_name, block_values, block_bytes, _ = GGML_TYPES[kind]
+        if dims[0] % block_values:
+            raise ValueError(f"{path} is corrupt: tensor {name} has rows of {dims[0]} values, not a whole number "
+                             f"of {type_name} blocks ({block_values} values)")
+        if name in infos:
+            raise ValueError(f"{path} is corrupt: it holds two tensors named {name}")
+        infos[name] = GGUFTensorInfo(type_name, tuple(reversed(dims)), offset, math.prod(dims) // block_values * block_bytes)
+    data_start = -(-pos // alignment) * alignment
+    data_size = len(buf) - data_start
+    end = 0
+    for name, info in sorted(infos.items(), key=lambda item: item[1].offset):
+        if info.offset % alignment or info.offset < end or info.offset + info.nbytes > data_size:
+            raise ValueError(f"{path} is truncated or its tensor shapes disagree with its data: tensor {name} "
+                             f"({info.type}, shape {list(info.shape)}) would take bytes {info.offset}..{info.offset + info.nbytes} "
+                             f"of a {data_size}-byte data section, after {end} bytes taken; download it again")
+        end = info.offset + info.nbytes
+    if data_size >= end + alignment:
+        raise ValueError(f"{path} is corrupt: its {len(infos)} tensors' shapes account for {end} bytes of its "
+                         f"{data_size}-byte data section; its tensor count or shapes disagree with its data")
+    return GGUF(metadata, {name: info._replace(offset=data_start + info.offset) for name, info in infos.items()})
+
+
+def read_gguf(path, names=None):
+    """GGUF(metadata, {name: float32 tensor}) of a GGUF file: metadata as read_gguf_info gives it, and the
+    tensors (only those in `names`, if given) under the names the file stores ("blk.0.attn_q.weight"),
+    dequantised, in the file's dims reversed (as torch and the gguf package order them: a matrix is
+    (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its rotary layout,
+    Gemma's norms with the 1 added; undoing that is the model's mapping's job."""
+    metadata, infos = read_gguf_info(path)
+    missing = sorted(set(names or ()) - set(infos))
+    if missing:
+        raise ValueError(f"{path} has no tensor named {', '.join(missing)}")
+    data = np.memmap(path, np.uint8, mode="r")
+    return GGUF(metadata, {name: dequantise(data, info) for name, info in infos.items() if names is None or name in names})
+
+
+def dequantise(data, info, chunk=1 << 16):
+    """The float32 tensor that `info` (a GGUFTensorInfo) describes in the file's bytes `data`; `chunk`
+    values at a time, so that the temporaries stay in the cache."""
+    _, block_values, block_bytes, dequantise_blocks = GGML_TYPES[GGML_TYPE_NUMBERS[info.type]]
+    blocks = np.asarray(data[info.offset:info.offset + info.nbytes]).reshape(-1, block_bytes)
+    out = np.empty((len(blocks), block_values), np.float32)
+    step = max(1, chunk // block_values)
+    for i in range(0, len(blocks), step):
+        out[i:i + step] = dequantise_blocks(blocks[i:i + step])
+    return torch.from_numpy(out).reshape(info.shape)
+
+
+def describe_gguf(info):
+    """One line naming the architecture, model name and block formats of `info` (read_gguf_info's)."""
+    types = collections.Counter(t.type for t in info.tensors.values())
+    return (f"{info.metadata.get('general.architecture', 'unknown architecture')} model "
+            f"{info.metadata.get('general.name', '')!r} ({len(info.tensors)} tensors: "
+            f"{', '.join(f'{n} {t}' for t, n in types.most_common())})")

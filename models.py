@@ -1,153 +1,436 @@
 """
-Pretrained language models from a local Hugging Face folder: GPT-2, GPT-Neo (the TinyStories
-models) and GPT-NeoX (Pythia) as a codebook.GPT, with their byte-level BPE tokenizer (bpe.py).
-The paper's language-model results finetune such models with codebooks (section 5).
+Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
+GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
+Qwen2 and Qwen3, each computing what transformers computes. The paper's language-model results
+finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
-    model = models.from_pretrained("models/gpt2", codebooks={"attn": dict(num_codes=10000, k=8)})
-    model, tok = models.load_pretrained("models/pythia-70m")
+    model = models.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf", codebooks={"attn": dict(num_codes=1000, k=8)})
+    model, tok = models.load_pretrained("models/SmolLM2-135M")
     tok.decode(tok.encode("Once upon a time"))
 
 A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretrained(DIR)` writes:
 config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
-or pytorch_model.bin; formats.py reads them) and tokenizer.json (or vocab.json + merges.txt).
-Nothing is downloaded and transformers is not needed. Weights load as float32; dropout is left
-out, so the model computes what the original computes in eval mode.
+or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
+ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
+quantised in blocks (formats.py reads both; architectures llama, qwen2 and qwen3). Nothing is
+downloaded and transformers is not needed.
+Weights load as float32; dropout is left out, so the model computes the original in eval mode.
+
+This file:
+  1. parts        norms, rotary embedding, attention, MLP, the block and the Transformer
+  2. families     per family a function from config.json to TransformerConfig fields and one
+                  table from its tensor names to ours
+  3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
 """
+import functools
 import json
+import math
 import os
 import re
+from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import codebook as cb
+import bpe
+import formats
 import runs
 import text
-from formats import read_weights
-from bpe import check_tokenizer, load_tokenizer, tokenizer_from_dict
 
 # ------------------------------------------------------------------------------------------------
-# Models. Each family maps its config.json to GPTConfig fields and its weights to GPT's
-# state_dict. GPT keeps q, k, v as one (3 d_model, d_model) matrix, queries first, heads in order.
+# 1. Parts. A Transformer is a codebook.CodebookModel: interventions, search, training and reports
+# use it as they use codebook.GPT, with codebooks at the same three sites of every block.
 
-GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
+
+
+@dataclass
+class TransformerConfig:
+    family: str = "llama"  # the model_type it was loaded as (a key of FAMILIES)
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 2
+    n_head: int = 4  # query heads
+    n_kv_head: int = 0  # key / value heads, each shared by n_head / n_kv_head query heads; 0: n_head
+    d_model: int = 64
+    d_head: int = 0  # 0: d_model / n_head
+    d_mlp: int = 256
+    norm: str = "layernorm"  # or "rmsnorm" (computed in float32)
+    norm_eps: float = 1e-5
+    learned_positions: bool = False  # a learned position embedding is added to the token embedding
+    rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
+    rotary_base: float = 10000.0
+    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
+    qkv_bias: bool = False  # biases on the query, key and value projections
+    out_bias: bool = False  # a bias on W_O
+    qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
+    attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
+    attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
+    mlp: str = "gelu"  # "gelu": down(act(up x)); "gated": down(act(gate x) * up x) (SwiGLU with silu)
+    activation: str = "gelu"  # a key of ACTIVATIONS
+    mlp_bias: bool = True
+    parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
+    tied_head: bool = False  # the output layer shares the token embedding's weight
+    codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_mlp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        self.n_kv_head, self.d_head = self.n_kv_head or self.n_head, self.d_head or self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
+        if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
+            raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")),
+                              ("activation", tuple(ACTIVATIONS))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
+            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
+        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
+            raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
+        self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
+
+    def to_dict(self):
+        return asdict(self)  # plain Python types, safe for weights_only checkpoints
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 whatever x's dtype (as transformers' Llama)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(cfg, dim=None):
+    dim = dim or cfg.d_model
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def rotary_frequencies(dims, base, scaling):
+    """The rotary embedding's angular frequencies (dims / 2,), base^(-2i / dims), rescaled for a
+    longer context: "linear" divides them all by the factor; "llama3" divides those whose
+    wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
+    original_max_position_embeddings / high_freq_factor, and blends the two in between;
+    "divisors" divides each by its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling.get("rope_type") == "divisors":
+        return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float)
+    if scaling.get("rope_type") == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (context / wavelength - low) / (high - low)  # 0 at the long-wavelength edge of the band, 1 at the short
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelength < context / high, inv_freq,
+                           torch.where(wavelength > context / low, inv_freq / factor, blended))
+    return inv_freq
+
+
+def rotary(x, start, inv_freq):
+    """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
+    2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
+    layout of GPT-NeoX and transformers' Llama), the rest unchanged."""
+    dims = 2 * inv_freq.shape[0]
+    angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq.float()
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(x.dtype) for f in (torch.cos, torch.sin))
+    rot = x[..., :dims]
+    rotated = rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin
+    return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads; returns each head's output before W_O (self.o)."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.d_head, self.scale = cfg.n_head, cfg.n_kv_head, cfg.d_head, cfg.attn_scale
+        self.window = cfg.attn_window[layer] if isinstance(cfg.attn_window, list) else cfg.attn_window
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.d_head, cfg.norm_eps), RMSNorm(cfg.d_head, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        frequencies = rotary_frequencies(cfg.rotary_dims, cfg.rotary_base, cfg.rotary_scaling) if cfg.rotary_dims else None
+        self.register_buffer("inv_freq", frequencies, persistent=False)
+
+    def forward(self, x, start, cache=None):
+        """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.d_head)
+        k, v = (f(x).view(B, T, self.n_kv_head, self.d_head) for f in (self.k, self.v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
+        if self.inv_freq is not None:
+            q, k = rotary(q, start, self.inv_freq), rotary(k, start, self.inv_freq)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x))
+
+
+class Block(cb.CodebookBlock):
+    """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg, layer), make_norm(cfg), MLP(cfg)
+        self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
+
+    def forward(self, x, start, cache=None):
+        B, T, _ = x.shape
+        heads = self.site("attn", self.attn(self.norm1(x), start, cache))  # (B, T, H, dh): before W_O
+        h = x + self.attn.o(heads.reshape(B, T, -1))
+        x = h + self.site("mlp", self.mlp(self.norm2(x if self.parallel_residual else h))[:, :, None])[:, :, 0]
+        return self.site("block", x[:, :, None])[:, :, 0]
+
+
+class Transformer(cb.CodebookModel):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config if isinstance(config, TransformerConfig) else TransformerConfig(**config)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tied_head:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, idx, cache=None):
+        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab); a cache as codebook.GPT's."""
+        start = self.start_of(idx, cache)
+        x = self.tok_emb(idx.long())
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, start, None if cache is None else cache.setdefault(i, {}))
+        if cache is not None:
+            cache["length"] = start + idx.shape[1]
+        return self.head(self.norm_f(x))
+
+
+def model_from_config(config):
+    """An untrained model of a checkpoint's config dict: a Transformer (it names its family) or a codebook.GPT."""
+    return Transformer(config) if "family" in config else cb.GPT(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Families. Each maps config.json `c` to TransformerConfig fields and gives its table
+# {our module name: theirs} ("{i}" stands for the layer) and the transforms some tensors need
+# ({our module name: fn(tensor)}, on weights and biases alike). A family that needs another part
+# (Gemma: norms scaling by 1 + weight, norms after attention and MLP, soft-capped scores) adds a
+# TransformerConfig field and its few lines to the parts above, never a forward of its own.
+
+GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _option(c, name, default, allowed, where):
+    """config's `name`; a value this module does not implement is a one-line error."""
+    value = c.get(name, default)
+    if value not in allowed:
+        raise ValueError(f"{where}: {name}={value!r} is not implemented (supported: {allowed})")
+    return value
+
+
+def _rope(c, where, dims, default_base=10000.0):
+    """The rotary fields of config.json (transformers' rope_parameters, or the older rope_theta +
+    rope_scaling); a scaling this module does not implement is a one-line error."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    kind = _option(rope, "rope_type", rope.get("type", "default"), ["default", "linear", "llama3"], where)
+    needs = {"default": [], "linear": ["factor"],
+             "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}[kind]
+    missing = [name for name in needs if name not in rope]
+    if missing:
+        raise ValueError(f"{where}: rope_type {kind!r} needs {missing}")
+    scaling = {"rope_type": kind, **{name: rope[name] for name in needs}} if needs else {}
+    return dict(rotary_dims=dims, rotary_base=float(rope.get("rope_theta", c.get("rope_theta", default_base))),
+                rotary_scaling=scaling)
+
+
+def names(model_level, per_layer, layer_prefix):
+    """One table: model-level names as given, each per-layer one under blocks.{i}. and layer_prefix."""
+    return model_level | {f"blocks.{{i}}.{ours}": layer_prefix + theirs for ours, theirs in per_layer.items()}
+
+
+def gpt2(c, where):
+    """GPT-2: fused qkv and every matrix stored transposed (Conv1D), tanh GELU, tied embeddings."""
+    _option(c, "scale_attn_by_inverse_layer_idx", False, [False], where)
+    _option(c, "add_cross_attention", False, [False], where)
+    d = c["n_embd"]
+    config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
+                  d_model=d, d_mlp=c.get("n_inner") or 4 * d, norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  activation=GELUS[_option(c, "activation_function", "gelu_new", list(GELUS), where)],
+                  attn_scale=None if c.get("scale_attn_weights", True) else 1.0, learned_positions=True,
+                  qkv_bias=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
+    table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},
+                  {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.c_attn", "attn.k": "attn.c_attn",
+                   "attn.v": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
+                  "h.{i}.")
+    conv1d = lambda t: t.T if t.dim() == 2 else t  # Conv1D stores (in, out)
+    part = lambda i: lambda t: conv1d(t).chunk(3)[i]  # q, k or v of the fused projection
+    transforms = {"blocks.{i}.attn.q": part(0), "blocks.{i}.attn.k": part(1), "blocks.{i}.attn.v": part(2),
+                  "blocks.{i}.attn.o": conv1d, "blocks.{i}.mlp.up": conv1d, "blocks.{i}.mlp.down": conv1d}
+    return config, table, transforms
+
+
+def gpt_neo(c, where):
+    """GPT-Neo: separate q, k, v without bias, no 1/sqrt(d_head) score scaling, local attention
+    (a window of window_size positions) on the layers attention_types marks local, tied embeddings."""
+    layers = [kind for kinds, repeat in c.get("attention_types", [[["global", "local"], 12]]) for _ in range(repeat)
+              for kind in kinds]
+    if len(layers) != c["num_layers"] or set(layers) - {"global", "local"}:
+        raise ValueError(f"{where}: attention_types {c.get('attention_types')} must give 'global' "
+                         f"or 'local' for each of the {c['num_layers']} layers")
+    d = c["hidden_size"]
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_layers"],
+                  n_head=c["num_heads"], d_model=d, d_mlp=c.get("intermediate_size") or 4 * d,
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  activation=GELUS[_option(c, "activation_function", "gelu_new", list(GELUS), where)],
+                  attn_window=[c.get("window_size", 256) if kind == "local" else 0 for kind in layers],
+                  attn_scale=1.0, learned_positions=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
+    table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},
+                  {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.attention.q_proj", "attn.k": "attn.attention.k_proj",
+                   "attn.v": "attn.attention.v_proj", "attn.o": "attn.attention.out_proj", "mlp.up": "mlp.c_fc",
+                   "mlp.down": "mlp.c_proj"}, "h.{i}.")
+    return config, table, {}
+
+
+def gpt_neox(c, where):
+    """GPT-NeoX (Pythia): rotary embeddings on a fraction of each head's dims, no learned positions,
+    parallel residual (or not), fused qkv laid out head by head, exact GELU, untied output layer."""
+    _option(c, "attention_bias", True, [True], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = d // heads
+    rope = c.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, d_model=d, d_mlp=c["intermediate_size"], norm_eps=c.get("layer_norm_eps", 1e-5),
+                  activation=GELUS[_option(c, "hidden_act", "gelu", list(GELUS), where)],
+                  **_rope(c, where, int(d_head * fraction), c.get("rotary_emb_base", 10000.0)), qkv_bias=True, out_bias=True,
+                  parallel_residual=c.get("use_parallel_residual", True), tied_head=c.get("tie_word_embeddings", False))
+    table = names({"tok_emb": "embed_in", "norm_f": "final_layer_norm", "head": "embed_out"},
+                  {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "attention.query_key_value",
+                   "attn.k": "attention.query_key_value", "attn.v": "attention.query_key_value", "attn.o": "attention.dense",
+                   "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "layers.{i}.")
+    per_head = lambda i: lambda t: t.reshape(heads, 3, d_head, *t.shape[1:])[:, i].reshape(d, *t.shape[1:])  # q, k, v
+    return config, table, {f"blocks.{{i}}.attn.{x}": per_head(i) for i, x in enumerate("qkv")}
+
+
+LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_head"},
+                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",  # the norm before the MLP
+                     "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+                     "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+                     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}, "layers.{i}.")
+
+
+def llama(c, where):
+    """Llama (SmolLM2, TinyLlama, Llama-3.x), Qwen2 (biases on q, k, v) and Qwen3 (an RMSNorm on
+    each head's q and k before the rotary embedding): RMSNorm, rotary embedding on whole heads,
+    grouped-query attention, SwiGLU MLP."""
+    family = c["model_type"]
+    _option(c, "hidden_act", "silu", ["silu"], where)
+    _option(c, "use_sliding_window", False, [False], where)
+    _option(c, "pretraining_tp", 1, [1], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    bias = c.get("attention_bias", False)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
+                  **_rope(c, where, d_head), qkv_bias=family == "qwen2" or bias, out_bias=family != "qwen2" and bias,
+                  qk_norm=family == "qwen3", mlp="gated", activation="silu", mlp_bias=c.get("mlp_bias", False),
+                  tied_head=c.get("tie_word_embeddings", False))
+    return config, LLAMA_NAMES, {}
+
+
+FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "qwen2": llama, "qwen3": llama}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Loading.
+
 BUFFERS = re.compile(r"\.(attn|attention)\.bias$|\.masked_bias$|\.inv_freq$")  # saved masks and tables, not weights
 
 
 class Weights(dict):
-    """The folder's tensors by name (the base model's prefix removed); a missing one is a ValueError."""
+    """A file's tensors by name (the base model's prefix removed); a missing one is a ValueError."""
 
-    def __init__(self, tensors, folder):
+    def __init__(self, tensors, where):
         super().__init__()
         for name, t in tensors.items():
-            self[re.sub(r"^(transformer|gpt_neox)\.", "", name)] = t
-        self.folder, self.used = folder, set()
+            self[re.sub(r"^(transformer|gpt_neox|model)\.", "", name)] = t
+        self.where, self.used = where, set()
 
     def __missing__(self, name):
-        raise ValueError(f"{self.folder}: weight {name!r} is missing from the checkpoint; download it again")
+        raise ValueError(f"{self.where}: weight {name!r} is missing; download it again")
 
     def __getitem__(self, name):
         self.used.add(name)
         return super().__getitem__(name).float()
 
 
-def _option(c, name, default, allowed, folder):
-    """config.json's `name`; a value this module does not implement is a one-line error."""
-    value = c.get(name, default)
-    if value not in allowed:
-        raise ValueError(f"{folder}/config.json: {name}={value!r} is not implemented (supported: {allowed})")
-    return value
-
-
-def _gelu(c, name, default, folder):
-    return GELUS[_option(c, name, default, list(GELUS), folder)]
-
-
-def gpt2(c, folder):
-    """GPT-2: fused qkv and every matrix stored transposed (Conv1D), tanh GELU, tied embeddings."""
-    _option(c, "scale_attn_by_inverse_layer_idx", False, [False], folder)
-    _option(c, "add_cross_attention", False, [False], folder)
-    d = c["n_embd"]
-    config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
-                  d_model=d, d_mlp=c.get("n_inner") or 4 * d, ln_eps=c.get("layer_norm_epsilon", 1e-5),
-                  gelu=_gelu(c, "activation_function", "gelu_new", folder),
-                  attn_scale=None if c.get("scale_attn_weights", True) else 1.0,
-                  tied_head=c.get("tie_word_embeddings", True))
-
-    def state_dict(w):
-        sd = {"tok_emb.weight": w["wte.weight"], "pos_emb.weight": w["wpe.weight"],
-              "ln_f.weight": w["ln_f.weight"], "ln_f.bias": w["ln_f.bias"]}
-        for i in range(config["n_layer"]):
-            h, b = f"h.{i}.", f"blocks.{i}."
-            for ours, theirs in [("ln1", "ln_1"), ("ln2", "ln_2"), ("qkv", "attn.c_attn"), ("attn_out", "attn.c_proj"),
-                                 ("mlp_in", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")]:
-                weight = w[h + theirs + ".weight"]
-                sd[b + ours + ".weight"] = weight if ours.startswith("ln") else weight.T
-                sd[b + ours + ".bias"] = w[h + theirs + ".bias"]
-        return sd
-    return config, state_dict
-
-
-def gpt_neo(c, folder):
-    """GPT-Neo: separate q, k, v without bias, no 1/sqrt(d_head) score scaling, local attention
-    (a window of window_size positions) on the layers attention_types marks local, tied embeddings."""
-    layers = [kind for kinds, repeat in c.get("attention_types", [[["global", "local"], 12]]) for _ in range(repeat)
-              for kind in kinds]
-    if len(layers) != c["num_layers"] or set(layers) - {"global", "local"}:
-        raise ValueError(f"{folder}/config.json: attention_types {c.get('attention_types')} must give 'global' "
-                         f"or 'local' for each of the {c['num_layers']} layers")
-    d = c["hidden_size"]
-    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_layers"],
-                  n_head=c["num_heads"], d_model=d, d_mlp=c.get("intermediate_size") or 4 * d,
-                  ln_eps=c.get("layer_norm_epsilon", 1e-5), gelu=_gelu(c, "activation_function", "gelu_new", folder),
-                  attn_window=[c.get("window_size", 256) if kind == "local" else 0 for kind in layers],
-                  attn_scale=1.0, qkv_bias=False, tied_head=c.get("tie_word_embeddings", True))
-
-    def state_dict(w):
-        sd = {"tok_emb.weight": w["wte.weight"], "pos_emb.weight": w["wpe.weight"],
-              "ln_f.weight": w["ln_f.weight"], "ln_f.bias": w["ln_f.bias"]}
-        for i in range(config["n_layer"]):
-            h, b = f"h.{i}.", f"blocks.{i}."
-            sd[b + "qkv.weight"] = torch.cat([w[f"{h}attn.attention.{x}_proj.weight"] for x in "qkv"])
-            for ours, theirs in [("ln1", "ln_1"), ("ln2", "ln_2"), ("attn_out", "attn.attention.out_proj"),
-                                 ("mlp_in", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")]:
-                sd[b + ours + ".weight"], sd[b + ours + ".bias"] = w[h + theirs + ".weight"], w[h + theirs + ".bias"]
-        return sd
-    return config, state_dict
-
-
-def gpt_neox(c, folder):
-    """GPT-NeoX (Pythia): rotary embeddings on a fraction of each head's dims, no learned positions,
-    parallel residual (or not), fused qkv laid out head by head, exact GELU, untied output layer."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    _option(rope, "rope_type", rope.get("type", "default"), ["default"], folder)
-    _option(c, "attention_bias", True, [True], folder)
-    d, heads = c["hidden_size"], c["num_attention_heads"]
-    d_head = d // heads
-    fraction = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
-    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
-                  n_head=heads, d_model=d, d_mlp=c["intermediate_size"], ln_eps=c.get("layer_norm_eps", 1e-5),
-                  gelu=_gelu(c, "hidden_act", "gelu", folder), learned_positions=False,
-                  rotary_dims=int(d_head * fraction), rotary_base=float(rope.get("rope_theta", c.get("rotary_emb_base", 10000))),
-                  parallel_residual=c.get("use_parallel_residual", True), tied_head=c.get("tie_word_embeddings", False))
-
-    def state_dict(w):
-        sd = {"tok_emb.weight": w["embed_in.weight"], "ln_f.weight": w["final_layer_norm.weight"],
-              "ln_f.bias": w["final_layer_norm.bias"]}
-        for i in range(config["n_layer"]):
-            h, b = f"layers.{i}.", f"blocks.{i}."
-            qkv_w, qkv_b = w[h + "attention.query_key_value.weight"], w[h + "attention.query_key_value.bias"]
-            sd[b + "qkv.weight"] = qkv_w.view(heads, 3, d_head, d).transpose(0, 1).reshape(3 * d, d)  # per head -> q, k, v
-            sd[b + "qkv.bias"] = qkv_b.view(heads, 3, d_head).transpose(0, 1).reshape(3 * d)
-            for ours, theirs in [("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm"),
-                                 ("attn_out", "attention.dense"), ("mlp_in", "mlp.dense_h_to_4h"), ("mlp_out", "mlp.dense_4h_to_h")]:
-                sd[b + ours + ".weight"], sd[b + ours + ".bias"] = w[h + theirs + ".weight"], w[h + theirs + ".bias"]
-        return sd
-    return config, state_dict
-
-
-FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox}
+def build(config, family, weights, table, transforms, codebooks=None, block_size=None):
+    """A Transformer of `config` (TransformerConfig fields) with each of its weights taken from
+    `weights` as `table` and `transforms` say; every weight there must be used, every shape fit."""
+    if block_size is not None:
+        if not 1 <= block_size <= config["block_size"]:
+            raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
+        config["block_size"] = block_size
+    model = Transformer(dict(config, family=family, codebooks=codebooks or {}))
+    ours = {name: p for name, p in model.state_dict().items() if ".codebooks." not in name}
+    state_dict = {}
+    for name, param in ours.items():
+        if name == "head.weight" and config.get("tied_head"):
+            continue
+        module, kind = name.rsplit(".", 1)
+        layer = re.match(r"blocks\.(\d+)\.", module)
+        template = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", module)
+        theirs = table[template].format(i=layer[1] if layer else "") + "." + kind
+        tensor = transforms.get(template, lambda t: t)(weights[theirs])
+        if name == "pos_emb.weight":
+            tensor = tensor[:config["block_size"]]  # positions past a shorter context are dropped
+        if tensor.shape != param.shape:
+            raise ValueError(f"{weights.where}: {theirs} has shape {tuple(weights[theirs].shape)}, which does not fit "
+                             f"the model its configuration describes ({name}: {tuple(param.shape)})")
+        state_dict[name] = tensor
+    head = table["head"] + ".weight"
+    unused = [n for n in weights if n not in weights.used and not (n == head and config.get("tied_head"))
+              and not BUFFERS.search(n)]
+    if unused:
+        raise ValueError(f"{weights.where}: weights {unused[:3]} are not part of a {family} model this module knows")
+    missing, _ = model.load_state_dict(state_dict, strict=False)
+    assert all(".codebooks." in n or n == "head.weight" for n in missing)
+    return model.eval()
 
 
 def read_config(folder):
@@ -164,52 +447,117 @@ def read_config(folder):
     return c
 
 
-def from_pretrained(folder, codebooks=None, block_size=None):
-    """A codebook.GPT (eval mode, float32, on the CPU) computing the folder's model; with
-    `codebooks` ({site: CodebookSpec fields}, as GPTConfig takes them) they are added, untrained.
+def from_pretrained(path, codebooks=None, block_size=None):
+    """A Transformer (eval mode, float32, on the CPU) computing the model of a Hugging Face folder
+    or a GGUF file; with `codebooks` ({site: CodebookSpec fields}) they are added, untrained.
     block_size: a shorter context than the model's (learned positions past it are dropped)."""
-    c = read_config(folder)
-    config, state_dict = FAMILIES[c["model_type"]](c, folder)
-    if block_size is not None:
-        if not 1 <= block_size <= config["block_size"]:
-            raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
-        config["block_size"] = block_size
-    weights = Weights(read_weights(folder), folder)
-    sd = state_dict(weights)
-    if config.get("learned_positions", True):
-        sd["pos_emb.weight"] = sd["pos_emb.weight"][:config["block_size"]]
-    head = next((n for n in ("lm_head.weight", "embed_out.weight") if n in weights), None)
-    sd["head.weight"] = sd["tok_emb.weight"] if config["tied_head"] else weights[head or "lm_head.weight"]
-    unused = [n for n in weights if n not in weights.used and n != head and not BUFFERS.search(n)]
-    if unused:
-        raise ValueError(f"{folder}: weights {unused[:3]} are not part of a {c['model_type']} model this module knows")
-    model = cb.GPT(cb.GPTConfig(**config))
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"{folder}: the weights do not fit config.json ({str(e).splitlines()[-1].strip()})") from None
-    return (cb.with_codebooks(model, codebooks) if codebooks else model).eval()
+    if is_gguf(path):
+        return from_gguf(path, codebooks, block_size)
+    c = read_config(path)
+    config, table, transforms = FAMILIES[c["model_type"]](c, f"{path}/config.json")
+    weights = Weights(formats.read_weights(path), path)
+    return build(config, c["model_type"], weights, table, transforms, codebooks, block_size)
+
+
+def load_pretrained(path, codebooks=None, block_size=None):
+    """(model, tokenizer) of a Hugging Face model folder or a GGUF file, checked against each other."""
+    if is_gguf(path):
+        metadata, infos = formats.read_gguf_info(path)
+        vocab_size = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)["vocab_size"]
+        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
+        return from_gguf(path, codebooks, block_size), tokenizer
+    c = read_config(path)
+    tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
+    return from_pretrained(path, codebooks, block_size), tokenizer
+
+
+# A GGUF file (llama.cpp's format) names the same tensors its own way and stores its sizes as
+# metadata "{architecture}.{key}"; they are read into a config.json, so each family is described once.
+
+GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "output"},
+                   {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
+                    "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+                    "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}, "blk.{i}.")
+GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
+               "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+               "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length"}
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def is_gguf(path):
+    return str(path).endswith(".gguf") and not os.path.isdir(path)
+
+
+def gguf_config(metadata, shapes, path):
+    """config.json's fields from a GGUF file's metadata and {tensor name: shape}; an architecture or
+    option not implemented is a one-line error."""
+    arch = metadata.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
+
+    def get(key, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None or isinstance(value, list):
+            raise ValueError(f"{path}: metadata {arch}.{key} is {'missing' if value is None else 'a list (per layer)'}: "
+                             f"the file is not a {arch} model this module can read")
+        return value
+
+    c = {name: get(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
+    c["head_dim"] = get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
+    c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
+    c["rope_theta"] = get("rope.freq_base", 10000.0)
+    kind = _option({"type": get("rope.scaling.type", "none")}, "type", "none", ["none", "linear"], path)
+    if kind == "linear":
+        c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
+    c["vocab_size"] = shapes["token_embd.weight"][0]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != c["vocab_size"]:
+        raise ValueError(f"{path}: the metadata lists {len(tokens)} tokens but token_embd.weight has {c['vocab_size']} rows")
+    c["tie_word_embeddings"] = "output.weight" not in shapes
+    c["attention_bias"] = "blk.0.attn_output.bias" in shapes
+    c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
+    return c
+
+
+def unpermute(heads):
+    """llama.cpp's converter reorders each head's q / k rows from the "rotate_half" layout (dim i
+    paired with i + d/2) to interleaved pairs (2i, 2i + 1), its rotary layout; this puts them back."""
+    return lambda t: t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def from_gguf(path, codebooks=None, block_size=None):
+    """A Transformer of a GGUF file (as from_pretrained): its architecture and sizes checked on the
+    header, then its tensors dequantised to float32."""
+    metadata, infos = formats.read_gguf_info(path)
+    c = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)
+    config, _, _ = FAMILIES[c["model_type"]](c, path)
+    tensors = formats.read_gguf(path).tensors
+    if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
+        divisors = tensors.pop("rope_freqs.weight").flatten().tolist()
+        if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:
+            raise ValueError(f"{path}: rope_freqs holds {len(divisors)} divisors for {config['rotary_dims'] // 2} rotary "
+                             f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
+        config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
+    transforms = {}
+    if c["model_type"] == "llama":  # only the llama architecture's rotary is interleaved in llama.cpp
+        transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
+    return build(config, c["model_type"], Weights(tensors, path), GGUF_NAMES, transforms, codebooks, block_size)
 
 
 # ------------------------------------------------------------------------------------------------
-# A model and its tokenizer, together: from a folder, or from a checkpoint that stores the
-# tokenizer's plain data under "tokenizer" (byte models may store none: text.ByteTokenizer).
-
-def load_pretrained(folder, codebooks=None, block_size=None):
-    """(model, tokenizer) of a Hugging Face model folder, checked against each other before the weights load."""
-    c = read_config(folder)
-    tokenizer = check_tokenizer(load_tokenizer(folder), FAMILIES[c["model_type"]](c, folder)[0]["vocab_size"], folder)
-    return from_pretrained(folder, codebooks, block_size), tokenizer
-
+# A model and its tokenizer from a checkpoint that stores the tokenizer's plain data under
+# "tokenizer" (byte models may store none: text.ByteTokenizer).
 
 def load_with_tokenizer(path, device="cpu"):
-    """(model, tokenizer) of a codebook checkpoint: runs.load_model plus the tokenizer stored with it."""
+    """(model, tokenizer) of a codebook checkpoint (a codebook.GPT or a Transformer) and the tokenizer stored with it."""
     state = runs.load_checkpoint(path)
     stored = state.get("tokenizer")
     if stored is None and state["config"].get("vocab_size") != text.VOCAB_SIZE:
         raise ValueError(f"{path} stores no tokenizer and is not a byte model (vocab_size {state['config'].get('vocab_size')})")
-    tokenizer = check_tokenizer(text.ByteTokenizer() if stored is None else tokenizer_from_dict(stored),
+    tokenizer = bpe.check_tokenizer(text.ByteTokenizer() if stored is None else bpe.tokenizer_from_dict(stored),
                                 state["config"]["vocab_size"], path)
-    model = cb.GPT(state["config"])
+    model = model_from_config(state["config"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo and GPT-NeoX made and saved by `transformers`, loaded by models.py, give the same logits
-and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
+GPT-2, GPT-Neo, GPT-NeoX, Llama, Qwen2 and Qwen3 made and saved by `transformers`, loaded by models.py,
+give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure."""
 import glob
@@ -62,14 +62,28 @@ def tiny(family, vocab_size=96, **options):
         config = t.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
                                 attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0, **options)
         return randomize(t.GPTNeoForCausalLM(config), 1)
-    config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
-    return randomize(t.GPTNeoXForCausalLM(config), 2)
+    if family == "gpt_neox":
+        config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
+        return randomize(t.GPTNeoXForCausalLM(config), 2)
+    # Llama, Qwen2, Qwen3: 4 query heads sharing 2 key / value heads
+    sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
+    model = {"llama": t.LlamaForCausalLM, "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM}[family]
+    return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
 
 
+# Llama-3's rope scaling with a context of 32 so that the 8 frequencies of a head fall in all three of
+# its bands (kept, blended, divided); Qwen3 with a head_dim other than d_model / n_head
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
-         "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False))}
+         "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
+         "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False)),
+         "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
+                                                    attention_bias=True, mlp_bias=True, rope_theta=500.0)),
+         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24))}
+TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -81,7 +95,7 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
         os.remove(tmp_path / "model.safetensors")
         torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
     ours = models.from_pretrained(str(tmp_path))
-    assert ours.config.tied_head == (family != "gpt_neox")
+    assert ours.config.tied_head == options.get("tie_word_embeddings", TIED[family])
 
     x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -105,17 +119,21 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     acts = {}
     with cb.capture_activations(with_cb) as acts:
         with_cb(x)
-    assert acts[1]["attn"].shape == (3, 40, 4, 16) and acts[1]["mlp"].shape == acts[1]["block"].shape == (3, 40, 1, 64)
+    d_head = options.get("head_dim", 16)
+    assert acts[1]["attn"].shape == (3, 40, 4, d_head) and acts[1]["mlp"].shape == acts[1]["block"].shape == (3, 40, 1, 64)
+    assert type(with_cb) is models.Transformer and models.model_from_config(with_cb.config.to_dict()).config == with_cb.config
 
 
-def test_the_new_fields_keep_generation_with_the_cache_exact():
-    """Rotary positions, parallel residual, per-layer windows, no score scale, tied head: the key-value
-    cache still computes what the whole prefix does, and rotary scores depend only on the offset."""
+def test_the_parts_keep_generation_with_the_cache_exact():
+    """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
+    scale, tied head: the key-value cache still computes what the whole prefix does, and rotary
+    scores depend only on the offset."""
     torch.manual_seed(0)
-    config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=2, d_model=16, d_mlp=32, attn_window=[0, 4, 2],
-                  attn_scale=1.0, qkv_bias=False, learned_positions=False, rotary_dims=4, parallel_residual=True,
-                  gelu="tanh", ln_eps=1e-6, tied_head=True, codebooks={"attn": dict(num_codes=20, k=2)})
-    model = cb.GPT(config).double().eval()
+    config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_kv_head=2, d_model=16, d_head=6, d_mlp=32,
+                  attn_window=[0, 4, 2], attn_scale=1.0, rotary_dims=4, parallel_residual=True, norm="rmsnorm",
+                  qk_norm=True, mlp="gated", activation="gelu_tanh", norm_eps=1e-6, tied_head=True,
+                  codebooks={"attn": dict(num_codes=20, k=2)})
+    model = models.Transformer(config).double().eval()
     assert model.head.weight is model.tok_emb.weight and "pos_emb.weight" not in model.state_dict()
     x = torch.randint(0, 50, (2, 24))
     cache = {}
@@ -123,9 +141,10 @@ def test_the_new_fields_keep_generation_with_the_cache_exact():
     assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
 
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
-    score = lambda i, j: (cb.rotary(q, i, 4, 10000.0) * cb.rotary(k, j, 4, 10000.0)).sum()
+    inv_freq = models.rotary_frequencies(4, 10000.0, {})
+    score = lambda i, j: (models.rotary(q, i, inv_freq) * models.rotary(k, j, inv_freq)).sum()
     assert torch.allclose(score(3, 1), score(10, 8)) and not torch.allclose(score(3, 1), score(3, 2))
-    assert torch.equal(cb.rotary(q, 5, 4, 10000.0)[..., 4:], q[..., 4:])  # dims past rotary_dims untouched
+    assert torch.equal(models.rotary(q, 5, inv_freq)[..., 4:], q[..., 4:])  # dims past rotary_dims untouched
 
 
 # --- tokenizer -----------------------------------------------------------------------------
@@ -191,8 +210,8 @@ def test_byte_tokenizer():
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         models.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         models.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no tokenizer.json"):
         bpe.load_tokenizer(str(tmp_path))
@@ -204,8 +223,8 @@ def test_clear_errors_from_broken_folders(tmp_path):
     model = tiny("gpt_neox")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}))
-    with pytest.raises(ValueError, match="rope_type='linear' is not implemented"):
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not implemented"):
         models.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(config))
 
@@ -302,3 +321,15 @@ def test_token_widths():
     wide = type("Tokenizer", (), {"kind": "bpe", "vocab_size": 70_000})
     assert text.token_dtype(text.ByteTokenizer()) == np.uint8 and text.token_dtype(wide) == np.uint32
     assert text.token_dtype(type("Tokenizer", (), {"kind": "bpe", "vocab_size": 2**16})) == np.uint16
+
+
+def test_a_compact_model_saved_with_the_former_config_fields_loads():
+    """GPTConfig once held the pretrained families' fields too: a compact model's config that holds
+    them at the compact model's values loads; one that describes a pretrained family is a clear error."""
+    config = dict(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=8, d_mlp=16)
+    model = models.model_from_config(config | cb.FORMER_FIELDS)
+    assert type(model) is cb.GPT and model.config == cb.GPTConfig(**config)
+    with pytest.raises(ValueError, match="pretrained model saved by an earlier version"):
+        models.model_from_config(config | cb.FORMER_FIELDS | {"rotary_dims": 4})
+    with pytest.raises(ValueError, match="pretrained llama model's: models.model_from_config builds it"):
+        cb.GPT(models.TransformerConfig(family="llama").to_dict())

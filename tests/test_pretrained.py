@@ -1,0 +1,185 @@
+"""models.py on GGUF files: a tiny Llama written by the `gguf` package's writer (its q / k rows
+permuted as llama.cpp's converter does) against transformers' float32 original; files that
+disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) of .ci/fetch_models against
+transformers' own GGUF loader, then finetuned with codebooks by train_lm.py and steered by steer.py.
+Test-only packages (transformers, gguf) and the model file skip where absent, unless
+CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import runs
+import models
+from test_models import LLAMA3, tiny
+
+REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
+REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
+SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")),
+                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def need(module):
+    if REQUIRE_PACKAGES:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
+
+
+def smollm2():
+    if not os.path.isfile(SMOLLM2):
+        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
+    return SMOLLM2
+
+
+# --- a tiny Llama as a GGUF file ------------------------------------------------------------
+
+def permute(w, heads):
+    """What llama.cpp's converter does to q / k rows: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, **changes):
+    """model (a transformers Llama, Qwen2 or Qwen3) as llama.cpp's converter writes it: matrices in
+    `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
+    rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
+    transformers), metadata from its config; `changes` overwrite metadata values; rope_freqs: the
+    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling."""
+    gguf = need("gguf")
+    c = model.config
+    meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
+            "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
+            "attention.head_count_kv": c.num_key_value_heads, "rope.freq_base": c.rope_parameters["rope_theta"],
+            "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "attention.layer_norm_rms_epsilon": c.rms_norm_eps} | changes
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
+    kind = gguf.GGMLQuantizationType[quantisation]
+    for name, t in model.state_dict().items():
+        w = t.numpy()
+        if ("q_proj" in name or "k_proj" in name) and arch == "llama":
+            w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
+        stem, suffix = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            _, _, layer, part = stem.split(".", 3)
+            gguf_name = f"blk.{layer}.{names[part]}.{suffix}"
+        else:
+            gguf_name = f"{names[stem]}.{suffix}"
+        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def rounded(model, quantisation):
+    """A copy of the transformers model with every matrix rounded through the GGUF block format."""
+    gguf = need("gguf")
+    kind = gguf.GGMLQuantizationType[quantisation]
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict({name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), kind), kind))
+                          if t.dim() == 2 else t for name, t in model.state_dict().items()})
+    return copy
+
+
+@pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
+                                               ("qwen2", "F32"), ("qwen3", "Q8_0")])
+def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
+    """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
+    matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
+    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it."""
+    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3)}.get(arch, {})
+    theirs = tiny(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
+    divisors = None
+    if arch == "llama3":
+        divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
+        assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
+        arch = "llama"
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors)
+    ours = models.from_pretrained(path)
+    assert ours.config.family == arch and ours.config.n_kv_head == 2 and not ours.config.tied_head
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = rounded(theirs, quantisation)
+    with torch.no_grad():
+        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    if quantisation != "F32":
+        assert (want - original).abs().max() > 1e-2  # the rounding is large enough to see
+    prompt = x[:1, :8]
+    want_ids = reference.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+
+
+def test_gguf_files_that_disagree_with_themselves(tmp_path):
+    theirs = tiny("llama", tie_word_embeddings=False)
+    cases = [(dict(arch="mamba"), "architecture 'mamba' is not supported"),
+             (dict(block_count=3), "weight 'blk.2.attn_norm.weight' is missing"),
+             (dict(block_count=1), r"weights \['blk.1."),
+             (dict(feed_forward_length=128), r"blk.0.ffn_up.weight has shape \(96, 64\), which does not fit"),
+             (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)")]
+    for changes, message in cases:
+        path = write_gguf(tmp_path / "bad.gguf", theirs, **changes)
+        with pytest.raises(ValueError, match=message) as e:
+            models.from_pretrained(path)
+        assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written
+
+
+# --- the real model -------------------------------------------------------------------------
+
+def test_smollm2_gives_the_logits_and_generations_of_transformers():
+    """SmolLM2-135M-Instruct (Q4_1, Q8_0 and F32 tensors) by models.py and by transformers'
+    GGUF loader (which dequantises through `gguf`), both float32: logits within 1e-3 on English
+    prose this Python ships, the same 20 greedy tokens after a story prompt."""
+    transformers = need("transformers")
+    need("gguf")
+    path = smollm2()
+    ours, tok = models.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32).eval()
+    assert ours.config.n_layer == 30 and ours.config.n_kv_head == 3 and ours.config.tied_head
+    from pydoc_data.topics import topics
+    x = torch.tensor([tok.encode(topics["assert"])[:128]])
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-3 and want.std() > 1.0
+    prompt = torch.tensor([tok.encode("Once upon a time, there was a little dragon who")])
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    got_ids = ours.generate(prompt, 20, temperature=0)
+    assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))
+
+
+def test_train_lm_and_steer_on_smollm2(tmp_path, capsys):
+    """train_lm.py --hf on the GGUF file, as small as its flags allow (16-token windows, 2 per step,
+    2 codebook steps, 8 codes per head), then steer.py forcing a code of its checkpoint."""
+    import steer
+    import train_lm
+    path, out = smollm2(), tmp_path / "lm"
+    train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
+                   "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
+                   "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
+    results = json.load(open(out / "results.json"))
+    assert np.isfinite(results["base_val_loss"]) and np.isfinite(results["codebook_val_loss"])
+    assert len(results["dead_code_fraction"]) == 30 * 9  # a codebook on every head of every layer
+    assert runs.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == "llama"
+    capsys.readouterr()
+    steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
+                "--samples", "2", "--new_bytes", "6", "--threads", "2"])
+    printed = capsys.readouterr().out
+    assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4

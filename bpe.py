@@ -7,6 +7,8 @@ checkpoint (to_dict / tokenizer_from_dict). Two kinds:
 Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF file's metadata
 (tokenizer_from_gguf).
 """
+import array
+import itertools
 import json
 import os
 import re
@@ -346,6 +348,16 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # Sente
 DUMMY_PREFIXES = ("never", "first", "always")
 
 
+def _packed(code, numbers):
+    return array.array(code, numbers).tobytes()
+
+
+def _unpacked(code, data):
+    numbers = array.array(code)
+    numbers.frombytes(data)
+    return numbers.tolist()
+
+
 class SentencePieceBPE:
     """SentencePiece BPE over `tokens` (by id) with their `types`; merge priority from `merges` (pairs,
     best first) or else from `scores` (higher first; for one merged token, the longer left part first,
@@ -380,10 +392,22 @@ class SentencePieceBPE:
         return -self.scores[i], -len(left), i
 
     def to_dict(self):
-        """Plain Python data (for weights_only checkpoints); tokenizer_from_dict() rebuilds the tokenizer."""
-        return {"kind": self.kind, "tokens": self.tokens, "types": self.types, "scores": self.scores,
-                "merges": self.merges, "bos": self.bos, "eos": self.eos, "unk": self.unk, "prefix": self.prefix,
-                "suffix": self.suffix, "dummy_prefix": self.dummy_prefix}
+        """Plain Python data (for weights_only checkpoints); from_dict() rebuilds the tokenizer. Compact:
+        Gemma's 262k tokens as one string and arrays as bytes load in a tenth of a second, as lists in seconds."""
+        ids = None if self.merges is None else [self.vocab[t] for pair in self.merges for t in pair]
+        return {"kind": self.kind, "tokens": "".join(self.tokens), "token_lengths": _packed("I", map(len, self.tokens)),
+                "types": bytes(self.types), "scores": None if self.scores is None else _packed("f", self.scores),
+                "merges": None if ids is None else _packed("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
+                "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix}
+
+    @classmethod
+    def from_dict(cls, data):
+        ends = list(itertools.accumulate(_unpacked("I", data["token_lengths"])))
+        tokens = [data["tokens"][a:b] for a, b in zip([0, *ends], ends)]
+        scores, merges = (None if data[key] is None else _unpacked(code, data[key]) for key, code in (("scores", "f"), ("merges", "I")))
+        return cls(tokens, list(data["types"]), scores=scores, merges=None if merges is None else [
+            (tokens[a], tokens[b]) for a, b in zip(merges[::2], merges[1::2])],
+                   **{k: data[k] for k in ("bos", "eos", "unk", "prefix", "suffix", "dummy_prefix")})
 
     def encode(self, string, special=False):
         """str (or bytes, read as UTF-8) -> list of token ids; with special=True, between `prefix` and
@@ -455,6 +479,8 @@ def tokenizer_from_dict(data):
     missing = [key for key in needed if key not in data]
     if missing:
         raise ValueError(f"tokenizer data of kind {kind!r} lacks {', '.join(missing)}: it is not a tokenizer's to_dict()")
+    if cls is SentencePieceBPE:
+        return cls.from_dict(data)
     return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 

@@ -5,12 +5,14 @@ special tokens, templates adding bos, SentencePiece BPE with byte fallback) give
 Gemma-3 GGUF files against transformers' tokenizers for them. The real-model tests skip where the
 files or the test-only packages are missing, unless CODEBOOK_REQUIRE_MODELS=1 (as in CI)."""
 import importlib
+import io
 import json
 import os
 import re
 import time
 
 import pytest
+import torch
 
 import bpe
 from test_models import SAMPLE, need, stdlib_text
@@ -122,8 +124,16 @@ def test_sentencepiece_bpe_equals_the_tokenizers_library(variant, tmp_path):
             assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
     assert ours.decode(ours.encode(" Hello  wörld, 1 ")) == " Hello  wörld, 1 "
     assert byte_ids & set(ours.encode(SAMPLE))  # the sample needs byte fallback: CJK and emoji are not in 800 tokens
-    again = bpe.tokenizer_from_dict(ours.to_dict())
-    assert again.encode(SAMPLE, special=True) == ours.encode(SAMPLE, special=True)
+    again = bpe.tokenizer_from_dict(through_checkpoint(ours.to_dict()))
+    assert again.encode(SAMPLE, special=True) == ours.encode(SAMPLE, special=True) and again.merges == ours.merges
+
+
+def through_checkpoint(data):
+    """The data saved by torch.save and read back with weights_only=True, as checkpoints are."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def test_sentencepiece_merge_order_from_scores():
@@ -227,6 +237,8 @@ def test_gemma3_gguf_tokenizer():
     ours, theirs, loaded = same_as_transformers(need_model("gemma-3-270m-q4_k_m.gguf"))
     assert ours.vocab_size == 262144 and ours.prefix == [2] and (ours.bos, ours.eos) == (2, 1)
     assert loaded < 10  # about 1.5 s alone on one core: 262k tokens, 6,384 added ones
+    data = ours.to_dict()
     started = time.perf_counter()
-    again = bpe.tokenizer_from_dict(ours.to_dict())
-    assert time.perf_counter() - started < 10 and again.encode(SAMPLE) == ours.encode(SAMPLE)
+    again = bpe.tokenizer_from_dict(through_checkpoint(data))
+    assert time.perf_counter() - started < 10  # about 1 s alone on one core
+    assert again.encode(SAMPLE) == ours.encode(SAMPLE) and again.to_dict() == data

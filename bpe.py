@@ -381,7 +381,7 @@ class SentencePieceBPE:
         self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
         self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)})
         # a vocabulary token with "▁" after another character can merge across the cut before that "▁"
-        self.crossing = added_pattern({t: 0 for t in self.vocab if re.search(f"[^{SPACE}]{SPACE}", t)})
+        self.crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
         self.cache, self.token_bytes = Cache(), None
 
     def _score_rank(self, pair):
@@ -484,12 +484,12 @@ def tokenizer_from_dict(data):
     return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
-def _normalizers(spec, path):
+def _normalizers(spec):
     """The flat list of a tokenizer.json's normalizers."""
     if spec is None:
         return []
     if spec.get("type") == "Sequence":
-        return [n for s in spec["normalizers"] for n in _normalizers(s, path)]
+        return [n for s in spec["normalizers"] for n in _normalizers(s)]
     return [spec]
 
 
@@ -522,13 +522,13 @@ def _pre_tokenizers(spec, path):
                      f"Digits, ByteLevel)")
 
 
-def _template(spec, ids, path):
+def _template(spec, path):
     """(prefix, suffix): the special-token ids a post-processor puts around a single text."""
     kind = (spec or {}).get("type")
     if kind in (None, "ByteLevel"):
         return [], []
     if kind == "Sequence":
-        parts = [_template(s, ids, path) for s in spec["processors"]]
+        parts = [_template(s, path) for s in spec["processors"]]
         return [i for p, _ in parts for i in p], [i for _, s in parts for i in s]
     if kind == "TemplateProcessing":
         prefix, suffix, seen = [], [], False
@@ -543,20 +543,25 @@ def _template(spec, ids, path):
 
 def _sentencepiece_from_json(spec, path):
     """A tokenizer.json of SentencePiece BPE (byte fallback, spaces replaced by "▁") as SentencePieceBPE."""
-    model, dummy = spec["model"], "never"
-    for n in _normalizers(spec.get("normalizer"), path):
+    model, dummy, replaced = spec["model"], "never", False
+    for n in _normalizers(spec.get("normalizer")):
         if n["type"] == "Prepend" and n["prepend"] == SPACE:
             dummy = "always"
-        elif not (n["type"] == "Replace" and n["pattern"].get("String") == " " and n["content"] == SPACE):
+        elif n["type"] == "Replace" and n["pattern"].get("String") == " " and n["content"] == SPACE:
+            replaced = True
+        else:
             raise ValueError(f"{path}: normalizer {n} is not implemented for SentencePiece BPE "
                              f"(supported: Replace ' ' by '▁', Prepend '▁')")
     pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "Metaspace" and not pre.get("split") and pre.get("prepend_scheme") in ("first", "never"):
-        dummy = pre["prepend_scheme"]
-    elif pre and not (pre.get("type") == "Split" and pre["pattern"].get("String") == " " and dummy != "always"
-                      and spec.get("normalizer")):  # cutting at spaces after they became "▁" cuts nothing
-        raise ValueError(f"{path}: pre_tokenizer {pre} is not implemented for SentencePiece BPE "
-                         f"(supported: none, Metaspace without split, Split at ' ' after the Replace normalizer)")
+    if pre.get("type") == "Metaspace" and pre.get("replacement", SPACE) == SPACE and not pre.get("split") \
+            and pre.get("prepend_scheme") in ("first", "never") and dummy == "never":
+        dummy, replaced = pre["prepend_scheme"], True
+    elif pre and not (pre.get("type") == "Split" and pre["pattern"].get("String") == " " and replaced):  # a no-op then
+        raise ValueError(f"{path}: pre_tokenizer {pre} is not implemented for SentencePiece BPE (supported: none, "
+                         f"Metaspace '▁' without split, prepending first or never; Split at ' ' after the Replace normalizer)")
+    if not replaced:
+        raise ValueError(f"{path}: BPE with byte_fallback but spaces are not written as '▁' (no Replace normalizer "
+                         f"nor Metaspace pre-tokenizer): not SentencePiece BPE, which is all byte fallback is implemented for")
     tokens = [None] * (1 + max([*model["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]))
     types = [NORMAL] * len(tokens)
     for t, i in model["vocab"].items():
@@ -570,7 +575,7 @@ def _sentencepiece_from_json(spec, path):
     if None in tokens:
         raise ValueError(f"{path}: the vocabulary has no token of id {tokens.index(None)}")
     ids = {t: i for i, t in enumerate(tokens)}
-    prefix, suffix = _template(spec.get("post_processor"), ids, path)
+    prefix, suffix = _template(spec.get("post_processor"), path)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return SentencePieceBPE(tokens, types, merges=merges, bos=prefix[0] if prefix else ids.get("<s>", ids.get("<bos>")),
                             eos=ids.get("</s>", ids.get("<eos>")), unk=ids.get(model.get("unk_token")), prefix=prefix,
@@ -605,12 +610,12 @@ def load_tokenizer(folder):
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         added = [{"id": t["id"], "content": t["content"], "special": t["special"], "normalized": t["normalized"]}
                  for t in spec.get("added_tokens", [])]
-        normalizers = [n["type"] for n in _normalizers(spec.get("normalizer"), path)]
+        normalizers = [n["type"] for n in _normalizers(spec.get("normalizer"))]
         if any(n not in NORMALIZERS for n in normalizers):
             raise ValueError(f"{path}: normalizers {normalizers} are not all implemented (supported: {', '.join(NORMALIZERS)})")
         vocab = model["vocab"]
         ids = {t["content"]: t["id"] for t in added} | vocab
-        prefix, suffix = _template(spec.get("post_processor"), ids, path)
+        prefix, suffix = _template(spec.get("post_processor"), path)
         return BPETokenizer(vocab, merges, added, normalizers, pre_tokenizers, model.get("ignore_merges", False),
                             bos=prefix[0] if prefix else ids.get("<|endoftext|>"), prefix=prefix, suffix=suffix)
     if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
@@ -649,7 +654,10 @@ def tokenizer_from_gguf(metadata):
         added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
                  for i, (t, kind) in enumerate(zip(tokens, types))
                  if kind == USER_DEFINED or (kind == CONTROL and all(ch in CHAR_TO_BYTE for ch in t))]
-        return BPETokenizer({t: i for i, t in enumerate(tokens)}, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
+        # a token spelt outside the byte alphabet stands for its UTF-8 (as transformers reads these files)
+        vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
+                 for i, t in enumerate(tokens)}
+        return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
                             added, pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], bos=bos, eos=eos, prefix=prefix, suffix=suffix)
     scores = list(metadata["tokenizer.ggml.scores"])
     if str(metadata.get("general.architecture", "")).startswith("gemma"):

@@ -313,12 +313,11 @@ class BPETokenizer:
         return ids + self.suffix if special else ids
 
     def _word_ids(self, word):
+        """A byte the vocabulary lacks (SmolLM2's has no 0x04, say) is dropped, as the tokenizers library does."""
         chars = word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_CHARS)
-        parts = [chars] if self.ignore_merges and chars in self.vocab else merge(list(chars), self.ranks.get)
-        missing = [p for p in parts if p not in self.vocab]
-        if missing:
-            raise ValueError(f"the tokenizer's vocabulary lacks {missing[0]!r}: its vocabulary is not byte-level")
-        return self.cache.put(word, [self.vocab[p] for p in parts])
+        if self.ignore_merges and chars in self.vocab:
+            return self.cache.put(word, [self.vocab[chars]])
+        return self.cache.put(word, [self.vocab[p] for p in merge([c for c in chars if c in self.vocab], self.ranks.get)])
 
     def decode(self, ids, skip_special=False):
         """Token ids -> str (invalid UTF-8 as U+FFFD). Ids outside the vocabulary are dropped, and

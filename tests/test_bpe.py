@@ -213,10 +213,11 @@ def same_as_transformers(path, prepare=None):
     ours = bpe.tokenizer_from_gguf(gguf_metadata(path))
     loaded = time.perf_counter() - started
     unseen = stdlib_text(60, 200_000)
-    for string in [unseen, SAMPLE, "<|im_start|>user\n" + SAMPLE[:60] + "<start_of_turn>", "", " x"]:
+    for string in [unseen, SAMPLE, "<|im_start|>user\n" + SAMPLE[:60] + "<start_of_turn>", "", " x", "a\x04b\x1d\x1dc"]:
         ids = ours.encode(string, special=True)
         assert ids == theirs.encode(string)
-        assert ours.decode(ours.encode(string)) == string
+        if "\x04" not in string:  # (a byte SmolLM2's vocabulary lacks: dropped, see below)
+            assert ours.decode(ours.encode(string)) == string
     return ours, theirs, loaded
 
 
@@ -231,6 +232,7 @@ def test_smollm2_gguf_tokenizer():
     ours, theirs, _ = same_as_transformers(need_model("SmolLM2-135M-Instruct.Q4_1.gguf"), digits_first)
     assert ours.vocab_size == 49152 and ours.prefix == [] and (ours.bos, ours.eos) == (1, 2)
     assert ours.decode(ours.encode("<|im_start|>hi"), skip_special=True) == "hi"
+    assert ours.decode(ours.encode("a\x04b\x1d\x1dc")) == "abc"  # bytes its vocabulary lacks are dropped, as by transformers
 
 
 def test_gemma3_gguf_tokenizer():

@@ -347,13 +347,13 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # Sente
 DUMMY_PREFIXES = ("never", "first", "always")
 
 
-def _packed(code, numbers):
-    return array.array(code, numbers).tobytes()
+def _hex(code, numbers):
+    return array.array(code, numbers).tobytes().hex()
 
 
-def _unpacked(code, data):
+def _from_hex(code, data):
     numbers = array.array(code)
-    numbers.frombytes(data)
+    numbers.frombytes(bytes.fromhex(data))
     return numbers.tolist()
 
 
@@ -391,21 +391,21 @@ class SentencePieceBPE:
         return -self.scores[i], -len(left), i
 
     def to_dict(self):
-        """Plain Python data (for weights_only checkpoints); from_dict() rebuilds the tokenizer. Compact:
-        Gemma's 262k tokens as one string and arrays as bytes load in a tenth of a second, as lists in seconds."""
+        """Plain Python data (for weights_only checkpoints; JSON too); from_dict() rebuilds the tokenizer.
+        Compact: Gemma's 262k tokens as one string, numbers as hex, load in a tenth of a second (lists: 4 s)."""
+        separator = next(c for c in map(chr, itertools.count()) if not any(c in t for t in self.tokens))
         ids = None if self.merges is None else [self.vocab[t] for pair in self.merges for t in pair]
-        return {"kind": self.kind, "tokens": "".join(self.tokens), "token_lengths": _packed("I", map(len, self.tokens)),
-                "types": bytes(self.types), "scores": None if self.scores is None else _packed("f", self.scores),
-                "merges": None if ids is None else _packed("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
+        return {"kind": self.kind, "tokens": separator.join(self.tokens), "separator": separator,
+                "types": "".join(map(str, self.types)), "scores": None if self.scores is None else _hex("f", self.scores),
+                "merges": None if ids is None else _hex("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
                 "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix}
 
     @classmethod
     def from_dict(cls, data):
-        ends = list(itertools.accumulate(_unpacked("I", data["token_lengths"])))
-        tokens = [data["tokens"][a:b] for a, b in zip([0, *ends], ends)]
-        scores, merges = (None if data[key] is None else _unpacked(code, data[key]) for key, code in (("scores", "f"), ("merges", "I")))
-        return cls(tokens, list(data["types"]), scores=scores, merges=None if merges is None else [
-            (tokens[a], tokens[b]) for a, b in zip(merges[::2], merges[1::2])],
+        tokens = data["tokens"].split(data["separator"])
+        scores, merges = (None if data[key] is None else _from_hex(code, data[key]) for key, code in (("scores", "f"), ("merges", "I")))
+        return cls(tokens, list(map(int, data["types"])), scores=scores,
+                   merges=None if merges is None else [(tokens[a], tokens[b]) for a, b in zip(merges[::2], merges[1::2])],
                    **{k: data[k] for k in ("bos", "eos", "unk", "prefix", "suffix", "dummy_prefix")})
 
     def encode(self, string, special=False):

@@ -126,6 +126,8 @@ def test_sentencepiece_bpe_equals_the_tokenizers_library(variant, tmp_path):
     assert byte_ids & set(ours.encode(SAMPLE))  # the sample needs byte fallback: CJK and emoji are not in 800 tokens
     again = bpe.tokenizer_from_dict(through_checkpoint(ours.to_dict()))
     assert again.encode(SAMPLE, special=True) == ours.encode(SAMPLE, special=True) and again.merges == ours.merges
+    # text.py keys tokenised corpora by the JSON of to_dict()
+    assert bpe.tokenizer_from_dict(json.loads(json.dumps(ours.to_dict()))).to_dict() == ours.to_dict()
 
 
 def through_checkpoint(data):

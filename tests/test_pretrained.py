@@ -147,21 +147,69 @@ def test_smollm2_gives_the_logits_and_generations_of_transformers():
     assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))
 
 
-def test_train_lm_and_steer_on_smollm2(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["SmolLM2", "Gemma-3"])
+def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     """train_lm.py --hf on the GGUF file, as small as its flags allow (16-token windows, 2 per step,
     2 codebook steps, 8 codes per head), then steer.py forcing a code of its checkpoint."""
     import steer
     import train_lm
-    path, out = smollm2(), tmp_path / "lm"
+    path, layers, heads, family = {"SmolLM2": (smollm2, 30, 9, "llama"), "Gemma-3": (gemma3_file, 18, 4, "gemma3_text")}[name]
+    path, out = path(), tmp_path / "lm"
     train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
                    "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
                    "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
     results = json.load(open(out / "results.json"))
     assert np.isfinite(results["base_val_loss"]) and np.isfinite(results["codebook_val_loss"])
-    assert len(results["dead_code_fraction"]) == 30 * 9  # a codebook on every head of every layer
-    assert cb.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == "llama"
+    assert len(results["dead_code_fraction"]) == layers * heads  # a codebook on every head of every layer
+    assert cb.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == family
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
                 "--samples", "2", "--new_bytes", "6", "--threads", "2"])
     printed = capsys.readouterr().out
     assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
+
+
+# --- Gemma-3-270M ---------------------------------------------------------------------------
+
+GEMMA3 = os.path.join(os.path.dirname(SMOLLM2), "gemma-3-270m-q4_k_m.gguf")
+
+
+def gemma3_file():
+    if not os.path.isfile(GEMMA3) and not REQUIRED:
+        pytest.skip(f"{GEMMA3} is absent: .ci/fetch_models fetches it")
+    return GEMMA3
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """(ours, its tokenizer, transformers' model) of Gemma-3-270M (Q8_0, Q5_0, Q4_K, Q6_K and F32
+    tensors), loaded once: transformers' GGUF loader dequantises through `gguf` (about a minute)."""
+    transformers = need("transformers")
+    need("gguf")
+    path = gemma3_file()
+    ours, tok = models.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32).eval()
+    return ours, tok, theirs
+
+
+def test_gemma3_gives_the_logits_of_transformers(gemma3):
+    """Logits within 1e-3 over 530 tokens of prose this Python ships, past the 512-token window of
+    its sliding layers (five in six; every sixth layer global, with its own rotary base)."""
+    ours, tok, theirs = gemma3
+    assert ours.config.n_layer == 18 and ours.config.n_kv_head == 1 and ours.config.attn_window[:6] == [512] * 5 + [0]
+    from pydoc_data.topics import topics
+    ids = tok.encode(topics["compound"], special=True)[:530]
+    assert ids[0] == tok.bos == 2 and len(ids) == 530
+    with torch.no_grad():
+        want, got = theirs(torch.tensor([ids])).logits, ours(torch.tensor([ids]))
+    assert (got - want).abs().max() <= 1e-3 and want.std() > 1.0
+
+
+def test_gemma3_gives_the_generations_of_transformers(gemma3):
+    ours, tok, theirs = gemma3
+    prompt = torch.tensor([tok.encode("Once upon a time, there was a little dragon who", special=True)])
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    got_ids = ours.generate(prompt, 20, temperature=0)
+    assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))

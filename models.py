@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Qwen2 and Qwen3, each computing what transformers computes. The paper's language-model results
+Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's language-model results
 finetune such models with codebooks (section 5).
 
     import models

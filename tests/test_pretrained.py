@@ -39,14 +39,21 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
-    """model (a transformers LlamaForCausalLM) as llama.cpp's converter writes it: matrices in
-    `quantisation` (norms stay F32), metadata from its config; `changes` overwrite metadata values."""
+    """model (a transformers LlamaForCausalLM, or Gemma2 / Gemma3ForCausalLM with arch gemma2 / gemma3)
+    as llama.cpp's converter writes it: matrices in `quantisation` (norms stay F32), metadata from
+    its config; `changes` overwrite metadata values."""
     gguf = need("gguf")
     c = model.config
+    gemma = arch.startswith("gemma")
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
             "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
-            "attention.head_count_kv": c.num_key_value_heads, "rope.freq_base": c.rope_parameters["rope_theta"],
-            "attention.layer_norm_rms_epsilon": c.rms_norm_eps} | changes
+            "attention.head_count_kv": c.num_key_value_heads,
+            "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
+            "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if gemma:
+        meta |= {"attention.key_length": c.head_dim, "attention.sliding_window": c.sliding_window}
+        meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
+    meta |= changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
@@ -54,10 +61,17 @@ def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
              "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if gemma:
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
     for name, t in model.state_dict().items():
         w = t.numpy()
-        if "q_proj" in name or "k_proj" in name:
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
+            w = w + 1
+        if not gemma and ("q_proj" in name or "k_proj" in name):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         stem = name.removesuffix(".weight")
         if stem.startswith("model.layers."):
@@ -105,6 +119,24 @@ def test_a_gguf_file_gives_its_original_logits(quantisation, tmp_path):
     want_ids = reference.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
+    """llama.cpp's Gemma layout: norm weights stored as 1 + weight, q / k rows as they are, the window
+    and Gemma-2's soft-caps in the metadata; the layer pattern (Gemma-3: five sliding layers, then a
+    global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied."""
+    options = dict(query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) if family == "gemma2" \
+        else dict(query_pre_attn_scalar=16, num_hidden_layers=6)
+    theirs = tiny(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{family}.gguf", theirs, arch=family))
+    assert ours.config.attn_window == ([5, 0] if family == "gemma2" else [5] * 5 + [0]) and ours.config.tied_head
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    want_ids = theirs.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
 
 
 def test_gguf_files_that_disagree_with_themselves(tmp_path):

@@ -437,6 +437,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d):
         """The config of to_dict()'s plain data (or of an earlier version's, FORMER_FIELDS)."""
+        if "family" in d:
+            raise ValueError(f"this config is a pretrained {d['family']} model's: models.model_from_config builds it")
         former = {name: d[name] for name in FORMER_FIELDS if name in d}
         if any(value != FORMER_FIELDS[name] for name, value in former.items()):
             raise ValueError(f"this config ({former}) is a pretrained model saved by an earlier version: "

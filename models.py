@@ -14,7 +14,8 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both). Nothing is downloaded and transformers is not needed.
+quantised in blocks (formats.py reads both; architectures llama, qwen2 and qwen3). Nothing is
+downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
@@ -62,7 +63,7 @@ class TransformerConfig:
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
     rotary_base: float = 10000.0
-    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear" or "llama3", its parameters}
+    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
@@ -90,11 +91,12 @@ class TransformerConfig:
         windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")), ("activation", tuple(ACTIVATIONS))):
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")),
+                              ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3"):
-            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear' or 'llama3'")
+        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
+            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
@@ -123,10 +125,13 @@ def rotary_frequencies(dims, base, scaling):
     """The rotary embedding's angular frequencies (dims / 2,), base^(-2i / dims), rescaled for a
     longer context: "linear" divides them all by the factor; "llama3" divides those whose
     wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
-    original_max_position_embeddings / high_freq_factor, and blends the two in between."""
+    original_max_position_embeddings / high_freq_factor, and blends the two in between;
+    "divisors" divides each by its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
     if scaling.get("rope_type") == "linear":
         return inv_freq / scaling["factor"]
+    if scaling.get("rope_type") == "divisors":
+        return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float)
     if scaling.get("rope_type") == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         context = scaling["original_max_position_embeddings"]
@@ -266,8 +271,10 @@ def model_from_config(config):
 
 # ------------------------------------------------------------------------------------------------
 # 2. Families. Each maps config.json `c` to TransformerConfig fields and gives its table
-# {our module name: theirs} ("blocks.{i}." and "{L}" stand for layer i) and the transforms some
-# tensors need ({our module name: fn(tensor)}, on weights and biases alike).
+# {our module name: theirs} ("{i}" stands for the layer) and the transforms some tensors need
+# ({our module name: fn(tensor)}, on weights and biases alike). A family that needs another part
+# (Gemma: norms scaling by 1 + weight, norms after attention and MLP, soft-capped scores) adds a
+# TransformerConfig field and its few lines to the parts above, never a forward of its own.
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -312,7 +319,8 @@ def gpt2(c, where):
                   qkv_bias=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
     table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},
                   {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.c_attn", "attn.k": "attn.c_attn",
-                   "attn.v": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "h.{i}.")
+                   "attn.v": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
+                  "h.{i}.")
     conv1d = lambda t: t.T if t.dim() == 2 else t  # Conv1D stores (in, out)
     part = lambda i: lambda t: conv1d(t).chunk(3)[i]  # q, k or v of the fused projection
     transforms = {"blocks.{i}.attn.q": part(0), "blocks.{i}.attn.k": part(1), "blocks.{i}.attn.v": part(2),
@@ -360,11 +368,11 @@ def gpt_neox(c, where):
                    "attn.k": "attention.query_key_value", "attn.v": "attention.query_key_value", "attn.o": "attention.dense",
                    "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "layers.{i}.")
     per_head = lambda i: lambda t: t.reshape(heads, 3, d_head, *t.shape[1:])[:, i].reshape(d, *t.shape[1:])  # q, k, v
-    return config, table, {"blocks.{i}.attn.q": per_head(0), "blocks.{i}.attn.k": per_head(1), "blocks.{i}.attn.v": per_head(2)}
+    return config, table, {f"blocks.{{i}}.attn.{x}": per_head(i) for i, x in enumerate("qkv")}
 
 
 LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_head"},
-                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",  # Llama's name for the norm before its MLP
+                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",  # the norm before the MLP
                      "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
                      "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
                      "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}, "layers.{i}.")
@@ -544,7 +552,8 @@ def load_pretrained(path, codebooks=None, block_size=None):
     if is_gguf(path):
         metadata, infos = formats.read_gguf_info(path)
         vocab_size = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)["vocab_size"]
-        return from_gguf(path, codebooks, block_size), bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
+        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
+        return from_gguf(path, codebooks, block_size), tokenizer
     c = read_config(path)
     tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
     return from_pretrained(path, codebooks, block_size), tokenizer
@@ -589,8 +598,6 @@ def gguf_config(metadata, shapes, path):
     kind = _option({"type": get("rope.scaling.type", "none")}, "type", "none", ["none", "linear"], path)
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
-    if "rope_freqs.weight" in shapes:
-        raise ValueError(f"{path}: rope_freqs (llama.cpp's per-frequency rope scaling, as for Llama-3.1) is not implemented")
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
     c["vocab_size"] = shapes["token_embd.weight"][0]
@@ -632,6 +639,12 @@ def from_gguf(path, codebooks=None, block_size=None):
     c = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)
     config, _, _ = FAMILIES[c["model_type"]](c, path)
     tensors = formats.read_gguf(path).tensors
+    if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
+        divisors = tensors.pop("rope_freqs.weight").flatten().tolist()
+        if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:
+            raise ValueError(f"{path}: rope_freqs holds {len(divisors)} divisors for {config['rotary_dims'] // 2} rotary "
+                             f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
+        config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     transforms = {}
     if c["model_type"] == "llama":  # only the llama architecture's rotary is interleaved in llama.cpp
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}

@@ -76,9 +76,9 @@ def tiny(family, vocab_size=96, **options):
     return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
 
 
-# Llama-3's rope scaling with a context of 16 so that the 8 frequencies of a head fall in all three of
+# Llama-3's rope scaling with a context of 32 so that the 8 frequencies of a head fall in all three of
 # its bands (kept, blended, divided); Qwen3 with a head_dim other than d_model / n_head
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
@@ -356,3 +356,5 @@ def test_a_compact_model_saved_with_the_former_config_fields_loads():
     assert type(model) is cb.GPT and model.config == cb.GPTConfig(**config)
     with pytest.raises(ValueError, match="pretrained model saved by an earlier version"):
         models.model_from_config(config | cb.FORMER_FIELDS | {"rotary_dims": 4})
+    with pytest.raises(ValueError, match="pretrained llama model's: models.model_from_config builds it"):
+        cb.GPT(models.TransformerConfig(family="llama").to_dict())

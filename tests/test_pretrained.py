@@ -1,7 +1,8 @@
-"""models.py on GGUF files: a tiny Llama written by the `gguf` package's writer (its q / k rows
-permuted as llama.cpp's converter does) against transformers' float32 original; files that
-disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) of .ci/fetch_models against
-transformers' own GGUF loader, then finetuned with codebooks by train_lm.py and steered by steer.py.
+"""models.py on GGUF files: a tiny Llama, Qwen, Gemma-2 and Gemma-3 written by the `gguf` package's
+writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that
+disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+.ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
+train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import importlib
@@ -16,19 +17,22 @@ import codebook as cb
 import models
 from test_models import LLAMA3, STDLIB, tiny
 
-REQUIRED = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1" or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
-SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")),
-                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
+REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
+MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
+SMOLLM2, GEMMA3 = (os.path.join(MODELS, name) for name in ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"))
 
 
 def need(module):
-    return importlib.import_module(module) if REQUIRED else pytest.importorskip(module, reason=f"{module} is test-only: pip install {module}")
+    if REQUIRE_PACKAGES:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
 
 
-def smollm2():
-    if not os.path.isfile(SMOLLM2) and not REQUIRED:
-        pytest.skip(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
-    return SMOLLM2
+def real_model(path):
+    if not os.path.isfile(path):
+        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{path} is absent: .ci/fetch_models fetches it")
+    return path
 
 
 # --- a tiny Llama as a GGUF file ------------------------------------------------------------
@@ -38,10 +42,13 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
-    """model (a transformers LlamaForCausalLM, or Gemma2 / Gemma3ForCausalLM with arch gemma2 / gemma3)
-    as llama.cpp's converter writes it: matrices in `quantisation` (norms stay F32), metadata from
-    its config; `changes` overwrite metadata values."""
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, **changes):
+    """model (a transformers Llama, Qwen2, Qwen3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices in
+    `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
+    rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
+    transformers), metadata from its config; `changes` overwrite metadata values; rope_freqs: the
+    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
+    norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -49,21 +56,23 @@ def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
             "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
             "attention.head_count_kv": c.num_key_value_heads,
             "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
+            "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
     if gemma:
-        meta |= {"attention.key_length": c.head_dim, "attention.sliding_window": c.sliding_window}
+        meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
     meta |= changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
     if gemma:
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
-                  "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+                  "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
     for name, t in model.state_dict().items():
         w = t.numpy()
@@ -71,18 +80,20 @@ def write_gguf(path, model, quantisation="F32", arch="llama", **changes):
             continue
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if not gemma and ("q_proj" in name or "k_proj" in name):
+        if ("q_proj" in name or "k_proj" in name) and arch == "llama":
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
-        stem = name.removesuffix(".weight")
+        stem, suffix = name.rsplit(".", 1)
         if stem.startswith("model.layers."):
             _, _, layer, part = stem.split(".", 3)
-            gguf_name = f"blk.{layer}.{names[part]}.weight"
+            gguf_name = f"blk.{layer}.{names[part]}.{suffix}"
         else:
-            gguf_name = names[stem] + ".weight"
+            gguf_name = f"{names[stem]}.{suffix}"
         if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -100,14 +111,22 @@ def rounded(model, quantisation):
     return copy
 
 
-@pytest.mark.parametrize("quantisation", ["F32", "Q8_0", "Q4_1"])
-def test_a_gguf_file_gives_its_original_logits(quantisation, tmp_path):
+@pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
+                                               ("qwen2", "F32"), ("qwen3", "Q8_0")])
+def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
-    matrices rounded to the format (gguf's own dequantisation), which is not the original."""
-    theirs = tiny("llama", rope_scaling=None, tie_word_embeddings=False)
-    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation)
+    matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
+    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it."""
+    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3)}.get(arch, {})
+    theirs = tiny(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
+    divisors = None
+    if arch == "llama3":
+        divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
+        assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
+        arch = "llama"
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors)
     ours = models.from_pretrained(path)
-    assert ours.config.family == "llama" and ours.config.n_kv_head == 2 and not ours.config.tied_head
+    assert ours.config.family == arch and ours.config.n_kv_head == 2 and not ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     reference = rounded(theirs, quantisation)
     with torch.no_grad():
@@ -162,7 +181,7 @@ def test_smollm2_gives_the_logits_and_generations_of_transformers():
     prose this Python ships, the same 20 greedy tokens after a story prompt."""
     transformers = need("transformers")
     need("gguf")
-    path = smollm2()
+    path = real_model(SMOLLM2)
     ours, tok = models.load_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=torch.float32).eval()
@@ -185,8 +204,8 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     2 codebook steps, 8 codes per head), then steer.py forcing a code of its checkpoint."""
     import steer
     import train_lm
-    path, layers, heads, family = {"SmolLM2": (smollm2, 30, 9, "llama"), "Gemma-3": (gemma3_file, 18, 4, "gemma3_text")}[name]
-    path, out = path(), tmp_path / "lm"
+    path, layers, heads, family = {"SmolLM2": (SMOLLM2, 30, 9, "llama"), "Gemma-3": (GEMMA3, 18, 4, "gemma3_text")}[name]
+    path, out = real_model(path), tmp_path / "lm"
     train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
                    "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
                    "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
@@ -203,22 +222,13 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
 
 # --- Gemma-3-270M ---------------------------------------------------------------------------
 
-GEMMA3 = os.path.join(os.path.dirname(SMOLLM2), "gemma-3-270m-q4_k_m.gguf")
-
-
-def gemma3_file():
-    if not os.path.isfile(GEMMA3) and not REQUIRED:
-        pytest.skip(f"{GEMMA3} is absent: .ci/fetch_models fetches it")
-    return GEMMA3
-
-
 @pytest.fixture(scope="module")
 def gemma3():
     """(ours, its tokenizer, transformers' model) of Gemma-3-270M (Q8_0, Q5_0, Q4_K, Q6_K and F32
     tensors), loaded once: transformers' GGUF loader dequantises through `gguf` (about a minute)."""
     transformers = need("transformers")
     need("gguf")
-    path = gemma3_file()
+    path = real_model(GEMMA3)
     ours, tok = models.load_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=torch.float32).eval()

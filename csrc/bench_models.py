@@ -1,0 +1,104 @@
+"""Benchmark: a training step of this project's SmolLM2-135M (models.py) against transformers'
+LlamaForCausalLM with the same weights, and what per-head codebooks on every layer add to it.
+
+    python csrc/bench_models.py                      # the SmolLM2 GGUF of .ci/fetch_models, 4 x 128 tokens
+    python csrc/bench_models.py --gguf FILE --batch 4 --seq 128 --num_codes 512 --k 8 --reps 3
+
+A step is forward, cross-entropy on next tokens, backward, on one fixed batch. The three models
+run in turn, interleaved (ours, transformers', ours with codebooks), after one warm-up step each,
+so that what the other jobs on the machine take falls on all alike; each figure is the median of
+--reps steps. transformers is needed here only (pip install transformers).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import codebook as cb  # noqa: E402
+import models  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
+parser.add_argument("--gguf", default=os.path.join(MODELS, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+parser.add_argument("--batch", type=int, default=4)
+parser.add_argument("--seq", type=int, default=128)
+parser.add_argument("--num_codes", type=int, default=512, help="codes per head (train_lm.py's default)")
+parser.add_argument("--k", type=int, default=8)
+parser.add_argument("--reps", type=int, default=3)
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def transformers_twin(ours):
+    """transformers' LlamaForCausalLM holding our Llama-family Transformer's weights."""
+    import transformers
+    c = ours.config
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.d_head, rms_norm_eps=c.norm_eps,
+        max_position_embeddings=c.block_size, rope_theta=c.rotary_base, tie_word_embeddings=c.tied_head))
+    state_dict = {}
+    for name, tensor in ours.state_dict().items():
+        module, kind = name.rsplit(".", 1)
+        layer = module.split(".")[1] if module.startswith("blocks.") else ""
+        theirs_name = models.LLAMA_NAMES[module.replace(f"blocks.{layer}.", "blocks.{i}.")].format(i=layer)
+        state_dict[("" if theirs_name == "lm_head" else "model.") + theirs_name + "." + kind] = tensor
+    theirs.load_state_dict(state_dict)
+    return theirs
+
+
+def step(model, x, y, logits_of):
+    """(wall seconds, CPU seconds of this process) of one forward + backward of the next-token loss."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    logits = logits_of(model, x)
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+    if isinstance(model, cb.CodebookModel):
+        loss = loss + model.codebook_loss()
+    loss.backward()
+    seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.gguf):
+        raise SystemExit(f"{args.gguf} does not exist: .ci/fetch_models fetches it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ours = models.from_pretrained(args.gguf, block_size=args.seq)
+    theirs = transformers_twin(ours)
+    coded = cb.with_codebooks(ours, {"attn": dict(num_codes=args.num_codes, k=args.k)})
+    tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():  # the same model, so the comparison is fair
+        assert (ours(x) - theirs(x, use_cache=False).logits).abs().max() < 1e-3
+    runs = {"ours": (ours, lambda m, x: m(x)), "transformers": (theirs, lambda m, x: m(x, use_cache=False).logits),
+            "ours + codebooks": (coded, lambda m, x: m(x))}
+    for model, _ in runs.values():
+        model.train()
+    times = {name: [] for name in runs}
+    for rep in range(args.reps + 1):
+        for name, (model, logits_of) in runs.items():
+            seconds = step(model, x, y, logits_of)
+            if rep:  # the first round warms up
+                times[name].append(seconds)
+    wall, cpu = ({name: statistics.median(s[i] for s in t) for name, t in times.items()} for i in (0, 1))
+    print(f"SmolLM2-135M ({os.path.basename(args.gguf)}), batch {args.batch} x {args.seq} tokens, forward + backward, "
+          f"{torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
+    print(f"  {'':28s}{'wall':>8s}{'CPU':>8s}  (CPU: this process's CPU time, less moved by other jobs on the cores)")
+    for name in runs:
+        print(f"  {name:28s}{wall[name]:7.2f}s{cpu[name]:7.2f}s")
+    ratios = {"ours / transformers": ("ours", "transformers"), "codebooks / ours": ("ours + codebooks", "ours")}
+    for name, (a, b) in ratios.items():
+        print(f"  {name:28s}{wall[a] / wall[b]:8.3f}{cpu[a] / cpu[b]:8.3f}")
+    print(f"  (target for ours / transformers: at most 1.1; the codebooks: {args.num_codes} codes, k={args.k}, "
+          f"on each of the {ours.config.n_layer} x {ours.config.n_head} heads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,8 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2 and qwen3). Nothing is
-downloaded and transformers is not needed.
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, gemma2 and gemma3).
+Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
@@ -169,7 +169,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.d_head, cfg.norm_eps), RMSNorm(cfg.d_head, cfg.norm_eps)
         self.qk_norm, self.softcap = cfg.qk_norm, cfg.attn_softcap
-        base, scaling = (cfg.local_rotary_base, {}) if cfg.local_rotary_base and self.window else (cfg.rotary_base, cfg.rotary_scaling)
+        local = cfg.local_rotary_base and self.window
+        base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if cfg.rotary_dims else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
 
@@ -224,7 +225,8 @@ class Block(cb.CodebookBlock):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
         self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg, layer), make_norm(cfg), MLP(cfg)
-        self.post_attn_norm, self.post_mlp_norm = (make_norm(cfg), make_norm(cfg)) if cfg.sandwich_norms else (nn.Identity(), nn.Identity())
+        sandwich = cfg.sandwich_norms
+        self.post_attn_norm, self.post_mlp_norm = (make_norm(cfg), make_norm(cfg)) if sandwich else (nn.Identity(), nn.Identity())
         self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
 
     def forward(self, x, start, cache=None):

@@ -420,7 +420,9 @@ def gemma(c, where):
     other one, Gemma-3: five in six) with, in Gemma-3, their own unscaled rotary base and an RMSNorm
     on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits."""
     if c["model_type"] == "gemma3":
-        c = {"model_type": "gemma3_text", **c.get("text_config", {})}
+        if not isinstance(c.get("text_config"), dict):
+            raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
+        c = {"model_type": "gemma3_text", **c["text_config"]}
     family = c["model_type"]
     c = GEMMA_DEFAULTS[family] | c
     _option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)

@@ -245,6 +245,12 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         models.from_pretrained(str(tmp_path))
+    for config, message in [({"model_type": "gemma3"}, "its language model's config under text_config"),
+                            ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+                            ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must give")]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            models.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no tokenizer.json"):
         bpe.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="of kind 'sentencepiece'"):

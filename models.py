@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Qwen2 and Qwen3, each computing what transformers computes. The paper's language-model results
+Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's language-model results
 finetune such models with codebooks (section 5).
 
     import models
@@ -14,8 +14,8 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2 and qwen3). Nothing is
-downloaded and transformers is not needed.
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, gemma2 and gemma3).
+Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
@@ -65,11 +65,16 @@ class TransformerConfig:
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
     rotary_base: float = 10000.0
     rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
+    local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
+    attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
+    logit_softcap: float = 0.0  # > 0: the same on the output logits
+    embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
+    sandwich_norms: bool = False  # a norm on the attention's and the MLP's outputs as well (Gemma)
     mlp: str = "gelu"  # "gelu": down(act(up x)); "gated": down(act(gate x) * up x) (SwiGLU with silu)
     activation: str = "gelu"  # a key of ACTIVATIONS
     mlp_bias: bool = True
@@ -164,8 +169,10 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.d_head, cfg.norm_eps), RMSNorm(cfg.d_head, cfg.norm_eps)
-        self.qk_norm = cfg.qk_norm
-        frequencies = rotary_frequencies(cfg.rotary_dims, cfg.rotary_base, cfg.rotary_scaling) if cfg.rotary_dims else None
+        self.qk_norm, self.softcap = cfg.qk_norm, cfg.attn_softcap
+        local = cfg.local_rotary_base and self.window
+        base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
+        frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if cfg.rotary_dims else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
 
     def forward(self, x, start, cache=None):
@@ -182,7 +189,20 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
+        if self.softcap:
+            return softcapped_attention(q, k, v, self.window, self.scale, self.softcap).transpose(1, 2)
         return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
+
+
+def softcapped_attention(q, k, v, window, scale, cap):
+    """codebook.causal_attention's result with each score s (times `scale`) replaced by
+    cap * tanh(s / cap) before the mask: no score beyond +-cap (Gemma-2)."""
+    T, S = q.shape[2], k.shape[2]
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    scores = torch.tanh(q @ k.transpose(2, 3) * (scale or q.shape[-1] ** -0.5) / cap) * cap
+    i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
+    visible = (j <= i) & (j > i - window) if window else j <= i
+    return scores.masked_fill(~visible, -math.inf).softmax(-1) @ v
 
 
 class MLP(nn.Module):
@@ -198,19 +218,24 @@ class MLP(nn.Module):
 
 
 class Block(cb.CodebookBlock):
-    """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites."""
+    """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites.
+    With sandwich norms each output is normed again before it is added; the "mlp" site is then
+    what the MLP adds to the residual stream, after its norm."""
 
     def __init__(self, cfg, layer):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
         self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg, layer), make_norm(cfg), MLP(cfg)
+        sandwich = cfg.sandwich_norms
+        self.post_attn_norm, self.post_mlp_norm = (make_norm(cfg), make_norm(cfg)) if sandwich else (nn.Identity(), nn.Identity())
         self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
 
     def forward(self, x, start, cache=None):
         B, T, _ = x.shape
         heads = self.site("attn", self.attn(self.norm1(x), start, cache))  # (B, T, H, dh): before W_O
-        h = x + self.attn.o(heads.reshape(B, T, -1))
-        x = h + self.site("mlp", self.mlp(self.norm2(x if self.parallel_residual else h))[:, :, None])[:, :, 0]
+        h = x + self.post_attn_norm(self.attn.o(heads.reshape(B, T, -1)))
+        mlp = self.post_mlp_norm(self.mlp(self.norm2(x if self.parallel_residual else h)))
+        x = h + self.site("mlp", mlp[:, :, None])[:, :, 0]
         return self.site("block", x[:, :, None])[:, :, 0]
 
 
@@ -228,15 +253,18 @@ class Transformer(cb.CodebookModel):
 
     def forward(self, idx, cache=None):
         """idx (batch, seq) integer tokens -> logits (batch, seq, vocab); a cache as codebook.GPT's."""
-        start = self.start_of(idx, cache)
+        start, cfg = self.start_of(idx, cache), self.config
         x = self.tok_emb(idx.long())
+        if cfg.embed_scale != 1.0:  # the scale rounded to the weights' dtype first, as transformers' Gemma does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
         for i, block in enumerate(self.blocks):
             x = block(x, start, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
             cache["length"] = start + idx.shape[1]
-        return self.head(self.norm_f(x))
+        logits = self.head(self.norm_f(x))
+        return torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap if cfg.logit_softcap else logits
 
 
 def model_from_config(config):
@@ -373,7 +401,70 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
-FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "qwen2": llama, "qwen3": llama}
+GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
+                                        "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
+# transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
+GEMMA_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                        final_logit_softcapping=None, attn_logit_softcapping=None)}
+
+
+def gemma(c, where):
+    """Gemma-2 and Gemma-3 (gemma3_text; a multimodal gemma3's text_config): RMSNorm scaling by
+    (1 + weight), stored here as that sum; the embedding times sqrt(d_model); GeGLU MLP; scores
+    scaled by query_pre_attn_scalar^-1/2; sandwich norms; sliding-window layers (Gemma-2: every
+    other one, Gemma-3: five in six) with, in Gemma-3, their own unscaled rotary base and an RMSNorm
+    on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits."""
+    if c["model_type"] == "gemma3":
+        if not isinstance(c.get("text_config"), dict):
+            raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
+        c = {"model_type": "gemma3_text", **c["text_config"]}
+    family = c["model_type"]
+    c = GEMMA_DEFAULTS[family] | c
+    _option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)
+    _option(c, "use_bidirectional_attention", False, [False, None], where)
+    n_layer, d, d_head = c["num_hidden_layers"], c["hidden_size"], c["head_dim"]
+    every = 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
+    layers = c.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    if len(layers) != n_layer or set(layers) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"{where}: layer_types must give 'sliding_attention' or 'full_attention' for each of the {n_layer} layers")
+    rope = c.get("rope_parameters") or {}
+    if "full_attention" in rope:  # transformers' rope parameters per layer type
+        rotary = _rope({"rope_parameters": rope["full_attention"]}, where, d_head, c["rope_theta"])
+        local = rope.get("sliding_attention") or {}
+        _option(local, "rope_type", "default", ["default"], f"{where} (sliding_attention)")
+        local_base = local.get("rope_theta", c.get("rope_local_base_freq", 10000.0))
+    else:
+        rotary, local_base = _rope(c, where, d_head, c["rope_theta"]), c.get("rope_local_base_freq", 10000.0)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
+                  n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"], **rotary,
+                  local_rotary_base=float(local_base) if family == "gemma3_text" else 0.0,
+                  qkv_bias=c.get("attention_bias", False), out_bias=c.get("attention_bias", False),
+                  qk_norm=family == "gemma3_text", attn_scale=c["query_pre_attn_scalar"] ** -0.5,
+                  attn_window=[c["sliding_window"] if kind == "sliding_attention" else 0 for kind in layers],
+                  attn_softcap=c["attn_logit_softcapping"] or 0.0, logit_softcap=c["final_logit_softcapping"] or 0.0,
+                  embed_scale=d ** 0.5, sandwich_norms=True, mlp="gated", activation="gelu_tanh", mlp_bias=False,
+                  tied_head=c.get("tie_word_embeddings", True))
+    plus_one = lambda t: 1.0 + t
+    norms = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
+                                                             "attn.q_norm", "attn.k_norm")]
+    return config, GEMMA_NAMES, {name: plus_one for name in norms}
+
+
+def gemma3_text_weights(tensors):
+    """A multimodal Gemma-3's language-model tensors, named as a Gemma3ForCausalLM's (the vision tower left out)."""
+    text = re.compile(r"^(model\.)?language_model\.")
+    return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
+
+
+FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "qwen2": llama, "qwen3": llama,
+            "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,8 +546,10 @@ def from_pretrained(path, codebooks=None, block_size=None):
         return from_gguf(path, codebooks, block_size)
     c = read_config(path)
     config, table, transforms = FAMILIES[c["model_type"]](c, f"{path}/config.json")
-    weights = Weights(formats.read_weights(path), path)
-    return build(config, c["model_type"], weights, table, transforms, codebooks, block_size)
+    tensors = formats.read_weights(path)
+    if c["model_type"] == "gemma3":
+        tensors = gemma3_text_weights(tensors)
+    return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 
 def load_pretrained(path, codebooks=None, block_size=None):
@@ -477,11 +570,12 @@ def load_pretrained(path, codebooks=None, block_size=None):
 GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "output"},
                    {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
                     "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
-                    "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}, "blk.{i}.")
+                    "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down",
+                    "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}, "blk.{i}.")
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length"}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def is_gguf(path):
@@ -518,7 +612,23 @@ def gguf_config(metadata, shapes, path):
     c["tie_word_embeddings"] = "output.weight" not in shapes
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
+    if arch.startswith("gemma"):
+        c |= gemma_gguf_config(c, get)
     return c
+
+
+def gemma_gguf_config(c, get):
+    """The Gemma fields of config.json that a GGUF file gives or implies. llama.cpp stores no
+    query_pre_attn_scalar (it scales scores by d_model / n_head in the 27B models, Gemma-2's 46
+    layers and Gemma-3's 62, else by head_dim), no layer pattern (Gemma-2 alternates, Gemma-3 has
+    every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight,
+    as models.py keeps them."""
+    gemma2 = c["model_type"] == "gemma2"
+    big = c["num_hidden_layers"] == (46 if gemma2 else 62)
+    return dict(model_type="gemma2" if gemma2 else "gemma3_text", sliding_window=get("attention.sliding_window"),
+                query_pre_attn_scalar=c["hidden_size"] // c["num_attention_heads"] if big else c["head_dim"],
+                attn_logit_softcapping=get("attn_logit_softcapping", None if gemma2 else 0.0),
+                final_logit_softcapping=get("final_logit_softcapping", None if gemma2 else 0.0))
 
 
 def unpermute(heads):

@@ -66,9 +66,13 @@ def tiny(family, vocab_size=96, **options):
         config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
         return randomize(t.GPTNeoXForCausalLM(config), 2)
-    # Llama, Qwen2, Qwen3: 4 query heads sharing 2 key / value heads
+    # Llama, Qwen2, Qwen3, Gemma: 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
+    if family in ("gemma2", "gemma3"):  # eager attention: the one that soft-caps scores
+        config = (t.Gemma2Config if family == "gemma2" else t.Gemma3TextConfig)(**sizes | GEMMA | options, attn_implementation="eager")
+        model = (t.Gemma2ForCausalLM if family == "gemma2" else t.Gemma3ForCausalLM)(config)
+        return randomize(model, 4)
     model = {"llama": t.LlamaForCausalLM, "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM}[family]
     return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
 
@@ -82,8 +86,14 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", 
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
-         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24))}
-TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False}
+         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24)),
+         "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
+         "gemma3": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
+                                   rope_scaling=dict(rope_type="linear", factor=8.0)))}
+# Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
+GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)
+TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False, "gemma2": True,
+        "gemma3": True}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -122,6 +132,29 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     d_head = options.get("head_dim", 16)
     assert acts[1]["attn"].shape == (3, 40, 4, d_head) and acts[1]["mlp"].shape == acts[1]["block"].shape == (3, 40, 1, 64)
     assert type(with_cb) is models.Transformer and models.model_from_config(with_cb.config.to_dict()).config == with_cb.config
+
+
+def test_the_text_model_of_a_multimodal_gemma3(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (its text model's config under text_config, its weights
+    beside a vision tower's): the text model alone, with the logits and greedy tokens of the whole
+    model on text."""
+    t = need("transformers")
+    text_config = dict(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0, sliding_window_pattern=2, **GEMMA)
+    vision_config = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=28, patch_size=14)
+    theirs = randomize(t.Gemma3ForConditionalGeneration(t.Gemma3Config(text_config=text_config, vision_config=vision_config,
+                                                                        mm_tokens_per_image=4)), 5)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.family == "gemma3" and ours.config.attn_window == [5, 0] and ours.config.qk_norm
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
+    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
 
 
 def test_the_parts_keep_generation_with_the_cache_exact():
@@ -213,6 +246,12 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         models.from_pretrained(str(tmp_path))
+    for config, message in [({"model_type": "gemma3"}, "its language model's config under text_config"),
+                            ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+                            ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must give")]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            models.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no tokenizer.json"):
         bpe.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="of kind 'sentencepiece'"):

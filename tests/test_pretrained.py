@@ -1,7 +1,8 @@
-"""models.py on GGUF files: a tiny Llama written by the `gguf` package's writer (its q / k rows
-permuted as llama.cpp's converter does) against transformers' float32 original; files that
-disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) of .ci/fetch_models against
-transformers' own GGUF loader, then finetuned with codebooks by train_lm.py and steered by steer.py.
+"""models.py on GGUF files: a tiny Llama, Qwen, Gemma-2 and Gemma-3 written by the `gguf` package's
+writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that
+disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+.ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
+train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import importlib
@@ -18,8 +19,8 @@ from test_models import LLAMA3, tiny
 
 REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
 REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
-SMOLLM2 = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")),
-                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
+SMOLLM2, GEMMA3 = (os.path.join(MODELS, name) for name in ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"))
 
 
 def need(module):
@@ -28,10 +29,10 @@ def need(module):
     return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
 
 
-def smollm2():
-    if not os.path.isfile(SMOLLM2):
-        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{SMOLLM2} is absent: .ci/fetch_models fetches it")
-    return SMOLLM2
+def real_model(path):
+    if not os.path.isfile(path):
+        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{path} is absent: .ci/fetch_models fetches it")
+    return path
 
 
 # --- a tiny Llama as a GGUF file ------------------------------------------------------------
@@ -42,18 +43,25 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, **changes):
-    """model (a transformers Llama, Qwen2 or Qwen3) as llama.cpp's converter writes it: matrices in
+    """model (a transformers Llama, Qwen2, Qwen3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices in
     `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
     rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
     transformers), metadata from its config; `changes` overwrite metadata values; rope_freqs: the
-    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling."""
+    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
+    norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
     gguf = need("gguf")
     c = model.config
+    gemma = arch.startswith("gemma")
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
             "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
-            "attention.head_count_kv": c.num_key_value_heads, "rope.freq_base": c.rope_parameters["rope_theta"],
+            "attention.head_count_kv": c.num_key_value_heads,
+            "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
             "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "attention.layer_norm_rms_epsilon": c.rms_norm_eps} | changes
+            "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if gemma:
+        meta |= {"attention.sliding_window": c.sliding_window}
+        meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
+    meta |= changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
@@ -62,9 +70,16 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, *
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm"}
+    if gemma:
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
     for name, t in model.state_dict().items():
         w = t.numpy()
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
+            w = w + 1
         if ("q_proj" in name or "k_proj" in name) and arch == "llama":
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         stem, suffix = name.rsplit(".", 1)
@@ -125,6 +140,24 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
+    """llama.cpp's Gemma layout: norm weights stored as 1 + weight, q / k rows as they are, the window
+    and Gemma-2's soft-caps in the metadata; the layer pattern (Gemma-3: five sliding layers, then a
+    global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied."""
+    options = dict(query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) if family == "gemma2" \
+        else dict(query_pre_attn_scalar=16, num_hidden_layers=6)
+    theirs = tiny(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{family}.gguf", theirs, arch=family))
+    assert ours.config.attn_window == ([5, 0] if family == "gemma2" else [5] * 5 + [0]) and ours.config.tied_head
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    want_ids = theirs.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+
+
 def test_gguf_files_that_disagree_with_themselves(tmp_path):
     theirs = tiny("llama", tie_word_embeddings=False)
     cases = [(dict(arch="mamba"), "architecture 'mamba' is not supported"),
@@ -148,7 +181,7 @@ def test_smollm2_gives_the_logits_and_generations_of_transformers():
     prose this Python ships, the same 20 greedy tokens after a story prompt."""
     transformers = need("transformers")
     need("gguf")
-    path = smollm2()
+    path = real_model(SMOLLM2)
     ours, tok = models.load_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=torch.float32).eval()
@@ -165,21 +198,60 @@ def test_smollm2_gives_the_logits_and_generations_of_transformers():
     assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))
 
 
-def test_train_lm_and_steer_on_smollm2(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["SmolLM2", "Gemma-3"])
+def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     """train_lm.py --hf on the GGUF file, as small as its flags allow (16-token windows, 2 per step,
     2 codebook steps, 8 codes per head), then steer.py forcing a code of its checkpoint."""
     import steer
     import train_lm
-    path, out = smollm2(), tmp_path / "lm"
+    path, layers, heads, family = {"SmolLM2": (SMOLLM2, 30, 9, "llama"), "Gemma-3": (GEMMA3, 18, 4, "gemma3_text")}[name]
+    path, out = real_model(path), tmp_path / "lm"
     train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
                    "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
                    "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
     results = json.load(open(out / "results.json"))
     assert np.isfinite(results["base_val_loss"]) and np.isfinite(results["codebook_val_loss"])
-    assert len(results["dead_code_fraction"]) == 30 * 9  # a codebook on every head of every layer
-    assert runs.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == "llama"
+    assert len(results["dead_code_fraction"]) == layers * heads  # a codebook on every head of every layer
+    assert runs.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == family
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
                 "--samples", "2", "--new_bytes", "6", "--threads", "2"])
     printed = capsys.readouterr().out
     assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
+
+
+# --- Gemma-3-270M ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """(ours, its tokenizer, transformers' model) of Gemma-3-270M (Q8_0, Q5_0, Q4_K, Q6_K and F32
+    tensors), loaded once: transformers' GGUF loader dequantises through `gguf` (about a minute)."""
+    transformers = need("transformers")
+    need("gguf")
+    path = real_model(GEMMA3)
+    ours, tok = models.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32).eval()
+    return ours, tok, theirs
+
+
+def test_gemma3_gives_the_logits_of_transformers(gemma3):
+    """Logits within 1e-3 over 530 tokens of prose this Python ships, past the 512-token window of
+    its sliding layers (five in six; every sixth layer global, with its own rotary base)."""
+    ours, tok, theirs = gemma3
+    assert ours.config.n_layer == 18 and ours.config.n_kv_head == 1 and ours.config.attn_window[:6] == [512] * 5 + [0]
+    from pydoc_data.topics import topics
+    ids = tok.encode(topics["compound"], special=True)[:530]
+    assert ids[0] == tok.bos == 2 and len(ids) == 530
+    with torch.no_grad():
+        want, got = theirs(torch.tensor([ids])).logits, ours(torch.tensor([ids]))
+    assert (got - want).abs().max() <= 1e-3 and want.std() > 1.0
+
+
+def test_gemma3_gives_the_generations_of_transformers(gemma3):
+    ours, tok, theirs = gemma3
+    prompt = torch.tensor([tok.encode("Once upon a time, there was a little dragon who", special=True)])
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    got_ids = ours.generate(prompt, 20, temperature=0)
+    assert torch.equal(got_ids, want_ids), (tok.decode(got_ids[0]), tok.decode(want_ids[0]))

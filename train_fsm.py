@@ -311,7 +311,8 @@ def settings(argv):
     codebook setting is refused before the baseline trains)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="paper: the paper's sizes, for a GPU")
+    p.add_argument("--preset", choices=["cpu", "quick", "paper"], default="cpu",
+                   help="quick: fewer steps and evaluation walks, no SAEs (a first run); paper: the paper's sizes, for a GPU")
     p.add_argument("--num_states", type=int, default=100)
     p.add_argument("--num_edges", type=int, default=10, help="successors of each state")
     p.add_argument("--base", type=int, default=10, help="states are written in this base")
@@ -352,6 +353,9 @@ def settings(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/fsm")
     args = p.parse_args(argv)
+    if args.preset == "quick":  # the default's model and FSM, trained and evaluated on less (README: its table)
+        for name, value in dict(base_steps=400, codebook_steps=500, eval_seqs=500, pairs=1000, sae=False).items():
+            setattr(args, name, value)
     if args.preset == "paper":  # 4 layers, d_model 128, 4 heads, MLP 512, 10k codes, batch 512 (section 4.1)
         for name, value in dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
                                 base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,

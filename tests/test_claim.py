@@ -10,7 +10,7 @@ import train_fsm as T
 FSM = dict(num_states=16, num_edges=3, base=4, walk_length=32, seed=0)
 # the default's method (attention window 2, interchange training) on a 3-layer model, d_model 48
 SETTINGS = ["--n_layer", "3", "--n_head", "3", "--d_model", "48", "--d_mlp", "64", "--attn_codes", "16", "--mlp_codes", "64",
-            "--interchange", "0.5", "--batch_size", "32", "--base_steps", "250", "--codebook_steps", "250",
+            "--interchange", "0.5", "--batch_size", "32", "--base_steps", "200", "--codebook_steps", "200",
             "--eval_seqs", "100", "--samples", "20", "--pairs", "200", "--cards", "1", "--no-sae", "--device", "cpu"]
 
 

@@ -24,8 +24,9 @@ def test_codes_are_the_states_and_forcing_them_moves_the_model(tmp_path):
         torch.set_num_threads(threads)
     chance = FSM["num_edges"] / FSM["num_states"]
     base, c = results["baseline"], results["codebook"]
-    assert base["transition_accuracy"] > 0.9 and c["transition_accuracy"] > base["transition_accuracy"] - 0.05
-    assert c["state_code_precision"] >= 0.9 and c["state_code_recall"] >= 0.5
+    transitions = base["transition_accuracy"], c["transition_accuracy"]
+    assert transitions[0] > 0.9 and transitions[1] > transitions[0] - 0.05, transitions
+    assert c["state_code_precision"] >= 0.9 and c["state_code_recall"] >= 0.5, (c["state_code_precision"], c["state_code_recall"])
     success = c["intervention_success"]
     assert success["all"] >= 0.6 and abs(success["none"] - chance) < 0.15, success
 
@@ -35,13 +36,12 @@ def test_codes_are_the_states_and_forcing_them_moves_the_model(tmp_path):
     tokens = fsm.encode(fsm.random_walks(100, torch.Generator().manual_seed(123)))
     ids, _ = cb.record_dataset(model, tokens[:, :-1])
     best = c["state_code_codebook"]
-    masks = fsm.state_masks(tokens)
-    ends = masks.any(0)
-    states = masks.float().argmax(0)[ends]
-    shuffled = torch.zeros_like(masks)
-    shuffled[:, ends] = torch.nn.functional.one_hot(states[torch.randperm(len(states), generator=torch.Generator().manual_seed(1))],
-                                                    fsm.num_states).T.bool()
+    masks = fsm.state_masks(tokens).flatten(1)  # (states, positions)
+    ends = masks.any(0).nonzero()[:, 0]  # the positions where a state ends; shuffled: each one labelled another's state
+    shuffled = masks.clone()
+    shuffled[:, ends] = masks[:, ends[torch.randperm(len(ends), generator=torch.Generator().manual_seed(1))]]
+    codes = ids[best].flatten(0, 1)  # (positions, k)
     num_codes = model.locate(best)[0].num_codes
-    held_out = T.best_state_codes(*cb.code_precision_recall(ids[best], masks, num_codes))[0].mean().item()
-    control = T.best_state_codes(*cb.code_precision_recall(ids[best], shuffled, num_codes))[0].mean().item()
-    assert held_out >= 0.9 and control < 0.5, (held_out, control)
+    held_out = T.best_state_codes(*cb.code_precision_recall(codes, masks, num_codes))[0].mean().item()
+    control = T.best_state_codes(*cb.code_precision_recall(codes, shuffled, num_codes))[0].mean().item()
+    assert held_out >= 0.85 and control < 0.3, (held_out, control)  # measured: 0.93 and 0.08

@@ -313,6 +313,7 @@ def walk_batch(fsm, args, i, rank, world, model=None):
 # --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them
 PRESETS = {
     "cpu": {},  # the defaults below: README's table, on a CPU
+    "quick": dict(base_steps=400, codebook_steps=500, eval_seqs=500, pairs=1000, sae=False),  # a first run: every claim, fewer steps
     "paper": dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
                   base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
                   attn_window=0, interchange=0.0),  # the paper's sizes (section 4.1), for a GPU

@@ -36,22 +36,21 @@ LOSSES = ("aeloss", "none", "commitment")
 # change its ranking); euclidean scores -|x - c|. csrc/ searches faster with the same ids (exact
 # ties aside) and scores.
 
-def code_scores(x, codes, similarity):
-    """The (heads, tokens, codes) scores; a NaN score (from a NaN or inf input) counts as -inf, as in csrc/."""
+def code_scores(x, codes, similarity, disabled=None):
+    """The (heads, tokens, codes) scores; -inf for a NaN score (from a NaN or inf input, as in csrc/)
+    and for the codes a (heads, codes) bool mask `disabled` sets."""
     if similarity == "cosine":
         s = x @ (codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
     else:
         sq_dist = (x * x).sum(-1, keepdim=True) - 2 * x @ codes.transpose(1, 2) + (codes * codes).sum(-1)[:, None, :]
         s = -sq_dist.clamp_min(0).sqrt()
-    return s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    s = s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return s if disabled is None else s.masked_fill(disabled[:, None, :], -math.inf)
 
 
 def search_reference(x, codebook, k, similarity="cosine", disabled=None):
     """Every score materialised, then top-k: O(tokens x codes) memory. Written to be read."""
-    s = code_scores(x, codebook, similarity)
-    if disabled is not None:
-        s = s.masked_fill(disabled[:, None, :], -math.inf)
-    return s.topk(k, dim=-1)
+    return code_scores(x, codebook, similarity, disabled).topk(k, dim=-1)
 
 
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
@@ -174,10 +173,6 @@ class CodebookLayer(nn.Module):
         self.token_count += error.numel()
         self.last_input = x_n.detach().reshape(-1, self.heads, self.dim).transpose(0, 1)
         self.last_error = error.reshape(-1, self.heads).T
-
-    def dead_fraction(self):
-        """Per head, the share of codes not used since the last revival."""
-        return dead_share(self.usage)
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):

@@ -150,8 +150,9 @@ class CodebookLayer(nn.Module):
                 where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
                 where[[p % seq for p in positions if -seq <= p < seq]] = True
             slots = ids[..., head, self.k - m:]
+            forced = torch.where(where.view(-1, seq, 1), codes.to(ids.device).expand_as(slots), slots)
             ids = ids.clone()
-            ids[..., head, self.k - m:] = torch.where(where.view(-1, seq, 1), codes.to(ids.device).expand_as(slots), slots)
+            ids[..., head, self.k - m:] = forced
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
@@ -176,10 +177,10 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
-        """Restart the codes unused since the last revival at recent inputs, drawn in proportion to
-        their squared error (an input its code fits already would leave a new code unused), plus
-        noise relative to the inputs' spread (a code outside a head's small ball of inputs is never
-        chosen). Returns how many were revived, and resets the statistics."""
+        """Restart the codes unused since the last revival at recent inputs drawn in proportion to their
+        squared error (one its code fits already would leave a new code unused), plus noise relative to
+        the inputs' spread (a code outside a head's ball of inputs is never chosen). Returns how many
+        were revived, and resets the statistics."""
         dead = self.usage == 0
         pool = self.last_input
         if pool is not None and dead.any():
@@ -209,9 +210,8 @@ class StraightThrough(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. The transformer. CodebookModel is what every function here (and report.py, sae.py, ...) needs
-# of a model with codebooks; GPT, the compact model of the paper's experiments, and
-# models.Transformer, the pretrained families, both provide it.
+# 3. The transformer. CodebookModel is what every function here needs of a model with codebooks; GPT,
+# the compact model of the paper's experiments, and models.Transformer (pretrained families) provide it.
 
 @dataclass
 class CodebookSpec:
@@ -468,7 +468,8 @@ def parse_address(text):
         raise ValueError(f"codebook address {text!r} is malformed: write L<layer>.H<head>, "
                          "L<layer>.MLP or L<layer>.BLOCK, with .<code> after it for one code")
     layer, head, site, code = m.groups()
-    return Address(int(layer), "attn" if site is None else site.lower(), int(head or 0), None if code is None else int(code))
+    site = "attn" if site is None else site.lower()
+    return Address(int(layer), site, int(head or 0), None if code is None else int(code))
 
 
 def parse_code(text):
@@ -654,10 +655,9 @@ def f1_score(precision, recall):
 
 
 def code_precision_recall(ids, masks, num_codes):
-    """Each code's precision and recall against boolean masks over positions: ids (..., k) recorded
-    codes, masks (S, ...) S target sets at once or (...) one. With hits = mask positions where the
-    code fires, precision = hits / positions where it fires, recall = hits / mask positions.
-    Returns (precision, recall), each (S, num_codes), or (num_codes,) for one mask."""
+    """(precision, recall) of every code, each (S, num_codes), against S boolean masks (S, ...) over the
+    positions of ids (..., k) at once, or (num_codes,) against one mask (...): with hits = mask positions
+    where the code fires, precision = hits / positions where it fires, recall = hits / mask positions."""
     single = masks.dim() == ids.dim() - 1
     masks = masks[None] if single else masks
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set

@@ -1,4 +1,4 @@
-"""Which code search runs (codebook.topk_codes hands every search but impl="reference" here):
+"""Which code search runs (codebook.topk_codes hands every search here):
 the fused extension of this folder where it applies, else the reference search of codebook.py
 while its score matrix is small, else a tiled torch search that never materialises it. All three
 return the same ids (exact ties aside) and scores."""

@@ -2,25 +2,20 @@
 Codebook Features: transformers whose hidden states pass through vector-quantisation bottlenecks.
 
 Paper: Tamkin, Taufeeque, Goodman, "Codebook Features: Sparse and Discrete Interpretability for
-Neural Networks", arXiv 2310.17230 (ICML 2024); section numbers below refer to it. What codes are
-compared with (neurons, activation addition, sparse autoencoders): baselines.py and sae.py.
-
-A codebook replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so
-every hidden state it sits on becomes a handful of discrete, readable and writable ids.
+Neural Networks", arXiv 2310.17230 (ICML 2024); section numbers below refer to it. A codebook
+replaces an activation x by the mean of the k codes most similar to LayerNorm(x), so every hidden
+state it sits on becomes a handful of discrete, readable and writable ids.
 
 This file, in the paper's order:
   1. code search      the k best codes of every query (section 3.1, steps 2-3)
-  2. codebook layer   LayerNorm, search, mean of k codes, straight-through, codebook loss;
-                      usage statistics and dead-code revival
-  3. transformer      what a model with codebooks provides (CodebookModel); a compact GPT with
-                      codebooks at attention heads / MLP / block outputs
+  2. codebook layer   LayerNorm, search, mean of k codes, straight-through, loss; dead-code revival
+  3. transformer      what a model with codebooks provides (CodebookModel); a compact GPT
   4. addresses        "L1.H2", "L3.MLP", "L0.BLOCK", "L1.H2.517": one parser, one formatter
   5. interventions    record, force and disable codes; capture and replace activations (section 3.3)
   6. finetuning       a trained model plus codebooks, k-means initialised (section 3.2)
   7. finding codes    precision / recall of codes against a mask, top contexts (section 4)
-
-How a model is trained, checkpointed and resumed is runs.py (runs.train, runs.load_model); the
-fused code search, and the machinery choosing it, is csrc/.
+Training and checkpoints: runs.py; pretrained families: models.py; the fused search: csrc/;
+what codes are compared with (neurons, activation addition, sparse autoencoders): baselines.py, sae.py.
 """
 import contextlib
 import math
@@ -36,50 +31,56 @@ SIMILARITIES = ("cosine", "euclidean")
 LOSSES = ("aeloss", "none", "commitment")
 
 # ------------------------------------------------------------------------------------------------
-# 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best
-# codes of every query row, best first. Cosine ranking scores x . c / |c| (section 3.1: the
-# query's own norm does not change its ranking); euclidean scores -|x - c|. The torch versions
-# here and the fused C++/CUDA one in csrc/ return the same ids (exact ties aside) and scores.
+# 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best codes
+# of every query, best first. Cosine scores x . c / |c| (section 3.1: the query's own norm does not
+# change its ranking); euclidean scores -|x - c|. csrc/ searches faster with the same ids (exact
+# ties aside) and scores.
 
-def code_scores(x, codes, similarity):
-    """The (heads, tokens, codes) score matrix, the quantity the top-k ranks. A NaN score (from a
-    NaN or inf input) counts as -inf, never chosen before a real score; csrc/ does the same."""
+def code_scores(x, codes, similarity, disabled=None):
+    """The (heads, tokens, codes) scores; -inf for a NaN score (from a NaN or inf input, as in csrc/)
+    and for the codes a (heads, codes) bool mask `disabled` sets."""
     if similarity == "cosine":
         s = x @ (codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
     else:
         sq_dist = (x * x).sum(-1, keepdim=True) - 2 * x @ codes.transpose(1, 2) + (codes * codes).sum(-1)[:, None, :]
         s = -sq_dist.clamp_min(0).sqrt()
-    return s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    s = s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return s if disabled is None else s.masked_fill(disabled[:, None, :], -math.inf)
 
 
 def search_reference(x, codebook, k, similarity="cosine", disabled=None):
-    """Materialise every score, then top-k: O(tokens x codes) memory. Written to be read."""
-    s = code_scores(x, codebook, similarity)
-    if disabled is not None:
-        s = s.masked_fill(disabled[:, None, :], -math.inf)
-    return s.topk(k, dim=-1)
+    """Every score materialised, then top-k: O(tokens x codes) memory. Written to be read."""
+    return code_scores(x, codebook, similarity, disabled).topk(k, dim=-1)
 
 
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
-    """(scores, ids), each (heads, tokens, k), slot 0 the most similar code. No gradient: training
-    differentiates through the gathered codes only (section 3.1), never through the scores.
-    impl: "reference" (above), or "chunked" / "ext" / "auto" (csrc/dispatch.py: the same results
-    in less memory, "auto" the fastest that applies)."""
+    """(scores, ids), each (heads, tokens, k), without gradient: training differentiates through the
+    gathered codes only (section 3.1). impl: "reference" (above), or csrc/dispatch.py's "chunked",
+    "ext" and "auto" (the fastest that applies), the same results in less memory."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
     check_codebook(C, k, similarity)
+    from csrc import dispatch  # here, not at the top: it builds on this file's search
     with torch.no_grad():
-        if impl == "reference":
-            return search_reference(x.float(), codebook.float(), k, similarity, disabled)
-        from csrc import dispatch  # imported here: it builds on this file's search
         return dispatch.topk_codes(x.float(), codebook.float(), k, similarity, disabled, impl)
 
 
+def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
+    if not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes={num_codes} must be at least 1")
+    if not isinstance(k, int) or not 1 <= k <= num_codes:
+        raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+
+
 # ------------------------------------------------------------------------------------------------
-# 2. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the
-# per-head attention codebooks of one layer, or a single MLP / block codebook), stored as one
-# parameter (heads, codes, d) and searched in one call.
+# 2. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the per-head
+# attention codebooks of one layer, or a single MLP / block codebook) as one parameter (heads,
+# codes, d), searched in one call.
 
 class CodebookLayer(nn.Module):
     def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
@@ -90,7 +91,7 @@ class CodebookLayer(nn.Module):
         self.ln_weight = nn.Parameter(torch.ones(heads, dim))  # one LayerNorm per codebook
         self.ln_bias = nn.Parameter(torch.zeros(heads, dim))
         self.codes = nn.Parameter(torch.randn(heads, num_codes, dim))  # N(0,1): norm ~ sqrt(d), as LN output
-        # training statistics since the last revival, per token; summed over DDP ranks by train()
+        # training statistics since the last revival, per token; summed over DDP ranks by runs.train
         self.register_buffer("usage", torch.zeros(heads, num_codes, dtype=torch.long), persistent=False)
         self.register_buffer("recon_sum", torch.zeros(()), persistent=False)
         self.register_buffer("token_count", torch.zeros((), dtype=torch.long), persistent=False)
@@ -101,8 +102,7 @@ class CodebookLayer(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, x):
-        """x (..., heads, dim) -> the same shape, each head's vector replaced by the mean of its
-        k codes: the paper's steps 1-5 (section 3.1)."""
+        """x (..., heads, dim) -> the same shape, each head's vector replaced by the mean of its k codes."""
         if x.shape[-2:] != (self.heads, self.dim):
             raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
         if not self.enabled:
@@ -129,8 +129,7 @@ class CodebookLayer(nn.Module):
         return [t.transpose(0, 1).reshape(*x_n.shape[:-1], self.k) for t in (scores, ids)]
 
     def mean_of_codes(self, ids):
-        """codes[h][ids[..., h, :]].mean(-2) for every head h, as one embedding_bag over all heads'
-        codes: it never materialises the (..., heads, k, dim) gathered codes, forward or backward."""
+        """One embedding_bag over all heads' codes: never the (..., heads, k, dim) gathered codes."""
         bags = self._rows(ids).reshape(-1, self.k)
         return F.embedding_bag(bags, self.codes.reshape(-1, self.dim), mode="mean").view(*ids.shape[:-1], self.dim)
 
@@ -139,13 +138,21 @@ class CodebookLayer(nn.Module):
         return ids + torch.arange(self.heads, device=ids.device)[:, None] * self.num_codes
 
     def apply_forcing(self, ids):
-        """Overwrite id slots with forced codes, filling from the least similar slot (section 3.3)."""
+        """Overwrite id slots with forced codes, from the least similar slot (section 3.3), at positions
+        None (all), a list (negatives count from the end) or a (batch, seq) bool mask."""
         for head, codes, positions in self.forced:
-            m = codes.shape[-1]
+            m, seq = codes.shape[-1], ids.shape[-3]
+            if positions is None:
+                where = torch.ones(seq, dtype=torch.bool, device=ids.device)
+            elif torch.is_tensor(positions) and positions.dtype == torch.bool:
+                where = positions.to(ids.device)
+            else:
+                where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
+                where[[p % seq for p in positions if -seq <= p < seq]] = True
             slots = ids[..., head, self.k - m:]
-            mask = _position_mask(positions, ids.shape[:-2], ids.device)
+            forced = torch.where(where.view(-1, seq, 1), codes.to(ids.device).expand_as(slots), slots)
             ids = ids.clone()
-            ids[..., head, self.k - m:] = torch.where(mask[..., None], codes.to(ids.device).expand_as(slots), slots)
+            ids[..., head, self.k - m:] = forced
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
@@ -168,16 +175,12 @@ class CodebookLayer(nn.Module):
         self.last_input = x_n.detach().reshape(-1, self.heads, self.dim).transpose(0, 1)
         self.last_error = error.reshape(-1, self.heads).T
 
-    def dead_fraction(self):
-        """Per head, the share of codes not used since the last revival."""
-        return dead_share(self.usage)
-
     @torch.no_grad()
     def revive_dead_codes(self, noise=0.01):
-        """Restart the codes unused since the last revival at recent inputs, drawn in proportion to
-        their squared error (an input its code fits already would leave a new code unused), plus
-        noise relative to the inputs' spread (a code outside a head's small ball of inputs is never
-        chosen). Returns how many were revived, and resets the statistics."""
+        """Restart the codes unused since the last revival at recent inputs drawn in proportion to their
+        squared error (one its code fits already would leave a new code unused), plus noise relative to
+        the inputs' spread (a code outside a head's ball of inputs is never chosen). Returns how many
+        were revived, and resets the statistics."""
         dead = self.usage == 0
         pool = self.last_input
         if pool is not None and dead.any():
@@ -192,9 +195,8 @@ class CodebookLayer(nn.Module):
 
 
 class StraightThrough(torch.autograd.Function):
-    """Value q; the output's gradient goes unchanged to q (so to the codes) and to the input x_n,
-    where `passed` (..., heads) allows. What `q + x_n - x_n.detach()` computes, as one function
-    because that expression costs two passes over the activations forward and one backward."""
+    """Value q; the gradient goes unchanged to q (so to the codes) and to x_n where `passed` (...,
+    heads) allows: `q + x_n - x_n.detach()` as one function, one pass instead of three."""
 
     @staticmethod
     def forward(ctx, q, x_n, passed=None):
@@ -207,34 +209,9 @@ class StraightThrough(torch.autograd.Function):
         return grad, grad if passed is None else grad * passed[..., None], None
 
 
-def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
-    if not isinstance(num_codes, int) or num_codes < 1:
-        raise ValueError(f"num_codes={num_codes} must be at least 1")
-    if not isinstance(k, int) or not 1 <= k <= num_codes:
-        raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
-
-
-def _position_mask(positions, shape, device):
-    """positions: None (all), a list of ints (negatives count from the end) or a bool tensor."""
-    seq = shape[-1]
-    if positions is None:
-        return torch.ones(1, 1, dtype=torch.bool, device=device)
-    if torch.is_tensor(positions) and positions.dtype == torch.bool:
-        return positions.to(device).view(-1 if positions.dim() == 2 else 1, seq)
-    mask = torch.zeros(1, seq, dtype=torch.bool, device=device)
-    idx = [p % seq for p in positions if -seq <= p < seq]
-    mask[0, idx] = True
-    return mask
-
-
 # ------------------------------------------------------------------------------------------------
-# 3. The transformer. CodebookModel is what every function of this file (and of report.py,
-# sae.py, steer.py, ...) needs of a model with codebooks; GPT below, the compact model of the
-# paper's experiments, and models.Transformer, the pretrained families, both provide it.
+# 3. The transformer. CodebookModel is what every function here needs of a model with codebooks; GPT,
+# the compact model of the paper's experiments, and models.Transformer (pretrained families) provide it.
 
 @dataclass
 class CodebookSpec:
@@ -271,9 +248,8 @@ def codebook_specs(codebooks, n_layer):
 
 
 class CodebookBlock(nn.Module):
-    """A transformer block's three codebook sites. A subclass computes the block and passes each
-    site's activations through site(); init_sites() comes last in its __init__ (after its weights,
-    so that their random initialisation does not depend on the codebooks)."""
+    """A transformer block's three codebook sites. A subclass passes each site's activations through
+    site(), and calls init_sites() last in __init__ (its weights' random init must not depend on the codebooks)."""
 
     def init_sites(self, specs, layer, n_head, d_head, d_model):
         heads = {"attn": (n_head, d_head), "mlp": (1, d_model), "block": (1, d_model)}
@@ -284,8 +260,8 @@ class CodebookBlock(nn.Module):
         self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
-        """Activations x (B, T, heads, dim) at site `name`: captured, replaced, quantised, as switched on.
-        "attn": each head's output before W_O; "mlp": the MLP's output; "block": the block's output."""
+        """Activations x (B, T, heads, dim) at site `name` ("attn": each head's output before W_O; "mlp":
+        the MLP's output; "block": the block's output), captured, replaced, quantised as switched on."""
         if self.captures is not None:
             self.captures[name] = x.detach()
         if name in self.replacements:
@@ -295,12 +271,11 @@ class CodebookBlock(nn.Module):
 
 class CodebookModel(nn.Module):
     """The interface of a model with codebooks. A subclass provides
-      config    to_dict() (plain data that rebuilds the model: type(model)(config.to_dict())),
+      config    to_dict() (plain data: type(model)(config.to_dict()) rebuilds the model),
                 vocab_size, block_size, n_layer, n_head and codebooks ({site: CodebookSpec})
       blocks    an nn.ModuleList of CodebookBlock
       head      the output nn.Linear (model.head.weight.device is the model's device)
-      forward(idx, cache=None) -> logits (batch, seq, vocab), checked by start_of(idx, cache);
-    it gets here what interventions, search, training and reports use of it."""
+      forward(idx, cache=None) -> logits (batch, seq, vocab), checked by start_of(idx, cache)."""
 
     def start_of(self, idx, cache):
         """The position of idx's first token (after the cached ones); a ValueError for bad tokens."""
@@ -367,14 +342,21 @@ class CodebookModel(nn.Module):
         return idx
 
 
+def causal_attention(q, k, v, window=0, scale=None):
+    """Each query (B, H, T, dh) attends to the keys (B, H, T_past + T, dh) at or before its position,
+    the last `window` of them when window > 0; scores times `scale` (None: 1/sqrt(dh))."""
+    T, S = q.shape[2], k.shape[2]
+    mask = None
+    if window:  # key j is visible from query i when i - window < j <= i
+        i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
+        mask = (j <= i) & (j > i - window)
+    # without a window, one new query after cached positions sees all of them; more queries are causal
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 # GPT: pre-LayerNorm, learned positions, exact-GELU MLP, biases everywhere, untied output layer;
 # attention causal over the whole prefix, or over a window of the last attn_window positions.
-
-# What GPTConfig held while it also described pretrained families (now models.py): a config that
-# holds them at these values is a compact model, saved before, and loads.
-FORMER_FIELDS = dict(attn_scale=None, qkv_bias=True, learned_positions=True, rotary_dims=0, rotary_base=10000.0,
-                     parallel_residual=False, gelu="none", ln_eps=1e-5, tied_head=False)
-
 
 @dataclass
 class GPTConfig:
@@ -398,17 +380,6 @@ class GPTConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         self.codebooks = codebook_specs(self.codebooks, self.n_layer)
-
-    @classmethod
-    def from_dict(cls, d):
-        """The config of to_dict()'s plain data (or of an earlier version's, FORMER_FIELDS)."""
-        if "family" in d:
-            raise ValueError(f"this config is a pretrained {d['family']} model's: models.model_from_config builds it")
-        former = {name: d[name] for name in FORMER_FIELDS if name in d}
-        if any(value != FORMER_FIELDS[name] for name, value in former.items()):
-            raise ValueError(f"this config ({former}) is a pretrained model saved by an earlier version: "
-                             "load the model from its folder or GGUF file again (models.load_pretrained)")
-        return cls(**{name: value for name, value in d.items() if name not in former})
 
     def to_dict(self):
         return asdict(self)  # plain Python types, safe for weights_only checkpoints
@@ -440,23 +411,10 @@ class Block(CodebookBlock):
         return self.site("block", x[:, :, None])[:, :, 0]
 
 
-def causal_attention(q, k, v, window=0, scale=None):
-    """Each query (B, H, T, dh) attends to the keys (B, H, T_past + T, dh) at or before its position,
-    the last `window` of them when window > 0; scores times `scale` (None: 1/sqrt(dh))."""
-    T, S = q.shape[2], k.shape[2]
-    if window:  # key j is visible from query i when i - window < j <= i
-        i = torch.arange(S - T, S, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)
-        mask = (j <= i) & (j > i - window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    # one new query after cached positions may see all of them; otherwise causal
-    return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
 class GPT(CodebookModel):
     def __init__(self, config):
         super().__init__()
-        self.config = cfg = config if isinstance(config, GPTConfig) else GPTConfig.from_dict(config)
+        self.config = cfg = config if isinstance(config, GPTConfig) else GPTConfig(**config)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -469,8 +427,8 @@ class GPT(CodebookModel):
                 nn.init.zeros_(p)
 
     def forward(self, idx, cache=None):
-        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict,
-        empty at first; generate() uses it) idx continues the tokens of the earlier calls."""
+        """idx (batch, seq) integer tokens -> logits (batch, seq, vocab). With a cache (a dict, empty
+        at first; generate() uses it) idx continues the tokens of the earlier calls."""
         start = self.start_of(idx, cache)
         idx = idx.long()
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
@@ -485,9 +443,6 @@ class GPT(CodebookModel):
 # 4. Addresses. A codebook is "L<layer>.H<head>" (one attention head), "L<layer>.MLP" or
 # "L<layer>.BLOCK"; a code appends its id: "L1.H2.517".
 
-_ADDRESS = re.compile(r"^L(\d+)\.(?:H(\d+)|(MLP)|(BLOCK))(?:\.(\d+))?$")
-
-
 @dataclass(frozen=True)
 class Address:
     layer: int
@@ -501,20 +456,19 @@ class Address:
 
     @property
     def codebook(self):
-        """The address without its code id."""
-        return Address(self.layer, self.site, self.head)
+        return Address(self.layer, self.site, self.head)  # the address without its code id
 
 
 def parse_address(text):
     """'L1.H2' -> Address(1, 'attn', 2); 'L3.MLP.7' -> Address(3, 'mlp', 0, 7)."""
     if isinstance(text, Address):
         return text
-    m = _ADDRESS.match(str(text).strip())
+    m = re.fullmatch(r"L(\d+)\.(?:H(\d+)|(MLP|BLOCK))(?:\.(\d+))?", str(text).strip())
     if m is None:
         raise ValueError(f"codebook address {text!r} is malformed: write L<layer>.H<head>, "
                          "L<layer>.MLP or L<layer>.BLOCK, with .<code> after it for one code")
-    layer, head, mlp, block, code = m.groups()
-    site = "attn" if head is not None else ("mlp" if mlp else "block")
+    layer, head, site, code = m.groups()
+    site = "attn" if site is None else site.lower()
     return Address(int(layer), site, int(head or 0), None if code is None else int(code))
 
 
@@ -540,8 +494,7 @@ def _codes_by_codebook(model, codes):
     """{address: ids} or ["L1.H2.517", ...] -> {(CodebookLayer, head): LongTensor (B|1, T|1, m)}."""
     if not isinstance(codes, dict):
         grouped = {}
-        for text in codes:
-            a = parse_code(text)
+        for a in map(parse_code, codes):
             grouped.setdefault(str(a.codebook), []).append(a.code)
         codes = grouped
     out = {}
@@ -557,20 +510,16 @@ def _codes_by_codebook(model, codes):
 
 @contextlib.contextmanager
 def force_codes(model, codes, positions=None):
-    """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m)
-    tensor for per-example codes) or a list of code addresses. `positions`: None for every
-    position, a list of positions (negative from the end), or a (batch, seq) bool mask."""
-    plan = _codes_by_codebook(model, codes)
-    for (cb, head), ids in plan.items():
+    """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m) tensor
+    for per-example codes) or a list of code addresses. `positions`: None for every position, a list
+    of positions (negative from the end), or a (batch, seq) bool mask."""
+    forced = {}
+    for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:
             raise ValueError(f"{ids.shape[-1]} codes forced on one codebook, but it has only k={cb.k} slots")
-    for (cb, head), ids in plan.items():
-        cb.forced.append((head, ids, positions))
-    try:
+        forced.setdefault(cb, list(cb.forced)).append((head, ids, positions))
+    with _set_within(list(forced), "forced", list(forced.values())):
         yield model
-    finally:
-        for (cb, head), ids in plan.items():
-            cb.forced = [f for f in cb.forced if f[1] is not ids]
 
 
 @contextlib.contextmanager
@@ -598,8 +547,7 @@ def codebooks_off(model):
 
 @contextlib.contextmanager
 def capture_activations(model):
-    """Yield {layer: {site: activations (B, T, heads, dim)}} filled by the forwards inside:
-    attention heads before W_O, MLP output, block output. What the neuron baseline reads."""
+    """Yield {layer: {site: activations (B, T, heads, dim)}}, filled by the forwards inside."""
     acts = {i: {} for i in range(len(model.blocks))}
     with _set_within(model.blocks, "captures", list(acts.values())):
         yield acts
@@ -638,8 +586,7 @@ def _set_within(objects, name, values):
 # each by k-means on the activations it will quantise, finetune the whole model.
 
 def with_codebooks(model, codebooks):
-    """The same model (a CodebookModel: GPT or models.Transformer) with codebooks added ({site:
-    CodebookSpec or its dict}), for finetuning."""
+    """The same model (GPT or models.Transformer) with codebooks added ({site: CodebookSpec or its dict})."""
     new = type(model)(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".codebooks." in name for name in missing)
@@ -708,10 +655,9 @@ def f1_score(precision, recall):
 
 
 def code_precision_recall(ids, masks, num_codes):
-    """Each code's precision and recall against boolean masks over positions: ids (..., k) recorded
-    codes, masks (S, ...) S target sets at once or (...) one. With hits = mask positions where the
-    code fires, precision = hits / positions where it fires, recall = hits / mask positions.
-    Returns (precision, recall), each (S, num_codes), or (num_codes,) for one mask."""
+    """(precision, recall) of every code, each (S, num_codes), against S boolean masks (S, ...) over the
+    positions of ids (..., k) at once, or (num_codes,) against one mask (...): with hits = mask positions
+    where the code fires, precision = hits / positions where it fires, recall = hits / mask positions."""
     single = masks.dim() == ids.dim() - 1
     masks = masks[None] if single else masks
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set

@@ -267,9 +267,22 @@ class Transformer(cb.CodebookModel):
         return torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap if cfg.logit_softcap else logits
 
 
+# What codebook.GPTConfig held while it also described the pretrained families: a compact model
+# saved then holds them at these values, and loads.
+FORMER_FIELDS = dict(attn_scale=None, qkv_bias=True, learned_positions=True, rotary_dims=0, rotary_base=10000.0,
+                     parallel_residual=False, gelu="none", ln_eps=1e-5, tied_head=False)
+
+
 def model_from_config(config):
-    """An untrained model of a checkpoint's config dict: a Transformer (it names its family) or a codebook.GPT."""
-    return Transformer(config) if "family" in config else cb.GPT(config)
+    """An untrained model of a checkpoint's config dict: a Transformer (it names its family) or a
+    codebook.GPT (also one saved with FORMER_FIELDS)."""
+    if "family" in config:
+        return Transformer(config)
+    former = {name: config[name] for name in FORMER_FIELDS if name in config}
+    if any(value != FORMER_FIELDS[name] for name, value in former.items()):
+        raise ValueError(f"this config ({former}) is a pretrained model saved by an earlier version: "
+                         "load the model from its folder or GGUF file again (models.load_pretrained)")
+    return cb.GPT({name: value for name, value in config.items() if name not in former})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Which code search runs (codebook.topk_codes hands every search but impl="reference" here):
+"""Which code search runs (codebook.topk_codes hands every search here):
 the fused extension of this folder where it applies, else the reference search of codebook.py
 while its score matrix is small, else a tiled torch search that never materialises it. All three
 return the same ids (exact ties aside) and scores."""
@@ -19,9 +19,8 @@ def search_chunked(x, book, k, similarity="cosine", disabled=None, tile=4096):
     best_scores = x.new_full((H, N, k), -math.inf)
     best_ids = torch.zeros(H, N, k, dtype=torch.long, device=x.device)
     for start in range(0, book.shape[1], tile):
-        s = codebook.code_scores(x, book[:, start:start + tile], similarity)
-        if disabled is not None:
-            s = s.masked_fill(disabled[:, None, start:start + tile], -math.inf)
+        s = codebook.code_scores(x, book[:, start:start + tile], similarity,
+                                 None if disabled is None else disabled[:, start:start + tile])
         tile_ids = torch.arange(start, start + s.shape[-1], device=x.device).expand(H, N, -1)
         best_scores, pick = torch.cat([best_scores, s], -1).topk(k, dim=-1)
         best_ids = torch.cat([best_ids, tile_ids], -1).gather(-1, pick)

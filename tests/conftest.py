@@ -1,9 +1,14 @@
-"""What several test files share: a tiny codebook model and its tokens, a free port for runs of two
-processes, and running a script (killed at a chosen step, if asked) and comparing what two runs wrote."""
+"""What several test files share: a tiny codebook model and its tokens; the test-only packages and
+real models (a skip naming what is missing, a failure where CI requires it), tiny random transformers
+models and text to compare tokenizers on; a free port for runs of two processes, and running a script
+(killed at a chosen step, if asked) and comparing what two runs wrote."""
+import glob
+import importlib
 import os
 import re
 import socket
 import subprocess
+import sysconfig
 
 import pytest
 import torch
@@ -34,6 +39,97 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+# --- test-only packages (transformers, tokenizers, gguf), the real models, tiny transformers models
+
+REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
+REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
+MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
+SMOLLM2, GEMMA3 = "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"
+
+
+def need(module):
+    """A test-only package, imported; a skip where it is absent, or a failure under CODEBOOK_REQUIRE_HF=1
+    or CODEBOOK_REQUIRE_MODELS=1."""
+    if REQUIRE_PACKAGES:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
+
+
+def real_model(name):
+    """The path of the real model `name` in CODEBOOK_MODELS; a skip where it is absent, or a failure under
+    CODEBOOK_REQUIRE_MODELS=1."""
+    path = os.path.join(MODELS, name)
+    if not os.path.isfile(path):
+        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{path} is absent: .ci/fetch_models fetches it")
+    return path
+
+
+def randomize(model, seed):
+    """Every parameter (biases and LayerNorms too) random and large enough that attention is far
+    from uniform, so a wrong mask, scale, rotation or layout changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name or "ln" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+# Llama-3's rope scaling with a context of 32 so that the 8 frequencies of a head fall in all three of
+# its bands (kept, blended, divided)
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+# Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
+GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)
+
+
+def tiny_hf(family, vocab_size=96, **options):
+    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
+    t = need("transformers")
+    if family == "gpt2":
+        config = t.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
+        return randomize(t.GPT2LMHeadModel(config), 0)
+    if family == "gpt_neo":  # layer 0 global, layer 1 local: a window of 5, shorter than the sequences
+        config = t.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+                                attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0, **options)
+        return randomize(t.GPTNeoForCausalLM(config), 1)
+    if family == "gpt_neox":
+        config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
+        return randomize(t.GPTNeoXForCausalLM(config), 2)
+    # Llama, Qwen2, Qwen3, Gemma: 4 query heads sharing 2 key / value heads
+    sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
+    if family in ("gemma2", "gemma3"):  # eager attention: the one that soft-caps scores
+        config = (t.Gemma2Config if family == "gemma2" else t.Gemma3TextConfig)(**sizes | GEMMA | options, attn_implementation="eager")
+        model = (t.Gemma2ForCausalLM if family == "gemma2" else t.Gemma3ForCausalLM)(config)
+        return randomize(model, 4)
+    model = {"llama": t.LlamaForCausalLM, "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM}[family]
+    return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
+
+
+# --- text to compare tokenizers on ----------------------------------------------------------
+
+SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straße, İstanbul.\n"
+          "東京都の天気は晴れです。北京欢迎你！ 서울 Привет, мир! Γειά σου κόσμε. שָׁלוֹם עולם\n"
+          "Emoji: 🐉🔥👩‍👩‍👧 ✨ 1️⃣ flags 🇫🇷\n"
+          "Numbers: 3.14159, 1,000,000, ٣٤٥, ½ ¾, x²; 0x1F 1e-9 2024-06-01\n"
+          "Contractions: I'm, you're, he's, we've, they'll, I'd, don't, it's, O'Neil's, 'TIS\n"
+          "Whitespace:\ta\t\tb  c   d\r\n\r\n\n\x0b\x0c\u00a0nbsp\u2003em\u3000ideographic \u2028sep  \n   \t  end  ")
+STDLIB = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+def stdlib_text(first, size):
+    """About `size` characters of this Python's standard library source, from file `first` on."""
+    parts, total = [], 0
+    for path in STDLIB[first:]:
+        parts.append(open(path, encoding="utf-8", errors="replace").read())
+        total += len(parts[-1])
+        if total >= size:
+            break
+    return "".join(parts)[:size]
+
+
+# --- runs of the scripts --------------------------------------------------------------------
 
 def free_port():
     with socket.socket() as s:

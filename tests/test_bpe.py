@@ -4,7 +4,6 @@ special tokens, templates adding bos, SentencePiece BPE with byte fallback) give
 ~200 KB of this Python's standard library source and on non-ASCII text; so do the real SmolLM2 and
 Gemma-3 GGUF files against transformers' tokenizers for them. The real-model tests skip where the
 files or the test-only packages are missing, unless CODEBOOK_REQUIRE_MODELS=1 (as in CI)."""
-import importlib
 import io
 import json
 import os
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import bpe
-from test_models import SAMPLE, need, stdlib_text
+from conftest import GEMMA3, SAMPLE, SMOLLM2, need, real_model, stdlib_text
 
 SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
@@ -183,20 +182,6 @@ def test_clear_errors(tmp_path):
 
 # --- the real models ---------------------------------------------------------------------------
 
-def need_model(name):
-    """The path of a real GGUF model (fetched by .ci/fetch_models), or a skip naming what is missing."""
-    required = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
-    for module in ("transformers", "gguf"):
-        if not required and importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (test-only: pip install {module})")
-    path = os.path.join(os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features")), name)
-    if not os.path.isfile(path):
-        if required:
-            raise FileNotFoundError(f"{path} is missing: run .ci/fetch_models")
-        pytest.skip(f"{path} is missing (.ci/fetch_models fetches it)")
-    return path
-
-
 def gguf_metadata(path):
     """A GGUF file's metadata as plain Python values (what formats.read_gguf returns), read here by
     transformers' GGUF reader (seconds; the gguf package's GGUFReader takes ~20 s over Gemma's 262k tokens)."""
@@ -207,7 +192,8 @@ def gguf_metadata(path):
 
 def same_as_transformers(path, prepare=None):
     """Ours from the GGUF metadata against transformers' AutoTokenizer for the same file."""
-    transformers = importlib.import_module("transformers")
+    transformers = need("transformers")
+    need("gguf")  # transformers reads GGUF files with it
     theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if prepare:
         prepare(theirs)
@@ -231,14 +217,14 @@ def test_smollm2_gguf_tokenizer():
     def digits_first(theirs):
         pt = need("tokenizers").pre_tokenizers
         theirs.backend_tokenizer.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(False, use_regex=True)])
-    ours, theirs, _ = same_as_transformers(need_model("SmolLM2-135M-Instruct.Q4_1.gguf"), digits_first)
+    ours, theirs, _ = same_as_transformers(real_model(SMOLLM2), digits_first)
     assert ours.vocab_size == 49152 and ours.prefix == [] and (ours.bos, ours.eos) == (1, 2)
     assert ours.decode(ours.encode("<|im_start|>hi"), skip_special=True) == "hi"
     assert ours.decode(ours.encode("a\x04b\x1d\x1dc")) == "abc"  # bytes its vocabulary lacks are dropped, as by transformers
 
 
 def test_gemma3_gguf_tokenizer():
-    ours, theirs, loaded = same_as_transformers(need_model("gemma-3-270m-q4_k_m.gguf"))
+    ours, theirs, loaded = same_as_transformers(real_model(GEMMA3))
     assert ours.vocab_size == 262144 and ours.prefix == [2] and (ours.bos, ours.eos) == (2, 1)
     assert loaded < 10  # about 1.5 s alone on one core: 262k tokens, 6,384 added ones
     data = ours.to_dict()

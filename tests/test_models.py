@@ -2,12 +2,10 @@
 GPT-2, GPT-Neo, GPT-NeoX, Llama, Qwen2 and Qwen3 made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
-unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure."""
+unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
 import glob
-import importlib
 import json
 import os
-import sysconfig
 
 import numpy as np
 import pytest
@@ -18,68 +16,12 @@ import bpe
 import models
 import runs
 import text
-
-
-def need(module):
-    if os.environ.get("CODEBOOK_REQUIRE_HF") == "1":
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
-
-
-STDLIB = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-
-
-def stdlib_text(first, size):
-    """About `size` characters of this Python's standard library source, from file `first` on."""
-    parts, total = [], 0
-    for path in STDLIB[first:]:
-        parts.append(open(path, encoding="utf-8", errors="replace").read())
-        total += len(parts[-1])
-        if total >= size:
-            break
-    return "".join(parts)[:size]
+from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_hf
 
 
 # --- models --------------------------------------------------------------------------------
 
-def randomize(model, seed):
-    """Every parameter (biases and LayerNorms too) random and large enough that attention is far
-    from uniform, so a wrong mask, scale, rotation or layout changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name or "ln" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def tiny(family, vocab_size=96, **options):
-    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
-    t = need("transformers")
-    if family == "gpt2":
-        config = t.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
-        return randomize(t.GPT2LMHeadModel(config), 0)
-    if family == "gpt_neo":  # layer 0 global, layer 1 local: a window of 5, shorter than the sequences
-        config = t.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
-                                attention_types=[[["global", "local"], 1]], window_size=5, bos_token_id=0, eos_token_id=0, **options)
-        return randomize(t.GPTNeoForCausalLM(config), 1)
-    if family == "gpt_neox":
-        config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
-        return randomize(t.GPTNeoXForCausalLM(config), 2)
-    # Llama, Qwen2, Qwen3, Gemma: 4 query heads sharing 2 key / value heads
-    sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
-    if family in ("gemma2", "gemma3"):  # eager attention: the one that soft-caps scores
-        config = (t.Gemma2Config if family == "gemma2" else t.Gemma3TextConfig)(**sizes | GEMMA | options, attn_implementation="eager")
-        model = (t.Gemma2ForCausalLM if family == "gemma2" else t.Gemma3ForCausalLM)(config)
-        return randomize(model, 4)
-    model = {"llama": t.LlamaForCausalLM, "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM}[family]
-    return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
-
-
-# Llama-3's rope scaling with a context of 32 so that the 8 frequencies of a head fall in all three of
-# its bands (kept, blended, divided); Qwen3 with a head_dim other than d_model / n_head
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+# Qwen3 with a head_dim other than d_model / n_head; LLAMA3 (conftest) for Llama-3's rope scaling
 CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
@@ -90,8 +32,6 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", 
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
          "gemma3": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
                                    rope_scaling=dict(rope_type="linear", factor=8.0)))}
-# Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
-GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False, "gemma2": True,
         "gemma3": True}
 
@@ -99,7 +39,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2
 @pytest.mark.parametrize("case", CASES)
 def test_same_logits_and_generations_as_transformers(case, tmp_path):
     family, options = CASES[case]
-    theirs = tiny(family, **options)
+    theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
     if case.endswith("-bin"):  # the older format: a torch pickle of the state_dict
         os.remove(tmp_path / "model.safetensors")
@@ -182,14 +122,6 @@ def test_the_parts_keep_generation_with_the_cache_exact():
 
 # --- tokenizer -----------------------------------------------------------------------------
 
-SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straße, İstanbul.\n"
-          "東京都の天気は晴れです。北京欢迎你！ 서울 Привет, мир! Γειά σου κόσμε. שָׁלוֹם עולם\n"
-          "Emoji: 🐉🔥👩‍👩‍👧 ✨ 1️⃣ flags 🇫🇷\n"
-          "Numbers: 3.14159, 1,000,000, ٣٤٥, ½ ¾, x²; 0x1F 1e-9 2024-06-01\n"
-          "Contractions: I'm, you're, he's, we've, they'll, I'd, don't, it's, O'Neil's, 'TIS\n"
-          "Whitespace:\ta\t\tb  c   d\r\n\r\n\n\x0b\x0c\u00a0nbsp\u2003em\u3000ideographic \u2028sep  \n   \t  end  ")
-
-
 def trained_bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
     """A byte-level BPE trained by `tokenizers` (on ~300 KB of stdlib source unless `corpus`, a list
     of texts), with <|endoftext|> special; Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
@@ -259,7 +191,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_clear_errors_from_broken_folders(tmp_path):
-    model = tiny("gpt_neox")
+    model = tiny_hf("gpt_neox")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}))
@@ -313,7 +245,7 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
     folder, out = tmp_path / "model", tmp_path / "lm"
     folder.mkdir()
     theirs = trained_bpe(folder, normalize=family == "gpt_neox", corpus=[s for _, s in text.make_stories(300)])
-    model = tiny(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
+    model = tiny_hf(family, vocab_size=theirs.get_vocab_size() + (16 if family == "gpt_neox" else 0))
     model.save_pretrained(folder)
     flags = ["--hf", str(folder), "--out", str(out), "--stories", "300", "--block_size", "32", "--batch_size", "4",
              "--codebook_steps", "3", "--num_codes", "16", "--k", "2", "--revive_every", "2", "--eval_windows", "8",
@@ -366,9 +298,9 @@ def test_a_compact_model_saved_with_the_former_config_fields_loads():
     """GPTConfig once held the pretrained families' fields too: a compact model's config that holds
     them at the compact model's values loads; one that describes a pretrained family is a clear error."""
     config = dict(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=8, d_mlp=16)
-    model = models.model_from_config(config | cb.FORMER_FIELDS)
+    model = models.model_from_config(config | models.FORMER_FIELDS)
     assert type(model) is cb.GPT and model.config == cb.GPTConfig(**config)
     with pytest.raises(ValueError, match="pretrained model saved by an earlier version"):
-        models.model_from_config(config | cb.FORMER_FIELDS | {"rotary_dims": 4})
-    with pytest.raises(ValueError, match="pretrained llama model's: models.model_from_config builds it"):
+        models.model_from_config(config | models.FORMER_FIELDS | {"rotary_dims": 4})
+    with pytest.raises(TypeError, match="family"):  # models.model_from_config builds a pretrained family's model
         cb.GPT(models.TransformerConfig(family="llama").to_dict())

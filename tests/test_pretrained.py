@@ -5,7 +5,6 @@ disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-
 train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
-import importlib
 import json
 import os
 
@@ -15,24 +14,7 @@ import torch
 
 import runs
 import models
-from test_models import LLAMA3, tiny
-
-REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
-REQUIRE_PACKAGES = REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1"
-MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
-SMOLLM2, GEMMA3 = (os.path.join(MODELS, name) for name in ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"))
-
-
-def need(module):
-    if REQUIRE_PACKAGES:
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} is not installed (test-only: pip install {module})")
-
-
-def real_model(path):
-    if not os.path.isfile(path):
-        (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{path} is absent: .ci/fetch_models fetches it")
-    return path
+from conftest import GEMMA3, LLAMA3, SMOLLM2, need, real_model, tiny_hf
 
 
 # --- a tiny Llama as a GGUF file ------------------------------------------------------------
@@ -118,7 +100,7 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
     Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it."""
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3)}.get(arch, {})
-    theirs = tiny(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
+    theirs = tiny_hf(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
     divisors = None
     if arch == "llama3":
         divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
@@ -147,7 +129,7 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
     global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied."""
     options = dict(query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) if family == "gemma2" \
         else dict(query_pre_attn_scalar=16, num_hidden_layers=6)
-    theirs = tiny(family, **options)
+    theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{family}.gguf", theirs, arch=family))
     assert ours.config.attn_window == ([5, 0] if family == "gemma2" else [5] * 5 + [0]) and ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
@@ -159,7 +141,7 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
 
 
 def test_gguf_files_that_disagree_with_themselves(tmp_path):
-    theirs = tiny("llama", tie_word_embeddings=False)
+    theirs = tiny_hf("llama", tie_word_embeddings=False)
     cases = [(dict(arch="mamba"), "architecture 'mamba' is not supported"),
              (dict(block_count=3), "weight 'blk.2.attn_norm.weight' is missing"),
              (dict(block_count=1), r"weights \['blk.1."),

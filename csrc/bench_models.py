@@ -1,13 +1,14 @@
-"""Benchmark: a training step of this project's SmolLM2-135M (models.py) against transformers'
-LlamaForCausalLM with the same weights, and what per-head codebooks on every layer add to it.
+"""Benchmark: a training step of a pretrained model from a GGUF file (models.py) against transformers'
+model of the same file, and what per-head codebooks on every layer add to it.
 
     python csrc/bench_models.py                      # the SmolLM2 GGUF of .ci/fetch_models, 4 x 128 tokens
+    python csrc/bench_models.py --gguf ~/.cache/codebook-features/gemma-3-270m-q4_k_m.gguf --batch 8
     python csrc/bench_models.py --gguf FILE --batch 4 --seq 128 --num_codes 512 --k 8 --reps 3
 
 A step is forward, cross-entropy on next tokens, backward, on one fixed batch. The three models
 run in turn, interleaved (ours, transformers', ours with codebooks), after one warm-up step each,
 so that what the other jobs on the machine take falls on all alike; each figure is the median of
---reps steps. transformers is needed here only (pip install transformers).
+--reps steps. transformers and gguf are needed here only (pip install transformers gguf).
 """
 import argparse
 import os
@@ -33,22 +34,11 @@ parser.add_argument("--reps", type=int, default=3)
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
-def transformers_twin(ours):
-    """transformers' LlamaForCausalLM holding our Llama-family Transformer's weights."""
+def transformers_twin(path):
+    """transformers' own model of the same GGUF file (its GGUF loader dequantises through the gguf package)."""
     import transformers
-    c = ours.config
-    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.d_head, rms_norm_eps=c.norm_eps,
-        max_position_embeddings=c.block_size, rope_theta=c.rotary_base, tie_word_embeddings=c.tied_head))
-    state_dict = {}
-    for name, tensor in ours.state_dict().items():
-        module, kind = name.rsplit(".", 1)
-        layer = module.split(".")[1] if module.startswith("blocks.") else ""
-        theirs_name = models.LLAMA_NAMES[module.replace(f"blocks.{layer}.", "blocks.{i}.")].format(i=layer)
-        state_dict[("" if theirs_name == "lm_head" else "model.") + theirs_name + "." + kind] = tensor
-    theirs.load_state_dict(state_dict)
-    return theirs
+    folder, name = os.path.split(os.path.abspath(path))
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 
 
 def step(model, x, y, logits_of):
@@ -71,7 +61,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     ours = models.from_pretrained(args.gguf, block_size=args.seq)
-    theirs = transformers_twin(ours)
+    theirs = transformers_twin(args.gguf)
     coded = cb.with_codebooks(ours, {"attn": dict(num_codes=args.num_codes, k=args.k)})
     tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -88,7 +78,7 @@ def main(argv=None):
             if rep:  # the first round warms up
                 times[name].append(seconds)
     wall, cpu = ({name: statistics.median(s[i] for s in t) for name, t in times.items()} for i in (0, 1))
-    print(f"SmolLM2-135M ({os.path.basename(args.gguf)}), batch {args.batch} x {args.seq} tokens, forward + backward, "
+    print(f"{os.path.basename(args.gguf)}, batch {args.batch} x {args.seq} tokens, forward + backward, "
           f"{torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
     print(f"  {'':28s}{'wall':>8s}{'CPU':>8s}  (CPU: this process's CPU time, less moved by other jobs on the cores)")
     for name in runs:

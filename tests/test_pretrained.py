@@ -157,16 +157,22 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
 
 # --- the real model -------------------------------------------------------------------------
 
+def ours_and_theirs(name):
+    """(our model, its tokenizer, transformers' model) of a real GGUF file, both float32."""
+    transformers = need("transformers")
+    need("gguf")
+    path = real_model(name)
+    ours, tok = models.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=torch.float32).eval()
+    return ours, tok, theirs
+
+
 def test_smollm2_gives_the_logits_and_generations_of_transformers():
     """SmolLM2-135M-Instruct (Q4_1, Q8_0 and F32 tensors) by models.py and by transformers'
     GGUF loader (which dequantises through `gguf`), both float32: logits within 1e-3 on English
     prose this Python ships, the same 20 greedy tokens after a story prompt."""
-    transformers = need("transformers")
-    need("gguf")
-    path = real_model(SMOLLM2)
-    ours, tok = models.load_pretrained(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                               dtype=torch.float32).eval()
+    ours, tok, theirs = ours_and_theirs(SMOLLM2)
     assert ours.config.n_layer == 30 and ours.config.n_kv_head == 3 and ours.config.tied_head
     from pydoc_data.topics import topics
     x = torch.tensor([tok.encode(topics["assert"])[:128]])
@@ -208,13 +214,7 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
 def gemma3():
     """(ours, its tokenizer, transformers' model) of Gemma-3-270M (Q8_0, Q5_0, Q4_K, Q6_K and F32
     tensors), loaded once: transformers' GGUF loader dequantises through `gguf` (about a minute)."""
-    transformers = need("transformers")
-    need("gguf")
-    path = real_model(GEMMA3)
-    ours, tok = models.load_pretrained(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                               dtype=torch.float32).eval()
-    return ours, tok, theirs
+    return ours_and_theirs(GEMMA3)
 
 
 def test_gemma3_gives_the_logits_of_transformers(gemma3):

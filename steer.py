@@ -175,15 +175,18 @@ def settings(argv):
     cfg = model.config
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")
+    topics = choose_topics(args)
+    longest = max([1] + [len(topic_request(tok, name)) for name in topics])  # prompting puts a request first
     for prompt in args.prompt or PROMPTS:
-        if 1 + len(tok.encode(prompt)) >= cfg.block_size:
-            raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate")
+        if longest + len(tok.encode(prompt)) >= cfg.block_size:
+            raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"
+                             + (f" after the prompting baseline's request ({longest} tokens)" if longest > 1 else ""))
     for address in forced_codes(args):
         try:
             model.locate(cb.parse_code(address))  # a clear error for a code that does not exist
         except ValueError as e:
             raise ValueError(f"--codes {e}") from None
-    return args, model, tok, choose_topics(args)
+    return args, model, tok, topics
 
 
 def choose_topics(args):

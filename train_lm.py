@@ -339,7 +339,7 @@ def pattern_tables(args, tokenizer, models_and_saes, eval_sets):
     every corpus and Python's LICENSE.txt, and each topic's words on the held-out stories (generated
     corpus only). Returns {"patterns": rows, "topics": rows or absent, "summary": counts}."""
     base, model, saes = models_and_saes
-    held = torch.cat([windows[:args.pattern_windows, :-1] for windows in eval_sets.values()] + [license_rows(tokenizer, args.block_size)])
+    held = pattern_text(args, tokenizer, eval_sets)
     tables = {"patterns": patterns.pattern_table(model, held, patterns.pattern_masks(held, tokenizer, patterns.PATTERNS),
                                                  base=base, saes=saes)}
     patterns.print_pattern_table(tables["patterns"], f"patterns ({held.numel()} tokens)")
@@ -349,6 +349,13 @@ def pattern_tables(args, tokenizer, models_and_saes, eval_sets):
                                                   base=base, saes=saes)
         patterns.print_pattern_table(tables["topics"], f"topic words ({stories.numel()} tokens)")
     return tables | {"summary": patterns.pattern_summary(tables["patterns"])}
+
+
+def pattern_text(args, tokenizer, eval_sets):
+    """The pattern table's tokens (rows, block_size): --pattern_windows held-out windows of each corpus,
+    then Python's LICENSE.txt."""
+    return torch.cat([windows[:args.pattern_windows, :-1] for windows in eval_sets.values()]
+                     + [license_rows(tokenizer, args.block_size)])
 
 
 def license_rows(tokenizer, block_size):

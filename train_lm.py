@@ -55,14 +55,15 @@ import text
 # --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them.
 # smollm2: SmolLM2-135M (30 layers x 9 heads) on 2 CPU cores in about an hour: a step of 4 x 128 tokens
 # takes ~7 s, so 100 steps for the codebook model and as many for the control; 256 codes per head keep
-# k-means and the code search cheap; everything evaluated on 32 held-out windows per corpus.
+# k-means and the code search cheap; everything evaluated on 32 held-out windows per corpus. The
+# pretrained weights move at 1e-4, the codes, new, at 1e-3, so they settle within the few steps.
 PRESETS = {
     "none": {},
     "smollm2": dict(out="out/smollm2", prose="reference,docstrings", stories=2000, block_size=128, batch_size=4,
-                    num_codes=256, k=8, codebook_steps=100, codebook_lr=1e-4, revive_every=25, kmeans_windows=32,
+                    num_codes=256, k=8, codebook_steps=100, codebook_lr=1e-4, codes_lr=1e-3, revive_every=25, kmeans_windows=32,
                     sae=True, sae_steps=200, sae_windows=32, eval_windows=32, patterns=True, pattern_windows=16, threads=2),
     "smollm2-gpu": dict(out="out/smollm2-gpu", prose="reference,docstrings", stories=30000, block_size=256, batch_size=32,
-                        num_codes=10000, k=8, codebook_steps=2000, codebook_lr=1e-4, revive_every=100, kmeans_windows=512,
+                        num_codes=10000, k=8, codebook_steps=2000, codebook_lr=1e-4, codes_lr=1e-3, revive_every=100, kmeans_windows=512,
                         sae=True, sae_steps=2000, sae_windows=512, eval_windows=256, patterns=True, pattern_windows=64),
 }
 
@@ -95,7 +96,8 @@ parser.add_argument("--base_lr", type=float, default=3e-3)
 parser.add_argument("--num_codes", type=int, default=512, help="codes per head (the paper: 10,000 on a GPU)")
 parser.add_argument("--k", type=int, default=8, help="codes active per head and position")
 parser.add_argument("--codebook_steps", type=int, default=400)
-parser.add_argument("--codebook_lr", type=float, default=1e-3)
+parser.add_argument("--codebook_lr", type=float, default=1e-3, help="stage 2's learning rate (and the control's)")
+parser.add_argument("--codes_lr", type=float, default=0.0, help="the codes' and their LayerNorms' own rate in stage 2 (0: --codebook_lr)")
 parser.add_argument("--revive_every", type=int, default=100, help="re-initialise unused codes every this many steps (0: never)")
 parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="also finetune the base model without codebooks, same steps: the paper's comparison")
@@ -143,7 +145,7 @@ def main(argv=None):
         base = base_model(args, pretrained, tokenizer, stage1, common, rank)
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
         model = runs.train(codebook_model(args, base, train_splits[0]), stage2, args.codebook_steps, args.codebook_lr,
-                           revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
+                           codebook_lr=args.codes_lr or None, revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
                            desc="stage 2: codebooks", **finetune)
 
         # --- evaluate and report (rank 0)
@@ -170,7 +172,7 @@ def settings(argv):
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
                                         "eval_windows", "ckpt_every", "sae_steps", "sae_windows", "pattern_windows"),
-                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds"),
+                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds", "codes_lr"),
                         rates=("base_lr", "codebook_lr"))
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction {args.val_fraction}: a share of documents, strictly between 0 and 1")

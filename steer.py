@@ -77,20 +77,21 @@ PROMPTS = ["Once upon a time", "One day, a little", "There was once a", "Long ag
 SHOWN = 3  # samples per condition shown side by side in report.html (of the first prompt)
 
 
-def sample(model, prompt, args, seed, tokenizer=BYTES, request=()):
-    """args.samples continuations of `prompt`: (tokens (n, block) with BOS + prompt first, length
-    of BOS + prompt). The same seed gives the same random numbers under every intervention.
+def sample(model, prompts, args, seed, tokenizer=BYTES, request=()):
+    """args.samples continuations of each prompt (all of one length in tokens), sampled as one batch:
+    (tokens (prompts x samples, block) with BOS + prompt first, prompt i's samples rows i x samples on;
+    length of BOS + prompt). The same seed gives the same random numbers under every intervention.
     request: token ids before the prompt instead of BOS (prompting: a chat turn asking for the
     topic); they are cut from what is returned, which starts with BOS + prompt all the same."""
     first = list(request) or [tokenizer.bos]
-    start = torch.tensor([[*first, *tokenizer.encode(prompt)]]).repeat(args.samples, 1)
+    start = torch.tensor([[*first, *tokenizer.encode(prompt)] for prompt in prompts]).repeat_interleave(args.samples, 0)
     room = model.config.block_size - start.shape[1]
     if room < 1:
-        raise ValueError(f"prompt {prompt!r} does not fit in block_size={model.config.block_size} bytes")
+        raise ValueError(f"prompts {prompts} do not fit in block_size={model.config.block_size} tokens")
     new = min(args.new_bytes or room + len(first) - 1, room)  # as many as without a request, where they fit
     generator = torch.Generator(device=args.device).manual_seed(seed)
     out = model.generate(start.to(args.device), new, temperature=args.temperature, generator=generator).cpu()
-    out = torch.cat([torch.full((args.samples, 1), tokenizer.bos), out[:, len(first):]], 1)
+    out = torch.cat([torch.full((len(out), 1), tokenizer.bos), out[:, len(first):]], 1)
     return out, start.shape[1] - len(first) + 1
 
 
@@ -218,9 +219,9 @@ def force_by_address(args, model, tok, prompts):
     """--codes: samples of each prompt without and with the codes forced at every position, printed."""
     codes = forced_codes(args)
     for i, prompt in enumerate(prompts):
-        plain, n = sample(model, prompt, args, args.seed + i, tok)
+        plain, n = sample(model, [prompt], args, args.seed + i, tok)
         with cb.force_codes(model, codes):
-            forced, _ = sample(model, prompt, args, args.seed + i, tok)
+            forced, _ = sample(model, [prompt], args, args.seed + i, tok)
         print(f"\nprompt {prompt!r}")
         for label, tokens in (("without", plain), (f"with {','.join(codes)}", forced)):
             print(f"  {label}:")
@@ -355,9 +356,18 @@ def addition_direction(model, address, ids, mask, num_codes):
 
 def sample_prompts(model, prompts, args, tok, request=()):
     """[(samples, prompt length)] of every prompt (after the request, if any: sample()), under the
-    interventions in effect; prompt i's random numbers seeded by --seed + 1000 i, the same under
-    every intervention."""
-    return [sample(model, prompt, args, args.seed + 1000 * i, tok, request) for i, prompt in enumerate(prompts)]
+    interventions in effect. Prompts of one length in tokens are sampled in one batch (keys and values
+    cached): a step costs about as much for 20 rows as for 10 on a CPU. A batch's random numbers are
+    seeded by --seed + 1000 x the index of its first prompt, the same under every intervention."""
+    batches = {}
+    for i, prompt in enumerate(prompts):
+        batches.setdefault(len(tok.encode(prompt)), []).append(i)
+    samples = [None] * len(prompts)
+    for members in batches.values():
+        tokens, n = sample(model, [prompts[i] for i in members], args, args.seed + 1000 * members[0], tok, request)
+        for j, i in enumerate(members):
+            samples[i] = (tokens[j * args.samples:(j + 1) * args.samples], n)
+    return samples
 
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # ChatML, SmolLM2-Instruct's chat template

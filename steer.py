@@ -357,7 +357,7 @@ def addition_direction(model, address, ids, mask, num_codes):
 def sample_prompts(model, prompts, args, tok, request=()):
     """[(samples, prompt length)] of every prompt (after the request, if any: sample()), under the
     interventions in effect. Prompts of one length in tokens are sampled in one batch (keys and values
-    cached): a step costs about as much for 20 rows as for 10 on a CPU. A batch's random numbers are
+    cached), one forward per generated token for all their samples. A batch's random numbers are
     seeded by --seed + 1000 x the index of its first prompt, the same under every intervention."""
     batches = {}
     for i, prompt in enumerate(prompts):

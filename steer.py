@@ -178,7 +178,8 @@ def settings(argv):
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")
     topics = choose_topics(args)
-    longest = max([1] + [len(topic_request(tok, name)) for name in topics])  # prompting puts a request first
+    steering = not (args.codes or args.browse)  # then prompting puts a request before each prompt
+    longest = max([1] + [len(topic_request(tok, name)) for name in topics if steering])
     for prompt in args.prompt or PROMPTS:
         if longest + len(tok.encode(prompt)) >= cfg.block_size:
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"

@@ -19,6 +19,14 @@ dictionary size and k, and prints the loss with all of them spliced in beside th
     python train_lm.py --device cuda                    # GPU, bf16 autocast
     python train_lm.py --hf models/pythia-70m --data corpus.txt   # codebooks on a pretrained model
     python train_lm.py --sae                            # and TopK SAEs on the base model, compared
+    python train_lm.py --preset smollm2 --hf SmolLM2-135M-Instruct.Q4_1.gguf   # the real model, about 1 h on 2 cores
+
+With --prose the real prose of text.py (Python's reference text, stdlib docstrings) is mixed into
+training (each batch from one corpus in turn) and each held-out part is evaluated on its own.
+With --patterns the table of section 4 (patterns.py): per pattern the best code beside the best
+neuron and SAE latent, on held-out text of every corpus plus Python's LICENSE.txt (the one text
+here with dates: years and months barely occur in the rest, and it is in no training set), and each
+topic's words on the held-out stories. OUT/report.html shows the tables.
 
 Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded;
 with --hf they are the model's BPE tokens (bpe.py), and BOS is its end-of-text token. Every
@@ -28,6 +36,8 @@ Every stage checkpoints as it goes; rerunning the same command resumes where it 
 import argparse
 import functools
 import os
+import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -36,16 +46,38 @@ import torch.distributed as dist
 
 import codebook as cb
 import models
+import patterns
+import report as pages
 import runs
 import sae
 import text
 
+# --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them.
+# smollm2: SmolLM2-135M (30 layers x 9 heads) on 2 CPU cores in about an hour: a step of 4 x 128 tokens
+# takes ~7 s, so 100 steps for the codebook model and as many for the control; 256 codes per head keep
+# k-means and the code search cheap; everything evaluated on 32 held-out windows per corpus. The
+# pretrained weights move at 1e-4, the codes, new, at 1e-3, so they settle within the few steps. One
+# torch thread: where another job holds a core, two threads stall on each other (a step: 35 s, not 5).
+PRESETS = {
+    "none": {},
+    "smollm2": dict(out="out/smollm2", prose="reference,docstrings", stories=2000, block_size=128, batch_size=4,
+                    num_codes=256, k=8, codebook_steps=100, codebook_lr=1e-4, codes_lr=1e-3, revive_every=25, kmeans_windows=32,
+                    sae=True, sae_steps=200, sae_windows=32, eval_windows=32, patterns=True, pattern_windows=16, threads=1),
+    "smollm2-gpu": dict(out="out/smollm2-gpu", prose="reference,docstrings", stories=30000, block_size=256, batch_size=32,
+                        num_codes=10000, k=8, codebook_steps=2000, codebook_lr=1e-4, codes_lr=1e-3, revive_every=100, kmeans_windows=512,
+                        sae=True, sae_steps=2000, sae_windows=512, eval_windows=256, patterns=True, pattern_windows=64),
+}
+
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--preset", choices=list(PRESETS), default="none",
+                    help="other defaults for a set of flags (PRESETS in this file); a flag given here wins over its preset")
 parser.add_argument("--data", default="", help="text file or folder of text files; empty: generated stories")
 parser.add_argument("--include", default="*", help="in a --data folder, read only files matching this glob, e.g. '*.py'")
 parser.add_argument("--exclude", default="site-packages,__pycache__,.git", help="in a --data folder, skip folders with these names")
 parser.add_argument("--separator", default="<|endoftext|>", help="documents inside a file are cut at this string")
+parser.add_argument("--prose", default="", help=f"comma-separated real prose corpora ({', '.join(text.PROSE)}) mixed "
+                    "into training, each held-out part evaluated on its own")
 parser.add_argument("--stories", type=int, default=30000, help="size of the generated corpus, in stories")
 parser.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
 parser.add_argument("--out", default="out/lm", help="output folder")
@@ -65,7 +97,8 @@ parser.add_argument("--base_lr", type=float, default=3e-3)
 parser.add_argument("--num_codes", type=int, default=512, help="codes per head (the paper: 10,000 on a GPU)")
 parser.add_argument("--k", type=int, default=8, help="codes active per head and position")
 parser.add_argument("--codebook_steps", type=int, default=400)
-parser.add_argument("--codebook_lr", type=float, default=1e-3)
+parser.add_argument("--codebook_lr", type=float, default=1e-3, help="stage 2's learning rate (and the control's)")
+parser.add_argument("--codes_lr", type=float, default=0.0, help="the codes' and their LayerNorms' own rate in stage 2 (0: --codebook_lr)")
 parser.add_argument("--revive_every", type=int, default=100, help="re-initialise unused codes every this many steps (0: never)")
 parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="also finetune the base model without codebooks, same steps: the paper's comparison")
@@ -75,6 +108,9 @@ parser.add_argument("--sae", action=argparse.BooleanOptionalAction, default=Fals
                     help="also fit TopK SAEs to the base model's attention heads (same dictionary size and k) and splice them in")
 parser.add_argument("--sae_steps", type=int, default=400, help="Adam steps of each SAE, 512 cached activations each")
 parser.add_argument("--sae_windows", type=int, default=256, help="training windows whose activations the SAEs are fitted to")
+parser.add_argument("--patterns", action=argparse.BooleanOptionalAction, default=False,
+                    help="the pattern table of section 4: best code, neuron and SAE latent per pattern (patterns.py)")
+parser.add_argument("--pattern_windows", type=int, default=16, help="held-out windows of each corpus the pattern table reads")
 # evaluation and machinery
 parser.add_argument("--eval_windows", type=int, default=256, help="fixed validation windows for the final figures")
 parser.add_argument("--eval_every", type=int, default=0, help="print a validation loss every this many steps (0: never)")
@@ -94,33 +130,36 @@ def main(argv=None):
     autocast = torch.bfloat16 if args.device.startswith("cuda") else None
     torch.manual_seed(args.seed)
     with runs.one_run_per_folder(args.out):
-        # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows
-        train_split, val_split, folder = load_data(args, tokenizer, rank, world)
+        # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows per corpus
+        train_splits, val_splits, folder = load_data(args, tokenizer, rank, world)
         windows = args.eval_windows, args.block_size + 1
-        eval_windows, train_windows = fixed_windows(val_split, args, 0, *windows), fixed_windows(train_split, args, 1, *windows)
-        stage1, stage2 = (functools.partial(window_batch, train_split, args, stage) for stage in (1, 2))
+        eval_sets = {name: fixed_windows(split, args, 0, *windows) for name, split in val_splits.items()}
+        eval_windows, train_windows = next(iter(eval_sets.values())), fixed_windows(train_splits[0], args, 1, *windows)
+        stage1, stage2 = (functools.partial(window_batch, train_splits, args, stage) for stage in (1, 2))
 
         # --- training; what the batches depend on is in every checkpoint: resuming with another corpus is refused
         common = dict(device=args.device, autocast=autocast, eval_every=args.eval_every, cosine=True,
                       eval_fn=functools.partial(validation, windows=eval_windows[:64], autocast=autocast),
                       ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, ckpt_extra={"tokenizer": tokenizer.to_dict()},
-                      settings=dict(data=os.path.basename(folder), batch_size=args.batch_size, block_size=args.block_size,
-                                    seed=args.seed))
+                      settings=dict(data=folder, batch_size=args.batch_size, block_size=args.block_size, seed=args.seed))
         finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
         base = base_model(args, pretrained, tokenizer, stage1, common, rank)
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
-        model = runs.train(codebook_model(args, base, train_split), stage2, args.codebook_steps, args.codebook_lr,
-                           revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
+        model = runs.train(codebook_model(args, base, train_splits[0]), stage2, args.codebook_steps, args.codebook_lr,
+                           codebook_lr=args.codes_lr or None, revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
                            desc="stage 2: codebooks", **finetune)
 
         # --- evaluate and report (rank 0)
         results = None
         if rank == 0:
-            results, sae_seconds = evaluate(args, (base, control, model), eval_windows, train_windows, train_split, autocast, world)
+            results, saes, sae_seconds = evaluate(args, (base, control, model), eval_sets, train_windows, train_splits, autocast, world)
             report(results, args, model.config, sae_seconds)
+            if args.patterns:
+                results["patterns"] = pattern_tables(args, tokenizer, (base, model, saes), eval_sets)
             runs.save_json(os.path.join(args.out, "results.json"), results)
             print(f"wall time {time.time() - started:.0f} s ({world} process{'es' if world > 1 else ''}); "
                   f"wrote {args.out}/results.json, base.pt, codebook.pt" + (", finetuned.pt" if control else ""))
+            print(f"report: {write_page(results, args)}")
     if dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before any tears the group down
         dist.destroy_process_group()
@@ -129,11 +168,12 @@ def main(argv=None):
 
 def settings(argv):
     """The command line, every setting checked before any work."""
-    args = parser.parse_args(argv)
+    preset = PRESETS[parser.parse_known_args(argv)[0].preset]
+    args = parser.parse_args(argv, argparse.Namespace(**preset))  # argparse fills in only what the namespace lacks
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
-                                        "eval_windows", "ckpt_every", "sae_steps", "sae_windows"),
-                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds"),
+                                        "eval_windows", "ckpt_every", "sae_steps", "sae_windows", "pattern_windows"),
+                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds", "codes_lr"),
                         rates=("base_lr", "codebook_lr"))
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction {args.val_fraction}: a share of documents, strictly between 0 and 1")
@@ -142,10 +182,17 @@ def settings(argv):
     cb.check_codebook(args.num_codes, args.k)
     if args.data and not os.path.exists(args.data):
         raise ValueError(f"data path {args.data} does not exist")
+    unknown = [name for name in prose_names(args) if name not in text.PROSE]
+    if unknown:
+        raise ValueError(f"--prose {','.join(unknown)}: no such corpus; choose among {', '.join(text.PROSE)}")
     base_config(args)  # its own checks
     if args.init_from and args.hf:
         raise ValueError("--init_from and --hf both give the base model: choose one")
     return args
+
+
+def prose_names(args):
+    return [name.strip() for name in args.prose.split(",") if name.strip()]
 
 
 def base_config(args):
@@ -175,25 +222,30 @@ def starting_model(args):
 
 
 def load_data(args, tokenizer, rank, world):
-    """(train split, validation split, their folder): the corpus tokenised once into OUT/data/ by
-    rank 0, then memory-mapped by every process."""
+    """([train splits], {corpus name: validation split}, a name for them all): the corpus and the --prose
+    corpora, each tokenised once into OUT/data/ by rank 0, then memory-mapped by every process."""
     if rank != 0:
-        dist.barrier()  # rank 0 has tokenised it
+        dist.barrier()  # rank 0 has tokenised them
     train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
                                                        args.include, args.separator, args.block_size,
                                                        args.exclude.split(","), tokenizer)
+    splits = {os.path.basename(args.data.rstrip(os.sep)) if args.data else "stories": (train_split, val_split, folder)}
+    splits |= {name: text.prepare_prose(name, args.out, args.block_size, tokenizer) for name in prose_names(args)}
     if rank == 0 and world > 1:
         dist.barrier()
     if rank == 0:
-        print(f"data: {args.data or f'{args.stories} generated stories'} -> {folder}: {len(train_split.data) / 1e6:.2f} M "
-              f"tokens train, {len(val_split.data) / 1e6:.2f} M validation ({tokenizer.kind})")
-    return train_split, val_split, folder
+        for name, (train, val, where) in splits.items():
+            print(f"data: {name} -> {where}: {len(train.data) / 1e6:.2f} M tokens train, {len(val.data) / 1e6:.2f} M "
+                  f"held out ({tokenizer.kind})")
+    return ([train for train, _, _ in splits.values()], {name: val for name, (_, val, _) in splits.items()},
+            "+".join(os.path.basename(where) for _, _, where in splits.values()))
 
 
-def window_batch(split, args, stage, i, rank, world):
-    """Micro-batch i of a stage: random windows of the split, a different draw on every process."""
+def window_batch(splits, args, stage, i, rank, world):
+    """Micro-batch i of a stage: random windows of one training split (the corpora in turn), a different
+    draw on every process."""
     rng = np.random.default_rng([args.seed, stage, i, rank])
-    windows = split.random_windows(rng, args.batch_size, args.block_size + 1)
+    windows = splits[i % len(splits)].random_windows(rng, args.batch_size, args.block_size + 1)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -238,64 +290,151 @@ def codebook_model(args, base, train_split):
     return model
 
 
-def evaluate(args, trained, eval_windows, train_windows, train_split, autocast, world):
-    """Every figure of the table for the trained (base, control or None, codebook model), for results.json
-    (with --sae, the SAEs fitted first), and the seconds the SAEs took."""
+def held_out(models_by_name, windows, autocast):
+    """({"<name>_val_loss", "<name>_val_accuracy"} of each model (None: skipped) on windows, the dead codes
+    {codebook: share} of the one named "codebook" or None)."""
+    figures, dead = {}, None
+    for name, model in models_by_name.items():
+        if model is not None:
+            loss, accuracy, model_dead = runs.evaluate(model, windows, autocast=autocast)
+            figures |= {f"{name}_val_loss": loss, f"{name}_val_accuracy": accuracy}
+            dead = model_dead if name == "codebook" else dead
+    return figures, dead
+
+
+def evaluate(args, trained, eval_sets, train_windows, train_splits, autocast, world):
+    """Every figure of the table for the trained (base, control or None, codebook model) on each held-out
+    set, for results.json (with --sae, the SAEs fitted first, to windows of every training corpus);
+    returns (results, the SAEs or None, the seconds they took)."""
     base, control, model = trained
-    base_loss, base_acc, _ = runs.evaluate(base, eval_windows, autocast=autocast)
-    base_train_loss, _, _ = runs.evaluate(base, train_windows, autocast=autocast)
-    if control is not None:
-        control_loss, control_acc, _ = runs.evaluate(control, eval_windows, autocast=autocast)
-    cb_loss, cb_acc, dead = runs.evaluate(model, eval_windows, autocast=autocast)
-    results = {"base_val_loss": base_loss, "codebook_val_loss": cb_loss, "loss_ratio": cb_loss / base_loss,
-               "base_val_accuracy": base_acc, "codebook_val_accuracy": cb_acc, "base_train_loss": base_train_loss,
-               "dead_code_fraction": dead, "mean_dead_code_fraction": float(np.mean(list(dead.values()))), "processes": world,
-               "data": args.data or "generated stories", "settings": vars(args),
-               "history": {"base": getattr(base, "history", []), "codebook": model.history}}
-    sae_seconds = 0.0
+    saes, sae_seconds = None, 0.0
     if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
         started = time.time()
-        sae_tokens = fixed_windows(train_split, args, 3, args.sae_windows, args.block_size)
+        count = -(-args.sae_windows // len(train_splits))
+        sae_tokens = torch.cat([fixed_windows(split, args, 3, count, args.block_size) for split in train_splits])
         saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sae.codebook_sizes(model),
                             steps=args.sae_steps, seed=args.seed)
         sae_seconds = time.time() - started
-        with cb.replace_activations(base, saes):
-            sae_loss, sae_acc, _ = runs.evaluate(base, eval_windows, autocast=autocast)
-        latents = sae.record_latents(base, saes, eval_windows[:, :-1])
-        results |= {"sae_val_loss": sae_loss, "sae_val_accuracy": sae_acc, "sae_loss_ratio": sae_loss / base_loss,
-                    "sae_dead_latent_fraction": {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}}
-    if control is not None:
-        results |= {"finetuned_val_loss": control_loss, "finetuned_val_accuracy": control_acc,
-                    "loss_ratio_finetuned": cb_loss / control_loss}
-    return results, sae_seconds
+    per_set = {}
+    for name, windows in eval_sets.items():
+        per_set[name], dead = held_out({"base": base, "finetuned": control, "codebook": model}, windows, autocast)
+        if saes is not None:
+            with cb.replace_activations(base, saes):
+                per_set[name] |= held_out({"sae": base}, windows, autocast)[0]
+        figures = per_set[name]
+        figures |= {f"{ratio}": figures[f"{of}_val_loss"] / figures[f"{to}_val_loss"] for ratio, of, to in
+                    (("loss_ratio", "codebook", "base"), ("loss_ratio_finetuned", "codebook", "finetuned"),
+                     ("sae_loss_ratio", "sae", "base")) if f"{of}_val_loss" in figures and f"{to}_val_loss" in figures}
+        figures["dead_code_fraction"] = dead
+    first = next(iter(eval_sets))
+    results = per_set[first] | {"base_train_loss": runs.evaluate(base, train_windows, autocast=autocast)[0],
+                                "held_out": per_set, "processes": world, "data": args.data or "generated stories",
+                                "settings": vars(args), "history": {"base": getattr(base, "history", []), "codebook": model.history}}
+    results["mean_dead_code_fraction"] = float(np.mean(list(results["dead_code_fraction"].values())))
+    if saes is not None:
+        latents = sae.record_latents(base, saes, eval_sets[first][:, :-1])
+        results["sae_dead_latent_fraction"] = {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}
+    return results, saes, sae_seconds
+
+
+def pattern_tables(args, tokenizer, models_and_saes, eval_sets):
+    """Section 4's table (patterns.py), printed: the 12 patterns on --pattern_windows held-out windows of
+    every corpus and Python's LICENSE.txt, and each topic's words on the held-out stories (generated
+    corpus only). Returns {"patterns": rows, "topics": rows or absent, "summary": counts}."""
+    base, model, saes = models_and_saes
+    held = pattern_text(args, tokenizer, eval_sets)
+    tables = {"patterns": patterns.pattern_table(model, held, patterns.pattern_masks(held, tokenizer, patterns.PATTERNS),
+                                                 base=base, saes=saes)}
+    patterns.print_pattern_table(tables["patterns"], f"patterns ({held.numel()} tokens)")
+    if not args.data:
+        stories = eval_sets["stories"][:, :-1]
+        tables["topics"] = patterns.pattern_table(model, stories, patterns.pattern_masks(stories, tokenizer, patterns.topic_patterns()),
+                                                  base=base, saes=saes)
+        patterns.print_pattern_table(tables["topics"], f"topic words ({stories.numel()} tokens)")
+    return tables | {"summary": patterns.pattern_summary(tables["patterns"])}
+
+
+def pattern_text(args, tokenizer, eval_sets):
+    """The pattern table's tokens (rows, block_size): --pattern_windows held-out windows of each corpus,
+    then Python's LICENSE.txt."""
+    return torch.cat([windows[:args.pattern_windows, :-1] for windows in eval_sets.values()]
+                     + [license_rows(tokenizer, args.block_size)])
+
+
+def license_rows(tokenizer, block_size):
+    """Python's LICENSE.txt (its history table holds most years and months of this Python's texts) as
+    rows of block_size tokens, each starting with BOS; none where this Python lacks the file."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    if not os.path.exists(path):
+        return torch.zeros(0, block_size, dtype=torch.long)
+    ids = tokenizer.encode(open(path, encoding="utf-8", errors="replace").read())
+    step = block_size - 1
+    return torch.tensor([[tokenizer.bos, *ids[i:i + step]] for i in range(0, len(ids) - step + 1, step)], dtype=torch.long)
+
+
+LOSS_COLUMNS = [("base", "base"), ("finetuned", "finetuned"), ("codebooks", "codebook"), ("SAEs", "sae")]
 
 
 def report(r, args, config, sae_seconds):
-    """The table README shows; `config` the codebook model's."""
-    columns = [("base", "base_val_loss", "base_val_accuracy"), ("finetuned", "finetuned_val_loss", "finetuned_val_accuracy"),
-               ("codebooks", "codebook_val_loss", "codebook_val_accuracy"), ("SAEs", "sae_val_loss", "sae_val_accuracy")]
-    columns = [(name, r[loss], r[acc]) for name, loss, acc in columns if loss in r]
-    print(f"\nvalidation: {args.eval_windows} windows x {args.block_size} tokens = "
-          f"{args.eval_windows * args.block_size} next-token predictions")
-    print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
-    print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
-    print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
-    print(f"{'train loss (nats/token)':30s}{r['base_train_loss']:12.4f}")
-    print(f"loss ratio codebooks / base       {r['loss_ratio']:.3f}")
-    if "sae_loss_ratio" in r:
-        print(f"loss ratio SAEs / base            {r['sae_loss_ratio']:.3f}   (TopK SAEs of the frozen base spliced in at "
-              f"every head, {args.num_codes} latents, k={args.k}; fitted in {sae_seconds:.0f} s)")
-    if "loss_ratio_finetuned" in r:
-        print(f"loss ratio codebooks / finetuned  {r['loss_ratio_finetuned']:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
+    """The tables README shows, one per held-out corpus; `config` the codebook model's."""
+    for corpus, figures in r["held_out"].items():
+        columns = [(name, figures[f"{key}_val_loss"], figures[f"{key}_val_accuracy"])
+                   for name, key in LOSS_COLUMNS if f"{key}_val_loss" in figures]
+        print(f"\nheld out, {corpus}: {args.eval_windows} windows x {args.block_size} tokens = "
+              f"{args.eval_windows * args.block_size} next-token predictions")
+        print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
+        print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
+        print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))
+        print(f"loss ratio codebooks / base       {figures['loss_ratio']:.3f}")
+        if "sae_loss_ratio" in figures:
+            print(f"loss ratio SAEs / base            {figures['sae_loss_ratio']:.3f}   (TopK SAEs of the frozen base spliced "
+                  f"in at every head, {args.num_codes} latents, k={args.k}; fitted in {sae_seconds:.0f} s)")
+        if "loss_ratio_finetuned" in figures:
+            print(f"loss ratio codebooks / finetuned  {figures['loss_ratio_finetuned']:.3f}   (paper, Pythia-410M: 2.74 / 2.41 = 1.14)")
+        print(f"dead codes                        {np.mean(list(figures['dead_code_fraction'].values())):.2%} mean")
+    print(f"\ntrain loss of the base (nats/token) {r['base_train_loss']:.4f}")
     dead = r["dead_code_fraction"]
     print(f"dead codes                        {r['mean_dead_code_fraction']:.2%} mean over {len(dead)} codebooks of "
-          f"{args.num_codes} codes, k={args.k}, on the validation windows")
+          f"{args.num_codes} codes, k={args.k}, on the first corpus's held-out windows")
     for layer in range(config.n_layer):
         print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(config.n_head)))
     if "sae_dead_latent_fraction" in r:
         sae_dead = r["sae_dead_latent_fraction"]
         print(f"dead SAE latents                  {np.mean(list(sae_dead.values())):.2%} mean over {len(sae_dead)} SAEs, "
               "on the validation windows")
+
+
+def write_page(r, args):
+    """OUT/report.html: the held-out table of every corpus and the pattern tables. Returns its path."""
+    rows = []
+    for corpus, figures in r["held_out"].items():
+        keys = [key for _, key in LOSS_COLUMNS if f"{key}_val_loss" in figures]
+        rows.append([corpus] + [f"{figures[f'{key}_val_loss']:.4f}" for key in keys]
+                    + [pages.pct(figures[f"{key}_val_accuracy"]) for key in keys]
+                    + [f"{figures.get('loss_ratio_finetuned', figures['loss_ratio']):.3f}",
+                       pages.pct(float(np.mean(list(figures["dead_code_fraction"].values()))))])
+    names = [name for name, key in LOSS_COLUMNS if f"{key}_val_loss" in r]
+    sections = [pages.section("Held-out loss", pages.table(rows, ["corpus", *names, *names, "codebooks / finetuned", "dead codes"],
+                                                            groups=[("", 1), ("loss (nats/token)", len(names)),
+                                                                    ("next-token accuracy", len(names)), ("", 2)]),
+                              note="Each corpus's held-out windows; codebooks / finetuned: the codebook model's loss over the "
+                                   "model finetuned as long without codebooks (the base's where there is no control).")]
+    for name, title in (("patterns", "Patterns"), ("topics", "Topic words")):
+        if name in r.get("patterns", {}):
+            sections.append(pages.section(title, pattern_rows_table(r["patterns"][name]), note=(
+                "Per pattern the most precise code firing on at least 10% of its positions (section 4), and at that "
+                "recall the precision of the best neuron and of the best SAE latent.")))
+    return pages.write(os.path.join(args.out, "report.html"), f"Codebook LM: {args.hf or args.init_from or 'byte model'}",
+                       sections, subtitle="python train_lm.py " + " ".join(sys.argv[1:]) + "; figures in results.json")
+
+
+def pattern_rows_table(rows):
+    """A pattern table (patterns.pattern_table's rows) as an HTML table."""
+    cell = lambda value: "" if value is None else pages.pct(value)
+    return pages.table([[r["pattern"], r["positions"], r["code"] or "-", cell(r["precision"]), cell(r["recall"]),
+                         r.get("neuron", ""), cell(r.get("neuron_precision")), r.get("sae", ""), cell(r.get("sae_precision"))]
+                        for r in rows], ["pattern", "positions", "code", "precision", "recall", "neuron", "precision",
+                                         "SAE latent", "precision"])
 
 
 if __name__ == "__main__":

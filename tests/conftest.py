@@ -1,19 +1,24 @@
 """What several test files share: a tiny codebook model and its tokens; the test-only packages and
 real models (a skip naming what is missing, a failure where CI requires it), tiny random transformers
-models and text to compare tokenizers on; a free port for runs of two processes, and running a script
+models and text to compare tokenizers on; a tiny random Llama-style model with a BPE tokenizer that
+has a chat format; headless Chromium; a free port for runs of two processes, and running a script
 (killed at a chosen step, if asked) and comparing what two runs wrote."""
 import glob
 import importlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sysconfig
+import tempfile
 
 import pytest
 import torch
 
+import bpe
 import codebook as cb
+import models
 import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +34,29 @@ def tiny_model(seed=0, **codebooks):
 
 def tokens(n=4, seq=16, seed=1):
     return torch.randint(0, 11, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def chat_bpe():
+    """A byte-level BPE built by hand: every byte a token, a few merges, and SmolLM2's special tokens:
+    <|endoftext|>, <|im_start|> (its BOS) and <|im_end|> (its end of turn), ChatML's turn markers."""
+    chars = [bpe.BYTE_TO_CHAR[b] for b in range(256)]
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "the"), ("e", "d"), ("Ġ", "a"), ("i", "n")]
+    vocab = {c: i for i, c in enumerate(chars + ["".join(m) for m in merges])}
+    added = [{"id": len(vocab) + i, "content": t, "special": True, "normalized": False}
+             for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])]
+    return bpe.BPETokenizer(vocab, [list(m) for m in merges], added, bos=len(vocab) + 1, eos=len(vocab) + 2)
+
+
+def tiny_llama(path, block_size=128, seed=0):
+    """A random Llama-style models.Transformer (RMSNorm, rotary, grouped keys and values, SwiGLU, tied
+    head; 2 layers, 4 heads) with chat_bpe(), saved as a base checkpoint for train_lm.py --init_from."""
+    tok = chat_bpe()
+    torch.manual_seed(seed)
+    config = models.TransformerConfig(family="llama", vocab_size=tok.vocab_size, block_size=block_size, n_layer=2,
+                                      n_head=4, n_kv_head=2, d_model=32, d_mlp=64, norm="rmsnorm", rotary_dims=8,
+                                      mlp="gated", activation="silu", mlp_bias=False, tied_head=True)
+    runs.save_checkpoint(str(path), models.Transformer(config), step=0, tokenizer=tok.to_dict())
+    return str(path)
 
 
 @pytest.fixture
@@ -127,6 +155,37 @@ def stdlib_text(first, size):
         if total >= size:
             break
     return "".join(parts)[:size]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through selenium, one per test module; a skip (a failure under
+    CODEBOOK_REQUIRE_BROWSER=1) where any part is missing."""
+    required = os.environ.get("CODEBOOK_REQUIRE_BROWSER") == "1"
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    missing = ("selenium is not installed (pip install selenium)" if webdriver is None else
+               "no Chromium binary on PATH (apt install chromium)" if binary is None else
+               "no chromedriver on PATH (apt install chromium-driver)" if driver_path is None else None)
+    if missing:
+        (pytest.fail if required else pytest.skip)(f"browser test: {missing}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 # --- runs of the scripts --------------------------------------------------------------------

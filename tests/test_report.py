@@ -6,8 +6,6 @@ unless CODEBOOK_REQUIRE_BROWSER=1 (CI), where they fail instead."""
 import base64
 import os
 import re
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -163,35 +161,6 @@ def test_charts_take_odd_data():
 
 
 # --- the page in a real browser ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    required = os.environ.get("CODEBOOK_REQUIRE_BROWSER") == "1"
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_path = shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        webdriver = None
-    missing = ("selenium is not installed (pip install selenium)" if webdriver is None else
-               "no Chromium binary on PATH (apt install chromium)" if binary is None else
-               "no chromedriver on PATH (apt install chromium-driver)" if driver_path is None else None)
-    if missing:
-        (pytest.fail if required else pytest.skip)(f"browser test: {missing}")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def opened(run, browser, tmp_path_factory):

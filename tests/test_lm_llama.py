@@ -1,0 +1,155 @@
+"""The paper's language-model experiments as README runs them on SmolLM2-135M, here on a tiny random
+Llama-style model in seconds: train_lm.py with per-head attention codebooks, the control and SAEs on
+the generated stories and real prose, each held-out corpus on its own; the pattern table of section 4;
+steer.py's three methods (forcing codes, activation addition, prompting in the chat format); both
+pages in headless Chromium. Every figure is checked against a recount by hand."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import codebook as cb
+import models
+import patterns
+import runs
+import sae
+import steer
+import text
+import train_lm
+from conftest import chat_bpe, tiny_llama
+
+TRAIN = ["--stories", "300", "--prose", "reference,docstrings", "--block_size", "128", "--batch_size", "4",
+         "--codebook_steps", "6", "--num_codes", "16", "--k", "2", "--revive_every", "3", "--eval_windows", "8",
+         "--kmeans_windows", "4", "--sae", "--sae_steps", "10", "--sae_windows", "6", "--patterns", "--pattern_windows", "4",
+         "--threads", "1", "--device", "cpu"]
+TOPICS = ["dragons", "sea"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Both scripts run once: (train_lm's argv, its results, steer's argv, its results)."""
+    folder = tmp_path_factory.mktemp("llama")
+    train_argv = TRAIN + ["--init_from", tiny_llama(folder / "tiny.pt"), "--out", str(folder / "lm")]
+    trained = train_lm.main(train_argv)
+    steer_argv = ["--ckpt", str(folder / "lm" / "codebook.pt"), "--out", str(folder / "steer"), "--topics", ",".join(TOPICS),
+                  "--reference_stories", "48", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1"]
+    steer.main(steer_argv)
+    return train_argv, trained, steer_argv, json.load(open(folder / "steer" / "results.json"))
+
+
+def test_each_corpus_is_held_out_on_its_own_with_every_model(pipeline):
+    argv, r, _, _ = pipeline
+    args = train_lm.settings(argv)
+    assert r == json.load(open(os.path.join(args.out, "results.json"))) | {"settings": r["settings"]}
+    assert list(r["held_out"]) == ["stories", "reference", "docstrings"]
+    model, tok = models.load_with_tokenizer(os.path.join(args.out, "codebook.pt"))
+    base, _ = models.load_with_tokenizer(os.path.join(args.out, "base.pt"))
+    control, _ = models.load_with_tokenizer(os.path.join(args.out, "finetuned.pt"))
+    saes = sae.load_saes(os.path.join(args.out, "sae.pt"))
+    _, val_splits, _ = train_lm.load_data(args, tok, 0, 1)
+    for corpus, figures in r["held_out"].items():
+        windows = train_lm.fixed_windows(val_splits[corpus], args, 0, args.eval_windows, args.block_size + 1)
+        for name, m in (("base", base), ("finetuned", control), ("codebook", model)):
+            loss, accuracy, _ = runs.evaluate(m, windows)
+            assert (figures[f"{name}_val_loss"], figures[f"{name}_val_accuracy"]) == (loss, accuracy), (corpus, name)
+        with cb.replace_activations(base, saes):
+            assert figures["sae_val_loss"] == runs.evaluate(base, windows)[0]
+        assert figures["loss_ratio_finetuned"] == figures["codebook_val_loss"] / figures["finetuned_val_loss"]
+        assert set(figures["dead_code_fraction"]) == {f"L{l}.H{h}" for l in range(2) for h in range(4)}
+        assert figures["finetuned_val_loss"] < figures["base_val_loss"]  # six steps from random weights: it learns
+    assert r["dead_code_fraction"] == r["held_out"]["stories"]["dead_code_fraction"]
+
+
+def test_pattern_table_recounted_by_hand(pipeline):
+    argv, r, _, _ = pipeline
+    args = train_lm.settings(argv)
+    assert [row["pattern"] for row in r["patterns"]["patterns"]] == list(patterns.PATTERNS)
+    assert [row["pattern"] for row in r["patterns"]["topics"]] == list(patterns.topic_patterns())
+    assert r["patterns"]["summary"] == patterns.pattern_summary(r["patterns"]["patterns"])
+    model, tok = models.load_with_tokenizer(os.path.join(args.out, "codebook.pt"))
+    _, val_splits, _ = train_lm.load_data(args, tok, 0, 1)
+    eval_sets = {name: train_lm.fixed_windows(split, args, 0, args.eval_windows, args.block_size + 1)
+                 for name, split in val_splits.items()}
+    held = train_lm.pattern_text(args, tok, eval_sets)
+    assert len(held) > 3 * args.pattern_windows  # LICENSE.txt after the corpora's windows
+    masks = patterns.pattern_masks(held, tok, patterns.PATTERNS)
+    codes = cb.record_dataset(model, held)[0]
+    for row in r["patterns"]["patterns"]:
+        assert row["positions"] == int(masks[row["pattern"]].sum())
+        if row["code"] is None:
+            continue
+        address, code = row["code"].rsplit(".", 1)
+        fires = (codes[address] == int(code)).any(-1)
+        both = sum(bool(f and m) for f, m in zip(fires.flatten().tolist(), masks[row["pattern"]].flatten().tolist()))
+        assert row["precision"] == pytest.approx(both / int(fires.sum()))
+        assert row["recall"] == pytest.approx(both / row["positions"])
+        assert 0 <= row["neuron_precision"] <= 1 and 0 <= row["sae_precision"] <= 1
+
+
+def test_pattern_masks_of_a_short_text_counted_by_hand():
+    tok = chat_bpe()
+    string = 'In 1999 the cat (a tabby) walked. The dog: "if x == 1 or x >= 2" in May.\n'
+    tokens = torch.tensor(tok.encode(string))
+    masks = patterns.pattern_masks(tokens, tok, patterns.PATTERNS)
+    by_hand = {"digit": 6, "year, its last digit": 1, "opening parenthesis": 1, "closing bracket": 1, "newline": 1,
+               "capital starting a sentence": 1, "past tense -ed": 1, "the word 'the'": 1, "Python keyword": 1,
+               "comparison": 2, "double quote": 2, "month": 1}
+    assert {name: int(mask.sum()) for name, mask in masks.items()} == by_hand
+    ends = [tok.decode(tokens[:i + 1].tolist()) for i in torch.nonzero(masks["the word 'the'"]).flatten().tolist()]
+    assert ends == ["In 1999 the"]  # the merged token " the" holds the target; "The" is another word
+
+
+def test_steering_by_codes_addition_and_prompting_recounted(pipeline):
+    _, _, argv, r = pipeline
+    args = steer.parser.parse_args(argv)
+    model, tok = models.load_with_tokenizer(args.ckpt)
+    assert list(r["topics"]) == TOPICS
+    for name in TOPICS:
+        request = steer.topic_request(tok, name)
+        assert tok.decode(request) == f"<|im_start|>user\nWrite a short story about {name}.<|im_end|>\n<|im_start|>assistant\n"
+        asked = steer.sample_prompts(model, steer.PROMPTS, args, tok, request)
+        regex = text.topic_regex(text.TOPICS[name]["words"])
+        for (tokens, n), prompt in zip(asked, steer.PROMPTS):  # the request cut: BOS + prompt, then the samples
+            assert tokens[:, :n].tolist() == [[tok.bos, *tok.encode(prompt)]] * args.samples
+            assert tokens.shape[1] == n + args.new_bytes
+        texts = [t for tokens, n in asked for t in steer.generated_text(tokens, n, tok)]
+        figures = r["topics"][name]
+        assert figures["hit_rate_prompting"] == sum(bool(regex.search(t)) for t in texts) / len(texts)
+        assert figures["ppl_prompting"] == steer.perplexity(model, asked, steer.ends(tok))
+        assert {f"{kind}_{method}" for kind in ("hit_rate", "ppl") for method in ("base", "steered", "addition")} <= set(figures)
+    assert r["mean_hit_rate_prompting"] == np.mean([r["topics"][n]["hit_rate_prompting"] for n in TOPICS])
+    # a byte model has no chat format: the request is a line after BOS
+    assert steer.topic_request(text.ByteTokenizer(), "sea") == [text.BOS, *text.encode("Write a short story about sea.\n")]
+
+
+def test_samples_end_at_the_end_of_a_turn():
+    tok = chat_bpe()
+    tokens = torch.tensor([[tok.bos, 65, 66, tok.eos, 67], [tok.bos, 65, tok.bos, 66, 67]])
+    assert steer.generated_text(tokens, 1, tok) == ["AB", "A"]
+
+
+def test_both_pages_in_a_browser(pipeline, browser):
+    train_argv, trained, steer_argv, steered = pipeline
+    errors = lambda: [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    count = lambda selector: browser.execute_script(f"return document.querySelectorAll('{selector}').length")
+    browser.get("file://" + os.path.join(train_lm.settings(train_argv).out, "report.html"))
+    assert errors() == []
+    assert count("section") == 3 and count("table") == 3
+    assert count("table tbody tr") == 3 + len(patterns.PATTERNS) + len(text.TOPICS)
+    browser.get("file://" + os.path.join(steer.parser.parse_args(steer_argv).out, "report.html"))
+    assert errors() == []
+    headers = browser.execute_script("return Array.from(document.querySelectorAll('table')[0].querySelectorAll('th'), th => th.textContent)")
+    assert headers.count("prompting") == 2  # its hit rate and perplexity
+    assert count(".topic") == len(TOPICS) and count(".topic .samples > div") == 4 * len(TOPICS)
+
+
+def test_presets_give_defaults_that_flags_override(tmp_path):
+    out = ["--out", str(tmp_path / "out")]
+    args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + out)
+    assert (args.codebook_steps, args.num_codes, args.k, args.prose, args.sae, args.patterns) == (5, 256, 8, "reference,docstrings", True, True)
+    assert train_lm.settings(out).num_codes == train_lm.parser.get_default("num_codes")  # the preset left the parser as it was
+    assert (train_lm.settings(["--preset", "smollm2-gpu"] + out).num_codes, train_lm.PRESETS["smollm2-gpu"]["k"]) == (10000, 8)
+    with pytest.raises(ValueError, match="--prose foo: no such corpus"):
+        train_lm.settings(["--prose", "reference,foo"] + out)

@@ -284,10 +284,13 @@ def parse_gguf_header(path, buf):
     data_size = len(buf) - data_start
     end = 0
     for name, info in sorted(infos.items(), key=lambda item: item[1].offset):
-        if info.offset % alignment or info.offset < end or info.offset + info.nbytes > data_size:
-            raise ValueError(f"{path} is truncated or its tensor shapes disagree with its data: tensor {name} "
-                             f"({info.type}, shape {list(info.shape)}) would take bytes {info.offset}..{info.offset + info.nbytes} "
-                             f"of a {data_size}-byte data section, after {end} bytes taken; download it again")
+        if info.offset % alignment:
+            raise ValueError(f"{path} is corrupt: tensor {name} starts at byte {info.offset} of its data section, "
+                             f"not a multiple of its alignment ({alignment})")
+        if info.offset < end or info.offset + info.nbytes > data_size:
+            raise ValueError(f"{path} is truncated or its tensor shapes disagree with its data: tensor {name} ({info.type}, "
+                             f"shape {list(info.shape)}) would take bytes {info.offset}..{info.offset + info.nbytes} of a "
+                             f"{data_size}-byte data section, after {end} bytes taken; download it again")
         end = info.offset + info.nbytes
     if data_size >= end + alignment:
         raise ValueError(f"{path} is corrupt: its {len(infos)} tensors' shapes account for {end} bytes of its "

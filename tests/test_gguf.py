@@ -35,7 +35,7 @@ def string(s):
     return struct.pack("<Q", len(s.encode())) + s.encode()
 
 
-def gguf_bytes(version=3, n_tensors=None, q8_type=8, q8_dims=(32, 2)):
+def gguf_bytes(version=3, n_tensors=None, q8_type=8, q8_dims=(32, 2), q8_offset=32):
     """A small GGUF file's bytes, written here from docs/gguf.md: three keys, an F32 tensor "a" of torch
     shape (2, 3) holding 0..5 and a Q8_0 tensor "b" of shape (2, 32) whose value j of row r is
     0.5 * (j - 16) * (r + 1). The arguments write wrong fields into it."""
@@ -45,7 +45,7 @@ def gguf_bytes(version=3, n_tensors=None, q8_type=8, q8_dims=(32, 2)):
     a = np.arange(6, dtype=np.float32).tobytes()
     b = b"".join(np.float16(0.5 * (r + 1)).tobytes() + np.arange(-16, 16, dtype=np.int8).tobytes() for r in range(2))
     infos = [string("a") + struct.pack("<I2QIQ", 2, 3, 2, 0, 0),
-             string("b") + struct.pack(f"<I{len(q8_dims)}QIQ", len(q8_dims), *q8_dims, q8_type, 32)]
+             string("b") + struct.pack(f"<I{len(q8_dims)}QIQ", len(q8_dims), *q8_dims, q8_type, q8_offset)]
     head = b"GGUF" + struct.pack("<IQQ", version, 2 if n_tensors is None else n_tensors, 3) + b"".join(metadata + infos)
     head += bytes(-len(head) % 32)
     return head + a + bytes(32 - len(a)) + b
@@ -90,6 +90,8 @@ def test_bad_files_one_line_each(tmp_path):
     assert "tensor b is stored as unknown (ggml type 99)" in one_line_error(write(tmp_path, gguf_bytes(q8_type=99)))
     assert "tensor b has rows of 16 values, not a whole number of Q8_0 blocks" in \
         one_line_error(write(tmp_path, gguf_bytes(q8_dims=(16, 2))))
+    assert "tensor b starts at byte 40 of its data section, not a multiple of its alignment (32)" in \
+        one_line_error(write(tmp_path, gguf_bytes(q8_offset=40)))
     # tensor counts and shapes that disagree with the data
     assert "tensor count (3) is wrong" in one_line_error(write(tmp_path, gguf_bytes(n_tensors=3)))
     assert "tensor count or shapes disagree with its data" in one_line_error(write(tmp_path, gguf_bytes(n_tensors=1)))
@@ -180,10 +182,8 @@ def test_a_file_written_by_gguf(tmp_path):
     writer.close()
 
     gguf_file = formats.read_gguf(path)
-    f32 = lambda v: float(np.float32(v))  # noqa: E731
-    expected = {key: (value[1] if not isinstance(value[1], float) or value[0] == gguf.GGUFValueType.FLOAT64 else f32(value[1]))
-                if isinstance(value, tuple) else value for key, value in metadata.items()}
-    expected["scores"] = [f32(v) for v in metadata["scores"]]
+    expected = {key: value[1] if isinstance(value, tuple) else value for key, value in metadata.items()}
+    expected["f32"], expected["scores"] = float(np.float32(1e-5)), [float(np.float32(v)) for v in metadata["scores"]]
     assert gguf_file.metadata == {"general.architecture": "llama", "general.alignment": 64, **expected}
     for name in sorted(formats.GGML_TYPE_NUMBERS):
         ours = gguf_file.tensors[f"w.{name}"].numpy()

@@ -57,7 +57,7 @@ def write(tmp_path, data, name="model.gguf"):
     return str(path)
 
 
-def test_a_file_written_by_hand(tmp_path):
+def test_a_file_written_by_hand(tmp_path, capfd):
     path = write(tmp_path, gguf_bytes())
     info = formats.read_gguf_info(path)
     assert info.metadata == {"general.architecture": "llama", "llama.block_count": 2, "tokenizer.ggml.tokens": ["a", "é"]}
@@ -67,6 +67,7 @@ def test_a_file_written_by_hand(tmp_path):
     assert torch.equal(tensors["a"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(tensors["b"], 0.5 * torch.arange(-16.0, 16.0) * torch.tensor([[1.0], [2.0]]))
     assert list(formats.read_gguf(path, names=["b"]).tensors) == ["b"]
+    assert capfd.readouterr() == ("", "")  # a library prints nothing
 
 
 def one_line_error(path):

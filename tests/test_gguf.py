@@ -67,6 +67,7 @@ def test_a_file_written_by_hand(tmp_path, capfd):
     assert torch.equal(tensors["a"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(tensors["b"], 0.5 * torch.arange(-16.0, 16.0) * torch.tensor([[1.0], [2.0]]))
     assert list(formats.read_gguf(path, names=["b"]).tensors) == ["b"]
+    assert formats.read_gguf_info(write(tmp_path, gguf_bytes(version=2), "v2.gguf")) == info  # v2: the same layout
     assert capfd.readouterr() == ("", "")  # a library prints nothing
 
 

@@ -298,18 +298,19 @@ def parse_gguf_header(path, buf):
     return GGUF(metadata, {name: info._replace(offset=data_start + info.offset) for name, info in infos.items()})
 
 
-def read_gguf(path, names=None):
+def read_gguf(path, names=None, info=None):
     """GGUF(metadata, {name: float32 tensor}) of a GGUF file: metadata as read_gguf_info gives it, and the
-    tensors (only those in `names`, if given) under the names the file stores ("blk.0.attn_q.weight"),
-    dequantised, in the file's dims reversed (as torch and the gguf package order them: a matrix is
-    (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its rotary layout,
-    Gemma's norms with the 1 added; undoing that is the model's mapping's job."""
-    metadata, infos = read_gguf_info(path)
+    tensors (only those in the list `names`, if given) under the names the file stores
+    ("blk.0.attn_q.weight"), dequantised, in the file's dims reversed (as torch and the gguf package order
+    them: a matrix is (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its
+    rotary layout, Gemma's norms with the 1 added; undoing that is the model's mapping's job. `info`:
+    read_gguf_info(path), if already read (checking a header first costs nothing then)."""
+    metadata, infos = info or read_gguf_info(path)
     missing = sorted(set(names or ()) - set(infos))
     if missing:
         raise ValueError(f"{path} has no tensor named {', '.join(missing)}")
     data = np.memmap(path, np.uint8, mode="r")
-    return GGUF(metadata, {name: dequantise(data, info) for name, info in infos.items() if names is None or name in names})
+    return GGUF(metadata, {name: dequantise(data, t) for name, t in infos.items() if names is None or name in names})
 
 
 def dequantise(data, info, chunk=1 << 16):

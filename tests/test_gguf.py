@@ -64,6 +64,8 @@ def test_a_file_written_by_hand(tmp_path, capfd):
     assert {n: (t.type, t.shape) for n, t in info.tensors.items()} == {"a": ("F32", (2, 3)), "b": ("Q8_0", (2, 32))}
     assert formats.describe_gguf(info) == "llama model '' (2 tensors: 1 F32, 1 Q8_0)"
     tensors = formats.read_gguf(path).tensors
+    again = formats.read_gguf(path, info=info).tensors  # the header read once only
+    assert again.keys() == tensors.keys() and all(torch.equal(again[n], tensors[n]) for n in tensors)
     assert torch.equal(tensors["a"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(tensors["b"], 0.5 * torch.arange(-16.0, 16.0) * torch.tensor([[1.0], [2.0]]))
     assert list(formats.read_gguf(path, names=["b"]).tensors) == ["b"]

@@ -198,11 +198,10 @@ def read_gguf_info(path):
     numeric ones too, are Python lists, which checkpoints can carry); type is the block format's name
     ("Q4_K"), shape the torch shape (the file's dims reversed), offset the tensor's first byte in the
     file. Raises a one-line ValueError for anything this reader cannot read, before any tensor is."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if size < 24 or head[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+        head = f.read(4)
+        if head != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return parse_gguf_header(path, buf)
 

@@ -85,7 +85,7 @@ def test_bad_files_one_line_each(tmp_path):
     good = gguf_bytes()
     assert "is not a GGUF file" in one_line_error(write(tmp_path, b"PK\x03\x04" + good[4:], "zip.gguf"))
     assert "is not a GGUF file" in one_line_error(write(tmp_path, b"", "empty.gguf"))
-    for cut in range(24, len(good)):  # every truncation, whether in the metadata, the tensor infos or the data
+    for cut in range(4, len(good)):  # every truncation, whether in the metadata, the tensor infos or the data
         assert "is truncated" in one_line_error(write(tmp_path, good[:cut], "cut.gguf")), cut
     assert "GGUF version 1; this reader reads versions 2 and 3" in one_line_error(write(tmp_path, gguf_bytes(version=1)))
     assert "big-endian" in one_line_error(write(tmp_path, gguf_bytes(version=3 << 24)))
@@ -118,7 +118,7 @@ SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0"
 
 def random_blocks(name, n_blocks, rng):
     """n_blocks blocks of block format `name` (n_blocks, bytes per block) uint8."""
-    _, block_values, block_bytes, _ = formats.GGML_TYPES[formats.GGML_TYPE_NUMBERS[name]]
+    _, _, block_bytes, _ = formats.GGML_TYPES[formats.GGML_TYPE_NUMBERS[name]]
     if name in ("F32", "F16", "BF16"):  # any finite floats, of every magnitude
         values = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-4, 4, n_blocks)).astype(np.float32)
         if name == "BF16":

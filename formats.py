@@ -196,11 +196,10 @@ def read_gguf_info(path):
     numeric ones too, are Python lists, which checkpoints can carry); type is the block format's name
     ("Q4_K"), shape the torch shape (the file's dims reversed), offset the tensor's first byte in the
     file. Raises a one-line ValueError for anything this reader cannot read, before any tensor is."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if size < 24 or head[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+        head = f.read(4)
+        if head != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return parse_gguf_header(path, buf)
 
@@ -282,10 +281,13 @@ def parse_gguf_header(path, buf):
     data_size = len(buf) - data_start
     end = 0
     for name, info in sorted(infos.items(), key=lambda item: item[1].offset):
-        if info.offset % alignment or info.offset < end or info.offset + info.nbytes > data_size:
-            raise ValueError(f"{path} is truncated or its tensor shapes disagree with its data: tensor {name} "
-                             f"({info.type}, shape {list(info.shape)}) would take bytes {info.offset}..{info.offset + info.nbytes} "
-                             f"of a {data_size}-byte data section, after {end} bytes taken; download it again")
+        if info.offset % alignment:
+            raise ValueError(f"{path} is corrupt: tensor {name} starts at byte {info.offset} of its data section, "
+                             f"not a multiple of its alignment ({alignment})")
+        if info.offset < end or info.offset + info.nbytes > data_size:
+            raise ValueError(f"{path} is truncated or its tensor shapes disagree with its data: tensor {name} ({info.type}, "
+                             f"shape {list(info.shape)}) would take bytes {info.offset}..{info.offset + info.nbytes} of a "
+                             f"{data_size}-byte data section, after {end} bytes taken; download it again")
         end = info.offset + info.nbytes
     if data_size >= end + alignment:
         raise ValueError(f"{path} is corrupt: its {len(infos)} tensors' shapes account for {end} bytes of its "
@@ -293,18 +295,19 @@ def parse_gguf_header(path, buf):
     return GGUF(metadata, {name: info._replace(offset=data_start + info.offset) for name, info in infos.items()})
 
 
-def read_gguf(path, names=None):
+def read_gguf(path, names=None, info=None):
     """GGUF(metadata, {name: float32 tensor}) of a GGUF file: metadata as read_gguf_info gives it, and the
-    tensors (only those in `names`, if given) under the names the file stores ("blk.0.attn_q.weight"),
-    dequantised, in the file's dims reversed (as torch and the gguf package order them: a matrix is
-    (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its rotary layout,
-    Gemma's norms with the 1 added; undoing that is the model's mapping's job."""
-    metadata, infos = read_gguf_info(path)
+    tensors (only those in the list `names`, if given) under the names the file stores
+    ("blk.0.attn_q.weight"), dequantised, in the file's dims reversed (as torch and the gguf package order
+    them: a matrix is (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its
+    rotary layout, Gemma's norms with the 1 added; undoing that is the model's mapping's job. `info`:
+    read_gguf_info(path), if already read (checking a header first costs nothing then)."""
+    metadata, infos = info or read_gguf_info(path)
     missing = sorted(set(names or ()) - set(infos))
     if missing:
         raise ValueError(f"{path} has no tensor named {', '.join(missing)}")
     data = np.memmap(path, np.uint8, mode="r")
-    return GGUF(metadata, {name: dequantise(data, info) for name, info in infos.items() if names is None or name in names})
+    return GGUF(metadata, {name: dequantise(data, t) for name, t in infos.items() if names is None or name in names})
 
 
 def dequantise(data, info, chunk=1 << 16):

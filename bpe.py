@@ -8,6 +8,7 @@ Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF f
 (tokenizer_from_gguf).
 """
 import array
+import heapq
 import itertools
 import json
 import os
@@ -201,26 +202,26 @@ def split_added(string, added):
 
 
 def merge(parts, rank):
-    """BPE: merge adjacent parts, the pair of lowest rank(pair) first (every occurrence of it, left
-    to right), until no pair has a rank (rank returns None)."""
-    while len(parts) > 1:
-        best = None
-        for pair in zip(parts, parts[1:]):
-            r = rank(pair)
-            if r is not None and (best is None or r < best[0]):
-                best = (r, pair)
-        if best is None:
-            break
-        pair, merged, i = best[1], [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and parts[i] == pair[0] and parts[i + 1] == pair[1]:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
+    """BPE: merge adjacent parts, the pair of lowest rank(pair) first (the leftmost among equals; rank
+    returns None for a pair that never merges), until no pair is left: the tokenizers library's order.
+    A heap of candidate pairs keeps this O(n log n), as a long line of CJK text without spaces needs."""
+    parts, n = list(parts), len(parts)
+    after, before = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(r, i, left, right) for i, (left, right) in enumerate(zip(parts, parts[1:])) if (r := rank((left, right))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i, left, right = heapq.heappop(heap)
+        j = after[i]
+        if parts[i] != left or j >= n or parts[j] != right:  # outdated: a part only grows, so it cannot match again
+            continue
+        parts[i], parts[j] = left + right, None
+        after[i] = after[j]
+        if after[i] < n:
+            before[after[i]] = i
+        for a, b in ((before[i], i), (i, after[i])):
+            if a >= 0 and b < n and (r := rank((parts[a], parts[b]))) is not None:
+                heapq.heappush(heap, (r, a, parts[a], parts[b]))
+    return [p for p in parts if p is not None]
 
 
 class Cache(dict):

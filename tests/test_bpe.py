@@ -201,10 +201,13 @@ def need_model(name):
 
 def gguf_metadata(path):
     """A GGUF file's metadata as plain Python values (what formats.read_gguf returns), read here by
-    transformers' GGUF reader (seconds; the gguf package's GGUFReader takes ~20 s over Gemma's 262k tokens)."""
-    from transformers.integrations.gguf.reader import read_gguf_metadata
-    arrays = [f"tokenizer.ggml.{key}" for key in ("tokens", "scores", "token_type", "merges")]
-    return read_gguf_metadata(path, arrays)[0]
+    transformers' GGUF reader (seconds) or else the gguf package's (~20 s over Gemma's 262k tokens)."""
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:
+        fields = importlib.import_module("gguf").GGUFReader(path).fields
+        return {name: field.contents() for name, field in fields.items()}
+    return read_gguf_metadata(path, [f"tokenizer.ggml.{key}" for key in ("tokens", "scores", "token_type", "merges")])[0]
 
 
 def same_as_transformers(path, prepare=None):

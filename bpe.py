@@ -60,20 +60,20 @@ def unicode_class(name):
 
 
 def python_regex(pattern):
-    r"""A tokenizer file's pattern for Python's re: \p{..} and \s, \S spelt out, inside and outside [...]."""
+    r"""A tokenizer file's pattern for Python's re: \p{..}, \P{..}, \s and \S spelt out, inside and outside [...]."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
             esc = pattern[i:i + 2]
-            if esc == "\\p" and pattern[i + 2:i + 3] == "{":
+            if esc in ("\\S", "\\P") and in_class:
+                raise ValueError(f"pattern {pattern!r}: {esc} inside [...] is not implemented")
+            if esc in ("\\p", "\\P") and pattern[i + 2:i + 3] == "{":
                 end = pattern.index("}", i)
                 ranges = unicode_class(pattern[i + 3:end])
-                out.append(ranges if in_class else f"[{ranges}]")
+                out.append(ranges if in_class else f"[{ranges}]" if esc == "\\p" else f"[^{ranges}]")
                 i = end + 1
                 continue
-            if esc == "\\S" and in_class:
-                raise ValueError(f"pattern {pattern!r}: \\S inside [...] is not implemented")
             out.append({"\\s": WHITESPACE if in_class else f"[{WHITESPACE}]", "\\S": f"[^{WHITESPACE}]"}.get(esc, esc))
             i += 2
             continue
@@ -94,7 +94,10 @@ def python_regex(pattern):
 
 def compiled(pattern):
     if pattern not in _compiled:
-        _compiled[pattern] = re.compile(python_regex(pattern))
+        try:
+            _compiled[pattern] = re.compile(python_regex(pattern))
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} does not translate to Python's re: {e}") from None
     return _compiled[pattern]
 
 
@@ -155,6 +158,8 @@ GGUF_PRE_TOKENIZERS = {
     "smollm": [isolate(r"\p{N}"), byte_level()],  # digits one by one, then GPT-2's split
     "llama-bpe": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
     "llama3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "llama-v3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "deepseek-r1-qwen": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
     "qwen2": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
 }
 
@@ -650,10 +655,11 @@ def tokenizer_from_gguf(metadata):
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
-        # a control token spelt outside the byte alphabet is a mislabel of llama.cpp's converter (as transformers reads it)
+        # control and user-defined tokens are added ones, but not those spelt outside the byte alphabet: mislabels
+        # of llama.cpp's converter (as transformers reads these files)
         added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
                  for i, (t, kind) in enumerate(zip(tokens, types))
-                 if kind == USER_DEFINED or (kind == CONTROL and all(ch in CHAR_TO_BYTE for ch in t))]
+                 if kind in (CONTROL, USER_DEFINED) and all(ch in CHAR_TO_BYTE for ch in t)]
         # a token spelt outside the byte alphabet stands for its UTF-8 (as transformers reads these files)
         vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
                  for i, t in enumerate(tokens)}

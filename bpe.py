@@ -170,6 +170,7 @@ GGUF_PRE_TOKENIZERS = {
 def added_pattern(tokens):
     """(tokens, regex) finding the leftmost-longest of `tokens` (a dict {content: id}), or None. The
     regex is a trie of the contents, so thousands of them (Gemma has 6,384) cost little per character."""
+    tokens = {content: i for content, i in tokens.items() if content}
     if not tokens:
         return None
     trie = {}
@@ -385,8 +386,10 @@ class SentencePieceBPE:
         self.byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]
         self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
         self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)})
-        # a vocabulary token with "▁" after another character can merge across the cut before that "▁"
-        self.crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
+        # where a vocabulary token with "▁" after another character (Gemma has one: ">▁</") starts: a merge
+        # can cross the cut before that "▁"
+        crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
+        self.crossing = crossing and re.compile(f"(?=({crossing[1].pattern}))")
         self.cache, self.token_bytes = Cache(), None
 
     def _score_rank(self, pair):
@@ -437,8 +440,7 @@ class SentencePieceBPE:
         over the whole piece gives the same tokens, but the chunks repeat and so are cached)."""
         cuts = [m.start() for m in re.finditer(f"(?<=[^{SPACE}]){SPACE}", piece)]
         if self.crossing is not None and cuts:
-            inside = {c for m in re.finditer(f"(?=({self.crossing[1].pattern}))", piece)
-                      for c in range(m.start() + 1, m.start() + len(m.group(1)))}
+            inside = {c for m in self.crossing.finditer(piece) for c in range(m.start() + 1, m.start() + len(m.group(1)))}
             cuts = [c for c in cuts if c not in inside]
         return [piece[a:b] for a, b in zip([0, *cuts], [*cuts, len(piece)])]
 

@@ -21,10 +21,10 @@ LONG_LINE = "".join(stdlib_text(0, 180_000).split())  # 130k characters, no spac
 SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
 
-def trained(tmp_path, pre_tokenizer, normalizer=None, template=None, added=()):
+def trained(tmp_path, pre_tokenizer, normalizer=None, template=None, added=(), ignore_merges=False):
     """A byte-level BPE of 700 ids trained by `tokenizers` on ~300 KB of stdlib source, saved as tmp_path/tokenizer.json."""
     tk = need("tokenizers")
-    tok = tk.Tokenizer(tk.models.BPE())
+    tok = tk.Tokenizer(tk.models.BPE(ignore_merges=ignore_merges))
     tok.pre_tokenizer, tok.decoder = pre_tokenizer, tk.decoders.ByteLevel()
     if normalizer:
         tok.normalizer = normalizer
@@ -43,7 +43,7 @@ def byte_level_cases(tk):
     pt, Regex = tk.pre_tokenizers, tk.Regex
     return {  # Llama-3 / Qwen2: the pattern, then bytes without GPT-2's pattern; SmolLM2: digits one by one first
         "llama3": dict(pre_tokenizer=pt.Sequence([pt.Split(Regex(bpe.LLAMA3_SPLIT), "isolated"), pt.ByteLevel(False, use_regex=False)]),
-                       template="<|begin_of_text|> $A"),
+                       template="<|begin_of_text|> $A", ignore_merges=True),
         "qwen2": dict(pre_tokenizer=pt.Sequence([pt.Split(Regex(bpe.QWEN2_SPLIT), "isolated"), pt.ByteLevel(False, use_regex=False)]),
                       normalizer=tk.normalizers.NFC()),
         "smollm2": dict(pre_tokenizer=pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(False, use_regex=True)]),
@@ -76,6 +76,7 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
         if case in ("llama3", "smollm2"):  # the others change the text: NFC, removed capitals, spaces put before pieces
             assert ours.decode(ours.encode(string)) == string
     if case == "llama3":
+        assert ours.ignore_merges and json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"]
         assert ours.bos == theirs.token_to_id("<|begin_of_text|>") and ours.prefix == [ours.bos] and ours.suffix == []
     again = bpe.tokenizer_from_dict(ours.to_dict())
     assert again.encode(SAMPLE, special=True) == ours.encode(SAMPLE, special=True) and again.bos == ours.bos

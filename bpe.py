@@ -648,8 +648,10 @@ def tokenizer_from_gguf(metadata):
         if f"tokenizer.ggml.{key}" not in metadata:
             raise ValueError(f"GGUF metadata has no tokenizer.ggml.{key}, which a {model!r} tokenizer needs")
     tokens = list(metadata["tokenizer.ggml.tokens"])
-    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+    types = [int(t) for t in metadata.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+    # plain ints and floats (a reader may give numpy ones), so the tokenizer stays plain data
+    bos, eos, unk = (None if metadata.get(f"tokenizer.ggml.{key}_token_id") is None
+                     else int(metadata[f"tokenizer.ggml.{key}_token_id"]) for key in ("bos", "eos", "unknown"))
     # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
     prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
@@ -667,16 +669,16 @@ def tokenizer_from_gguf(metadata):
                  for i, t in enumerate(tokens)}
         return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
                             added, pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], bos=bos, eos=eos, prefix=prefix, suffix=suffix)
-    scores = list(metadata["tokenizer.ggml.scores"])
+    scores = [float(x) for x in metadata["tokenizer.ggml.scores"]]
     if str(metadata.get("general.architecture", "")).startswith("gemma"):
-        # Gemma's files keep runs of spaces as spaces, and score its user-defined tokens -1000, off the order of
-        # its merges, which is the order of the tokens (as transformers reads these files)
+        # Gemma's files spell runs of spaces with spaces, not "▁", and score user-defined tokens -1000 though they
+        # merge first: its merge order is the order of its tokens (as transformers reads these files)
         for i, t in enumerate(tokens):
             if " " in t and not t.strip():
                 tokens[i], types[i] = SPACE * len(t), NORMAL
         scores = [-float(i) for i in range(len(tokens))]
     dummy = "first" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
-    return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=metadata.get("tokenizer.ggml.unknown_token_id"),
+    return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=unk,
                             prefix=prefix, suffix=suffix, dummy_prefix=dummy)
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,6 +162,11 @@ def test_sentencepiece_merge_order_from_scores():
     assert tok.decode(tok.encode("x é\n\n")) == "x é\n\n" and tok.decode([1, ids["a"]], skip_special=True) == "a"
     assert bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_bos_token": False}).encode("a", special=True) == [ids["a"]]
     assert bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_space_prefix": True}).encode("a") == [ids["▁a"]]
+    # numbers as a reader may give them (numpy): the tokenizer is plain data all the same
+    as_numpy = {"tokenizer.ggml.token_type": np.array(types), "tokenizer.ggml.scores": np.array(scores, np.float32),
+                "tokenizer.ggml.bos_token_id": np.int32(1)}
+    again = bpe.tokenizer_from_dict(through_checkpoint(bpe.tokenizer_from_gguf(metadata | as_numpy).to_dict()))
+    assert again.encode(" abc a\n\nd", special=True) == tok.encode(" abc a\n\nd", special=True)
 
 
 def test_clear_errors(tmp_path):

@@ -488,7 +488,10 @@ def tokenizer_from_dict(data):
         raise ValueError(f"tokenizer data of kind {kind!r} lacks {', '.join(missing)}: it is not a tokenizer's to_dict()")
     if cls is SentencePieceBPE:
         return cls.from_dict(data)
-    return cls(**{k: v for k, v in data.items() if k != "kind"})
+    data = {k: v for k, v in data.items() if k != "kind"}
+    if "pre_tokenizers" not in data:  # written before pre-tokenizer sequences: GPT-2's ByteLevel and its two options
+        data["pre_tokenizers"] = [byte_level(data.pop("add_prefix_space", False), data.pop("use_regex", True))]
+    return cls(**data)
 
 
 def _normalizers(spec):

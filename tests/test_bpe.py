@@ -81,6 +81,10 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
         assert ours.bos == theirs.token_to_id("<|begin_of_text|>") and ours.prefix == [ours.bos] and ours.suffix == []
     again = bpe.tokenizer_from_dict(ours.to_dict())
     assert again.encode(SAMPLE, special=True) == ours.encode(SAMPLE, special=True) and again.bos == ours.bos
+    if case == "smollm2":  # a checkpoint written before pre-tokenizer sequences: GPT-2's ByteLevel with its two options
+        old = {k: v for k, v in ours.to_dict().items() if k not in ("pre_tokenizers", "eos", "prefix", "suffix")}
+        old = bpe.tokenizer_from_dict(old | {"add_prefix_space": False, "use_regex": True})
+        assert old.pre_tokenizers == [bpe.byte_level()] and old.encode("hello world") == ours.encode("hello world")
 
 
 def trained_sentencepiece(tmp_path, prepend=False):

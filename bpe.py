@@ -8,6 +8,7 @@ Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF f
 (tokenizer_from_gguf).
 """
 import array
+import heapq
 import itertools
 import json
 import os
@@ -59,20 +60,20 @@ def unicode_class(name):
 
 
 def python_regex(pattern):
-    r"""A tokenizer file's pattern for Python's re: \p{..} and \s, \S spelt out, inside and outside [...]."""
+    r"""A tokenizer file's pattern for Python's re: \p{..}, \P{..}, \s and \S spelt out, inside and outside [...]."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
             esc = pattern[i:i + 2]
-            if esc == "\\p" and pattern[i + 2:i + 3] == "{":
+            if esc in ("\\S", "\\P") and in_class:
+                raise ValueError(f"pattern {pattern!r}: {esc} inside [...] is not implemented")
+            if esc in ("\\p", "\\P") and pattern[i + 2:i + 3] == "{":
                 end = pattern.index("}", i)
                 ranges = unicode_class(pattern[i + 3:end])
-                out.append(ranges if in_class else f"[{ranges}]")
+                out.append(ranges if in_class else f"[{ranges}]" if esc == "\\p" else f"[^{ranges}]")
                 i = end + 1
                 continue
-            if esc == "\\S" and in_class:
-                raise ValueError(f"pattern {pattern!r}: \\S inside [...] is not implemented")
             out.append({"\\s": WHITESPACE if in_class else f"[{WHITESPACE}]", "\\S": f"[^{WHITESPACE}]"}.get(esc, esc))
             i += 2
             continue
@@ -93,7 +94,10 @@ def python_regex(pattern):
 
 def compiled(pattern):
     if pattern not in _compiled:
-        _compiled[pattern] = re.compile(python_regex(pattern))
+        try:
+            _compiled[pattern] = re.compile(python_regex(pattern))
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} does not translate to Python's re: {e}") from None
     return _compiled[pattern]
 
 
@@ -154,6 +158,8 @@ GGUF_PRE_TOKENIZERS = {
     "smollm": [isolate(r"\p{N}"), byte_level()],  # digits one by one, then GPT-2's split
     "llama-bpe": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
     "llama3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "llama-v3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
+    "deepseek-r1-qwen": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
     "qwen2": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
 }
 
@@ -164,6 +170,7 @@ GGUF_PRE_TOKENIZERS = {
 def added_pattern(tokens):
     """(tokens, regex) finding the leftmost-longest of `tokens` (a dict {content: id}), or None. The
     regex is a trie of the contents, so thousands of them (Gemma has 6,384) cost little per character."""
+    tokens = {content: i for content, i in tokens.items() if content}
     if not tokens:
         return None
     trie = {}
@@ -201,26 +208,26 @@ def split_added(string, added):
 
 
 def merge(parts, rank):
-    """BPE: merge adjacent parts, the pair of lowest rank(pair) first (every occurrence of it, left
-    to right), until no pair has a rank (rank returns None)."""
-    while len(parts) > 1:
-        best = None
-        for pair in zip(parts, parts[1:]):
-            r = rank(pair)
-            if r is not None and (best is None or r < best[0]):
-                best = (r, pair)
-        if best is None:
-            break
-        pair, merged, i = best[1], [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and parts[i] == pair[0] and parts[i + 1] == pair[1]:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
+    """BPE: merge adjacent parts, the pair of lowest rank(pair) first (the leftmost among equals; rank
+    returns None for a pair that never merges), until no pair is left: the tokenizers library's order.
+    A heap of candidate pairs keeps this O(n log n), as a long line of CJK text without spaces needs."""
+    parts, n = list(parts), len(parts)
+    after, before = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(r, i, left, right) for i, (left, right) in enumerate(zip(parts, parts[1:])) if (r := rank((left, right))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i, left, right = heapq.heappop(heap)
+        j = after[i]
+        if parts[i] != left or j >= n or parts[j] != right:  # outdated: a part only grows, so it cannot match again
+            continue
+        parts[i], parts[j] = left + right, None
+        after[i] = after[j]
+        if after[i] < n:
+            before[after[i]] = i
+        for a, b in ((before[i], i), (i, after[i])):
+            if a >= 0 and b < n and (r := rank((parts[a], parts[b]))) is not None:
+                heapq.heappush(heap, (r, a, parts[a], parts[b]))
+    return [p for p in parts if p is not None]
 
 
 class Cache(dict):
@@ -379,8 +386,10 @@ class SentencePieceBPE:
         self.byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]
         self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
         self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)})
-        # a vocabulary token with "▁" after another character can merge across the cut before that "▁"
-        self.crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
+        # where a vocabulary token with "▁" after another character (Gemma has one: ">▁</") starts: a merge
+        # can cross the cut before that "▁"
+        crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
+        self.crossing = crossing and re.compile(f"(?=({crossing[1].pattern}))")
         self.cache, self.token_bytes = Cache(), None
 
     def _score_rank(self, pair):
@@ -431,8 +440,7 @@ class SentencePieceBPE:
         over the whole piece gives the same tokens, but the chunks repeat and so are cached)."""
         cuts = [m.start() for m in re.finditer(f"(?<=[^{SPACE}]){SPACE}", piece)]
         if self.crossing is not None and cuts:
-            inside = {c for m in re.finditer(f"(?=({self.crossing[1].pattern}))", piece)
-                      for c in range(m.start() + 1, m.start() + len(m.group(1)))}
+            inside = {c for m in self.crossing.finditer(piece) for c in range(m.start() + 1, m.start() + len(m.group(1)))}
             cuts = [c for c in cuts if c not in inside]
         return [piece[a:b] for a, b in zip([0, *cuts], [*cuts, len(piece)])]
 
@@ -480,7 +488,10 @@ def tokenizer_from_dict(data):
         raise ValueError(f"tokenizer data of kind {kind!r} lacks {', '.join(missing)}: it is not a tokenizer's to_dict()")
     if cls is SentencePieceBPE:
         return cls.from_dict(data)
-    return cls(**{k: v for k, v in data.items() if k != "kind"})
+    data = {k: v for k, v in data.items() if k != "kind"}
+    if "pre_tokenizers" not in data:  # written before pre-tokenizer sequences: GPT-2's ByteLevel and its two options
+        data["pre_tokenizers"] = [byte_level(data.pop("add_prefix_space", False), data.pop("use_regex", True))]
+    return cls(**data)
 
 
 def _normalizers(spec):
@@ -640,8 +651,10 @@ def tokenizer_from_gguf(metadata):
         if f"tokenizer.ggml.{key}" not in metadata:
             raise ValueError(f"GGUF metadata has no tokenizer.ggml.{key}, which a {model!r} tokenizer needs")
     tokens = list(metadata["tokenizer.ggml.tokens"])
-    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+    types = [int(t) for t in metadata.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+    # plain ints and floats (a reader may give numpy ones), so the tokenizer stays plain data
+    bos, eos, unk = (None if metadata.get(f"tokenizer.ggml.{key}_token_id") is None
+                     else int(metadata[f"tokenizer.ggml.{key}_token_id"]) for key in ("bos", "eos", "unknown"))
     # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
     prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
@@ -649,25 +662,26 @@ def tokenizer_from_gguf(metadata):
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
-        # a control token spelt outside the byte alphabet is a mislabel of llama.cpp's converter (as transformers reads it)
+        # control and user-defined tokens are added ones, but not those spelt outside the byte alphabet: mislabels
+        # of llama.cpp's converter (as transformers reads these files)
         added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
                  for i, (t, kind) in enumerate(zip(tokens, types))
-                 if kind == USER_DEFINED or (kind == CONTROL and all(ch in CHAR_TO_BYTE for ch in t))]
+                 if kind in (CONTROL, USER_DEFINED) and all(ch in CHAR_TO_BYTE for ch in t)]
         # a token spelt outside the byte alphabet stands for its UTF-8 (as transformers reads these files)
         vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
                  for i, t in enumerate(tokens)}
         return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
                             added, pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], bos=bos, eos=eos, prefix=prefix, suffix=suffix)
-    scores = list(metadata["tokenizer.ggml.scores"])
+    scores = [float(x) for x in metadata["tokenizer.ggml.scores"]]
     if str(metadata.get("general.architecture", "")).startswith("gemma"):
-        # Gemma's files keep runs of spaces as spaces, and score its user-defined tokens -1000, off the order of
-        # its merges, which is the order of the tokens (as transformers reads these files)
+        # Gemma's files spell runs of spaces with spaces, not "▁", and score user-defined tokens -1000 though they
+        # merge first: its merge order is the order of its tokens (as transformers reads these files)
         for i, t in enumerate(tokens):
             if " " in t and not t.strip():
                 tokens[i], types[i] = SPACE * len(t), NORMAL
         scores = [-float(i) for i in range(len(tokens))]
     dummy = "first" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
-    return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=metadata.get("tokenizer.ggml.unknown_token_id"),
+    return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=unk,
                             prefix=prefix, suffix=suffix, dummy_prefix=dummy)
 
 

@@ -320,11 +320,3 @@ def dequantise(data, info, chunk=1 << 16):
     for i in range(0, len(blocks), step):
         out[i:i + step] = dequantise_blocks(blocks[i:i + step])
     return torch.from_numpy(out).reshape(info.shape)
-
-
-def describe_gguf(info):
-    """One line naming the architecture, model name and block formats of `info` (read_gguf_info's)."""
-    types = collections.Counter(t.type for t in info.tensors.values())
-    return (f"{info.metadata.get('general.architecture', 'unknown architecture')} model "
-            f"{info.metadata.get('general.name', '')!r} ({len(info.tensors)} tensors: "
-            f"{', '.join(f'{n} {t}' for t, n in types.most_common())})")

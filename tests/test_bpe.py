@@ -201,7 +201,7 @@ def gguf_metadata(path):
     try:
         from transformers.integrations.gguf.reader import read_gguf_metadata
     except ImportError:
-        fields = importlib.import_module("gguf").GGUFReader(path).fields
+        fields = need("gguf").GGUFReader(path).fields
         return {name: field.contents() for name, field in fields.items()}
     return read_gguf_metadata(path, [f"tokenizer.ggml.{key}" for key in ("tokens", "scores", "token_type", "merges")])[0]
 

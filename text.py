@@ -376,6 +376,9 @@ class Split:
     def __init__(self, folder, split, tokenizer=None):
         path, dtype = os.path.join(folder, f"{split}.bin"), token_dtype(tokenizer or ByteTokenizer())
         self.bos = (tokenizer or ByteTokenizer()).bos
+        # a model whose tokenizer starts every text with a token (Gemma's and Llama's <bos>) was trained
+        # with it first; a window cut from inside a document gets it too
+        self.first = (getattr(tokenizer, "prefix", None) or [None])[0]
         self.data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
         starts = np.load(os.path.join(folder, f"{split}_docs.npy"))
         self.bos_at = starts + np.arange(len(starts))  # token position of each document's BOS
@@ -390,7 +393,10 @@ class Split:
         return np.where(at_bos, self.bos, data)
 
     def windows(self, starts, length):
-        return torch.from_numpy(np.stack([self.tokens(s, s + length) for s in starts]))
+        windows = np.stack([self.tokens(s, s + length) for s in starts])
+        if self.first is not None:
+            windows[:, 0] = self.first
+        return torch.from_numpy(windows)
 
     def random_windows(self, rng, n, length):
         """n windows of `length` tokens at random places (numpy Generator `rng`)."""

@@ -67,6 +67,12 @@ def test_memmap_loader(tmp_path):
     assert torch.equal(last, torch.from_numpy(stream[-17:]))
     assert train.tokens(0, 3).tolist()[0] == text.BOS
 
+    # a tokenizer that starts every text with a token (Gemma's <bos>): so does every window
+    class Prefixed(text.ByteTokenizer):
+        prefix = [7]
+    first = text.Split(folder, "train", Prefixed()).random_windows(np.random.default_rng(1), 500, 17)
+    assert (first[:, 0] == 7).all() and torch.equal(first[:, 1:], windows[:, 1:])
+
     # tokenised once: a second call reads the same folder
     assert text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.txt", "<|endoftext|>", 16)[2] == folder
 

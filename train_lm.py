@@ -103,12 +103,12 @@ parser.add_argument("--codes_lr", type=float, default=0.0, help="the codes' and 
 parser.add_argument("--revive_every", type=int, default=100, help="re-initialise unused codes every this many steps (0: never)")
 parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="also finetune the base model without codebooks, same steps: the paper's comparison")
-parser.add_argument("--kmeans_windows", type=int, default=64, help="training windows for the k-means init")
+parser.add_argument("--kmeans_windows", type=int, default=64, help="training windows for the k-means init, as many from each corpus")
 # the SAE comparison
 parser.add_argument("--sae", action=argparse.BooleanOptionalAction, default=False,
                     help="also fit TopK SAEs to the base model's attention heads (same dictionary size and k) and splice them in")
 parser.add_argument("--sae_steps", type=int, default=400, help="Adam steps of each SAE, 512 cached activations each")
-parser.add_argument("--sae_windows", type=int, default=256, help="training windows whose activations the SAEs are fitted to")
+parser.add_argument("--sae_windows", type=int, default=256, help="training windows whose activations the SAEs are fitted to, as many from each corpus")
 parser.add_argument("--patterns", action=argparse.BooleanOptionalAction, default=False,
                     help="the pattern table of section 4: best code, neuron and SAE latent per pattern (patterns.py)")
 parser.add_argument("--pattern_windows", type=int, default=16, help="held-out windows of each corpus the pattern table reads")
@@ -146,7 +146,7 @@ def main(argv=None):
         finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
         base = base_model(args, pretrained, tokenizer, stage1, common, rank)
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
-        model = runs.train(codebook_model(args, base, train_splits[0]), stage2, args.codebook_steps, args.codebook_lr,
+        model = runs.train(codebook_model(args, base, train_splits), stage2, args.codebook_steps, args.codebook_lr,
                            codebook_lr=args.codes_lr or None, revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
                            desc="stage 2: codebooks", **finetune)
 
@@ -256,6 +256,13 @@ def fixed_windows(split, args, which, count, length):
     return split.random_windows(np.random.default_rng([args.seed, 10**9 + which]), count, length)
 
 
+def every_corpus_windows(splits, args, which, count):
+    """About `count` fixed windows (fixed_windows) of block_size tokens, as many from each training corpus:
+    what k-means and the SAEs are fitted to must cover every kind of text the model is finetuned on."""
+    per_corpus = -(-count // len(splits))
+    return torch.cat([fixed_windows(split, args, which, per_corpus, args.block_size) for split in splits])
+
+
 def validation(model, windows, autocast):
     """What training prints every --eval_every steps."""
     loss, accuracy, _ = runs.evaluate(model, windows, autocast=autocast)
@@ -281,12 +288,12 @@ def finetuned_control(args, base, get_batch, finetune):
                       ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
 
 
-def codebook_model(args, base, train_split):
+def codebook_model(args, base, train_splits):
     """Stage 2's start (section 3.2): the base with a codebook after every attention head, initialised
-    by k-means on training windows."""
+    by k-means on training windows of every corpus."""
     torch.manual_seed(args.seed)  # the same k-means start on every process
     model = cb.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
-    kmeans_tokens = fixed_windows(train_split, args, 2, args.kmeans_windows, args.block_size)
+    kmeans_tokens = every_corpus_windows(train_splits, args, 2, args.kmeans_windows)
     cb.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
     return model
 
@@ -311,8 +318,7 @@ def evaluate(args, trained, eval_sets, train_windows, train_splits, autocast, wo
     saes, sae_seconds = None, 0.0
     if args.sae:  # TopK SAEs fitted post hoc to the base's heads, every one spliced in at once
         started = time.time()
-        count = -(-args.sae_windows // len(train_splits))
-        sae_tokens = torch.cat([fixed_windows(split, args, 3, count, args.block_size) for split in train_splits])
+        sae_tokens = every_corpus_windows(train_splits, args, 3, args.sae_windows)
         saes = sae.fit_saes(os.path.join(args.out, "sae.pt"), base, sae_tokens, sae.codebook_sizes(model),
                             steps=args.sae_steps, seed=args.seed)
         sae_seconds = time.time() - started

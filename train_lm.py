@@ -338,6 +338,10 @@ def evaluate(args, trained, eval_sets, train_windows, train_splits, autocast, wo
                                 "held_out": per_set, "processes": world, "data": args.data or "generated stories",
                                 "settings": vars(args), "history": {"base": getattr(base, "history", []), "codebook": model.history}}
     results["mean_dead_code_fraction"] = float(np.mean(list(results["dead_code_fraction"].values())))
+    if len(eval_sets) > 1:  # a code the model uses on one corpus only is alive: dead = fires on no held-out window
+        ids, _ = cb.record_dataset(model, torch.cat([windows[:, :-1] for windows in eval_sets.values()]), batch_size=32)
+        results["mean_dead_code_fraction_all_corpora"] = float(np.mean(
+            [cb.dead_share(cb.count_codes(i, args.num_codes)).item() for i in ids.values()]))
     if saes is not None:
         latents = sae.record_latents(base, saes, eval_sets[first][:, :-1])
         results["sae_dead_latent_fraction"] = {a: sae.dead_fraction(ids, args.num_codes) for a, ids in latents.items()}
@@ -403,6 +407,9 @@ def report(r, args, config, sae_seconds):
     dead = r["dead_code_fraction"]
     print(f"dead codes                        {r['mean_dead_code_fraction']:.2%} mean over {len(dead)} codebooks of "
           f"{args.num_codes} codes, k={args.k}, on the first corpus's held-out windows")
+    if "mean_dead_code_fraction_all_corpora" in r:
+        print(f"dead codes                        {r['mean_dead_code_fraction_all_corpora']:.2%} mean, counted on the "
+              f"held-out windows of all {len(r['held_out'])} corpora together (dead: fires on none of them)")
     for layer in range(config.n_layer):
         print(f"  L{layer}: " + "  ".join(f"H{h} {dead[f'L{layer}.H{h}']:6.1%}" for h in range(config.n_head)))
     if "sae_dead_latent_fraction" in r:
@@ -425,7 +432,10 @@ def write_page(r, args):
                                                             groups=[("", 1), ("loss (nats/token)", len(names)),
                                                                     ("next-token accuracy", len(names)), ("", 2)]),
                               note="Each corpus's held-out windows; codebooks / finetuned: the codebook model's loss over the "
-                                   "model finetuned as long without codebooks (the base's where there is no control).")]
+                                   "model finetuned as long without codebooks (the base's where there is no control)."
+                                   + (f" Dead codes on all corpora's held-out windows together (dead: fires on none): "
+                                      f"{pages.pct(r['mean_dead_code_fraction_all_corpora'])}."
+                                      if "mean_dead_code_fraction_all_corpora" in r else ""))]
     for name, title in (("patterns", "Patterns"), ("topics", "Topic words")):
         if name in r.get("patterns", {}):
             sections.append(pages.section(title, pattern_rows_table(r["patterns"][name]), note=(

@@ -60,6 +60,15 @@ def test_each_corpus_is_held_out_on_its_own_with_every_model(pipeline):
         assert set(figures["dead_code_fraction"]) == {f"L{l}.H{h}" for l in range(2) for h in range(4)}
         assert figures["finetuned_val_loss"] < figures["base_val_loss"]  # six steps from random weights: it learns
     assert r["dead_code_fraction"] == r["held_out"]["stories"]["dead_code_fraction"]
+    # all corpora together: a code is dead when it fires in no corpus's windows, recounted from the codes
+    fired = [set() for _ in range(8)]
+    for corpus in r["held_out"]:
+        windows = train_lm.fixed_windows(val_splits[corpus], args, 0, args.eval_windows, args.block_size + 1)
+        for i, ids in enumerate(cb.record_dataset(model, windows[:, :-1])[0].values()):
+            fired[i] |= set(ids.flatten().tolist())
+    together = sum(1 - len(codes) / args.num_codes for codes in fired) / 8
+    assert r["mean_dead_code_fraction_all_corpora"] == pytest.approx(together)
+    assert together <= min(np.mean(list(f["dead_code_fraction"].values())) for f in r["held_out"].values()) + 1e-9
 
 
 def test_pattern_table_recounted_by_hand(pipeline):

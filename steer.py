@@ -290,6 +290,7 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
     print(f"\nsampling {len(prompts)} prompts x {args.samples} samples, temperature {args.temperature}, "
           f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each")
     unsteered = sample_prompts(model, prompts, args, tok)
+    unsteered_ppl = perplexity(model, unsteered, ends(tok))  # the same samples beside every topic: once
     results, steering = {}, {"prompts": prompts, "samples": {}, "codes": {}, "regexes": {}, "ranked": []}
     for t, (name, hit) in enumerate(topics.items()):
         chosen = topic_codes(stats, t, args, k)
@@ -316,7 +317,7 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
         asked = sample_prompts(model, prompts, args, tok, topic_request(tok, name))
         results[name], texts = {"codes": [f"{a}.{c}" for a, codes in chosen.items() for c in codes]}, {}
         for method, samples in (("base", unsteered), ("steered", steered), ("addition", added), ("prompting", asked)):
-            rate, ppl, texts[method] = score(model, tok, samples, hit)
+            rate, ppl, texts[method] = score(model, tok, samples, hit, unsteered_ppl if method == "base" else None)
             results[name] |= {f"hit_rate_{method}": rate, f"ppl_{method}": ppl}
         steering["samples"][name] = {"unsteered" if method == "base" else method: shown[:SHOWN] for method, shown in texts.items()}
         r = results[name]
@@ -384,10 +385,12 @@ def topic_request(tok, topic):
     return [tok.bos, *tok.encode(ask + "\n")]
 
 
-def score(model, tok, samples, hit):
-    """(share of the samples the regex `hit` finds, their perplexity under `model` as it stands, their texts)."""
+def score(model, tok, samples, hit, ppl=None):
+    """(share of the samples the regex `hit` finds, their perplexity under `model` as it stands (or
+    `ppl`, when already known), their texts)."""
     texts = [generated for tokens, n in samples for generated in generated_text(tokens, n, tok)]
-    return sum(bool(hit.search(t)) for t in texts) / len(texts), perplexity(model, samples, ends(tok)), texts
+    return (sum(bool(hit.search(t)) for t in texts) / len(texts),
+            perplexity(model, samples, ends(tok)) if ppl is None else ppl, texts)
 
 
 METHODS = [("unsteered", "base"), ("steered", "steered"), ("addition", "addition"), ("prompting", "prompting")]

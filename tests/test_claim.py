@@ -9,9 +9,10 @@ import train_fsm as T
 
 # 16 states written as two base-4 digits, 3 successors each (so a guess is legal 3/16 of the time)
 FSM = dict(num_states=16, num_edges=3, base=4, walk_length=32, seed=0)
-# the default's method (attention window 2, interchange training) on a 3-layer model, d_model 48
+# the default's method (attention window 2, interchange training) on a 3-layer model, d_model 48, with
+# unused codes revived every 20 of its 150 codebook steps
 SETTINGS = ["--n_layer", "3", "--n_head", "3", "--d_model", "48", "--d_mlp", "64", "--attn_codes", "16", "--mlp_codes", "64",
-            "--interchange", "0.5", "--batch_size", "32", "--base_steps", "200", "--codebook_steps", "200",
+            "--interchange", "0.5", "--batch_size", "16", "--base_steps", "150", "--codebook_steps", "150", "--revive_every", "20",
             "--eval_seqs", "100", "--samples", "20", "--pairs", "200", "--cards", "1", "--no-sae", "--device", "cpu"]
 
 
@@ -39,4 +40,4 @@ def test_codes_are_the_states_and_forcing_them_moves_the_model(tmp_path, one_thr
     num_codes = model.locate(best)[0].num_codes
     held_out = T.best_state_codes(*cb.code_precision_recall(codes, masks, num_codes))[0].mean().item()
     control = T.best_state_codes(*cb.code_precision_recall(codes, shuffled, num_codes))[0].mean().item()
-    assert held_out >= 0.85 and control < 0.3, (held_out, control)  # measured: 0.93 and 0.08
+    assert held_out >= 0.85 and control < 0.3, (held_out, control)  # measured: 0.94 and 0.08

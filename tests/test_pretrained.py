@@ -197,10 +197,13 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     train_lm.main(["--hf", path, "--out", str(out), "--stories", "200", "--block_size", "16", "--batch_size", "2",
                    "--codebook_steps", "2", "--num_codes", "8", "--k", "1", "--revive_every", "0", "--eval_windows", "4",
                    "--kmeans_windows", "2", "--no-control", "--threads", "2", "--device", "cpu"])
-    results = json.load(open(out / "results.json"))
-    assert np.isfinite(results["base_val_loss"]) and np.isfinite(results["codebook_val_loss"])
+    results, config = json.load(open(out / "results.json")), runs.load_checkpoint(str(out / "codebook.pt"))["config"]
+    # the pretrained model predicts the stories (measured: 4.9 and 6.0 nats, 30% and 25% of the tokens);
+    # a wrong weight or tokenizer guesses: ln(vocab) = 10.8 and 12.5 nats
+    assert results["base_val_loss"] < 0.6 * np.log(config["vocab_size"]) and results["base_val_accuracy"] > 0.15
+    assert np.isfinite(results["codebook_val_loss"])
     assert len(results["dead_code_fraction"]) == layers * heads  # a codebook on every head of every layer
-    assert runs.load_checkpoint(str(out / "codebook.pt"))["config"]["family"] == family
+    assert config["family"] == family
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
                 "--samples", "2", "--new_bytes", "6", "--threads", "2"])

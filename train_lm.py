@@ -55,15 +55,16 @@ import text
 
 # --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them.
 # smollm2: SmolLM2-135M (30 layers x 9 heads) on 2 CPU cores in about an hour: a step of 4 x 128 tokens
-# takes ~7 s, so 100 steps for the codebook model and as many for the control; 256 codes per head keep
-# k-means and the code search cheap; everything evaluated on 32 held-out windows per corpus. The
+# takes ~5-7 s, so 100 steps for the codebook model and as many for the control; 1024 codes per head (with
+# 256 the codes are too coarse to name most of the patterns of section 4: README); everything
+# evaluated on 32 held-out windows per corpus. The
 # pretrained weights move at 1e-4, the codes, new, at 1e-3, so they settle within the few steps. Torch's
 # default threads (one per core); give --threads 1 where another job holds a core (two threads stall
 # on each other there: a step 43 s, not 6.5).
 PRESETS = {
     "none": {},
     "smollm2": dict(out="out/smollm2", prose="reference,docstrings", stories=2000, block_size=128, batch_size=4,
-                    num_codes=256, k=8, codebook_steps=100, codebook_lr=1e-4, codes_lr=1e-3, revive_every=25, kmeans_windows=32,
+                    num_codes=1024, k=8, codebook_steps=100, codebook_lr=1e-4, codes_lr=1e-3, revive_every=25, kmeans_windows=32,
                     sae=True, sae_steps=200, sae_windows=32, eval_windows=32, patterns=True, pattern_windows=16),
     "smollm2-gpu": dict(out="out/smollm2-gpu", prose="reference,docstrings", stories=30000, block_size=256, batch_size=32,
                         num_codes=10000, k=8, codebook_steps=2000, codebook_lr=1e-4, codes_lr=1e-3, revive_every=100, kmeans_windows=512,

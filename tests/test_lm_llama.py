@@ -157,7 +157,7 @@ def test_both_pages_in_a_browser(pipeline, browser):
 def test_presets_give_defaults_that_flags_override(tmp_path):
     out = ["--out", str(tmp_path / "out")]
     args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + out)
-    assert (args.codebook_steps, args.num_codes, args.k, args.prose, args.sae, args.patterns) == (5, 256, 8, "reference,docstrings", True, True)
+    assert (args.codebook_steps, args.num_codes, args.k, args.prose, args.sae, args.patterns) == (5, 1024, 8, "reference,docstrings", True, True)
     assert train_lm.settings(out).num_codes == train_lm.parser.get_default("num_codes")  # the preset left the parser as it was
     assert (train_lm.settings(["--preset", "smollm2-gpu"] + out).num_codes, train_lm.PRESETS["smollm2-gpu"]["k"]) == (10000, 8)
     with pytest.raises(ValueError, match="--prose foo: no such corpus"):

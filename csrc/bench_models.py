@@ -4,7 +4,7 @@ model of the same file, and what per-head codebooks on every layer add to it.
     python csrc/bench_models.py                      # the SmolLM2 GGUF of .ci/fetch_models, 4 x 128 tokens
     python csrc/bench_models.py --gguf ~/.cache/codebook-features/gemma-3-270m-q4_k_m.gguf --batch 8
     python csrc/bench_models.py --gguf FILE --batch 4 --seq 128 --num_codes 512 --k 8 --reps 3
-    python csrc/bench_models.py --sample_rows 20,40,160,320 --num_codes 256   # sampling, not training
+    python csrc/bench_models.py --sample_rows 20,320 --num_codes 1024   # sampling, not training
 
 A step is forward, cross-entropy on next tokens, backward, on one fixed batch. The three models
 run in turn, interleaved (ours, transformers', ours with codebooks), after one warm-up step each,

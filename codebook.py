@@ -33,8 +33,7 @@ LOSSES = ("aeloss", "none", "commitment")
 # ------------------------------------------------------------------------------------------------
 # 1. Code search: for queries x (heads, tokens, d) and codebooks (heads, codes, d), the k best codes
 # of every query, best first. Cosine scores x . c / |c| (section 3.1: the query's own norm does not
-# change its ranking); euclidean scores -|x - c|. csrc/ searches faster with the same ids (exact
-# ties aside) and scores.
+# change its ranking); euclidean scores -|x - c|.
 
 def code_scores(x, codes, similarity, disabled=None):
     """The (heads, tokens, codes) scores; -inf for a NaN score (from a NaN or inf input, as in csrc/)
@@ -53,17 +52,21 @@ def search_reference(x, codebook, k, similarity="cosine", disabled=None):
     return code_scores(x, codebook, similarity, disabled).topk(k, dim=-1)
 
 
-def topk_codes(x, codebook, k, similarity="cosine", disabled=None, impl="auto"):
+def topk_codes(x, codebook, k, similarity="cosine", disabled=None):
     """(scores, ids), each (heads, tokens, k), without gradient: training differentiates through the
-    gathered codes only (section 3.1). impl: "reference" (above), or csrc/dispatch.py's "chunked",
-    "ext" and "auto" (the fastest that applies), the same results in less memory."""
+    gathered codes only (section 3.1). Searched by `search`, below."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
     check_codebook(C, k, similarity)
-    from csrc import dispatch  # here, not at the top: it builds on this file's search
     with torch.no_grad():
-        return dispatch.topk_codes(x.float(), codebook.float(), k, similarity, disabled, impl)
+        return search(x.float(), codebook.float(), k, similarity, disabled)
+
+
+# The search topk_codes runs: the reference above, until csrc/dispatch.install() (runs.py calls it) puts
+# the fastest search that applies in its place, the fused extension or a tiled one: the same ids (exact
+# ties aside) and scores, in less memory.
+search = search_reference
 
 
 def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):

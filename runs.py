@@ -29,6 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import codebook as cb
+from csrc import dispatch
+
+dispatch.install()  # every run searches codes the fastest way that applies (csrc/), with the same results
 
 # ------------------------------------------------------------------------------------------------
 # 1. Settings, checked before any work: each failure is one ValueError line naming the flag.

@@ -86,7 +86,7 @@ def search_row(heads, tokens, d, codes, k, budget):
     x, book = torch.randn(heads, tokens, d, generator=g), torch.randn(heads, codes, d, generator=g)
     score_bytes = heads * tokens * codes * 4
     fns = {"chunked": lambda: dispatch.search_chunked(x, book, k),
-           "ext": lambda: cb.topk_codes(x, book, k, impl="ext")}
+           "ext": lambda: dispatch.topk_codes(x, book, k, impl="ext")}
     note = ""
     if score_bytes * 2.5 < 0.6 * _mem_available():  # the matrix, its topk work space, and room for the rest
         fns = {"reference": lambda: cb.search_reference(x, book, k), **fns}

@@ -1,4 +1,4 @@
-"""Which code search runs (codebook.topk_codes hands every search here):
+"""Which code search runs (after install(), codebook.topk_codes hands every search here):
 the fused extension of this folder where it applies, else the reference search of codebook.py
 while its score matrix is small, else a tiled torch search that never materialises it. All three
 return the same ids (exact ties aside) and scores."""
@@ -46,3 +46,8 @@ def topk_codes(x, book, k, similarity="cosine", disabled=None, impl="auto"):
     if impl == "chunked":
         return search_chunked(x, book, k, similarity, disabled)
     return ext.topk_codes(x, book, k, similarity)
+
+
+def install():
+    """From now on every codebook search (layers, k-means, recording codes) goes through topk_codes."""
+    codebook.search = topk_codes

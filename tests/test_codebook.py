@@ -1,11 +1,14 @@
 """codebook.py against the computation written out by hand: each test replays one idea of the
 paper in plain torch and asserts the library computes the same thing."""
+import ast
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import codebook as cb
-from conftest import TINY, tiny_model, tokens
+from conftest import ROOT, TINY, tiny_model, tokens
 from csrc import dispatch
 
 
@@ -104,10 +107,18 @@ def test_search_honours_disabled_codes_and_ranks_by_cosine():
     disabled = torch.zeros(1, 25, dtype=torch.bool)
     disabled[0, ::2] = True
     for impl in ("reference", "chunked"):
-        _, ids = cb.topk_codes(x, book, 3, disabled=disabled, impl=impl)
+        _, ids = dispatch.topk_codes(x, book, 3, disabled=disabled, impl=impl)
         assert not disabled[0, ids].any()
     cosine = F.cosine_similarity(x[0][:, None], book[0][None], dim=-1)
-    assert torch.equal(cb.topk_codes(x, book, 5, impl="chunked")[1][0], cosine.topk(5).indices)
+    assert torch.equal(dispatch.topk_codes(x, book, 5, impl="chunked")[1][0], cosine.topk(5).indices)
+
+
+def test_codebook_py_imports_nothing_of_the_project_and_runs_plugs_the_fast_search_in():
+    tree = ast.parse(open(os.path.join(ROOT, "codebook.py")).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= {"contextlib", "math", "re", "dataclasses", "torch"}, imported
+    assert cb.search is dispatch.topk_codes  # runs.py (which conftest imports) installed it
 
 
 # --- the codebook layer --------------------------------------------------------------------

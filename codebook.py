@@ -52,21 +52,21 @@ def search_reference(x, codebook, k, similarity="cosine", disabled=None):
     return code_scores(x, codebook, similarity, disabled).topk(k, dim=-1)
 
 
+# The search topk_codes runs: the reference above, until csrc/dispatch.install() (runs.py calls it) puts
+# the fastest search that applies in its place, the fused extension or a tiled one: the same ids (exact
+# ties aside) and scores, in less memory.
+search = search_reference
+
+
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None):
     """(scores, ids), each (heads, tokens, k), without gradient: training differentiates through the
-    gathered codes only (section 3.1). Searched by `search`, below."""
+    gathered codes only (section 3.1). Searched by `search`, above."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
     check_codebook(C, k, similarity)
     with torch.no_grad():
         return search(x.float(), codebook.float(), k, similarity, disabled)
-
-
-# The search topk_codes runs: the reference above, until csrc/dispatch.install() (runs.py calls it) puts
-# the fastest search that applies in its place, the fused extension or a tiled one: the same ids (exact
-# ties aside) and scores, in less memory.
-search = search_reference
 
 
 def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):

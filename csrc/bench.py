@@ -272,7 +272,7 @@ def main():
     print(f"CodebookLayer 4096 tokens x 16 heads x 64 dims, 10,000 codes, k=8, forward + backward: "
           f"extension {layer['ext']:.3f} s (authors {AUTHORS['layer_s']} s, target <= 0.7 s)"
           + (f", torch search {layer['torch']:.3f} s" if "torch" in layer else ""))
-    print(f"# load average {os.getloadavg()[0]:.2f} at the end (other jobs share these cores)")
+    print(f"# load average {os.getloadavg()[0]:.2f} at the end (the methods of a row run interleaved, so other load falls on each alike)")
 
     if args.json:
         with open(args.json, "w") as f:

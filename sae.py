@@ -31,6 +31,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import codebook as cb
 import runs
@@ -84,16 +85,21 @@ class TopKSAE(nn.Module):
             if allowed is not None:
                 pre = pre.masked_fill(~allowed, -torch.inf)
             ids = pre.topk(k, dim=-1).indices
-        head = torch.arange(self.heads, device=x.device)[:, None]  # indexes along with ids
-        values = ((x - self.b_pre)[..., None, :] * self.encoder[head, ids]).sum(-1) + self.b_enc[head, ids]
+        values = ((x - self.b_pre)[..., None, :] * self.rows(self.encoder, ids)).sum(-1) + self.rows(self.b_enc, ids)
         if allowed is not None:
-            values = values * allowed[head, ids]  # a head with fewer than k allowed latents
+            values = values * self.rows(allowed.to(values.dtype), ids)  # a head with fewer than k allowed latents
         return ids, values.relu()
+
+    def rows(self, table, ids):
+        """table (heads, latents, ...) at latent ids (..., heads, k) of each head: (..., heads, k, ...).
+        One embedding lookup, whose backward adds in a fixed order (indexing's adds race on two
+        threads, and fitting then differs run to run in the last bits)."""
+        flat = ids + torch.arange(self.heads, device=ids.device)[:, None] * self.num_latents
+        return F.embedding(flat, table.reshape(self.heads * self.num_latents, -1)).view(*ids.shape, *table.shape[2:])
 
     def decode(self, ids, values, b_pre=True):
         """Latents (ids, values) (..., heads, k) -> W_dec z + b_pre (..., heads, dim)."""
-        head = torch.arange(self.heads, device=ids.device)[:, None]
-        out = (values[..., None] * self.decoder[head, ids]).sum(-2)
+        out = (values[..., None] * self.rows(self.decoder, ids)).sum(-2)
         return out + self.b_pre if b_pre else out
 
     def encode(self, x):

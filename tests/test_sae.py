@@ -96,6 +96,23 @@ def test_recovers_a_dictionary_from_its_sparse_combinations(one_thread):
     assert relative_error < 0.01 and best_cosine.min() > 0.99, (relative_error, best_cosine.min())
 
 
+def test_fitting_on_two_threads_is_the_same_bit_for_bit_run_to_run():
+    # a larger model's run (e.g. train_lm's SmolLM2 preset) fits its SAEs on torch's default threads;
+    # gradients gathered by indexing were added by racing threads, so two runs differed in the last bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4000, 3, 4, generator=g) @ torch.randn(4, 32, generator=g) + 1  # few directions: dead latents
+        fits = [S.train_saes({(0, "attn"): x}, {(0, "attn"): (512, 8)}, steps=15, data_directions=False,
+                             dead_after=600)[0, "attn"] for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert (fits[0].tokens_since_fired >= 600).any()  # the AuxK path ran too
+    for a, b in zip(*(fit.parameters() for fit in fits)):
+        assert torch.equal(a, b)
+
+
 def test_initialisation_from_data():
     x = torch.randn(500, 2, 3) + torch.tensor([5.0, -2.0, 1.0])
     sae = S.TopKSAE(2, 3, 7, 1)

@@ -98,7 +98,7 @@ def test_recovers_a_dictionary_from_its_sparse_combinations(one_thread):
 
 def test_fitting_on_two_threads_is_the_same_bit_for_bit_run_to_run():
     # a larger model's run (e.g. train_lm's SmolLM2 preset) fits its SAEs on torch's default threads;
-    # gradients gathered by indexing were added by racing threads, so two runs differed in the last bits
+    # the backward of indexing adds from racing threads, so the latents' rows must be gathered otherwise
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -233,7 +233,8 @@ def resume(path, state, run, model, optimizer, summed, rank, world):
     if state["step"] < run["loop"]["steps"] and saved_ranks != world:
         raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None in a finished stage's checkpoint
+        optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["loop_state"]["rng"][rank if rank < saved_ranks else 0])  # a finished stage may go on with more
     for tensor, saved in zip(summed, state["loop_state"]["summed"]):
         tensor.copy_(saved if rank == 0 else torch.zeros_like(saved))  # the sum over ranks stays the same
@@ -323,8 +324,8 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     optionally plus (codes, positions) to train with those codes forced (interchange training).
     eval_fn(model) -> dict, printed by rank 0 every eval_every steps.
 
-    With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end, and
-    at SIGINT / SIGTERM (then Interrupted is raised). One already there is resumed exactly
+    With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end (without
+    the optimiser state), and at SIGINT / SIGTERM (then Interrupted is raised). One already there is resumed exactly
     (weights, optimiser, RNG states, code statistics), or returned when finished; one made with
     another config, loop arguments or `settings` (plain data describing the batches) is refused.
     ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
@@ -348,8 +349,9 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     def save():
         summed = loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, run=run, history=history, loop_state=summed,
-                            **(ckpt_extra or {}))
+            # the optimiser state (twice the weights' size) only matters to a run that goes on
+            save_checkpoint(ckpt_path, model, optimizer if step < steps else None, step, run=run, history=history,
+                            loop_state=summed, **(ckpt_extra or {}))
 
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)

@@ -325,9 +325,9 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     eval_fn(model) -> dict, printed by rank 0 every eval_every steps.
 
     With ckpt_path a checkpoint is written every ckpt_every steps or ckpt_seconds, at the end (without
-    the optimiser state), and at SIGINT / SIGTERM (then Interrupted is raised). One already there is resumed exactly
-    (weights, optimiser, RNG states, code statistics), or returned when finished; one made with
-    another config, loop arguments or `settings` (plain data describing the batches) is refused.
+    the optimiser state), and at SIGINT / SIGTERM (then Interrupted is raised). One already there is
+    resumed exactly (weights, optimiser, RNG states, code statistics), or returned when finished; one
+    made with another config, loop arguments or `settings` (plain data describing the batches) is refused.
     ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
     from tqdm import tqdm
     rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")

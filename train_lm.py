@@ -2,12 +2,12 @@
 Finetune a language model with per-head attention codebooks (paper section 5).
 
 Stage 1 trains a plain GPT on bytes, or loads one (--init_from), or loads a pretrained model (GPT-2,
-GPT-Neo, GPT-NeoX, Llama, Qwen2, Qwen3) from a Hugging Face folder or a GGUF file with its tokenizer
-(--hf, models.py). Stage 2 puts a codebook after
-every attention head of every layer (k = 8 of --num_codes codes each), initialises the codes by
-k-means on the heads' activations, and finetunes the whole model. For the paper's comparison the
-base is also finetuned as long without codebooks (the control). The script prints the models'
-validation loss and next-byte accuracy, their ratios and the share of dead codes, and saves
+GPT-Neo, GPT-NeoX, Llama, Qwen2, Qwen3, Gemma-2, Gemma-3) from a Hugging Face folder or a GGUF file
+with its tokenizer (--hf, models.py). Stage 2 puts a codebook after every attention head of every
+layer (k = 8 of --num_codes codes each), initialises the codes by k-means on the heads' activations,
+and finetunes the whole model. For the paper's comparison the base is also finetuned as long without
+codebooks (the control). The script prints the models' validation loss and next-token accuracy
+(bytes, or a pretrained model's tokens), their ratios and the share of dead codes, and saves
 OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and OUT/results.json. With --sae it also fits TopK
 sparse autoencoders (sae.py) post hoc to the base model's attention heads, with the codebooks'
 dictionary size and k, and prints the loss with all of them spliced in beside the codebooks'
@@ -85,20 +85,20 @@ parser.add_argument("--val_fraction", type=float, default=0.05, help="share of d
 parser.add_argument("--out", default="out/lm", help="output folder")
 parser.add_argument("--init_from", default="", help="skip stage 1: start from this base checkpoint (no codebooks)")
 parser.add_argument("--hf", default="", help="skip stage 1: start from this Hugging Face model folder or GGUF file (GPT-2, "
-                    "GPT-Neo, GPT-NeoX, Llama, Qwen2, Qwen3) and its tokenizer; --n_layer, --n_head, --d_model are then the model's")
-parser.add_argument("--seed", type=int, default=0)
+                    "GPT-Neo, GPT-NeoX, Llama, Qwen2, Qwen3, Gemma-2, Gemma-3) and its tokenizer; --n_layer, --n_head, --d_model are then the model's")
+parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, its split, the initialisation and every batch")
 # the model (stage 1)
-parser.add_argument("--n_layer", type=int, default=4)
-parser.add_argument("--n_head", type=int, default=4)
-parser.add_argument("--d_model", type=int, default=128)
+parser.add_argument("--n_layer", type=int, default=4, help="layers of the GPT trained in stage 1")
+parser.add_argument("--n_head", type=int, default=4, help="its attention heads per layer")
+parser.add_argument("--d_model", type=int, default=128, help="the width of its residual stream")
 parser.add_argument("--block_size", type=int, default=128, help="context length in tokens (with --hf, at most the model's)")
 parser.add_argument("--batch_size", type=int, default=32, help="windows per step (per process under torchrun)")
-parser.add_argument("--base_steps", type=int, default=2000)
-parser.add_argument("--base_lr", type=float, default=3e-3)
+parser.add_argument("--base_steps", type=int, default=2000, help="stage 1's training steps")
+parser.add_argument("--base_lr", type=float, default=3e-3, help="stage 1's learning rate")
 # the codebooks (stage 2)
 parser.add_argument("--num_codes", type=int, default=512, help="codes per head (the paper: 10,000 on a GPU)")
 parser.add_argument("--k", type=int, default=8, help="codes active per head and position")
-parser.add_argument("--codebook_steps", type=int, default=400)
+parser.add_argument("--codebook_steps", type=int, default=400, help="stage 2's finetuning steps (and the control's)")
 parser.add_argument("--codebook_lr", type=float, default=1e-3, help="stage 2's learning rate (and the control's)")
 parser.add_argument("--codes_lr", type=float, default=0.0, help="the codes' and their LayerNorms' own rate in stage 2 (0: --codebook_lr)")
 parser.add_argument("--revive_every", type=int, default=100, help="re-initialise unused codes every this many steps (0: never)")
@@ -118,7 +118,7 @@ parser.add_argument("--eval_windows", type=int, default=256, help="fixed validat
 parser.add_argument("--eval_every", type=int, default=0, help="print a validation loss every this many steps (0: never)")
 parser.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
 parser.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
 
 

@@ -568,10 +568,10 @@ def from_pretrained(path, codebooks=None, block_size=None):
 def load_pretrained(path, codebooks=None, block_size=None):
     """(model, tokenizer) of a Hugging Face model folder or a GGUF file, checked against each other."""
     if is_gguf(path):
-        metadata, infos = formats.read_gguf_info(path)
-        vocab_size = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)["vocab_size"]
-        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(metadata), vocab_size, path)
-        return from_gguf(path, codebooks, block_size), tokenizer
+        info = formats.read_gguf_info(path)
+        vocab_size = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)["vocab_size"]
+        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(info.metadata), vocab_size, path)
+        return from_gguf(path, codebooks, block_size, info), tokenizer
     c = read_config(path)
     tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
     return from_pretrained(path, codebooks, block_size), tokenizer
@@ -650,13 +650,13 @@ def unpermute(heads):
     return lambda t: t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def from_gguf(path, codebooks=None, block_size=None):
+def from_gguf(path, codebooks=None, block_size=None, info=None):
     """A Transformer of a GGUF file (as from_pretrained): its architecture and sizes checked on the
-    header, then its tensors dequantised to float32."""
-    metadata, infos = formats.read_gguf_info(path)
-    c = gguf_config(metadata, {name: info.shape for name, info in infos.items()}, path)
+    header, then its tensors dequantised to float32. `info`: formats.read_gguf_info(path), if already read."""
+    info = info or formats.read_gguf_info(path)
+    c = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
     config, _, _ = FAMILIES[c["model_type"]](c, path)
-    tensors = formats.read_gguf(path).tensors
+    tensors = formats.read_gguf(path, info=info).tensors
     if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
         divisors = tensors.pop("rope_freqs.weight").flatten().tolist()
         if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:

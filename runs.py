@@ -46,6 +46,8 @@ def check_settings(args, positive=(), non_negative=(), rates=(), shares=(), fini
     for name in positive + non_negative:
         values = getattr(args, name)
         for v in values if isinstance(values, list) else [values]:
+            if not math.isfinite(v):
+                fail(name, v, "must be a finite number")
             if name in positive and v < 1:
                 fail(name, v, "must be a positive integer")
             if name in non_negative and v < 0:
@@ -106,6 +108,7 @@ def one_run_per_folder(out):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -116,7 +119,13 @@ def one_run_per_folder(out):
                              "wait for it to end or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        yield
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(out) == [LOCK]:  # a run that stopped before writing anything leaves no folder
+                os.remove(os.path.join(out, LOCK))
+                os.rmdir(out)
+            raise
     finally:
         os.close(fd)  # releases the lock
 
@@ -278,6 +287,20 @@ def distributed(backend="gloo"):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def end_distributed():
+    """Under torchrun: wait until every rank is done with its collectives, then end the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def command_line(script=None, argv=None):
+    """The command that started this run: `script` (by default as typed) with `argv` (by default the
+    command line's), to print or show on its page."""
+    words = [script or sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    return ("torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python ") + shlex.join(words)
 
 
 def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.95)):
@@ -464,7 +487,7 @@ def stop_on_signals():
 
     def request(signum, frame):
         if requests:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)
         requests.append(signum)
 
     before = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -477,17 +500,29 @@ def stop_on_signals():
 
 def run_main(main):
     """Run a script's main(): bad settings and bad files print one line (exit 1); an interrupted
-    run says how to resume (exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM)."""
+    run says how to resume (exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM). Outside
+    the training loop SIGTERM stops the run at once, as Ctrl-C does."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
-            print(f"\n{e}; to resume, rerun the same command: {launcher}{shlex.join(sys.argv)}", file=sys.stderr)
+        if rank == 0:
+            print(f"\n{e}; to resume, rerun the same command: {command_line()}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint written is kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        if rank == 0:
+            print(f"\n{signal.Signals(signum).name}: the checkpoints written so far are kept; to resume, rerun the "
+                  f"same command: {command_line()}", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)

@@ -137,12 +137,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if forced_codes(args):
         return force_by_address(args, model, tok, prompts)
+    command = runs.command_line("steer.py", argv)
     with runs.one_run_per_folder(args.out):
         # --- the reference texts, each position labelled with its topic; every code recorded on them
         tokens, position_topic = reference_set(args, tok, model.config.block_size, topics)
         recorded = cb.record_dataset(model, tokens)
         if args.browse:
-            print(f"report: {write_page(args, model, tok, tokens, position_topic, list(topics), recorded)}")
+            print(f"report: {write_page(args, command, model, tok, tokens, position_topic, list(topics), recorded)}")
             return
 
         # --- each topic's codes (section 4), forced against activation addition (section 5)
@@ -153,7 +154,7 @@ def main(argv=None):
         # --- table, results.json, report.html
         runs.save_json(os.path.join(args.out, "results.json"), report(results) | {
             "prompts": prompts, "samples_per_prompt": args.samples, "settings": vars(args)})
-        page = write_page(args, model, tok, tokens, position_topic, list(topics), recorded, results, steering)
+        page = write_page(args, command, model, tok, tokens, position_topic, list(topics), recorded, results, steering)
         print(f"wall time {time.time() - started:.0f} s; wrote {args.out}/results.json\nreport: {page}")
 
 
@@ -173,11 +174,11 @@ def settings(argv):
     for flag in ("topic_file", "reference"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             raise ValueError(f"--{flag} {getattr(args, flag)}: no such file or folder")
+    topics = choose_topics(args)
     model, tok = models.load_with_tokenizer(args.ckpt, args.device)
     cfg = model.config
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")
-    topics = choose_topics(args)
     steering = not (args.codes or args.browse)  # then prompting puts a request before each prompt
     longest = max([1] + [len(topic_request(tok, name)) for name in topics if steering])
     for prompt in args.prompt or PROMPTS:
@@ -196,6 +197,8 @@ def choose_topics(args):
     """{topic name: regex of a hit}: the one topic of --regex, or the generated corpus's --topics;
     none for --browse of --reference texts, which have no topics."""
     if args.regex:
+        if args.topics:
+            raise ValueError("--topics chooses topics of the generated corpus, --regex one topic of its own: give one")
         try:
             return {args.regex: re.compile(args.regex, re.IGNORECASE)}
         except re.error as e:
@@ -406,11 +409,11 @@ def report(results):
         print(f"{name[:14]:14s}" + "".join(f"{r[f'hit_rate_{key}']:10.0%}" for _, key in METHODS)
               + "".join(f"{r[f'ppl_{key}']:10.2f}" for _, key in METHODS))
     rare = [name for name, r in results.items() if r["hit_rate_base"] <= 0.10]
-    rare_mean = {key: float(np.mean([results[n][f"hit_rate_{key}"] for n in rare])) if rare else float("nan")
+    rare_mean = {key: float(np.mean([results[n][f"hit_rate_{key}"] for n in rare])) if rare else None
                  for _, key in METHODS}
-    print(f"{len(rare)} of {len(results)} topics have an unsteered hit rate <= 10%; their mean hit rate steered "
-          f"{rare_mean['steered']:.0%}, by addition {rare_mean['addition']:.0%}, by prompting {rare_mean['prompting']:.0%} "
-          "(authors, TinyStories, steered: 65-100%)")
+    print(f"{len(rare)} of {len(results)} topics have an unsteered hit rate <= 10%" + (
+          f"; their mean hit rate steered {rare_mean['steered']:.0%}, by addition {rare_mean['addition']:.0%}, by "
+          f"prompting {rare_mean['prompting']:.0%} (authors, TinyStories, steered: 65-100%)" if rare else ""))
     return {"topics": results, "topics_rare_unsteered": rare, "mean_hit_rate_steered_rare": rare_mean["steered"],
             "mean_hit_rate_addition_rare": rare_mean["addition"], "mean_hit_rate_prompting_rare": rare_mean["prompting"]} | {
         f"mean_{key}": value for key, value in mean.items()}
@@ -442,10 +445,10 @@ def token_text(tok):
     return shown
 
 
-def write_page(args, model, tok, tokens, position_topic, topic_names, recorded, results=None, steering=None):
+def write_page(args, command, model, tok, tokens, position_topic, topic_names, recorded, results=None, steering=None):
     """OUT/report.html: with `results`, the steering table and per topic its forced codes (each a link
     to its card) and samples side by side; always the code browser of the reference set, positions
-    labelled with their text's topic. Returns its path."""
+    labelled with their text's topic; `command` under the title. Returns its path."""
     sections, forced = [], []
     if results:
         mean = lambda key: float(np.mean([r[key] for r in results.values()]))
@@ -493,8 +496,7 @@ def write_page(args, model, tok, tokens, position_topic, topic_names, recorded, 
                                       always=forced, recorded=recorded)
     sections.append(pages.section("Code browser", pages.code_browser(browser, "topic")))
     return pages.write(os.path.join(args.out, "report.html"), f"Codebook LM: {args.ckpt}", sections,
-                       subtitle=f"python steer.py --ckpt {args.ckpt}{' --browse' if args.browse else ''}"
-                                f"{f' --regex {args.regex!r}' if args.regex else ''}; settings and figures in results.json")
+                       subtitle=f"{command}; settings and figures in results.json")
 
 
 if __name__ == "__main__":

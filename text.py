@@ -309,27 +309,28 @@ def topic_regex(words):
 MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces (of as many tokens), so any corpus splits finely
 
 
-def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git")):
+def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git"), out=None):
     """The file `path`, or every file under the folder `path` whose name matches `include`, in sorted
-    order, skipping folders named in `exclude`."""
+    order, skipping folders named in `exclude`, the folder `out` (a run's output, which must not
+    read itself back) and what is not a file (a broken link)."""
     if not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
     if not os.path.isdir(path):
         return [path]
-    files = []
+    files, skipped = [], out and os.path.realpath(out)
     for root, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if d not in exclude]
-        files += [os.path.join(root, f) for f in names if fnmatch.fnmatch(f, include)]
+        dirs[:] = [d for d in dirs if d not in exclude and os.path.realpath(os.path.join(root, d)) != skipped]
+        files += [os.path.join(root, f) for f in names if fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f))]
     if not files:
         raise ValueError(f"data folder {path} holds no files matching {include!r}")
     return sorted(files)
 
 
 def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),
-                   chunk_bytes=2**24):
-    """Yield the documents (bytes) in list_files(path, include, exclude), each file cut at
+                   chunk_bytes=2**24, out=None):
+    """Yield the documents (bytes) in list_files(path, include, exclude, out), each file cut at
     `separator`; files are read in chunks, so no file is ever read whole."""
-    files = list_files(path, include, exclude)
+    files = list_files(path, include, exclude, out)
     sep = separator.encode() if separator else b""
     for file in files:
         rest = b""
@@ -347,7 +348,9 @@ def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-
 def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None, split_of=None):
     """Tokenise documents (an iterable of str or bytes; tokenizer None: bytes) into
     folder/{train,val}.bin and {train,val}_docs.npy; returns the number of tokens in each split.
-    Each document goes to "val" at random (val_fraction, seed), or where split_of(document) says."""
+    Each document goes to "val" at random (val_fraction, seed), or where split_of(document) says.
+    A corpus of too few documents for that (one text file) leaves a split empty: then the last
+    val_fraction of its tokens are held out instead, as one document."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
     os.makedirs(folder, exist_ok=True)
@@ -363,11 +366,28 @@ def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None, s
             starts[split].append(size[split])
             files[split].write(piece.tobytes())
             size[split] += len(piece)
-    for split, f in files.items():
+    for f in files.values():
         f.close()
+    if not split_of and min(size.values()) == 0 < max(size.values()):
+        hold_out_tail(files, starts, size, val_fraction, token_dtype(tokenizer))
+    for split, f in files.items():
         np.save(os.path.join(folder, f"{split}_docs.npy"), np.array(starts[split], dtype=np.int64))
         os.replace(f.name, os.path.join(folder, f"{split}.bin"))
     return size
+
+
+def hold_out_tail(files, starts, size, val_fraction, dtype):
+    """All tokens went to one split: move the last val_fraction of them (at least one) to "val"."""
+    if size["val"]:
+        os.replace(files["val"].name, files["train"].name)
+        starts["train"], size["train"] = starts["val"], size["val"]
+    total = size["train"]
+    cut = min(total - 1, round(total * (1 - val_fraction)))
+    tail = np.fromfile(files["train"].name, dtype=dtype, offset=cut * np.dtype(dtype).itemsize)
+    tail.tofile(files["val"].name)
+    os.truncate(files["train"].name, cut * np.dtype(dtype).itemsize)
+    starts["train"], starts["val"] = [s for s in starts["train"] if s < cut], [0]
+    size["train"], size["val"] = cut, total - cut
 
 
 class Split:
@@ -411,7 +431,7 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         path = os.path.abspath(data)
         if not os.path.exists(path):
             raise ValueError(f"data path {data} does not exist")
-        files = list_files(path, include, exclude)
+        files = list_files(path, include, exclude, out)
         key = [path, include, separator, list(exclude)] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
         name = os.path.basename(path.rstrip(os.sep)) or "data"
     else:
@@ -422,7 +442,7 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
         if data:
-            documents = iter_documents(path, include, separator, exclude)
+            documents = iter_documents(path, include, separator, exclude, out=out)
         else:
             documents = (story for _, story in make_stories(stories, seed))
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)

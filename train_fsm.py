@@ -45,8 +45,8 @@ class TokFSM:
     each state written as zero-padded base-`base` digits; token `base` is BOS."""
 
     def __init__(self, num_states=100, num_edges=10, base=10, walk_length=64, seed=0):
-        if not 1 <= num_edges <= num_states or walk_length < 1 or base < 2:
-            raise ValueError("need 1 <= num_edges <= num_states, walk_length >= 1 and base >= 2")
+        if not 1 <= num_edges <= num_states or walk_length < 2 or base < 2:
+            raise ValueError("need 1 <= num_edges <= num_states, walk_length >= 2 and base >= 2")
         if num_states > base ** 2:
             raise ValueError(f"num_states={num_states} does not fit in two base-{base} digits: raise --base")
         self.num_states, self.base, self.walk_length = num_states, base, walk_length
@@ -82,11 +82,12 @@ class TokFSM:
         return torch.cat([torch.full((states.shape[0], 1), self.bos), body], 1)
 
     def decode(self, tokens):
-        """digit tokens (n, digits * L) without BOS -> states (n, L); -1 where a digit is BOS."""
+        """digit tokens (n, digits * L) without BOS -> states (n, L); -1 where a digit is BOS or the
+        digits spell no state (past num_states)."""
         n = tokens.shape[1] // self.digits * self.digits
         groups = tokens[:, :n].reshape(tokens.shape[0], -1, self.digits)
         states = (groups * self.base ** torch.arange(self.digits - 1, -1, -1)).sum(-1)
-        return torch.where((groups >= self.base).any(-1), -1, states)
+        return torch.where((groups >= self.base).any(-1) | (states >= self.num_states), -1, states)
 
     def transition_accuracy(self, states):
         """Share of consecutive (state, next) pairs that are edges; and the same for the first pair."""
@@ -197,7 +198,7 @@ def intervention_success(model, fsm, sites, pairs, batch=200, seed=7, patch=None
     digit alone, and the paper's own measure: the mean Jensen-Shannon divergence (nats) of the
     next digit's distribution to b's unforced one."""
     g = torch.Generator().manual_seed(seed)
-    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), min(8, fsm.walk_length), g))
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(fsm.num_states), min(8, fsm.walk_length - 1), g))  # fits the context
     last = inputs.shape[1] - 1
     with cb.capture_activations(model) as acts:
         clean = F.log_softmax(model(inputs.to(model.head.weight.device))[:, -1, :fsm.base].float(), -1).cpu()
@@ -281,6 +282,9 @@ def main(argv=None):
                            ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
                            settings=data | {"interchange": args.interchange}, **common)
 
+        if runs.distributed()[0] != 0:  # under torchrun, rank 0 alone fits the SAEs, evaluates and reports
+            return runs.end_distributed()
+
         # --- the comparison: TopK SAEs fitted post hoc to the frozen baseline, at the codebook sites
         saes, sae_seconds = fit_saes(base, model, get_batch, args) if args.sae else (None, 0.0)
 
@@ -289,9 +293,10 @@ def main(argv=None):
         results = evaluate(base, model, fsm, eval_tokens, args, saes)  # only what a rerun reproduces: no times
         report(results, time.time() - started, sae_seconds)
         runs.save_json(os.path.join(args.out, "results.json"), results)
-        page = write_page(results, fsm, model, eval_tokens, args)
+        page = write_page(results, fsm, model, eval_tokens, args, runs.command_line("train_fsm.py", argv))
         print(f"wrote {args.out}/results.json, base.pt, codebook.pt, fsm.json" + (", sae.pt" if saes else "") + f"\nreport: {page}")
-        return results
+    runs.end_distributed()
+    return results
 
 
 def evaluation_walks(fsm, args):
@@ -530,10 +535,10 @@ intervention success (next state / its first digit) and the next digit's JS dive
 
 
 @torch.no_grad()
-def write_page(results, fsm, model, eval_tokens, args):
+def write_page(results, fsm, model, eval_tokens, args, command):
     """OUT/report.html: the table, the training curves, the state codes next to the best neurons,
     the interventions, the dead codes, and the code browser on the evaluation walks, each position
-    at a state's last digit labelled with that state. Returns its path."""
+    at a state's last digit labelled with that state; `command` under the title. Returns its path."""
     b, c = results["baseline"], results["codebook"]
     best, dead = c["state_code_codebook"], c["dead_code_fraction"]
     table = pages.table([
@@ -602,7 +607,7 @@ def write_page(results, fsm, model, eval_tokens, args):
                                                     links=list(dead), width=520),
                       note="Share of each codebook's codes that never fire on the evaluation walks."),
         pages.section("Code browser", pages.code_browser(browser, "state")),
-    ], subtitle=f"python train_fsm.py --out {args.out}; settings and every figure in results.json")
+    ], subtitle=f"{command}; settings and every figure in results.json")
 
 
 def report_comparison(results, sae_seconds):

@@ -37,7 +37,6 @@ Every stage checkpoints as it goes; rerunning the same command resumes where it 
 import argparse
 import functools
 import os
-import sys
 import sysconfig
 import time
 
@@ -125,13 +124,13 @@ parser.add_argument("--threads", type=int, default=0, help="torch CPU threads pe
 def main(argv=None):
     started = time.time()
     args = settings(argv)
-    pretrained, tokenizer = starting_model(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = runs.distributed("nccl" if args.device.startswith("cuda") else "gloo")
     autocast = torch.bfloat16 if args.device.startswith("cuda") else None
-    torch.manual_seed(args.seed)
     with runs.one_run_per_folder(args.out):
+        pretrained, tokenizer = starting_model(args)
+        torch.manual_seed(args.seed)
         # --- data: tokenised once by rank 0, then memory-mapped by every process; fixed evaluation windows per corpus
         train_splits, val_splits, folder = load_data(args, tokenizer, rank, world)
         windows = args.eval_windows, args.block_size + 1
@@ -161,10 +160,8 @@ def main(argv=None):
             runs.save_json(os.path.join(args.out, "results.json"), results)
             print(f"wall time {time.time() - started:.0f} s ({world} process{'es' if world > 1 else ''}); "
                   f"wrote {args.out}/results.json, base.pt, codebook.pt" + (", finetuned.pt" if control else ""))
-            print(f"report: {write_page(results, args)}")
-    if dist.is_initialized():
-        dist.barrier()  # every rank done with its collectives before any tears the group down
-        dist.destroy_process_group()
+            print(f"report: {write_page(results, args, runs.command_line('train_lm.py', argv))}")
+    runs.end_distributed()
     return results
 
 
@@ -175,15 +172,15 @@ def settings(argv):
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
                                         "eval_windows", "ckpt_every", "sae_steps", "sae_windows", "pattern_windows"),
-                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds", "codes_lr"),
+                        non_negative=("revive_every", "eval_every", "threads", "ckpt_seconds", "codes_lr", "seed"),
                         rates=("base_lr", "codebook_lr"))
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction {args.val_fraction}: a share of documents, strictly between 0 and 1")
     runs.check_device(args.device)
     runs.check_out(args.out)
     cb.check_codebook(args.num_codes, args.k)
-    if args.data and not os.path.exists(args.data):
-        raise ValueError(f"data path {args.data} does not exist")
+    if args.data:
+        text.list_files(args.data, args.include, args.exclude.split(","), args.out)  # exists, and holds files to read
     unknown = [name for name in prose_names(args) if name not in text.PROSE]
     if unknown:
         raise ValueError(f"--prose {','.join(unknown)}: no such corpus; choose among {', '.join(text.PROSE)}")
@@ -419,8 +416,9 @@ def report(r, args, config, sae_seconds):
               "on the validation windows")
 
 
-def write_page(r, args):
-    """OUT/report.html: the held-out table of every corpus and the pattern tables. Returns its path."""
+def write_page(r, args, command):
+    """OUT/report.html: the held-out table of every corpus and the pattern tables; `command` under the title.
+    Returns its path."""
     rows = []
     for corpus, figures in r["held_out"].items():
         keys = [key for _, key in LOSS_COLUMNS if f"{key}_val_loss" in figures]
@@ -443,7 +441,7 @@ def write_page(r, args):
                 "Per pattern the most precise code firing on at least 10% of its positions (section 4), and at that "
                 "recall the precision of the best neuron and of the best SAE latent.")))
     return pages.write(os.path.join(args.out, "report.html"), f"Codebook LM: {args.hf or args.init_from or 'byte model'}",
-                       sections, subtitle="python train_lm.py " + " ".join(sys.argv[1:]) + "; figures in results.json")
+                       sections, subtitle=f"{command}; figures in results.json")
 
 
 def pattern_rows_table(rows):

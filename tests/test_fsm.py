@@ -44,6 +44,12 @@ def test_transition_accuracy_of_an_oracle_and_of_uniform_guessing():
     broken = oracle.clone()
     broken[:, 1] = -1  # a BOS where a digit should be: both pairs around it are illegal
     assert fsm.transition_accuracy(broken)[1] == 0.0
+    few = T.TokFSM(num_states=12, num_edges=3, base=10)  # "12" to "99" spell no state: illegal, not an error
+    walk = few.random_walks(1, g, length=3)
+    tokens = few.encode(walk)[:, 1:]
+    tokens[0, 2:4] = torch.tensor([9, 2])
+    assert few.decode(tokens).tolist() == [[walk[0, 0].item(), -1, walk[0, 2].item()]]
+    assert few.transition_accuracy(few.decode(tokens)) == (0.0, 0.0)
 
 
 def test_state_masks_and_precision_recall_on_a_hand_made_walk():

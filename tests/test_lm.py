@@ -87,6 +87,21 @@ def test_memmap_loader(tmp_path):
         text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.md", "", 16)
 
 
+def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(tmp_path):
+    # one document, too few to hold any out at random: its last 20% is the validation split
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text_ = "".join(f"line {i} of one long file\n" for i in range(400))
+    (corpus / "one.txt").write_text(text_)
+    (corpus / "gone.txt").symlink_to(tmp_path / "nowhere")  # a broken link is no file to read
+    out = corpus / "out"  # the run's output inside its own data folder
+    train, val, folder = text.prepare_data(str(corpus), str(out), 0.2, 0, 0, "*", "<|endoftext|>", 16)
+    assert bytes(train.data) + bytes(val.data) == text_.encode()
+    assert len(val.data) == round(0.2 * len(text_)) and list(val.bos_at) == [0] and list(train.bos_at) == [0]
+    (out / "data" / "copy.txt").write_text(text_)  # what a run writes under out/ is never read as data
+    assert text.prepare_data(str(corpus), str(out), 0.2, 0, 0, "*", "<|endoftext|>", 16)[2] == folder
+
+
 def test_default_corpus():
     assert len(text.TOPICS) >= 8
     stories = text.make_stories(600, seed=3)

@@ -204,6 +204,20 @@ def test_sigterm_writes_a_checkpoint_at_a_step_boundary_and_the_rerun_finishes(t
     assert json.load(open(f"{out}/results.json"))["history"]["codebook"][-1]["step"] == 30
 
 
+def test_sigterm_outside_the_training_loop_stops_the_run_and_says_how_to_resume():
+    waiting = "import runs, time\nruns.run_main(lambda: (print('ready', flush=True), time.sleep(60)))"
+    proc = subprocess.Popen([sys.executable, "-c", waiting], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert proc.stderr.read().strip().splitlines()[-1] == ("SIGTERM: the checkpoints written so far are kept; to resume, "
+                                                           "rerun the same command: python -c")
+    before = signal.getsignal(signal.SIGTERM)
+    runs.run_main(lambda: None)
+    assert signal.getsignal(signal.SIGTERM) is before  # a script's handler goes with its run
+
+
 def _bad(script, flags, words):
     return pytest.param(script, flags, words, id=f"{script.__name__} {' '.join(flags)}")
 
@@ -226,6 +240,7 @@ BAD_SETTINGS = [
     _bad(train_fsm, ["--d_model", "15"], "d_model=15 must be divisible by n_head=2"),
     _bad(train_fsm, ["--num_edges", "200"], "need 1 <= num_edges <= num_states"),
     _bad(train_fsm, ["--num_states", "101"], "does not fit in two base-10 digits"),
+    _bad(train_fsm, ["--walk_length", "1"], "walk_length >= 2"),
     _bad(train_fsm, ["--samples", "0"], "--samples 0: must be a positive integer"),
     _bad(train_fsm, ["--pairs", "0"], "--pairs 0: must be a positive integer"),
     _bad(train_fsm, ["--eval_seqs", "0"], "--eval_seqs 0: must be a positive integer"),
@@ -241,6 +256,8 @@ BAD_SETTINGS = [
     _bad(train_lm, ["--stories", "0"], "--stories 0: must be a positive integer"),
     _bad(train_lm, ["--eval_every", "-2"], "--eval_every -2: must be 0 or a positive integer"),
     _bad(train_lm, ["--threads", "-1"], "--threads -1: must be 0 or a positive integer"),
+    _bad(train_lm, ["--seed", "-1"], "--seed -1: must be 0 or a positive integer"),
+    _bad(train_lm, ["--codes_lr", "nan"], "--codes_lr nan: must be a finite number"),
     _bad(train_lm, ["--data", "no/such/corpus"], "data path no/such/corpus does not exist"),
     _bad(train_lm, ["--init_from", "no/such.pt"], "checkpoint no/such.pt does not exist"),
     _bad(train_lm, ["--device", "cuda:3"], "--device cuda:3: not available here"),
@@ -252,6 +269,7 @@ BAD_SETTINGS = [
     _bad(steer, ["--addition_scale", "nan"], "--addition_scale nan: must be a finite number"),
     _bad(steer, ["--ckpt", "no/such.pt"], "checkpoint no/such.pt does not exist"),
     _bad(steer, ["--topic_file", "x.txt"], "--topic_file needs --regex"),
+    _bad(steer, ["--regex", "dragons?", "--topics", "dragons"], "--topics chooses topics of the generated corpus"),
     _bad(steer, ["--reference", "no/such/texts"], "--reference no/such/texts: no such file or folder"),
 ]
 

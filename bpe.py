@@ -655,11 +655,14 @@ def tokenizer_from_gguf(metadata):
     # plain ints and floats (a reader may give numpy ones), so the tokenizer stays plain data
     bos, eos, unk = (None if metadata.get(f"tokenizer.ggml.{key}_token_id") is None
                      else int(metadata[f"tokenizer.ggml.{key}_token_id"]) for key in ("bos", "eos", "unknown"))
-    # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
-    prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None else []
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    # llama.cpp adds BOS unless told otherwise to a SentencePiece vocabulary and to Llama-3's, for which it also
+    # takes a word that is a token as that token, whatever the merges: as Llama-3's own tokenizer.json does
+    # (ignore_merges, and a template adding <|begin_of_text|>)
+    llama3 = model == "gpt2" and pre in ("llama-bpe", "llama3", "llama-v3")
+    prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or llama3) and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
     if model == "gpt2":
-        pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
         # control and user-defined tokens are added ones, but not those spelt outside the byte alphabet: mislabels
@@ -670,8 +673,9 @@ def tokenizer_from_gguf(metadata):
         # a token spelt outside the byte alphabet stands for its UTF-8 (as transformers reads these files)
         vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
                  for i, t in enumerate(tokens)}
-        return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]],
-                            added, pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], bos=bos, eos=eos, prefix=prefix, suffix=suffix)
+        return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]], added,
+                            pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], ignore_merges=llama3, bos=bos, eos=eos,
+                            prefix=prefix, suffix=suffix)
     scores = [float(x) for x in metadata["tokenizer.ggml.scores"]]
     if str(metadata.get("general.architecture", "")).startswith("gemma"):
         # Gemma's files spell runs of spaces with spaces, not "▁", and score user-defined tokens -1000 though they

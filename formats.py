@@ -16,7 +16,7 @@ import torch
 import runs
 
 # ------------------------------------------------------------------------------------------------
-# safetensors: safetensors: 8 bytes little-endian header length n, n bytes of JSON
+# safetensors: 8 bytes little-endian header length n, n bytes of JSON
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the tensors' raw little-endian bytes.
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -61,6 +61,10 @@ def read_weights(folder):
         return read_safetensors(os.path.join(folder, "model.safetensors"))
     if os.path.isfile(index):
         shards = sorted(set(json.load(open(index))["weight_map"].values()))
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
+        if missing:
+            raise ValueError(f"{folder} lacks {', '.join(missing)}, a shard model.safetensors.index.json names; "
+                             f"download it again")
         return {name: t for shard in shards for name, t in read_safetensors(os.path.join(folder, shard)).items()}
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         return runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")

@@ -401,7 +401,6 @@ def llama(c, where):
     family = c["model_type"]
     _option(c, "hidden_act", "silu", ["silu"], where)
     _option(c, "use_sliding_window", False, [False], where)
-    _option(c, "pretraining_tp", 1, [1], where)
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = c.get("head_dim") or d // heads
     bias = c.get("attention_bias", False)
@@ -439,7 +438,7 @@ def gemma(c, where):
         c = {"model_type": "gemma3_text", **c["text_config"]}
     family = c["model_type"]
     c = GEMMA_DEFAULTS[family] | c
-    _option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)
+    activation = GELUS[_option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)]
     _option(c, "use_bidirectional_attention", False, [False, None], where)
     n_layer, d, d_head = c["num_hidden_layers"], c["hidden_size"], c["head_dim"]
     every = 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
@@ -462,7 +461,7 @@ def gemma(c, where):
                   qk_norm=family == "gemma3_text", attn_scale=c["query_pre_attn_scalar"] ** -0.5,
                   attn_window=[c["sliding_window"] if kind == "sliding_attention" else 0 for kind in layers],
                   attn_softcap=c["attn_logit_softcapping"] or 0.0, logit_softcap=c["final_logit_softcapping"] or 0.0,
-                  embed_scale=d ** 0.5, sandwich_norms=True, mlp="gated", activation="gelu_tanh", mlp_bias=False,
+                  embed_scale=d ** 0.5, sandwich_norms=True, mlp="gated", activation=activation, mlp_bias=False,
                   tied_head=c.get("tie_word_embeddings", True))
     plus_one = lambda t: 1.0 + t
     norms = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
@@ -540,6 +539,8 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
 def read_config(folder):
     """config.json of a model folder, checked to be one of FAMILIES."""
     path = os.path.join(folder, "config.json")
+    if os.path.isfile(folder):
+        raise ValueError(f"{folder} is a file but not a GGUF file: give a Hugging Face model folder or a GGUF file")
     if not os.path.isdir(folder):
         raise ValueError(f"model folder {folder} does not exist")
     if not os.path.isfile(path):
@@ -551,6 +552,16 @@ def read_config(folder):
     return c
 
 
+def family_config(c, where):
+    """FAMILIES' (TransformerConfig fields, table, transforms) of config `c`; a field the family needs
+    and `c` lacks is a one-line error."""
+    try:
+        return FAMILIES[c["model_type"]](c, where)
+    except KeyError as e:
+        raise ValueError(f"{where}: field {e.args[0]!r} is missing, which a {c['model_type']} model needs; "
+                         f"download the model again") from None
+
+
 def from_pretrained(path, codebooks=None, block_size=None):
     """A Transformer (eval mode, float32, on the CPU) computing the model of a Hugging Face folder
     or a GGUF file; with `codebooks` ({site: CodebookSpec fields}) they are added, untrained.
@@ -558,7 +569,7 @@ def from_pretrained(path, codebooks=None, block_size=None):
     if is_gguf(path):
         return from_gguf(path, codebooks, block_size)
     c = read_config(path)
-    config, table, transforms = FAMILIES[c["model_type"]](c, f"{path}/config.json")
+    config, table, transforms = family_config(c, f"{path}/config.json")
     tensors = formats.read_weights(path)
     if c["model_type"] == "gemma3":
         tensors = gemma3_text_weights(tensors)
@@ -573,7 +584,8 @@ def load_pretrained(path, codebooks=None, block_size=None):
         tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(info.metadata), vocab_size, path)
         return from_gguf(path, codebooks, block_size, info), tokenizer
     c = read_config(path)
-    tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), FAMILIES[c["model_type"]](c, path)[0]["vocab_size"], path)
+    vocab_size = family_config(c, f"{path}/config.json")[0]["vocab_size"]
+    tokenizer = bpe.check_tokenizer(bpe.load_tokenizer(path), vocab_size, path)
     return from_pretrained(path, codebooks, block_size), tokenizer
 
 
@@ -592,7 +604,18 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def is_gguf(path):
-    return str(path).endswith(".gguf") and not os.path.isdir(path)
+    """Whether `path` is a GGUF file: named *.gguf, or starting with b"GGUF" whatever its name (ollama
+    keeps its models as blobs without a suffix). A *.gguf that does not exist is a one-line error."""
+    if os.path.isdir(path):
+        return False
+    if str(path).endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ValueError(f"GGUF file {path} does not exist")
+        return True
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def gguf_config(metadata, shapes, path):
@@ -655,7 +678,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     header, then its tensors dequantised to float32. `info`: formats.read_gguf_info(path), if already read."""
     info = info or formats.read_gguf_info(path)
     c = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
-    config, _, _ = FAMILIES[c["model_type"]](c, path)
+    config, _, _ = family_config(c, path)
     tensors = formats.read_gguf(path, info=info).tensors
     if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
         divisors = tensors.pop("rope_freqs.weight").flatten().tolist()

@@ -172,6 +172,36 @@ def test_sentencepiece_merge_order_from_scores():
     assert again.encode(" abc a\n\nd", special=True) == tok.encode(" abc a\n\nd", special=True)
 
 
+def test_llama3_gguf_tokenizer_ignores_merges_and_adds_bos():
+    """GGUF metadata naming Llama-3's pre-tokenizer: a word that is a token encodes to it though no merge
+    makes it, and BOS comes first unless add_bos_token says otherwise (llama.cpp's rule), as the `tokenizers`
+    library's BPE(ignore_merges=True) with Llama-3's pre-tokenizer and template does on the same vocabulary."""
+    tk = need("tokenizers")
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    tokens = [bpe.BYTE_TO_CHAR[b] for b in range(256)] + ["he", "ll", "lo", "hello"] + specials
+    merges = [("h", "e"), ("l", "l"), ("l", "o")]  # "hello" merges to he + ll + o
+    ids = {t: i for i, t in enumerate(tokens)}
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": [bpe.NORMAL] * (len(tokens) - 2) + [bpe.CONTROL] * 2,
+                "tokenizer.ggml.merges": [" ".join(m) for m in merges], "tokenizer.ggml.bos_token_id": ids[specials[0]],
+                "tokenizer.ggml.eos_token_id": ids[specials[1]]}
+    ours, bos = bpe.tokenizer_from_gguf(metadata), ids["<|begin_of_text|>"]
+    assert ours.encode("hello", special=True) == [bos, ids["hello"]]
+    merged = bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.pre": "qwen2"})  # Llama-3's split but for digits
+    assert merged.encode("hello", special=True) == [ids["he"], ids["ll"], ids["o"]]
+    told = bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_bos_token": False})
+    assert told.encode("hello", special=True) == [ids["hello"]]
+
+    theirs = tk.Tokenizer(tk.models.BPE({t: i for t, i in ids.items() if t not in specials}, merges, ignore_merges=True))
+    theirs.add_special_tokens(specials)
+    theirs.pre_tokenizer = byte_level_cases(tk)["llama3"]["pre_tokenizer"]
+    theirs.post_processor = tk.processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                             special_tokens=[("<|begin_of_text|>", bos)])
+    for string in ["hello", "hello, hello world!", " hello shell lo hellos", "<|end_of_text|>hello", SAMPLE]:
+        assert ours.encode(string, special=True) == theirs.encode(string).ids
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.ggml.model 'bert' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "bert"})

@@ -21,17 +21,20 @@ from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_h
 
 # --- models --------------------------------------------------------------------------------
 
-# Qwen3 with a head_dim other than d_model / n_head; LLAMA3 (conftest) for Llama-3's rope scaling
+# Qwen3 with a head_dim other than d_model / n_head; LLAMA3 (conftest) for Llama-3's rope scaling; pretraining_tp,
+# which changes only how older transformers summed a matmul; Gemma's GeGLU with the exact GELU instead of tanh's
 CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
-         "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False)),
+         "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
          "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24)),
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
          "gemma3": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
-                                   rope_scaling=dict(rope_type="linear", factor=8.0)))}
+                                   rope_scaling=dict(rope_type="linear", factor=8.0))),
+         "gemma2-exact-gelu": ("gemma2", dict(hidden_activation="gelu")),
+         "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu"))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False, "gemma2": True,
         "gemma3": True}
 
@@ -180,10 +183,14 @@ def test_clear_errors(tmp_path):
         models.from_pretrained(str(tmp_path))
     for config, message in [({"model_type": "gemma3"}, "its language model's config under text_config"),
                             ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
-                            ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must give")]:
+                            ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must give"),
+                            (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4),
+                             "config.json: field 'intermediate_size' is missing, which a llama model needs")]:
         (tmp_path / "config.json").write_text(json.dumps(config))
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))
+        assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no tokenizer.json"):
         bpe.load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="of kind 'sentencepiece'"):
@@ -213,6 +220,18 @@ def test_clear_errors_from_broken_folders(tmp_path):
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="'layers.1.mlp.dense_4h_to_h.bias' is missing"):
         models.from_pretrained(str(tmp_path))
+
+    # weights in shards: they load, and a shard the index names but the folder lacks is a one-line error
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (models.from_pretrained(str(sharded))(x) - model(x).logits).abs().max() <= 1e-4
+    os.remove(sharded / shards[1])
+    with pytest.raises(ValueError, match=f"lacks {shards[1]}, a shard model.safetensors.index.json names; download it again$"):
+        models.from_pretrained(str(sharded))
 
 
 def test_a_checkpoint_carries_its_tokenizer(tmp_path):

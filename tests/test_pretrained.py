@@ -155,6 +155,26 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written
 
 
+def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):
+    """A GGUF file without the suffix (ollama's blobs) loads as itself; a missing *.gguf and a file
+    that is neither GGUF nor a folder are one-line errors."""
+    theirs = tiny_hf("llama", tie_word_embeddings=False)
+    path = write_gguf(tmp_path / "tiny.gguf", theirs)
+    blob = tmp_path / "sha256-0123abcd"
+    blob.symlink_to(path)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (models.from_pretrained(str(blob))(x) - theirs(x).logits).abs().max() <= 1e-4
+    (tmp_path / "notes.txt").write_text("{}")
+    cases = [(tmp_path / "missing.gguf", "GGUF file .*missing.gguf does not exist$"),
+             (tmp_path / "notes.txt", "notes.txt is a file but not a GGUF file: give a Hugging Face model folder or a GGUF")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            models.from_pretrained(str(bad))
+        with pytest.raises(ValueError, match=message):
+            models.load_pretrained(str(bad))
+
+
 # --- the real model -------------------------------------------------------------------------
 
 def ours_and_theirs(name):

@@ -4,6 +4,7 @@ Weight files read by hand, so that no package is needed at run time: safetensors
 formats people have.
 """
 import collections
+import functools
 import json
 import math
 import mmap
@@ -24,8 +25,10 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path):
-    """{name: tensor} of a .safetensors file; a ValueError names what is wrong with a bad one."""
+def safetensors_loaders(path):
+    """{name: a function reading that tensor} of a .safetensors file, its header checked (a ValueError
+    names what is wrong with a bad one): a model reads its weights one at a time, never holding two
+    copies of them all."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -36,7 +39,7 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{path} is corrupt: its header is not JSON; download it again") from None
-        data = np.fromfile(f, dtype=np.uint8)
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -49,25 +52,34 @@ def read_safetensors(path):
         if end > len(data) or end - begin != expected:
             raise ValueError(f"{path} is truncated or corrupt: tensor {name} needs bytes {begin}..{end} of "
                              f"{len(data)} ({expected} for its shape); download it again")
-        raw = torch.from_numpy(data[begin:end].copy())  # a copy: aligned, and the file's buffer can go
-        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+        tensors[name] = functools.partial(_tensor_from_bytes, data, begin, end, dtype, entry["shape"])
     return tensors
 
 
-def read_weights(folder):
-    """{name: tensor} from model.safetensors (or its shards) or pytorch_model.bin in `folder`."""
+def _tensor_from_bytes(data, begin, end, dtype, shape):
+    return torch.from_numpy(data[begin:end].copy()).view(dtype).reshape(shape)  # a copy: aligned, and the file can go
+
+
+def weight_loaders(folder):
+    """{name: a function reading that tensor} of model.safetensors (or its shards) or pytorch_model.bin
+    in `folder`."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return read_safetensors(os.path.join(folder, "model.safetensors"))
+        return safetensors_loaders(os.path.join(folder, "model.safetensors"))
     if os.path.isfile(index):
-        shards = sorted(set(json.load(open(index))["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is corrupt: it is not JSON with a weight_map; download it again") from None
         missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
         if missing:
             raise ValueError(f"{folder} lacks {', '.join(missing)}, a shard model.safetensors.index.json names; "
                              f"download it again")
-        return {name: t for shard in shards for name, t in read_safetensors(os.path.join(folder, shard)).items()}
+        return {name: load for shard in shards for name, load in safetensors_loaders(os.path.join(folder, shard)).items()}
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        return runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")
+        tensors = runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")
+        return {name: (lambda t=t: t) for name, t in tensors.items()}
     raise ValueError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -306,12 +318,18 @@ def read_gguf(path, names=None, info=None):
     them: a matrix is (out, in)). Stored as llama.cpp's converter wrote them: q/k rows permuted for its
     rotary layout, Gemma's norms with the 1 added; undoing that is the model's mapping's job. `info`:
     read_gguf_info(path), if already read (checking a header first costs nothing then)."""
-    metadata, infos = info or read_gguf_info(path)
-    missing = sorted(set(names or ()) - set(infos))
+    metadata, loaders = gguf_loaders(path, info)
+    missing = sorted(set(names or ()) - set(loaders))
     if missing:
         raise ValueError(f"{path} has no tensor named {', '.join(missing)}")
+    return GGUF(metadata, {name: load() for name, load in loaders.items() if names is None or name in names})
+
+
+def gguf_loaders(path, info=None):
+    """GGUF(metadata, {name: a function dequantising that tensor}): read_gguf's tensors one at a time."""
+    metadata, infos = info or read_gguf_info(path)
     data = np.memmap(path, np.uint8, mode="r")
-    return GGUF(metadata, {name: dequantise(data, t) for name, t in infos.items() if names is None or name in names})
+    return GGUF(metadata, {name: functools.partial(dequantise, data, t) for name, t in infos.items()})
 
 
 def dequantise(data, info, chunk=1 << 16):

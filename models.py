@@ -470,7 +470,7 @@ def gemma(c, where):
 
 
 def gemma3_text_weights(tensors):
-    """A multimodal Gemma-3's language-model tensors, named as a Gemma3ForCausalLM's (the vision tower left out)."""
+    """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
     return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
 
@@ -486,12 +486,13 @@ BUFFERS = re.compile(r"\.(attn|attention)\.bias$|\.masked_bias$|\.inv_freq$")  #
 
 
 class Weights(dict):
-    """A file's tensors by name (the base model's prefix removed); a missing one is a ValueError."""
+    """A file's tensors by name (the base model's prefix removed), each read (in float32) when asked
+    for, from {name: a function reading it}; a missing one is a ValueError."""
 
-    def __init__(self, tensors, where):
+    def __init__(self, loaders, where):
         super().__init__()
-        for name, t in tensors.items():
-            self[re.sub(r"^(transformer|gpt_neox|model)\.", "", name)] = t
+        for name, load in loaders.items():
+            self[re.sub(r"^(transformer|gpt_neox|model)\.", "", name)] = load
         self.where, self.used = where, set()
 
     def __missing__(self, name):
@@ -499,19 +500,19 @@ class Weights(dict):
 
     def __getitem__(self, name):
         self.used.add(name)
-        return super().__getitem__(name).float()
+        return super().__getitem__(name)().float()
 
 
 def build(config, family, weights, table, transforms, codebooks=None, block_size=None):
     """A Transformer of `config` (TransformerConfig fields) with each of its weights taken from
-    `weights` as `table` and `transforms` say; every weight there must be used, every shape fit."""
+    `weights` as `table` and `transforms` say, one at a time; every weight there must be used, every
+    shape fit."""
     if block_size is not None:
         if not 1 <= block_size <= config["block_size"]:
             raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
         config["block_size"] = block_size
     model = Transformer(dict(config, family=family, codebooks=codebooks or {}))
-    ours = {name: p for name, p in model.state_dict().items() if ".codebooks." not in name}
-    state_dict = {}
+    ours = {name: p for name, p in model.state_dict().items() if ".codebooks." not in name}  # the parameters' storage
     for name, param in ours.items():
         if name == "head.weight" and config.get("tied_head"):
             continue
@@ -519,20 +520,19 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
         layer = re.match(r"blocks\.(\d+)\.", module)
         template = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", module)
         theirs = table[template].format(i=layer[1] if layer else "") + "." + kind
-        tensor = transforms.get(template, lambda t: t)(weights[theirs])
+        stored = weights[theirs]
+        tensor = transforms.get(template, lambda t: t)(stored)
         if name == "pos_emb.weight":
             tensor = tensor[:config["block_size"]]  # positions past a shorter context are dropped
         if tensor.shape != param.shape:
-            raise ValueError(f"{weights.where}: {theirs} has shape {tuple(weights[theirs].shape)}, which does not fit "
+            raise ValueError(f"{weights.where}: {theirs} has shape {tuple(stored.shape)}, which does not fit "
                              f"the model its configuration describes ({name}: {tuple(param.shape)})")
-        state_dict[name] = tensor
+        param.copy_(tensor)
     head = table["head"] + ".weight"
     unused = [n for n in weights if n not in weights.used and not (n == head and config.get("tied_head"))
               and not BUFFERS.search(n)]
     if unused:
         raise ValueError(f"{weights.where}: weights {unused[:3]} are not part of a {family} model this module knows")
-    missing, _ = model.load_state_dict(state_dict, strict=False)
-    assert all(".codebooks." in n or n == "head.weight" for n in missing)
     return model.eval()
 
 
@@ -570,7 +570,7 @@ def from_pretrained(path, codebooks=None, block_size=None):
         return from_gguf(path, codebooks, block_size)
     c = read_config(path)
     config, table, transforms = family_config(c, f"{path}/config.json")
-    tensors = formats.read_weights(path)
+    tensors = formats.weight_loaders(path)
     if c["model_type"] == "gemma3":
         tensors = gemma3_text_weights(tensors)
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
@@ -679,9 +679,9 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     info = info or formats.read_gguf_info(path)
     c = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
     config, _, _ = family_config(c, path)
-    tensors = formats.read_gguf(path, info=info).tensors
+    tensors = formats.gguf_loaders(path, info).tensors
     if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
-        divisors = tensors.pop("rope_freqs.weight").flatten().tolist()
+        divisors = tensors.pop("rope_freqs.weight")().flatten().tolist()
         if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:
             raise ValueError(f"{path}: rope_freqs holds {len(divisors)} divisors for {config['rotary_dims'] // 2} rotary "
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")

@@ -232,6 +232,9 @@ def test_clear_errors_from_broken_folders(tmp_path):
     os.remove(sharded / shards[1])
     with pytest.raises(ValueError, match=f"lacks {shards[1]}, a shard model.safetensors.index.json names; download it again$"):
         models.from_pretrained(str(sharded))
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ')  # cut short
+    with pytest.raises(ValueError, match="index.json is corrupt: it is not JSON with a weight_map; download it again$"):
+        models.from_pretrained(str(sharded))
 
 
 def test_a_checkpoint_carries_its_tokenizer(tmp_path):

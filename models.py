@@ -658,13 +658,14 @@ def gemma_gguf_config(c, get):
     query_pre_attn_scalar (it scales scores by d_model / n_head in the 27B models, Gemma-2's 46
     layers and Gemma-3's 62, else by head_dim), no layer pattern (Gemma-2 alternates, Gemma-3 has
     every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight,
-    as models.py keeps them."""
+    as models.py keeps them. Gemma-2's soft-caps, where an early converter left them out, are the
+    model's own (50 and 30), as llama.cpp takes them."""
     gemma2 = c["model_type"] == "gemma2"
     big = c["num_hidden_layers"] == (46 if gemma2 else 62)
     return dict(model_type="gemma2" if gemma2 else "gemma3_text", sliding_window=get("attention.sliding_window"),
                 query_pre_attn_scalar=c["hidden_size"] // c["num_attention_heads"] if big else c["head_dim"],
-                attn_logit_softcapping=get("attn_logit_softcapping", None if gemma2 else 0.0),
-                final_logit_softcapping=get("final_logit_softcapping", None if gemma2 else 0.0))
+                attn_logit_softcapping=get("attn_logit_softcapping", 50.0 if gemma2 else 0.0),
+                final_logit_softcapping=get("final_logit_softcapping", 30.0 if gemma2 else 0.0))
 
 
 def unpermute(heads):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import runs
+import formats
 import models
+import runs
 from conftest import GEMMA3, LLAMA3, SMOLLM2, need, real_model, tiny_hf
 
 
@@ -138,6 +139,11 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
     assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
     want_ids = theirs.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+    if family == "gemma2":  # an early converter's file, without the soft-caps: Gemma-2's own
+        info = formats.read_gguf_info(tmp_path / f"{family}.gguf")
+        metadata = {k: v for k, v in info.metadata.items() if "softcapping" not in k}
+        config = models.gguf_config(metadata, {name: t.shape for name, t in info.tensors.items()}, "early.gguf")
+        assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)
 
 
 def test_gguf_files_that_disagree_with_themselves(tmp_path):

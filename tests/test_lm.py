@@ -100,6 +100,10 @@ def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(t
     assert len(val.data) == round(0.2 * len(text_)) and list(val.bos_at) == [0] and list(train.bos_at) == [0]
     (out / "data" / "copy.txt").write_text(text_)  # what a run writes under out/ is never read as data
     assert text.prepare_data(str(corpus), str(out), 0.2, 0, 0, "*", "<|endoftext|>", 16)[2] == folder
+    for seed in range(6):  # the one document drawn for either split: the tail is held out all the same
+        text.write_corpus([text_], tmp_path / str(seed), val_fraction=0.5, seed=seed)
+        train, val = text.Split(tmp_path / str(seed), "train"), text.Split(tmp_path / str(seed), "val")
+        assert bytes(train.data) == text_[:len(text_) // 2].encode() and bytes(val.data) == text_[len(text_) // 2:].encode()
 
 
 def test_default_corpus():

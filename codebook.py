@@ -114,13 +114,15 @@ class CodebookLayer(nn.Module):
         scores, searched = self.search(x_n)                           # 2-3. score every code, keep the k best
         ids = self.apply_forcing(searched)                            # interventions (section 3.3)
         chosen = (ids == searched).all(-1) if self.forced else None   # heads whose codes were not forced
+        if self.forced:  # a forced code's score is its own, not that of the code it replaced
+            scores = self.score_forced(scores, x_n.detach(), ids, ids != searched)
         self.last_ids, self.last_scores = ids, scores
         q = self.mean_of_codes(ids)                                   # 4. the mean of the k codes replaces x
         sq_err = (q - x_n.detach()).pow(2)
         self.aux_loss = self.codebook_loss(sq_err, q, x_n, chosen)    # 5. the codebook's own loss
         if self.training:
             self.count_usage(ids, chosen, sq_err, x_n)
-        return StraightThrough.apply(q, x_n, chosen)                  # 5. gradient straight through to x
+        return StraightThrough.apply(q, x_n, chosen).to(x.dtype)      # 5. gradient straight through to x
 
     def normalize(self, x):
         return torch.addcmul(self.ln_bias, F.layer_norm(x, (self.dim,)), self.ln_weight)
@@ -130,6 +132,14 @@ class CodebookLayer(nn.Module):
         per_head = x_n.reshape(-1, self.heads, self.dim).transpose(0, 1)  # (heads, tokens, dim)
         scores, ids = topk_codes(per_head, self.codes, self.k, self.similarity, self.disabled)
         return [t.transpose(0, 1).reshape(*x_n.shape[:-1], self.k) for t in (scores, ids)]
+
+    def score_forced(self, scores, x_n, ids, forced):
+        """scores (..., heads, k) with the slots `forced` (a bool mask) scored as the search scores their codes."""
+        codes = self.codes.detach().reshape(-1, self.dim)[self._rows(ids)[forced]].float()  # (n, dim)
+        x = x_n.float()[..., None, :].expand(*ids.shape, self.dim)[forced]
+        own = (codes * x).sum(-1) / codes.norm(dim=-1).clamp_min(1e-12) if self.similarity == "cosine" \
+            else -(codes - x).norm(dim=-1)
+        return scores.masked_scatter(forced, own)
 
     def mean_of_codes(self, ids):
         """One embedding_bag over all heads' codes: never the (..., heads, k, dim) gathered codes."""
@@ -145,13 +155,18 @@ class CodebookLayer(nn.Module):
         None (all), a list (negatives count from the end) or a (batch, seq) bool mask."""
         for head, codes, positions in self.forced:
             m, seq = codes.shape[-1], ids.shape[-3]
+            if any(size not in (1, n) for size, n in zip(codes.shape[:-1], ids.shape[:-2])):
+                raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
+                                 f"{tuple(ids.shape[:-2])}")
             if positions is None:
                 where = torch.ones(seq, dtype=torch.bool, device=ids.device)
             elif torch.is_tensor(positions) and positions.dtype == torch.bool:
+                if positions.shape[-1] != seq:
+                    raise ValueError(f"a mask of forced positions covers {positions.shape[-1]} positions, the input {seq}")
                 where = positions.to(ids.device)
             else:
                 where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
-                where[[p % seq for p in positions if -seq <= p < seq]] = True
+                where[[p % seq for p in map(int, positions) if -seq <= p < seq]] = True
             slots = ids[..., head, self.k - m:]
             forced = torch.where(where.view(-1, seq, 1), codes.to(ids.device).expand_as(slots), slots)
             ids = ids.clone()
@@ -323,10 +338,12 @@ class CodebookModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample continuations (temperature 0: greedy) under the forcing and disabling in effect.
-        Keys and values are cached, unless a code is forced at chosen positions only."""
+        """Sample continuations (temperature 0: greedy) under the forcing, disabling and replacing in
+        effect. Keys and values are cached, unless a code is forced at chosen positions only or
+        activations are replaced."""
         whole_sequence = all(positions is None and codes.shape[1] == 1
-                             for cb in self.codebook_layers().values() for _, codes, positions in cb.forced)
+                             for cb in self.codebook_layers().values() for _, codes, positions in cb.forced) \
+            and not any(block.replacements for block in self.blocks)
         cache = {} if whole_sequence else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= self.config.block_size:
@@ -495,6 +512,7 @@ def record_codes(model, scores=False):
 
 def _codes_by_codebook(model, codes):
     """{address: ids} or ["L1.H2.517", ...] -> {(CodebookLayer, head): LongTensor (B|1, T|1, m)}."""
+    codes = [codes] if isinstance(codes, str) else codes
     if not isinstance(codes, dict):
         grouped = {}
         for a in map(parse_code, codes):
@@ -590,7 +608,10 @@ def _set_within(objects, name, values):
 
 def with_codebooks(model, codebooks):
     """The same model (GPT or models.Transformer) with codebooks added ({site: CodebookSpec or its dict})."""
-    new = type(model)(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device)
+    if model.codebook_layers():
+        raise ValueError("the model has codebooks already: give with_codebooks the model without them")
+    new = type(model)(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device, model.head.weight.dtype)
+    new.train(model.training)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".codebooks." in name for name in missing)
     return new
@@ -676,5 +697,6 @@ def top_contexts(ids, scores, code, n=5):
     """The n positions (row, pos, score) where `code` fires most strongly."""
     fires = ids == code
     strength = torch.where(fires, scores, torch.full_like(scores, -math.inf)).amax(-1).flatten()
-    top = strength.topk(min(n, int(fires.any(-1).sum())))
-    return [(int(i) // ids.shape[1], int(i) % ids.shape[1], float(s)) for s, i in zip(top.values, top.indices)]
+    where = fires.any(-1).flatten().nonzero()[:, 0]
+    top = where[strength[where].argsort(descending=True, stable=True)[:max(n, 0)]]
+    return [(int(i) // ids.shape[1], int(i) % ids.shape[1], float(strength[i])) for i in top]

@@ -124,6 +124,9 @@ def figure(title, body, caption=""):
 
 def page(title, sections, subtitle=""):
     """The whole document as a string."""
+    for i, s in enumerate(sections):  # a title without a letter or digit, or twice on the page, still gets its own anchor
+        if s.anchor == "sec-" or s.anchor in [other.anchor for other in sections[:i]]:
+            s.anchor += f"-{i}"
     toc = tag("nav", join(link(s.title, s.anchor) for s in sections))
     body = join([tag("header", join([tag("h1", title), tag("p", subtitle, class_="sub") if subtitle else "", toc])),
                  tag("main", join(s.render() for s in sections))])

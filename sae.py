@@ -248,7 +248,7 @@ def fit_saes(path, model, tokens, sizes, **fit):
     to `path`; read back from there instead when the file holds SAEs fitted with the same
     options to the same model (its weights) and tokens. Returns {(layer, site): TopKSAE} on the
     model's device (they are fitted on the CPU)."""
-    digest = hashlib.sha1(tokens.cpu().numpy().tobytes())
+    digest = hashlib.sha1(str(tuple(tokens.shape)).encode() + tokens.cpu().numpy().tobytes())
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     settings = dict(fit, sizes=[[*key, *size] for key, size in sizes.items()], digest=digest.hexdigest())

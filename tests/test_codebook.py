@@ -1,6 +1,7 @@
 """codebook.py against the computation written out by hand: each test replays one idea of the
 paper in plain torch and asserts the library computes the same thing."""
 import ast
+import math
 import os
 
 import pytest
@@ -73,6 +74,15 @@ def test_generation_with_the_key_value_cache_is_the_full_recomputation(window):
         with cb.disable_codes(model, ["L0.H1.3"]), cb.force_codes(model, **forcing):
             expected = recompute(prompt, 14, torch.Generator().manual_seed(5))  # past block_size 16 too
             assert torch.equal(model.generate(prompt, 14, generator=torch.Generator().manual_seed(5)), expected)
+
+    def patch_first_position(x):
+        x = x.clone()
+        x[:, 0] = 0.0
+        return x
+
+    with cb.replace_activations(model, {(1, "attn"): patch_first_position}):  # a position's patch: no cache
+        expected = recompute(prompt, 6, torch.Generator().manual_seed(5))
+        assert torch.equal(model.generate(prompt, 6, generator=torch.Generator().manual_seed(5)), expected)
 
 # --- code search ---------------------------------------------------------------------------
 
@@ -279,6 +289,25 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
     with cb.force_codes(model, {"L1.MLP": per_example}, positions=[-1]):
         model(x)
         assert torch.equal(cb.record_codes(model)["L1.MLP"][:, -1], per_example)
+    # a forced code's recorded score is the search's score of that code, as if it had been chosen
+    with cb.force_codes(model, "L1.H2.7"), cb.capture_activations(model) as acts:
+        model(x)
+        recorded = cb.record_codes(model, scores=True)["L1.H2"][..., 1]
+    x_n = layer.normalize(acts[1]["attn"])[..., 2, :].reshape(1, -1, 8)
+    every = cb.code_scores(x_n, layer.codes[2:3].detach(), "cosine")[0]
+    assert torch.allclose(recorded.flatten(), every[:, 7], atol=1e-5)
+    euclidean = cb.CodebookLayer(2, 4, 8, k=2, similarity="euclidean")
+    euclidean.forced = [(1, torch.tensor([[[5]]]), None)]
+    inputs = torch.randn(3, 6, 2, 4)
+    euclidean(inputs)
+    every = cb.code_scores(euclidean.normalize(inputs).reshape(-1, 2, 4).transpose(0, 1), euclidean.codes.detach(), "euclidean")
+    assert torch.allclose(euclidean.last_scores[..., 1, 1].flatten(), every[1, :, 5], atol=1e-5)
+    with pytest.raises(ValueError, match=r"forced codes of shape \(3, 1, 1\) do not fit the input.s \(batch, seq\) = \(4, 16\)"):
+        with cb.force_codes(model, {"L1.MLP": torch.tensor([[1], [2], [3]])}):
+            model(x)
+    with pytest.raises(ValueError, match="a mask of forced positions covers 8 positions, the input 9"):
+        with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
+            model.generate(x[:1, :8], 2)  # the prompt's mask; the next forward has one more position
 
 
 def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():
@@ -324,6 +353,9 @@ def test_top_contexts_rank_by_score():
     scores = torch.tensor([[[0.9, 0.5], [0.8, 0.7]], [[0.2, 0.1], [0.6, 0.3]]])
     assert cb.top_contexts(ids, scores, code=1, n=5) == [(0, 0, pytest.approx(0.9)), (0, 1, pytest.approx(0.7)),
                                                         (1, 0, pytest.approx(0.2))]
+    ids, scores = torch.tensor([[[0], [3], [0], [0], [0], [3]]]), torch.tensor([[[.1], [.8], [.2], [.3], [.4], [-math.inf]]])
+    # a score of -inf (a NaN input's): the code fires there all the same, and at no other position
+    assert cb.top_contexts(ids, scores, code=3, n=5) == [(0, 1, pytest.approx(0.8)), (0, 5, -math.inf)]
 
 
 @pytest.mark.parametrize("make, words", [
@@ -392,6 +424,14 @@ def test_with_codebooks_off_is_the_base_model_exactly():
         assert torch.equal(model(x), base(x))
     with torch.no_grad():
         assert not torch.allclose(model(x), base(x), atol=1e-3)
+    half = cb.with_codebooks(base.to(torch.bfloat16), {"mlp": dict(num_codes=8)})
+    assert not half.training and {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad(), cb.codebooks_off(half):
+        assert torch.equal(half(x), base(x))
+    with pytest.raises(ValueError, match="has codebooks already"):
+        cb.with_codebooks(model, {"mlp": dict(num_codes=8)})
+    layer = cb.CodebookLayer(2, 4, 8)
+    assert layer(torch.randn(3, 2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16  # a layer fits a bf16 network
 
 
 def test_kmeans_init_sets_each_layernorm_to_the_scale_and_offset_of_its_inputs():

@@ -129,7 +129,7 @@ def test_initialisation_from_data():
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, d_model=16, d_mlp=32)
 
 
-def test_saes_at_the_codebook_sites_with_their_sizes_without_touching_the_global_rng():
+def test_saes_at_the_codebook_sites_with_their_sizes_without_touching_the_global_rng(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = cb.GPT(dict(TINY, codebooks={"attn": dict(num_codes=12, k=2), "mlp": dict(num_codes=[8, 10], k=1)})).eval()
     sizes = S.codebook_sizes(model)
@@ -152,6 +152,12 @@ def test_saes_at_the_codebook_sites_with_their_sizes_without_touching_the_global
     assert torch.equal(ids["L1.H1"], saes[1, "attn"].top_latents(acts[1, "attn"]).view(6, 16, 2, 2)[..., 1, :])
     with pytest.raises(ValueError, match="no cached activations"):
         S.train_saes({}, sizes)
+    # fitted once and read back for the same tokens; the same tokens cut into other rows give other activations
+    fits, train = [], S.train_saes
+    monkeypatch.setattr(S, "train_saes", lambda *args, **kwargs: fits.append(1) or train(*args, **kwargs))
+    for rows in (tokens, tokens, tokens.reshape(12, 8)):
+        S.fit_saes(str(tmp_path / "sae.pt"), base, rows, sizes, steps=3, batch_size=32)
+    assert len(fits) == 2
 
 
 def test_latent_precision_recall_and_dead_fraction_leave_out_slots_where_nothing_fired():

@@ -44,5 +44,14 @@ def build_extension():
     load("codebook_search", [os.path.join(HERE, s) for s in sources], extra_cflags=["-O3", "-fopenmp", *native],
          extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False)
     return types.SimpleNamespace(  # the CUDA kernel keeps at most 64 codes per row
-        supports=lambda x, k: x.device.type == "cpu" or (cuda and x.device.type == "cuda" and k <= 64),
+        supports=lambda x, k: x.device.type == "cpu" or (cuda and x.device.type == "cuda" and k <= 64
+                                                         and kernel_fits(torch.cuda.get_device_capability(x.device))),
         topk_codes=torch.ops.codebook.topk_codes)
+
+
+def kernel_fits(capability):
+    """Whether a GPU of this compute capability gives a block the kernel's 65 KiB of shared memory
+    (search.cu's Shared): sm_70 and sm_72 up to 96 KiB, sm_80 on 99 KiB or more; sm_75 (T4, RTX 20xx)
+    64 KiB and older GPUs 48 KiB, where the torch search runs instead."""
+    major, minor = capability
+    return major >= 8 or (major == 7 and minor < 5)

@@ -155,6 +155,8 @@ def pattern_table(model, tokens, masks, base=None, saes=None, min_recall=0.1, ba
                          f"of the same tokens), got {[tuple(m.shape) for m in masks.values()]}")
     if not 0 < min_recall <= 1:
         raise ValueError(f"min_recall={min_recall} must be in (0, 1]")
+    if not model.codebook_layers():
+        raise ValueError("the model has no codebooks to find codes in: give pattern_table a codebook model")
     names = list(masks)
     stacked = torch.stack([masks[n].bool() for n in names])  # (patterns, rows, seq)
     ids, _ = cb.record_dataset(model, tokens, batch_size)

@@ -176,6 +176,8 @@ def train_sae(sae, acts, steps, batch_size=512, lr=3e-3, data_directions=True, g
     """Train `sae` on activations acts (N, heads, dim) for `steps` Adam steps of `batch_size`
     random rows (drawn with `generator`), started by init_from_data; the learning rate decays
     linearly to zero over the last fifth. Returns the SAE, in eval mode."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: an SAE trains for at least one step")
     acts = acts.float()
     sae.init_from_data(acts[torch.randperm(len(acts), generator=generator)[:4096]], data_directions, generator)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)

@@ -190,6 +190,8 @@ def test_pattern_table_without_targets_and_bad_input(capsys):
         patterns.pattern_table(model, tokens, {"digit": masks["digit"][:, :8]})
     with pytest.raises(ValueError, match="min_recall"):
         patterns.pattern_table(model, tokens, masks, min_recall=0)
+    with pytest.raises(ValueError, match="the model has no codebooks"):
+        patterns.pattern_table(cb.GPT(dict(model.config.to_dict(), codebooks={})), tokens, masks)
 
 
 # --- the prose corpora --------------------------------------------------------------------------

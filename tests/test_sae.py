@@ -152,6 +152,8 @@ def test_saes_at_the_codebook_sites_with_their_sizes_without_touching_the_global
     assert torch.equal(ids["L1.H1"], saes[1, "attn"].top_latents(acts[1, "attn"]).view(6, 16, 2, 2)[..., 1, :])
     with pytest.raises(ValueError, match="no cached activations"):
         S.train_saes({}, sizes)
+    with pytest.raises(ValueError, match="steps=0: an SAE trains for at least one step"):
+        S.train_saes(acts, sizes, steps=0)
     # fitted once and read back for the same tokens; the same tokens cut into other rows give other activations
     fits, train = [], S.train_saes
     monkeypatch.setattr(S, "train_saes", lambda *args, **kwargs: fits.append(1) or train(*args, **kwargs))

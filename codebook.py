@@ -109,6 +109,7 @@ class CodebookLayer(nn.Module):
         if x.shape[-2:] != (self.heads, self.dim):
             raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
         if not self.enabled:
+            self.last_ids = self.last_scores = None  # no codes were chosen: none to record
             return x
         x_n = self.normalize(x)                                       # 1. LayerNorm
         scores, searched = self.search(x_n)                           # 2-3. score every code, keep the k best

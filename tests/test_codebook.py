@@ -21,8 +21,10 @@ def test_codebooks_off_is_the_plain_transformer():
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(".codebooks." in u for u in unexpected)
     x = tokens()
+    model(x)
     with cb.codebooks_off(model):
         assert torch.allclose(model(x), plain(x), atol=1e-6)
+        assert cb.record_codes(model) == {}  # not the codes of the forward before
     assert not torch.allclose(model(x), plain(x), atol=1e-3)  # and on, they differ
 
     # the plain transformer itself, written out with torch's own attention module

@@ -611,8 +611,8 @@ def with_codebooks(model, codebooks):
     """The same model (GPT or models.Transformer) with codebooks added ({site: CodebookSpec or its dict})."""
     if model.codebook_layers():
         raise ValueError("the model has codebooks already: give with_codebooks the model without them")
-    new = type(model)(model.config.to_dict() | {"codebooks": codebooks}).to(model.head.weight.device, model.head.weight.dtype)
-    new.train(model.training)
+    new = type(model)(model.config.to_dict() | {"codebooks": codebooks})
+    new.to(model.head.weight.device, model.head.weight.dtype).train(model.training)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".codebooks." in name for name in missing)
     return new

@@ -71,9 +71,9 @@ def topk_codes(x, codebook, k, similarity="cosine", disabled=None):
 
 def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
     if not isinstance(num_codes, int) or num_codes < 1:
-        raise ValueError(f"num_codes={num_codes} must be at least 1")
+        raise ValueError(f"num_codes={num_codes!r} must be an int, at least 1")
     if not isinstance(k, int) or not 1 <= k <= num_codes:
-        raise ValueError(f"k={k} must be between 1 and num_codes={num_codes}")
+        raise ValueError(f"k={k!r} must be an int between 1 and num_codes={num_codes}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
     if loss not in LOSSES:
@@ -138,9 +138,8 @@ class CodebookLayer(nn.Module):
         """scores (..., heads, k) with the slots `forced` (a bool mask) scored as the search scores their codes."""
         codes = self.codes.detach().reshape(-1, self.dim)[self._rows(ids)[forced]].float()  # (n, dim)
         x = x_n.float()[..., None, :].expand(*ids.shape, self.dim)[forced]
-        own = (codes * x).sum(-1) / codes.norm(dim=-1).clamp_min(1e-12) if self.similarity == "cosine" \
-            else -(codes - x).norm(dim=-1)
-        return scores.masked_scatter(forced, own)
+        own = code_scores(x[:, None], codes[:, None], self.similarity)  # n pairs as n "heads" of one query, one code
+        return scores.masked_scatter(forced, own.flatten())
 
     def mean_of_codes(self, ids):
         """One embedding_bag over all heads' codes: never the (..., heads, k, dim) gathered codes."""
@@ -168,10 +167,9 @@ class CodebookLayer(nn.Module):
             else:
                 where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
                 where[[p % seq for p in map(int, positions) if -seq <= p < seq]] = True
-            slots = ids[..., head, self.k - m:]
-            forced = torch.where(where.view(-1, seq, 1), codes.to(ids.device).expand_as(slots), slots)
-            ids = ids.clone()
-            ids[..., head, self.k - m:] = forced
+            kept = ids[..., head, self.k - m:]
+            ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
+            ids[..., head, self.k - m:] = torch.where(where.view(-1, seq, 1), codes.to(ids.device), kept)
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):

@@ -3,6 +3,7 @@ paper in plain torch and asserts the library computes the same thing."""
 import ast
 import math
 import os
+import numpy as np
 
 import pytest
 import torch
@@ -361,8 +362,9 @@ def test_top_contexts_rank_by_score():
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: cb.CodebookLayer(1, 4, num_codes=3, k=4), "k=4 must be between 1 and num_codes=3"),
-    (lambda: cb.CodebookLayer(1, 4, num_codes=0), "num_codes=0 must be at least 1"),
+    (lambda: cb.CodebookLayer(1, 4, num_codes=3, k=4), "k=4 must be an int between 1 and num_codes=3"),
+    (lambda: cb.CodebookLayer(1, 4, num_codes=0), "num_codes=0 must be an int, at least 1"),
+    (lambda: cb.CodebookLayer(1, 4, num_codes=np.int64(8)), "8.? must be an int, at least 1"),
     (lambda: cb.CodebookLayer(1, 4, 8, similarity="dot"), "similarity"),
     (lambda: cb.GPTConfig(**TINY, codebooks={"attn": dict(layers=[5])}), r"layer 5 .*does not exist: n_layer=2"),
     (lambda: cb.GPTConfig(**TINY, codebooks={"ffn": {}}), "site 'ffn'"),

@@ -310,20 +310,29 @@ MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces (of as many tokens
 
 
 def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git"), out=None):
-    """The file `path`, or every file under the folder `path` whose name matches `include`, in sorted
-    order, skipping folders named in `exclude`, the folder `out` (a run's output, which must not
-    read itself back) and what is not a file (a broken link)."""
+    """The file `path`, or every text file under the folder `path` whose name matches `include`, in
+    sorted order, skipping folders named in `exclude`, the folder `out` (a run's output, which must
+    not read itself back), binary files and what is not a file (a broken link)."""
     if not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
     if not os.path.isdir(path):
+        if is_binary(path):
+            raise ValueError(f"data file {path} is not text (it holds NUL bytes): give a text file or a folder of them")
         return [path]
     files, skipped = [], out and os.path.realpath(out)
     for root, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if d not in exclude and os.path.realpath(os.path.join(root, d)) != skipped]
         files += [os.path.join(root, f) for f in names if fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f))]
+    files = [f for f in files if not is_binary(f)]
     if not files:
-        raise ValueError(f"data folder {path} holds no files matching {include!r}")
+        raise ValueError(f"data folder {path} holds no text files matching {include!r}")
     return sorted(files)
+
+
+def is_binary(path):
+    """Whether a file is not text, as git and grep tell: a NUL byte in its first 8 KiB."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),

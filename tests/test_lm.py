@@ -37,7 +37,7 @@ def test_bytes_round_trip():
 def test_memmap_loader(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
-    docs = [f"<doc {i:03d}> " + "abc" * (i % 7) + "\xff\x00 end" for i in range(200)]
+    docs = [f"<doc {i:03d}> " + "abc" * (i % 7) + "\xff\x01 end" for i in range(200)]
     for i, doc in enumerate(docs[:100]):
         (corpus / f"{i:03d}.txt").write_text(doc, encoding="latin-1")
     (corpus / "sub" / "many.txt").write_text("<|endoftext|>".join(docs[100:]), encoding="latin-1")
@@ -83,8 +83,11 @@ def test_memmap_loader(tmp_path):
     (tmp_path / "empty" / "a.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         text.prepare_data(str(tmp_path / "empty"), str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)
-    with pytest.raises(ValueError, match="no files matching"):
+    with pytest.raises(ValueError, match="no text files matching"):
         text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.md", "", 16)
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="model.bin is not text"):
+        text.prepare_data(str(tmp_path / "model.bin"), str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)
 
 
 def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(tmp_path):
@@ -94,6 +97,7 @@ def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(t
     text_ = "".join(f"line {i} of one long file\n" for i in range(400))
     (corpus / "one.txt").write_text(text_)
     (corpus / "gone.txt").symlink_to(tmp_path / "nowhere")  # a broken link is no file to read
+    (corpus / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" * 50)  # nor is a binary file
     out = corpus / "out"  # the run's output inside its own data folder
     train, val, folder = text.prepare_data(str(corpus), str(out), 0.2, 0, 0, "*", "<|endoftext|>", 16)
     assert bytes(train.data) + bytes(val.data) == text_.encode()

@@ -499,9 +499,10 @@ def stop_on_signals():
 
 
 def run_main(main):
-    """Run a script's main(): bad settings and bad files print one line (exit 1); an interrupted
-    run says how to resume (exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM). Outside
-    the training loop SIGTERM stops the run at once, as Ctrl-C does."""
+    """Run a script's main(): bad settings, and files that cannot be read or written (an OSError: a
+    permission denied, a full disk), print one line (exit 1); an interrupted run says how to resume
+    (exit 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM). Outside the training loop SIGTERM
+    stops the run at once, as Ctrl-C does."""
     def terminate(signum, frame):
         raise KeyboardInterrupt(signum)
 
@@ -510,7 +511,7 @@ def run_main(main):
     rank = int(os.environ.get("RANK", "0"))
     try:
         main()
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:

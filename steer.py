@@ -54,7 +54,8 @@ parser.add_argument("--topics", default="", help="comma-separated topics of the 
 parser.add_argument("--regex", default="", help="one topic: texts and generations that match this regex")
 parser.add_argument("--topic_file", default="", help="texts on the --regex topic (a file or folder), instead of the matching reference texts")
 parser.add_argument("--reference", default="", help="reference texts (file or folder); empty: generated stories")
-parser.add_argument("--reference_stories", type=int, default=480, help="generated reference stories (seed --seed + 1, unseen in training)")
+parser.add_argument("--reference_stories", type=int, default=None, help="generated reference stories (seed --seed + 1, unseen in "
+                    "training; default 480); not with --reference")
 parser.add_argument("--reference_bytes", type=int, default=400_000, help="at most this much reference text")
 parser.add_argument("--heads", type=int, default=4, help="force codes on this many heads per topic, those covering most of it")
 parser.add_argument("--per_head", type=int, default=8, help="codes forced per head (of its k slots), the best by F1")
@@ -162,6 +163,9 @@ def settings(argv):
     """(the command line, every setting checked before any work; the model of --ckpt, its tokenizer;
     the topics)."""
     args = parser.parse_args(argv)
+    if args.reference and args.reference_stories is not None:
+        raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
+    args.reference_stories = 480 if args.reference_stories is None else args.reference_stories
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),
                         finite=("addition_scale", "temperature"))

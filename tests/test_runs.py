@@ -218,13 +218,20 @@ def test_sigterm_outside_the_training_loop_stops_the_run_and_says_how_to_resume(
     assert signal.getsignal(signal.SIGTERM) is before  # a script's handler goes with its run
 
 
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        runs.run_main(lambda: open(tmp_path))  # as a permission denied or a full disk would: an OSError
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 1 and err == [f"error: [Errno 21] Is a directory: {str(tmp_path)!r}"]
+
+
 def _bad(script, flags, words):
     return pytest.param(script, flags, words, id=f"{script.__name__} {' '.join(flags)}")
 
 
 BAD_SETTINGS = [
     _bad(train_fsm, ["--k", "0"], "--k 0: must be a positive integer"),
-    _bad(train_fsm, ["--k", "40"], "k=40 must be between 1 and num_codes=32"),
+    _bad(train_fsm, ["--k", "40"], "k=40 must be an int between 1 and num_codes=32"),
     _bad(train_fsm, ["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
     _bad(train_fsm, ["--base_steps", "-5"], "--base_steps -5: must be a positive integer"),
     _bad(train_fsm, ["--codebook_steps", "0"], "--codebook_steps 0: must be a positive integer"),
@@ -248,7 +255,7 @@ BAD_SETTINGS = [
     _bad(train_fsm, ["--device", "cuda"], "--device cuda: not available here; this torch build offers cpu"),
     _bad(train_fsm, ["--device", "tpu"], "--device tpu: not available here; this torch build offers cpu"),
     _bad(train_lm, ["--num_codes", "0"], "--num_codes 0: must be a positive integer"),
-    _bad(train_lm, ["--k", "17"], "k=17 must be between 1 and num_codes=16"),
+    _bad(train_lm, ["--k", "17"], "k=17 must be an int between 1 and num_codes=16"),
     _bad(train_lm, ["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
     _bad(train_lm, ["--block_size", "0"], "--block_size 0: must be a positive integer"),
     _bad(train_lm, ["--base_lr", "-1"], "--base_lr -1.0: a learning rate must be finite and greater than 0"),
@@ -271,6 +278,7 @@ BAD_SETTINGS = [
     _bad(steer, ["--topic_file", "x.txt"], "--topic_file needs --regex"),
     _bad(steer, ["--regex", "dragons?", "--topics", "dragons"], "--topics chooses topics of the generated corpus"),
     _bad(steer, ["--reference", "no/such/texts"], "--reference no/such/texts: no such file or folder"),
+    _bad(steer, ["--reference", "texts", "--reference_stories", "60"], "--reference_stories counts generated stories"),
 ]
 
 

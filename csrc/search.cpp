@@ -14,14 +14,14 @@
 // Tasks run in parallel across heads and row blocks (at::parallel_for, OpenMP), handed out one
 // at a time.
 //
-// Scores, as codebook._scores defines them (computed in float32 whatever the input dtype):
+// Scores, as codebook.code_scores defines them (computed in float32 whatever the input dtype):
 //   cosine     x . c / max(|c|, 1e-12)           (codes normalised, the query not)
 //   euclidean  -sqrt(max(|x|^2 - 2 x.c + |c|^2, 0))
 // Order: higher score first; equal scores: lower code id first.
 // NaN / inf: scores follow IEEE arithmetic (an inf input gives +-inf or NaN scores), and a NaN
 // score counts as -inf: it is returned as -inf and ranks with the -inf scores, below all others.
 // A row whose scores are all NaN therefore returns codes 0..k-1 with score -inf.
-// codebook._scores applies the same rule, so the torch paths agree.
+// codebook.code_scores applies the same rule, so the torch paths agree.
 //
 // Extra memory: one normalised (cosine) or packed copy of the codebook; per thread the k best
 // of 256 rows (and, without AVX-512, a 256 x 512 score tile); the (heads, tokens, k) outputs.
@@ -101,7 +101,7 @@ void fold_some(const float* keys, int64_t n, int64_t first_id, Row& row, uint64_
 // Checks the arguments and returns {x, codes, x_sq, code_sq, code_norm} in float32 as both
 // devices score them: x with unit stride along d, codes contiguous; euclidean: the squared norms
 // |x|^2 (heads, tokens) and |c|^2 (heads, codes); cosine: |c| clamped at 1e-12, to divide the codes
-// by (the very division of codebook._scores). Those a similarity does not use are undefined.
+// by (the very division of codebook.code_scores). Those a similarity does not use are undefined.
 // Also used by search_cuda.cpp.
 std::vector<at::Tensor> codebook_search_inputs(const at::Tensor& x_in, const at::Tensor& codebook_in, int64_t k,
                                                c10::string_view similarity) {
@@ -118,7 +118,7 @@ std::vector<at::Tensor> codebook_search_inputs(const at::Tensor& x_in, const at:
   at::Tensor x = x_in.detach().to(at::kFloat);
   if (x.stride(2) != 1 || x.stride(1) < d) x = x.contiguous();  // a transposed (tokens, heads, d) view is fine
   at::Tensor codes = codebook_in.detach().to(at::kFloat).contiguous();
-  if (similarity == "euclidean")  // the same expressions as codebook._scores
+  if (similarity == "euclidean")  // the same expressions as codebook.code_scores
     return {x, codes, (x * x).sum(-1).contiguous(), (codes * codes).sum(-1).contiguous(), at::Tensor()};
   return {x, codes, at::Tensor(), at::Tensor(), codes.norm(2, -1).clamp_min(1e-12).contiguous()};
 }
@@ -151,7 +151,7 @@ at::Tensor prepare_codes(const at::Tensor& codes, const at::Tensor& norm) {
     for (int64_t hc = begin; hc < end; ++hc) {
       const int64_t h = hc / C, code = hc % C;
       float* dst = out + (h * P + code / kPanel) * d * kPanel + code % kPanel;
-      for (int64_t t = 0; t < d; ++t)  // the division of codebook._scores: the same values
+      for (int64_t t = 0; t < d; ++t)  // the division of codebook.code_scores: the same values
         dst[t * kPanel] = scale ? c[hc * d + t] / scale[hc] : c[hc * d + t];
     }
   });
@@ -221,7 +221,7 @@ constexpr int64_t kTile = 512;       // codes per BLAS call
 constexpr int64_t kLd = kTile + 16;  // score tile row stride: not a power of two, so rows do not alias in cache
 
 at::Tensor prepare_codes(const at::Tensor& codes, const at::Tensor& norm) {
-  return norm.defined() ? codes / norm.unsqueeze(-1) : codes;  // the division of codebook._scores
+  return norm.defined() ? codes / norm.unsqueeze(-1) : codes;  // the division of codebook.code_scores
 }
 
 // Bit u is set when s[u] > worst, for 64 scores (never for NaN).

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> topk_codes_cuda(const at::Tensor& x_in, const
   auto inputs = codebook_search_inputs(x_in, codebook_in, k, similarity);
   const at::Tensor &x = inputs[0], &x_sq = inputs[2], &code_sq = inputs[3], &code_norm = inputs[4];
   const bool euclid = x_sq.defined();
-  const at::Tensor codes = euclid ? inputs[1] : inputs[1] / code_norm.unsqueeze(-1);  // as codebook._scores
+  const at::Tensor codes = euclid ? inputs[1] : inputs[1] / code_norm.unsqueeze(-1);  // as codebook.code_scores
   const int64_t H = codes.size(0), C = codes.size(1), d = codes.size(2), N = x.size(1);
   auto scores = at::empty({H, N, k}, x.options());
   auto ids = at::empty({H, N, k}, x.options().dtype(at::kLong));

@@ -71,7 +71,7 @@ parser.add_argument("--contexts", type=int, default=3, help="top-activating cont
 parser.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
 parser.add_argument("--browse", action="store_true", help="write only the code browser of --ckpt (any language model with codebooks) to OUT/report.html")
 parser.add_argument("--seed", type=int, default=0, help="seed of the samples and the reference stories")
-parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 PROMPTS = ["Once upon a time", "One day, a little", "There was once a", "Long ago, in a"]
@@ -163,6 +163,8 @@ def settings(argv):
     """(the command line, every setting checked before any work; the model of --ckpt, its tokenizer;
     the topics)."""
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("steer.py runs as one process: start it with python, not torchrun")
     if args.reference and args.reference_stories is not None:
         raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories

@@ -225,6 +225,12 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     assert exit.value.code == 1 and err == [f"error: [Errno 21] Is a directory: {str(tmp_path)!r}"]
 
 
+def test_steering_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="steer.py runs as one process: start it with python, not torchrun"):
+        steer.settings([])
+
+
 def _bad(script, flags, words):
     return pytest.param(script, flags, words, id=f"{script.__name__} {' '.join(flags)}")
 

@@ -3,8 +3,9 @@ TokFSM, the paper's first experiment (section 4.1): a transformer learns random 
 a finite state machine written as digits; its codebooks then hold codes that *are* the FSM
 states, and forcing another state's codes makes the model continue from that state.
 
-    python train_fsm.py                      # CPU defaults (README: results and wall time)
-    python train_fsm.py --preset paper --device cuda
+    python train_fsm.py --preset quick       # a first run in a few minutes, into out/quick
+    python train_fsm.py                      # CPU defaults (README: results and wall time), into out/fsm
+    python train_fsm.py --preset paper --device cuda   # into out/fsm-paper
 
 Trains (1) a baseline transformer and (2) the codebook model: the same weights plus per-head
 attention and MLP codebooks (k = 1) in every layer, k-means initialised on the baseline's
@@ -318,8 +319,8 @@ def walk_batch(fsm, args, i, rank, world, model=None):
 # --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them
 PRESETS = {
     "cpu": {},  # the defaults below: README's table, on a CPU
-    "quick": dict(base_steps=400, codebook_steps=500, eval_seqs=500, pairs=1000, sae=False),  # a first run: every claim, fewer steps
-    "paper": dict(n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
+    "quick": dict(out="out/quick", base_steps=400, codebook_steps=500, eval_seqs=500, pairs=1000, sae=False),  # a first run: every claim, fewer steps
+    "paper": dict(out="out/fsm-paper", n_layer=4, d_model=128, n_head=4, d_mlp=512, attn_codes=[10000], mlp_codes=[10000], batch_size=512,
                   base_steps=20000, codebook_steps=20000, lr=1e-3, finetune_lr=1e-3, codebook_lr=1e-3,
                   attn_window=0, interchange=0.0),  # the paper's sizes (section 4.1), for a GPU
 }
@@ -456,9 +457,7 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
                     "neuron_precision": best_neuron.values[s].item()} for s in range(fsm.num_states)]
 
     # interventions: force b's codes at a's last position
-    pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    pairs = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 3))[:args.pairs]]
+    pairs = intervention_pairs(args)
     attn, mlp = [a for a in ids if ".H" in a], [a for a in ids if a.endswith(".MLP")]
     conditions = {name: intervention_success(model, fsm, sites, pairs)
                   for name, sites in (("none", []), ("attn", attn), ("mlp", mlp), ("all", attn + mlp))}
@@ -495,6 +494,13 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
             column["intervention_first_digit_success"] = {name: o[1] for name, o in outcomes.items()}
             column["intervention_js_to_b"] = {name: o[2] for name, o in outcomes.items()}
     return results
+
+
+def intervention_pairs(args):
+    """--pairs (a, b) of distinct states, drawn at random (seeded) from all of them."""
+    pairs = torch.cartesian_prod(torch.arange(args.num_states), torch.arange(args.num_states))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + 3))[:args.pairs]]
 
 
 def neuron_name(column, args):

@@ -5,6 +5,7 @@ has a chat format; headless Chromium; a free port for runs of two processes, and
 (killed at a chosen step, if asked) and comparing what two runs wrote."""
 import glob
 import importlib
+import math
 import os
 import re
 import shutil
@@ -59,13 +60,25 @@ def tiny_llama(path, block_size=128, seed=0):
     return str(path)
 
 
+THREADS = torch.get_num_threads()  # torch's default here
+
+
+@pytest.fixture(autouse=True)
+def same_start():
+    """Every test starts from the same global state, whatever ran before it (scripts run in-process
+    set --threads, fixtures draw random numbers): torch's default thread count and its random
+    generator seeded with 0; the generator is as before after the test."""
+    torch.set_num_threads(THREADS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture
 def one_thread():
-    """torch on one thread within a test (its figures depend on the order of summation), as before after it."""
-    threads = torch.get_num_threads()
+    """torch on one thread within a test (its figures depend on the order of summation)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- test-only packages (transformers, tokenizers, gguf), the real models, tiny transformers models
@@ -91,6 +104,15 @@ def real_model(name):
     if not os.path.isfile(path):
         (pytest.fail if REQUIRE_MODELS else pytest.skip)(f"{path} is absent: .ci/fetch_models fetches it")
     return path
+
+
+def precision_at_recall(values, mask, recall):
+    """The precision of one feature (values (P,)) thresholded to fire on `recall` of the positions of
+    `mask` (P,), written out: the neuron baseline's definition (section 4)."""
+    need = math.ceil(recall * int(mask.sum()) - 1e-9)
+    threshold = sorted(values[mask].tolist(), reverse=True)[need - 1]
+    fires = values >= threshold
+    return (fires & mask).sum().item() / fires.sum().item()
 
 
 def randomize(model, seed):
@@ -135,7 +157,7 @@ def tiny_hf(family, vocab_size=96, **options):
     return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
 
 
-# --- text to compare tokenizers on ----------------------------------------------------------
+# --- text to compare tokenizers on, and tokenizers trained on it -----------------------------
 
 SAMPLE = ("Café déjà vu, naïve façade; e\u0301 (decomposed), Œuvre, Straße, İstanbul.\n"
           "東京都の天気は晴れです。北京欢迎你！ 서울 Привет, мир! Γειά σου κόσμε. שָׁלוֹם עולם\n"
@@ -155,6 +177,24 @@ def stdlib_text(first, size):
         if total >= size:
             break
     return "".join(parts)[:size]
+
+
+def trained_bpe(folder, pre_tokenizer=None, normalizer=None, specials=("<|endoftext|>",), added=(), corpus=None,
+                ignore_merges=False):
+    """A byte-level BPE of 700 ids trained by `tokenizers` on `corpus` (a list of texts; by default ~300 KB
+    of stdlib source), then `added` tokens; saved as folder/tokenizer.json. pre_tokenizer: GPT-2's by default."""
+    tk = need("tokenizers")
+    tok = tk.Tokenizer(tk.models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizer or tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    if normalizer:
+        tok.normalizer = normalizer
+    trainer = tk.trainers.BpeTrainer(vocab_size=700, special_tokens=list(specials), show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus or [stdlib_text(0, 300_000)], trainer)
+    tok.add_tokens(list(added))
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +226,16 @@ def browser():
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+def page_errors(browser):
+    """The errors the page's scripts logged since the last call."""
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def count(browser, selector):
+    """How many elements of the page match a CSS selector."""
+    return browser.execute_script(f"return document.querySelectorAll('{selector}').length")
 
 
 # --- runs of the scripts --------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """baselines.py against its definitions written out by hand: the neuron baseline on hand-made
 cases and against a per-state loop, activation addition against a forward hook."""
-import math
 
 import torch
 
 import baselines
-from conftest import tiny_model, tokens
+from conftest import precision_at_recall, tiny_model, tokens
 
 
 def test_neuron_baseline_on_a_hand_made_case():
@@ -24,10 +23,8 @@ def test_neuron_baseline_on_a_hand_made_case():
     masks = torch.rand(5, 500, generator=g) < torch.tensor([0.01, 0.1, 0.3, 0.5, 0.9])[:, None]
     recalls = torch.tensor([1.0, 0.9, 0.5, 0.33, 0.1])
     for mask, recall, got in zip(masks, recalls, baselines.neuron_precision_at_recall(acts, masks, recalls)):
-        need = math.ceil(recall.item() * mask.sum().item() - 1e-9)
-        expected = torch.stack([(fires & mask[:, None]).sum(0) / fires.sum(0) for signed in (acts, -acts)
-                                for fires in [signed >= signed[mask].topk(need, 0).values[-1]]]).amax(0)
-        assert torch.allclose(got, expected)
+        expected = [max(precision_at_recall(signed[:, j], mask, recall.item()) for signed in (acts, -acts)) for j in range(7)]
+        assert torch.allclose(got, torch.tensor(expected))
 
 
 def test_add_vectors_equals_adding_the_vector_at_that_head_by_hand():

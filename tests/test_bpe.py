@@ -8,34 +8,25 @@ import io
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import bpe
-from conftest import GEMMA3, SAMPLE, SMOLLM2, need, real_model, stdlib_text
+from conftest import GEMMA3, SAMPLE, SMOLLM2, need, real_model, stdlib_text, trained_bpe
 
-LONG_LINE = "".join(stdlib_text(0, 180_000).split())  # 130k characters, no space: BPE must not take quadratic time
+LONG_LINE = "".join(stdlib_text(0, 180_000).split())  # 130k characters, no space: one word of 130k characters to merge
 SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
 
 def trained(tmp_path, pre_tokenizer, normalizer=None, template=None, added=(), ignore_merges=False):
-    """A byte-level BPE of 700 ids trained by `tokenizers` on ~300 KB of stdlib source, saved as tmp_path/tokenizer.json."""
-    tk = need("tokenizers")
-    tok = tk.Tokenizer(tk.models.BPE(ignore_merges=ignore_merges))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizer, tk.decoders.ByteLevel()
-    if normalizer:
-        tok.normalizer = normalizer
-    trainer = tk.trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, show_progress=False,
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([stdlib_text(0, 300_000)], trainer)
-    tok.add_tokens(list(added))
+    """conftest's trained_bpe with SPECIALS, and a template of them around every text if given."""
+    tok = trained_bpe(tmp_path, pre_tokenizer, normalizer, SPECIALS, added, ignore_merges=ignore_merges)
     if template:
-        tok.post_processor = tk.processors.TemplateProcessing(single=template, special_tokens=[
+        tok.post_processor = need("tokenizers").processors.TemplateProcessing(single=template, special_tokens=[
             (t, tok.token_to_id(t)) for t in SPECIALS if t in template])
-    tok.save(str(tmp_path / "tokenizer.json"))
+        tok.save(str(tmp_path / "tokenizer.json"))
     return tok
 
 
@@ -65,9 +56,7 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
     assert ours.pre_tokenizers[-1]["type"] == "ByteLevel" and ours.vocab_size == theirs.get_vocab_size()
     unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
     for string in [unseen, LONG_LINE]:
-        started = time.perf_counter()
         assert ours.encode(string, special=True) == theirs.encode(string).ids
-        assert time.perf_counter() - started < 6  # each under a second alone on one core (a merge loop over all pairs: 14 s)
     for string in [SAMPLE, SAMPLE + "<|im_start|>user\n" + SAMPLE[:80] + "<|im_end|><think>x", "", " ", "\x1c\x1d a 12345"]:
         ids = ours.encode(string, special=True)
         assert ids == theirs.encode(string).ids and ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
@@ -119,9 +108,7 @@ def test_sentencepiece_bpe_equals_the_tokenizers_library(variant, tmp_path):
     assert isinstance(ours, bpe.SentencePieceBPE) and ours.vocab_size == theirs.get_vocab_size()
     assert ours.dummy_prefix == ("always" if variant == "llama2" else "never") and ours.prefix == [ours.bos] == [2]
     for string in [stdlib_text(60, 200_000), LONG_LINE]:
-        started = time.perf_counter()
         assert ours.encode(string, special=True) == theirs.encode(string).ids
-        assert time.perf_counter() - started < 6
     byte_ids = set(ours.byte_ids)
     for string in [SAMPLE, SAMPLE + "<eos>" + SAMPLE[:40] + "<bos>\n\n\n\n\t", "", " ", "  x  ", "\U0001F409\u00e9"]:
         ids = ours.encode(string, special=True)
@@ -243,16 +230,14 @@ def same_as_transformers(path, prepare=None):
     theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if prepare:
         prepare(theirs)
-    started = time.perf_counter()
     ours = bpe.tokenizer_from_gguf(gguf_metadata(path))
-    loaded = time.perf_counter() - started
     unseen = stdlib_text(60, 200_000)
     for string in [unseen, SAMPLE, "<|im_start|>user\n" + SAMPLE[:60] + "<start_of_turn>", "", " x", "a\x04b\x1d\x1dc"]:
         ids = ours.encode(string, special=True)
         assert ids == theirs.encode(string)
         if "\x04" not in string:  # (a byte SmolLM2's vocabulary lacks: dropped, see below)
             assert ours.decode(ours.encode(string)) == string
-    return ours, theirs, loaded
+    return ours, theirs
 
 
 def test_smollm2_gguf_tokenizer():
@@ -263,18 +248,15 @@ def test_smollm2_gguf_tokenizer():
     def digits_first(theirs):
         pt = need("tokenizers").pre_tokenizers
         theirs.backend_tokenizer.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(False, use_regex=True)])
-    ours, theirs, _ = same_as_transformers(real_model(SMOLLM2), digits_first)
+    ours, theirs = same_as_transformers(real_model(SMOLLM2), digits_first)
     assert ours.vocab_size == 49152 and ours.prefix == [] and (ours.bos, ours.eos) == (1, 2)
     assert ours.decode(ours.encode("<|im_start|>hi"), skip_special=True) == "hi"
     assert ours.decode(ours.encode("a\x04b\x1d\x1dc")) == "abc"  # bytes its vocabulary lacks are dropped, as by transformers
 
 
 def test_gemma3_gguf_tokenizer():
-    ours, theirs, loaded = same_as_transformers(real_model(GEMMA3))
+    ours, theirs = same_as_transformers(real_model(GEMMA3))
     assert ours.vocab_size == 262144 and ours.prefix == [2] and (ours.bos, ours.eos) == (2, 1)
-    assert loaded < 10  # about 1.5 s alone on one core: 262k tokens, 6,384 added ones
     data = ours.to_dict()
-    started = time.perf_counter()
     again = bpe.tokenizer_from_dict(through_checkpoint(data))
-    assert time.perf_counter() - started < 10  # about 1 s alone on one core
     assert again.encode(SAMPLE) == ours.encode(SAMPLE) and again.to_dict() == data

@@ -48,6 +48,10 @@ def test_generate_respects_top_k_and_is_seeded():
     prompt = tokens(2, 4)
     a = model.generate(prompt, 20, top_k=1)
     assert torch.equal(a, model.generate(prompt, 20, temperature=0))  # top-1 sampling is greedy
+    top3 = model.generate(prompt, 12, top_k=3, generator=torch.Generator().manual_seed(0))  # within block_size
+    logits = model(top3[:, :-1])[:, 3:]  # what each new token was drawn from
+    drawn = top3[:, 4:, None]
+    assert (logits.topk(3, dim=-1).indices == drawn).any(-1).all() and (drawn[..., 0] != logits.argmax(-1)).any()
     s1 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
     s2 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(s1, s2) and s1.shape == (2, 24) and torch.equal(s1[:, :4], prompt)
@@ -318,7 +322,7 @@ def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception
     x = tokens(8)
     model(x)
     common = torch.bincount(cb.record_codes(model)["L0.H1"].flatten(), minlength=40).topk(5).indices.tolist()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^boom$"):  # this very exception: no other error on the way
         with cb.disable_codes(model, [f"L0.H1.{c}" for c in common]), cb.force_codes(model, ["L1.MLP.3"]):
             model(x)
             assert not torch.isin(cb.record_codes(model)["L0.H1"], torch.tensor(common)).any()

@@ -3,8 +3,6 @@ Against the `gguf` package (llama.cpp's own reader, writer and dequantisation; t
 format on random blocks, a file written by its GGUFWriter, and the two real models that
 .ci/fetch_models puts in $CODEBOOK_MODELS. Without `gguf` or the model files those tests skip, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes their absence a failure."""
-import importlib
-import os
 import struct
 
 import numpy as np
@@ -12,15 +10,7 @@ import pytest
 import torch
 
 import formats
-
-MODELS = os.environ.get("CODEBOOK_MODELS", os.path.expanduser("~/.cache/codebook-features"))
-REQUIRE_MODELS = os.environ.get("CODEBOOK_REQUIRE_MODELS") == "1"
-
-
-def need_gguf():
-    if REQUIRE_MODELS or os.environ.get("CODEBOOK_REQUIRE_HF") == "1":
-        return importlib.import_module("gguf")
-    return pytest.importorskip("gguf", reason="gguf is not installed (test-only: pip install gguf)")
+from conftest import GEMMA3, SMOLLM2, need, real_model
 
 
 def same_floats(a, b):
@@ -131,7 +121,7 @@ def random_blocks(name, n_blocks, rng):
 
 @pytest.mark.parametrize("name", sorted(formats.GGML_TYPE_NUMBERS))
 def test_block_formats_match_gguf(name):
-    gguf = need_gguf()
+    gguf = need("gguf")
     blocks = random_blocks(name, 4096, np.random.default_rng(formats.GGML_TYPE_NUMBERS[name]))
     ours = formats.GGML_TYPES[formats.GGML_TYPE_NUMBERS[name]][3](blocks)
     assert same_floats(ours.reshape(-1), gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType[name]))
@@ -150,7 +140,7 @@ def test_a_file_written_by_gguf(tmp_path):
     nearest level costs half a step; Q4_0 and Q5_0's levels reach one step less far on the side opposite
     the block's largest magnitude, so values there can be a step off; float16 scales add at most 2**-7
     of a step.) F16 and BF16 are within their rounding: 2**-11 and 2**-8 of the value."""
-    gguf = need_gguf()
+    gguf = need("gguf")
     rng = np.random.default_rng(0)
     path = str(tmp_path / "written.gguf")
     writer = gguf.GGUFWriter(path, arch="llama")
@@ -203,10 +193,7 @@ def test_a_file_written_by_gguf(tmp_path):
 
 # --- the real models --------------------------------------------------------------------------
 
-REAL = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
-
-
-@pytest.mark.parametrize("file", REAL)
+@pytest.mark.parametrize("file", [SMOLLM2, GEMMA3])
 def test_real_models_match_gguf(file, monkeypatch):
     """Every key-value equal to the gguf package's reader's, every tensor's name, block format and shape
     too, and the values of a fixed sample equal bit for bit to gguf's dequantisation: the first two and
@@ -214,12 +201,8 @@ def test_real_models_match_gguf(file, monkeypatch):
     the embedding among them), where all would take gguf seconds more. gguf's reader parses a plain
     array view of the file, not a numpy.memmap, whose per-slice overhead more than doubles its time on
     these files (the same bytes, the same parser)."""
-    path = os.path.join(MODELS, file)
-    if not os.path.isfile(path):
-        if REQUIRE_MODELS:
-            pytest.fail(f"{path} is missing: run .ci/fetch_models")
-        pytest.skip(f"{file} is not in {MODELS} (.ci/fetch_models fetches it)")
-    gguf = need_gguf()
+    path = real_model(file)
+    gguf = need("gguf")
     info = formats.read_gguf_info(path)
     with monkeypatch.context() as patch:
         memmap = np.memmap

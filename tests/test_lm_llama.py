@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import codebook as cb
 import models
 import patterns
@@ -18,7 +19,7 @@ import sae
 import steer
 import text
 import train_lm
-from conftest import chat_bpe, tiny_llama
+from conftest import chat_bpe, count, page_errors, tiny_llama
 
 TRAIN = ["--stories", "300", "--prose", "reference,docstrings", "--block_size", "128", "--batch_size", "4",
          "--codebook_steps", "6", "--num_codes", "16", "--k", "2", "--revive_every", "3", "--eval_windows", "8",
@@ -94,7 +95,14 @@ def test_pattern_table_recounted_by_hand(pipeline):
         both = sum(bool(f and m) for f, m in zip(fires.flatten().tolist(), masks[row["pattern"]].flatten().tolist()))
         assert row["precision"] == pytest.approx(both / int(fires.sum()))
         assert row["recall"] == pytest.approx(both / row["positions"])
-        assert 0 <= row["neuron_precision"] <= 1 and 0 <= row["sae_precision"] <= 1
+    # the neuron and SAE columns: of the base model and its SAEs (patterns.pattern_table's own test
+    # recounts them by hand), not of the codebook model
+    base, _ = models.load_with_tokenizer(os.path.join(args.out, "base.pt"))
+    saes = sae.load_saes(os.path.join(args.out, "sae.pt"))
+    again = patterns.pattern_table(model, held, masks, base=base, saes=saes)
+    assert [(row["neuron_precision"], row["sae_precision"]) for row in again] == \
+        [(row["neuron_precision"], row["sae_precision"]) for row in r["patterns"]["patterns"]]
+    assert any(row["code"] is not None for row in r["patterns"]["patterns"])
 
 
 def test_pattern_masks_of_a_short_text_counted_by_hand():
@@ -110,12 +118,28 @@ def test_pattern_masks_of_a_short_text_counted_by_hand():
     assert ends == ["In 1999 the"]  # the merged token " the" holds the target; "The" is another word
 
 
-def test_steering_by_codes_addition_and_prompting_recounted(pipeline):
+def test_steering_by_codes_addition_and_prompting_recounted(pipeline, one_thread):
     _, _, argv, r = pipeline
     args = steer.parser.parse_args(argv)
     model, tok = models.load_with_tokenizer(args.ckpt)
     assert list(r["topics"]) == TOPICS
-    for name in TOPICS:
+    topics = steer.choose_topics(args)
+    reference, position_topic = steer.reference_set(args, tok, model.config.block_size, topics)
+    ids, masks = cb.record_dataset(model, reference)[0], steer.topic_masks(position_topic, topics)
+    unsteered = steer.sample_prompts(model, steer.PROMPTS, args, tok)
+    for t, name in enumerate(TOPICS):
+        figures, heads = r["topics"][name], {}
+        for code in figures["codes"]:
+            heads.setdefault(code.rsplit(".", 1)[0], []).append(code)
+        with cb.force_codes(model, figures["codes"]):
+            steered = steer.sample_prompts(model, steer.PROMPTS, args, tok)
+        directions = {a: args.addition_scale * steer.addition_direction(model, a, ids[a], masks[t], model.config.codebooks["attn"].num_codes)
+                      for a in heads}
+        with baselines.add_vectors(model, directions):
+            added = steer.sample_prompts(model, steer.PROMPTS, args, tok)
+        for method, samples in (("base", unsteered), ("steered", steered), ("addition", added)):
+            rate, ppl, _ = steer.score(model, tok, samples, topics[name])
+            assert (figures[f"hit_rate_{method}"], figures[f"ppl_{method}"]) == (rate, ppl), (name, method)
         request = steer.topic_request(tok, name)
         assert tok.decode(request) == f"<|im_start|>user\nWrite a short story about {name}.<|im_end|>\n<|im_start|>assistant\n"
         asked = steer.sample_prompts(model, steer.PROMPTS, args, tok, request)
@@ -127,7 +151,6 @@ def test_steering_by_codes_addition_and_prompting_recounted(pipeline):
         figures = r["topics"][name]
         assert figures["hit_rate_prompting"] == sum(bool(regex.search(t)) for t in texts) / len(texts)
         assert figures["ppl_prompting"] == steer.perplexity(model, asked, steer.ends(tok))
-        assert {f"{kind}_{method}" for kind in ("hit_rate", "ppl") for method in ("base", "steered", "addition")} <= set(figures)
     assert r["mean_hit_rate_prompting"] == np.mean([r["topics"][n]["hit_rate_prompting"] for n in TOPICS])
     # a byte model has no chat format: the request is a line after BOS
     assert steer.topic_request(text.ByteTokenizer(), "sea") == [text.BOS, *text.encode("Write a short story about sea.\n")]
@@ -141,17 +164,15 @@ def test_samples_end_at_the_end_of_a_turn():
 
 def test_both_pages_in_a_browser(pipeline, browser):
     train_argv, trained, steer_argv, steered = pipeline
-    errors = lambda: [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    count = lambda selector: browser.execute_script(f"return document.querySelectorAll('{selector}').length")
     browser.get("file://" + os.path.join(train_lm.settings(train_argv).out, "report.html"))
-    assert errors() == []
-    assert count("section") == 3 and count("table") == 3
-    assert count("table tbody tr") == 3 + len(patterns.PATTERNS) + len(text.TOPICS)
+    assert page_errors(browser) == []
+    assert count(browser, "section") == 3 and count(browser, "table") == 3
+    assert count(browser, "table tbody tr") == 3 + len(patterns.PATTERNS) + len(text.TOPICS)
     browser.get("file://" + os.path.join(steer.parser.parse_args(steer_argv).out, "report.html"))
-    assert errors() == []
+    assert page_errors(browser) == []
     headers = browser.execute_script("return Array.from(document.querySelectorAll('table')[0].querySelectorAll('th'), th => th.textContent)")
     assert headers.count("prompting") == 2  # its hit rate and perplexity
-    assert count(".topic") == len(TOPICS) and count(".topic .samples > div") == 4 * len(TOPICS)
+    assert count(browser, ".topic") == len(TOPICS) and count(browser, ".topic .samples > div") == 4 * len(TOPICS)
 
 
 def test_presets_give_defaults_that_flags_override(tmp_path):

@@ -16,6 +16,7 @@ import bpe
 import models
 import runs
 import text
+import conftest
 from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_hf
 
 
@@ -129,17 +130,9 @@ def trained_bpe(tmp_path, normalize=False, prefix_space=False, corpus=None):
     """A byte-level BPE trained by `tokenizers` (on ~300 KB of stdlib source unless `corpus`, a list
     of texts), with <|endoftext|> special; Pythia-like when `normalize` (NFC, runs of spaces as added tokens)."""
     tk = need("tokenizers")
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
-    tok.decoder = tk.decoders.ByteLevel()
-    if normalize:
-        tok.normalizer = tk.normalizers.NFC()
-    trainer = tk.trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus or [stdlib_text(0, 300_000)], trainer)
-    if normalize:
-        tok.add_tokens(["    ", "        "])
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = conftest.trained_bpe(tmp_path, tk.pre_tokenizers.ByteLevel(add_prefix_space=prefix_space),
+                               tk.normalizers.NFC() if normalize else None, added=["    ", "        "] if normalize else (),
+                               corpus=corpus)
     tok.model.save(str(tmp_path))  # vocab.json, merges.txt
     return tok
 

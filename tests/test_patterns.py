@@ -1,7 +1,6 @@
 """patterns.py against counts done by hand: each regex's targets on a short text, with bytes and with a
 tiny BPE; the pattern table on a tiny random model with a planted code, and its neuron and SAE columns
 against the threshold search written out; text.py's prose corpora."""
-import math
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import codebook as cb
 import patterns
 import sae
 import text
+from conftest import precision_at_recall
 
 BYTES = text.ByteTokenizer()
 TEXT = ('In 1987 (or 2024) the café’s cat jumped [twice].\n'
@@ -40,7 +40,7 @@ def suffixes(tokens, mask, tokenizer, n):
     return [tokenizer.decode(tokens[:i + 1]).encode()[-n:] for i in mask.nonzero()[:, 0].tolist()]
 
 
-def test_each_pattern_with_bytes_against_counts_by_hand():
+def test_each_pattern_with_bytes_against_counts_precision_at_recall():
     assert set(BY_HAND) == set(patterns.PATTERNS)
     data = TEXT.encode()
     for name, expected in BY_HAND.items():
@@ -106,14 +106,6 @@ def test_topic_patterns_mark_the_words_of_each_topic():
 
 # --- the table ----------------------------------------------------------------------------------
 
-def by_hand(values, mask, recall):
-    """Precision of one feature (values (P,)) thresholded to fire on `recall` of the mask."""
-    need = math.ceil(recall * int(mask.sum()) - 1e-9)
-    threshold = sorted(values[mask].tolist(), reverse=True)[need - 1]
-    fires = values >= threshold
-    return (fires & mask).sum().item() / fires.sum().item()
-
-
 def test_best_code_is_the_most_precise_above_the_recall_floor_else_the_best_f1():
     precision = torch.tensor([[1.0, 0.9, 0.9, 0.5], [1.0, 0.2, 0.0, 0.0]])
     recall = torch.tensor([[0.05, 0.2, 0.3, 0.9], [0.05, 0.08, 0.0, 0.0]])
@@ -122,7 +114,7 @@ def test_best_code_is_the_most_precise_above_the_recall_floor_else_the_best_f1()
     assert keys[0] > keys[1]
 
 
-def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_by_hand():
+def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_precision_at_recall():
     config = dict(vocab_size=257, block_size=32, n_layer=2, n_head=2, d_model=16, d_mlp=32)
     torch.manual_seed(0)
     model = cb.GPT(config | {"codebooks": {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8, k=1, layers=[1])}}).eval()
@@ -150,16 +142,16 @@ def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_by_ha
     neurons = {f"{cb.Address(layer, site, h)}[{i}]": acts[layer][site][:, :, h, i].flatten()
                for layer in acts for site in ("attn", "mlp") for h in range(acts[layer][site].shape[2])
                for i in range(acts[layer][site].shape[3])}
-    precision = lambda name: max(by_hand(sign * neurons[name], flat, row["recall"]) for sign in (1, -1))
+    precision = lambda name: max(precision_at_recall(sign * neurons[name], flat, row["recall"]) for sign in (1, -1))
     neuron_best = max(map(precision, neurons))
     assert row["neuron_precision"] == pytest.approx(neuron_best) and precision(row["neuron"]) == pytest.approx(neuron_best)
     latents = {}
     for (layer, site), s in saes.items():
         z = s.encode(acts[layer][site]).flatten(0, 1)  # (positions, heads, latents)
         latents |= {f"SAE {cb.Address(layer, site, h)}[{i}]": z[:, h, i] for h in range(s.heads) for i in range(s.num_latents)}
-    latent_best = max(by_hand(v, flat, row["recall"]) for v in latents.values())
+    latent_best = max(precision_at_recall(v, flat, row["recall"]) for v in latents.values())
     assert row["sae_precision"] == pytest.approx(latent_best)
-    assert by_hand(latents[row["sae"]], flat, row["recall"]) == pytest.approx(latent_best)
+    assert precision_at_recall(latents[row["sae"]], flat, row["recall"]) == pytest.approx(latent_best)
 
     # the other pattern: its best code is the most precise of those at recall >= 10%, checked by hand
     ids, _ = cb.record_dataset(model, tokens)

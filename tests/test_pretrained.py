@@ -227,7 +227,9 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     # the pretrained model predicts the stories (measured: 4.9 and 6.0 nats, 30% and 25% of the tokens);
     # a wrong weight or tokenizer guesses: ln(vocab) = 10.8 and 12.5 nats
     assert results["base_val_loss"] < 0.6 * np.log(config["vocab_size"]) and results["base_val_accuracy"] > 0.15
-    assert np.isfinite(results["codebook_val_loss"])
+    # with a codebook of 8 codes on every head after 2 steps it still predicts (measured: 6.5 and 9.6 nats)
+    assert results["codebook_val_loss"] < 0.85 * np.log(config["vocab_size"])
+    assert results["loss_ratio"] == results["codebook_val_loss"] / results["base_val_loss"]
     assert len(results["dead_code_fraction"]) == layers * heads  # a codebook on every head of every layer
     assert config["family"] == family
     capsys.readouterr()

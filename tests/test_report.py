@@ -12,6 +12,7 @@ import torch
 
 import codebook as cb
 import report
+from conftest import count, page_errors
 
 HOSTILE = '</script><b>"&'  # a token whose text would break a page that did not escape it
 TEXT = [str(d) for d in range(9)] + [HOSTILE, "^"]  # token 9 is hostile, 10 is BOS
@@ -175,13 +176,11 @@ def opened(run, browser, tmp_path_factory):
 
 def test_browser_shows_every_codebook_and_card_without_errors(browser, opened):
     data, _ = opened
-    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    assert errors == []
-    count = lambda selector: browser.execute_script(f"return document.querySelectorAll('{selector}').length")
-    assert count(".codebook") == len(data["codebooks"]) == 5  # two heads in two layers, one MLP
-    assert count(".card") == sum(len(b["cards"]) for b in data["codebooks"]) > 10
-    assert count(".overview .cbcell") == len(data["codebooks"])
-    assert count("svg.chart") >= 3 + len(data["codebooks"])  # the charts and one sparkline per codebook
+    assert page_errors(browser) == []
+    assert count(browser, ".codebook") == len(data["codebooks"]) == 5  # two heads in two layers, one MLP
+    assert count(browser, ".card") == sum(len(b["cards"]) for b in data["codebooks"]) > 10
+    assert count(browser, ".overview .cbcell") == len(data["codebooks"])
+    assert count(browser, "svg.chart") >= 3 + len(data["codebooks"])  # the charts and one sparkline per codebook
     # the hostile token shows as text: a mark holds it, and no element came out of it
     marks = browser.execute_script("return Array.from(document.querySelectorAll('mark'), m => m.textContent)")
     assert HOSTILE in marks

@@ -57,8 +57,8 @@ import text
 # takes ~5-7 s, so 100 steps for the codebook model and as many for the control; 1024 codes per head (with
 # 256 the codes are too coarse to name most of the patterns of section 4: README); everything evaluated
 # on 32 held-out windows per corpus. The pretrained weights move at 1e-4, the codes, new, at 1e-3, so
-# they settle within the few steps. Torch's default threads (one per core); on a CPU busy with other
-# work --threads 1 is faster (torch's two threads stall on each other).
+# they settle within the few steps. Torch's default threads (one per core); on a CPU shared with other
+# jobs, try --threads 1.
 PRESETS = {
     "none": {},
     "smollm2": dict(out="out/smollm2", prose="reference,docstrings", stories=2000, block_size=128, batch_size=4,

@@ -10,11 +10,11 @@ Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF f
 import array
 import heapq
 import itertools
-import json
 import os
 import re
 import unicodedata
 
+import formats
 import text
 
 # ------------------------------------------------------------------------------------------------
@@ -594,11 +594,25 @@ def _sentencepiece_from_json(spec, path):
 
 def load_tokenizer(folder):
     """The tokenizer of a model folder: tokenizer.json (byte-level BPE, or SentencePiece BPE with byte
-    fallback), or vocab.json + merges.txt (GPT-2's pre-tokenisation, <|endoftext|> special)."""
+    fallback), or vocab.json + merges.txt (GPT-2's pre-tokenisation; added tokens from added_tokens.json
+    and tokenizer_config.json). Its BOS and end of turn as tokenizer_config.json names them, if it does."""
+    path, config = os.path.join(folder, "tokenizer_config.json"), {}
+    if os.path.isfile(path):
+        config = formats.read_json(path)
+    tokenizer = _tokenizer_of_folder(folder, config)
+    ids = tokenizer.vocab | {t["content"]: t["id"] for t in getattr(tokenizer, "added_tokens", ())}
+    for key in ("bos", "eos"):
+        name = config.get(f"{key}_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        if name in ids:
+            setattr(tokenizer, key, ids[name])
+    return tokenizer
+
+
+def _tokenizer_of_folder(folder, config):
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+        spec = formats.read_json(path)
         model = spec.get("model") or {}
         if model.get("type") != "BPE":
             raise ValueError(f"{path}: model type {model.get('type')!r} is not implemented (only 'BPE')")
@@ -629,14 +643,28 @@ def load_tokenizer(folder):
         return BPETokenizer(vocab, merges, added, normalizers, pre_tokenizers, model.get("ignore_merges", False),
                             bos=prefix[0] if prefix else ids.get("<|endoftext|>"), prefix=prefix, suffix=suffix)
     if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
+        if config.get("tokenizer_class") not in (None, "GPT2Tokenizer", "GPT2TokenizerFast"):
+            raise ValueError(f"{folder}: a {config['tokenizer_class']} from vocab.json + merges.txt, whose pre-tokenisation "
+                             f"only its tokenizer.json spells out: save the tokenizer with it (transformers, once: "
+                             f"AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
+        vocab = formats.read_json(os.path.join(folder, "vocab.json"))
         with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
             merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
-        added = [{"id": vocab[t], "content": t, "special": True, "normalized": False}
-                 for t in ["<|endoftext|>"] if t in vocab]
-        return BPETokenizer(vocab, merges, added, bos=vocab.get("<|endoftext|>"))
-    raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)")
+        added = {t: {"id": vocab[t], "content": t, "special": True, "normalized": False} for t in ["<|endoftext|>"] if t in vocab}
+        if os.path.isfile(os.path.join(folder, "added_tokens.json")):  # as slow tokenizers save the tokens added to them
+            added |= {t: {"id": int(i), "content": t, "special": False, "normalized": False}
+                      for t, i in formats.read_json(os.path.join(folder, "added_tokens.json")).items()}
+        for i, t in config.get("added_tokens_decoder", {}).items():
+            if any(t.get(option) for option in ("single_word", "lstrip", "rstrip")):
+                raise ValueError(f"{folder}/tokenizer_config.json: added token {t['content']!r} uses single_word, lstrip "
+                                 f"or rstrip, which is not implemented")
+            added[t["content"]] = {"id": int(i), "content": t["content"], "special": bool(t.get("special")),
+                                   "normalized": bool(t.get("normalized"))}
+        return BPETokenizer(vocab, merges, list(added.values()), bos=vocab.get("<|endoftext|>"))
+    sentencepiece = os.path.isfile(os.path.join(folder, "tokenizer.model"))
+    raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)" + (
+        ": its tokenizer.model (SentencePiece) is not read here; write its tokenizer.json with transformers, once: "
+        "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)" if sentencepiece else ""))
 
 
 def tokenizer_from_gguf(metadata):
@@ -690,8 +718,10 @@ def tokenizer_from_gguf(metadata):
 
 
 def check_tokenizer(tokenizer, vocab_size, where):
-    """The tokenizer's ids must all be ids of the model (whose vocabulary may be padded beyond)."""
-    if tokenizer.vocab_size > vocab_size:
+    """The tokenizer's ids must be ids of the model (whose vocabulary may be padded beyond), but for special
+    tokens past it, which text does not hold (Gemma-3's <image_soft_token>, for its image model)."""
+    beyond = set(range(vocab_size, tokenizer.vocab_size)) - tokenizer.special_ids
+    if beyond:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
                          f"{vocab_size}: they do not belong together")
     return tokenizer

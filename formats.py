@@ -60,27 +60,46 @@ def _tensor_from_bytes(data, begin, end, dtype, shape):
     return torch.from_numpy(data[begin:end].copy()).view(dtype).reshape(shape)  # a copy: aligned, and the file can go
 
 
+def torch_loaders(path):
+    """{name: a function giving that tensor} of a PyTorch .bin file, read whole with weights_only=True."""
+    tensors = runs.load_torch_file(path, "download it again")
+    return {name: (lambda t=t: t) for name, t in tensors.items()}
+
+
 def weight_loaders(folder):
-    """{name: a function reading that tensor} of model.safetensors (or its shards) or pytorch_model.bin
-    in `folder`."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return safetensors_loaders(os.path.join(folder, "model.safetensors"))
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{index} is corrupt: it is not JSON with a weight_map; download it again") from None
-        missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
-        if missing:
-            raise ValueError(f"{folder} lacks {', '.join(missing)}, a shard model.safetensors.index.json names; "
-                             f"download it again")
-        return {name: load for shard in shards for name, load in safetensors_loaders(os.path.join(folder, shard)).items()}
-    if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        tensors = runs.load_torch_file(os.path.join(folder, "pytorch_model.bin"), "download it again")
-        return {name: (lambda t=t: t) for name, t in tensors.items()}
-    raise ValueError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    """{name: a function reading that tensor} of model.safetensors or pytorch_model.bin in `folder`, or
+    of the shards that either's index (model.safetensors.index.json, pytorch_model.bin.index.json) names."""
+    for single, loaders in (("model.safetensors", safetensors_loaders), ("pytorch_model.bin", torch_loaders)):
+        if os.path.isfile(os.path.join(folder, single)):
+            return loaders(os.path.join(folder, single))
+        index = os.path.join(folder, single + ".index.json")
+        if os.path.isfile(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} is corrupt: it has no weight_map; download it again")
+            shards = sorted(set(weight_map.values()))
+            missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
+            if missing:
+                raise ValueError(f"{folder} lacks {', '.join(missing)}, a shard {single}.index.json names; download it again")
+            return {name: load for shard in shards for name, load in loaders(os.path.join(folder, shard)).items()}
+    raise ValueError(f"{folder} holds no weights: expected model.safetensors or pytorch_model.bin, or the shards "
+                     f"of either with its index")
+
+
+def read_json(path):
+    """The JSON object in a file; one cut short, corrupt, not an object or a git-lfs pointer (a clone
+    without `git lfs pull`) is a one-line ValueError."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{path} is a git-lfs pointer, not the file: run `git lfs pull` in its folder, or download it again")
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; download it again")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ This file:
   3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
 """
 import functools
-import json
 import math
 import os
 import re
@@ -511,6 +510,10 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
         if not 1 <= block_size <= config["block_size"]:
             raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
         config["block_size"] = block_size
+    head = table["head"] + ".weight"
+    if not config.get("tied_head") and head not in weights:
+        raise ValueError(f"{weights.where}: there is no output layer ({head}): the weights are of a model without its "
+                         f"language-model head; give a causal language model (e.g. ...ForCausalLM)")
     model = Transformer(dict(config, family=family, codebooks=codebooks or {}))
     ours = {name: p for name, p in model.state_dict().items() if ".codebooks." not in name}  # the parameters' storage
     for name, param in ours.items():
@@ -528,7 +531,6 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
             raise ValueError(f"{weights.where}: {theirs} has shape {tuple(stored.shape)}, which does not fit "
                              f"the model its configuration describes ({name}: {tuple(param.shape)})")
         param.copy_(tensor)
-    head = table["head"] + ".weight"
     unused = [n for n in weights if n not in weights.used and not (n == head and config.get("tied_head"))
               and not BUFFERS.search(n)]
     if unused:
@@ -545,10 +547,13 @@ def read_config(folder):
         raise ValueError(f"model folder {folder} does not exist")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no config.json: give the folder a Hugging Face model was downloaded or saved to")
-    with open(path) as f:
-        c = json.load(f)
+    c = formats.read_json(path)
     if c.get("model_type") not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if "quantization_config" in c:
+        method = c["quantization_config"].get("quant_method", "?") if isinstance(c["quantization_config"], dict) else "?"
+        raise ValueError(f"{path}: the weights are quantised ({method}), which this module does not read: give the "
+                         f"model's unquantised folder, or a GGUF file of it")
     return c
 
 
@@ -622,6 +627,9 @@ def gguf_config(metadata, shapes, path):
     """config.json's fields from a GGUF file's metadata and {tensor name: shape}; an architecture or
     option not implemented is a one-line error."""
     arch = metadata.get("general.architecture")
+    if int(metadata.get("split.count", 1)) > 1:
+        raise ValueError(f"{path} is part {int(metadata.get('split.no', 0)) + 1} of {metadata['split.count']} of a split "
+                         f"GGUF file: merge the parts into one first (llama-gguf-split --merge {path} merged.gguf)")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
 

@@ -43,7 +43,7 @@ def decode(tokens):
 class ByteTokenizer:
     """The functions above as an object with bpe.BPETokenizer's interface, so the scripts treat
     byte models and pretrained models alike."""
-    kind, vocab_size, bos = "bytes", VOCAB_SIZE, BOS
+    kind, vocab_size, bos, special_ids = "bytes", VOCAB_SIZE, BOS, {BOS}
 
     def encode(self, text):
         return encode(text)

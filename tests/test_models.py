@@ -13,6 +13,7 @@ import torch
 
 import codebook as cb
 import bpe
+import formats
 import models
 import runs
 import text
@@ -158,6 +159,19 @@ def test_tokenizer_equals_the_tokenizers_library(variant, tmp_path):
     if variant == "gpt2":
         os.remove(tmp_path / "tokenizer.json")
         assert bpe.load_tokenizer(str(tmp_path)).encode(unseen[:50_000] + SAMPLE) == theirs.encode(unseen[:50_000] + SAMPLE).ids
+        # tokens added to it, as a slow tokenizer saves them (added_tokens.json, tokenizer_config.json)
+        (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 700, "<|im_end|>": 701}))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "eos_token": "<|im_end|>",
+            "added_tokens_decoder": {"702": {"content": "<pad>", "special": True, "normalized": False}}}))
+        theirs.add_tokens(["<|im_start|>", "<|im_end|>"])
+        theirs.add_special_tokens(["<pad>"])
+        chat = bpe.load_tokenizer(str(tmp_path))
+        string = "<|im_start|>user\n" + SAMPLE[:300] + "<|im_end|><pad>"
+        assert chat.encode(string) == theirs.encode(string).ids and (chat.eos, chat.vocab_size) == (701, 703)
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+        with pytest.raises(ValueError, match=r"a Qwen2Tokenizer from vocab.json \+ merges.txt, whose pre-tokenisation"):
+            bpe.load_tokenizer(str(tmp_path))
 
 
 def test_byte_tokenizer():
@@ -186,6 +200,15 @@ def test_clear_errors(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no tokenizer.json"):
         bpe.load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # Llama-2's SentencePiece model alone
+    with pytest.raises(ValueError, match=r"its tokenizer.model \(SentencePiece\) is not read here; write its tokenizer.json"):
+        bpe.load_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match="config.json is a git-lfs pointer, not the file: run `git lfs pull`"):
+        models.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        models.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="of kind 'sentencepiece'"):
         bpe.tokenizer_from_dict({"kind": "sentencepiece"})
 
@@ -209,6 +232,7 @@ def test_clear_errors_from_broken_folders(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(weights)
     sd = model.state_dict()
     del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")  # as Pythia's files name it (and save_pretrained writes it)
     os.remove(tmp_path / "model.safetensors")
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="'layers.1.mlp.dense_4h_to_h.bias' is missing"):
@@ -222,11 +246,30 @@ def test_clear_errors_from_broken_folders(tmp_path):
     x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (models.from_pretrained(str(sharded))(x) - model(x).logits).abs().max() <= 1e-4
+    # the same shards as PyTorch .bin files with pytorch_model.bin.index.json, as older checkpoints come
+    binned, weight_map = tmp_path / "binned", {}
+    binned.mkdir()
+    (binned / "config.json").write_text(json.dumps(config))
+    for i, shard in enumerate(shards):
+        tensors = {name: load() for name, load in formats.safetensors_loaders(sharded / shard).items()}
+        torch.save(tensors, binned / f"pytorch_model-{i}.bin")
+        weight_map |= {name: f"pytorch_model-{i}.bin" for name in tensors}
+    (binned / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with torch.no_grad():
+        assert (models.from_pretrained(str(binned))(x) - model(x).logits).abs().max() <= 1e-4
+    # a model without its language-model head (a GPTNeoXModel); quantised weights
+    (binned / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for n, f in weight_map.items() if n != "embed_out.weight"}}))
+    with pytest.raises(ValueError, match=r"there is no output layer \(embed_out.weight\): the weights are of a model without"):
+        models.from_pretrained(str(binned))
+    (binned / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(ValueError, match="the weights are quantised \\(gptq\\), which this module does not read"):
+        models.from_pretrained(str(binned))
     os.remove(sharded / shards[1])
     with pytest.raises(ValueError, match=f"lacks {shards[1]}, a shard model.safetensors.index.json names; download it again$"):
         models.from_pretrained(str(sharded))
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": ')  # cut short
-    with pytest.raises(ValueError, match="index.json is corrupt: it is not JSON with a weight_map; download it again$"):
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not valid JSON .*; download it again$"):
         models.from_pretrained(str(sharded))
 
 
@@ -242,6 +285,11 @@ def test_a_checkpoint_carries_its_tokenizer(tmp_path):
     runs.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
         models.load_with_tokenizer(str(tmp_path / "bad.pt"))
+    # special tokens past the model's vocabulary are no ids of text (Gemma-3's <image_soft_token>); others are
+    chat = conftest.chat_bpe()  # 256 bytes, 6 merges, 3 special tokens: 265 ids
+    assert bpe.check_tokenizer(chat, 263, "here") is chat
+    with pytest.raises(ValueError, match="the tokenizer has 265 ids but the model's vocabulary only 261"):
+        bpe.check_tokenizer(chat, 261, "here")
     runs.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
     assert isinstance(models.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
     runs.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))

@@ -159,6 +159,9 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
             models.from_pretrained(path)
         assert "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written
+    split = {"general.architecture": "llama", "split.no": 0, "split.count": 3}  # llama-gguf-split's first part
+    with pytest.raises(ValueError, match=r"m-00001-of-00003.gguf is part 1 of 3 of a split GGUF file: merge the parts"):
+        models.gguf_config(split, {}, "m-00001-of-00003.gguf")
 
 
 def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):

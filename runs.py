@@ -82,6 +82,10 @@ def check_device(name):
 
 def check_out(path):
     """An output folder that is not a file and can be written, without creating anything yet."""
+    if not path:
+        raise ValueError("--out is empty: name a folder")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"--out {path}: is a link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path}: is a file; name a folder")
     parent = os.path.abspath(path)
@@ -425,6 +429,12 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
             if wishes[1] > 0:
                 bar.close()
                 raise Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
+        # a signal during the last step's checkpoint: the stage is done and saved, and the run stops here
+        late = torch.tensor([bool(stop_requests)], dtype=torch.float, device=device)
+        _sum_across_ranks([late])
+        if late.any():
+            bar.close()
+            raise Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
     bar.close()
     _sum_across_ranks([layer.usage for layer in codebooks])  # every rank ends with the global counts
     model.history = history

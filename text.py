@@ -315,7 +315,11 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
     not read itself back), binary files and what is not a file (a broken link)."""
     if not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
+    if out and os.path.realpath(path) == os.path.realpath(out):
+        raise ValueError(f"data folder {path} is the output folder too: give --out a folder of its own")
     if not os.path.isdir(path):
+        if not os.path.isfile(path):  # a pipe, as <(...) gives, can be read once only, and has no fixed contents
+            raise ValueError(f"data path {path} is neither a file nor a folder: save the text to a file first")
         if is_binary(path):
             raise ValueError(f"data file {path} is not text (it holds NUL bytes): give a text file or a folder of them")
         return [path]
@@ -327,6 +331,12 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
     if not files:
         raise ValueError(f"data folder {path} holds no text files matching {include!r}")
     return sorted(files)
+
+
+def content_digest(path):
+    """The sha1 of a file's bytes: the same after `touch` or a copy, unlike its modification time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def is_binary(path):
@@ -434,14 +444,14 @@ class Split:
 
 def prepare_data(data, out, val_fraction, seed, stories, include, separator, block_size,
                  exclude=("site-packages", "__pycache__", ".git"), tokenizer=None):
-    """Tokenise the corpus once (cached under out/data/ by its files' names, sizes and times, and
-    the tokenizer; None: bytes) and return its (train, val) splits."""
+    """Tokenise the corpus once (cached under out/data/ by its files' names and contents, and the
+    tokenizer; None: bytes) and return its (train, val) splits."""
     if data:
         path = os.path.abspath(data)
         if not os.path.exists(path):
             raise ValueError(f"data path {data} does not exist")
         files = list_files(path, include, exclude, out)
-        key = [path, include, separator, list(exclude)] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        key = [path, include, separator, list(exclude)] + [(f, content_digest(f)) for f in files]
         name = os.path.basename(path.rstrip(os.sep)) or "data"
     else:
         key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator

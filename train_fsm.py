@@ -46,8 +46,8 @@ class TokFSM:
     each state written as zero-padded base-`base` digits; token `base` is BOS."""
 
     def __init__(self, num_states=100, num_edges=10, base=10, walk_length=64, seed=0):
-        if not 1 <= num_edges <= num_states or walk_length < 2 or base < 2:
-            raise ValueError("need 1 <= num_edges <= num_states, walk_length >= 2 and base >= 2")
+        if num_states < 2 or not 1 <= num_edges <= num_states or walk_length < 2 or base < 2:  # 2 states: one to force
+            raise ValueError("need num_states >= 2, 1 <= num_edges <= num_states, walk_length >= 2 and base >= 2")
         if num_states > base ** 2:
             raise ValueError(f"num_states={num_states} does not fit in two base-{base} digits: raise --base")
         self.num_states, self.base, self.walk_length = num_states, base, walk_length

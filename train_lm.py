@@ -148,7 +148,7 @@ def main(argv=None):
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
         model = runs.train(codebook_model(args, base, train_splits), stage2, args.codebook_steps, args.codebook_lr,
                            codebook_lr=args.codes_lr or None, revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
-                           desc="stage 2: codebooks", **finetune)
+                           desc="stage 2: codebooks", **finetune | {"settings": common["settings"] | {"kmeans": args.kmeans_windows}})
 
         # --- evaluate and report (rank 0)
         results = None
@@ -187,6 +187,12 @@ def settings(argv):
     base_config(args)  # its own checks
     if args.init_from and args.hf:
         raise ValueError("--init_from and --hf both give the base model: choose one")
+    base = os.path.join(args.out, "base.pt")
+    if os.path.isfile(base):  # the later stages there started from that base: they must not meet another
+        made_from, given = runs.load_checkpoint(base).get("init_from"), args.init_from or args.hf or None
+        if (made_from and os.path.realpath(made_from)) != (given and os.path.realpath(given)):
+            raise ValueError(f"{base} is the base model {'of ' + made_from if made_from else 'trained there'}, not "
+                             f"{'that of ' + given if given else 'one trained here'}: rerun as before, or choose another --out")
     return args
 
 
@@ -274,7 +280,8 @@ def base_model(args, pretrained, tokenizer, get_batch, common, rank):
         return runs.train(cb.GPT(base_config(args)), get_batch, args.base_steps, args.base_lr, ckpt_path=path,
                           desc="stage 1: base", warmup=min(50, args.base_steps // 10 + 1), **common)
     if rank == 0:
-        runs.save_checkpoint(path, pretrained, step=0, init_from=args.init_from or args.hf, tokenizer=tokenizer.to_dict())
+        runs.save_checkpoint(path, pretrained, step=0, init_from=os.path.realpath(args.init_from or args.hf),
+                             tokenizer=tokenizer.to_dict())
     return pretrained
 
 

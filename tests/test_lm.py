@@ -74,7 +74,8 @@ def test_memmap_loader(tmp_path):
     first = text.Split(folder, "train", Prefixed()).random_windows(np.random.default_rng(1), 500, 17)
     assert (first[:, 0] == 7).all() and torch.equal(first[:, 1:], windows[:, 1:])
 
-    # tokenised once: a second call reads the same folder
+    # tokenised once: a second call reads the same folder, also after `touch` (the files' contents decide)
+    os.utime(corpus / "000.txt", (1, 1))
     assert text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.txt", "<|endoftext|>", 16)[2] == folder
 
     # clear errors
@@ -86,6 +87,12 @@ def test_memmap_loader(tmp_path):
         text.prepare_data(str(tmp_path / "empty"), str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)
     with pytest.raises(ValueError, match="no text files matching"):
         text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.md", "", 16)
+    with pytest.raises(ValueError, match="is the output folder too: give --out a folder of its own"):
+        text.prepare_data(str(corpus), str(corpus), 0.2, 0, 0, "*.txt", "", 16)
+    read, write = os.pipe()  # what `--data <(cat corpus.txt)` gives
+    with pytest.raises(ValueError, match="is neither a file nor a folder: save the text to a file first"):
+        text.prepare_data(f"/proc/self/fd/{read}", str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)
+    os.close(read), os.close(write)
     (tmp_path / "model.bin").write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match="model.bin is not text"):
         text.prepare_data(str(tmp_path / "model.bin"), str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)

@@ -175,6 +175,17 @@ def test_both_pages_in_a_browser(pipeline, browser):
     assert count(browser, ".topic") == len(TOPICS) and count(browser, ".topic .samples > div") == 4 * len(TOPICS)
 
 
+def test_a_folder_keeps_the_base_model_its_stages_started_from(pipeline, tmp_path):
+    argv = pipeline[0]
+    i = argv.index("--init_from")
+    other = argv[:i + 1] + [tiny_llama(tmp_path / "other.pt", seed=1)] + argv[i + 2:]
+    with pytest.raises(ValueError, match=r"base.pt is the base model of .*tiny.pt, not that of .*other.pt: rerun as before"):
+        train_lm.settings(other)
+    with pytest.raises(ValueError, match="not one trained here"):
+        train_lm.settings(argv[:i] + argv[i + 2:])
+    assert train_lm.settings(argv).init_from == argv[i + 1]  # the same base: it goes on
+
+
 def test_presets_give_defaults_that_flags_override(tmp_path):
     out = ["--out", str(tmp_path / "out")]
     args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + out)

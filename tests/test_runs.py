@@ -116,6 +116,21 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
 
 
+def test_a_signal_during_the_last_checkpoint_stops_the_run_after_it(tmp_path, monkeypatch):
+    save = runs.save_checkpoint
+
+    def slow_save(path, model, optimizer=None, step=0, **extra):
+        if step == 4:  # the stage's last checkpoint: a signal arrives while it is written
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(path, model, optimizer, step, **extra)
+
+    monkeypatch.setattr(runs, "save_checkpoint", slow_save)
+    path = str(tmp_path / "run.pt")
+    with pytest.raises(runs.Interrupted, match="SIGTERM: checkpoint .* written at step 4"):
+        runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path)
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "m.pt")
     runs.train(tiny_model(), random_batches, steps=2, ckpt_path=path)
@@ -251,7 +266,8 @@ BAD_SETTINGS = [
     _bad(train_fsm, ["--attn_window", "-1"], "--attn_window -1: must be 0 or a positive integer"),
     _bad(train_fsm, ["--revive_every", "-1"], "--revive_every -1: must be 0 or a positive integer"),
     _bad(train_fsm, ["--d_model", "15"], "d_model=15 must be divisible by n_head=2"),
-    _bad(train_fsm, ["--num_edges", "200"], "need 1 <= num_edges <= num_states"),
+    _bad(train_fsm, ["--num_edges", "200"], "need num_states >= 2, 1 <= num_edges <= num_states"),
+    _bad(train_fsm, ["--num_states", "1", "--num_edges", "1"], "need num_states >= 2"),
     _bad(train_fsm, ["--num_states", "101"], "does not fit in two base-10 digits"),
     _bad(train_fsm, ["--walk_length", "1"], "walk_length >= 2"),
     _bad(train_fsm, ["--samples", "0"], "--samples 0: must be a positive integer"),
@@ -306,6 +322,11 @@ def test_out_must_be_a_writable_folder(tmp_path):
         runs.check_out(str(tmp_path / "file"))
     with pytest.raises(ValueError, match="is not a writable folder"):
         runs.check_out(str(tmp_path / "file" / "below"))
+    with pytest.raises(ValueError, match="--out is empty: name a folder"):
+        runs.check_out("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match="dangling: is a link to .*gone, which does not exist"):
+        runs.check_out(str(tmp_path / "dangling"))
 
 
 def test_the_command_line_prints_one_line_and_exits_1():

@@ -153,7 +153,7 @@ def main(argv=None):
             raise ValueError("no topic had codes to force: lower --min_precision")
 
         # --- table, results.json, report.html
-        runs.save_json(os.path.join(args.out, "results.json"), report(results) | {
+        runs.save_json(os.path.join(args.out, "results.json"), report(results, steering["skipped"]) | {
             "prompts": prompts, "samples_per_prompt": args.samples, "settings": vars(args)})
         page = write_page(args, command, model, tok, tokens, position_topic, list(topics), recorded, results, steering)
         print(f"wall time {time.time() - started:.0f} s; wrote {args.out}/results.json\nreport: {page}")
@@ -171,8 +171,13 @@ def settings(argv):
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),
                         finite=("addition_scale", "temperature"))
-    if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    if not (args.temperature == 0 or args.temperature >= 1e-3):  # below, logits / temperature overflow
+        raise ValueError(f"--temperature {args.temperature}: must be 0 (greedy) or at least 0.001")
+    if abs(args.addition_scale) > 1e3:
+        raise ValueError(f"--addition_scale {args.addition_scale}: at most 1000 times the mean difference (activations overflow)")
+    ignored = [f"--{flag}" for flag in ("browse", "regex", "topics", "topic_file", "reference") if args.codes and getattr(args, flag)]
+    if ignored:
+        raise ValueError(f"--codes only samples --prompt with those codes forced: {', '.join(ignored)} would do nothing; drop it")
     runs.check_device(args.device)
     runs.check_out(args.out)
     if args.topic_file and not args.regex:
@@ -277,6 +282,9 @@ def reference_set(args, tok, block_size, topics):
     for name, mask in zip(topics, masks):
         if not mask.any():
             raise ValueError(f"no reference text is on the topic {name!r}: nothing to find codes with")
+        if not (~mask & (tokens != tok.bos)).any():
+            raise ValueError(f"every reference text is on the topic {name!r}, so no code can be told from the rest: give "
+                             f"more reference text (--reference_bytes" + (", a shorter --topic_file)" if args.topic_file else ")"))
     print(f"reference: {rows} x {block_size} tokens; topic positions: "
           + ", ".join(f"{name} {mask.float().mean():.1%}" for name, mask in zip(topics, masks)))
     return tokens, position_topic
@@ -300,12 +308,13 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
           f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each")
     unsteered = sample_prompts(model, prompts, args, tok)
     unsteered_ppl = perplexity(model, unsteered, ends(tok))  # the same samples beside every topic: once
-    results, steering = {}, {"prompts": prompts, "samples": {}, "codes": {}, "regexes": {}, "ranked": []}
+    results, steering = {}, {"prompts": prompts, "samples": {}, "codes": {}, "regexes": {}, "ranked": [], "skipped": []}
     for t, (name, hit) in enumerate(topics.items()):
         chosen = topic_codes(stats, t, args, k)
         print(f"\n=== topic {name!r}: {len(chosen)} heads, {sum(map(len, chosen.values()))} codes")
         if not chosen:
             print(f"  no code reaches precision {args.min_precision}: skipped")
+            steering["skipped"].append(name)
             continue
         steering["regexes"][name], steering["codes"][name] = hit, []
         for address, codes in chosen.items():
@@ -328,7 +337,8 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
         for method, samples in (("base", unsteered), ("steered", steered), ("addition", added), ("prompting", asked)):
             rate, ppl, texts[method] = score(model, tok, samples, hit, unsteered_ppl if method == "base" else None)
             results[name] |= {f"hit_rate_{method}": rate, f"ppl_{method}": ppl}
-        steering["samples"][name] = {"unsteered" if method == "base" else method: shown[:SHOWN] for method, shown in texts.items()}
+        steering["samples"][name] = {"unsteered" if method == "base" else method: shown[:min(SHOWN, args.samples)]
+                                     for method, shown in texts.items()}  # the first prompt's: its samples come first
         r = results[name]
         print(f"  hit rate {r['hit_rate_base']:.0%} -> {r['hit_rate_steered']:.0%} steered ({r['hit_rate_addition']:.0%} by "
               f"addition, {r['hit_rate_prompting']:.0%} by prompting); perplexity {r['ppl_base']:.2f} -> {r['ppl_steered']:.2f} "
@@ -405,8 +415,9 @@ def score(model, tok, samples, hit, ppl=None):
 METHODS = [("unsteered", "base"), ("steered", "steered"), ("addition", "addition"), ("prompting", "prompting")]
 
 
-def report(results):
-    """Print the steering table; return its figures for results.json."""
+def report(results, skipped=()):
+    """Print the steering table; return its figures for results.json. skipped: the topics without codes
+    to force, which no figure covers."""
     print(f"\n{'':14s}{'hit rate':>40s}{'perplexity':>40s}")
     print(f"{'topic':14s}" + "".join(f"{label:>10s}" for label, _ in METHODS) * 2)
     mean = {f"{kind}_{key}": float(np.mean([r[f"{kind}_{key}"] for r in results.values()]))
@@ -417,10 +428,12 @@ def report(results):
     rare = [name for name, r in results.items() if r["hit_rate_base"] <= 0.10]
     rare_mean = {key: float(np.mean([results[n][f"hit_rate_{key}"] for n in rare])) if rare else None
                  for _, key in METHODS}
-    print(f"{len(rare)} of {len(results)} topics have an unsteered hit rate <= 10%" + (
+    if skipped:
+        print(f"skipped, no code precise enough to force (--min_precision): {', '.join(skipped)}")
+    print(f"{len(rare)} of {len(results)} topics steered have an unsteered hit rate <= 10%" + (
           f"; their mean hit rate steered {rare_mean['steered']:.0%}, by addition {rare_mean['addition']:.0%}, by "
           f"prompting {rare_mean['prompting']:.0%} (authors, TinyStories, steered: 65-100%)" if rare else ""))
-    return {"topics": results, "topics_rare_unsteered": rare, "mean_hit_rate_steered_rare": rare_mean["steered"],
+    return {"topics": results, "topics_skipped": list(skipped), "topics_rare_unsteered": rare, "mean_hit_rate_steered_rare": rare_mean["steered"],
             "mean_hit_rate_addition_rare": rare_mean["addition"], "mean_hit_rate_prompting_rare": rare_mean["prompting"]} | {
         f"mean_{key}": value for key, value in mean.items()}
 

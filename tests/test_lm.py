@@ -184,6 +184,14 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     # report.html: the forced codes link to their cards, and --browse writes the browser alone
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' in page and all(f'href="#{c}"' in page and f'id="{c}"' in page for c in r["codes"])
+    assert page.count(f"<p><b>{steer.PROMPTS[0]}</b>") == 4 * 2  # per condition the first prompt's samples, no other's
+    # a topic without codes to force is reported as skipped; the means cover the others
+    assert steer.report(steered["topics"], ["sea"])["topics_skipped"] == ["sea"]
+    assert "skipped, no code precise enough to force (--min_precision): sea" in capsys.readouterr().out
+    # texts on the topic alone leave no code to tell from the rest: one line, before sampling
+    (tmp_path / "dragons.txt").write_text(" ".join(story for topic, story in text.make_stories(40) if topic == "dragons"))
+    with pytest.raises(ValueError, match="every reference text is on the topic 'dragon', so no code can be told from the rest"):
+        steer.main(steer_args[:4] + ["--regex", "dragon", "--topic_file", str(tmp_path / "dragons.txt"), "--reference_bytes", "500"])
     steer.main(steer_args[:4] + ["--browse", "--cards", "3", "--reference_stories", "60"])
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' not in page and page.count('class="codebook"') == 4 and page.count('class="card"') == 4 * 3

@@ -430,7 +430,7 @@ def report(results, skipped=()):
                  for _, key in METHODS}
     if skipped:
         print(f"skipped, no code precise enough to force (--min_precision): {', '.join(skipped)}")
-    print(f"{len(rare)} of {len(results)} topics steered have an unsteered hit rate <= 10%" + (
+    print(f"{len(rare)} of {len(results)} topics have an unsteered hit rate <= 10%" + (
           f"; their mean hit rate steered {rare_mean['steered']:.0%}, by addition {rare_mean['addition']:.0%}, by "
           f"prompting {rare_mean['prompting']:.0%} (authors, TinyStories, steered: 65-100%)" if rare else ""))
     return {"topics": results, "topics_skipped": list(skipped), "topics_rare_unsteered": rare, "mean_hit_rate_steered_rare": rare_mean["steered"],

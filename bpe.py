@@ -719,9 +719,11 @@ def tokenizer_from_gguf(metadata):
 
 def check_tokenizer(tokenizer, vocab_size, where):
     """The tokenizer's ids must be ids of the model (whose vocabulary may be padded beyond), but for special
-    tokens past it, which text does not hold (Gemma-3's <image_soft_token>, for its image model)."""
-    beyond = set(range(vocab_size, tokenizer.vocab_size)) - tokenizer.special_ids
-    if beyond:
+    tokens past it that the tokenizer never adds itself (Gemma-3's <image_soft_token>, of its image model;
+    a text that spells one out is refused by the model)."""
+    own = {getattr(tokenizer, "eos", None), tokenizer.bos, *getattr(tokenizer, "prefix", ()), *getattr(tokenizer, "suffix", ())}
+    beyond = set(range(vocab_size, tokenizer.vocab_size))
+    if beyond - tokenizer.special_ids or beyond & own:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
                          f"{vocab_size}: they do not belong together")
     return tokenizer

@@ -10,6 +10,7 @@ import math
 import mmap
 import os
 import struct
+import zipfile
 
 import numpy as np
 import torch
@@ -61,8 +62,9 @@ def _tensor_from_bytes(data, begin, end, dtype, shape):
 
 
 def torch_loaders(path):
-    """{name: a function giving that tensor} of a PyTorch .bin file, read whole with weights_only=True."""
-    tensors = runs.load_torch_file(path, "download it again")
+    """{name: a function giving that tensor} of a PyTorch .bin file (weights_only=True), memory-mapped
+    where it is torch's zip format (since torch 1.6), so its tensors are read as they are asked for."""
+    tensors = runs.load_torch_file(path, "download it again", mmap=zipfile.is_zipfile(path))
     return {name: (lambda t=t: t) for name, t in tensors.items()}
 
 

@@ -11,8 +11,8 @@ finetune such models with codebooks (section 5).
     tok.decode(tok.encode("Once upon a time"))
 
 A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretrained(DIR)` writes:
-config.json, the weights (model.safetensors, sharded safetensors with model.safetensors.index.json,
-or pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt). A GGUF file (llama.cpp,
+config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
+index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, gemma2 and gemma3).
 Nothing is downloaded and transformers is not needed.

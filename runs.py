@@ -186,11 +186,12 @@ def save_json(path, data):
     write_atomically(path, write)
 
 
-def load_torch_file(path, remedy, name=None, map_location="cpu"):
+def load_torch_file(path, remedy, name=None, map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True): plain data and tensors, never code. A file cut short,
-    corrupt or not torch's is one ValueError line naming it (`name`, default the path) and `remedy`."""
+    corrupt or not torch's is one ValueError line naming it (`name`, default the path) and `remedy`.
+    mmap: the tensors stay in the file until read (torch's zip format only)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{name or path} is truncated, corrupt or not a torch file ({type(e).__name__}); {remedy}") from None
 
@@ -204,10 +205,10 @@ def save_checkpoint(path, model, optimizer=None, step=0, **extra):
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist")
-    state = load_torch_file(path, "re-create it", f"checkpoint {path}", map_location)
+    state = load_torch_file(path, "re-create it", f"checkpoint {path}", map_location, mmap)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint (written by another program?)")
     return state

@@ -501,9 +501,10 @@ def write_page(args, command, model, tok, tokens, position_topic, topic_names, r
             blocks.append(pages.tag("div", pages.join([pages.tag("h3", name), pages.tag("div", codes, class_="chips"),
                                                        pages.tag("div", pages.join(columns), class_="samples")]),
                                     class_="topic", id=f"topic-{name}"))
+        skipped = f" Skipped, no code precise enough to force: {', '.join(steering['skipped'])}." if steering["skipped"] else ""
         sections.append(pages.section("Topics", *blocks, note="Each topic's forced codes (precision P and recall R on the "
                                       "topic's reference texts) and the first samples of the first prompt under each condition, "
-                                      "the topic's words marked."))
+                                      "the topic's words marked." + skipped))
         if steering["ranked"]:
             forced += [row["address"] for row in steering["ranked"]]
             sections.append(pages.section("Code search", pages.ranked_codes(steering["ranked"], "texts that match"),

@@ -321,7 +321,7 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
         if not os.path.isfile(path):  # a pipe, as <(...) gives, can be read once only, and has no fixed contents
             raise ValueError(f"data path {path} is neither a file nor a folder: save the text to a file first")
         if is_binary(path):
-            raise ValueError(f"data file {path} is not text (it holds NUL bytes): give a text file or a folder of them")
+            raise ValueError(f"data file {path} is not text (it holds NUL bytes; UTF-16 text? convert it to UTF-8)")
         return [path]
     files, skipped = [], out and os.path.realpath(out)
     for root, dirs, names in os.walk(path):
@@ -333,10 +333,26 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
     return sorted(files)
 
 
-def content_digest(path):
-    """The sha1 of a file's bytes: the same after `touch` or a copy, unlike its modification time."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+def content_digests(files, cache):
+    """{file: the sha1 of its bytes}, the same after `touch` or a copy, unlike a modification time.
+    Each is read once: kept in the JSON file `cache` by (size, time) until the file changes."""
+    known = json.load(open(cache)) if os.path.isfile(cache) else {}
+    stamps = {f: [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files}
+    digests = {f: known[f][2] for f in files if f in known and known[f][:2] == stamps[f]}
+    for f in files:
+        if f not in digests:
+            sha1 = hashlib.sha1()
+            with open(f, "rb") as stream:
+                while chunk := stream.read(2**24):
+                    sha1.update(chunk)
+            digests[f] = sha1.hexdigest()
+    now = {f: stamps[f] + [digests[f]] for f in files}
+    if now != known:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache + ".tmp", "w") as out:
+            json.dump(now, out)
+        os.replace(cache + ".tmp", cache)  # whole or not at all
+    return digests
 
 
 def is_binary(path):
@@ -451,7 +467,8 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         if not os.path.exists(path):
             raise ValueError(f"data path {data} does not exist")
         files = list_files(path, include, exclude, out)
-        key = [path, include, separator, list(exclude)] + [(f, content_digest(f)) for f in files]
+        digests = content_digests(files, os.path.join(out, "data", "digests.json"))
+        key = [path, include, separator, list(exclude)] + [(f, digests[f]) for f in files]
         name = os.path.basename(path.rstrip(os.sep)) or "data"
     else:
         key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator

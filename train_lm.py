@@ -189,7 +189,7 @@ def settings(argv):
         raise ValueError("--init_from and --hf both give the base model: choose one")
     base = os.path.join(args.out, "base.pt")
     if os.path.isfile(base):  # the later stages there started from that base: they must not meet another
-        made_from, given = runs.load_checkpoint(base).get("init_from"), args.init_from or args.hf or None
+        made_from, given = runs.load_checkpoint(base, mmap=True).get("init_from"), args.init_from or args.hf or None
         if (made_from and os.path.realpath(made_from)) != (given and os.path.realpath(given)):
             raise ValueError(f"{base} is the base model {'of ' + made_from if made_from else 'trained there'}, not "
                              f"{'that of ' + given if given else 'one trained here'}: rerun as before, or choose another --out")
@@ -221,7 +221,7 @@ def starting_model(args):
         except ValueError as e:
             raise ValueError(f"--hf {args.hf}: {e}") from None
         if tokenizer.bos is None:
-            raise ValueError(f"--hf {args.hf}: its tokenizer has no <|endoftext|> token to separate documents with")
+            raise ValueError(f"--hf {args.hf}: its tokenizer has no BOS (nor <|endoftext|>) to separate documents with")
         return base.to(args.device), tokenizer
     return None, text.ByteTokenizer()
 

@@ -285,11 +285,15 @@ def test_a_checkpoint_carries_its_tokenizer(tmp_path):
     runs.save_checkpoint(tmp_path / "bad.pt", cb.GPT(config | {"vocab_size": 600}), tokenizer=tokenizer.to_dict())
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
         models.load_with_tokenizer(str(tmp_path / "bad.pt"))
-    # special tokens past the model's vocabulary are no ids of text (Gemma-3's <image_soft_token>); others are
-    chat = conftest.chat_bpe()  # 256 bytes, 6 merges, 3 special tokens: 265 ids
-    assert bpe.check_tokenizer(chat, 263, "here") is chat
-    with pytest.raises(ValueError, match="the tokenizer has 265 ids but the model's vocabulary only 261"):
-        bpe.check_tokenizer(chat, 261, "here")
+    # a special token past the model's vocabulary that the tokenizer never adds itself (Gemma-3's
+    # <image_soft_token>) is accepted; BOS, an end of turn or an ordinary token there are not
+    plain = conftest.chat_bpe().to_dict()  # 256 bytes, 6 merges, 3 special tokens (BOS 263, end of turn 264)
+    plain["added_tokens"].append({"id": 265, "content": "<image_soft_token>", "special": True, "normalized": False})
+    image = bpe.tokenizer_from_dict(plain)
+    assert bpe.check_tokenizer(image, 265, "here") is image
+    for vocab_size in (264, 261):
+        with pytest.raises(ValueError, match=f"the tokenizer has 266 ids but the model's vocabulary only {vocab_size}"):
+            bpe.check_tokenizer(image, vocab_size, "here")
     runs.save_checkpoint(tmp_path / "bytes.pt", cb.GPT(config | {"vocab_size": 257}))
     assert isinstance(models.load_with_tokenizer(str(tmp_path / "bytes.pt"))[1], text.ByteTokenizer)
     runs.save_checkpoint(tmp_path / "none.pt", cb.GPT(config))

@@ -40,7 +40,7 @@ def suffixes(tokens, mask, tokenizer, n):
     return [tokenizer.decode(tokens[:i + 1]).encode()[-n:] for i in mask.nonzero()[:, 0].tolist()]
 
 
-def test_each_pattern_with_bytes_against_counts_precision_at_recall():
+def test_each_pattern_with_bytes_against_counts_by_hand():
     assert set(BY_HAND) == set(patterns.PATTERNS)
     data = TEXT.encode()
     for name, expected in BY_HAND.items():
@@ -114,7 +114,7 @@ def test_best_code_is_the_most_precise_above_the_recall_floor_else_the_best_f1()
     assert keys[0] > keys[1]
 
 
-def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_precision_at_recall():
+def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_by_hand():
     config = dict(vocab_size=257, block_size=32, n_layer=2, n_head=2, d_model=16, d_mlp=32)
     torch.manual_seed(0)
     model = cb.GPT(config | {"codebooks": {"attn": dict(num_codes=16, k=2), "mlp": dict(num_codes=8, k=1, layers=[1])}}).eval()

@@ -14,6 +14,7 @@ given BOS and the story prompt only (the request left out), the same context for
 
     python steer.py                          # out/lm/codebook.pt, the generated corpus's topics
     python steer.py --regex "\\bdragons?\\b"  # one topic: the reference texts that match, hits = matches
+                                             # (prompting asks for a story about "dragons": --topic_name)
     python steer.py --topic_file dragons.txt --regex "dragon"   # topic texts from a file
     python steer.py --codes L0.H3.517,L0.H5.88 --prompt "Once upon a time"   # force codes by address
     python steer.py --browse --ckpt out/lm/codebook.pt   # only the code browser, OUT/report.html
@@ -52,6 +53,8 @@ parser.add_argument("--ckpt", default="out/lm/codebook.pt", help="a codebook LM 
 parser.add_argument("--out", default="out/steer", help="output folder for results.json")
 parser.add_argument("--topics", default="", help="comma-separated topics of the generated corpus; empty: all of them")
 parser.add_argument("--regex", default="", help="one topic: texts and generations that match this regex")
+parser.add_argument("--topic_name", default="", help="what the prompting baseline asks a story about for --regex; "
+                    "empty: the regex's words ('dragons' for \\bdragons?\\b)")
 parser.add_argument("--topic_file", default="", help="texts on the --regex topic (a file or folder), instead of the matching reference texts")
 parser.add_argument("--reference", default="", help="reference texts (file or folder); empty: generated stories")
 parser.add_argument("--reference_stories", type=int, default=None, help="generated reference stories (seed --seed + 1, unseen in "
@@ -191,7 +194,7 @@ def settings(argv):
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")
     steering = not (args.codes or args.browse)  # then prompting puts a request before each prompt
-    longest = max([1] + [len(topic_request(tok, name)) for name in topics if steering])
+    longest = max([1] + [len(topic_request(tok, asked_about(name, args))) for name in topics if steering])
     for prompt in args.prompt or PROMPTS:
         if longest + len(tok.encode(prompt)) >= cfg.block_size:
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"
@@ -332,7 +335,7 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
         directions = {a: args.addition_scale * addition_direction(model, a, ids[a], masks[t], num_codes) for a in chosen}
         with baselines.add_vectors(model, directions):
             added = sample_prompts(model, prompts, args, tok)
-        asked = sample_prompts(model, prompts, args, tok, topic_request(tok, name))
+        asked = sample_prompts(model, prompts, args, tok, topic_request(tok, asked_about(name, args)))
         results[name], texts = {"codes": [f"{a}.{c}" for a, codes in chosen.items() for c in codes]}, {}
         for method, samples in (("base", unsteered), ("steered", steered), ("addition", added), ("prompting", asked)):
             rate, ppl, texts[method] = score(model, tok, samples, hit, unsteered_ppl if method == "base" else None)
@@ -392,6 +395,14 @@ def sample_prompts(model, prompts, args, tok, request=()):
 
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # ChatML, SmolLM2-Instruct's chat template
+
+
+def asked_about(topic, args):
+    """What the prompting baseline asks a story about: a corpus topic's name; for --regex, --topic_name
+    or else the regex's words of two letters or more ('sea or ocean' for (sea|ocean)s?)."""
+    if not args.regex:
+        return topic
+    return args.topic_name or " or ".join(re.findall(r"[^\W\d_]{2,}", re.sub(r"\\[A-Za-z]", " ", topic))) or topic
 
 
 def topic_request(tok, topic):

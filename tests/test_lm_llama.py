@@ -152,6 +152,10 @@ def test_steering_by_codes_addition_and_prompting_recounted(pipeline, one_thread
         assert figures["hit_rate_prompting"] == sum(bool(regex.search(t)) for t in texts) / len(texts)
         assert figures["ppl_prompting"] == steer.perplexity(model, asked, steer.ends(tok))
     assert r["mean_hit_rate_prompting"] == np.mean([r["topics"][n]["hit_rate_prompting"] for n in TOPICS])
+    # with --regex it asks about the regex's words, or --topic_name
+    for given, asked in (([r"\b(sea|ocean)s?\b"], "sea or ocean"), ([r"\bdragons?\b", "--topic_name", "wyrms"], "wyrms")):
+        flags = steer.parser.parse_args(["--regex", *given])
+        assert steer.asked_about(flags.regex, flags) == asked
     # a byte model has no chat format: the request is a line after BOS
     assert steer.topic_request(text.ByteTokenizer(), "sea") == [text.BOS, *text.encode("Write a short story about sea.\n")]
 

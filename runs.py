@@ -81,7 +81,8 @@ def check_device(name):
 
 
 def check_out(path):
-    """An output folder that is not a file and can be written, without creating anything yet."""
+    """An output folder that is not a file and can be written, without creating anything yet; the
+    checkpoints already there can be read (a damaged one is found now, not when its stage starts)."""
     if not path:
         raise ValueError("--out is empty: name a folder")
     if os.path.islink(path) and not os.path.exists(path):
@@ -93,6 +94,8 @@ def check_out(path):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: {parent} is not a writable folder")
+    for checkpoint in sorted(glob.glob(os.path.join(glob.escape(path), "*.pt"))):
+        load_torch_file(checkpoint, "delete it, and its stage runs again", mmap=True)
     return path
 
 

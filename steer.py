@@ -170,6 +170,8 @@ def settings(argv):
         raise ValueError("steer.py runs as one process: start it with python, not torchrun")
     if args.reference and args.reference_stories is not None:
         raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
+    if args.codes and args.reference_stories is not None:
+        raise ValueError("--codes only samples --prompt with those codes forced: --reference_stories would do nothing; drop it")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),

@@ -294,6 +294,7 @@ BAD_SETTINGS = [
     _bad(steer, ["--temperature", "1e-39"], "--temperature 1e-39: must be 0 (greedy) or at least 0.001"),
     _bad(steer, ["--addition_scale", "1e30"], "--addition_scale 1e+30: at most 1000 times"),
     _bad(steer, ["--codes", "L0.H0.3", "--browse"], "--codes only samples --prompt with those codes forced: --browse would do"),
+    _bad(steer, ["--codes", "L0.H0.3", "--reference_stories", "9"], "--reference_stories would do nothing"),
     _bad(steer, ["--samples", "0"], "--samples 0: must be a positive integer"),
     _bad(steer, ["--heads", "0"], "--heads 0: must be a positive integer"),
     _bad(steer, ["--min_precision", "2"], "--min_precision 2.0: a share, between 0 and 1"),
@@ -325,6 +326,10 @@ def test_out_must_be_a_writable_folder(tmp_path):
         runs.check_out(str(tmp_path / "file"))
     with pytest.raises(ValueError, match="is not a writable folder"):
         runs.check_out(str(tmp_path / "file" / "below"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "codebook.pt").write_bytes(b"PK\x03\x04 cut short")  # damaged on disk, or copied in part
+    with pytest.raises(ValueError, match="codebook.pt is truncated, corrupt or not a torch file .*; delete it, and its stage"):
+        runs.check_out(str(tmp_path / "run"))
     with pytest.raises(ValueError, match="--out is empty: name a folder"):
         runs.check_out("")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")

@@ -114,9 +114,10 @@ class CodebookLayer(nn.Module):
         x_n = self.normalize(x)                                       # 1. LayerNorm
         scores, searched = self.search(x_n)                           # 2-3. score every code, keep the k best
         ids = self.apply_forcing(searched)                            # interventions (section 3.3)
-        chosen = (ids == searched).all(-1) if self.forced else None   # heads whose codes were not forced
-        if self.forced:  # a forced code's score is its own, not that of the code it replaced
-            scores = self.score_forced(scores, x_n.detach(), ids, ids != searched)
+        chosen = None                                                 # None: the search chose every code
+        if self.forced:
+            chosen = (ids == searched).all(-1)                        # heads whose codes were not forced
+            scores = self.score_forced(scores, x_n.detach(), ids, ids != searched)  # a forced code: its own score
         self.last_ids, self.last_scores = ids, scores
         q = self.mean_of_codes(ids)                                   # 4. the mean of the k codes replaces x
         sq_err = (q - x_n.detach()).pow(2)

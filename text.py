@@ -336,8 +336,11 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
 def content_digests(files, cache):
     """{file: the sha1 of its bytes}, the same after `touch` or a copy, unlike a modification time.
     Each is read once: kept in the JSON file `cache` by (size, time) until the file changes."""
-    known = json.load(open(cache)) if os.path.isfile(cache) else {}
-    stamps = {f: [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files}
+    known = {}
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            known = json.load(f)
+    stamps = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
     digests = {f: known[f][2] for f in files if f in known and known[f][:2] == stamps[f]}
     for f in files:
         if f not in digests:

@@ -359,9 +359,14 @@ def content_digests(files, cache):
 
 
 def is_binary(path):
-    """Whether a file is not text, as git and grep tell: a NUL byte in its first 8 KiB."""
+    """Whether a file is not text, as git and grep tell: a NUL byte in its first 8 KiB. Text in
+    UTF-16 or UTF-32 (NUL bytes after a byte-order mark) is refused, not skipped as binary."""
     with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
+        head = f.read(8192)
+    if b"\0" in head and head.startswith((b"\xff\xfe", b"\xfe\xff", b"\0\0\xfe\xff")):
+        raise ValueError(f"data file {path} is UTF-16 or UTF-32 text: convert it to UTF-8 "
+                         "(iconv -t UTF-8), or leave it out with --include")
+    return b"\0" in head
 
 
 def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),

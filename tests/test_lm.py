@@ -96,6 +96,9 @@ def test_memmap_loader(tmp_path):
     (tmp_path / "model.bin").write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match="model.bin is not text"):
         text.prepare_data(str(tmp_path / "model.bin"), str(tmp_path / "out"), 0.2, 0, 0, "*", "", 16)
+    (corpus / "notes.txt").write_text("some notes", encoding="utf-16")  # text, with a byte-order mark
+    with pytest.raises(ValueError, match="notes.txt is UTF-16 or UTF-32 text: convert it to UTF-8"):
+        text.prepare_data(str(corpus), str(tmp_path / "out"), 0.2, 0, 0, "*.txt", "", 16)
 
 
 def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(tmp_path):

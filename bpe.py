@@ -718,12 +718,19 @@ def tokenizer_from_gguf(metadata):
 
 
 def check_tokenizer(tokenizer, vocab_size, where):
-    """The tokenizer's ids must be ids of the model (whose vocabulary may be padded beyond), but for special
-    tokens past it that the tokenizer never adds itself (Gemma-3's <image_soft_token>, of its image model;
-    a text that spells one out is refused by the model)."""
+    """The tokenizer, if its ids are ids of the model (whose vocabulary may be padded beyond). Special tokens
+    past the model's vocabulary that the tokenizer never adds itself (Gemma-3's <image_soft_token>, of its
+    image model) are dropped from it: a text that spells one out is read as plain text."""
     own = {getattr(tokenizer, "eos", None), tokenizer.bos, *getattr(tokenizer, "prefix", ()), *getattr(tokenizer, "suffix", ())}
     beyond = set(range(vocab_size, tokenizer.vocab_size))
     if beyond - tokenizer.special_ids or beyond & own:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
                          f"{vocab_size}: they do not belong together")
-    return tokenizer
+    if not beyond:
+        return tokenizer
+    if tokenizer.kind == "bpe":
+        return tokenizer_from_dict(tokenizer.to_dict() | {"added_tokens": [t for t in tokenizer.added_tokens if t["id"] < vocab_size]})
+    return SentencePieceBPE(tokenizer.tokens[:vocab_size], tokenizer.types[:vocab_size],
+                            scores=None if tokenizer.scores is None else tokenizer.scores[:vocab_size], merges=tokenizer.merges,
+                            bos=tokenizer.bos, eos=tokenizer.eos, unk=tokenizer.unk, prefix=tokenizer.prefix,
+                            suffix=tokenizer.suffix, dummy_prefix=tokenizer.dummy_prefix)

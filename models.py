@@ -97,6 +97,8 @@ class TransformerConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
             raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be a positive number")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
@@ -511,6 +513,8 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
             raise ValueError(f"block_size {block_size} must be between 1 and the model's context, {config['block_size']}")
         config["block_size"] = block_size
     head = table["head"] + ".weight"
+    if head not in weights and "lm_head.weight" in weights:  # GPT-NeoX's embed_out, as transformers 5 names it in memory
+        table, head = table | {"head": "lm_head"}, "lm_head.weight"
     if not config.get("tied_head") and head not in weights:
         raise ValueError(f"{weights.where}: there is no output layer ({head}): the weights are of a model without its "
                          f"language-model head; give a causal language model (e.g. ...ForCausalLM)")
@@ -561,10 +565,15 @@ def family_config(c, where):
     """FAMILIES' (TransformerConfig fields, table, transforms) of config `c`; a field the family needs
     and `c` lacks is a one-line error."""
     try:
-        return FAMILIES[c["model_type"]](c, where)
+        config, table, transforms = FAMILIES[c["model_type"]](c, where)
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} is missing, which a {c['model_type']} model needs; "
                          f"download the model again") from None
+    try:
+        TransformerConfig(**config)  # every field checked before any weight is read
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config, table, transforms
 
 
 def from_pretrained(path, codebooks=None, block_size=None):

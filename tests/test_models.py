@@ -28,6 +28,7 @@ from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_h
 CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
+         "gpt_neox-bin": ("gpt_neox", {}),  # transformers 5's state_dict names the output layer lm_head, not embed_out
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
@@ -193,7 +194,13 @@ def test_clear_errors(tmp_path):
                             ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must give"),
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   num_hidden_layers=2, num_attention_heads=4),
-                             "config.json: field 'intermediate_size' is missing, which a llama model needs")]:
+                             "config.json: field 'intermediate_size' is missing, which a llama model needs"),
+                            (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, rms_norm_eps=None),
+                             "config.json: norm_eps=None must be a positive number"),
+                            (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=3),
+                             "config.json: n_head=4 must be a multiple of n_kv_head=3")]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))
@@ -286,11 +293,19 @@ def test_a_checkpoint_carries_its_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="the tokenizer has 700 ids but the model's vocabulary only 600"):
         models.load_with_tokenizer(str(tmp_path / "bad.pt"))
     # a special token past the model's vocabulary that the tokenizer never adds itself (Gemma-3's
-    # <image_soft_token>) is accepted; BOS, an end of turn or an ordinary token there are not
+    # <image_soft_token>) is dropped, a text spelling it is plain text; BOS, an end of turn or an
+    # ordinary token there are refused
     plain = conftest.chat_bpe().to_dict()  # 256 bytes, 6 merges, 3 special tokens (BOS 263, end of turn 264)
     plain["added_tokens"].append({"id": 265, "content": "<image_soft_token>", "special": True, "normalized": False})
     image = bpe.tokenizer_from_dict(plain)
-    assert bpe.check_tokenizer(image, 265, "here") is image
+    spelled = "the <image_soft_token><|im_end|>"
+    assert image.encode(spelled)[-2:] == [265, 264]
+    kept = bpe.check_tokenizer(image, 265, "here")
+    assert kept.vocab_size == 265 and kept.encode(spelled) == conftest.chat_bpe().encode(spelled)
+    pieces = bpe.SentencePieceBPE(["<unk>", "<bos>", "▁", "<image_soft_token>"], [bpe.UNKNOWN, bpe.CONTROL, bpe.NORMAL,
+                                  bpe.CONTROL], scores=[0, 0, 0, 0], bos=1, unk=0, prefix=[1])
+    assert pieces.encode("<image_soft_token> ") == [3, 2]
+    assert bpe.check_tokenizer(pieces, 3, "here").encode("<image_soft_token> ") == [0, 2]  # unknown characters
     for vocab_size in (264, 261):
         with pytest.raises(ValueError, match=f"the tokenizer has 266 ids but the model's vocabulary only {vocab_size}"):
             bpe.check_tokenizer(image, vocab_size, "here")

@@ -12,6 +12,7 @@ Map of this file:
   6. signals           stop at a step boundary with a checkpoint; run_main, the scripts' entry
 """
 import contextlib
+import datetime
 import fcntl
 import glob
 import json
@@ -293,7 +294,9 @@ def first_difference(saved, now, prefix=""):
 def distributed(backend="gloo"):
     """(rank, world_size); starts the process group with `backend` when launched by torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
+        # rank 0 alone tokenises a corpus and evaluates while the others wait, which may take longer than the
+        # default 30 minutes; a rank that fails is not waited for: torchrun stops them all
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

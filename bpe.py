@@ -330,8 +330,11 @@ class BPETokenizer:
         """Token ids -> str (invalid UTF-8 as U+FFFD). Ids outside the vocabulary are dropped, and
         with skip_special the special tokens (<|endoftext|>, ...) too."""
         skip = self.special_ids if skip_special else ()
-        data = b"".join(self.token_bytes.get(int(i), b"") for i in ids if int(i) not in skip)
-        return data.decode("utf-8", errors="replace")
+        return b"".join(self.bytes_of(i) for i in ids if int(i) not in skip).decode("utf-8", errors="replace")
+
+    def bytes_of(self, token_id):
+        """The bytes one token stands for (none for an id outside the vocabulary)."""
+        return self.token_bytes.get(int(token_id), b"")
 
 
 def _token_bytes(token):
@@ -462,13 +465,16 @@ class SentencePieceBPE:
     def decode(self, ids, skip_special=False):
         """Token ids -> str (invalid UTF-8 as U+FFFD). Ids outside the vocabulary are dropped, and with
         skip_special the control tokens (<bos>, ...) too."""
+        skip = self.special_ids if skip_special else ()
+        decoded = b"".join(self.bytes_of(i) for i in map(int, ids) if i not in skip).decode("utf-8", errors="replace")
+        return decoded[1:] if self.dummy_prefix != "never" and decoded.startswith(" ") else decoded
+
+    def bytes_of(self, token_id):
+        """The bytes one token stands for, "▁" as a space (none for an id outside the vocabulary)."""
         if self.token_bytes is None:  # built on first use: 262k tokens take a moment
             self.token_bytes = [bytes([int(t[3:5], 16)]) if kind == BYTE else t.replace(SPACE, " ").encode("utf-8")
                                 for t, kind in zip(self.tokens, self.types)]
-        skip = self.special_ids if skip_special else ()
-        data = b"".join(self.token_bytes[i] for i in map(int, ids) if 0 <= i < self.vocab_size and i not in skip)
-        decoded = data.decode("utf-8", errors="replace")
-        return decoded[1:] if self.dummy_prefix != "never" and decoded.startswith(" ") else decoded
+        return self.token_bytes[token_id] if 0 <= token_id < self.vocab_size else b""
 
 
 # ------------------------------------------------------------------------------------------------

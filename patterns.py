@@ -52,9 +52,8 @@ def token_pieces(tokenizer, tokens):
     """The text each token adds to the decoded text: a list of str, None for BOS and the other special
     tokens (they end a document, so no match spans them). A character whose UTF-8 bytes are split
     over several tokens belongs to the token that completes it; bytes that complete none read as
-    U+FFFD. A token's bytes: itself (text.ByteTokenizer), bpe.BPETokenizer's token_bytes table, or
-    the decode of the token alone for a tokenizer with neither."""
-    table = getattr(tokenizer, "token_bytes", None)
+    U+FFFD. A token's bytes are the tokenizer's bytes_of(token) (SentencePiece's "▁" as a space, its
+    dummy prefix kept: decoding a token alone would drop a word's leading space)."""
     special = set(getattr(tokenizer, "special_ids", ())) | {tokenizer.bos}
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pieces = []
@@ -69,9 +68,7 @@ def token_pieces(tokenizer, tokens):
             flush()
             pieces.append(None)
             continue
-        data = bytes([t]) if tokenizer.kind == "bytes" else table.get(t, b"") if table is not None \
-            else tokenizer.decode([t]).encode()
-        pieces.append(decoder.decode(data))
+        pieces.append(decoder.decode(tokenizer.bytes_of(t)))
     flush()
     return pieces
 

@@ -51,6 +51,9 @@ class ByteTokenizer:
     def decode(self, tokens, skip_special=True):  # BOS, the one special token, is always dropped
         return decode(tokens)
 
+    def bytes_of(self, token_id):
+        return bytes([token_id]) if 0 <= token_id < 256 else b""
+
     def to_dict(self):
         return {"kind": self.kind}
 

@@ -83,6 +83,20 @@ def test_masks_follow_tokens_of_several_bytes():
     assert mask.nonzero()[:, 0].tolist() == [4] and tokens[4] == "é".encode()[-1]
 
 
+def test_masks_with_a_sentencepiece_tokenizer():
+    """Gemma's kind: "▁" is a space and the text's first word gets one too (the dummy prefix), which a
+    token decoded alone loses; before and after anything else was decoded."""
+    S = bpe.SPACE
+    tokens = ["<unk>", "<bos>", "t", "h", "e", "c", "a", S, "th", "the", S + "the", "ca", "cat", S + "cat"]
+    merges = [("t", "h"), ("th", "e"), (S, "the"), ("c", "a"), ("ca", "t"), (S, "cat")]
+    tok = bpe.SentencePieceBPE(tokens, [bpe.UNKNOWN, bpe.CONTROL] + [bpe.NORMAL] * 12, merges=merges, bos=1, unk=0,
+                               dummy_prefix="first")
+    for _ in range(2):
+        ids, mask = patterns.text_mask("the cat the cat", tok, r"\b(the)\b")
+        assert [tokens[i] for i in ids] == [S + "the", S + "cat"] * 2 and mask.tolist() == [True, False, True, False]
+        assert tok.decode(ids.tolist()) == "the cat the cat"
+
+
 def test_documents_are_matched_apart_and_rows_alone():
     tok = tiny_bpe()
     for tokenizer in (BYTES, tok):

@@ -183,7 +183,8 @@ def pattern_table(model, tokens, masks, base=None, saes=None, min_recall=0.1, ba
     sites = [(layer, site) for layer in range(len(base.blocks)) for site in ("attn", "mlp")]
     acts = sae_lib.cache_activations(base, tokens, sites + [key for key in saes or {} if key not in sites], batch_size)
     for key, x in acts.items():  # x (positions, heads, dim)
-        latents = saes[key].encode(x) if saes and key in saes else None  # (positions, heads, latents)
+        # (positions, heads, latents); the activations are kept on the CPU, the SAEs where train_lm.py trained them
+        latents = saes[key].encode(x.to(saes[key].b_pre.device)).cpu() if saes and key in saes else None
         for h in range(x.shape[1]):
             address = str(cb.Address(*key, h))
             if key in sites:

@@ -153,9 +153,12 @@ class CodebookLayer(nn.Module):
 
     def apply_forcing(self, ids):
         """Overwrite id slots with forced codes, from the least similar slot (section 3.3), at positions
-        None (all), a list (negatives count from the end) or a (batch, seq) bool mask."""
+        None (all), a list (negatives count from the end) or a (batch, seq) bool mask. A head forced
+        again (force_codes nested) fills the slots before those forced already."""
+        end = {}  # head -> the first of its slots forced already
         for head, codes, positions in self.forced:
-            m, seq = codes.shape[-1], ids.shape[-3]
+            m, seq, last = codes.shape[-1], ids.shape[-3], end.get(head, self.k)
+            end[head] = last - m
             if any(size not in (1, n) for size, n in zip(codes.shape[:-1], ids.shape[:-2])):
                 raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
                                  f"{tuple(ids.shape[:-2])}")
@@ -168,9 +171,9 @@ class CodebookLayer(nn.Module):
             else:
                 where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
                 where[[p % seq for p in map(int, positions) if -seq <= p < seq]] = True
-            kept = ids[..., head, self.k - m:]
+            kept = ids[..., head, last - m:last]
             ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
-            ids[..., head, self.k - m:] = torch.where(where.view(-1, seq, 1), codes.to(ids.device), kept)
+            ids[..., head, last - m:last] = torch.where(where.view(-1, seq, 1), codes.to(ids.device), kept)
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
@@ -536,8 +539,9 @@ def force_codes(model, codes, positions=None):
     of positions (negative from the end), or a (batch, seq) bool mask."""
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
-        if ids.shape[-1] > cb.k:
-            raise ValueError(f"{ids.shape[-1]} codes forced on one codebook, but it has only k={cb.k} slots")
+        count = ids.shape[-1] + sum(earlier.shape[-1] for h, earlier, _ in cb.forced if h == head)  # nested: these too
+        if count > cb.k:
+            raise ValueError(f"{count} codes forced on one codebook, but it has only k={cb.k} slots")
         forced.setdefault(cb, list(cb.forced)).append((head, ids, positions))
     with _set_within(list(forced), "forced", list(forced.values())):
         yield model

@@ -284,6 +284,13 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
     for address in clean:
         if address != "L1.H2":
             assert torch.equal(forced[address][:, :3], clean[address][:, :3])  # upstream untouched
+    with cb.force_codes(model, ["L1.H2.7"], positions=[3, -1]), cb.force_codes(model, ["L1.H2.9"], positions=[3, -1]):
+        model(x)
+        nested = cb.record_codes(model)["L1.H2"]
+        assert (nested[:, [3, 15]] == torch.tensor([9, 7])).all()  # the inner code in the slot before the outer's
+        assert torch.equal(nested[:, 4:15], clean["L1.H2"][:, 4:15])
+        with pytest.raises(ValueError, match="3 codes forced on one codebook, but it has only k=2 slots"):
+            cb.force_codes(model, ["L1.H2.5"]).__enter__()
     layer = model.blocks[1].codebooks["attn"]
     with cb.force_codes(model, {"L1.H2": [5]}):
         out = layer(torch.randn(4, 16, 4, 8))

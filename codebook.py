@@ -208,7 +208,8 @@ class CodebookLayer(nn.Module):
             weights = self.last_error.float() + 1e-12  # all equal when every input is fitted exactly
             pick = torch.multinomial(weights, self.num_codes, replacement=True)
             fresh = pool.gather(1, pick[..., None].expand(-1, -1, self.dim))
-            fresh = fresh + noise * pool.std(1, keepdim=True) * torch.randn_like(fresh)
+            spread = pool.std(1, correction=min(1, pool.shape[1] - 1), keepdim=True)  # one input: 0, not NaN
+            fresh = fresh + noise * spread * torch.randn_like(fresh)
             self.codes.copy_(torch.where(dead[..., None], fresh.to(self.codes.dtype), self.codes))
         for statistic in (self.usage, self.recon_sum, self.token_count):
             statistic.zero_()
@@ -686,7 +687,9 @@ def code_precision_recall(ids, masks, num_codes):
     """(precision, recall) of every code, each (S, num_codes), against S boolean masks (S, ...) over the
     positions of ids (..., k) at once, or (num_codes,) against one mask (...): with hits = mask positions
     where the code fires, precision = hits / positions where it fires, recall = hits / mask positions."""
-    single = masks.dim() == ids.dim() - 1
+    single = masks.shape == ids.shape[:-1]
+    if not single and masks.shape[1:] != ids.shape[:-1]:
+        raise ValueError(f"masks of shape {tuple(masks.shape)} do not cover the ids' positions {tuple(ids.shape[:-1])}")
     masks = masks[None] if single else masks
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
     hits_idx = which[:, None] * num_codes + ids[tuple(where)]

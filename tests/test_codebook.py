@@ -208,6 +208,8 @@ def test_revival_noise_follows_the_inputs_spread():
     layer.revive_dead_codes()
     layer(x)
     assert (layer.usage > 0).sum() > 32
+    layer(x[:1])  # one input: no spread to scale the noise by, and no NaN either
+    assert layer.revive_dead_codes() > 0 and torch.isfinite(layer.codes).all()
 
 
 def test_revival_favours_the_inputs_the_codebook_fits_worst():
@@ -398,6 +400,8 @@ def test_top_contexts_rank_by_score():
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP"]).__enter__(), "name a code"),
     (lambda: cb.disable_codes(tiny_model(), [f"L1.MLP.{i}" for i in range(30)]).__enter__(), "fewer than k"),
     (lambda: cb.topk_codes(torch.zeros(2, 3, 4), torch.zeros(1, 5, 4), 1), "heads=1"),
+    (lambda: cb.code_precision_recall(torch.zeros(2, 4, 1, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 4),
+     r"masks of shape \(2, 3\) do not cover the ids' positions \(2, 4\)"),
 ])
 def test_clear_errors(make, words):
     with pytest.raises(ValueError, match=words):

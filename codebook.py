@@ -345,8 +345,12 @@ class CodebookModel(nn.Module):
         """Sample continuations (temperature 0: greedy) under the forcing, disabling and replacing in
         effect. Keys and values are cached, unless a code is forced at chosen positions only or
         activations are replaced."""
-        whole_sequence = all(positions is None and codes.shape[1] == 1
-                             for cb in self.codebook_layers().values() for _, codes, positions in cb.forced) \
+        forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
+        if idx.shape[1] + max_new_tokens > self.config.block_size and any(
+                positions is not None and (torch.is_tensor(positions) or max(map(int, positions)) >= 0) for _, positions in forced):
+            raise ValueError(f"codes forced at chosen positions would move once the text outgrows block_size="
+                             f"{self.config.block_size}: generate fewer tokens, or force at every position or from the end")
+        whole_sequence = all(positions is None and codes.shape[1] == 1 for codes, positions in forced) \
             and not any(block.replacements for block in self.blocks)
         cache = {} if whole_sequence else None
         for _ in range(max_new_tokens):

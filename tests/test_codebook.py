@@ -81,6 +81,10 @@ def test_generation_with_the_key_value_cache_is_the_full_recomputation(window):
         with cb.disable_codes(model, ["L0.H1.3"]), cb.force_codes(model, **forcing):
             expected = recompute(prompt, 14, torch.Generator().manual_seed(5))  # past block_size 16 too
             assert torch.equal(model.generate(prompt, 14, generator=torch.Generator().manual_seed(5)), expected)
+    with cb.force_codes(model, ["L0.H2.5"], positions=[1, -1]):  # position 1 of the text would move
+        assert model.generate(prompt, 11).shape == (3, 16)
+        with pytest.raises(ValueError, match="would move once the text outgrows block_size=16"):
+            model.generate(prompt, 12)
 
     def patch_first_position(x):
         x = x.clone()

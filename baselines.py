@@ -1,7 +1,7 @@
 """
 What codebook features are compared with, on the same model and the same evaluation sets:
-single neurons (the paper's section 4.1 baseline) and activation addition (the steering baseline
-of section 5). TopK sparse autoencoders, the third, are in sae.py.
+single neurons (the paper's section 4.1 baseline) and activation addition (a steering baseline the
+paper does not report, beside section 5's forcing). TopK sparse autoencoders, the third, are in sae.py.
 """
 import contextlib
 import math

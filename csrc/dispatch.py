@@ -2,7 +2,6 @@
 the fused extension of this folder where it applies, else the reference search of codebook.py
 while its score matrix is small, else a tiled torch search that never materialises it. All three
 return the same ids (exact ties aside) and scores."""
-import math
 
 import torch
 
@@ -14,11 +13,13 @@ IMPLS = ("auto", "reference", "chunked", "ext")
 
 
 def search_chunked(x, book, k, similarity="cosine", disabled=None, tile=4096):
-    """Tile over the codes keeping a running top-k: O(tokens x (k + tile)) memory."""
+    """Tile over the codes keeping a running top-k, started from the first tile's (never from
+    placeholders, which a top-k of -inf scores could keep): O(tokens x (k + tile)) memory."""
     H, N, _ = x.shape
-    best_scores = x.new_full((H, N, k), -math.inf)
-    best_ids = torch.zeros(H, N, k, dtype=torch.long, device=x.device)
-    for start in range(0, book.shape[1], tile):
+    first = max(tile, k)
+    best_scores, best_ids = codebook.search_reference(x, book[:, :first], k, similarity,
+                                                      None if disabled is None else disabled[:, :first])
+    for start in range(first, book.shape[1], tile):
         s = codebook.code_scores(x, book[:, start:start + tile], similarity,
                                  None if disabled is None else disabled[:, start:start + tile])
         tile_ids = torch.arange(start, start + s.shape[-1], device=x.device).expand(H, N, -1)

@@ -123,6 +123,19 @@ def test_chunked_search_with_exact_ties(similarity):
         assert all(len(set(row.tolist())) == k for row in got[1].reshape(-1, k))  # distinct ids
 
 
+def test_chunked_search_returns_distinct_codes_where_scores_are_minus_inf():
+    """A NaN query scores -inf everywhere; disabling leaves fewer real scores than k: the ids stay distinct."""
+    x, book = torch.randn(1, 12, 4), torch.randn(1, 5000, 4)  # torch's top-k keeps placeholders at this size
+    x[0, :3] = math.nan
+    disabled = torch.ones(1, 5000, dtype=torch.bool)
+    disabled[0, [7, 4500]] = False
+    for mask in (None, disabled):
+        for k in (2, 8):
+            scores, ids = dispatch.search_chunked(x, book, k, disabled=mask)
+            assert all(len(set(row.tolist())) == k for row in ids.reshape(-1, k))
+    assert (ids[0, 3:, :2].sort(-1).values == torch.tensor([7, 4500])).all() and (scores[0, 3:, 2:] == -math.inf).all()
+
+
 def test_search_honours_disabled_codes_and_ranks_by_cosine():
     x, book = torch.randn(1, 40, 6), torch.randn(1, 25, 6)
     disabled = torch.zeros(1, 25, dtype=torch.bool)

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -203,6 +204,20 @@ def test_blas_engine_equals_reference(ext):
     assert out.returncode == 0 and "blas engine ok" in out.stdout, out.stderr[-3000:]
 
 
+def test_a_build_killed_half_way_holds_no_one_up(tmp_path):
+    """torch waits on its build lock while the file exists; one left by a killed build is removed once old."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 700, time.time() - 700))
+    loader.clear_stale_lock(str(lock))
+    assert not lock.exists()
+    lock.write_text("")  # a build under way: waited for until it is old
+    started = time.time()
+    loader.clear_stale_lock(str(lock), after=1.5)
+    assert not lock.exists() and time.time() - started >= 1
+    loader.clear_stale_lock(str(lock))  # no lock: nothing to wait for
+
+
 def test_the_codebook_ext_switch(monkeypatch):
     """CODEBOOK_EXT=0 never builds csrc/ and searches in torch, with the same results; when the
     build fails, 1 raises and unset warns once, in one line, and searches in torch."""
@@ -226,6 +241,26 @@ def test_the_codebook_ext_switch(monkeypatch):
     ours = [w for w in record if "csrc" in str(w.message)]
     assert len(ours) == 1 and "second line" not in str(ours[0].message)
     check(x, book, 2, "cosine", got)
+
+
+def test_a_cuda_kernel_that_does_not_build_leaves_the_cpu_search(monkeypatch):
+    def cuda_fails(cuda):
+        if cuda:
+            raise RuntimeError("nvcc: unsupported toolkit\nmore")
+        return built(cuda)
+    built = loader.build
+    monkeypatch.setattr(loader, "build", cuda_fails)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.delenv("CODEBOOK_EXT", raising=False)
+    with pytest.warns(UserWarning, match=r"CUDA kernel of csrc/ did not build \(RuntimeError: nvcc: unsupported toolkit\)"):
+        ext = loader.build_extension()
+    x, book = data(1, 4, 6, 3)
+    assert ext.supports(x, 2) and not ext.supports(x.to("meta"), 2)
+    check(x, book, 2, "cosine", ext.topk_codes(x, book, 2, "cosine"))
+    monkeypatch.setenv("CODEBOOK_EXT", "1")
+    with pytest.raises(RuntimeError, match="unsupported toolkit"):
+        loader.build_extension()
 
 
 def test_the_cuda_kernel_is_used_only_where_its_shared_memory_fits():

@@ -65,9 +65,11 @@ def build(cuda):
     clear_stale_lock(os.path.join(_get_build_directory(name, False), "lock"))
     load(name, [os.path.join(HERE, s) for s in sources], extra_cflags=["-O3", "-fopenmp", *native],
          extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False)
-    return types.SimpleNamespace(  # the CUDA kernel keeps at most 64 codes per row
-        supports=lambda x, k: x.device.type == "cpu" or (cuda and x.device.type == "cuda" and k <= 64
-                                                         and kernel_fits(torch.cuda.get_device_capability(x.device))),
+    # the CUDA kernel keeps at most 64 codes per row; the CPU one inserts each of the first k codes in O(k),
+    # slower than torch's top-k for a large k
+    return types.SimpleNamespace(
+        supports=lambda x, k: (x.device.type == "cpu" and k <= 256) or (cuda and x.device.type == "cuda" and k <= 64
+                                                                     and kernel_fits(torch.cuda.get_device_capability(x.device))),
         topk_codes=torch.ops.codebook.topk_codes)
 
 

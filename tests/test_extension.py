@@ -256,7 +256,7 @@ def test_a_cuda_kernel_that_does_not_build_leaves_the_cpu_search(monkeypatch):
     with pytest.warns(UserWarning, match=r"CUDA kernel of csrc/ did not build \(RuntimeError: nvcc: unsupported toolkit\)"):
         ext = loader.build_extension()
     x, book = data(1, 4, 6, 3)
-    assert ext.supports(x, 2) and not ext.supports(x.to("meta"), 2)
+    assert ext.supports(x, 2) and ext.supports(x, 256) and not ext.supports(x, 257) and not ext.supports(x.to("meta"), 2)
     check(x, book, 2, "cosine", ext.topk_codes(x, book, 2, "cosine"))
     monkeypatch.setenv("CODEBOOK_EXT", "1")
     with pytest.raises(RuntimeError, match="unsupported toolkit"):

@@ -718,7 +718,9 @@ def tokenizer_from_gguf(metadata):
             if " " in t and not t.strip():
                 tokens[i], types[i] = SPACE * len(t), NORMAL
         scores = [-float(i) for i in range(len(tokens))]
-    dummy = "first" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    # a "▁" before every stretch of text, after a special or user-defined token too, as llama.cpp reads these files
+    # and as the same model's tokenizer.json (its Prepend normalizer) has it
+    dummy = "always" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
     return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=unk,
                             prefix=prefix, suffix=suffix, dummy_prefix=dummy)
 

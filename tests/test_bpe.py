@@ -151,7 +151,9 @@ def test_sentencepiece_merge_order_from_scores():
     assert tok.encode("a\n\nd", special=True) == [1, ids["a"], ids["\n\n"], ids["<0x64>"]]  # llama.cpp's default: add bos
     assert tok.decode(tok.encode("x é\n\n")) == "x é\n\n" and tok.decode([1, ids["a"]], skip_special=True) == "a"
     assert bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_bos_token": False}).encode("a", special=True) == [ids["a"]]
-    assert bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_space_prefix": True}).encode("a") == [ids["▁a"]]
+    prefixed = bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.add_space_prefix": True})  # Llama-2's
+    assert prefixed.encode("a") == [ids["▁a"]] and prefixed.encode(" a") == [ids["▁"], ids["▁a"]]  # as llama.cpp
+    assert prefixed.encode("a\n\nd") == [ids["▁a"], ids["\n\n"], ids["▁"], ids["<0x64>"]]  # after a user-defined token too
     # numbers as a reader may give them (numpy): the tokenizer is plain data all the same
     as_numpy = {"tokenizer.ggml.token_type": np.array(types), "tokenizer.ggml.scores": np.array(scores, np.float32),
                 "tokenizer.ggml.bos_token_id": np.int32(1)}

@@ -420,7 +420,7 @@ def report(r, args, config, sae_seconds):
     if "sae_dead_latent_fraction" in r:
         sae_dead = r["sae_dead_latent_fraction"]
         print(f"dead SAE latents                  {np.mean(list(sae_dead.values())):.2%} mean over {len(sae_dead)} SAEs, "
-              "on the validation windows")
+              "on the first corpus's held-out windows")
 
 
 def write_page(r, args, command):

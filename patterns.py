@@ -40,7 +40,7 @@ PATTERNS = {
 
 def topic_patterns(topics=None):
     """{"topic <name>": regex} for the story topics of text.py (default: all): a word of the topic
-    (or its plural), any case, ending on the word's last token, as steer.py counts a hit."""
+    (with "s" or "es" after it: text.topic_regex), any case, ending on the word's last token, as steer.py counts a hit."""
     return {f"topic {name}": f"(?i)({text.topic_regex(text.TOPICS[name]['words']).pattern})"
             for name in (topics or sorted(text.TOPICS))}
 

@@ -299,7 +299,9 @@ def make_stories(n, seed=0):
 
 
 def topic_regex(words):
-    """A generation is on topic when it contains one of the words (or its plural) as a word."""
+    """A generation is on topic when it contains one of the words as a word, alone or with "s" or "es"
+    after it, in any case: regular plurals; not irregular ones (snowmen, batteries), and a word such as
+    "stares" counts as "star"."""
     return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:s|es)?\b", re.IGNORECASE)
 
 

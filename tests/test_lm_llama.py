@@ -120,7 +120,7 @@ def test_pattern_masks_of_a_short_text_counted_by_hand():
 
 def test_steering_by_codes_addition_and_prompting_recounted(pipeline, one_thread):
     _, _, argv, r = pipeline
-    args = steer.parser.parse_args(argv)
+    args = steer.settings(argv)[0]
     model, tok = models.load_with_tokenizer(args.ckpt)
     assert list(r["topics"]) == TOPICS
     topics = steer.choose_topics(args)

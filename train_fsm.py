@@ -305,6 +305,11 @@ def evaluation_walks(fsm, args):
     return fsm.encode(fsm.random_walks(args.eval_seqs, torch.Generator().manual_seed(10**6 + args.seed)))
 
 
+def neuron_walks(args):
+    """How many of the evaluation walks the neuron baseline reads (every unit's activations are kept)."""
+    return min(300, args.eval_seqs)
+
+
 def walk_batch(fsm, args, i, rank, world, model=None):
     """Micro-batch i of random walks (inputs, targets) for `rank` of `world` processes, a function of
     its arguments alone (runs.train); with `model`, an interchange batch of it (--interchange)."""
@@ -329,7 +334,7 @@ PRESETS = {
 def settings(argv):
     """The command line, every setting checked, and the two models' configurations built (so a bad
     codebook setting is refused before the baseline trains)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,  # --help after the preset's defaults
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="other defaults for a set of flags (PRESETS in this file); a flag given here wins over its preset")
@@ -374,6 +379,7 @@ def settings(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the FSM, the initialisation and every batch")
     p.add_argument("--out", default="out/fsm", help="output folder")
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
+    p.add_argument("-h", "--help", action="help", help="show this message, with the preset's defaults, and exit")
     args = p.parse_args(argv)
 
     runs.check_settings(args, positive=("num_states", "num_edges", "base", "walk_length", "n_layer", "n_head", "d_model",
@@ -383,6 +389,8 @@ def settings(argv):
                         rates=("lr", "finetune_lr", "codebook_lr"), shares=("interchange",), finite=("beta",))
     if args.beta < 0:
         raise ValueError(f"--beta {args.beta}: the commitment weight must be 0 or more")
+    if not 0 <= args.seed < 2**40:  # batch seeds are seed * 1,000,003 + step: within torch's 64 bits
+        raise ValueError(f"--seed {args.seed}: must be between 0 and 2^40")
     runs.check_device(args.device)
     runs.check_out(args.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -390,14 +398,22 @@ def settings(argv):
         raise ValueError(f"--batch_size {args.batch_size}: must divide among the {world} processes")
     for name in ("attn_codes", "mlp_codes"):  # one count per layer, the last one repeating
         counts = getattr(args, name)
-        if len(counts) > args.n_layer:
+        if len(counts) > args.n_layer and counts != p.get_default(name):  # a default is cut to the layers there are
             raise ValueError(f"--{name}: {len(counts)} code counts for {args.n_layer} layers")
+        counts = counts[:args.n_layer]
         setattr(args, name, counts + counts[-1:] * (args.n_layer - len(counts)))
     fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)  # its own checks
     orphans = (~fsm.legal.any(0)).nonzero()[:, 0].tolist()
     if orphans:
         raise ValueError(f"--seed {args.seed}: states {orphans} of this FSM have no predecessor, so no walk ends "
                          "in them and the interventions cannot be measured: choose another --seed")
+    unseen = (~fsm.state_masks(evaluation_walks(fsm, args)[:neuron_walks(args)]).flatten(1).any(1)).nonzero()[:, 0].tolist()
+    if unseen:  # a state without positions would enter every mean as precision 0
+        raise ValueError(f"--eval_seqs {args.eval_seqs}: the first {neuron_walks(args)} evaluation walks (codes and neurons "
+                         f"are scored on them) never reach states {unseen}: give more --eval_seqs")
+    if args.pairs > args.num_states * (args.num_states - 1):
+        raise ValueError(f"--pairs {args.pairs}: {args.num_states} states make only "
+                         f"{args.num_states * (args.num_states - 1)} pairs (a, b) of distinct states")
     digits = 1 if args.num_states <= args.base else 2
     args.base_config = cb.GPTConfig(vocab_size=args.base + 1, block_size=digits * args.walk_length, n_layer=args.n_layer,
                                     n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp, attn_window=args.attn_window)
@@ -445,7 +461,7 @@ def evaluate(base, model, fsm, eval_tokens, args, saes=None):
           "state_code_recall": recall.mean().item()}
 
     # the neuron baseline: every coordinate of the baseline's attention and MLP outputs, every layer
-    n_seqs = min(300, args.eval_seqs)
+    n_seqs = neuron_walks(args)
     with cb.capture_activations(base) as acts:
         base(eval_tokens[:n_seqs, :-1].to(args.device))
     neurons = torch.cat([acts[i][site].flatten(2).flatten(0, 1).cpu() for i in acts for site in ("attn", "mlp")], 1)

@@ -141,7 +141,7 @@ def test_interchange_batches_show_a_but_carry_b_codes_and_continue_from_b():
 def test_smoke_run_of_the_whole_pipeline(tmp_path):
     argv = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32", "--mlp_codes", "16",
             "--base_steps", "6", "--codebook_steps", "4", "--revive_every", "2", "--batch_size", "8",
-            "--eval_seqs", "40", "--samples", "8", "--pairs", "40", "--walk_length", "16",
+            "--eval_seqs", "50", "--samples", "8", "--pairs", "40", "--walk_length", "16",
             "--sae_steps", "5", "--sae_seqs", "16", "--device", "cpu", "--out", str(tmp_path)]
     T.main(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -190,8 +190,12 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
         assert f'href="#{row["code"]}"' in page and f'id="{row["code"]}"' in page
 
 
-def test_a_flag_given_wins_over_its_preset(tmp_path):
+def test_a_flag_given_wins_over_its_preset(tmp_path, capsys):
     common = ["--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        T.settings(["--preset", "paper", "--help"])
+    assert "width of the residual stream (default: 128)" in " ".join(capsys.readouterr().out.split())  # the preset's
+    assert T.settings(["--n_layer", "1", *common]).mlp_codes == [192]  # the default list, cut to the layers there are
     paper = T.settings(["--preset", "paper", *common])
     assert (paper.n_layer, paper.d_model, paper.attn_codes, paper.interchange) == (4, 128, [10000] * 4, 0.0)
     given = T.settings(["--preset", "paper", "--d_model", "64", "--attn_codes", "32", "--interchange", "0.5", *common])

@@ -25,7 +25,7 @@ from conftest import ENV, ROOT, assert_same, final_state, free_port, run, tiny_m
 
 TINY_FSM = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32",
             "--mlp_codes", "16", "--base_steps", "40", "--codebook_steps", "40", "--revive_every", "7",
-            "--batch_size", "8", "--ckpt_every", "6", "--eval_seqs", "40", "--samples", "8", "--pairs", "40",
+            "--batch_size", "8", "--ckpt_every", "6", "--eval_seqs", "50", "--samples", "8", "--pairs", "40",
             "--walk_length", "16", "--sae_steps", "20", "--sae_seqs", "16", "--device", "cpu"]
 TINY_LM = ["--stories", "600", "--n_layer", "1", "--n_head", "2", "--d_model", "32", "--block_size", "32",
            "--batch_size", "4", "--base_steps", "30", "--codebook_steps", "30", "--num_codes", "16", "--k", "2",
@@ -273,6 +273,11 @@ BAD_SETTINGS = [
     _bad(train_fsm, ["--samples", "0"], "--samples 0: must be a positive integer"),
     _bad(train_fsm, ["--pairs", "0"], "--pairs 0: must be a positive integer"),
     _bad(train_fsm, ["--eval_seqs", "0"], "--eval_seqs 0: must be a positive integer"),
+    _bad(train_fsm, ["--eval_seqs", "5"], "--eval_seqs 5: the first 5 evaluation walks (codes and neurons are scored on them) "
+                                          "never reach states ["),
+    _bad(train_fsm, ["--pairs", "10000"], "--pairs 10000: 100 states make only 9900 pairs (a, b) of distinct states"),
+    _bad(train_fsm, ["--seed", "-1"], "--seed -1: must be between 0 and 2^40"),
+    _bad(train_fsm, ["--seed", str(2**41)], f"--seed {2**41}: must be between 0 and 2^40"),
     _bad(train_fsm, ["--ckpt_every", "0"], "--ckpt_every 0: must be a positive integer"),
     _bad(train_fsm, ["--device", "cuda"], "--device cuda: not available here; this torch build offers cpu"),
     _bad(train_fsm, ["--device", "tpu"], "--device tpu: not available here; this torch build offers cpu"),

@@ -29,7 +29,8 @@ here with dates: years and months barely occur in the rest, and it is in no trai
 topic's words on the held-out stories. OUT/report.html shows the tables.
 
 Tokens are the 256 byte values plus BOS (text.py), so any text works and nothing is downloaded;
-with --hf they are the model's BPE tokens (bpe.py), BOS is its end-of-text token, and a model whose
+with --hf they are the model's BPE tokens (bpe.py), BOS (which separates documents) is the BOS its
+tokenizer names (SmolLM2-Instruct's: <|im_start|>), else its <|endoftext|>, and a model whose
 tokenizer starts every text with a token (Gemma's <bos>) finds it first in every window. Every
 checkpoint holds its tokenizer, so steer.py and models.load_with_tokenizer need nothing else.
 Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.

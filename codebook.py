@@ -153,12 +153,11 @@ class CodebookLayer(nn.Module):
 
     def apply_forcing(self, ids):
         """Overwrite id slots with forced codes, from the least similar slot (section 3.3), at positions
-        None (all), a list (negatives count from the end) or a (batch, seq) bool mask. A head forced
-        again (force_codes nested) fills the slots before those forced already."""
-        end = {}  # head -> the first of its slots forced already
+        None (all), a list (negatives count from the end) or a (batch, seq) bool mask. A position forced
+        again (force_codes nested) takes the least similar slot not forced yet."""
+        ids, seq = ids.clone(), ids.shape[-3]  # a new tensor: the search's ids stay as they were, to compare with
+        free, order = torch.ones_like(ids, dtype=torch.bool), torch.arange(1, self.k + 1, device=ids.device)
         for head, codes, positions in self.forced:
-            m, seq, last = codes.shape[-1], ids.shape[-3], end.get(head, self.k)
-            end[head] = last - m
             if any(size not in (1, n) for size, n in zip(codes.shape[:-1], ids.shape[:-2])):
                 raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
                                  f"{tuple(ids.shape[:-2])}")
@@ -171,9 +170,13 @@ class CodebookLayer(nn.Module):
             else:
                 where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
                 where[[p % seq for p in map(int, positions) if -seq <= p < seq]] = True
-            kept = ids[..., head, last - m:last]
-            ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
-            ids[..., head, last - m:last] = torch.where(where.view(-1, seq, 1), codes.to(ids.device), kept)
+            where, head_ids, head_free = where.view(-1, seq, 1), ids[..., head, :], free[..., head, :]
+            for j in reversed(range(codes.shape[-1])):  # the last code into the least similar free slot, and so on
+                if (where & ~head_free.any(-1, keepdim=True)).any():
+                    raise ValueError(f"more codes forced at one position than its codebook's k={self.k} slots")
+                slot = (head_free * order).argmax(-1, keepdim=True)
+                head_ids.scatter_(-1, slot, torch.where(where, codes[..., j:j + 1].to(ids.device), head_ids.gather(-1, slot)))
+                head_free.scatter_(-1, slot, head_free.gather(-1, slot) & ~where)
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
@@ -346,8 +349,8 @@ class CodebookModel(nn.Module):
         effect. Keys and values are cached, unless a code is forced at chosen positions only or
         activations are replaced."""
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
-        if idx.shape[1] + max_new_tokens > self.config.block_size and any(
-                positions is not None and (torch.is_tensor(positions) or max(map(int, positions)) >= 0) for _, positions in forced):
+        if idx.shape[1] + max_new_tokens - 1 > self.config.block_size and any(  # the last forward's input outgrows it
+                positions is not None and (torch.is_tensor(positions) or any(int(p) >= 0 for p in positions)) for _, positions in forced):
             raise ValueError(f"codes forced at chosen positions would move once the text outgrows block_size="
                              f"{self.config.block_size}: generate fewer tokens, or force at every position or from the end")
         whole_sequence = all(positions is None and codes.shape[1] == 1 for codes, positions in forced) \
@@ -544,9 +547,8 @@ def force_codes(model, codes, positions=None):
     of positions (negative from the end), or a (batch, seq) bool mask."""
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
-        count = ids.shape[-1] + sum(earlier.shape[-1] for h, earlier, _ in cb.forced if h == head)  # nested: these too
-        if count > cb.k:
-            raise ValueError(f"{count} codes forced on one codebook, but it has only k={cb.k} slots")
+        if ids.shape[-1] > cb.k:
+            raise ValueError(f"{ids.shape[-1]} codes forced on one codebook, but it has only k={cb.k} slots")
         forced.setdefault(cb, list(cb.forced)).append((head, ids, positions))
     with _set_within(list(forced), "forced", list(forced.values())):
         yield model

@@ -69,7 +69,8 @@ parser.add_argument("--codes", default="", help="force these codes (L0.H3.517,..
 parser.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
 parser.add_argument("--samples", type=int, default=10, help="samples per prompt")
 parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-parser.add_argument("--new_bytes", type=int, default=0, help="bytes (tokens of a BPE model) to generate (0: fill the context window)")
+parser.add_argument("--new_bytes", type=int, default=0, help="bytes (tokens of a BPE model) to generate (0: as many as fit "
+                    "after the prompting baseline's longest request, for every method)")
 parser.add_argument("--contexts", type=int, default=3, help="top-activating contexts printed per code (report.html shows at least 5)")
 parser.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
 parser.add_argument("--browse", action="store_true", help="write only the code browser of --ckpt (any language model with codebooks) to OUT/report.html")
@@ -83,8 +84,8 @@ SHOWN = 3  # samples per condition shown side by side in report.html (of the fir
 
 def sample(model, prompts, args, seed, tokenizer=BYTES, request=()):
     """args.samples continuations of each prompt (all of one length in tokens), sampled as one batch:
-    (tokens (prompts x samples, block) with BOS + prompt first, prompt i's samples rows i x samples on;
-    length of BOS + prompt). The same seed gives the same random numbers under every intervention.
+    (tokens (prompts x samples, BOS + prompt + new_tokens()) with BOS + prompt first, prompt i's samples
+    rows i x samples on; length of BOS + prompt). The same seed gives the same random numbers under every intervention.
     request: token ids before the prompt instead of BOS (prompting: a chat turn asking for the
     topic); they are cut from what is returned, which starts with BOS + prompt all the same."""
     first = list(request) or [tokenizer.bos]
@@ -203,7 +204,8 @@ def settings(argv):
     if not cfg.codebooks or ("attn" not in cfg.codebooks and not args.browse):
         raise ValueError(f"{args.ckpt} is not a language model with {'' if args.browse else 'attention '}codebooks (train it with train_lm.py)")
     trained = (runs.load_checkpoint(args.ckpt, mmap=True).get("run") or {}).get("settings") or {}
-    if not args.reference and str(trained.get("data", "")).startswith("stories-") and trained.get("seed") == args.seed + 1:
+    if not (args.reference or args.codes) and str(trained.get("data", "")).startswith("stories-") \
+            and trained.get("seed") == args.seed + 1:
         raise ValueError(f"--seed {args.seed}: the reference stories (seed {args.seed + 1}) would be the stories {args.ckpt} was "
                          f"trained on (train_lm.py --seed {args.seed + 1}): give steer.py another --seed")
     steering = not (args.codes or args.browse)  # then prompting puts a request before each prompt

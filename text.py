@@ -369,8 +369,8 @@ def is_binary(path):
     with open(path, "rb") as f:
         head = f.read(8192)
     if b"\0" in head and head.startswith((b"\xff\xfe", b"\xfe\xff", b"\0\0\xfe\xff")):
-        raise ValueError(f"data file {path} is UTF-16 or UTF-32 text: convert it to UTF-8 "
-                         "(iconv -t UTF-8), or leave it out with --include")
+        raise ValueError(f"data file {path} is UTF-16 or UTF-32 text: convert it to UTF-8 (iconv -t UTF-8), "
+                         "or move it out of the folder")
     return b"\0" in head
 
 

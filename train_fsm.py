@@ -307,7 +307,7 @@ def evaluation_walks(fsm, args):
 
 def neuron_walks(args):
     """How many of the evaluation walks the neuron baseline reads (every unit's activations are kept)."""
-    return min(300, args.eval_seqs)
+    return min(NEURON_WALKS, args.eval_seqs)
 
 
 def walk_batch(fsm, args, i, rank, world, model=None):
@@ -320,6 +320,8 @@ def walk_batch(fsm, args, i, rank, world, model=None):
     tokens = fsm.encode(walks)
     return tokens[:, :-1], tokens[:, 1:]
 
+
+NEURON_WALKS = 300  # the neuron baseline keeps every unit's activations on this many evaluation walks
 
 # --preset NAME: other defaults for a set of flags; a flag given on the command line wins over them
 PRESETS = {
@@ -398,7 +400,7 @@ def settings(argv):
         raise ValueError(f"--batch_size {args.batch_size}: must divide among the {world} processes")
     for name in ("attn_codes", "mlp_codes"):  # one count per layer, the last one repeating
         counts = getattr(args, name)
-        if len(counts) > args.n_layer and counts != p.get_default(name):  # a default is cut to the layers there are
+        if len(counts) > args.n_layer and counts is not p.get_default(name):  # a default (not typed) is cut to the layers
             raise ValueError(f"--{name}: {len(counts)} code counts for {args.n_layer} layers")
         counts = counts[:args.n_layer]
         setattr(args, name, counts + counts[-1:] * (args.n_layer - len(counts)))
@@ -409,8 +411,9 @@ def settings(argv):
                          "in them and the interventions cannot be measured: choose another --seed")
     unseen = (~fsm.state_masks(evaluation_walks(fsm, args)[:neuron_walks(args)]).flatten(1).any(1)).nonzero()[:, 0].tolist()
     if unseen:  # a state without positions would enter every mean as precision 0
-        raise ValueError(f"--eval_seqs {args.eval_seqs}: the first {neuron_walks(args)} evaluation walks (codes and neurons "
-                         f"are scored on them) never reach states {unseen}: give more --eval_seqs")
+        raise ValueError(f"--eval_seqs {args.eval_seqs}: the first {neuron_walks(args)} evaluation walks (the neurons' and "
+                         f"the codes') never reach states {unseen}: give " + ("more --eval_seqs" if args.eval_seqs < NEURON_WALKS
+                                                                           else "a longer --walk_length or another --seed"))
     if args.pairs > args.num_states * (args.num_states - 1):
         raise ValueError(f"--pairs {args.pairs}: {args.num_states} states make only "
                          f"{args.num_states * (args.num_states - 1)} pairs (a, b) of distinct states")

@@ -82,9 +82,11 @@ def test_generation_with_the_key_value_cache_is_the_full_recomputation(window):
             expected = recompute(prompt, 14, torch.Generator().manual_seed(5))  # past block_size 16 too
             assert torch.equal(model.generate(prompt, 14, generator=torch.Generator().manual_seed(5)), expected)
     with cb.force_codes(model, ["L0.H2.5"], positions=[1, -1]):  # position 1 of the text would move
-        assert model.generate(prompt, 11).shape == (3, 16)
+        assert model.generate(prompt, 12).shape == (3, 17)  # the last forward reads 16 tokens: nothing moved yet
         with pytest.raises(ValueError, match="would move once the text outgrows block_size=16"):
-            model.generate(prompt, 12)
+            model.generate(prompt, 13)
+    with cb.force_codes(model, ["L0.H2.5"], positions=[]):
+        assert model.generate(prompt, 14).shape == (3, 19)
 
     def patch_first_position(x):
         x = x.clone()
@@ -308,8 +310,12 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
         nested = cb.record_codes(model)["L1.H2"]
         assert (nested[:, [3, 15]] == torch.tensor([9, 7])).all()  # the inner code in the slot before the outer's
         assert torch.equal(nested[:, 4:15], clean["L1.H2"][:, 4:15])
-        with pytest.raises(ValueError, match="3 codes forced on one codebook, but it has only k=2 slots"):
-            cb.force_codes(model, ["L1.H2.5"]).__enter__()
+        with cb.force_codes(model, ["L1.H2.5"], positions=[4]):  # another position: its least similar slot
+            model(x)
+            assert (cb.record_codes(model)["L1.H2"][:, 4] == torch.stack([clean["L1.H2"][:, 4, 0], torch.full((4,), 5)], -1)).all()
+        with cb.force_codes(model, ["L1.H2.5"], positions=[3]), pytest.raises(ValueError, match="more codes forced at one "
+                                                                               "position than its codebook's k=2 slots"):
+            model(x)
     layer = model.blocks[1].codebooks["attn"]
     with cb.force_codes(model, {"L1.H2": [5]}):
         out = layer(torch.randn(4, 16, 4, 8))

@@ -196,6 +196,10 @@ def test_a_flag_given_wins_over_its_preset(tmp_path, capsys):
         T.settings(["--preset", "paper", "--help"])
     assert "width of the residual stream (default: 128)" in " ".join(capsys.readouterr().out.split())  # the preset's
     assert T.settings(["--n_layer", "1", *common]).mlp_codes == [192]  # the default list, cut to the layers there are
+    with pytest.raises(ValueError, match="--mlp_codes: 2 code counts for 1 layers"):  # a list typed is not cut
+        T.settings(["--n_layer", "1", "--mlp_codes", "192,512", *common])
+    with pytest.raises(ValueError, match="--eval_seqs 2000: the first 300 evaluation walks .* give a longer --walk_length"):
+        T.settings(["--walk_length", "2", "--eval_seqs", "2000", *common])
     paper = T.settings(["--preset", "paper", *common])
     assert (paper.n_layer, paper.d_model, paper.attn_codes, paper.interchange) == (4, 128, [10000] * 4, 0.0)
     given = T.settings(["--preset", "paper", "--d_model", "64", "--attn_codes", "32", "--interchange", "0.5", *common])

@@ -174,6 +174,8 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert whole.longest_request == len(request) > 1
     with pytest.raises(ValueError, match=r"--seed -1: the reference stories \(seed 0\) would be the stories .* was trained on"):
         steer.settings(steer_args + ["--seed", "-1"])  # the run's training seed is 0
+    steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--out", str(tmp_path / "codes"), "--codes", "L0.H0.1",
+                    "--seed", "-1"])  # forcing codes reads no reference stories
     for asking in ((), request):
         tokens, n = steer.sample(model, steer.PROMPTS[:1], whole, 0, tok, asking)
         assert n == 1 + len(tok.encode(steer.PROMPTS[0])) and tokens.shape[1] == model.config.block_size + 1 - len(request)

@@ -273,8 +273,8 @@ BAD_SETTINGS = [
     _bad(train_fsm, ["--samples", "0"], "--samples 0: must be a positive integer"),
     _bad(train_fsm, ["--pairs", "0"], "--pairs 0: must be a positive integer"),
     _bad(train_fsm, ["--eval_seqs", "0"], "--eval_seqs 0: must be a positive integer"),
-    _bad(train_fsm, ["--eval_seqs", "5"], "--eval_seqs 5: the first 5 evaluation walks (codes and neurons are scored on them) "
-                                          "never reach states ["),
+    _bad(train_fsm, ["--eval_seqs", "5"], "--eval_seqs 5: the first 5 evaluation walks (the neurons' and the codes') never "
+                                          "reach states ["),
     _bad(train_fsm, ["--pairs", "10000"], "--pairs 10000: 100 states make only 9900 pairs (a, b) of distinct states"),
     _bad(train_fsm, ["--seed", "-1"], "--seed -1: must be between 0 and 2^40"),
     _bad(train_fsm, ["--seed", str(2**41)], f"--seed {2**41}: must be between 0 and 2^40"),

@@ -141,7 +141,7 @@ def write(path, title, sections, subtitle=""):
     text = page(title, sections, subtitle)
 
     def write_text(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:  # a name not in UTF-8: shown escaped
             f.write(text)
     runs.write_atomically(path, write_text)
     return path

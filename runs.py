@@ -168,6 +168,10 @@ def write_atomically(path, write):
             os.remove(tmp)
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not write {path} ({reason}); what was there before is unchanged") from None
+    except BaseException:  # any other failure (a bug, Ctrl-C): no half-written file stays behind either
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _writer_alive(pid):

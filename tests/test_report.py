@@ -138,6 +138,8 @@ def test_the_page_is_one_file_that_requests_nothing_and_escapes_its_text(run, tm
     assert page.count("<script") == 1 and page.count("</script>") == 1  # the page's own script
     assert "<i>accuracy</i>" not in page and "&lt;i&gt;accuracy&lt;/i&gt;" in page
     assert "<b>\"&" not in page and "&lt;/script&gt;&lt;b&gt;&quot;&amp;" in page
+    odd = report.write(str(tmp_path / "odd.html"), "caf\udce9", [], subtitle="python steer.py --reference caf\udce9.txt")
+    assert "caf\\udce9" in open(odd, encoding="utf-8").read()  # a name not in UTF-8 (kept by Python as a surrogate)
     titled = report.page("t", [report.section(title) for title in ("Codes", "日本語", "中文", "Codes")])
     anchors = re.findall(r'<section id="([^"]+)"', titled)
     assert len(set(anchors)) == 4 and re.findall(r'href="#([^"]+)"', titled) == anchors  # one anchor per section

@@ -144,6 +144,13 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
         runs.save_checkpoint(path, tiny_model())
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
 
+    def broken(tmp):  # any other failure too leaves no half-written file
+        open(tmp, "w").write("half")
+        raise KeyError("a bug")
+    with pytest.raises(KeyError):
+        runs.write_atomically(path, broken)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
+
 
 def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -615,7 +615,8 @@ def write_page(results, fsm, model, eval_tokens, args, command):
     labels = torch.where(masks.any(0), masks.float().argmax(0), -1)
     browser = pages.code_browser_data(model, tokens, labels=labels, label_names=[f"state {s}" for s in range(fsm.num_states)],
                                       max_cards=args.cards or None, before=13, after=4, recorded=(ids, scores),
-                                      always=[r["code"] for r in c["states"]], position_text=position_text)
+                                      always=[r["code"] for r in c["states"]] + [f"{best}.{u}" for u in used],  # the heat map's links
+                                      position_text=position_text)
 
     return pages.write(os.path.join(args.out, "report.html"), "TokFSM: codebook features", [
         pages.section("Results", table, note=f"{fsm.num_states} states x {args.num_edges} edges; model {args.n_layer} layers x "

@@ -1,5 +1,6 @@
 """TokFSM: the data, the metrics on hand-built cases, and a smoke run of the whole pipeline."""
 import json
+import re
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     saes = sae.load_saes(str(tmp_path / "sae.pt"))
     assert {key: (s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (32, 1), (0, "mlp"): (16, 1)}
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
-    without = T.main(argv + ["--no-sae"])
+    without = T.main(argv + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
     assert without["codebook"] == saved["codebook"] and "sae" not in without
     assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())
@@ -188,6 +189,7 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     assert len(saved["codebook"]["states"]) == 100
     for row in saved["codebook"]["states"]:
         assert f'href="#{row["code"]}"' in page and f'id="{row["code"]}"' in page
+    assert set(re.findall(r'href="#([^"]+)"', page)) <= set(re.findall(r'id="([^"]+)"', page))  # no link leads nowhere
 
 
 def test_a_flag_given_wins_over_its_preset(tmp_path, capsys):

@@ -89,7 +89,9 @@ def fmt(value):
 
 
 def pct(value, digits=1):
-    return f"{100 * value:.{digits}f}%"
+    """A share as a percentage; one that rounds to zero but is not zero shows as under the last digit."""
+    shown = f"{100 * value:.{digits}f}"
+    return f"<{10 ** -digits:.{digits}f}%" if value > 0 and float(shown) == 0 else f"{shown}%"
 
 
 class Section:

@@ -146,6 +146,8 @@ def test_the_page_is_one_file_that_requests_nothing_and_escapes_its_text(run, tm
 
 
 def test_charts_take_odd_data():
+    # a share that rounds to zero is not shown as none (2 dead codes of 8,192)
+    assert [report.pct(v) for v in (0, 2 / 8192, 0.5)] == ["0.0%", "<0.1%", "50.0%"] and report.pct(2e-5, 2) == "<0.01%"
     assert report.line_chart([{"name": "x", "x": [0, 1], "y": [float("nan"), None]}]).startswith("<p")
     def ticks(svg, anchor):  # {label: its x (x axis, anchor middle) or the y of its grid line (y axis, anchor end)}
         found = re.findall(rf'<text x="([\d.]+)" y="([\d.]+)" text-anchor="{anchor}" class="tick">([^<]*)<', svg)

@@ -552,7 +552,7 @@ def code_browser(data, label_kind="label"):
                             class_="codebook", id=b["address"], style=f"contain-intrinsic-size:auto {guess}px"))
     search = tag("div", join([
         Markup('<input id="code-search" type="search" autocomplete="off" spellcheck="false" '
-               'placeholder="filter cards: an address (L1.H2, L1.H2.517) or text from a context">'),
+               'placeholder="filter cards: an address (L1.H2, L1.H2.517) or text of their contexts">'),
         tag("span", "", id="code-count", class_="note")]), class_="search")
     help_text = (f"Each card: how often the code fires, its best {label_kind} by F1 (precision P, recall R), "
                  "and the contexts where it fires most strongly, the firing token marked."
@@ -646,15 +646,18 @@ SCRIPT = """
   var books = Array.prototype.slice.call(document.querySelectorAll('.codebook'));
   var count = document.getElementById('code-count');
   var texts = null;
-  function apply() {
-    var q = box.value.trim().toLowerCase(), shown = 0;
-    if (texts === null) texts = cards.map(function (c) { return (c.id + ' ' + c.textContent).toLowerCase(); });
+  function apply() {  // an address: its codebook's cards or its card; any other text: the cards whose contexts hold it
+    var q = box.value.toLowerCase(), address = /^\\s*(l\\d+\\.(h\\d+|mlp|block)(\\.\\d+)?)\\.?\\s*$/.exec(q), shown = 0;
+    if (texts === null) texts = cards.map(function (c) {
+      return Array.prototype.map.call(c.querySelectorAll('.ctx'), function (x) { return x.textContent; }).join('\\n').toLowerCase();
+    });
     cards.forEach(function (c, i) {
-      var ok = !q || texts[i].indexOf(q) >= 0 || c.id.toLowerCase() === q;
+      var id = c.id.toLowerCase();
+      var ok = !q.trim() || (address ? id === address[1] || id.indexOf(address[1] + '.') === 0 : texts[i].indexOf(q) >= 0);
       c.hidden = !ok; if (ok) shown++;
     });
-    books.forEach(function (b) { b.hidden = !!q && !b.querySelector('.card:not([hidden])'); });
-    count.textContent = q ? shown + ' of ' + cards.length + ' cards' : cards.length + ' cards';
+    books.forEach(function (b) { b.hidden = !!q.trim() && !b.querySelector('.card:not([hidden])'); });
+    count.textContent = q.trim() ? shown + ' of ' + cards.length + ' cards' : cards.length + ' cards';
   }
   var timer = null;
   box.addEventListener('input', function () { clearTimeout(timer); timer = setTimeout(apply, 60); });
@@ -662,10 +665,16 @@ SCRIPT = """
     a.addEventListener('click', function () { box.value = ''; apply(); });
   });
   function reveal() {  // a link to a card the filter hides: clear the filter, then go there
-    var id = decodeURIComponent(location.hash.slice(1)), el = id && document.getElementById(id);
+    var id = location.hash.slice(1);
+    try { id = decodeURIComponent(id); } catch (e) {}  // a stray '%': the id as written
+    var el = id && document.getElementById(id);
     if (el && el.closest('[hidden]')) { box.value = ''; apply(); el.scrollIntoView(); }
   }
   window.addEventListener('hashchange', reveal);
+  document.addEventListener('click', function (e) {  // the same link again changes no hash
+    var a = e.target.closest && e.target.closest('a[href^="#"]');
+    if (a) setTimeout(reveal, 0);
+  });
   count.textContent = cards.length + ' cards';
 })();
 """

@@ -218,13 +218,17 @@ def test_browser_search_hides_the_cards_that_do_not_match(browser, opened):
     box.send_keys(book["address"] + ".")
     expected = sorted(c["address"] for c in book["cards"])
     WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: sorted(d.execute_script(visible)) == expected)
+    clear()  # a code's address: its card, not those whose ids start alike (L0.H1.5, not L0.H1.50)
+    card = book["cards"][0]["address"]
+    box.send_keys(card)
+    WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: d.execute_script(visible) == [card])
     # by context text: a piece of one card's context; the cards shown are exactly those holding it
     clear()
     piece = data["codebooks"][0]["cards"][0]["contexts"][0]
     query = (piece["left"][-2:] + piece["token"] + piece["right"][:1]).lower()
     box.send_keys(query)
-    holds = f"""return Array.from(document.querySelectorAll('.card')).filter(c =>
-                  (c.id + ' ' + c.textContent).toLowerCase().indexOf({query!r}) >= 0).map(c => c.id)"""
+    holds = f"""return Array.from(document.querySelectorAll('.card')).filter(c => Array.from(c.querySelectorAll('.ctx'))
+                  .map(x => x.textContent).join('\\n').toLowerCase().indexOf({query!r}) >= 0).map(c => c.id)"""
     WebDriverWait(browser, 5, poll_frequency=0.05).until(lambda d: sorted(d.execute_script(visible)) == sorted(d.execute_script(holds)))
     shown = browser.execute_script(visible)
     assert data["codebooks"][0]["cards"][0]["address"] in shown

@@ -377,6 +377,9 @@ def _positions_by_code(ids, counts):
     return order, counts.cumsum(0) - counts
 
 
+MAX_CARDS = 20_000  # cards in a page when every code that fires would make more (about 1.5 KB each)
+
+
 def code_browser_data(model, tokens, token_text=None, labels=None, label_names=None, max_cards=100, contexts=5,
                       before=12, after=4, separator="", always=(), recorded=None, position_text=None, batch_size=64):
     """What every code of every codebook does on a reference set, as plain data.
@@ -384,7 +387,8 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
     tokens (rows, seq): the reference set, fed as model inputs. token_text: display text per token id
     (a list or a function), or position_text: one string per position (rows of strings). labels (rows, seq) ints, -1 where a position has none, with label_names
     their names: then every code's best label (by F1) with its precision and recall (section 4).
-    Per codebook, cards for the max_cards most frequent codes (None: every code that fires), each with its `contexts` strongest
+    Per codebook, cards for the max_cards most frequent codes (None: every code that fires, unless the page would
+    hold more than MAX_CARDS cards; then as many per codebook as make MAX_CARDS), each with its `contexts` strongest
     firings, `before` and `after` tokens around the firing one; codes in `always` (addresses such
     as "L1.H2.517") get a card whatever their rank, a "never fires" card if they do not fire.
     recorded: (ids, scores) from cb.record_dataset(model, tokens), when the caller has them."""
@@ -421,6 +425,8 @@ def code_browser_data(model, tokens, token_text=None, labels=None, label_names=N
         extra.setdefault(str(a.codebook), []).append(a.code)
 
     ids, scores = recorded if recorded is not None else cb.record_dataset(model, tokens, batch_size)
+    if max_cards is None and sum(int(ids[a].unique().numel()) for a, _, _ in heads) > MAX_CARDS:
+        max_cards = max(1, MAX_CARDS // len(heads))  # a pretrained model's hundreds of codebooks: a page of MAX_CARDS
     label_rows = labels.tolist() if labels is not None else None
     seq = tokens.shape[1]
     codebooks = []

@@ -72,7 +72,7 @@ parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
 parser.add_argument("--new_bytes", type=int, default=0, help="bytes (tokens of a BPE model) to generate (0: as many as fit "
                     "after the prompting baseline's longest request, for every method)")
 parser.add_argument("--contexts", type=int, default=3, help="top-activating contexts printed per code (report.html shows at least 5)")
-parser.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
+parser.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires, up to 20,000 cards in all)")
 parser.add_argument("--browse", action="store_true", help="write only the code browser of --ckpt (any language model with codebooks) to OUT/report.html")
 parser.add_argument("--seed", type=int, default=0, help="seed of the samples and the reference stories")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")

@@ -369,7 +369,7 @@ def settings(argv):
     p.add_argument("--pairs", type=int, default=2000, help="(a, b) state pairs for interventions")
     p.add_argument("--ckpt_every", type=int, default=100, help="checkpoint every this many steps...")
     p.add_argument("--ckpt_seconds", type=int, default=120, help="...or this many seconds, whichever comes first")
-    p.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires)")
+    p.add_argument("--cards", type=int, default=0, help="code cards per codebook in report.html, most frequent first (0: every code that fires, up to 20,000 cards in all)")
     p.add_argument("--sae", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit TopK SAEs to the frozen baseline at the codebook sites and compare")
     p.add_argument("--sae_steps", type=int, default=400, help="Adam steps of each SAE, 512 cached activations each")

@@ -85,6 +85,16 @@ def test_cards_count_the_recorded_codes_and_hold_their_strongest_contexts(run):
             assert card["label"]["recall"] == pytest.approx(recall[best])
 
 
+def test_every_code_that_fires_gets_a_card_up_to_a_page_of_max_cards(run, monkeypatch):
+    everything = browser_data(run, max_cards=None)
+    firing = [len(b["cards"]) for b in everything["codebooks"]]
+    assert firing == [int(ids.unique().numel()) for ids in cb.record_dataset(run[0], run[1])[0].values()]
+    monkeypatch.setattr(report, "MAX_CARDS", sum(firing) - 1)  # one card too many: each codebook gets its share
+    capped = browser_data(run, max_cards=None)
+    share = (sum(firing) - 1) // len(firing)
+    assert [len(b["cards"]) for b in capped["codebooks"]] == [min(n, share) for n in firing]
+
+
 def test_a_code_that_never_fires_gets_its_card_when_asked_for(run, tmp_path):
     data = browser_data(run, max_cards=1)
     book = data["codebooks"][-1]  # L1.MLP: 40 codes, some of them unused on 12 x 16 tokens

@@ -478,16 +478,16 @@ def ranked_codes(stats, t, n=20):
 
 
 def token_text(tok):
-    """How a token shows in a context: a byte as a printable character (a pilcrow for BOS, the
-    start of a text), a BPE token as its text; line breaks and tabs as visible signs."""
+    """How a token shows in a context: a pilcrow for BOS (the start of a text), line breaks and tabs as
+    visible signs, a token's other text as it is but for what would not show: other control characters,
+    and bytes of a character the token holds only part of, as escapes (\\x00, \\xe6)."""
     visible = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
     def shown(token):
         if token == tok.bos:
             return "¶"
-        if tok.kind == "bytes" and not 32 <= token < 127:
-            return visible.get(chr(token), f"\\x{token:02x}")
-        return "".join(visible.get(ch, ch) for ch in tok.decode([token], skip_special=True))
+        text = tok.bytes_of(token).decode("utf-8", errors="backslashreplace")
+        return "".join(visible.get(ch, ch if ch.isprintable() or ch == " " else repr(ch)[1:-1]) for ch in text)
     return shown
 
 

@@ -16,7 +16,7 @@ import sae
 import steer
 import text
 import train_lm
-from conftest import ROOT, assert_same, final_state, free_port, run
+from conftest import ROOT, assert_same, chat_bpe, final_state, free_port, run
 
 # a model small enough to train in seconds: every flag of train_lm.py
 TINY = ["--stories", "1200", "--n_layer", "2", "--n_head", "2", "--d_model", "32", "--block_size", "64",
@@ -244,3 +244,13 @@ def test_torchrun_ddp_runs_and_resumes_exactly(tmp_path):
     two_processes(drill)
     assert json.load(open(drill / "ddp" / "results.json"))["processes"] == 2
     assert_same(final_state(drill / "ddp"), final_state(uninterrupted / "ddp"))
+
+
+def test_a_token_shows_in_a_context_as_what_it_holds():
+    """Bytes of a character split over tokens, and control characters, as escapes; line breaks as signs."""
+    shown = steer.token_text(text.ByteTokenizer())
+    assert [shown(t) for t in (65, 10, 0, 0x7f, 0xe6, text.BOS)] == ["A", "↵", "\\x00", "\\x7f", "\\xe6", "¶"]
+    tok = chat_bpe()  # every byte a token: "東" is three of them
+    shown = steer.token_text(tok)
+    assert [shown(t) for t in tok.encode("東 x\x1b\té")] == ["\\xe6", "\\x9d", "\\xb1", " ", "x", "\\x1b", "⇥", "\\xc3", "\\xa9"]
+    assert shown(tok.eos) == "<|im_end|>" and shown(tok.bos) == "¶"

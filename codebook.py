@@ -152,30 +152,23 @@ class CodebookLayer(nn.Module):
         return ids + torch.arange(self.heads, device=ids.device)[:, None] * self.num_codes
 
     def apply_forcing(self, ids):
-        """Overwrite id slots with forced codes, from the least similar slot (section 3.3), at positions
-        None (all), a list (negatives count from the end) or a (batch, seq) bool mask. A position forced
-        again (force_codes nested) takes the least similar slot not forced yet."""
-        ids, seq = ids.clone(), ids.shape[-3]  # a new tensor: the search's ids stay as they were, to compare with
-        free, order = torch.ones_like(ids, dtype=torch.bool), torch.arange(1, self.k + 1, device=ids.device)
+        """Overwrite id slots with forced codes (section 3.3): each takes the least similar slot not forced
+        yet at its positions, so force_codes nested fills the slots before those of the outer one."""
+        ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
+        free = torch.ones_like(ids, dtype=torch.bool)
+        slot_number = torch.arange(1, self.k + 1, device=ids.device)  # argmax of free * slot_number: the last free slot
         for head, codes, positions in self.forced:
             if any(size not in (1, n) for size, n in zip(codes.shape[:-1], ids.shape[:-2])):
                 raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
                                  f"{tuple(ids.shape[:-2])}")
-            if positions is None:
-                where = torch.ones(seq, dtype=torch.bool, device=ids.device)
-            elif torch.is_tensor(positions) and positions.dtype == torch.bool:
-                if positions.shape[-1] != seq:
-                    raise ValueError(f"a mask of forced positions covers {positions.shape[-1]} positions, the input {seq}")
-                where = positions.to(ids.device)
-            else:
-                where = torch.zeros(seq, dtype=torch.bool, device=ids.device)
-                where[[p % seq for p in map(int, positions) if -seq <= p < seq]] = True
-            where, head_ids, head_free = where.view(-1, seq, 1), ids[..., head, :], free[..., head, :]
+            where = forced_positions(positions, ids.shape[-3], ids.device)  # (batch | 1, seq, 1)
+            head_ids, head_free = ids[..., head, :], free[..., head, :]  # views: writing them writes ids and free
             for j in reversed(range(codes.shape[-1])):  # the last code into the least similar free slot, and so on
                 if (where & ~head_free.any(-1, keepdim=True)).any():
                     raise ValueError(f"more codes forced at one position than its codebook's k={self.k} slots")
-                slot = (head_free * order).argmax(-1, keepdim=True)
-                head_ids.scatter_(-1, slot, torch.where(where, codes[..., j:j + 1].to(ids.device), head_ids.gather(-1, slot)))
+                slot = (head_free * slot_number).argmax(-1, keepdim=True)
+                code = torch.where(where, codes[..., j:j + 1].to(ids.device), head_ids.gather(-1, slot))
+                head_ids.scatter_(-1, slot, code)
                 head_free.scatter_(-1, slot, head_free.gather(-1, slot) & ~where)
         return ids
 
@@ -217,6 +210,20 @@ class CodebookLayer(nn.Module):
         for statistic in (self.usage, self.recon_sum, self.token_count):
             statistic.zero_()
         return int(dead.sum()) if pool is not None else 0
+
+
+def forced_positions(positions, seq, device):
+    """Where codes are forced, as bool (batch | 1, seq, 1): positions None (all), a list (negatives count
+    from the end) or a (batch, seq) bool mask."""
+    if positions is None:
+        return torch.ones(1, seq, 1, dtype=torch.bool, device=device)
+    if torch.is_tensor(positions) and positions.dtype == torch.bool:
+        if positions.shape[-1] != seq:
+            raise ValueError(f"a mask of forced positions covers {positions.shape[-1]} positions, the input {seq}")
+        return positions.to(device).view(-1, seq, 1)
+    where = torch.zeros(1, seq, 1, dtype=torch.bool, device=device)
+    where[0, [p % seq for p in map(int, positions) if -seq <= p < seq]] = True
+    return where
 
 
 class StraightThrough(torch.autograd.Function):
@@ -349,8 +356,9 @@ class CodebookModel(nn.Module):
         effect. Keys and values are cached, unless a code is forced at chosen positions only or
         activations are replaced."""
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
-        if idx.shape[1] + max_new_tokens - 1 > self.config.block_size and any(  # the last forward's input outgrows it
-                positions is not None and (torch.is_tensor(positions) or any(int(p) >= 0 for p in positions)) for _, positions in forced):
+        counted_from_start = [positions for _, positions in forced if positions is not None and (
+            torch.is_tensor(positions) or any(int(p) >= 0 for p in positions))]  # these move when the window slides
+        if counted_from_start and idx.shape[1] + max_new_tokens - 1 > self.config.block_size:  # the last input outgrows it
             raise ValueError(f"codes forced at chosen positions would move once the text outgrows block_size="
                              f"{self.config.block_size}: generate fewer tokens, or force at every position or from the end")
         whole_sequence = all(positions is None and codes.shape[1] == 1 for codes, positions in forced) \

@@ -152,24 +152,23 @@ class CodebookLayer(nn.Module):
         return ids + torch.arange(self.heads, device=ids.device)[:, None] * self.num_codes
 
     def apply_forcing(self, ids):
-        """Overwrite id slots with forced codes (section 3.3): each takes the least similar slot not forced
-        yet at its positions, so force_codes nested fills the slots before those of the outer one."""
+        """Overwrite id slots with forced codes (section 3.3): a forcing's m codes take the m least similar
+        slots not forced yet at its positions, so force_codes nested fills the slots before the outer one's."""
         ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
-        free = torch.ones_like(ids, dtype=torch.bool)
-        slot_number = torch.arange(1, self.k + 1, device=ids.device)  # argmax of free * slot_number: the last free slot
+        taken = torch.zeros(ids.shape[:-1], dtype=torch.long, device=ids.device)  # (..., heads): slots forced so far
         for head, codes, positions in self.forced:
             if any(size not in (1, n) for size, n in zip(codes.shape[:-1], ids.shape[:-2])):
                 raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
                                  f"{tuple(ids.shape[:-2])}")
             where = forced_positions(positions, ids.shape[-3], ids.device)  # (batch | 1, seq, 1)
-            head_ids, head_free = ids[..., head, :], free[..., head, :]  # views: writing them writes ids and free
-            for j in reversed(range(codes.shape[-1])):  # the last code into the least similar free slot, and so on
-                if (where & ~head_free.any(-1, keepdim=True)).any():
-                    raise ValueError(f"more codes forced at one position than its codebook's k={self.k} slots")
-                slot = (head_free * slot_number).argmax(-1, keepdim=True)
-                code = torch.where(where, codes[..., j:j + 1].to(ids.device), head_ids.gather(-1, slot))
-                head_ids.scatter_(-1, slot, code)
-                head_free.scatter_(-1, slot, head_free.gather(-1, slot) & ~where)
+            m = codes.shape[-1]
+            first = self.k - taken[..., head, None] - m  # (batch, seq, 1): the slot the first code takes
+            if (where & (first < 0)).any():
+                raise ValueError(f"more codes forced at one position than its codebook's k={self.k} slots")
+            slots = first.clamp_min(0) + torch.arange(m, device=ids.device)
+            forced = ids[..., head, :].scatter(-1, slots, codes.to(ids.device).expand(slots.shape))
+            ids[..., head, :] = torch.where(where, forced, ids[..., head, :])
+            taken[..., head] += where[..., 0] * m
         return ids
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):

@@ -26,7 +26,9 @@ def neuron_precision_at_recall(acts, masks, recalls, signs=(1, -1)):
             n_pos = int(mask.sum())
             if n_pos == 0:
                 continue
-            need = max(1, math.ceil(recall * n_pos - 1e-9))  # mask positions that must be at or above it
+            # mask positions that must be at or above it; a code's recall hits / n_pos comes as float32,
+            # which may round it up: read to float32's precision, it asks for those hits, not one more
+            need = max(1, math.ceil(recall * n_pos * (1 - 2**-23)))
             inside = signed[mask]
             threshold = inside.topk(need, dim=0).values[-1]  # (D,)
             fires = len(acts) - torch.searchsorted(ordered, threshold[:, None].contiguous())[:, 0]

@@ -5,7 +5,6 @@ has a chat format; headless Chromium; a free port for runs of two processes, and
 (killed at a chosen step, if asked) and comparing what two runs wrote."""
 import glob
 import importlib
-import math
 import os
 import re
 import shutil
@@ -109,7 +108,8 @@ def real_model(name):
 def precision_at_recall(values, mask, recall):
     """The precision of one feature (values (P,)) thresholded to fire on `recall` of the positions of
     `mask` (P,), written out: the neuron baseline's definition (section 4)."""
-    need = math.ceil(recall * int(mask.sum()) - 1e-9)
+    n = int(mask.sum())
+    need = next(hits for hits in range(1, n + 1) if hits / n >= recall * (1 - 2**-23))  # recall to float32's precision
     threshold = sorted(values[mask].tolist(), reverse=True)[need - 1]
     fires = values >= threshold
     return (fires & mask).sum().item() / fires.sum().item()

@@ -17,6 +17,10 @@ def test_neuron_baseline_on_a_hand_made_case():
     assert torch.isclose(baselines.neuron_precision_at_recall(acts, mask, 0.75)[0], torch.tensor(0.75))
     # a neuron that fires negatively counts too: -1 marks the complement perfectly
     assert baselines.neuron_precision_at_recall(acts, ~mask, 0.75)[1] == 1.0
+    # a code's recall comes as float32 (3 / 7 rounds up): a neuron firing on exactly those 3 hits is exact
+    mask = torch.arange(12) < 7
+    acts = torch.tensor([1.0, 1.0, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0])[:, None]
+    assert baselines.neuron_precision_at_recall(acts, mask, torch.tensor(3 / 7).item(), (1,)) == 1.0
     # many masks at once, on random data with ties, against the definition written out
     g = torch.Generator().manual_seed(0)
     acts = torch.randint(-20, 20, (500, 7), generator=g).float()

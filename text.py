@@ -18,6 +18,8 @@ import sysconfig
 import numpy as np
 import torch
 
+import runs
+
 # ------------------------------------------------------------------------------------------------
 # Bytes as tokens.
 
@@ -316,8 +318,9 @@ MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces (of as many tokens
 
 def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git"), out=None):
     """The file `path`, or every text file under the folder `path` whose name matches `include`, in
-    sorted order, skipping folders named in `exclude`, the folder `out` (a run's output, which must
-    not read itself back), binary files and what is not a file (a broken link)."""
+    sorted order, each once however many links lead to it, skipping folders named in `exclude`, the
+    folder `out` and every other run's output folder (a run must not read runs back), binary files and
+    what is not a file (a broken link). Linked folders are followed."""
     if not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
     if out and os.path.realpath(path) == os.path.realpath(out):
@@ -328,11 +331,19 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
         if is_binary(path):
             raise ValueError(f"data file {path} is not text (it holds NUL bytes; UTF-16 text? convert it to UTF-8)")
         return [path]
-    files, skipped = [], out and os.path.realpath(out)
-    for root, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if d not in exclude and os.path.realpath(os.path.join(root, d)) != skipped]
-        files += [os.path.join(root, f) for f in names if fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f))]
-    files = [f for f in files if not is_binary(f)]
+    files, seen = {}, {os.path.realpath(path)} | ({os.path.realpath(out)} if out else set())
+    for root, dirs, names in os.walk(path, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if d not in exclude and real not in seen and not os.path.exists(os.path.join(real, runs.LOCK)):
+                seen.add(real)  # a folder reached by two links, or a link back up, is read once
+                kept.append(d)
+        dirs[:] = kept
+        for f in sorted(names):
+            if fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f)):
+                files.setdefault(os.path.realpath(os.path.join(root, f)), os.path.join(root, f))
+    files = [f for f in files.values() if not is_binary(f)]
     if not files:
         raise ValueError(f"data folder {path} holds no text files matching {include!r}")
     return sorted(files)
@@ -375,22 +386,42 @@ def is_binary(path):
 
 
 def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),
-                   chunk_bytes=2**24, out=None):
+                   chunk_bytes=2**24, out=None, utf8=False):
     """Yield the documents (bytes) in list_files(path, include, exclude, out), each file cut at
-    `separator`; files are read in chunks, so no file is ever read whole."""
+    `separator`; files are read in chunks, so no file is ever read whole. With utf8=True (a tokenizer
+    of text, not of bytes, reads them) a file that is not valid UTF-8 is named in a note: its invalid
+    bytes become U+FFFD."""
     files = list_files(path, include, exclude, out)
     sep = separator.encode() if separator else b""
     for file in files:
-        rest = b""
+        rest, invalid = b"", 0
         with open(file, "rb") as f:
             while chunk := f.read(chunk_bytes):
                 parts = (rest + chunk).split(sep) if sep else [rest + chunk]
                 rest = parts.pop()
-                yield from parts
                 while len(rest) > MAX_DOC_BYTES:
-                    yield rest[:MAX_DOC_BYTES]
-                    rest = rest[MAX_DOC_BYTES:]
+                    cut = MAX_DOC_BYTES
+                    while cut > MAX_DOC_BYTES - 3 and rest[cut] & 0xC0 == 0x80:  # not inside a character
+                        cut -= 1
+                    parts.append(rest[:cut])
+                    rest = rest[cut:]
+                for doc in parts:
+                    invalid += invalid_utf8(doc) if utf8 else 0
+                    yield doc
+        invalid += invalid_utf8(rest) if utf8 else 0
         yield rest
+        if invalid:
+            print(f"note: data file {file} is not valid UTF-8 ({invalid} bytes read as U+FFFD): convert it to UTF-8, "
+                  "e.g. iconv -f LATIN1 -t UTF-8 for Latin-1 text")
+
+
+def invalid_utf8(data):
+    """How many bytes of `data` are not part of valid UTF-8."""
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError:
+        return len(data) - len(data.decode("utf-8", errors="ignore").encode())
 
 
 def write_corpus(documents, folder, val_fraction=0.05, seed=0, tokenizer=None, split_of=None):
@@ -491,26 +522,29 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
         if data:
-            documents = iter_documents(path, include, separator, exclude, out=out)
+            documents = iter_documents(path, include, separator, exclude, out=out,
+                                       utf8=tokenizer is not None and tokenizer.kind != "bytes")
         else:
             documents = (story for _, story in make_stories(stories, seed))
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)
         with open(os.path.join(folder, "done"), "w") as f:
             json.dump(size, f)
-    return read_splits(folder, tokenizer, block_size, data or "generated stories")
+    return read_splits(folder, tokenizer, block_size, data or "generated stories",
+                       " or a larger --val_fraction (the documents it holds are drawn at random)")
 
 
-def read_splits(folder, tokenizer, block_size, where):
+def read_splits(folder, tokenizer, block_size, where, val_hint=""):
     """The (train, val) Splits of a corpus folder and the folder; a clear error where one of them is
-    empty or shorter than a block."""
+    empty or shorter than a block (`val_hint`: how else to lengthen the validation split)."""
     train_split, val_split = Split(folder, "train", tokenizer), Split(folder, "val", tokenizer)
     for split_name, split in (("train", train_split), ("validation", val_split)):
         if len(split.data) == 0:
             raise ValueError(f"the corpus at {where} is empty in its {split_name} split "
                              f"({len(train_split.data) + len(val_split.data)} tokens in all): give more text")
         if split.num_tokens <= block_size:
-            raise ValueError(f"the {split_name} split holds {split.num_tokens} tokens, fewer than "
-                             f"block_size + 1 = {block_size + 1}: give more text or a smaller --block_size")
+            hint = val_hint if split is val_split else ""
+            raise ValueError(f"the {split_name} split holds {split.num_tokens} tokens, fewer than block_size + 1 = "
+                             f"{block_size + 1}: give more text{',' if hint else ' or'} a smaller --block_size{hint}")
     return train_split, val_split, folder
 
 

@@ -155,7 +155,7 @@ def main(argv=None):
         results = None
         if rank == 0:
             results, saes, sae_seconds = evaluate(args, (base, control, model), eval_sets, train_windows, train_splits, autocast, world)
-            report(results, args, model.config, sae_seconds)
+            report(results, args, model.config, sae_seconds, val_splits)
             if args.patterns:
                 results["patterns"] = pattern_tables(args, tokenizer, (base, model, saes), eval_sets)
             runs.save_json(os.path.join(args.out, "results.json"), results)
@@ -185,6 +185,9 @@ def settings(argv):
     unknown = [name for name in prose_names(args) if name not in text.PROSE]
     if unknown:
         raise ValueError(f"--prose {','.join(unknown)}: no such corpus; choose among {', '.join(text.PROSE)}")
+    if corpus_name(args) in prose_names(args):
+        raise ValueError(f"--data {args.data} and --prose {corpus_name(args)} would be reported under one name: "
+                         "rename the folder, or leave that corpus out of --prose")
     base_config(args)  # its own checks
     if args.init_from and args.hf:
         raise ValueError("--init_from and --hf both give the base model: choose one")
@@ -195,6 +198,16 @@ def settings(argv):
             raise ValueError(f"{base} is the base model {'of ' + made_from if made_from else 'trained there'}, not "
                              f"{'that of ' + given if given else 'one trained here'}: rerun as before, or choose another --out")
     return args
+
+
+def corpus_name(args):
+    """The name the figures of the --data corpus (or the generated stories) are reported by."""
+    return os.path.basename(os.path.abspath(args.data)) if args.data else "stories"
+
+
+def overlapping(val_split, args):
+    """Whether a held-out split is too short for --eval_windows windows that do not overlap."""
+    return val_split.num_tokens < args.eval_windows * (args.block_size + 1)
 
 
 def prose_names(args):
@@ -235,7 +248,7 @@ def load_data(args, tokenizer, rank, world):
     train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
                                                        args.include, args.separator, args.block_size,
                                                        args.exclude.split(","), tokenizer)
-    splits = {os.path.basename(args.data.rstrip(os.sep)) if args.data else "stories": (train_split, val_split, folder)}
+    splits = {corpus_name(args): (train_split, val_split, folder)}
     splits |= {name: text.prepare_prose(name, args.out, args.block_size, tokenizer) for name in prose_names(args)}
     if rank == 0 and world > 1:
         dist.barrier()
@@ -243,6 +256,10 @@ def load_data(args, tokenizer, rank, world):
         for name, (train, val, where) in splits.items():
             print(f"data: {name} -> {where}: {len(train.data) / 1e6:.2f} M tokens train, {len(val.data) / 1e6:.2f} M "
                   f"held out ({tokenizer.kind})")
+            if overlapping(val, args):
+                print(f"note: {name}'s held-out split holds {val.num_tokens} tokens, fewer than {args.eval_windows} windows "
+                      f"of {args.block_size + 1}: they overlap, so its figures count tokens more than once (give more "
+                      "text, or fewer --eval_windows)")
     return ([train for train, _, _ in splits.values()], {name: val for name, (_, val, _) in splits.items()},
             "+".join(os.path.basename(where) for _, _, where in splits.values()))
 
@@ -392,13 +409,14 @@ def license_rows(tokenizer, block_size):
 LOSS_COLUMNS = [("base", "base"), ("finetuned", "finetuned"), ("codebooks", "codebook"), ("SAEs", "sae")]
 
 
-def report(r, args, config, sae_seconds):
+def report(r, args, config, sae_seconds, val_splits):
     """The tables README shows, one per held-out corpus; `config` the codebook model's."""
     for corpus, figures in r["held_out"].items():
         columns = [(name, figures[f"{key}_val_loss"], figures[f"{key}_val_accuracy"])
                    for name, key in LOSS_COLUMNS if f"{key}_val_loss" in figures]
         print(f"\nheld out, {corpus}: {args.eval_windows} windows x {args.block_size} tokens = "
-              f"{args.eval_windows * args.block_size} next-token predictions")
+              f"{args.eval_windows * args.block_size} next-token predictions" +
+              (f" (overlapping: the split holds {val_splits[corpus].num_tokens} tokens)" if overlapping(val_splits[corpus], args) else ""))
         print(f"{'':30s}" + "".join(f"{name:>12s}" for name, _, _ in columns))
         print(f"{'val loss (nats/token)':30s}" + "".join(f"{loss:12.4f}" for _, loss, _ in columns))
         print(f"{'val next-token accuracy':30s}" + "".join(f"{acc:12.2%}" for _, _, acc in columns))

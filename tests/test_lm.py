@@ -121,6 +121,46 @@ def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(t
         assert bytes(train.data) == text_[:len(text_) // 2].encode() and bytes(val.data) == text_[len(text_) // 2:].encode()
 
 
+def test_a_data_folder_gives_each_file_once_never_other_runs_and_whole_characters(tmp_path, capsys, monkeypatch):
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    (corpus / "notes").mkdir(parents=True), elsewhere.mkdir()
+    for i in range(3):
+        (corpus / "notes" / f"{i}.txt").write_text(f"note {i}\n")
+    (elsewhere / "far.txt").write_text("far away\n")
+    (corpus / "again.txt").symlink_to(corpus / "notes" / "0.txt")  # a second way to a file
+    (corpus / "linked").symlink_to(elsewhere)  # a linked folder is read
+    (corpus / "notes" / "up").symlink_to(corpus)  # a link back up is not read again
+    earlier = corpus / "runs" / "a"  # another run's output: its tokens are the corpus again, as text
+    (earlier / "data").mkdir(parents=True)
+    (earlier / runs.LOCK).write_text("123")
+    (earlier / "data" / "train.bin").write_text("note 0\nnote 1\n")
+    files = text.list_files(str(corpus), out=str(corpus / "runs" / "b"))
+    assert [os.path.relpath(f, corpus) for f in files] == ["again.txt", "linked/far.txt", "notes/1.txt", "notes/2.txt"]
+
+    # a long document is cut into pieces between characters; a file not in UTF-8 is named, for a BPE
+    monkeypatch.setattr(text, "MAX_DOC_BYTES", 10)
+    (tmp_path / "long.txt").write_text("x" + "\u00e9" * 30)  # a two-byte character at every odd byte
+    pieces = list(text.iter_documents(str(tmp_path / "long.txt"), utf8=True))
+    assert len(pieces) > 3 and all(p.decode("utf-8") for p in pieces) and b"".join(pieces) == ("x" + "\u00e9" * 30).encode()
+    (tmp_path / "latin.txt").write_bytes("Caf\u00e9 na\u00efve".encode("latin-1"))
+    list(text.iter_documents(str(tmp_path / "latin.txt"), utf8=True))
+    assert "latin.txt is not valid UTF-8 (2 bytes read as U+FFFD)" in capsys.readouterr().out
+    list(text.iter_documents(str(tmp_path / "latin.txt")))  # bytes as tokens keep every byte: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_windows_overlap(tmp_path, capsys):
+    reference = tmp_path / "reference"  # a folder named as a --prose corpus
+    reference.mkdir()
+    (reference / "a.txt").write_text("some text " * 200)
+    with pytest.raises(ValueError, match="--data .*reference and --prose reference would be reported under one name"):
+        train_lm.settings(TINY + ["--data", str(reference), "--prose", "reference", "--out", str(tmp_path / "o")])
+    args = train_lm.settings(TINY + ["--data", str(reference), "--out", str(tmp_path / "o")])
+    (val,) = train_lm.load_data(args, text.ByteTokenizer(), 0, 1)[1].values()
+    assert val.num_tokens == 101 and train_lm.overlapping(val, args)  # 16 windows of 65 tokens need 1,040
+    assert "note: reference's held-out split holds 101 tokens, fewer than 16 windows of 65" in capsys.readouterr().out
+
+
 def test_default_corpus():
     assert len(text.TOPICS) >= 8
     stories = text.make_stories(600, seed=3)

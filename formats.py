@@ -32,6 +32,8 @@ def safetensors_loaders(path):
     copies of them all."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
+        refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
+        f.seek(0)
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < n <= size - 8:
@@ -88,13 +90,21 @@ def weight_loaders(folder):
                      f"of either with its index")
 
 
+LFS_POINTER = b"version https://git-lfs"  # what a file is in a clone made without `git lfs pull`
+
+
+def refuse_lfs_pointer(path, head):
+    """A one-line ValueError if the file `path`, starting with the bytes `head`, is a git-lfs pointer."""
+    if head.startswith(LFS_POINTER):
+        raise ValueError(f"{path} is a git-lfs pointer, not the file: run `git lfs pull` in its folder, or download it again")
+
+
 def read_json(path):
-    """The JSON object in a file; one cut short, corrupt, not an object or a git-lfs pointer (a clone
-    without `git lfs pull`) is a one-line ValueError."""
+    """The JSON object in a file; one cut short, corrupt, not an object or a git-lfs pointer is a
+    one-line ValueError."""
     with open(path, "rb") as f:
         data = f.read()
-    if data.startswith(b"version https://git-lfs"):
-        raise ValueError(f"{path} is a git-lfs pointer, not the file: run `git lfs pull` in its folder, or download it again")
+    refuse_lfs_pointer(path, data)
     try:
         value = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -235,6 +245,7 @@ def read_gguf_info(path):
     file. Raises a one-line ValueError for anything this reader cannot read, before any tensor is."""
     with open(path, "rb") as f:
         head = f.read(4)
+        refuse_lfs_pointer(path, head + f.read(len(LFS_POINTER) - 4))
         if head != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

@@ -461,7 +461,8 @@ def gemma(c, where):
                   qkv_bias=c.get("attention_bias", False), out_bias=c.get("attention_bias", False),
                   qk_norm=family == "gemma3_text", attn_scale=c["query_pre_attn_scalar"] ** -0.5,
                   attn_window=[c["sliding_window"] if kind == "sliding_attention" else 0 for kind in layers],
-                  attn_softcap=c["attn_logit_softcapping"] or 0.0, logit_softcap=c["final_logit_softcapping"] or 0.0,
+                  attn_softcap=(c["attn_logit_softcapping"] or 0.0) if family == "gemma2" else 0.0,  # Gemma-3 has none
+                  logit_softcap=c["final_logit_softcapping"] or 0.0,
                   embed_scale=d ** 0.5, sandwich_norms=True, mlp="gated", activation=activation, mlp_bias=False,
                   tied_head=c.get("tie_word_embeddings", True))
     plus_one = lambda t: 1.0 + t
@@ -528,10 +529,13 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
         template = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", module)
         theirs = table[template].format(i=layer[1] if layer else "") + "." + kind
         stored = weights[theirs]
-        tensor = transforms.get(template, lambda t: t)(stored)
+        try:
+            tensor = transforms.get(template, lambda t: t)(stored)
+        except RuntimeError:  # a reshape the stored shape does not fit: the config's sizes are not the weights'
+            tensor = None
         if name == "pos_emb.weight":
             tensor = tensor[:config["block_size"]]  # positions past a shorter context are dropped
-        if tensor.shape != param.shape:
+        if tensor is None or tensor.shape != param.shape:
             raise ValueError(f"{weights.where}: {theirs} has shape {tuple(stored.shape)}, which does not fit "
                              f"the model its configuration describes ({name}: {tuple(param.shape)})")
         param.copy_(tensor)
@@ -613,7 +617,7 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
                     "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}, "blk.{i}.")
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
-               "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length"}
+               "max_position_embeddings": "context_length"}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
@@ -649,13 +653,19 @@ def gguf_config(metadata, shapes, path):
                              f"the file is not a {arch} model this module can read")
         return value
 
+    if metadata.get(f"{arch}.expert_count", 0):
+        raise ValueError(f"{path}: a mixture-of-experts model ({arch}.expert_count = {metadata[f'{arch}.expert_count']}); "
+                         "this module reads dense models only")
     c = {name: get(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
+    c["num_key_value_heads"] = get("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
     c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
     c["rope_theta"] = get("rope.freq_base", 10000.0)
-    kind = _option({"type": get("rope.scaling.type", "none")}, "type", "none", ["none", "linear"], path)
+    # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear
+    factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
+    kind = _option({"type": get("rope.scaling.type", "linear" if factor else "none")}, "type", "none", ["none", "linear"], path)
     if kind == "linear":
-        c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+        c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
     c["vocab_size"] = shapes["token_embd.weight"][0]
@@ -676,10 +686,11 @@ def gemma_gguf_config(c, get):
     layers and Gemma-3's 62, else by head_dim), no layer pattern (Gemma-2 alternates, Gemma-3 has
     every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight,
     as models.py keeps them. Gemma-2's soft-caps, where an early converter left them out, are the
-    model's own (50 and 30), as llama.cpp takes them."""
+    model's own (50 and 30), and so is its window (4,096), as llama.cpp takes them."""
     gemma2 = c["model_type"] == "gemma2"
     big = c["num_hidden_layers"] == (46 if gemma2 else 62)
-    return dict(model_type="gemma2" if gemma2 else "gemma3_text", sliding_window=get("attention.sliding_window"),
+    return dict(model_type="gemma2" if gemma2 else "gemma3_text",
+                sliding_window=get("attention.sliding_window", 4096 if gemma2 else None),
                 query_pre_attn_scalar=c["hidden_size"] // c["num_attention_heads"] if big else c["head_dim"],
                 attn_logit_softcapping=get("attn_logit_softcapping", 50.0 if gemma2 else 0.0),
                 final_logit_softcapping=get("final_logit_softcapping", 30.0 if gemma2 else 0.0))

@@ -35,7 +35,8 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", 
          "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24)),
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
          "gemma3": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
-                                   rope_scaling=dict(rope_type="linear", factor=8.0))),
+                                   rope_scaling=dict(rope_type="linear", factor=8.0),
+                                   attn_logit_softcapping=3.0)),  # in its config, unused: Gemma-3 does not soft-cap scores
          "gemma2-exact-gelu": ("gemma2", dict(hidden_activation="gelu")),
          "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu"))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2": False, "qwen3": False, "gemma2": True,
@@ -213,6 +214,11 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(ValueError, match="config.json is a git-lfs pointer, not the file: run `git lfs pull`"):
         models.from_pretrained(str(tmp_path))
+    for name in ("model.safetensors", "model.gguf"):  # the weights of a clone without `git lfs pull`
+        (tmp_path / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+        with pytest.raises(ValueError, match=f"{name} is a git-lfs pointer, not the file"):
+            (formats.safetensors_loaders if name.endswith("safetensors") else formats.read_gguf_info)(str(tmp_path / name))
+        os.remove(tmp_path / name)
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
         models.from_pretrained(str(tmp_path))

@@ -25,11 +25,11 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), **changes):
     """model (a transformers Llama, Qwen2, Qwen3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices in
     `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
     rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
-    transformers), metadata from its config; `changes` overwrite metadata values; rope_freqs: the
+    transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
     divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
     norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
     gguf = need("gguf")
@@ -44,7 +44,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, *
     if gemma:
         meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
-    meta |= changes
+    meta = {key: value for key, value in meta.items() if key not in drop} | changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
@@ -146,13 +146,33 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
         assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)
 
 
+def test_metadata_llama_cpp_reads_as_optional(tmp_path):
+    """What older converters leave out, or write under an older key, is read as llama.cpp reads it: no
+    head_count_kv (as many as the heads), a rope factor without its type (linear) or as rope.scale_linear,
+    no Gemma-2 window (4,096)."""
+    every_head = tiny_hf("llama", num_key_value_heads=4, tie_word_embeddings=False)
+    scaled = tiny_hf("llama", rope_scaling=dict(rope_type="linear", factor=4.0), tie_word_embeddings=False)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    for i, (theirs, changes, drop) in enumerate([(every_head, {}, ["attention.head_count_kv"]),
+                                                 (scaled, {"rope.scaling.factor": 4.0}, []),
+                                                 (scaled, {"rope.scale_linear": 4.0}, [])]):
+        ours = models.from_pretrained(write_gguf(tmp_path / f"{i}.gguf", theirs, drop=drop, **changes))
+        with torch.no_grad():
+            assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
+    info = formats.read_gguf_info(write_gguf(tmp_path / "gemma2.gguf", tiny_hf("gemma2"), arch="gemma2",
+                                             drop=["attention.sliding_window"]))
+    assert models.gguf_config(info.metadata, {n: t.shape for n, t in info.tensors.items()}, "g.gguf")["sliding_window"] == 4096
+
+
 def test_gguf_files_that_disagree_with_themselves(tmp_path):
     theirs = tiny_hf("llama", tie_word_embeddings=False)
     cases = [(dict(arch="mamba"), "architecture 'mamba' is not supported"),
              (dict(block_count=3), "weight 'blk.2.attn_norm.weight' is missing"),
              (dict(block_count=1), r"weights \['blk.1."),
              (dict(feed_forward_length=128), r"blk.0.ffn_up.weight has shape \(96, 64\), which does not fit"),
-             (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)")]
+             (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)"),
+             (dict(**{"attention.head_count": 6, "attention.head_count_kv": 3}), r"blk.0.attn_q.weight has shape \(64, 64\)"),
+             (dict(expert_count=4), "a mixture-of-experts model \\(llama.expert_count = 4\\); this module reads dense")]
     for changes, message in cases:
         path = write_gguf(tmp_path / "bad.gguf", theirs, **changes)
         with pytest.raises(ValueError, match=message) as e:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -111,15 +112,18 @@ LOCK = ".lock"  # the file in an output folder whose lock the run writing there 
 def one_run_per_folder(out):
     """Within the block this run holds the output folder `out` (created if need be): another run
     given the same folder stops with one line naming the holder's process id. The lock (flock)
-    goes with its holder, so a killed run never blocks its rerun. Under torchrun rank 0 holds it
-    for the whole run."""
+    goes with its holder, so a killed run never blocks its rerun. Under torchrun (the process group
+    started) rank 0 holds it for the whole run, and the other ranks stop with it when it cannot."""
     if int(os.environ.get("RANK", "0")) != 0:
+        if _from_rank_0(None):  # rank 0 was refused the folder, and says why
+            raise SystemExit(1)
         yield
         return
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
     try:
+        created = not os.path.isdir(out)
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,15 +131,30 @@ def one_run_per_folder(out):
                              "wait for it to end or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        try:
-            yield
-        except BaseException:
-            if created and os.listdir(out) == [LOCK]:  # a run that stopped before writing anything leaves no folder
-                os.remove(os.path.join(out, LOCK))
-                os.rmdir(out)
-            raise
+    except BaseException:
+        _from_rank_0(True)
+        if fd is not None:
+            os.close(fd)
+        raise
+    _from_rank_0(False)
+    try:
+        yield
+    except BaseException:
+        if created and os.listdir(out) == [LOCK]:  # a run that stopped before writing anything leaves no folder
+            os.remove(os.path.join(out, LOCK))
+            os.rmdir(out)
+        raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def _from_rank_0(value):
+    """`value` as rank 0 gives it, on every rank of a started process group; else `value` itself."""
+    if not dist.is_initialized():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _lock_holder(fd):
@@ -164,9 +183,11 @@ def write_atomically(path, write):
             if not _writer_alive(leftover.rsplit(".tmp", 1)[1]):
                 os.remove(leftover)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, RuntimeError) and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+            reason = "no space left on device"  # torch's message for a full disk does not say so
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not write {path} ({reason}); what was there before is unchanged") from None
     except BaseException:  # any other failure (a bug, Ctrl-C): no half-written file stays behind either
         with contextlib.suppress(OSError):
@@ -301,6 +322,8 @@ def distributed(backend="gloo"):
         # rank 0 alone tokenises a corpus and evaluates while the others wait, which may take longer than the
         # default 30 minutes; a rank that fails is not waited for: torchrun stops them all
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+        if backend == "nccl":  # each rank its own GPU, before any collective
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -392,10 +415,11 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
                             loop_state=summed, **(ckpt_extra or {}))
 
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     last_save = time.monotonic()
     model.train()
-    with stop_on_signals() as stop_requests:
+    # the bar closes however the loop ends, so that what is printed next starts a line of its own
+    with stop_on_signals() as stop_requests, tqdm(total=steps, initial=step, desc=desc, disable=rank != 0,
+                                                  dynamic_ncols=True) as bar:
         while step < steps:
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * lr_factor(step, steps, warmup, cosine)
@@ -438,15 +462,12 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
                 save()
                 last_save = time.monotonic()
             if wishes[1] > 0:
-                bar.close()
                 raise Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
         # a signal during the last step's checkpoint: the stage is done and saved, and the run stops here
         late = torch.tensor([bool(stop_requests)], dtype=torch.float, device=device)
         _sum_across_ranks([late])
         if late.any():
-            bar.close()
             raise Interrupted(stop_requests[0] if stop_requests else None, step, ckpt_path)
-    bar.close()
     _sum_across_ranks([layer.usage for layer in codebooks])  # every rank ends with the global counts
     model.history = history
     return model.eval()

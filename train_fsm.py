@@ -258,12 +258,12 @@ def main(argv=None):
     args = settings(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, _ = runs.distributed("nccl" if args.device.startswith("cuda") else "gloo")
     with runs.one_run_per_folder(args.out):
         # --- data: the FSM, training walks drawn on the fly (seeded by step and rank), fixed evaluation walks
         fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)
         get_batch = functools.partial(walk_batch, fsm, args)
         eval_tokens = evaluation_walks(fsm, args)
-        runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())
         print(f"TokFSM: {args.num_states} states x {args.num_edges} edges, {fsm.seq_len - 1}-token inputs; model "
               f"{args.n_layer} layers x d_model {args.d_model}; codebooks k={args.k}: {args.attn_codes} codes per head, "
               f"{args.mlp_codes} per MLP (layer 0, 1, ...); attention window {args.attn_window or 'full'}")
@@ -275,6 +275,7 @@ def main(argv=None):
                       ckpt_seconds=args.ckpt_seconds, eval_fn=functools.partial(val_metrics, tokens=eval_tokens[:256]))
         base = runs.train(cb.GPT(args.base_config), get_batch, args.base_steps, args.lr, desc="baseline",
                           ckpt_path=os.path.join(args.out, "base.pt"), settings=data, **common)
+        runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())  # once a checkpoint there has accepted the settings
         model = cb.with_codebooks(base, args.codebook_config.codebooks)
         kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
         cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
@@ -283,7 +284,7 @@ def main(argv=None):
                            ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
                            settings=data | {"interchange": args.interchange}, **common)
 
-        if runs.distributed()[0] != 0:  # under torchrun, rank 0 alone fits the SAEs, evaluates and reports
+        if rank != 0:  # under torchrun, rank 0 alone fits the SAEs, evaluates and reports
             return runs.end_distributed()
 
         # --- the comparison: TopK SAEs fitted post hoc to the frozen baseline, at the codebook sites

@@ -222,6 +222,18 @@ def base_config(args):
 
 def starting_model(args):
     """(the base model of --init_from or --hf, on --device, or None: trained here; its tokenizer), checked."""
+    base, tokenizer = given_model(args)
+    made_here = os.path.join(args.out, "base.pt")
+    if base is not None and os.path.isfile(made_here):  # the later stages there started from what that file held then
+        stored = runs.load_checkpoint(made_here, mmap=True)["model"]
+        if any(name not in stored or not torch.equal(stored[name], p.cpu()) for name, p in base.state_dict().items()):
+            raise ValueError(f"{args.init_from or args.hf} holds other weights than when {made_here} was made from it: "
+                             "rerun with the model as it was, or choose another --out")
+    return base, tokenizer
+
+
+def given_model(args):
+    """starting_model's model and tokenizer, before they are compared with the folder's base.pt."""
     if args.init_from:
         base, tokenizer = models.load_with_tokenizer(args.init_from, args.device)
         if base.codebook_layers():

@@ -89,6 +89,10 @@ def clear_stale_lock(lock, after=600):
     """Wait while another process builds the extension; remove the lock of a build killed half-way
     (older than `after` seconds), on which torch would wait forever."""
     with contextlib.suppress(FileNotFoundError):  # no lock, or it was released
+        age = time.time() - os.path.getmtime(lock)
+        if age < after:
+            print(f"waiting for another process's build of the code search extension (its lock {lock} is "
+                  f"{age:.0f} s old; a build killed half-way leaves it, and it is removed at {after} s)", flush=True)
         while time.time() - os.path.getmtime(lock) < after:
             time.sleep(1)
         os.remove(lock)

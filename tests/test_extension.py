@@ -204,8 +204,9 @@ def test_blas_engine_equals_reference(ext):
     assert out.returncode == 0 and "blas engine ok" in out.stdout, out.stderr[-3000:]
 
 
-def test_a_build_killed_half_way_holds_no_one_up(tmp_path):
-    """torch waits on its build lock while the file exists; one left by a killed build is removed once old."""
+def test_a_build_killed_half_way_holds_no_one_up(tmp_path, capsys):
+    """torch waits on its build lock while the file exists; one left by a killed build is removed once
+    old, and the wait is said."""
     lock = tmp_path / "lock"
     lock.write_text("")
     os.utime(lock, (time.time() - 700, time.time() - 700))
@@ -215,7 +216,9 @@ def test_a_build_killed_half_way_holds_no_one_up(tmp_path):
     started = time.time()
     loader.clear_stale_lock(str(lock), after=1.5)
     assert not lock.exists() and time.time() - started >= 1
+    assert "waiting for another process's build of the code search extension" in capsys.readouterr().out
     loader.clear_stale_lock(str(lock))  # no lock: nothing to wait for
+    assert capsys.readouterr().out == ""
 
 
 def test_the_codebook_ext_switch(monkeypatch):

@@ -135,6 +135,11 @@ def test_steering_by_codes_addition_and_prompting_recounted(pipeline, one_thread
             steered = steer.sample_prompts(model, steer.PROMPTS, args, tok)
         directions = {a: args.addition_scale * steer.addition_direction(model, a, ids[a], masks[t], model.config.codebooks["attn"].num_codes)
                       for a in heads}
+        for a in heads:  # the direction as defined: the head's mean output on the topic's positions minus its mean
+            layer, head = model.locate(a)
+            outputs = layer.codes[head].detach()[ids[a]].mean(-2)  # (rows, seq, dim): each position's mean of k codes
+            want = outputs[masks[t]].mean(0) - outputs.flatten(0, 1).mean(0)
+            assert torch.allclose(directions[a], args.addition_scale * want, atol=1e-5)
         with baselines.add_vectors(model, directions):
             added = steer.sample_prompts(model, steer.PROMPTS, args, tok)
         for method, samples in (("base", unsteered), ("steered", steered), ("addition", added)):
@@ -188,6 +193,15 @@ def test_a_folder_keeps_the_base_model_its_stages_started_from(pipeline, tmp_pat
     with pytest.raises(ValueError, match="not one trained here"):
         train_lm.settings(argv[:i] + argv[i + 2:])
     assert train_lm.settings(argv).init_from == argv[i + 1]  # the same base: it goes on
+    train_lm.starting_model(train_lm.settings(argv))
+    # the same file with other weights in it: the stages there started from the old ones
+    kept = open(argv[i + 1], "rb").read()
+    try:
+        tiny_llama(argv[i + 1], seed=1)
+        with pytest.raises(ValueError, match=r"tiny.pt holds other weights than when .*base.pt was made from it"):
+            train_lm.starting_model(train_lm.settings(argv))
+    finally:
+        open(argv[i + 1], "wb").write(kept)
 
 
 def test_presets_give_defaults_that_flags_override(tmp_path):

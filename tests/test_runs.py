@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,11 @@ def test_training_with_forced_codes_is_a_step_taken_under_force_codes():
     where[:, 5] = True  # interchange training: codes forced at chosen positions of each row
     codes = {"L1.MLP": torch.randint(0, 30, (8, 16, 1), generator=torch.Generator().manual_seed(2))}
     trained = runs.train(tiny_model(), lambda i, rank, world: (x, y, (codes, where)), steps=1, lr=1e-2)
-    model = tiny_model().train()  # the same step written out
-    optimizer = runs.make_optimizer(model, 1e-2)
+    model = tiny_model().train()  # the same step written out: AdamW, decay on the matrices outside codebooks
+    decayed = [p for name, p in model.named_parameters() if p.dim() == 2 and ".codebooks." not in name and name != "pos_emb.weight"]
+    others = [p for p in model.parameters() if all(p is not q for q in decayed)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95))
     with cb.force_codes(model, codes, positions=where):
         logits = model(x)
         (F.cross_entropy(logits.view(-1, 11), y.reshape(-1)) + model.codebook_loss()).backward()
@@ -70,6 +74,9 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     finished = torch.load(path, weights_only=True)
     assert finished["step"] == 4 and finished["optimizer"] is None  # only a run that goes on needs it
     assert [h["step"] for h in model.history] == [2, 4] and set(model.history[0]) == {"step", "loss", "dead", "mse"}
+    layers = list(model.codebook_layers().values())  # the last entry: the statistics since the start (no revival)
+    assert model.history[-1]["dead"] == pytest.approx(torch.cat([(l.usage == 0).float().mean(-1) for l in layers]).mean().item())
+    assert model.history[-1]["mse"] == pytest.approx(sum(l.recon_sum.item() / l.token_count.item() for l in layers) / len(layers))
     again = runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path)  # finished: loaded, not retrained
     assert torch.equal(again(x), model(x)) and again.history == model.history
 
@@ -144,12 +151,33 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
         runs.save_checkpoint(path, tiny_model())
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
 
+    def torch_disk_full(state, f):  # what torch.save says when the disk fills
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43072 vs 42964")
+    monkeypatch.setattr(torch, "save", torch_disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(ValueError, match=r"could not write .*m.pt \(no space left on device\)"):
+        runs.save_checkpoint(path, tiny_model())
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
+
     def broken(tmp):  # any other failure too leaves no half-written file
         open(tmp, "w").write("half")
         raise KeyError("a bug")
     with pytest.raises(KeyError):
         runs.write_atomically(path, broken)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_an_error_in_training_starts_a_line_of_its_own(capfd):
+    def fails_at_step_2(i, rank, world):
+        if i == 2:
+            raise ValueError("no more data")
+        return random_batches(i, rank, world)
+    try:
+        runs.train(tiny_model(), fails_at_step_2, steps=4)
+    except ValueError as e:  # as run_main prints it, while the exception (and the loop's frame) is still held
+        print(f"error: {e}", file=sys.stderr)
+    assert "\nerror: no more data" in capfd.readouterr().err  # the progress bar closed first: not glued to it
 
 
 def test_the_next_write_removes_what_a_killed_write_left(tmp_path):

@@ -55,6 +55,11 @@ def test_generate_respects_top_k_and_is_seeded():
     s1 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
     s2 = model.generate(prompt, 20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(s1, s2) and s1.shape == (2, 24) and torch.equal(s1[:, :4], prompt)
+    prompts = tokens(256, 4)  # a temperature divides the logits: each row's token drawn from softmax(logits / 0.5)
+    with torch.no_grad():
+        probs = F.softmax(model(prompts)[:, -1] / 0.5, -1)
+    drawn = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model.generate(prompts, 1, temperature=0.5, generator=torch.Generator().manual_seed(4))[:, -1:], drawn)
 
 
 

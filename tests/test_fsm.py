@@ -172,9 +172,15 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
         code = cb.parse_code(row["code"]).code
         assert (row["precision"], row["recall"]) == (precision[row["state"], code].item(), recall[row["state"], code].item())
     assert saved["codebook"]["state_code_precision"] == pytest.approx(sum(r["precision"] for r in saved["codebook"]["states"]) / 100)
-    assert set(saved["sae"]["dead_latent_fraction"]) == set(saved["codebook"]["dead_code_fraction"])
-    assert set(saved["sae"]["intervention_success"]) == set(saved["neurons"]["intervention_success"]) == {"none", "attn", "mlp", "all"}
-    saes = sae.load_saes(str(tmp_path / "sae.pt"))
+    latents = sae.record_latents(base, saes, walks[:, :-1])
+    assert saved["sae"]["dead_latent_fraction"] == {a: sae.dead_fraction(v, saes[cb.parse_address(a).layer, cb.parse_address(a).site]
+                                                                          .num_latents) for a, v in latents.items()}
+    pairs, identity = T.intervention_pairs(args), (lambda acts: acts)
+    figures = lambda column, name: tuple(saved[column][f"intervention_{kind}"][name] for kind in
+                                         ("success", "first_digit_success", "js_to_b"))
+    for name, keys in (("mlp", [(0, "mlp")]), ("all", list(saes))):  # writing b's reconstructions, b's activations
+        assert figures("sae", name) == T.intervention_success(base, fsm, [], pairs, patch={key: saes[key] for key in keys})
+        assert figures("neurons", name) == T.intervention_success(base, fsm, [], pairs, patch={key: identity for key in keys})
     assert {key: (s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (32, 1), (0, "mlp"): (16, 1)}
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
     without = T.main(argv + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
@@ -182,6 +188,9 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())
     assert len(fsm["successors"]) == fsm["num_states"] == 100
+    with pytest.raises(ValueError, match="trained with other settings"):  # a rerun refused leaves the folder as it was
+        T.main(argv + ["--seed", "1"])
+    assert json.loads((tmp_path / "fsm.json").read_text()) == fsm
     model = runs.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
     assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
     # report.html: every state's best code links to its card in the code browser

@@ -1,5 +1,6 @@
 """text.py, train_lm.py and steer.py: the byte tokenizer, the memmap loader, the generated corpus, a tiny
 run of both scripts end to end, and train_lm.py under torchrun with two CPU processes."""
+import argparse
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import codebook as cb
 import models
 import runs
 import sae
@@ -161,6 +163,18 @@ def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_win
     assert "note: reference's held-out split holds 101 tokens, fewer than 16 windows of 65" in capsys.readouterr().out
 
 
+def test_a_topic_s_codes_are_its_best_on_the_heads_that_cover_it_most():
+    args = argparse.Namespace(min_precision=0.5, min_recall=0.1, per_head=2, heads=2)
+    one_topic = lambda *values: torch.tensor([values])
+    stats = {"L0.H0": (one_topic(0.9, 0.9, 0.1), one_topic(0.2, 0.3, 0.9)),  # code 2 imprecise: 0 and 1 cover 0.5
+             "L0.H1": (one_topic(0.6, 0.9, 0.9), one_topic(0.4, 0.05, 0.3)),  # code 1 too rare: 0 and 2 cover 0.7
+             "L1.H0": (one_topic(1.0, 0.4, 0.4), one_topic(0.15, 0.9, 0.9)),  # code 0 alone: 0.15
+             "L1.H1": (one_topic(0.2, 0.2, 0.2), one_topic(0.9, 0.9, 0.9))}  # none precise enough
+    # per head its best codes by F1 (L0.H1: 0.48, then 0.45; L0.H0: 0.45, then 0.33), the heads by coverage
+    assert list(steer.topic_codes(stats, 0, args, k=4).items()) == [("L0.H1", [0, 2]), ("L0.H0", [1, 0])]
+    assert steer.topic_codes(stats, 0, args, k=1) == {"L0.H1": [0], "L0.H0": [1]}  # at most k codes a head
+
+
 def test_default_corpus():
     assert len(text.TOPICS) >= 8
     stories = text.make_stories(600, seed=3)
@@ -185,7 +199,9 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     windows = train_lm.fixed_windows(val, args, 0, args.eval_windows, args.block_size + 1)
     assert (results["base_val_loss"], results["codebook_val_loss"]) == (runs.evaluate(base, windows)[0], runs.evaluate(model, windows)[0])
     assert results["loss_ratio"] == results["codebook_val_loss"] / results["base_val_loss"]
-    assert set(results["dead_code_fraction"]) == {f"L{l}.H{h}" for l in range(2) for h in range(2)}
+    ids, _ = cb.record_dataset(model, windows[:, :-1])  # dead codes: in no slot of any held-out position
+    assert results["dead_code_fraction"] == {a: (torch.bincount(v.flatten(), minlength=32) == 0).float().mean().item()
+                                             for a, v in ids.items()} and len(ids) == 4
     assert results["base_val_loss"] < 0.8 * np.log(256)  # it learned something (uniform guessing: ln 256)
     assert [h["step"] for h in results["history"]["codebook"]] == [10]
     assert os.path.exists(os.path.join(out, "base.pt")) and os.path.exists(os.path.join(out, "codebook.pt"))
@@ -284,6 +300,14 @@ def test_torchrun_ddp_runs_and_resumes_exactly(tmp_path):
     two_processes(drill)
     assert json.load(open(drill / "ddp" / "results.json"))["processes"] == 2
     assert_same(final_state(drill / "ddp"), final_state(uninterrupted / "ddp"))
+
+
+def test_under_torchrun_a_folder_in_use_stops_every_rank_with_one_line(tmp_path):
+    with runs.one_run_per_folder(str(tmp_path / "ddp")):  # another run writes there
+        code, err = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         os.path.join(ROOT, "train_lm.py"), *TINY, "--out", "ddp"], cwd=tmp_path)
+    assert code != 0 and f"error: --out ddp: another run (process {os.getpid()}) is writing to this folder" in err
+    assert "RuntimeError" not in err and err.count("error: --out") == 1  # rank 1 stopped with rank 0, silently
 
 
 def test_a_token_shows_in_a_context_as_what_it_holds():

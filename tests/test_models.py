@@ -43,6 +43,16 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "qwen2
         "gemma3": True}
 
 
+# layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
+LLAMA_SITES = ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp", "model.layers.1")
+SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transformer.h.1"),
+         "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
+         "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
+         "llama": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES,
+         "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
+SITES["gemma3"] = SITES["gemma2"]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_same_logits_and_generations_as_transformers(case, tmp_path):
     family, options = CASES[case]
@@ -78,6 +88,20 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
         with_cb(x)
     d_head = options.get("head_dim", 16)
     assert acts[1]["attn"].shape == (3, 40, 4, d_head) and acts[1]["mlp"].shape == acts[1]["block"].shape == (3, 40, 1, 64)
+    # the sites are where transformers computes these: W_O's input, what the block adds as the MLP's output, the block's
+    seen, modules = {}, dict(theirs.named_modules())
+    w_o, mlp, block = (modules[name] for name in SITES[family])
+    hooks = [w_o.register_forward_pre_hook(lambda module, args: seen.update(attn=args[0])),
+             mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out)),
+             block.register_forward_hook(lambda module, args, out: seen.update(block=out[0] if isinstance(out, tuple) else out))]
+    with torch.no_grad():
+        theirs(x)
+    for hook in hooks:
+        hook.remove()
+    with cb.codebooks_off(with_cb), cb.capture_activations(with_cb) as acts:
+        with_cb(x)
+    for site in ("attn", "mlp", "block"):
+        assert (acts[1][site].flatten(2) - seen[site]).abs().max() <= 1e-4, site
     assert type(with_cb) is models.Transformer and models.model_from_config(with_cb.config.to_dict()).config == with_cb.config
 
 

@@ -226,7 +226,9 @@ def starting_model(args):
     made_here = os.path.join(args.out, "base.pt")
     if base is not None and os.path.isfile(made_here):  # the later stages there started from what that file held then
         stored = runs.load_checkpoint(made_here, mmap=True)["model"]
-        if any(name not in stored or not torch.equal(stored[name], p.cpu()) for name, p in base.state_dict().items()):
+        # (a tensor of another shape comes from other settings, which the stages' checkpoints refuse by name)
+        if any(name not in stored or stored[name].shape == p.shape and not torch.equal(stored[name], p.cpu())
+               for name, p in base.state_dict().items()):
             raise ValueError(f"{args.init_from or args.hf} holds other weights than when {made_here} was made from it: "
                              "rerun with the model as it was, or choose another --out")
     return base, tokenizer

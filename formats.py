@@ -66,6 +66,8 @@ def _tensor_from_bytes(data, begin, end, dtype, shape):
 def torch_loaders(path):
     """{name: a function giving that tensor} of a PyTorch .bin file (weights_only=True), memory-mapped
     where it is torch's zip format (since torch 1.6), so its tensors are read as they are asked for."""
+    with open(path, "rb") as f:
+        refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
     tensors = runs.load_torch_file(path, "download it again", mmap=zipfile.is_zipfile(path))
     return {name: (lambda t=t: t) for name, t in tensors.items()}
 

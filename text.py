@@ -319,8 +319,8 @@ MAX_DOC_BYTES = 2**20  # longer documents are cut into pieces (of as many tokens
 def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git"), out=None):
     """The file `path`, or every text file under the folder `path` whose name matches `include`, in
     sorted order, each once however many links lead to it, skipping folders named in `exclude`, the
-    folder `out` and every other run's output folder (a run must not read runs back), binary files and
-    what is not a file (a broken link). Linked folders are followed."""
+    folder `out` and every other run's output folder below `path` (a run must not read runs back), its
+    lock file, binary files and what is not a file (a broken link). Linked folders are followed."""
     if not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
     if out and os.path.realpath(path) == os.path.realpath(out):
@@ -336,17 +336,26 @@ def list_files(path, include="*", exclude=("site-packages", "__pycache__", ".git
         kept = []
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(root, d))
-            if d not in exclude and real not in seen and not os.path.exists(os.path.join(real, runs.LOCK)):
+            if d not in exclude and real not in seen and not is_run_folder(real):
                 seen.add(real)  # a folder reached by two links, or a link back up, is read once
                 kept.append(d)
         dirs[:] = kept
         for f in sorted(names):
-            if fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f)):
+            if f != runs.LOCK and fnmatch.fnmatch(f, include) and os.path.isfile(os.path.join(root, f)):
                 files.setdefault(os.path.realpath(os.path.join(root, f)), os.path.join(root, f))
     files = [f for f in files.values() if not is_binary(f)]
     if not files:
         raise ValueError(f"data folder {path} holds no text files matching {include!r}")
     return sorted(files)
+
+
+def is_run_folder(folder):
+    """Whether `folder` is a run's output: it holds the lock file in which the run wrote its process id."""
+    try:
+        with open(os.path.join(folder, runs.LOCK)) as f:
+            return f.read(32).strip().isdigit()
+    except OSError:
+        return False
 
 
 def content_digests(files, cache):
@@ -389,8 +398,8 @@ def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-
                    chunk_bytes=2**24, out=None, utf8=False):
     """Yield the documents (bytes) in list_files(path, include, exclude, out), each file cut at
     `separator`; files are read in chunks, so no file is ever read whole. With utf8=True (a tokenizer
-    of text, not of bytes, reads them) a file that is not valid UTF-8 is named in a note: its invalid
-    bytes become U+FFFD."""
+    of text, not of bytes, reads them) a document too long is cut between characters, and a file that
+    is not valid UTF-8 is named in a note: its invalid bytes become U+FFFD."""
     files = list_files(path, include, exclude, out)
     sep = separator.encode() if separator else b""
     for file in files:
@@ -401,7 +410,7 @@ def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-
                 rest = parts.pop()
                 while len(rest) > MAX_DOC_BYTES:
                     cut = MAX_DOC_BYTES
-                    while cut > MAX_DOC_BYTES - 3 and rest[cut] & 0xC0 == 0x80:  # not inside a character
+                    while utf8 and cut > MAX_DOC_BYTES - 3 and rest[cut] & 0xC0 == 0x80:  # not inside a character
                         cut -= 1
                     parts.append(rest[:cut])
                     rest = rest[cut:]
@@ -513,7 +522,9 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         files = list_files(path, include, exclude, out)
         digests = content_digests(files, os.path.join(out, "data", "digests.json"))
         key = [path, include, separator, list(exclude)] + [(f, digests[f]) for f in files]
-        name = os.path.basename(path.rstrip(os.sep)) or "data"
+        if tokenizer is not None and tokenizer.kind != "bytes":
+            key.append("long documents cut between characters")
+        name = corpus_name(data)
     else:
         key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator
     if tokenizer is not None and tokenizer.kind != "bytes":  # byte corpora keep the key they always had
@@ -529,8 +540,12 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)
         with open(os.path.join(folder, "done"), "w") as f:
             json.dump(size, f)
-    return read_splits(folder, tokenizer, block_size, data or "generated stories",
-                       " or a larger --val_fraction (the documents it holds are drawn at random)")
+    return read_splits(folder, tokenizer, block_size, data or "generated stories", " or a larger --val_fraction")
+
+
+def corpus_name(data):
+    """The name a corpus (the file or folder `data`; None: the generated stories) is known by."""
+    return os.path.basename(os.path.abspath(data)) or "data" if data else "stories"
 
 
 def read_splits(folder, tokenizer, block_size, where, val_hint=""):

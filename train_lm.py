@@ -185,8 +185,8 @@ def settings(argv):
     unknown = [name for name in prose_names(args) if name not in text.PROSE]
     if unknown:
         raise ValueError(f"--prose {','.join(unknown)}: no such corpus; choose among {', '.join(text.PROSE)}")
-    if corpus_name(args) in prose_names(args):
-        raise ValueError(f"--data {args.data} and --prose {corpus_name(args)} would be reported under one name: "
+    if text.corpus_name(args.data) in prose_names(args):
+        raise ValueError(f"--data {args.data} and --prose {text.corpus_name(args.data)} would be reported under one name: "
                          "rename the folder, or leave that corpus out of --prose")
     base_config(args)  # its own checks
     if args.init_from and args.hf:
@@ -198,11 +198,6 @@ def settings(argv):
             raise ValueError(f"{base} is the base model {'of ' + made_from if made_from else 'trained there'}, not "
                              f"{'that of ' + given if given else 'one trained here'}: rerun as before, or choose another --out")
     return args
-
-
-def corpus_name(args):
-    """The name the figures of the --data corpus (or the generated stories) are reported by."""
-    return os.path.basename(os.path.abspath(args.data)) if args.data else "stories"
 
 
 def overlapping(val_split, args):
@@ -225,11 +220,14 @@ def starting_model(args):
     base, tokenizer = given_model(args)
     made_here = os.path.join(args.out, "base.pt")
     if base is not None and os.path.isfile(made_here):  # the later stages there started from what that file held then
-        stored = runs.load_checkpoint(made_here, mmap=True)["model"]
-        # (a tensor of another shape comes from other settings, which the stages' checkpoints refuse by name)
-        if any(name not in stored or stored[name].shape == p.shape and not torch.equal(stored[name], p.cpu())
-               for name, p in base.state_dict().items()):
-            raise ValueError(f"{args.init_from or args.hf} holds other weights than when {made_here} was made from it: "
+        state, given = runs.load_checkpoint(made_here, mmap=True), args.init_from or args.hf
+        before, now = state["config"], base.config.to_dict()
+        changed = [key for key in now if before.get(key) != now[key]]  # another --block_size, or another file
+        if changed:
+            raise ValueError(f"{given} gives a model with {changed[0]} {now[changed[0]]!r}, {made_here} was made from it "
+                             f"with {before.get(changed[0])!r}: rerun with the settings and model as they were, or choose another --out")
+        if any(not torch.equal(state["model"][name], p.cpu()) for name, p in base.state_dict().items()):
+            raise ValueError(f"{given} holds other weights than when {made_here} was made from it: "
                              "rerun with the model as it was, or choose another --out")
     return base, tokenizer
 
@@ -262,7 +260,7 @@ def load_data(args, tokenizer, rank, world):
     train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
                                                        args.include, args.separator, args.block_size,
                                                        args.exclude.split(","), tokenizer)
-    splits = {corpus_name(args): (train_split, val_split, folder)}
+    splits = {text.corpus_name(args.data): (train_split, val_split, folder)}
     splits |= {name: text.prepare_prose(name, args.out, args.block_size, tokenizer) for name in prose_names(args)}
     if rank == 0 and world > 1:
         dist.barrier()

@@ -109,7 +109,7 @@ def precision_at_recall(values, mask, recall):
     """The precision of one feature (values (P,)) thresholded to fire on `recall` of the positions of
     `mask` (P,), written out: the neuron baseline's definition (section 4)."""
     n = int(mask.sum())
-    need = next(hits for hits in range(1, n + 1) if hits / n >= recall * (1 - 2**-23))  # recall to float32's precision
+    need = next(hits for hits in range(1, n + 1) if hits / n >= recall - 1e-6)  # a float32 recall may round hits / n up
     threshold = sorted(values[mask].tolist(), reverse=True)[need - 1]
     fires = values >= threshold
     return (fires & mask).sum().item() / fires.sum().item()

@@ -136,14 +136,20 @@ def test_a_data_folder_gives_each_file_once_never_other_runs_and_whole_character
     (earlier / "data").mkdir(parents=True)
     (earlier / runs.LOCK).write_text("123")
     (earlier / "data" / "train.bin").write_text("note 0\nnote 1\n")
+    (corpus / "notes" / "tool").mkdir()  # another tool's lock file, not a run's, hides nothing
+    (corpus / "notes" / "tool" / runs.LOCK).write_text("")
+    (corpus / "notes" / "tool" / "t.txt").write_text("tool notes\n")
     files = text.list_files(str(corpus), out=str(corpus / "runs" / "b"))
-    assert [os.path.relpath(f, corpus) for f in files] == ["again.txt", "linked/far.txt", "notes/1.txt", "notes/2.txt"]
+    assert [os.path.relpath(f, corpus) for f in files] == ["again.txt", "linked/far.txt", "notes/1.txt", "notes/2.txt",
+                                                           "notes/tool/t.txt"]
+    assert [os.path.relpath(f, earlier) for f in text.list_files(str(earlier))] == ["data/train.bin"]  # a run given: not its lock
 
     # a long document is cut into pieces between characters; a file not in UTF-8 is named, for a BPE
     monkeypatch.setattr(text, "MAX_DOC_BYTES", 10)
     (tmp_path / "long.txt").write_text("x" + "\u00e9" * 30)  # a two-byte character at every odd byte
     pieces = list(text.iter_documents(str(tmp_path / "long.txt"), utf8=True))
     assert len(pieces) > 3 and all(p.decode("utf-8") for p in pieces) and b"".join(pieces) == ("x" + "\u00e9" * 30).encode()
+    assert [len(p) for p in text.iter_documents(str(tmp_path / "long.txt"))] == [10] * 6 + [1]  # bytes as tokens: any byte
     (tmp_path / "latin.txt").write_bytes("Caf\u00e9 na\u00efve".encode("latin-1"))
     list(text.iter_documents(str(tmp_path / "latin.txt"), utf8=True))
     assert "latin.txt is not valid UTF-8 (2 bytes read as U+FFFD)" in capsys.readouterr().out

@@ -200,6 +200,9 @@ def test_a_folder_keeps_the_base_model_its_stages_started_from(pipeline, tmp_pat
         tiny_llama(argv[i + 1], seed=1)
         with pytest.raises(ValueError, match=r"tiny.pt holds other weights than when .*base.pt was made from it"):
             train_lm.starting_model(train_lm.settings(argv))
+        tiny_llama(argv[i + 1], block_size=256)  # another shape: refused by its configuration, before any work
+        with pytest.raises(ValueError, match=r"tiny.pt gives a model with block_size 256, .*base.pt was made from it with 128"):
+            train_lm.starting_model(train_lm.settings(argv))
     finally:
         open(argv[i + 1], "wb").write(kept)
 

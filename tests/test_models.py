@@ -238,10 +238,12 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(ValueError, match="config.json is a git-lfs pointer, not the file: run `git lfs pull`"):
         models.from_pretrained(str(tmp_path))
-    for name in ("model.safetensors", "model.gguf"):  # the weights of a clone without `git lfs pull`
+    readers = {"model.safetensors": formats.safetensors_loaders, "pytorch_model.bin": formats.torch_loaders,
+               "model.gguf": formats.read_gguf_info}
+    for name, read in readers.items():  # the weights of a clone without `git lfs pull`
         (tmp_path / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
         with pytest.raises(ValueError, match=f"{name} is a git-lfs pointer, not the file"):
-            (formats.safetensors_loaders if name.endswith("safetensors") else formats.read_gguf_info)(str(tmp_path / name))
+            read(str(tmp_path / name))
         os.remove(tmp_path / name)
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):

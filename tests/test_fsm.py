@@ -182,6 +182,24 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
         assert figures("sae", name) == T.intervention_success(base, fsm, [], pairs, patch={key: saes[key] for key in keys})
         assert figures("neurons", name) == T.intervention_success(base, fsm, [], pairs, patch={key: identity for key in keys})
     assert {key: (s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (32, 1), (0, "mlp"): (16, 1)}
+    # the neurons at the SAE latents' recall: per state the best neuron (either sign) of the baseline's attention and
+    # MLP outputs on the first walks, at the recall of the best SAE's best latent there (section 4.1), by definition
+    best_sae, masks = saved["sae"]["state_latent_sae"], fsm.state_masks(walks)
+    address = cb.parse_address(best_sae)
+    _, sae_recall, _ = T.best_state_codes(*sae.latent_precision_recall(latents[best_sae], masks,
+                                                                        saes[address.layer, address.site].num_latents))
+    n = T.neuron_walks(args)
+    with cb.capture_activations(base) as acts:
+        base(walks[:n, :-1])
+    neurons = torch.cat([acts[0][site].flatten(2).flatten(0, 1) for site in ("attn", "mlp")], 1)
+    best = []
+    for mask, recall in zip(masks[:, :n].flatten(1), sae_recall.tolist()):
+        need = next(hits for hits in range(1, int(mask.sum()) + 1) if hits / mask.sum() >= recall - 1e-6)
+        for signed in (neurons, -neurons):  # each neuron fires at or above its need-th largest value on the state
+            threshold = signed[mask].sort(0, descending=True).values[need - 1]
+            fires = signed >= threshold
+            best.append(((fires & mask[:, None]).sum(0) / fires.sum(0)).max().item())
+    assert saved["neurons"]["precision_at_sae_recall"] == pytest.approx(sum(map(max, zip(best[::2], best[1::2]))) / 100)
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
     without = T.main(argv + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
     assert without["codebook"] == saved["codebook"] and "sae" not in without

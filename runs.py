@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -243,6 +244,18 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     return state
 
 
+def check_intact(path):
+    """Refuse a checkpoint whose bytes changed after it was written (a disk error, a bad copy): torch's
+    zip format keeps a CRC-32 of each part, which torch.load does not check. Reads the whole file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({e}): delete it to redo its stage") from None
+    if bad:
+        raise ValueError(f"checkpoint {path} is corrupt (its part {bad} fails its checksum): delete it to redo its stage")
+
+
 def load_model(path, device="cpu"):
     """Rebuild a model from a checkpoint (a codebook.GPT or a pretrained family's Transformer), in eval mode."""
     import models  # here, not at the top: models.py reads checkpoints with this module
@@ -404,6 +417,7 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
     step, history = 0, []
     if ckpt_path and os.path.exists(ckpt_path):
+        check_intact(ckpt_path)  # a run must not go on from weights that are no longer the ones it wrote
         state = load_checkpoint(ckpt_path, map_location=device)
         step, history = resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
 

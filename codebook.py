@@ -165,9 +165,9 @@ class CodebookLayer(nn.Module):
             first = self.k - taken[..., head, None] - m  # (batch, seq, 1): the slot the first code takes
             if (where & (first < 0)).any():
                 raise ValueError(f"more codes forced at one position than its codebook's k={self.k} slots")
-            slots = first.clamp_min(0) + torch.arange(m, device=ids.device)
-            forced = ids[..., head, :].scatter(-1, slots, codes.to(ids.device).expand(slots.shape))
-            ids[..., head, :] = torch.where(where, forced, ids[..., head, :])
+            slots = first.clamp_min(0) + torch.arange(m, device=ids.device)  # clamped where nothing is forced
+            overwritten = ids[..., head, :].scatter(-1, slots, codes.to(ids.device).expand(slots.shape))
+            ids[..., head, :] = torch.where(where, overwritten, ids[..., head, :])
             taken[..., head] += where[..., 0] * m
         return ids
 

@@ -515,6 +515,7 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
                  exclude=("site-packages", "__pycache__", ".git"), tokenizer=None):
     """Tokenise the corpus once (cached under out/data/ by its files' names and contents, and the
     tokenizer; None: bytes) and return its (train, val) splits."""
+    of_text = tokenizer is not None and tokenizer.kind != "bytes"  # not bytes as tokens
     if data:
         path = os.path.abspath(data)
         if not os.path.exists(path):
@@ -522,19 +523,18 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         files = list_files(path, include, exclude, out)
         digests = content_digests(files, os.path.join(out, "data", "digests.json"))
         key = [path, include, separator, list(exclude)] + [(f, digests[f]) for f in files]
-        if tokenizer is not None and tokenizer.kind != "bytes":
+        if of_text:
             key.append("long documents cut between characters")
         name = corpus_name(data)
     else:
         key, name = ["stories", stories, make_stories(len(TOPICS), seed)], "stories"  # changes with the generator
-    if tokenizer is not None and tokenizer.kind != "bytes":  # byte corpora keep the key they always had
+    if of_text:  # byte corpora keep the key they always had
         key.append(json.dumps(tokenizer.to_dict(), sort_keys=True))
     key = hashlib.sha1(json.dumps(key + [val_fraction, seed]).encode()).hexdigest()[:12]
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
         if data:
-            documents = iter_documents(path, include, separator, exclude, out=out,
-                                       utf8=tokenizer is not None and tokenizer.kind != "bytes")
+            documents = iter_documents(path, include, separator, exclude, out=out, utf8=of_text)
         else:
             documents = (story for _, story in make_stories(stories, seed))
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)

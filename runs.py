@@ -329,8 +329,17 @@ def first_difference(saved, now, prefix=""):
 # ------------------------------------------------------------------------------------------------
 # 5. The training loop every script uses.
 
-def distributed(backend="gloo"):
-    """(rank, world_size); starts the process group with `backend` when launched by torchrun."""
+def start(threads, device):
+    """Where a script's work begins: torch's CPU threads (0 keeps torch's default), then under torchrun the
+    process group. Returns (rank, world_size)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return distributed(device)
+
+
+def distributed(device="cpu"):
+    """(rank, world_size); launched by torchrun, the process group is started first: nccl for a GPU run, else gloo."""
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # rank 0 alone tokenises a corpus and evaluates while the others wait, which may take longer than the
         # default 30 minutes; a rank that fails is not waited for: torchrun stops them all
@@ -404,7 +413,7 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
     made with another config, loop arguments or `settings` (plain data describing the batches) is refused.
     ckpt_extra: plain data every checkpoint also holds (train_lm.py: the tokenizer)."""
     from tqdm import tqdm
-    rank, world = distributed("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = distributed(device)
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)

@@ -256,9 +256,7 @@ def per_layer_counts(text):
 def main(argv=None):
     started = time.time()
     args = settings(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, _ = runs.distributed("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, _ = runs.start(args.threads, args.device)
     with runs.one_run_per_folder(args.out):
         # --- data: the FSM, training walks drawn on the fly (seeded by step and rank), fixed evaluation walks
         fsm = TokFSM(args.num_states, args.num_edges, args.base, args.walk_length, args.seed)

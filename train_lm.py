@@ -125,9 +125,7 @@ parser.add_argument("--threads", type=int, default=0, help="torch CPU threads pe
 def main(argv=None):
     started = time.time()
     args = settings(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world = runs.distributed("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = runs.start(args.threads, args.device)
     autocast = torch.bfloat16 if args.device.startswith("cuda") else None
     with runs.one_run_per_folder(args.out):
         pretrained, tokenizer = starting_model(args)

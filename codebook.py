@@ -109,7 +109,8 @@ class CodebookLayer(nn.Module):
         if x.shape[-2:] != (self.heads, self.dim):
             raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
         if not self.enabled:
-            self.last_ids = self.last_scores = None  # no codes were chosen: none to record
+            self.last_ids = self.last_scores = None  # no codes were chosen: none to record, no loss
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
             return x
         x_n = self.normalize(x)                                       # 1. LayerNorm
         scores, searched = self.search(x_n)                           # 2-3. score every code, keep the k best
@@ -153,7 +154,8 @@ class CodebookLayer(nn.Module):
 
     def apply_forcing(self, ids):
         """Overwrite id slots with forced codes (section 3.3): a forcing's m codes take the m least similar
-        slots not forced yet at its positions, so force_codes nested fills the slots before the outer one's."""
+        slots not forced yet at its positions, so force_codes nested fills the slots before the outer one's.
+        A forced code takes its slot also where the search chose it already: it then counts twice in the mean."""
         ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
         taken = torch.zeros(ids.shape[:-1], dtype=torch.long, device=ids.device)  # (..., heads): slots forced so far
         for head, codes, positions in self.forced:
@@ -161,6 +163,8 @@ class CodebookLayer(nn.Module):
                 raise ValueError(f"forced codes of shape {tuple(codes.shape)} do not fit the input's (batch, seq) = "
                                  f"{tuple(ids.shape[:-2])}")
             where = forced_positions(positions, ids.shape[-3], ids.device)  # (batch | 1, seq, 1)
+            if where.shape[0] not in (1, ids.shape[0]):
+                raise ValueError(f"a mask of forced positions for {where.shape[0]} sequences, the input has {ids.shape[0]}")
             m = codes.shape[-1]
             first = self.k - taken[..., head, None] - m  # (batch, seq, 1): the slot the first code takes
             if (where & (first < 0)).any():
@@ -198,7 +202,7 @@ class CodebookLayer(nn.Module):
         the inputs' spread (a code outside a head's ball of inputs is never chosen). Returns how many
         were revived, and resets the statistics."""
         dead = self.usage == 0
-        pool = self.last_input
+        pool = self.last_input if self.token_count else None  # no training forward since the last revival: no usage
         if pool is not None and dead.any():
             weights = self.last_error.float() + 1e-12  # all equal when every input is fitted exactly
             pick = torch.multinomial(weights, self.num_codes, replacement=True)
@@ -287,14 +291,14 @@ class CodebookBlock(nn.Module):
         self.codebooks = nn.ModuleDict({
             site: CodebookLayer(*heads[site], spec.codes_in(layer), spec.k, spec.similarity, spec.loss, spec.beta)
             for site, spec in specs.items() if spec.layers is None or layer in spec.layers})
-        self.captures = None  # a dict while capture_activations() is on
+        self.captures = []  # a dict per capture_activations() block this forward is in
         self.replacements = {}  # site -> fn, set by replace_activations()
 
     def site(self, name, x):
         """Activations x (B, T, heads, dim) at site `name` ("attn": each head's output before W_O; "mlp":
         the MLP's output; "block": the block's output), captured, replaced, quantised as switched on."""
-        if self.captures is not None:
-            self.captures[name] = x.detach()
+        for captured in self.captures:
+            captured[name] = x.detach()
         if name in self.replacements:
             x = self.replacements[name](x)
         return self.codebooks[name](x) if name in self.codebooks else x
@@ -354,7 +358,12 @@ class CodebookModel(nn.Module):
         """Sample continuations (temperature 0: greedy) under the forcing, disabling and replacing in
         effect. Keys and values are cached, unless a code is forced at chosen positions only or
         activations are replaced."""
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
+        if max_new_tokens > 1 and any(torch.is_tensor(positions) or codes.shape[1] > 1 for codes, positions in forced):
+            raise ValueError("codes forced by a mask or per position cover the prompt's positions only: to generate more "
+                             "than one token, force them at every position or at a list of positions")
         counted_from_start = [positions for _, positions in forced if positions is not None and (
             torch.is_tensor(positions) or any(int(p) >= 0 for p in positions))]  # these move when the window slides
         if counted_from_start and idx.shape[1] + max_new_tokens - 1 > self.config.block_size:  # the last input outgrows it
@@ -539,7 +548,11 @@ def _codes_by_codebook(model, codes):
     out = {}
     for address, ids in codes.items():
         cb, head = model.locate(address)
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids)
+        if ids.dim() > 3 or (ids.is_floating_point() and ids.numel()):
+            raise ValueError(f"{address}: forced codes must be integer ids, a list or a (batch, m) or (batch, seq, m) "
+                             f"tensor, got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.long()
         ids = ids.view(1, 1, -1) if ids.dim() <= 1 else (ids[:, None, :] if ids.dim() == 2 else ids)
         if ids.numel() and (ids.min() < 0 or ids.max() >= cb.num_codes):
             raise ValueError(f"{address}: forced code ids must be in [0, num_codes={cb.num_codes})")
@@ -552,6 +565,8 @@ def force_codes(model, codes, positions=None):
     """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m) tensor
     for per-example codes) or a list of code addresses. `positions`: None for every position, a list
     of positions (negative from the end), or a (batch, seq) bool mask."""
+    if positions is not None and not torch.is_tensor(positions) and any(isinstance(p, bool) for p in positions):
+        positions = torch.tensor(positions)  # [False, True, ...] is a mask, not the positions 0 and 1
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:
@@ -588,7 +603,7 @@ def codebooks_off(model):
 def capture_activations(model):
     """Yield {layer: {site: activations (B, T, heads, dim)}}, filled by the forwards inside."""
     acts = {i: {} for i in range(len(model.blocks))}
-    with _set_within(model.blocks, "captures", list(acts.values())):
+    with _set_within(model.blocks, "captures", [block.captures + [acts[i]] for i, block in enumerate(model.blocks)]):
         yield acts
 
 
@@ -704,10 +719,12 @@ def code_precision_recall(ids, masks, num_codes):
     if not single and masks.shape[1:] != ids.shape[:-1]:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not cover the ids' positions {tuple(ids.shape[:-1])}")
     masks = masks[None] if single else masks
+    repeated = (ids[..., :, None] == ids[..., None, :]).triu(1).any(-2)  # in an earlier slot too (forced twice)
+    ids, bins = ids.masked_fill(repeated, num_codes), num_codes + 1  # a code fires once per position: the rest to a spare bin
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
-    hits_idx = which[:, None] * num_codes + ids[tuple(where)]
-    hits = torch.bincount(hits_idx.reshape(-1), minlength=masks.shape[0] * num_codes).view(-1, num_codes).float()
-    fires = count_codes(ids, num_codes).float()
+    hits_idx = which[:, None] * bins + ids[tuple(where)]
+    hits = torch.bincount(hits_idx.reshape(-1), minlength=masks.shape[0] * bins).view(-1, bins)[:, :num_codes].float()
+    fires = count_codes(ids, bins)[:num_codes].float()
     precision = hits / fires.clamp_min(1)
     recall = hits / masks.flatten(1).sum(-1, keepdim=True).clamp_min(1)
     return (precision[0], recall[0]) if single else (precision, recall)

@@ -213,6 +213,11 @@ def test_usage_counted_per_token_and_revival_replaces_exactly_the_unused_codes()
     changed = (layer.codes != before).any(-1)
     assert torch.equal(changed, ~used)
     assert layer.usage.sum() == 0
+    revived_codes = layer.codes.detach().clone()
+    assert layer.revive_dead_codes() == 0 and torch.equal(layer.codes, revived_codes)  # no forward since: no usage seen
+    layer.enabled = False
+    layer(x)
+    assert layer.aux_loss == 0  # off, it adds no loss (not the last forward's)
     # revived codes sit near real (normalised) inputs: within the noise of one of them
     pool = layer.normalize(x).reshape(-1, 2, 4).transpose(0, 1)
     dist_to_pool = torch.cdist(layer.codes.detach(), pool).min(-1).values
@@ -349,9 +354,18 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
     with pytest.raises(ValueError, match=r"forced codes of shape \(3, 1, 1\) do not fit the input.s \(batch, seq\) = \(4, 16\)"):
         with cb.force_codes(model, {"L1.MLP": torch.tensor([[1], [2], [3]])}):
             model(x)
-    with pytest.raises(ValueError, match="a mask of forced positions covers 8 positions, the input 9"):
-        with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
-            model.generate(x[:1, :8], 2)  # the prompt's mask; the next forward has one more position
+    with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
+        assert model.generate(x[:1, :8], 1).shape == (1, 9)  # one forward, on the prompt the mask covers
+        with pytest.raises(ValueError, match="cover the prompt's positions only"):
+            model.generate(x[:1, :8], 2)  # the next forward would have one more position than the mask
+    with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(3, 16, dtype=torch.bool)), \
+            pytest.raises(ValueError, match="a mask of forced positions for 3 sequences, the input has 4"):
+        model(x)
+    # a list of bools is a mask, not the positions 0 and 1
+    with cb.force_codes(model, ["L1.H2.5"], positions=[False] * 3 + [True] + [False] * 12):
+        model(x)
+        as_mask = cb.record_codes(model)["L1.H2"]
+    assert (as_mask[:, 3, 1] == 5).all() and torch.equal(as_mask[:, :3], clean["L1.H2"][:, :3])
 
 
 def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():
@@ -390,6 +404,10 @@ def test_precision_recall_on_a_hand_made_mask():
     assert torch.allclose(recall, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
     both, _ = cb.code_precision_recall(ids, torch.stack([mask, ~mask]), num_codes=4)
     assert torch.allclose(both[0], precision) and torch.allclose(both[1], torch.tensor([0.0, 2 / 3, 1.0, 0.0]))
+    # a code in two slots of one position (forced where the search chose it) fires there once
+    twice = torch.cat([ids, torch.tensor([[[0], [1], [1], [3]], [[1], [0], [2], [3]]])], -1)
+    precision, recall = cb.code_precision_recall(twice, mask, num_codes=4)
+    assert torch.allclose(precision, torch.tensor([1.0, 1 / 3, 0.0, 0.0])) and torch.allclose(recall, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
 
 
 def test_top_contexts_rank_by_score():
@@ -426,6 +444,10 @@ def test_top_contexts_rank_by_score():
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1", "L1.MLP.2"]).__enter__(), "k=1 slots"),
     (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [99]}).__enter__(), "num_codes=30"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP"]).__enter__(), "name a code"),
+    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [2.9]}).__enter__(), r"integer ids.*got torch.float32 \(1,\)"),
+    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": torch.ones(2, 4, 1, 1, dtype=torch.long)}).__enter__(), r"\(2, 4, 1, 1\)"),
+    (lambda: tiny_model().generate(tokens(), 2, top_k=0), "top_k=0"),
+    (lambda: tiny_model().generate(tokens(), 2, temperature=-1), "temperature=-1"),
     (lambda: cb.disable_codes(tiny_model(), [f"L1.MLP.{i}" for i in range(30)]).__enter__(), "fewer than k"),
     (lambda: cb.topk_codes(torch.zeros(2, 3, 4), torch.zeros(1, 5, 4), 1), "heads=1"),
     (lambda: cb.code_precision_recall(torch.zeros(2, 4, 1, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 4),
@@ -461,6 +483,9 @@ def test_capture_activations_equals_what_forward_hooks_record():
     assert sorted((i, site) for i in captured for site in captured[i]) == sorted(acts)
     for (i, site), a in acts.items():
         assert torch.equal(captured[i][site], a), (i, site)
+    with cb.capture_activations(model) as outer, cb.capture_activations(model) as inner:  # nested: both filled
+        model(tokens())
+    assert outer[1].keys() == inner[1].keys() == {"attn", "mlp", "block"} and torch.equal(outer[1]["mlp"], inner[1]["mlp"])
 
 
 def test_with_codebooks_off_is_the_base_model_exactly():

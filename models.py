@@ -554,7 +554,9 @@ def read_config(folder):
     if not os.path.isdir(folder):
         raise ValueError(f"model folder {folder} does not exist")
     if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no config.json: give the folder a Hugging Face model was downloaded or saved to")
+        gguf = sorted(name for name in os.listdir(folder) if name.lower().endswith(".gguf"))
+        raise ValueError(f"{folder} has no config.json: give the folder a Hugging Face model was downloaded or saved to"
+                         + (f", or the GGUF file itself: {os.path.join(folder, gguf[0])}" if gguf else ""))
     c = formats.read_json(path)
     if c.get("model_type") not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")

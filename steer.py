@@ -324,7 +324,8 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
     stats = {a: cb.code_precision_recall(i, masks, num_codes) for a, i in ids.items()}  # (topics, C) each
     new = [new_tokens(args, model.config.block_size, len(tok.encode(p))) for p in prompts]
     print(f"\nsampling {len(prompts)} prompts x {args.samples} samples, temperature {args.temperature}, "
-          f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each")
+          f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each"
+          + (f" (--new_bytes {args.new_bytes}: cut to what fits in block_size={model.config.block_size})" if min(new) < args.new_bytes else ""))
     unsteered = sample_prompts(model, prompts, args, tok)
     unsteered_ppl = perplexity(model, unsteered, ends(tok))  # the same samples beside every topic: once
     results, steering = {}, {"prompts": prompts, "samples": {}, "codes": {}, "regexes": {}, "ranked": [], "skipped": []}

@@ -211,6 +211,9 @@ def test_byte_tokenizer():
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         models.from_pretrained(str(tmp_path))
+    (tmp_path / "tiny.Q4_0.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"has no config.json: .*, or the GGUF file itself: {tmp_path / 'tiny.Q4_0.gguf'}$"):
+        models.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         models.from_pretrained(str(tmp_path))
@@ -388,6 +391,8 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
         logits = model(windows[:, :-1]).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
     assert results["base_val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert {name: results["settings"][name] for name in ("n_layer", "n_head", "d_model")} == dict(  # the model's, not the flags'
+        n_layer=model.config.num_hidden_layers, n_head=model.config.num_attention_heads, d_model=model.config.hidden_size)
 
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",

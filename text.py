@@ -512,9 +512,10 @@ class Split:
 
 
 def prepare_data(data, out, val_fraction, seed, stories, include, separator, block_size,
-                 exclude=("site-packages", "__pycache__", ".git"), tokenizer=None):
+                 exclude=("site-packages", "__pycache__", ".git"), tokenizer=None, before_tokenising=None):
     """Tokenise the corpus once (cached under out/data/ by its files' names and contents, and the
-    tokenizer; None: bytes) and return its (train, val) splits."""
+    tokenizer; None: bytes) and return its (train, val) splits. before_tokenising(folder) may refuse
+    a corpus that is not there yet."""
     of_text = tokenizer is not None and tokenizer.kind != "bytes"  # not bytes as tokens
     if data:
         path = os.path.abspath(data)
@@ -533,6 +534,8 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
     key = hashlib.sha1(json.dumps(key + [val_fraction, seed]).encode()).hexdigest()[:12]
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
+        if before_tokenising:
+            before_tokenising(folder)
         if data:
             documents = iter_documents(path, include, separator, exclude, out=out, utf8=of_text)
         else:
@@ -634,7 +637,7 @@ def prose(name, fraction=0.1):
     return [d for d in docs if d not in held], [d for d in docs if d in held]
 
 
-def prepare_prose(name, out, block_size, tokenizer=None, fraction=0.1):
+def prepare_prose(name, out, block_size, tokenizer=None, fraction=0.1, before_tokenising=None):
     """The prose corpus `name` tokenised once (cached under out/data/ by its text and the
     tokenizer; None: bytes) as prepare_data's corpora are: its (train, val) Splits, val the
     held-out documents, and the folder."""
@@ -643,6 +646,8 @@ def prepare_prose(name, out, block_size, tokenizer=None, fraction=0.1):
     key = hashlib.sha1(json.dumps(key + [(tokenizer or ByteTokenizer()).to_dict()], sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(out, "data", f"{name}-{key}")
     if not os.path.exists(os.path.join(folder, "done")):
+        if before_tokenising:
+            before_tokenising(folder)
         held = set(val_docs)
         size = write_corpus(train_docs + val_docs, folder, tokenizer=tokenizer,
                             split_of=lambda doc: "val" if doc in held else "train")

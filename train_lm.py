@@ -255,11 +255,13 @@ def load_data(args, tokenizer, rank, world):
     corpora, each tokenised once into OUT/data/ by rank 0, then memory-mapped by every process."""
     if rank != 0:
         dist.barrier()  # rank 0 has tokenised them
+    new_corpus = functools.partial(refuse_new_corpus, args.out)
     train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
                                                        args.include, args.separator, args.block_size,
-                                                       args.exclude.split(","), tokenizer)
+                                                       args.exclude.split(","), tokenizer, new_corpus)
     splits = {text.corpus_name(args.data): (train_split, val_split, folder)}
-    splits |= {name: text.prepare_prose(name, args.out, args.block_size, tokenizer) for name in prose_names(args)}
+    splits |= {name: text.prepare_prose(name, args.out, args.block_size, tokenizer, before_tokenising=new_corpus)
+               for name in prose_names(args)}
     if rank == 0 and world > 1:
         dist.barrier()
     if rank == 0:
@@ -272,6 +274,19 @@ def load_data(args, tokenizer, rank, world):
                       "text, or fewer --eval_windows)")
     return ([train for train, _, _ in splits.values()], {name: val for name, (_, val, _) in splits.items()},
             "+".join(os.path.basename(where) for _, _, where in splits.values()))
+
+
+def refuse_new_corpus(out, folder):
+    """Before a corpus is tokenised into `folder`: a stage checkpointed in `out` on other data refuses it
+    now, as runs.train would at that checkpoint, but before the tokenising."""
+    for stage in ("base.pt", "finetuned.pt", "codebook.pt"):
+        path = os.path.join(out, stage)
+        data = runs.load_checkpoint(path, mmap=True).get("run", {}).get("settings", {}).get("data") \
+            if os.path.isfile(path) else None
+        if data is not None and os.path.basename(folder) not in data.split("+"):
+            raise ValueError(f"{path} was trained with other settings (settings.data: {data!r} in the checkpoint, "
+                             f"{os.path.basename(folder)!r} among the corpora now): rerun with the checkpoint's "
+                             "settings, or choose another output folder")
 
 
 def window_batch(splits, args, stage, i, rank, world):

@@ -211,6 +211,12 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert results["base_val_loss"] < 0.8 * np.log(256)  # it learned something (uniform guessing: ln 256)
     assert [h["step"] for h in results["history"]["codebook"]] == [10]
     assert os.path.exists(os.path.join(out, "base.pt")) and os.path.exists(os.path.join(out, "codebook.pt"))
+    # a rerun on another corpus is refused before that corpus is tokenised
+    corpora = sorted(os.listdir(os.path.join(out, "data")))
+    with pytest.raises(ValueError, match=r"base.pt was trained with other settings \(settings.data: 'stories-\w+' in the "
+                                         r"checkpoint, 'stories-\w+' among the corpora now\)"):
+        train_lm.main(TINY[:1] + ["1000"] + TINY[2:] + ["--out", out])
+    assert sorted(os.listdir(os.path.join(out, "data"))) == corpora
 
     # SAEs on the base's heads, spliced in (every stage resumed, done): the codebook figures stay
     with_saes = train_lm.main(TINY + ["--out", out, "--sae", "--sae_steps", "5", "--sae_windows", "8"])

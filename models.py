@@ -730,6 +730,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
 def load_with_tokenizer(path, device="cpu"):
     """(model, tokenizer) of a codebook checkpoint (a codebook.GPT or a Transformer) and the tokenizer stored with it."""
     state = runs.load_checkpoint(path)
+    runs.check_intact(path)
     stored = state.get("tokenizer")
     if stored is None and state["config"].get("vocab_size") != text.VOCAB_SIZE:
         raise ValueError(f"{path} stores no tokenizer and is not a byte model (vocab_size {state['config'].get('vocab_size')})")

@@ -260,6 +260,7 @@ def load_model(path, device="cpu"):
     """Rebuild a model from a checkpoint (a codebook.GPT or a pretrained family's Transformer), in eval mode."""
     import models  # here, not at the top: models.py reads checkpoints with this module
     state = load_checkpoint(path, map_location=device)
+    check_intact(path)
     model = models.model_from_config(state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import codebook as cb
+import models
 import runs
 import steer
 import train_fsm
@@ -100,8 +101,10 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     assert at > 0
     (tmp_path / "flipped.pt").write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
     torch.load(tmp_path / "flipped.pt", weights_only=True)  # which torch.load alone does not notice
-    with pytest.raises(ValueError, match=r"flipped.pt is corrupt \(its part .*/data/\d+ fails its checksum\): delete it"):
-        runs.train(tiny_model(), random_batches, steps=4, ckpt_path=str(tmp_path / "flipped.pt"))
+    for load in (lambda path: runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path), runs.load_model,
+                 models.load_with_tokenizer):  # nor loaded
+        with pytest.raises(ValueError, match=r"flipped.pt is corrupt \(its part .*/data/\d+ fails its checksum\): delete it"):
+            load(str(tmp_path / "flipped.pt"))
 
 
 def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):

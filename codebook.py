@@ -215,12 +215,17 @@ class CodebookLayer(nn.Module):
         return int(dead.sum()) if pool is not None else 0
 
 
+def is_mask(positions):
+    """Whether forced positions are a (batch, seq) bool mask rather than a list of positions."""
+    return torch.is_tensor(positions) and positions.dtype == torch.bool
+
+
 def forced_positions(positions, seq, device):
     """Where codes are forced, as bool (batch | 1, seq, 1): positions None (all), a list (negatives count
     from the end) or a (batch, seq) bool mask."""
     if positions is None:
         return torch.ones(1, seq, 1, dtype=torch.bool, device=device)
-    if torch.is_tensor(positions) and positions.dtype == torch.bool:
+    if is_mask(positions):
         if positions.shape[-1] != seq:
             raise ValueError(f"a mask of forced positions covers {positions.shape[-1]} positions, the input {seq}")
         return positions.to(device).view(-1, seq, 1)
@@ -361,11 +366,12 @@ class CodebookModel(nn.Module):
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
-        if max_new_tokens > 1 and any(torch.is_tensor(positions) or codes.shape[1] > 1 for codes, positions in forced):
-            raise ValueError("codes forced by a mask or per position cover the prompt's positions only: to generate more "
+        grows = max_new_tokens > 1 and idx.shape[1] < self.config.block_size  # the inputs get longer
+        if grows and any(is_mask(positions) or codes.shape[1] > 1 for codes, positions in forced):
+            raise ValueError("codes forced by a mask or per position fit the prompt's length only: to generate more "
                              "than one token, force them at every position or at a list of positions")
         counted_from_start = [positions for _, positions in forced if positions is not None and (
-            torch.is_tensor(positions) or any(int(p) >= 0 for p in positions))]  # these move when the window slides
+            is_mask(positions) or any(int(p) >= 0 for p in positions))]  # these move when the window slides
         if counted_from_start and idx.shape[1] + max_new_tokens - 1 > self.config.block_size:  # the last input outgrows it
             raise ValueError(f"codes forced at chosen positions would move once the text outgrows block_size="
                              f"{self.config.block_size}: generate fewer tokens, or force at every position or from the end")
@@ -565,8 +571,8 @@ def force_codes(model, codes, positions=None):
     """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m) tensor
     for per-example codes) or a list of code addresses. `positions`: None for every position, a list
     of positions (negative from the end), or a (batch, seq) bool mask."""
-    if positions is not None and not torch.is_tensor(positions) and any(isinstance(p, bool) for p in positions):
-        positions = torch.tensor(positions)  # [False, True, ...] is a mask, not the positions 0 and 1
+    if positions is not None and not torch.is_tensor(positions) and torch.as_tensor(positions).dtype == torch.bool:
+        positions = torch.as_tensor(positions)  # [False, True, ...] (or numpy's) is a mask, not the positions 0 and 1
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:

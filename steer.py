@@ -210,11 +210,15 @@ def settings(argv):
                          f"trained on (train_lm.py --seed {args.seed + 1}): give steer.py another --seed")
     steering = not (args.codes or args.browse)  # then prompting puts a request before each prompt
     args.longest_request = max([1] + [len(topic_request(tok, asked_about(name, args))) for name in topics if steering])
+    after_request = f" after the prompting baseline's request ({args.longest_request} tokens)" if args.longest_request > 1 else ""
     for prompt in args.prompt or PROMPTS:
         if args.longest_request + len(tok.encode(prompt)) >= cfg.block_size:
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"
-                             + (f" after the prompting baseline's request ({args.longest_request} tokens)"
-                                if args.longest_request > 1 else ""))
+                             + after_request)
+        fits = new_tokens(args, cfg.block_size, len(tok.encode(prompt)))
+        if fits < args.new_bytes:
+            print(f"note: --new_bytes {args.new_bytes}: {fits} after prompt {prompt!r}, what fits in block_size="
+                  f"{cfg.block_size}{after_request}")
     for address in forced_codes(args):
         try:
             model.locate(cb.parse_code(address))  # a clear error for a code that does not exist
@@ -324,8 +328,7 @@ def steer_topics(args, model, tok, prompts, topics, tokens, position_topic, reco
     stats = {a: cb.code_precision_recall(i, masks, num_codes) for a, i in ids.items()}  # (topics, C) each
     new = [new_tokens(args, model.config.block_size, len(tok.encode(p))) for p in prompts]
     print(f"\nsampling {len(prompts)} prompts x {args.samples} samples, temperature {args.temperature}, "
-          f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each"
-          + (f" (--new_bytes {args.new_bytes}: cut to what fits in block_size={model.config.block_size})" if min(new) < args.new_bytes else ""))
+          f"{' to '.join(map(str, sorted({min(new), max(new)})))} new bytes each")
     unsteered = sample_prompts(model, prompts, args, tok)
     unsteered_ppl = perplexity(model, unsteered, ends(tok))  # the same samples beside every topic: once
     results, steering = {}, {"prompts": prompts, "samples": {}, "codes": {}, "regexes": {}, "ranked": [], "skipped": []}

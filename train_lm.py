@@ -38,6 +38,7 @@ Every stage checkpoints as it goes; rerunning the same command resumes where it 
 import argparse
 import functools
 import os
+import re
 import sysconfig
 import time
 
@@ -255,7 +256,8 @@ def load_data(args, tokenizer, rank, world):
     corpora, each tokenised once into OUT/data/ by rank 0, then memory-mapped by every process."""
     if rank != 0:
         dist.barrier()  # rank 0 has tokenised them
-    new_corpus = functools.partial(refuse_new_corpus, args.out)
+    trained = ["base.pt", "codebook.pt"] + (["finetuned.pt"] if args.control else [])  # the stages this run goes on from
+    new_corpus = functools.partial(refuse_new_corpus, args.out, trained)
     train_split, val_split, folder = text.prepare_data(args.data, args.out, args.val_fraction, args.seed, args.stories,
                                                        args.include, args.separator, args.block_size,
                                                        args.exclude.split(","), tokenizer, new_corpus)
@@ -276,14 +278,13 @@ def load_data(args, tokenizer, rank, world):
             "+".join(os.path.basename(where) for _, _, where in splits.values()))
 
 
-def refuse_new_corpus(out, folder):
+def refuse_new_corpus(out, stages, folder):
     """Before a corpus is tokenised into `folder`: a stage checkpointed in `out` on other data refuses it
     now, as runs.train would at that checkpoint, but before the tokenising."""
-    for stage in ("base.pt", "finetuned.pt", "codebook.pt"):
-        path = os.path.join(out, stage)
-        data = runs.load_checkpoint(path, mmap=True).get("run", {}).get("settings", {}).get("data") \
-            if os.path.isfile(path) else None
-        if data is not None and os.path.basename(folder) not in data.split("+"):
+    for path in [os.path.join(out, stage) for stage in stages if os.path.isfile(os.path.join(out, stage))]:
+        data = runs.load_checkpoint(path, mmap=True).get("run", {}).get("settings", {}).get("data")
+        corpora = re.findall(r"(.+?-[0-9a-f]{12})(?:\+|$)", data or "")  # data: their folders NAME-KEY, joined by +
+        if data is not None and os.path.basename(folder) not in corpora:
             raise ValueError(f"{path} was trained with other settings (settings.data: {data!r} in the checkpoint, "
                              f"{os.path.basename(folder)!r} among the corpora now): rerun with the checkpoint's "
                              "settings, or choose another output folder")

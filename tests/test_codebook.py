@@ -356,7 +356,7 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
             model(x)
     with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
         assert model.generate(x[:1, :8], 1).shape == (1, 9)  # one forward, on the prompt the mask covers
-        with pytest.raises(ValueError, match="cover the prompt's positions only"):
+        with pytest.raises(ValueError, match="fit the prompt's length only"):
             model.generate(x[:1, :8], 2)  # the next forward would have one more position than the mask
     with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(3, 16, dtype=torch.bool)), \
             pytest.raises(ValueError, match="a mask of forced positions for 3 sequences, the input has 4"):
@@ -366,6 +366,18 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
         model(x)
         as_mask = cb.record_codes(model)["L1.H2"]
     assert (as_mask[:, 3, 1] == 5).all() and torch.equal(as_mask[:, :3], clean["L1.H2"][:, :3])
+    with cb.force_codes(model, ["L1.H2.5"], positions=np.arange(16) == 3):  # numpy's bools too
+        model(x)
+        assert torch.equal(cb.record_codes(model)["L1.H2"], as_mask)
+    # generating under positions as a tensor of ints, as under their list; per-position codes whose input
+    # never grows: a prompt of block_size tokens, the window sliding
+    generated = []
+    for positions in ([0, 2], torch.tensor([0, 2])):
+        with cb.force_codes(model, ["L1.MLP.1"], positions=positions):
+            generated.append(model.generate(x[:1, :8], 3, temperature=0))
+    assert torch.equal(*generated)
+    with cb.force_codes(model, {"L1.MLP": torch.ones(1, 16, 1, dtype=torch.long)}):
+        assert model.generate(x[:1], 3, temperature=0).shape == (1, 19)
 
 
 def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():

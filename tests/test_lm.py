@@ -217,6 +217,13 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
                                          r"checkpoint, 'stories-\w+' among the corpora now\)"):
         train_lm.main(TINY[:1] + ["1000"] + TINY[2:] + ["--out", out])
     assert sorted(os.listdir(os.path.join(out, "data"))) == corpora
+    # the corpora a stage was trained on, read whole from its settings: names may hold a +
+    runs.save_checkpoint(str(tmp_path / "codebook.pt"), model, run={"settings": {"data": "a+b-0123456789ab+python-0123456789ab"}})
+    runs.save_checkpoint(str(tmp_path / "finetuned.pt"), model, run={"settings": {"data": "stories-0123456789ab"}})
+    for corpus in ("a+b-0123456789ab", "python-0123456789ab"):  # finetuned.pt, not gone on from (--no-control), unread
+        train_lm.refuse_new_corpus(str(tmp_path), ["codebook.pt"], str(tmp_path / "data" / corpus))
+    with pytest.raises(ValueError, match="codebook.pt was trained with other settings"):
+        train_lm.refuse_new_corpus(str(tmp_path), ["codebook.pt"], str(tmp_path / "data" / "b-0123456789ab"))
 
     # SAEs on the base's heads, spliced in (every stage resumed, done): the codebook figures stay
     with_saes = train_lm.main(TINY + ["--out", out, "--sae", "--sae_steps", "5", "--sae_windows", "8"])
@@ -263,6 +270,9 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert steered["mean_hit_rate_base"] == r["hit_rate_base"] and r["codes"]
     printed = capsys.readouterr().out
     assert "precision" in printed and "recall" in printed and "dragons" in printed
+    steer.settings(steer_args + ["--new_bytes", "1000"])  # more than fits: said, per prompt
+    assert f"note: --new_bytes 1000: {64 - len(tok.encode(steer.PROMPTS[0])) - whole.longest_request} after prompt " \
+           f"{steer.PROMPTS[0]!r}, what fits in block_size=64 after the prompting baseline's request" in capsys.readouterr().out
     # report.html: the forced codes link to their cards, and --browse writes the browser alone
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' in page and all(f'href="#{c}"' in page and f'id="{c}"' in page for c in r["codes"])

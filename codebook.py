@@ -366,10 +366,9 @@ class CodebookModel(nn.Module):
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
-        grows = max_new_tokens > 1 and idx.shape[1] < self.config.block_size  # the inputs get longer
-        if grows and any(is_mask(positions) or codes.shape[1] > 1 for codes, positions in forced):
-            raise ValueError("codes forced by a mask or per position fit the prompt's length only: to generate more "
-                             "than one token, force them at every position or at a list of positions")
+        if max_new_tokens > 1 and any(is_mask(positions) or codes.shape[1] > 1 for codes, positions in forced):
+            raise ValueError("codes forced by a mask or per position fit one input, and the next one grows or slides: to "
+                             "generate more than one token, force them at every position or at a list of positions")
         counted_from_start = [positions for _, positions in forced if positions is not None and (
             is_mask(positions) or any(int(p) >= 0 for p in positions))]  # these move when the window slides
         if counted_from_start and idx.shape[1] + max_new_tokens - 1 > self.config.block_size:  # the last input outgrows it
@@ -571,8 +570,10 @@ def force_codes(model, codes, positions=None):
     """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m) tensor
     for per-example codes) or a list of code addresses. `positions`: None for every position, a list
     of positions (negative from the end), or a (batch, seq) bool mask."""
-    if positions is not None and not torch.is_tensor(positions) and torch.as_tensor(positions).dtype == torch.bool:
-        positions = torch.as_tensor(positions)  # [False, True, ...] (or numpy's) is a mask, not the positions 0 and 1
+    if positions is not None and not torch.is_tensor(positions):
+        positions = list(positions)  # any iterable (a range, a set, an array), read once
+        if positions and torch.as_tensor(positions).dtype == torch.bool:
+            positions = torch.as_tensor(positions)  # [False, True, ...] is a mask, not the positions 0 and 1
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:

@@ -216,7 +216,7 @@ def settings(argv):
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"
                              + after_request)
         fits = new_tokens(args, cfg.block_size, len(tok.encode(prompt)))
-        if fits < args.new_bytes:
+        if fits < args.new_bytes and not args.browse:  # --browse samples nothing
             print(f"note: --new_bytes {args.new_bytes}: {fits} after prompt {prompt!r}, what fits in block_size="
                   f"{cfg.block_size}{after_request}")
     for address in forced_codes(args):

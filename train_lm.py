@@ -38,7 +38,6 @@ Every stage checkpoints as it goes; rerunning the same command resumes where it 
 import argparse
 import functools
 import os
-import re
 import sysconfig
 import time
 
@@ -283,8 +282,9 @@ def refuse_new_corpus(out, stages, folder):
     now, as runs.train would at that checkpoint, but before the tokenising."""
     for path in [os.path.join(out, stage) for stage in stages if os.path.isfile(os.path.join(out, stage))]:
         data = runs.load_checkpoint(path, mmap=True).get("run", {}).get("settings", {}).get("data")
-        corpora = re.findall(r"(.+?-[0-9a-f]{12})(?:\+|$)", data or "")  # data: their folders NAME-KEY, joined by +
-        if data is not None and os.path.basename(folder) not in corpora:
+        # data: the corpora's folders joined by "+", which a name may hold too: a corpus missed here is refused by
+        # runs.train at the checkpoint, after tokenising; one taken for missing would refuse a run that is right
+        if data is not None and f"+{os.path.basename(folder)}+" not in f"+{data}+":
             raise ValueError(f"{path} was trained with other settings (settings.data: {data!r} in the checkpoint, "
                              f"{os.path.basename(folder)!r} among the corpora now): rerun with the checkpoint's "
                              "settings, or choose another output folder")

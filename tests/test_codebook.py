@@ -356,7 +356,7 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
             model(x)
     with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
         assert model.generate(x[:1, :8], 1).shape == (1, 9)  # one forward, on the prompt the mask covers
-        with pytest.raises(ValueError, match="fit the prompt's length only"):
+        with pytest.raises(ValueError, match="fit one input, and the next one grows or slides"):
             model.generate(x[:1, :8], 2)  # the next forward would have one more position than the mask
     with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(3, 16, dtype=torch.bool)), \
             pytest.raises(ValueError, match="a mask of forced positions for 3 sequences, the input has 4"):
@@ -377,7 +377,11 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
             generated.append(model.generate(x[:1, :8], 3, temperature=0))
     assert torch.equal(*generated)
     with cb.force_codes(model, {"L1.MLP": torch.ones(1, 16, 1, dtype=torch.long)}):
-        assert model.generate(x[:1], 3, temperature=0).shape == (1, 19)
+        assert model.generate(x[:1], 1, temperature=0).shape == (1, 17)
+        with pytest.raises(ValueError, match="the next one grows or slides"):
+            model.generate(x[:1], 2)  # the window slides: its codes would move against the text
+    with cb.force_codes(model, ["L1.MLP.1"], positions={0, 2}):  # any iterable of positions
+        assert torch.equal(model.generate(x[:1, :8], 3, temperature=0), generated[0])
 
 
 def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():

@@ -223,7 +223,7 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     for corpus in ("a+b-0123456789ab", "python-0123456789ab"):  # finetuned.pt, not gone on from (--no-control), unread
         train_lm.refuse_new_corpus(str(tmp_path), ["codebook.pt"], str(tmp_path / "data" / corpus))
     with pytest.raises(ValueError, match="codebook.pt was trained with other settings"):
-        train_lm.refuse_new_corpus(str(tmp_path), ["codebook.pt"], str(tmp_path / "data" / "b-0123456789ab"))
+        train_lm.refuse_new_corpus(str(tmp_path), ["codebook.pt"], str(tmp_path / "data" / "c-0123456789ab"))
 
     # SAEs on the base's heads, spliced in (every stage resumed, done): the codebook figures stay
     with_saes = train_lm.main(TINY + ["--out", out, "--sae", "--sae_steps", "5", "--sae_windows", "8"])

@@ -108,7 +108,7 @@ def search_row(heads, tokens, d, codes, k, budget):
         row["speedup_vs_reference"] = row["reference_s"] / row["ext_s"]
         row["efficiency"] = row["matmul_s"] / row["ext_s"]
     row["speedup_vs_chunked"] = row["chunked_s"] / row["ext_s"]
-    # the bound on the extension's memory: the codebook + O(tokens x k) (+ fixed per-thread tiles)
+    # the bound the extension's memory must keep to: the codebook + O(tokens x k) (+ fixed per-thread tiles)
     row["ext_bound_mib"] = (heads * codes * d * 4 + heads * tokens * k * 12) / 2**20 + 2 * torch.get_num_threads()
     return row
 

@@ -266,6 +266,7 @@ def load_saes(path, settings=None):
     state = runs.load_torch_file(path, "delete it", f"SAE file {path}")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (written by another program?)")
+    runs.check_intact(path)
     if settings is not None and state["settings"] != settings:
         return None
     saes = {}

@@ -231,6 +231,12 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert with_saes["sae_loss_ratio"] == pytest.approx(with_saes["sae_val_loss"] / results["base_val_loss"])
     assert set(with_saes["sae_dead_latent_fraction"]) == set(results["dead_code_fraction"])
     saes = sae.load_saes(os.path.join(out, "sae.pt"))
+    data = open(os.path.join(out, "sae.pt"), "rb").read()  # one bit of one weight flipped on disk: refused
+    at = data.find(next(saes[0, "attn"].parameters()).detach().numpy().tobytes())
+    assert at > 0
+    (tmp_path / "flipped.pt").write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    with pytest.raises(ValueError, match=r"flipped.pt is corrupt \(its part .* fails its checksum\)"):
+        sae.load_saes(str(tmp_path / "flipped.pt"))
     assert {key: (s.heads, s.num_latents, s.k) for key, s in saes.items()} == {(0, "attn"): (2, 32, 4), (1, "attn"): (2, 32, 4)}
 
     steer_args = ["--ckpt", os.path.join(out, "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons",
@@ -273,6 +279,8 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     steer.settings(steer_args + ["--new_bytes", "1000"])  # more than fits: said, per prompt
     assert f"note: --new_bytes 1000: {64 - len(tok.encode(steer.PROMPTS[0])) - whole.longest_request} after prompt " \
            f"{steer.PROMPTS[0]!r}, what fits in block_size=64 after the prompting baseline's request" in capsys.readouterr().out
+    steer.settings(steer_args[:4] + ["--browse", "--new_bytes", "1000"])
+    assert "--new_bytes" not in capsys.readouterr().out  # --browse samples nothing: nothing is cut
     # report.html: the forced codes link to their cards, and --browse writes the browser alone
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' in page and all(f'href="#{c}"' in page and f'id="{c}"' in page for c in r["codes"])

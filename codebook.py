@@ -572,8 +572,9 @@ def force_codes(model, codes, positions=None):
     of positions (negative from the end), or a (batch, seq) bool mask."""
     if positions is not None and not torch.is_tensor(positions):
         positions = list(positions)  # any iterable (a range, a set, an array), read once
-        if positions and torch.as_tensor(positions).dtype == torch.bool:
-            positions = torch.as_tensor(positions)  # [False, True, ...] is a mask, not the positions 0 and 1
+        as_tensor = torch.as_tensor(positions)
+        if positions and as_tensor.dtype == torch.bool:
+            positions = as_tensor  # [False, True, ...] is a mask, not the positions 0 and 1
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:
@@ -726,8 +727,9 @@ def code_precision_recall(ids, masks, num_codes):
     if not single and masks.shape[1:] != ids.shape[:-1]:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not cover the ids' positions {tuple(ids.shape[:-1])}")
     masks = masks[None] if single else masks
-    repeated = (ids[..., :, None] == ids[..., None, :]).triu(1).any(-2)  # in an earlier slot too (forced twice)
-    ids, bins = ids.masked_fill(repeated, num_codes), num_codes + 1  # a code fires once per position: the rest to a spare bin
+    # a code fires once per position: one in an earlier slot too (forced twice) goes to a spare bin past the codes
+    repeated = (ids[..., :, None] == ids[..., None, :]).triu(1).any(-2)
+    ids, bins = ids.masked_fill(repeated, num_codes), num_codes + 1
     which, *where = masks.nonzero(as_tuple=True)  # every (mask, position) pair that is set
     hits_idx = which[:, None] * bins + ids[tuple(where)]
     hits = torch.bincount(hits_idx.reshape(-1), minlength=masks.shape[0] * bins).view(-1, bins)[:, :num_codes].float()

@@ -386,8 +386,8 @@ def evaluate(args, trained, eval_sets, train_windows, train_splits, autocast, wo
     shape = {name: getattr(base.config, name) for name in ("n_layer", "n_head", "d_model")}  # --hf's, not the flags'
     results = per_set[first] | {"base_train_loss": runs.evaluate(base, train_windows, autocast=autocast)[0],
                                 "held_out": per_set, "processes": world, "data": args.data or "generated stories",
-                                "settings": vars(args) | shape, "history": {"base": getattr(base, "history", []),
-                                                                           "codebook": model.history}}
+                                "settings": vars(args) | shape,
+                                "history": {"base": getattr(base, "history", []), "codebook": model.history}}
     results["mean_dead_code_fraction"] = float(np.mean(list(results["dead_code_fraction"].values())))
     if len(eval_sets) > 1:  # a code the model uses on one corpus only is alive: dead = fires on no held-out window
         ids, _ = cb.record_dataset(model, torch.cat([windows[:, :-1] for windows in eval_sets.values()]), batch_size=32)

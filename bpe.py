@@ -678,6 +678,9 @@ def tokenizer_from_gguf(metadata):
     byte-level BPE (pre-tokenisation named by tokenizer.ggml.pre), "llama" SentencePiece BPE."""
     model = metadata.get("tokenizer.ggml.model")
     needs = {"gpt2": ("tokens", "merges"), "llama": ("tokens", "scores")}
+    if model is None:
+        raise ValueError("the GGUF file holds no tokenizer (no tokenizer.ggml.model in its metadata): give a GGUF file "
+                         "converted with its tokenizer")
     if model not in needs:
         raise ValueError(f"GGUF tokenizer.ggml.model {model!r} is not implemented (supported: 'gpt2', byte-level "
                          f"BPE; 'llama', SentencePiece BPE)")
@@ -730,6 +733,9 @@ def check_tokenizer(tokenizer, vocab_size, where):
     past the model's vocabulary that the tokenizer never adds itself (Gemma-3's <image_soft_token>, of its
     image model) are dropped from it: a text that spells one out is read as plain text."""
     own = {getattr(tokenizer, "eos", None), tokenizer.bos, *getattr(tokenizer, "prefix", ()), *getattr(tokenizer, "suffix", ())}
+    outside = sorted(i for i in own - {None} if not 0 <= i < tokenizer.vocab_size)
+    if outside:
+        raise ValueError(f"{where}: the tokenizer's BOS / EOS ids {outside} are not among its {tokenizer.vocab_size} tokens")
     beyond = set(range(vocab_size, tokenizer.vocab_size))
     if beyond - tokenizer.special_ids or beyond & own:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "

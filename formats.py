@@ -341,7 +341,8 @@ def parse_gguf_header(path, buf):
         end = info.offset + info.nbytes
     if data_size >= end + alignment:
         raise ValueError(f"{path} is corrupt: its {len(infos)} tensors' shapes account for {end} bytes of its "
-                         f"{data_size}-byte data section; its tensor count or shapes disagree with its data")
+                         f"{data_size}-byte data section; its tensor count or shapes disagree with its data, "
+                         f"or bytes were appended to it")
     return GGUF(metadata, {name: info._replace(offset=data_start + info.offset) for name, info in infos.items()})
 
 

@@ -97,14 +97,26 @@ class TransformerConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
             raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+        if not is_positive_number(self.norm_eps):
             raise ValueError(f"norm_eps={self.norm_eps!r} must be a positive number")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
+        numbers = {"rotary_base": self.rotary_base} | {f"rotary_scaling's {name}": value for name, value in
+                                                       self.rotary_scaling.items() if name != "rope_type"}
+        for name, value in numbers.items():
+            if not all(map(is_positive_number, value if isinstance(value, list) else [value])):
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if not (self.local_rotary_base == 0 or is_positive_number(self.local_rotary_base)):
+            raise ValueError(f"local_rotary_base={self.local_rotary_base!r} must be a positive number (or 0: none)")
+        self.rotary_base, self.local_rotary_base = float(self.rotary_base), float(self.local_rotary_base)
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
 
     def to_dict(self):
         return asdict(self)  # plain Python types, safe for weights_only checkpoints
+
+
+def is_positive_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 class RMSNorm(nn.Module):
@@ -308,6 +320,8 @@ def _rope(c, where, dims, default_base=10000.0):
     """The rotary fields of config.json (transformers' rope_parameters, or the older rope_theta +
     rope_scaling); a scaling this module does not implement is a one-line error."""
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope_scaling={rope!r} must be a dict of the rotary embedding's parameters")
     kind = _option(rope, "rope_type", rope.get("type", "default"), ["default", "linear", "llama3"], where)
     needs = {"default": [], "linear": ["factor"],
              "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}[kind]
@@ -315,7 +329,7 @@ def _rope(c, where, dims, default_base=10000.0):
     if missing:
         raise ValueError(f"{where}: rope_type {kind!r} needs {missing}")
     scaling = {"rope_type": kind, **{name: rope[name] for name in needs}} if needs else {}
-    return dict(rotary_dims=dims, rotary_base=float(rope.get("rope_theta", c.get("rope_theta", default_base))),
+    return dict(rotary_dims=dims, rotary_base=rope.get("rope_theta", c.get("rope_theta", default_base)),
                 rotary_scaling=scaling)
 
 
@@ -375,10 +389,11 @@ def gpt_neox(c, where):
     d_head = d // heads
     rope = c.get("rope_parameters") or {}
     fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
+    base = c.get("rotary_emb_base", c.get("rope_theta", 10000.0))  # the family's own name wins, as in transformers
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, d_model=d, d_mlp=c["intermediate_size"], norm_eps=c.get("layer_norm_eps", 1e-5),
                   activation=GELUS[_option(c, "hidden_act", "gelu", list(GELUS), where)],
-                  **_rope(c, where, int(d_head * fraction), c.get("rotary_emb_base", 10000.0)), qkv_bias=True, out_bias=True,
+                  **_rope(c | {"rope_theta": base}, where, int(d_head * fraction)), qkv_bias=True, out_bias=True,
                   parallel_residual=c.get("use_parallel_residual", True), tied_head=c.get("tie_word_embeddings", False))
     table = names({"tok_emb": "embed_in", "norm_f": "final_layer_norm", "head": "embed_out"},
                   {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "attention.query_key_value",
@@ -436,7 +451,8 @@ def gemma(c, where):
     if c["model_type"] == "gemma3":
         if not isinstance(c.get("text_config"), dict):
             raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
-        c = {"model_type": "gemma3_text", **c["text_config"]}
+        # transformers ties the output layer by the top-level flag (True when absent), not text_config's
+        c = {"model_type": "gemma3_text", **c["text_config"], "tie_word_embeddings": c.get("tie_word_embeddings", True)}
     family = c["model_type"]
     c = GEMMA_DEFAULTS[family] | c
     activation = GELUS[_option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)]
@@ -457,7 +473,7 @@ def gemma(c, where):
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
                   n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], d_model=d, d_head=d_head,
                   d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"], **rotary,
-                  local_rotary_base=float(local_base) if family == "gemma3_text" else 0.0,
+                  local_rotary_base=local_base if family == "gemma3_text" else 0.0,
                   qkv_bias=c.get("attention_bias", False), out_bias=c.get("attention_bias", False),
                   qk_norm=family == "gemma3_text", attn_scale=c["query_pre_attn_scalar"] ** -0.5,
                   attn_window=[c["sliding_window"] if kind == "sliding_attention" else 0 for kind in layers],
@@ -516,6 +532,9 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
     head = table["head"] + ".weight"
     if head not in weights and "lm_head.weight" in weights:  # GPT-NeoX's embed_out, as transformers 5 names it in memory
         table, head = table | {"head": "lm_head"}, "lm_head.weight"
+    embedding = table["tok_emb"] + ".weight"
+    if config.get("tied_head") and head in weights and not torch.equal(weights[head], weights[embedding]):
+        config = dict(config, tied_head=False)  # as transformers: a stored output layer unlike the embedding is used
     if not config.get("tied_head") and head not in weights:
         raise ValueError(f"{weights.where}: there is no output layer ({head}): the weights are of a model without its "
                          f"language-model head; give a causal language model (e.g. ...ForCausalLM)")
@@ -558,7 +577,7 @@ def read_config(folder):
         raise ValueError(f"{folder} has no config.json: give the folder a Hugging Face model was downloaded or saved to"
                          + (f", or the GGUF file itself: {os.path.join(folder, gguf[0])}" if gguf else ""))
     c = formats.read_json(path)
-    if c.get("model_type") not in FAMILIES:
+    if not isinstance(c.get("model_type"), str) or c["model_type"] not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")
     if "quantization_config" in c:
         method = c["quantization_config"].get("quant_method", "?") if isinstance(c["quantization_config"], dict) else "?"
@@ -601,7 +620,10 @@ def load_pretrained(path, codebooks=None, block_size=None):
     if is_gguf(path):
         info = formats.read_gguf_info(path)
         vocab_size = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)["vocab_size"]
-        tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(info.metadata), vocab_size, path)
+        try:
+            tokenizer = bpe.check_tokenizer(bpe.tokenizer_from_gguf(info.metadata), vocab_size, path)
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
         return from_gguf(path, codebooks, block_size, info), tokenizer
     c = read_config(path)
     vocab_size = family_config(c, f"{path}/config.json")[0]["vocab_size"]
@@ -642,8 +664,11 @@ def gguf_config(metadata, shapes, path):
     """config.json's fields from a GGUF file's metadata and {tensor name: shape}; an architecture or
     option not implemented is a one-line error."""
     arch = metadata.get("general.architecture")
-    if int(metadata.get("split.count", 1)) > 1:
-        raise ValueError(f"{path} is part {int(metadata.get('split.no', 0)) + 1} of {metadata['split.count']} of a split "
+    parts, part = metadata.get("split.count", 1), metadata.get("split.no", 0)
+    if not isinstance(parts, int) or not isinstance(part, int):
+        raise ValueError(f"{path}: metadata split.count = {parts!r} and split.no = {part!r} must be integers")
+    if parts > 1:
+        raise ValueError(f"{path} is part {part + 1} of {parts} of a split "
                          f"GGUF file: merge the parts into one first (llama-gguf-split --merge {path} merged.gguf)")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
@@ -659,6 +684,9 @@ def gguf_config(metadata, shapes, path):
         raise ValueError(f"{path}: a mixture-of-experts model ({arch}.expert_count = {metadata[f'{arch}.expert_count']}); "
                          "this module reads dense models only")
     c = {name: get(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
+    for name, key in GGUF_CONFIG.items():
+        if isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] < 1:
+            raise ValueError(f"{path}: metadata {arch}.{key} = {c[name]!r} must be a positive integer")
     c["num_key_value_heads"] = get("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
     c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")

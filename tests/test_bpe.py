@@ -199,6 +199,12 @@ def test_clear_errors(tmp_path):
                                  "tokenizer.ggml.pre": "deepseek-coder"})
     with pytest.raises(ValueError, match="no tokenizer.ggml.scores"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ValueError, match="the GGUF file holds no tokenizer"):
+        bpe.tokenizer_from_gguf({})
+    llama = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<s>", "a"], "tokenizer.ggml.scores": [0.0, 0.0]}
+    assert bpe.check_tokenizer(bpe.tokenizer_from_gguf(llama | {"tokenizer.ggml.bos_token_id": 0}), 2, "m.gguf").prefix == [0]
+    with pytest.raises(ValueError, match=r"m.gguf: the tokenizer's BOS / EOS ids \[5000\] are not among its 2 tokens"):
+        bpe.check_tokenizer(bpe.tokenizer_from_gguf(llama | {"tokenizer.ggml.bos_token_id": 5000}), 2, "m.gguf")
     with pytest.raises(ValueError, match="lacks tokens, types"):
         bpe.tokenizer_from_dict({"kind": "sentencepiece"})
     spec = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},

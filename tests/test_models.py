@@ -208,6 +208,31 @@ def test_byte_tokenizer():
 
 # --- bad input -----------------------------------------------------------------------------
 
+def test_the_output_layer_transformers_uses(tmp_path):
+    """Where a config's tie flag and the stored weights disagree, the output layer transformers uses:
+    a stored lm_head unlike the embedding (a finetune saved with a stale flag), and a multimodal
+    Gemma-3's top-level flag rather than its text_config's."""
+    t = need("transformers")
+    stale = tmp_path / "stale"
+    tiny_hf("llama", tie_word_embeddings=False).save_pretrained(stale)
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    multimodal = tmp_path / "multimodal"
+    text_config = dict(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=96, sliding_window_pattern=2, tie_word_embeddings=True, **GEMMA)
+    vision_config = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=28, patch_size=14)
+    randomize(t.Gemma3ForConditionalGeneration(t.Gemma3Config(
+        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=4, tie_word_embeddings=False)), 6
+              ).save_pretrained(multimodal)
+    x = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(5))
+    for folder, reference in ((stale, t.AutoModelForCausalLM), (multimodal, t.Gemma3ForConditionalGeneration)):
+        ours, theirs = models.from_pretrained(str(folder)), reference.from_pretrained(folder).float().eval()
+        with torch.no_grad():
+            want = theirs(x).logits
+        assert not ours.config.tied_head and want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4, folder.name
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         models.from_pretrained(str(tmp_path))
@@ -228,7 +253,14 @@ def test_clear_errors(tmp_path):
                              "config.json: norm_eps=None must be a positive number"),
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=3),
-                             "config.json: n_head=4 must be a multiple of n_kv_head=3")]:
+                             "config.json: n_head=4 must be a multiple of n_kv_head=3"),
+                            (dict(model_type=["llama"]), r"model_type \['llama'\] is not supported")] + [
+                            (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
+                            for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),
+                                                  (dict(rope_scaling="linear"), "rope_scaling='linear' must be a dict"),
+                                                  (dict(rope_scaling=dict(type="linear", factor="2")),
+                                                   "rotary_scaling's factor='2' must be a positive number")]]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))
@@ -262,6 +294,14 @@ def test_clear_errors_from_broken_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}))
     with pytest.raises(ValueError, match="rope_type='dynamic' is not implemented"):
         models.from_pretrained(str(tmp_path))
+    # an older config.json with both names of the rotary base: transformers takes GPT-NeoX's own
+    older = {k: v for k, v in config.items() if k != "rope_parameters"} | dict(rotary_pct=0.5, rotary_emb_base=100.0,
+                                                                              rope_theta=10000.0)
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = need("transformers").AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits
+    assert (models.from_pretrained(str(tmp_path))(x) - want).abs().max() <= 1e-4
     (tmp_path / "config.json").write_text(json.dumps(config))
 
     weights = (tmp_path / "model.safetensors").read_bytes()
@@ -285,7 +325,6 @@ def test_clear_errors_from_broken_folders(tmp_path):
     model.save_pretrained(sharded, max_shard_size="40KB")
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
-    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (models.from_pretrained(str(sharded))(x) - model(x).logits).abs().max() <= 1e-4
     # the same shards as PyTorch .bin files with pytorch_model.bin.index.json, as older checkpoints come

@@ -172,16 +172,22 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
              (dict(feed_forward_length=128), r"blk.0.ffn_up.weight has shape \(96, 64\), which does not fit"),
              (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)"),
              (dict(**{"attention.head_count": 6, "attention.head_count_kv": 3}), r"blk.0.attn_q.weight has shape \(64, 64\)"),
-             (dict(expert_count=4), "a mixture-of-experts model \\(llama.expert_count = 4\\); this module reads dense")]
+             (dict(expert_count=4), "a mixture-of-experts model \\(llama.expert_count = 4\\); this module reads dense"),
+             (dict(**{"attention.head_count": 0}), "metadata llama.attention.head_count = 0 must be a positive integer"),
+             (dict(**{"rope.freq_base": 0.0}), "rotary_base=0.0 must be a positive number")]
     for changes, message in cases:
         path = write_gguf(tmp_path / "bad.gguf", theirs, **changes)
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(path)
         assert "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing written
+    with pytest.raises(ValueError, match=r"bad.gguf: the GGUF file holds no tokenizer \(no tokenizer.ggml.model"):
+        models.load_pretrained(write_gguf(tmp_path / "bad.gguf", theirs))
     split = {"general.architecture": "llama", "split.no": 0, "split.count": 3}  # llama-gguf-split's first part
     with pytest.raises(ValueError, match=r"m-00001-of-00003.gguf is part 1 of 3 of a split GGUF file: merge the parts"):
         models.gguf_config(split, {}, "m-00001-of-00003.gguf")
+    with pytest.raises(ValueError, match="m.gguf: metadata split.count = 'x' and split.no = 0 must be integers"):
+        models.gguf_config(split | {"split.count": "x"}, {}, "m.gguf")
 
 
 def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):

@@ -66,6 +66,14 @@ def check_settings(args, positive=(), non_negative=(), rates=(), shares=(), fini
             fail(name, getattr(args, name), "must be a finite number")
 
 
+def refuse_unused(args, defaults, unused, mode):
+    """A flag of `unused` (names) given other than its default (in `defaults`, a Namespace) would do
+    nothing in this `mode` (e.g. "with --hf, which gives the base model"): one line, not silence."""
+    given = [name for name in unused if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise ValueError(f"--{given[0]} does nothing {mode}: drop it")
+
+
 def check_device(name):
     """The device as torch names it, or a ValueError saying what this torch build offers."""
     offers = ["cpu"] + [f"cuda ({torch.cuda.device_count()} GPUs)"] * torch.cuda.is_available() + \
@@ -98,7 +106,8 @@ def check_out(path):
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: {parent} is not a writable folder")
     for checkpoint in sorted(glob.glob(os.path.join(glob.escape(path), "*.pt"))):
-        load_torch_file(checkpoint, "delete it, and its stage runs again", mmap=True)
+        load_torch_file(checkpoint, "move it out of --out, or delete it (a stage's checkpoint: the stage runs again)",
+                        mmap=True)
     return path
 
 
@@ -282,10 +291,7 @@ def loop_state(summed, world):
 def resume(path, state, run, model, optimizer, summed, rank, world):
     """Continue from a checkpoint `state` of the loop, refusing one whose `run` (the settings that
     shape training) differs from this run's; returns (step, history)."""
-    differs = first_difference(state.get("run", {"config": state["config"]}), run)
-    if differs:
-        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
-                         "checkpoint's settings, or choose another output folder")
+    refuse_other_settings(path, state.get("run", {"config": state["config"]}), run)
     saved_ranks = len(state["loop_state"]["rng"])
     if state["step"] < run["loop"]["steps"] and saved_ranks != world:
         raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
@@ -312,6 +318,25 @@ def restore_rng(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def refuse_other_settings(path, saved, run):
+    differs = first_difference(saved, run)
+    if differs:
+        raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "
+                         "checkpoint's settings, or choose another output folder")
+
+
+def check_later_stage(path, config, steps, lr, settings=None, **options):
+    """Before the stages before it train: a checkpoint at `path` that train(a model of `config`, steps,
+    lr, settings=settings, **options) would refuse when it got there is refused now. What the options
+    leave out (train's defaults) is not compared, nor are the options that do not shape training."""
+    if os.path.exists(path):
+        state = load_checkpoint(path, mmap=True)
+        saved = state.get("run", {"config": state["config"]})
+        loop = {"steps": steps, "lr": lr} | {name: value for name, value in options.items() if name in LOOP}
+        refuse_other_settings(path, saved | {"loop": {name: saved.get("loop", {}).get(name) for name in loop}},
+                              {"config": config, "settings": settings or {}, "loop": loop})
 
 
 def first_difference(saved, now, prefix=""):
@@ -394,6 +419,10 @@ def _sum_across_ranks(tensors):
 
 def _stats_buffers(codebooks):
     return [t for layer in codebooks for t in (layer.usage, layer.recon_sum, layer.token_count)]
+
+
+# train()'s arguments that shape training, kept in each checkpoint with the model's config and the data's settings
+LOOP = ("steps", "lr", "weight_decay", "codebook_lr", "warmup", "cosine", "grad_clip", "grad_accum", "revive_every")
 
 
 def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, codebook_lr=None,

@@ -178,8 +178,15 @@ def settings(argv):
         raise ValueError("steer.py runs as one process: start it with python, not torchrun")
     if args.reference and args.reference_stories is not None:
         raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
-    if args.codes and args.reference_stories is not None:
-        raise ValueError("--codes only samples --prompt with those codes forced: --reference_stories would do nothing; drop it")
+    defaults, steering_only = parser.parse_args([]), ("heads", "per_head", "min_precision", "min_recall", "addition_scale",
+                                                      "topic_name")
+    if args.codes:
+        runs.refuse_unused(args, defaults, ("browse", "regex", "topics", "topic_file", "reference", "reference_stories",
+                                            "reference_bytes", "cards", "contexts") + steering_only,
+                           "with --codes, which only samples --prompt with those codes forced")
+    if args.browse:
+        runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
+                           "with --browse, which writes the code browser alone")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),
@@ -188,9 +195,6 @@ def settings(argv):
         raise ValueError(f"--temperature {args.temperature}: must be 0 (greedy) or at least 0.001")
     if abs(args.addition_scale) > 1e3:
         raise ValueError(f"--addition_scale {args.addition_scale}: at most 1000 times the mean difference (activations overflow)")
-    ignored = [f"--{flag}" for flag in ("browse", "regex", "topics", "topic_file", "reference") if args.codes and getattr(args, flag)]
-    if ignored:
-        raise ValueError(f"--codes only samples --prompt with those codes forced: {', '.join(ignored)} would do nothing; drop it")
     runs.check_device(args.device)
     runs.check_out(args.out)
     if args.topic_file and not args.regex:
@@ -216,7 +220,7 @@ def settings(argv):
             raise ValueError(f"prompt {prompt!r} does not fit in block_size={cfg.block_size} tokens with room to generate"
                              + after_request)
         fits = new_tokens(args, cfg.block_size, len(tok.encode(prompt)))
-        if fits < args.new_bytes and not args.browse:  # --browse samples nothing
+        if fits < args.new_bytes:
             print(f"note: --new_bytes {args.new_bytes}: {fits} after prompt {prompt!r}, what fits in block_size="
                   f"{cfg.block_size}{after_request}")
     for address in forced_codes(args):
@@ -267,18 +271,30 @@ def force_by_address(args, model, tok, prompts):
                 print(f"    {prompt}{show(generated, 400)}")
 
 
+def read_documents(path, limit):
+    """The documents of a file or folder, none empty, until `limit` bytes in all (the last one cut)."""
+    documents, size = [], 0
+    for doc in text.iter_documents(path):
+        if size >= limit:
+            break
+        doc = doc[:text.character_boundary(doc, limit - size)]
+        documents += [doc] if doc else []
+        size += len(doc)
+    return documents
+
+
 def reference_set(args, tok, block_size, topics):
     """The reference texts as rows of block_size tokens: (tokens (rows, block_size), each position's
     topic (rows, block_size): its index in `topics`, -1 for none)."""
     if args.reference:
-        reference = [doc for doc in text.iter_documents(args.reference) if doc]
+        reference = read_documents(args.reference, args.reference_bytes)
         ref_topics = None
     else:
         stories = text.make_stories(args.reference_stories, seed=args.seed + 1)
         reference = [story.encode() for _, story in stories]
         ref_topics = [topic for topic, _ in stories]
     if args.topic_file:
-        topic_docs = [doc for doc in text.iter_documents(args.topic_file) if doc]
+        topic_docs = read_documents(args.topic_file, args.reference_bytes)
         docs, labels = topic_docs + reference, [0] * len(topic_docs) + [-1] * len(reference)
     elif args.regex:
         docs, labels = reference, [0 if topics[args.regex].search(doc.decode("utf-8", "replace")) else -1 for doc in reference]
@@ -290,7 +306,8 @@ def reference_set(args, tok, block_size, topics):
 
     stream, label_stream, size = [], [], 0
     for doc, label in zip(docs, labels):
-        if size >= args.reference_bytes:
+        doc = doc[:text.character_boundary(doc, args.reference_bytes - size)]
+        if not doc:
             break
         ids = tok.encode(doc)
         stream += [tok.bos, *ids]
@@ -502,7 +519,7 @@ def write_page(args, command, model, tok, tokens, position_topic, topic_names, r
     sections, forced = [], []
     if results:
         mean = lambda key: float(np.mean([r[key] for r in results.values()]))
-        rows = [[pages.link(name, f"topic-{name}")] + [pages.pct(r[f"hit_rate_{key}"], 0) for _, key in METHODS]
+        rows = [[pages.link(name, "topic-" + pages.anchor(name))] + [pages.pct(r[f"hit_rate_{key}"], 0) for _, key in METHODS]
                 + [f"{r[f'ppl_{key}']:.2f}" for _, key in METHODS] + [len(r["codes"])] for name, r in results.items()]
         rows.append(["mean"] + [pages.pct(mean(f"hit_rate_{key}"), 0) for _, key in METHODS]
                     + [f"{mean(f'ppl_{key}'):.2f}" for _, key in METHODS] + [""])
@@ -511,7 +528,7 @@ def write_page(args, command, model, tok, tokens, position_topic, topic_names, r
                             groups=[("", 1), ("hit rate", len(METHODS)), ("perplexity", len(METHODS)), ("", 1)])
         bars = pages.bar_chart(list(results), [{"name": label, "values": [r[f"hit_rate_{key}"] for r in results.values()]}
                                                for label, key in METHODS],
-                               pages.pct, 1.0, links=[f"topic-{name}" for name in results], width=520)
+                               pages.pct, 1.0, links=["topic-" + pages.anchor(name) for name in results], width=520)
         sections.append(pages.section("Steering", pages.row(table, pages.figure("Samples on the topic", bars)), note=(
             f"{args.samples} samples for each of {len(steering['prompts'])} prompts per condition; a hit: the sample "
             "contains one of the topic's words. Steered: the topic's codes forced at every position (section 5); addition: "
@@ -531,7 +548,7 @@ def write_page(args, command, model, tok, tokens, position_topic, topic_names, r
                 columns.append(pages.tag("div", pages.join([pages.tag("h4", f"{label}: {pages.pct(r[key], 0)} hits"), *shown])))
             blocks.append(pages.tag("div", pages.join([pages.tag("h3", name), pages.tag("div", codes, class_="chips"),
                                                        pages.tag("div", pages.join(columns), class_="samples")]),
-                                    class_="topic", id=f"topic-{name}"))
+                                    class_="topic", id="topic-" + pages.anchor(name)))
         skipped = f" Skipped, no code precise enough to force: {', '.join(steering['skipped'])}." if steering["skipped"] else ""
         sections.append(pages.section("Topics", *blocks, note="Each topic's forced codes (precision P and recall R on the "
                                       "topic's reference texts) and the first samples of the first prompt under each condition, "

@@ -395,33 +395,47 @@ def is_binary(path):
 
 
 def iter_documents(path, include="*", separator="<|endoftext|>", exclude=("site-packages", "__pycache__", ".git"),
-                   chunk_bytes=2**24, out=None, utf8=False):
+                   chunk_bytes=2**24, out=None, utf8=False, digests=None):
     """Yield the documents (bytes) in list_files(path, include, exclude, out), each file cut at
     `separator`; files are read in chunks, so no file is ever read whole. With utf8=True (a tokenizer
     of text, not of bytes, reads them) a document too long is cut between characters, and a file that
-    is not valid UTF-8 is named in a note: its invalid bytes become U+FFFD."""
-    files = list_files(path, include, exclude, out)
+    is not valid UTF-8 is named in a note: its invalid bytes become U+FFFD. With `digests` (from
+    content_digests) the files read are those, each refused if it no longer holds the bytes hashed."""
+    files = sorted(digests) if digests is not None else list_files(path, include, exclude, out)
     sep = separator.encode() if separator else b""
     for file in files:
-        rest, invalid = b"", 0
-        with open(file, "rb") as f:
+        rest, invalid, sha1 = b"", 0, hashlib.sha1()
+        try:
+            f = open(file, "rb")
+        except FileNotFoundError:
+            raise ValueError(f"data file {file} was removed while the corpus was read: run again") from None
+        with f:
             while chunk := f.read(chunk_bytes):
+                sha1.update(chunk)
                 parts = (rest + chunk).split(sep) if sep else [rest + chunk]
                 rest = parts.pop()
                 while len(rest) > MAX_DOC_BYTES:
-                    cut = MAX_DOC_BYTES
-                    while utf8 and cut > MAX_DOC_BYTES - 3 and rest[cut] & 0xC0 == 0x80:  # not inside a character
-                        cut -= 1
+                    cut = character_boundary(rest, MAX_DOC_BYTES) if utf8 else MAX_DOC_BYTES
                     parts.append(rest[:cut])
                     rest = rest[cut:]
                 for doc in parts:
                     invalid += invalid_utf8(doc) if utf8 else 0
                     yield doc
         invalid += invalid_utf8(rest) if utf8 else 0
+        if digests is not None and sha1.hexdigest() != digests[file]:
+            raise ValueError(f"data file {file} changed while the corpus was read: run again once it is written")
         yield rest
         if invalid:
             print(f"note: data file {file} is not valid UTF-8 ({invalid} bytes read as U+FFFD): convert it to UTF-8, "
                   "e.g. iconv -f LATIN1 -t UTF-8 for Latin-1 text")
+
+
+def character_boundary(data, at):
+    """The last position at or before `at` that does not split a UTF-8 character of `data`."""
+    cut = at
+    while at - 3 < cut < len(data) and cut > 0 and data[cut] & 0xC0 == 0x80:  # a continuation byte
+        cut -= 1
+    return cut
 
 
 def invalid_utf8(data):
@@ -537,7 +551,7 @@ def prepare_data(data, out, val_fraction, seed, stories, include, separator, blo
         if before_tokenising:
             before_tokenising(folder)
         if data:
-            documents = iter_documents(path, include, separator, exclude, out=out, utf8=of_text)
+            documents = iter_documents(path, include, separator, exclude, out=out, utf8=of_text, digests=digests)
         else:
             documents = (story for _, story in make_stories(stories, seed))
         size = write_corpus(documents, folder, val_fraction, seed, tokenizer)

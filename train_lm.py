@@ -143,11 +143,13 @@ def main(argv=None):
                       ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, ckpt_extra={"tokenizer": tokenizer.to_dict()},
                       settings=dict(data=folder, batch_size=args.batch_size, block_size=args.block_size, seed=args.seed))
         finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
+        with_codes = finetune | dict(codebook_lr=args.codes_lr or None, revive_every=args.revive_every,
+                                     settings=common["settings"] | {"kmeans": args.kmeans_windows})
+        refuse_changed_later_stages(args, pretrained, finetune, with_codes)
         base = base_model(args, pretrained, tokenizer, stage1, common, rank)
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
         model = runs.train(codebook_model(args, base, train_splits), stage2, args.codebook_steps, args.codebook_lr,
-                           codebook_lr=args.codes_lr or None, revive_every=args.revive_every, ckpt_path=os.path.join(args.out, "codebook.pt"),
-                           desc="stage 2: codebooks", **finetune | {"settings": common["settings"] | {"kmeans": args.kmeans_windows}})
+                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks", **with_codes)
 
         # --- evaluate and report (rank 0)
         results = None
@@ -180,6 +182,10 @@ def settings(argv):
     cb.check_codebook(args.num_codes, args.k)
     if args.data:
         text.list_files(args.data, args.include, args.exclude.split(","), args.out)  # exists, and holds files to read
+    refuse_unused_flags(args, parser.parse_args([], argparse.Namespace(**preset)))
+    if args.patterns and args.pattern_windows > args.eval_windows:
+        print(f"note: --pattern_windows {args.pattern_windows}: the pattern table reads the {args.eval_windows} held-out "
+              "windows of each corpus there are (--eval_windows)")
     unknown = [name for name in prose_names(args) if name not in text.PROSE]
     if unknown:
         raise ValueError(f"--prose {','.join(unknown)}: no such corpus; choose among {', '.join(text.PROSE)}")
@@ -196,6 +202,19 @@ def settings(argv):
             raise ValueError(f"{base} is the base model {'of ' + made_from if made_from else 'trained there'}, not "
                              f"{'that of ' + given if given else 'one trained here'}: rerun as before, or choose another --out")
     return args
+
+
+def refuse_unused_flags(args, defaults):
+    """A flag given that would do nothing in this run is one line (`defaults`: the preset's)."""
+    if args.init_from or args.hf:
+        runs.refuse_unused(args, defaults, ("n_layer", "n_head", "d_model", "base_steps", "base_lr"),
+                           "with --init_from or --hf, which give the base model")
+    elif args.preset != "none":
+        raise ValueError(f"--preset {args.preset} finetunes SmolLM2: give --hf with its GGUF file or folder")
+    if args.data:
+        runs.refuse_unused(args, defaults, ("stories",), "with --data, whose text replaces the generated stories")
+    else:
+        runs.refuse_unused(args, defaults, ("include", "separator", "exclude"), "without --data")
 
 
 def overlapping(val_split, args):
@@ -337,11 +356,26 @@ def finetuned_control(args, base, get_batch, finetune):
                       ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
 
 
+def refuse_changed_later_stages(args, pretrained, finetune, with_codes):
+    """finetuned.pt and codebook.pt made with other settings are refused before the stages before them train."""
+    base = pretrained.config if pretrained is not None else base_config(args)
+    if args.control:
+        runs.check_later_stage(os.path.join(args.out, "finetuned.pt"), base.to_dict(), args.codebook_steps,
+                               args.codebook_lr, **finetune)
+    coded = type(base)(**base.to_dict() | {"codebooks": codebooks(args)}).to_dict()
+    runs.check_later_stage(os.path.join(args.out, "codebook.pt"), coded, args.codebook_steps, args.codebook_lr, **with_codes)
+
+
+def codebooks(args):
+    """Stage 2's codebooks: one after every attention head."""
+    return {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}}
+
+
 def codebook_model(args, base, train_splits):
     """Stage 2's start (section 3.2): the base with a codebook after every attention head, initialised
     by k-means on training windows of every corpus."""
     torch.manual_seed(args.seed)  # the same k-means start on every process
-    model = cb.with_codebooks(base, {"attn": {"num_codes": args.num_codes, "k": args.k, "layers": None}})
+    model = cb.with_codebooks(base, codebooks(args))
     kmeans_tokens = every_corpus_windows(train_splits, args, 2, args.kmeans_windows)
     cb.init_codebooks_kmeans(model, kmeans_tokens.to(model.head.weight.device))
     return model
@@ -477,17 +511,18 @@ def write_page(r, args, command):
     for corpus, figures in r["held_out"].items():
         keys = [key for _, key in LOSS_COLUMNS if f"{key}_val_loss" in figures]
         rows.append([corpus] + [f"{figures[f'{key}_val_loss']:.4f}" for key in keys]
-                    + [pages.pct(figures[f"{key}_val_accuracy"]) for key in keys]
+                    + [pages.pct(figures[f"{key}_val_accuracy"], 2) for key in keys]
                     + [f"{figures.get('loss_ratio_finetuned', figures['loss_ratio']):.3f}",
-                       pages.pct(float(np.mean(list(figures["dead_code_fraction"].values()))))])
+                       pages.pct(float(np.mean(list(figures["dead_code_fraction"].values()))), 2)])
     names = [name for name, key in LOSS_COLUMNS if f"{key}_val_loss" in r]
-    sections = [pages.section("Held-out loss", pages.table(rows, ["corpus", *names, *names, "codebooks / finetuned", "dead codes"],
+    ratio = "codebooks / finetuned" if "finetuned" in names else "codebooks / base"
+    sections = [pages.section("Held-out loss", pages.table(rows, ["corpus", *names, *names, ratio, "dead codes"],
                                                             groups=[("", 1), ("loss (nats/token)", len(names)),
                                                                     ("next-token accuracy", len(names)), ("", 2)]),
-                              note="Each corpus's held-out windows; codebooks / finetuned: the codebook model's loss over the "
-                                   "model finetuned as long without codebooks (the base's where there is no control)."
+                              note=f"Each corpus's held-out windows; {ratio}: the codebook model's loss over the "
+                                   + ("model finetuned as long without codebooks." if "finetuned" in names else "base model's.")
                                    + (f" Dead codes on all corpora's held-out windows together (dead: fires on none): "
-                                      f"{pages.pct(r['mean_dead_code_fraction_all_corpora'])}."
+                                      f"{pages.pct(r['mean_dead_code_fraction_all_corpora'], 2)}."
                                       if "mean_dead_code_fraction_all_corpora" in r else ""))]
     for name, title in (("patterns", "Patterns"), ("topics", "Topic words")):
         if name in r.get("patterns", {}):
@@ -500,7 +535,7 @@ def write_page(r, args, command):
 
 def pattern_rows_table(rows):
     """A pattern table (patterns.pattern_table's rows) as an HTML table."""
-    cell = lambda value: "" if value is None else pages.pct(value)
+    cell = lambda value: "" if value is None else pages.pct(value, 2)  # as the printed table
     return pages.table([[r["pattern"], r["positions"], r["code"] or "-", cell(r["precision"]), cell(r["recall"]),
                          r.get("neuron", ""), cell(r.get("neuron_precision")), r.get("sae", ""), cell(r.get("sae_precision"))]
                         for r in rows], ["pattern", "positions", "code", "precision", "recall", "neuron", "precision",

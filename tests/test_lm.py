@@ -155,18 +155,58 @@ def test_a_data_folder_gives_each_file_once_never_other_runs_and_whole_character
     assert "latin.txt is not valid UTF-8 (2 bytes read as U+FFFD)" in capsys.readouterr().out
     list(text.iter_documents(str(tmp_path / "latin.txt")))  # bytes as tokens keep every byte: nothing to say
     assert capsys.readouterr().out == ""
+    # steer's reference texts: at most --reference_bytes, the last document cut between characters
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "a.txt").write_text("short")
+    (tmp_path / "refs" / "b.txt").write_text("\u00e9" * 40)
+    assert steer.read_documents(str(tmp_path / "refs"), 12) == [b"short", "\u00e9\u00e9\u00e9".encode()]
+
+
+def test_a_data_file_changed_while_the_corpus_is_read_leaves_no_corpus(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 200)
+    hash_files = text.content_digests
+
+    def hashed_then(change):
+        def content_digests(files, cache):
+            digests = hash_files(files, cache)
+            change()  # after the files were hashed, before they are read
+            return digests
+        return content_digests
+
+    for change, message in ((lambda: os.remove(corpus / "2.txt"), "2.txt was removed while the corpus was read"),
+                            (lambda: (corpus / "1.txt").write_text("other"), "1.txt changed while the corpus was read")):
+        monkeypatch.setattr(text, "content_digests", hashed_then(change))
+        with pytest.raises(ValueError, match=message):
+            text.prepare_data(str(corpus), str(tmp_path / "out"), 0.1, 0, 0, "*", "<|endoftext|>", 16)
+        assert not [f for f in os.listdir(tmp_path / "out" / "data") if os.path.exists(tmp_path / "out" / "data" / f / "done")]
 
 
 def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_windows_overlap(tmp_path, capsys):
     reference = tmp_path / "reference"  # a folder named as a --prose corpus
     reference.mkdir()
     (reference / "a.txt").write_text("some text " * 200)
+    data = TINY[2:] + ["--data", str(reference), "--out", str(tmp_path / "o")]  # its text, not --stories
+    with pytest.raises(ValueError, match="--stories does nothing with --data, whose text replaces the generated stories"):
+        train_lm.settings(TINY + data[-4:])
     with pytest.raises(ValueError, match="--data .*reference and --prose reference would be reported under one name"):
-        train_lm.settings(TINY + ["--data", str(reference), "--prose", "reference", "--out", str(tmp_path / "o")])
-    args = train_lm.settings(TINY + ["--data", str(reference), "--out", str(tmp_path / "o")])
+        train_lm.settings(data + ["--prose", "reference"])
+    args = train_lm.settings(data)
     (val,) = train_lm.load_data(args, text.ByteTokenizer(), 0, 1)[1].values()
     assert val.num_tokens == 101 and train_lm.overlapping(val, args)  # 16 windows of 65 tokens need 1,040
     assert "note: reference's held-out split holds 101 tokens, fewer than 16 windows of 65" in capsys.readouterr().out
+
+
+def test_the_page_shows_the_printed_figures(tmp_path):
+    """report.html's held-out table: the printed table's decimals, and the ratio a run without a control computed."""
+    figures = {"base_val_loss": 2.0, "base_val_accuracy": 0.5625, "codebook_val_loss": 2.5, "codebook_val_accuracy": 0.2275,
+               "loss_ratio": 1.25, "dead_code_fraction": {"L0.H0": 0.28125}}
+    args = argparse.Namespace(out=str(tmp_path), hf="", init_from="")
+    page = open(train_lm.write_page(figures | {"held_out": {"stories": figures}}, args, "python train_lm.py")).read()
+    assert "codebooks / base" in page and "finetuned" not in page
+    assert all(f">{shown}</td>" in page for shown in ("56.25%", "22.75%", "1.250", "28.12%"))
 
 
 def test_a_topic_s_codes_are_its_best_on_the_heads_that_cover_it_most():
@@ -217,6 +257,12 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
                                          r"checkpoint, 'stories-\w+' among the corpora now\)"):
         train_lm.main(TINY[:1] + ["1000"] + TINY[2:] + ["--out", out])
     assert sorted(os.listdir(os.path.join(out, "data"))) == corpora
+    # a later stage made with other settings is refused before the stages before it train (here the control)
+    os.remove(os.path.join(out, "finetuned.pt"))
+    with pytest.raises(ValueError, match=r"codebook.pt was trained with other settings \(config.codebooks.attn.num_codes: "
+                                         r"32 in the checkpoint, 16 now\)"):
+        train_lm.main(TINY + ["--out", out, "--num_codes", "16"])
+    assert not os.path.exists(os.path.join(out, "finetuned.pt"))
     # the corpora a stage was trained on, read whole from its settings: names may hold a +
     runs.save_checkpoint(str(tmp_path / "codebook.pt"), model, run={"settings": {"data": "a+b-0123456789ab+python-0123456789ab"}})
     runs.save_checkpoint(str(tmp_path / "finetuned.pt"), model, run={"settings": {"data": "stories-0123456789ab"}})
@@ -279,8 +325,8 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     steer.settings(steer_args + ["--new_bytes", "1000"])  # more than fits: said, per prompt
     assert f"note: --new_bytes 1000: {64 - len(tok.encode(steer.PROMPTS[0])) - whole.longest_request} after prompt " \
            f"{steer.PROMPTS[0]!r}, what fits in block_size=64 after the prompting baseline's request" in capsys.readouterr().out
-    steer.settings(steer_args[:4] + ["--browse", "--new_bytes", "1000"])
-    assert "--new_bytes" not in capsys.readouterr().out  # --browse samples nothing: nothing is cut
+    with pytest.raises(ValueError, match="--new_bytes does nothing with --browse"):  # it samples nothing
+        steer.settings(steer_args[:4] + ["--browse", "--new_bytes", "1000"])
     # report.html: the forced codes link to their cards, and --browse writes the browser alone
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' in page and all(f'href="#{c}"' in page and f'id="{c}"' in page for c in r["codes"])

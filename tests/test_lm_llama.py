@@ -209,9 +209,10 @@ def test_a_folder_keeps_the_base_model_its_stages_started_from(pipeline, tmp_pat
 
 def test_presets_give_defaults_that_flags_override(tmp_path):
     out = ["--out", str(tmp_path / "out")]
-    args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + out)
+    smollm2 = ["--hf", str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")]  # read when the run starts, after its settings
+    args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + smollm2 + out)
     assert (args.codebook_steps, args.num_codes, args.k, args.prose, args.sae, args.patterns) == (5, 1024, 8, "reference,docstrings", True, True)
     assert train_lm.settings(out).num_codes == train_lm.parser.get_default("num_codes")  # the preset left the parser as it was
-    assert (train_lm.settings(["--preset", "smollm2-gpu"] + out).num_codes, train_lm.PRESETS["smollm2-gpu"]["k"]) == (10000, 8)
+    assert (train_lm.settings(["--preset", "smollm2-gpu"] + smollm2 + out).num_codes, train_lm.PRESETS["smollm2-gpu"]["k"]) == (10000, 8)
     with pytest.raises(ValueError, match="--prose foo: no such corpus"):
         train_lm.settings(["--prose", "reference,foo"] + out)

@@ -338,13 +338,17 @@ BAD_SETTINGS = [
     _bad(train_lm, ["--seed", "-1"], "--seed -1: must be 0 or a positive integer"),
     _bad(train_lm, ["--codes_lr", "nan"], "--codes_lr nan: must be a finite number"),
     _bad(train_lm, ["--data", "no/such/corpus"], "data path no/such/corpus does not exist"),
-    _bad(train_lm, ["--init_from", "no/such.pt"], "checkpoint no/such.pt does not exist"),
+    _bad(train_lm, ["--init_from", "no/such.pt"], "--n_layer does nothing with --init_from or --hf, which give the base model"),
+    _bad(train_lm, ["--preset", "smollm2"], "--preset smollm2 finetunes SmolLM2: give --hf with its GGUF file or folder"),
+    _bad(train_lm, ["--include", "*.py"], "--include does nothing without --data: drop it"),
     _bad(train_lm, ["--device", "cuda:3"], "--device cuda:3: not available here"),
     _bad(steer, ["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or at least 0.001"),
     _bad(steer, ["--temperature", "1e-39"], "--temperature 1e-39: must be 0 (greedy) or at least 0.001"),
     _bad(steer, ["--addition_scale", "1e30"], "--addition_scale 1e+30: at most 1000 times"),
-    _bad(steer, ["--codes", "L0.H0.3", "--browse"], "--codes only samples --prompt with those codes forced: --browse would do"),
-    _bad(steer, ["--codes", "L0.H0.3", "--reference_stories", "9"], "--reference_stories would do nothing"),
+    _bad(steer, ["--codes", "L0.H0.3", "--browse"], "--browse does nothing with --codes, which only samples --prompt with"),
+    _bad(steer, ["--codes", "L0.H0.3", "--reference_stories", "9"], "--reference_stories does nothing with --codes"),
+    _bad(steer, ["--codes", "L0.H0.3", "--heads", "2"], "--heads does nothing with --codes"),
+    _bad(steer, ["--browse", "--samples", "3"], "--samples does nothing with --browse, which writes the code browser alone"),
     _bad(steer, ["--samples", "0"], "--samples 0: must be a positive integer"),
     _bad(steer, ["--heads", "0"], "--heads 0: must be a positive integer"),
     _bad(steer, ["--min_precision", "2"], "--min_precision 2.0: a share, between 0 and 1"),
@@ -378,7 +382,7 @@ def test_out_must_be_a_writable_folder(tmp_path):
         runs.check_out(str(tmp_path / "file" / "below"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "codebook.pt").write_bytes(b"PK\x03\x04 cut short")  # damaged on disk, or copied in part
-    with pytest.raises(ValueError, match="codebook.pt is truncated, corrupt or not a torch file .*; delete it, and its stage"):
+    with pytest.raises(ValueError, match="codebook.pt is truncated, corrupt or not a torch file .*; move it out of --out, or delete it"):
         runs.check_out(str(tmp_path / "run"))
     with pytest.raises(ValueError, match="--out is empty: name a folder"):
         runs.check_out("")

@@ -38,9 +38,15 @@ class Markup(str):
     pass
 
 
+INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")  # controls, bidi overrides
+
+
 def escape(value):
-    """Text -> HTML (Markup passes through unchanged)."""
-    return value if isinstance(value, Markup) else Markup(html.escape(str(value), quote=True))
+    """Text -> HTML (Markup passes through unchanged); a character that would not show, or would reorder
+    the text around it, shows as its escape (\\x00, \\u202e)."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(INVISIBLE.sub(lambda m: repr(m[0])[1:-1], str(value)), quote=True))
 
 
 def join(parts, sep=""):
@@ -88,6 +94,11 @@ def fmt(value):
     return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
+def anchor(text):
+    """A fragment id made of text: lowercase letters and digits joined by "-"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def pct(value, digits=1):
     """A share as a percentage; one that rounds to zero but is not zero shows as under the last digit."""
     shown = f"{100 * value:.{digits}f}"
@@ -99,7 +110,7 @@ class Section:
 
     def __init__(self, title, *parts, note=""):
         self.title, self.parts, self.note = title, parts, note
-        self.anchor = "sec-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+        self.anchor = "sec-" + anchor(title)
 
     def render(self):
         note = tag("p", self.note, class_="note") if self.note else ""
@@ -152,7 +163,8 @@ def write(path, title, sections, subtitle=""):
 # ------------------------------------------------------------------------------------------------
 # 2. Tables.
 
-NUMBER = re.compile(r"^[-+]?[\d,.]+(%| s| ms)?$")  # cells written as numbers ("12.5%") align as numbers
+# cells written as numbers ("12.5%", "<0.1%", "2.0% / 3.5%") align as numbers
+NUMBER = re.compile(r"^<?[-+]?[\d,.]+(%| s| ms)?( / <?[-+]?[\d,.]+(%| s| ms)?)?$")
 
 
 def table(rows, columns, groups=None):

@@ -153,6 +153,11 @@ def test_the_page_is_one_file_that_requests_nothing_and_escapes_its_text(run, tm
     titled = report.page("t", [report.section(title) for title in ("Codes", "日本語", "中文", "Codes")])
     anchors = re.findall(r'<section id="([^"]+)"', titled)
     assert len(set(anchors)) == 4 and re.findall(r'href="#([^"]+)"', titled) == anchors  # one anchor per section
+    # what would not show, or would reorder the text after it, shows as its escape; a regex makes a plain fragment id
+    assert report.escape("a\x00b\u202ec<d\n") == "a\\x00b\\u202ec&lt;d\n"
+    assert report.anchor("dragon|qu|<b>%41 #x") == "dragon-qu-b-41-x"
+    cells = re.findall(r"<td([^>]*)>", report.table([["<0.1%", "2.0% / 3.5%", "x / y"]], ["a", "b", "c"]))
+    assert cells == [' class="num"', ' class="num"', ""]  # numbers align as numbers, whatever pct wrote
 
 
 def test_charts_take_odd_data():

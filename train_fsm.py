@@ -392,6 +392,11 @@ def settings(argv):
         raise ValueError(f"--beta {args.beta}: the commitment weight must be 0 or more")
     if not 0 <= args.seed < 2**40:  # batch seeds are seed * 1,000,003 + step: within torch's 64 bits
         raise ValueError(f"--seed {args.seed}: must be between 0 and 2^40")
+    defaults = p.parse_args([])  # the preset's
+    if not args.sae:
+        runs.refuse_unused(args, defaults, ("sae_steps", "sae_seqs", "sae_directions"), "without --sae")
+    if args.codebook_loss != "commitment":
+        runs.refuse_unused(args, defaults, ("beta",), f"with --codebook_loss {args.codebook_loss}")
     runs.check_device(args.device)
     runs.check_out(args.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))

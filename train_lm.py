@@ -211,6 +211,10 @@ def refuse_unused_flags(args, defaults):
                            "with --init_from or --hf, which give the base model")
     elif args.preset != "none":
         raise ValueError(f"--preset {args.preset} finetunes SmolLM2: give --hf with its GGUF file or folder")
+    if not args.sae:
+        runs.refuse_unused(args, defaults, ("sae_steps", "sae_windows"), "without --sae")
+    if not args.patterns:
+        runs.refuse_unused(args, defaults, ("pattern_windows",), "without --patterns")
     if args.data:
         runs.refuse_unused(args, defaults, ("stories",), "with --data, whose text replaces the generated stories")
     else:

@@ -201,7 +201,8 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
             best.append(((fires & mask[:, None]).sum(0) / fires.sum(0)).max().item())
     assert saved["neurons"]["precision_at_sae_recall"] == pytest.approx(sum(map(max, zip(best[::2], best[1::2]))) / 100)
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
-    without = T.main(argv + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
+    at = argv.index("--sae_steps")
+    without = T.main(argv[:at] + argv[at + 4:] + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
     assert without["codebook"] == saved["codebook"] and "sae" not in without
     assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())

@@ -327,9 +327,9 @@ def refuse_other_settings(path, saved, run):
                          "checkpoint's settings, or choose another output folder")
 
 
-def check_later_stage(path, config, steps, lr, settings=None, **options):
-    """Before the stages before it train: a checkpoint at `path` that train(a model of `config`, steps,
-    lr, settings=settings, **options) would refuse when it got there is refused now. What the options
+def check_stage(path, config, steps, lr, settings=None, **options):
+    """Before any stage trains: a checkpoint at `path` that train(a model of `config`, steps, lr,
+    settings=settings, **options) would refuse when it got there is refused now. What the options
     leave out (train's defaults) is not compared, nor are the options that do not shape training."""
     if os.path.exists(path):
         state = load_checkpoint(path, mmap=True)

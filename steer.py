@@ -182,7 +182,7 @@ def settings(argv):
                                                       "topic_name")
     if args.codes:
         runs.refuse_unused(args, defaults, ("browse", "regex", "topics", "topic_file", "reference", "reference_stories",
-                                            "reference_bytes", "cards", "contexts") + steering_only,
+                                            "reference_bytes", "cards", "contexts") + steering_only + ("out",),
                            "with --codes, which only samples --prompt with those codes forced")
     if args.browse:
         runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
@@ -271,30 +271,30 @@ def force_by_address(args, model, tok, prompts):
                 print(f"    {prompt}{show(generated, 400)}")
 
 
-def read_documents(path, limit):
-    """The documents of a file or folder, none empty, until `limit` bytes in all (the last one cut)."""
-    documents, size = [], 0
-    for doc in text.iter_documents(path):
-        if size >= limit:
+def at_most(documents, limit):
+    """The non-empty documents (bytes) until `limit` bytes in all, the last one cut between characters."""
+    kept, size = [], 0
+    for doc in documents:
+        cut = doc[:text.character_boundary(doc, limit - size)]
+        if doc and not cut:
             break
-        doc = doc[:text.character_boundary(doc, limit - size)]
-        documents += [doc] if doc else []
-        size += len(doc)
-    return documents
+        kept += [cut] if cut else []
+        size += len(cut)
+    return kept
 
 
 def reference_set(args, tok, block_size, topics):
     """The reference texts as rows of block_size tokens: (tokens (rows, block_size), each position's
     topic (rows, block_size): its index in `topics`, -1 for none)."""
     if args.reference:
-        reference = read_documents(args.reference, args.reference_bytes)
+        reference = at_most(text.iter_documents(args.reference), args.reference_bytes)
         ref_topics = None
     else:
         stories = text.make_stories(args.reference_stories, seed=args.seed + 1)
-        reference = [story.encode() for _, story in stories]
-        ref_topics = [topic for topic, _ in stories]
+        reference = at_most((story.encode() for _, story in stories), args.reference_bytes)
+        ref_topics = [topic for topic, _ in stories][:len(reference)]
     if args.topic_file:
-        topic_docs = read_documents(args.topic_file, args.reference_bytes)
+        topic_docs = at_most(text.iter_documents(args.topic_file), args.reference_bytes)
         docs, labels = topic_docs + reference, [0] * len(topic_docs) + [-1] * len(reference)
     elif args.regex:
         docs, labels = reference, [0 if topics[args.regex].search(doc.decode("utf-8", "replace")) else -1 for doc in reference]
@@ -304,15 +304,12 @@ def reference_set(args, tok, block_size, topics):
         names = list(topics)
         docs, labels = reference, [names.index(t) if t in names else -1 for t in ref_topics]
 
-    stream, label_stream, size = [], [], 0
+    docs = at_most(docs, args.reference_bytes)  # topic texts and reference together
+    stream, label_stream = [], []
     for doc, label in zip(docs, labels):
-        doc = doc[:text.character_boundary(doc, args.reference_bytes - size)]
-        if not doc:
-            break
         ids = tok.encode(doc)
         stream += [tok.bos, *ids]
         label_stream += [-1] + [label] * len(ids)
-        size += len(doc)
     rows = len(stream) // block_size
     if rows == 0:
         raise ValueError(f"the reference texts hold {len(stream)} tokens, fewer than one block of {block_size}")

@@ -360,13 +360,14 @@ def is_run_folder(folder):
 
 def content_digests(files, cache):
     """{file: the sha1 of its bytes}, the same after `touch` or a copy, unlike a modification time.
-    Each is read once: kept in the JSON file `cache` by (size, time) until the file changes."""
+    Each is read once: kept in the JSON file `cache` by (size, times) until the file changes (the
+    inode's change time too, which a copy keeping the modification time, cp -p or rsync -t, moves)."""
     known = {}
     if os.path.isfile(cache):
         with open(cache) as f:
             known = json.load(f)
-    stamps = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
-    digests = {f: known[f][2] for f in files if f in known and known[f][:2] == stamps[f]}
+    stamps = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns, os.stat(f).st_ctime_ns] for f in files}
+    digests = {f: known[f][3] for f in files if f in known and known[f][:3] == stamps[f]}
     for f in files:
         if f not in digests:
             sha1 = hashlib.sha1()

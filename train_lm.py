@@ -142,11 +142,12 @@ def main(argv=None):
                       eval_fn=functools.partial(validation, windows=eval_windows[:64], autocast=autocast),
                       ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_seconds, ckpt_extra={"tokenizer": tokenizer.to_dict()},
                       settings=dict(data=folder, batch_size=args.batch_size, block_size=args.block_size, seed=args.seed))
+        from_scratch = common | {"warmup": min(50, args.base_steps // 10 + 1)}
         finetune = common | {"warmup": min(50, args.codebook_steps // 10 + 1)}
         with_codes = finetune | dict(codebook_lr=args.codes_lr or None, revive_every=args.revive_every,
                                      settings=common["settings"] | {"kmeans": args.kmeans_windows})
-        refuse_changed_later_stages(args, pretrained, finetune, with_codes)
-        base = base_model(args, pretrained, tokenizer, stage1, common, rank)
+        refuse_changed_stages(args, pretrained, from_scratch, finetune, with_codes)
+        base = base_model(args, pretrained, tokenizer, stage1, from_scratch, rank)
         control = finetuned_control(args, base, stage2, finetune) if args.control else None
         model = runs.train(codebook_model(args, base, train_splits), stage2, args.codebook_steps, args.codebook_lr,
                            ckpt_path=os.path.join(args.out, "codebook.pt"), desc="stage 2: codebooks", **with_codes)
@@ -340,12 +341,12 @@ def validation(model, windows, autocast):
     return {"val_loss": loss, "val_acc": accuracy}
 
 
-def base_model(args, pretrained, tokenizer, get_batch, common, rank):
+def base_model(args, pretrained, tokenizer, get_batch, from_scratch, rank):
     """Stage 1: the base model trained here, or the one given (--init_from, --hf) kept as OUT/base.pt."""
     path = os.path.join(args.out, "base.pt")
     if pretrained is None:
         return runs.train(cb.GPT(base_config(args)), get_batch, args.base_steps, args.base_lr, ckpt_path=path,
-                          desc="stage 1: base", warmup=min(50, args.base_steps // 10 + 1), **common)
+                          desc="stage 1: base", **from_scratch)
     if rank == 0:
         runs.save_checkpoint(path, pretrained, step=0, init_from=os.path.realpath(args.init_from or args.hf),
                              tokenizer=tokenizer.to_dict())
@@ -360,14 +361,17 @@ def finetuned_control(args, base, get_batch, finetune):
                       ckpt_path=os.path.join(args.out, "finetuned.pt"), **finetune)
 
 
-def refuse_changed_later_stages(args, pretrained, finetune, with_codes):
-    """finetuned.pt and codebook.pt made with other settings are refused before the stages before them train."""
+def refuse_changed_stages(args, pretrained, from_scratch, finetune, with_codes):
+    """Each stage's checkpoint made with other settings is refused before any stage trains (base.pt,
+    given by --init_from or --hf, starting_model checked)."""
     base = pretrained.config if pretrained is not None else base_config(args)
+    stage = functools.partial(os.path.join, args.out)
+    if pretrained is None:
+        runs.check_stage(stage("base.pt"), base.to_dict(), args.base_steps, args.base_lr, **from_scratch)
     if args.control:
-        runs.check_later_stage(os.path.join(args.out, "finetuned.pt"), base.to_dict(), args.codebook_steps,
-                               args.codebook_lr, **finetune)
+        runs.check_stage(stage("finetuned.pt"), base.to_dict(), args.codebook_steps, args.codebook_lr, **finetune)
     coded = type(base)(**base.to_dict() | {"codebooks": codebooks(args)}).to_dict()
-    runs.check_later_stage(os.path.join(args.out, "codebook.pt"), coded, args.codebook_steps, args.codebook_lr, **with_codes)
+    runs.check_stage(stage("codebook.pt"), coded, args.codebook_steps, args.codebook_lr, **with_codes)
 
 
 def codebooks(args):

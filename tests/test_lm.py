@@ -159,7 +159,8 @@ def test_a_data_folder_gives_each_file_once_never_other_runs_and_whole_character
     (tmp_path / "refs").mkdir()
     (tmp_path / "refs" / "a.txt").write_text("short")
     (tmp_path / "refs" / "b.txt").write_text("\u00e9" * 40)
-    assert steer.read_documents(str(tmp_path / "refs"), 12) == [b"short", "\u00e9\u00e9\u00e9".encode()]
+    assert steer.at_most(text.iter_documents(str(tmp_path / "refs")), 12) == [b"short", "\u00e9\u00e9\u00e9".encode()]
+    assert steer.at_most([b"abcd", "\u00e9tait".encode(), b"xyz"], 5) == [b"abcd"]  # none after one cut to nothing
 
 
 def test_a_data_file_changed_while_the_corpus_is_read_leaves_no_corpus(tmp_path, monkeypatch):
@@ -182,6 +183,13 @@ def test_a_data_file_changed_while_the_corpus_is_read_leaves_no_corpus(tmp_path,
         with pytest.raises(ValueError, match=message):
             text.prepare_data(str(corpus), str(tmp_path / "out"), 0.1, 0, 0, "*", "<|endoftext|>", 16)
         assert not [f for f in os.listdir(tmp_path / "out" / "data") if os.path.exists(tmp_path / "out" / "data" / f / "done")]
+    # new bytes of the same size under the old modification time (cp -p, rsync -t) are hashed again
+    monkeypatch.undo()
+    cache, first = str(tmp_path / "digests.json"), str(corpus / "0.txt")
+    before, times = text.content_digests([first], cache), os.stat(first)
+    (corpus / "0.txt").write_text("document 9 " * 200)
+    os.utime(first, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert text.content_digests([first], cache) != before
 
 
 def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_windows_overlap(tmp_path, capsys):
@@ -257,6 +265,8 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
                                          r"checkpoint, 'stories-\w+' among the corpora now\)"):
         train_lm.main(TINY[:1] + ["1000"] + TINY[2:] + ["--out", out])
     assert sorted(os.listdir(os.path.join(out, "data"))) == corpora
+    with pytest.raises(ValueError, match=r"base.pt was trained with other settings \(config.n_layer: 2 in the checkpoint, 3 now"):
+        train_lm.main(TINY + ["--out", out, "--n_layer", "3"])  # the first stage that differs is named
     # a later stage made with other settings is refused before the stages before it train (here the control)
     os.remove(os.path.join(out, "finetuned.pt"))
     with pytest.raises(ValueError, match=r"codebook.pt was trained with other settings \(config.codebooks.attn.num_codes: "
@@ -301,8 +311,9 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert whole.longest_request == len(request) > 1
     with pytest.raises(ValueError, match=r"--seed -1: the reference stories \(seed 0\) would be the stories .* was trained on"):
         steer.settings(steer_args + ["--seed", "-1"])  # the run's training seed is 0
-    steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--out", str(tmp_path / "codes"), "--codes", "L0.H0.1",
-                    "--seed", "-1"])  # forcing codes reads no reference stories
+    steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", "L0.H0.1", "--seed", "-1"])  # no reference read
+    with pytest.raises(ValueError, match="--out does nothing with --codes, which only samples --prompt"):  # nor written
+        steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", "L0.H0.1", "--out", str(tmp_path / "codes")])
     for asking in ((), request):
         tokens, n = steer.sample(model, steer.PROMPTS[:1], whole, 0, tok, asking)
         assert n == 1 + len(tok.encode(steer.PROMPTS[0])) and tokens.shape[1] == model.config.block_size + 1 - len(request)

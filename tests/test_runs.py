@@ -365,6 +365,14 @@ BAD_SETTINGS = [
 ]
 
 
+def test_a_missing_base_model_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_lm.py", "--init_from", "no/such.pt", "--out", "out", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        runs.run_main(train_lm.main)
+    assert capsys.readouterr().err.strip() == "error: checkpoint no/such.pt does not exist" and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("script, flags, words", BAD_SETTINGS)
 def test_a_bad_setting_is_one_line_before_any_work(script, flags, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may appear here

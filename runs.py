@@ -67,8 +67,9 @@ def check_settings(args, positive=(), non_negative=(), rates=(), shares=(), fini
 
 
 def refuse_unused(args, defaults, unused, mode):
-    """A flag of `unused` (names) given other than its default (in `defaults`, a Namespace) would do
-    nothing in this `mode` (e.g. "with --hf, which gives the base model"): one line, not silence."""
+    """A flag of `unused` (names) set away from its default (in `defaults`, a Namespace) would do nothing
+    in this `mode` (e.g. "with --hf, which gives the base model"): one line, not silence. A flag typed
+    at its default value changes nothing, so it passes."""
     given = [name for name in unused if getattr(args, name) != getattr(defaults, name)]
     if given:
         raise ValueError(f"--{given[0]} does nothing {mode}: drop it")

@@ -178,8 +178,8 @@ def settings(argv):
         raise ValueError("steer.py runs as one process: start it with python, not torchrun")
     if args.reference and args.reference_stories is not None:
         raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
-    defaults, steering_only = parser.parse_args([]), ("heads", "per_head", "min_precision", "min_recall", "addition_scale",
-                                                      "topic_name")
+    defaults = parser.parse_args([])
+    steering_only = ("heads", "per_head", "min_precision", "min_recall", "addition_scale", "topic_name")
     if args.codes:
         runs.refuse_unused(args, defaults, ("browse", "regex", "topics", "topic_file", "reference", "reference_stories",
                                             "reference_bytes", "cards", "contexts") + steering_only + ("out",),
@@ -187,6 +187,10 @@ def settings(argv):
     if args.browse:
         runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
                            "with --browse, which writes the code browser alone")
+        if args.reference and not args.regex:
+            runs.refuse_unused(args, defaults, ("topics", "seed"), "with --browse of --reference texts, which have no topics")
+    if not args.regex:
+        runs.refuse_unused(args, defaults, ("topic_name",), "without --regex, whose topic it names")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),
@@ -196,7 +200,8 @@ def settings(argv):
     if abs(args.addition_scale) > 1e3:
         raise ValueError(f"--addition_scale {args.addition_scale}: at most 1000 times the mean difference (activations overflow)")
     runs.check_device(args.device)
-    runs.check_out(args.out)
+    if not args.codes:  # which writes nothing
+        runs.check_out(args.out)
     if args.topic_file and not args.regex:
         raise ValueError("--topic_file needs --regex: what counts as a generation on the topic")
     for flag in ("topic_file", "reference"):

@@ -226,8 +226,8 @@ def best_state_codes(precision, recall):
 
 def best_site(scores):
     """scores: {site address: (precision, recall) of its features per state, each (num_states,
-    features)}. The site whose best features (by F1, per state) score highest on average: (its
-    address, its best_state_codes, and every site's mean precision and mean recall)."""
+    features)}. The site whose best features (by F1, per state) have the highest mean precision x
+    recall: (its address, its best_state_codes, and every site's mean precision and mean recall)."""
     per_site = {a: best_state_codes(*pr) for a, pr in scores.items()}
     best = max(per_site, key=lambda a: (per_site[a][0] * per_site[a][1]).mean().item())
     return (best, per_site[best], {a: v[0].mean().item() for a, v in per_site.items()},
@@ -271,6 +271,10 @@ def main(argv=None):
         data = dict(fsm=[args.num_states, args.num_edges, args.base, args.walk_length], seed=args.seed, batch_size=args.batch_size)
         common = dict(device=args.device, warmup=100, cosine=True, eval_every=500, ckpt_every=args.ckpt_every,
                       ckpt_seconds=args.ckpt_seconds, eval_fn=functools.partial(val_metrics, tokens=eval_tokens[:256]))
+        finetune = common | dict(codebook_lr=args.codebook_lr, revive_every=args.revive_every,
+                                 settings=data | {"interchange": args.interchange})
+        codebook_path = os.path.join(args.out, "codebook.pt")  # made with other settings: refused before the baseline trains
+        runs.check_stage(codebook_path, args.codebook_config.to_dict(), args.codebook_steps, args.finetune_lr, **finetune)
         base = runs.train(cb.GPT(args.base_config), get_batch, args.base_steps, args.lr, desc="baseline",
                           ckpt_path=os.path.join(args.out, "base.pt"), settings=data, **common)
         runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())  # once a checkpoint there has accepted the settings
@@ -278,9 +282,7 @@ def main(argv=None):
         kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])
         cb.init_codebooks_kmeans(model, kmeans_data.to(args.device))
         model = runs.train(model, functools.partial(walk_batch, fsm, args, model=model) if args.interchange else get_batch,
-                           args.codebook_steps, args.finetune_lr, codebook_lr=args.codebook_lr, revive_every=args.revive_every,
-                           ckpt_path=os.path.join(args.out, "codebook.pt"), desc="codebook",
-                           settings=data | {"interchange": args.interchange}, **common)
+                           args.codebook_steps, args.finetune_lr, ckpt_path=codebook_path, desc="codebook", **finetune)
 
         if rank != 0:  # under torchrun, rank 0 alone fits the SAEs, evaluates and reports
             return runs.end_distributed()

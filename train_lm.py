@@ -217,6 +217,8 @@ def refuse_unused_flags(args, defaults):
     if not args.patterns:
         runs.refuse_unused(args, defaults, ("pattern_windows",), "without --patterns")
     if args.data:
+        if os.path.isfile(args.data):
+            runs.refuse_unused(args, defaults, ("include", "exclude"), "with --data naming one file, which is read")
         runs.refuse_unused(args, defaults, ("stories",), "with --data, whose text replaces the generated stories")
     else:
         runs.refuse_unused(args, defaults, ("include", "separator", "exclude"), "without --data")
@@ -362,8 +364,8 @@ def finetuned_control(args, base, get_batch, finetune):
 
 
 def refuse_changed_stages(args, pretrained, from_scratch, finetune, with_codes):
-    """Each stage's checkpoint made with other settings is refused before any stage trains (base.pt,
-    given by --init_from or --hf, starting_model checked)."""
+    """Each stage's checkpoint made with other settings is refused before any stage trains (a base.pt
+    of --init_from or --hf is starting_model's to check)."""
     base = pretrained.config if pretrained is not None else base_config(args)
     stage = functools.partial(os.path.join, args.out)
     if pretrained is None:

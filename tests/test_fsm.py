@@ -1,5 +1,6 @@
 """TokFSM: the data, the metrics on hand-built cases, and a smoke run of the whole pipeline."""
 import json
+import os
 import re
 
 import pytest
@@ -210,6 +211,11 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     with pytest.raises(ValueError, match="trained with other settings"):  # a rerun refused leaves the folder as it was
         T.main(argv + ["--seed", "1"])
     assert json.loads((tmp_path / "fsm.json").read_text()) == fsm
+    os.rename(tmp_path / "base.pt", tmp_path / "kept.pt")  # codebook.pt of other settings: refused before the baseline trains
+    with pytest.raises(ValueError, match=r"codebook.pt was trained with other settings \(config.codebooks.attn.num_codes"):
+        T.main(argv + ["--attn_codes", "16"])
+    assert not (tmp_path / "base.pt").exists()
+    os.rename(tmp_path / "kept.pt", tmp_path / "base.pt")
     model = runs.load_model(str(tmp_path / "codebook.pt"))  # other tools need nothing else
     assert model(torch.full((1, 1), fsm["bos"])).shape == (1, 1, 11)
     # report.html: every state's best code links to its card in the code browser

@@ -187,8 +187,10 @@ def settings(argv):
     if args.browse:
         runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
                            "with --browse, which writes the code browser alone")
-        if args.reference and not args.regex:
-            runs.refuse_unused(args, defaults, ("topics", "seed"), "with --browse of --reference texts, which have no topics")
+        if args.reference:
+            runs.refuse_unused(args, defaults, ("seed",), "with --browse of --reference texts: no story is generated, "
+                                                          "nothing sampled")
+            runs.refuse_unused(args, defaults, ("topics",), "with --reference texts, which have no topics")
     if not args.regex:
         runs.refuse_unused(args, defaults, ("topic_name",), "without --regex, whose topic it names")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories

@@ -273,10 +273,11 @@ def main(argv=None):
                       ckpt_seconds=args.ckpt_seconds, eval_fn=functools.partial(val_metrics, tokens=eval_tokens[:256]))
         finetune = common | dict(codebook_lr=args.codebook_lr, revive_every=args.revive_every,
                                  settings=data | {"interchange": args.interchange})
-        codebook_path = os.path.join(args.out, "codebook.pt")  # made with other settings: refused before the baseline trains
+        base_path, codebook_path = os.path.join(args.out, "base.pt"), os.path.join(args.out, "codebook.pt")
+        runs.check_stage(base_path, args.base_config.to_dict(), args.base_steps, args.lr, settings=data, **common)
         runs.check_stage(codebook_path, args.codebook_config.to_dict(), args.codebook_steps, args.finetune_lr, **finetune)
         base = runs.train(cb.GPT(args.base_config), get_batch, args.base_steps, args.lr, desc="baseline",
-                          ckpt_path=os.path.join(args.out, "base.pt"), settings=data, **common)
+                          ckpt_path=base_path, settings=data, **common)
         runs.save_json(os.path.join(args.out, "fsm.json"), fsm.to_json())  # once a checkpoint there has accepted the settings
         model = cb.with_codebooks(base, args.codebook_config.codebooks)
         kmeans_data = torch.cat([get_batch(-1 - i, 0, 1)[0] for i in range(max(1, 256 // args.batch_size))])

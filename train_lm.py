@@ -217,8 +217,6 @@ def refuse_unused_flags(args, defaults):
     if not args.patterns:
         runs.refuse_unused(args, defaults, ("pattern_windows",), "without --patterns")
     if args.data:
-        if os.path.isfile(args.data):
-            runs.refuse_unused(args, defaults, ("include", "exclude"), "with --data naming one file, which is read")
         runs.refuse_unused(args, defaults, ("stories",), "with --data, whose text replaces the generated stories")
     else:
         runs.refuse_unused(args, defaults, ("include", "separator", "exclude"), "without --data")

@@ -3,6 +3,7 @@ run of both scripts end to end, and train_lm.py under torchrun with two CPU proc
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 
@@ -192,14 +193,16 @@ def test_a_data_file_changed_while_the_corpus_is_read_leaves_no_corpus(tmp_path,
     assert text.content_digests([first], cache) != before
 
 
-def test_reference_texts_are_cut_at_reference_bytes_before_they_are_labelled(tmp_path, capsys):
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    (refs / "a.txt").write_text("the dragon flew. " * 3)  # 51 bytes on the topic
-    (refs / "b.txt").write_text("plain words here " * 10 + "dragon")  # the topic's word past the cut
-    args = argparse.Namespace(reference=str(refs), reference_bytes=120, topic_file="", regex="dragon")
-    _, position_topic = steer.reference_set(args, text.ByteTokenizer(), 16, {"dragon": text.topic_regex(["dragon"])})
-    assert position_topic.numel() == 112 and int((position_topic == 0).sum()) == 51  # 122 tokens, 7 rows of 16
+def test_reference_texts_are_cut_at_reference_bytes_before_they_are_labelled(capsys):
+    """A reference story cut where --reference_bytes ends is labelled by what is left of it."""
+    _, story = text.make_stories(1, seed=1)[0]  # steer's first reference story at --seed 0
+    half = len(story) // 2
+    late = next(w for w in re.findall(r"[a-z]{4,}", story[half:]) if not re.search(rf"\b{w}\b", story[:half]))
+    regex = rf"\b{late}\b"  # a word of the story's second half alone; the story is cut before its first use
+    args = argparse.Namespace(reference="", reference_stories=1, seed=0, topic_file="", regex=regex,
+                              reference_bytes=re.search(regex, story).start())
+    with pytest.raises(ValueError, match="no reference text is on the topic"):  # not "every reference text"
+        steer.reference_set(args, text.ByteTokenizer(), 16, {regex: re.compile(regex)})
 
 
 def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_windows_overlap(tmp_path, capsys):

@@ -190,7 +190,8 @@ def settings(argv):
         if args.reference:
             runs.refuse_unused(args, defaults, ("seed",), "with --browse of --reference texts: no story is generated, "
                                                           "nothing sampled")
-            runs.refuse_unused(args, defaults, ("topics",), "with --reference texts, which have no topics")
+            if not args.regex:  # with it, choose_topics names the clash
+                runs.refuse_unused(args, defaults, ("topics",), "with --reference texts, which have no topics")
     if not args.regex:
         runs.refuse_unused(args, defaults, ("topic_name",), "without --regex, whose topic it names")
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories

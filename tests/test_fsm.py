@@ -208,8 +208,8 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     assert [h["step"] for h in saved["history"]["codebook"]] == [4] and saved["history"]["baseline"][-1]["step"] == 6
     fsm = json.loads((tmp_path / "fsm.json").read_text())
     assert len(fsm["successors"]) == fsm["num_states"] == 100
-    with pytest.raises(ValueError, match="trained with other settings"):  # a rerun refused leaves the folder as it was
-        T.main(argv + ["--seed", "1"])
+    with pytest.raises(ValueError, match=r"base.pt was trained with other settings \(settings.seed"):  # the first that differs
+        T.main(argv + ["--seed", "1"])  # a rerun refused leaves the folder as it was
     assert json.loads((tmp_path / "fsm.json").read_text()) == fsm
     os.rename(tmp_path / "base.pt", tmp_path / "kept.pt")  # codebook.pt of other settings: refused before the baseline trains
     with pytest.raises(ValueError, match=r"codebook.pt was trained with other settings \(config.codebooks.attn.num_codes"):

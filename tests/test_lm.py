@@ -205,6 +205,16 @@ def test_reference_texts_are_cut_at_reference_bytes_before_they_are_labelled(cap
         steer.reference_set(args, text.ByteTokenizer(), 16, {regex: re.compile(regex)})
 
 
+def test_reference_files_are_cut_at_reference_bytes_before_they_are_labelled(tmp_path, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "a.txt").write_text("the dragon flew. " * 3)  # 51 bytes on the topic
+    (refs / "b.txt").write_text("plain words here " * 10 + "dragon")  # the topic's word past the cut
+    args = argparse.Namespace(reference=str(refs), reference_bytes=120, topic_file="", regex="dragon")
+    _, position_topic = steer.reference_set(args, text.ByteTokenizer(), 16, {"dragon": text.topic_regex(["dragon"])})
+    assert position_topic.numel() == 112 and int((position_topic == 0).sum()) == 51  # 122 tokens, 7 rows of 16
+
+
 def test_train_lm_reports_each_corpus_by_its_own_name_and_says_when_held_out_windows_overlap(tmp_path, capsys):
     reference = tmp_path / "reference"  # a folder named as a --prose corpus
     reference.mkdir()

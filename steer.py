@@ -178,22 +178,7 @@ def settings(argv):
         raise ValueError("steer.py runs as one process: start it with python, not torchrun")
     if args.reference and args.reference_stories is not None:
         raise ValueError("--reference_stories counts generated stories, which --reference replaces: give one of them")
-    defaults = parser.parse_args([])
-    steering_only = ("heads", "per_head", "min_precision", "min_recall", "addition_scale", "topic_name")
-    if args.codes:
-        runs.refuse_unused(args, defaults, ("browse", "regex", "topics", "topic_file", "reference", "reference_stories",
-                                            "reference_bytes", "cards", "contexts") + steering_only + ("out",),
-                           "with --codes, which only samples --prompt with those codes forced")
-    if args.browse:
-        runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
-                           "with --browse, which writes the code browser alone")
-        if args.reference:
-            runs.refuse_unused(args, defaults, ("seed",), "with --browse of --reference texts: no story is generated, "
-                                                          "nothing sampled")
-            if not args.regex:  # with it, choose_topics names the clash
-                runs.refuse_unused(args, defaults, ("topics",), "with --reference texts, which have no topics")
-    if not args.regex:
-        runs.refuse_unused(args, defaults, ("topic_name",), "without --regex, whose topic it names")
+    refuse_unused_flags(args, parser.parse_args([]))
     args.reference_stories = 480 if args.reference_stories is None else args.reference_stories
     runs.check_settings(args, positive=("reference_stories", "reference_bytes", "heads", "per_head", "samples"),
                         non_negative=("new_bytes", "contexts", "threads", "cards"), shares=("min_precision", "min_recall"),
@@ -237,6 +222,25 @@ def settings(argv):
         except ValueError as e:
             raise ValueError(f"--codes {e}") from None
     return args, model, tok, topics
+
+
+def refuse_unused_flags(args, defaults):
+    """A flag set away from its default that would do nothing in this run (--codes, --browse) is one line."""
+    steering_only = ("heads", "per_head", "min_precision", "min_recall", "addition_scale", "topic_name")
+    if args.codes:
+        runs.refuse_unused(args, defaults, ("browse", "regex", "topics", "topic_file", "reference", "reference_stories",
+                                            "reference_bytes", "cards", "contexts") + steering_only + ("out",),
+                           "with --codes, which only samples --prompt with those codes forced")
+    if args.browse:
+        runs.refuse_unused(args, defaults, ("prompt", "samples", "temperature", "new_bytes") + steering_only,
+                           "with --browse, which writes the code browser alone")
+        if args.reference:
+            runs.refuse_unused(args, defaults, ("seed",), "with --browse of --reference texts: no story is generated, "
+                                                          "nothing sampled")
+            if not args.regex:  # with it, choose_topics names the clash
+                runs.refuse_unused(args, defaults, ("topics",), "with --reference texts, which have no topics")
+    if not args.regex:
+        runs.refuse_unused(args, defaults, ("topic_name",), "without --regex, whose topic it names")
 
 
 def choose_topics(args):

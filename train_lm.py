@@ -206,7 +206,7 @@ def settings(argv):
 
 
 def refuse_unused_flags(args, defaults):
-    """A flag given that would do nothing in this run is one line (`defaults`: the preset's)."""
+    """A flag set away from its default (`defaults`: the preset's) that would do nothing in this run is one line."""
     if args.init_from or args.hf:
         runs.refuse_unused(args, defaults, ("n_layer", "n_head", "d_model", "base_steps", "base_lr"),
                            "with --init_from or --hf, which give the base model")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bpe
+import steer
 from conftest import GEMMA3, SAMPLE, SMOLLM2, need, real_model, stdlib_text, trained_bpe
 
 LONG_LINE = "".join(stdlib_text(0, 180_000).split())  # 130k characters, no space: one word of 130k characters to merge
@@ -130,6 +131,15 @@ def through_checkpoint(data):
     torch.save(data, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def test_a_sample_shows_as_it_decodes_after_its_prompt(tmp_path):
+    """steer.py's samples: a Llama-2 tokenizer drops the space a text starts with, not the one after a prompt."""
+    trained_sentencepiece(tmp_path, prepend=True)
+    ours = bpe.load_tokenizer(str(tmp_path))
+    prompt, story = ours.encode("Once upon a time", special=True), ours.encode("Once upon a time there was", special=True)
+    assert story[:len(prompt)] == prompt and ours.decode(story[len(prompt):]) == "there was"
+    assert steer.generated_text(torch.tensor([story]), len(prompt), ours) == [" there was"]
 
 
 def test_sentencepiece_merge_order_from_scores():

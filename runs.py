@@ -322,6 +322,7 @@ def restore_rng(state):
 
 
 def refuse_other_settings(path, saved, run):
+    """A checkpoint at `path` whose `saved` settings (config, data, loop) are not this run's is one line."""
     differs = first_difference(saved, run)
     if differs:
         raise ValueError(f"{path} was trained with other settings ({differs}): rerun with the "

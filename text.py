@@ -366,7 +366,8 @@ def content_digests(files, cache):
     if os.path.isfile(cache):
         with open(cache) as f:
             known = json.load(f)
-    stamps = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns, os.stat(f).st_ctime_ns] for f in files}
+    stats = {f: os.stat(f) for f in files}
+    stamps = {f: [st.st_size, st.st_mtime_ns, st.st_ctime_ns] for f, st in stats.items()}
     digests = {f: known[f][3] for f in files if f in known and known[f][:3] == stamps[f]}
     for f in files:
         if f not in digests:

@@ -60,7 +60,7 @@ search = search_reference
 
 def topk_codes(x, codebook, k, similarity="cosine", disabled=None):
     """(scores, ids), each (heads, tokens, k), without gradient: training differentiates through the
-    gathered codes only (section 3.1). Searched by `search`, above."""
+    gathered codes only (section 3.1). Searched by `search`, above, in float32 whatever x's dtype."""
     H, C, d = codebook.shape
     if x.dim() != 3 or x.shape[0] != H or x.shape[2] != d:
         raise ValueError(f"search queries must have shape (heads={H}, tokens, d={d}), got {tuple(x.shape)}")
@@ -88,6 +88,8 @@ def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
 class CodebookLayer(nn.Module):
     def __init__(self, heads, dim, num_codes, k=1, similarity="cosine", loss="aeloss", beta=0.25):
         super().__init__()
+        if not all(isinstance(n, int) and n >= 1 for n in (heads, dim)):
+            raise ValueError(f"heads={heads!r} and dim={dim!r} must be positive integers")
         check_codebook(num_codes, k, similarity, loss)
         self.heads, self.num_codes, self.dim, self.k = heads, num_codes, dim, k
         self.similarity, self.loss_kind, self.beta = similarity, loss, beta
@@ -106,8 +108,9 @@ class CodebookLayer(nn.Module):
 
     def forward(self, x):
         """x (..., heads, dim) -> the same shape, each head's vector replaced by the mean of its k codes."""
-        if x.shape[-2:] != (self.heads, self.dim):
-            raise ValueError(f"codebook input must end in (heads={self.heads}, dim={self.dim}), got {tuple(x.shape)}")
+        if x.shape[-2:] != (self.heads, self.dim) or not x.is_floating_point():
+            raise ValueError(f"codebook input must be floating point ending in (heads={self.heads}, dim={self.dim}), "
+                             f"got {x.dtype} {tuple(x.shape)}")
         if not self.enabled:
             self.last_ids = self.last_scores = None  # no codes were chosen: none to record, no loss
             self.aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -123,7 +126,7 @@ class CodebookLayer(nn.Module):
         q = self.mean_of_codes(ids)                                   # 4. the mean of the k codes replaces x
         sq_err = (q - x_n.detach()).pow(2)
         self.aux_loss = self.codebook_loss(sq_err, q, x_n, chosen)    # 5. the codebook's own loss
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training step; recording, sampling count nothing
             self.count_usage(ids, chosen, sq_err, x_n)
         return StraightThrough.apply(q, x_n, chosen).to(x.dtype)      # 5. gradient straight through to x
 
@@ -156,6 +159,8 @@ class CodebookLayer(nn.Module):
         """Overwrite id slots with forced codes (section 3.3): a forcing's m codes take the m least similar
         slots not forced yet at its positions, so force_codes nested fills the slots before the outer one's.
         A forced code takes its slot also where the search chose it already: it then counts twice in the mean."""
+        if self.forced and ids.dim() != 4:
+            raise ValueError(f"codes are forced on inputs (batch, seq, heads, dim), got {ids.dim() - 1} dimensions")
         ids = ids.clone()  # a new tensor: the search's ids stay as they were, to compare with
         taken = torch.zeros(ids.shape[:-1], dtype=torch.long, device=ids.device)  # (..., heads): slots forced so far
         for head, codes, positions in self.forced:
@@ -177,7 +182,8 @@ class CodebookLayer(nn.Module):
 
     def codebook_loss(self, sq_err, q, x_n, chosen=None):
         """sq_err = (q - sg(x_n))^2 summed over dimensions, averaged over tokens, summed over heads
-        ("aeloss"); `chosen` (..., heads) leaves out forced codes, not chosen for their input."""
+        ("aeloss"); `chosen` (..., heads) leaves out forced codes, not chosen for their input: their
+        tokens add 0 and still count in the average."""
         if self.loss_kind == "none":
             return q.new_zeros(())
         if self.loss_kind == "commitment":  # VQ-VAE: also pull the inputs towards their codes
@@ -361,8 +367,9 @@ class CodebookModel(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample continuations (temperature 0: greedy) under the forcing, disabling and replacing in
-        effect. Keys and values are cached, unless a code is forced at chosen positions only or
-        activations are replaced."""
+        effect. Keys and values are cached, unless codes are forced at chosen positions only or per
+        position, or activations are replaced."""
+        self.start_of(idx[:, -self.config.block_size:] if idx.dim() == 2 else idx, None)
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
@@ -407,7 +414,7 @@ def causal_attention(q, k, v, window=0, scale=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-# GPT: pre-LayerNorm, learned positions, exact-GELU MLP, biases everywhere, untied output layer;
+# GPT: pre-LayerNorm, learned positions, exact-GELU MLP, biases but in the untied output layer;
 # attention causal over the whole prefix, or over a window of the last attn_window positions.
 
 @dataclass
@@ -545,6 +552,8 @@ def record_codes(model, scores=False):
 def _codes_by_codebook(model, codes):
     """{address: ids} or ["L1.H2.517", ...] -> {(CodebookLayer, head): LongTensor (B|1, T|1, m)}."""
     codes = [codes] if isinstance(codes, str) else codes
+    if isinstance(codes, dict) and any(parse_address(a).code is not None for a in codes):
+        raise ValueError(f"{list(codes)}: with ids given, name codebooks (e.g. L1.H2), not codes")
     if not isinstance(codes, dict):
         grouped = {}
         for a in map(parse_code, codes):
@@ -553,15 +562,15 @@ def _codes_by_codebook(model, codes):
     out = {}
     for address, ids in codes.items():
         cb, head = model.locate(address)
+        if (cb, head) in out:
+            raise ValueError(f"{address}: this codebook is named twice; give all its codes under one name")
         ids = torch.as_tensor(ids)
-        if ids.dim() > 3 or (ids.is_floating_point() and ids.numel()):
+        if ids.dim() > 3 or (ids.numel() and (ids.is_floating_point() or ids.dtype == torch.bool)):
             raise ValueError(f"{address}: forced codes must be integer ids, a list or a (batch, m) or (batch, seq, m) "
                              f"tensor, got {ids.dtype} {tuple(ids.shape)}")
         ids = ids.long()
-        ids = ids.view(1, 1, -1) if ids.dim() <= 1 else (ids[:, None, :] if ids.dim() == 2 else ids)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= cb.num_codes):
-            raise ValueError(f"{address}: forced code ids must be in [0, num_codes={cb.num_codes})")
-        out[(cb, head)] = ids
+        check_ids(ids, cb.num_codes, f"{address}: forced code ids")
+        out[(cb, head)] = ids.view(1, 1, -1) if ids.dim() <= 1 else (ids[:, None, :] if ids.dim() == 2 else ids)
     return out
 
 
@@ -569,12 +578,19 @@ def _codes_by_codebook(model, codes):
 def force_codes(model, codes, positions=None):
     """Force codes on: `codes` is {address: ids} (ids a list, or a (batch, m) / (batch, seq, m) tensor
     for per-example codes) or a list of code addresses. `positions`: None for every position, a list
-    of positions (negative from the end), or a (batch, seq) bool mask."""
-    if positions is not None and not torch.is_tensor(positions):
-        positions = list(positions)  # any iterable (a range, a set, an array), read once
-        as_tensor = torch.as_tensor(positions)
-        if positions and as_tensor.dtype == torch.bool:
-            positions = as_tensor  # [False, True, ...] is a mask, not the positions 0 and 1
+    of positions (negative from the end; those outside the input are skipped, as text grows in
+    generate), or a (batch, seq) bool mask."""
+    if positions is not None and not is_mask(positions):
+        try:  # any iterable of ints (a range, a set, an array), read once
+            as_tensor = torch.as_tensor(positions.tolist() if torch.is_tensor(positions) else list(positions))
+        except (TypeError, ValueError, RuntimeError):
+            as_tensor = torch.zeros(0, 0)  # refused below
+        if as_tensor.dim() != 1 or as_tensor.is_floating_point() and as_tensor.numel():
+            raise ValueError(f"positions must be None, a list of ints or a (batch, seq) bool mask, got {positions!r}")
+        # [False, True, ...] is a mask, not the positions 0 and 1
+        positions = as_tensor if as_tensor.dtype == torch.bool and as_tensor.numel() else as_tensor.long().tolist()
+    if is_mask(positions) and positions.dim() > 2:
+        raise ValueError(f"a mask of forced positions must be (batch, seq) or (seq,), got {tuple(positions.shape)}")
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:
@@ -619,9 +635,9 @@ def capture_activations(model):
 def replace_activations(model, replacements):
     """Within the block, {(layer, site): fn} replaces the activations x (B, T, heads, dim) at that
     site by fn(x), before its codebook if any: splicing a reconstruction in, or patching."""
-    for layer, site in replacements:
-        if not 0 <= layer < len(model.blocks) or site not in SITES:
-            raise ValueError(f"cannot replace activations at ({layer}, {site!r}): layers are 0 .. "
+    for key in replacements:
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] in range(len(model.blocks)) and key[1] in SITES):
+            raise ValueError(f"cannot replace activations at {key!r}: name them (layer, site), layers 0 .. "
                              f"{len(model.blocks) - 1}, sites {SITES}")
     within = [dict(block.replacements) for block in model.blocks]  # nested blocks add to the outer ones
     for (layer, site), fn in replacements.items():
@@ -671,7 +687,10 @@ def init_codebooks_kmeans(model, tokens, iters=10):
 def kmeans_init(cb, x, iters=10):
     """Set the LayerNorm affine to the typical scale and offset of the activations x (..., heads,
     dim), so the output starts at the scale the next layer was trained on; then k-means (Lloyd)
-    the codes on the normalised x, all heads at once; a cluster that empties keeps its centre."""
+    the codes on the normalised x, all heads at once; a cluster that empties keeps its centre. (The
+    paper does not say how the LayerNorm starts: this choice is the project's.)"""
+    if x.shape[-2:] != (cb.heads, cb.dim) or not x.numel():
+        raise ValueError(f"k-means needs activations (..., heads={cb.heads}, dim={cb.dim}), got {tuple(x.shape)}")
     per_token = x.reshape(-1, cb.heads, cb.dim).float()
     cb.ln_weight.copy_(per_token.std(-1, unbiased=False).mean(0)[:, None].expand_as(cb.ln_weight))
     cb.ln_bias.copy_(per_token.mean(-1).mean(0)[:, None].expand_as(cb.ln_bias))
@@ -704,8 +723,14 @@ def record_dataset(model, tokens, batch_size=64):
     return ({a: torch.cat(v) for a, v in ids.items()}, {a: torch.cat(v) for a, v in scores.items()})
 
 
+def check_ids(ids, num_codes, what="code ids"):
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= num_codes):
+        raise ValueError(f"{what} must be integers in [0, num_codes={num_codes})")
+
+
 def count_codes(ids, num_codes):
     """How often each code fires over recorded ids (..., k)."""
+    check_ids(ids, num_codes)
     return torch.bincount(ids.reshape(-1), minlength=num_codes)
 
 
@@ -726,6 +751,7 @@ def code_precision_recall(ids, masks, num_codes):
     single = masks.shape == ids.shape[:-1]
     if not single and masks.shape[1:] != ids.shape[:-1]:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not cover the ids' positions {tuple(ids.shape[:-1])}")
+    check_ids(ids, num_codes)
     masks = masks[None] if single else masks
     # a code fires once per position: one in an earlier slot too (forced twice) goes to a spare bin past the codes
     repeated = (ids[..., :, None] == ids[..., None, :]).triu(1).any(-2)
@@ -740,7 +766,10 @@ def code_precision_recall(ids, masks, num_codes):
 
 
 def top_contexts(ids, scores, code, n=5):
-    """The n positions (row, pos, score) where `code` fires most strongly."""
+    """The n positions (row, pos, score) where `code` fires most strongly, from record_dataset's ids and
+    scores (rows, seq, k)."""
+    if ids.dim() != 3 or scores.shape != ids.shape:
+        raise ValueError(f"ids and scores must both be (rows, seq, k), got {tuple(ids.shape)} and {tuple(scores.shape)}")
     fires = ids == code
     strength = torch.where(fires, scores, torch.full_like(scores, -math.inf)).amax(-1).flatten()
     where = fires.any(-1).flatten().nonzero()[:, 0]

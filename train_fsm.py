@@ -123,10 +123,7 @@ def interchange_batch(model, fsm, walks, share, g):
     n, length = walks.shape
     ends = fsm.digits * torch.arange(1, length)  # input position of the last digit of states 0 .. length - 2
     sources = walks[:max(1, n // 4)]  # 16 walks of 64 states hold every state's end ~10 times
-    model_was_training = model.training
-    model.eval()  # the clean forward neither counts code usage nor feeds revival
-    ids, _ = cb.record_dataset(model, fsm.encode(sources)[:, :-1])
-    model.train(model_was_training)
+    ids, _ = cb.record_dataset(model, fsm.encode(sources)[:, :-1])  # counts no code usage: no gradient
 
     # each state's codes come from one of its ends in the source walks, drawn at random
     true = sources[:, :-1].flatten()

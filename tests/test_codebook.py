@@ -224,6 +224,21 @@ def test_usage_counted_per_token_and_revival_replaces_exactly_the_unused_codes()
     assert (dist_to_pool[~used] < 0.1).all()
 
 
+def test_recording_and_sampling_count_no_usage_and_leave_revival_alone():
+    """Only a training step's forward (with gradient) counts usage; record_dataset and generate in a
+    model left in training mode must not make dead codes look used, nor replace the inputs revival draws from."""
+    model = tiny_model().train()
+    model(tokens())
+    layer = model.blocks[1].codebooks["mlp"]
+    usage, pool = layer.usage.clone(), layer.last_input
+    cb.record_dataset(model, tokens(seed=2))
+    model.generate(tokens()[:, :4], 3)
+    assert model.training and torch.equal(layer.usage, usage) and layer.last_input is pool
+    with torch.no_grad():
+        model(tokens(seed=3))
+    assert torch.equal(layer.usage, usage)
+
+
 def test_revival_noise_follows_the_inputs_spread():
     # a head whose inputs fill a tiny ball (its LayerNorm gain near 0, as finetuning can leave it):
     # codes revived with a fixed noise would all sit outside the ball, and one code would win all
@@ -309,7 +324,7 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
         forced = cb.record_codes(model)
     for pos in range(16):
         if pos in (3, 15):
-            assert (forced["L1.H2"][:, pos] == torch.tensor([7, 9])).all()  # least similar end first
+            assert (forced["L1.H2"][:, pos] == torch.tensor([7, 9])).all()  # both (k=2) slots, in the order given
         else:
             assert torch.equal(forced["L1.H2"][:, pos], clean["L1.H2"][:, pos])
     for address in clean:
@@ -468,6 +483,27 @@ def test_top_contexts_rank_by_score():
     (lambda: cb.topk_codes(torch.zeros(2, 3, 4), torch.zeros(1, 5, 4), 1), "heads=1"),
     (lambda: cb.code_precision_recall(torch.zeros(2, 4, 1, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 4),
      r"masks of shape \(2, 3\) do not cover the ids' positions \(2, 4\)"),
+    (lambda: cb.code_precision_recall(torch.tensor([[0], [5], [2]]), torch.ones(2, 3, dtype=torch.bool), 3),
+     r"code ids must be integers in \[0, num_codes=3\)"),
+    (lambda: cb.count_codes(torch.zeros(4, 1), 3), "code ids must be integers"),
+    (lambda: cb.top_contexts(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), 1), r"\(rows, seq, k\), got \(3, 2\)"),
+    (lambda: cb.top_contexts(torch.zeros(2, 3, 1, dtype=torch.long), torch.zeros(2, 3, 2), 0), r"got \(2, 3, 1\) and \(2, 3, 2\)"),
+    (lambda: cb.CodebookLayer(1, -1, 8), "dim=-1 must be positive integers"),
+    (lambda: cb.CodebookLayer(2.0, 4, 8), "heads=2.0"),
+    (lambda: cb.CodebookLayer(1, 4, 8)(torch.zeros(3, 1, 4, dtype=torch.long)), "floating point"),
+    (lambda: cb.kmeans_init(cb.CodebookLayer(2, 4, 8), torch.zeros(10, 8)), r"heads=2, dim=4\), got \(10, 8\)"),
+    (lambda: cb.kmeans_init(cb.CodebookLayer(2, 4, 8), torch.zeros(0, 2, 4)), r"got \(0, 2, 4\)"),
+    (lambda: tiny_model().generate(torch.zeros(4, dtype=torch.long), 2), r"integer tensor \(batch, seq\)"),
+    (lambda: cb.force_codes(tiny_model(), {"L0.H1": [3], "L0.H1.9": [7]}).__enter__(), "name codebooks"),
+    (lambda: cb.force_codes(tiny_model(), {"L0.H1": [3], " L0.H1": [7]}).__enter__(), "named twice"),
+    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": torch.tensor([True])}).__enter__(), "torch.bool"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=torch.ones(2, 16, dtype=torch.long)).__enter__(),
+     r"a list of ints or a \(batch, seq\) bool mask"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=torch.tensor(3)).__enter__(), "list of ints"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=[1.5]).__enter__(), "list of ints"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=torch.ones(1, 2, 16, dtype=torch.bool)).__enter__(),
+     r"\(batch, seq\) or \(seq,\), got \(1, 2, 16\)"),
+    (lambda: cb.replace_activations(tiny_model(), {"L1.MLP": abs}).__enter__(), r"name them \(layer, site\)"),
 ])
 def test_clear_errors(make, words):
     with pytest.raises(ValueError, match=words):

@@ -58,7 +58,7 @@ parser.add_argument("--topic_name", default="", help="what the prompting baselin
 parser.add_argument("--topic_file", default="", help="texts on the --regex topic (a file or folder), instead of the matching reference texts")
 parser.add_argument("--reference", default="", help="reference texts (file or folder); empty: generated stories")
 parser.add_argument("--reference_stories", type=int, default=None, help="generated reference stories (seed --seed + 1, unseen in "
-                    "training; default 480); not with --reference")
+                    "training; None: 480); not with --reference")
 parser.add_argument("--reference_bytes", type=int, default=400_000, help="at most this much reference text")
 parser.add_argument("--heads", type=int, default=4, help="force codes on this many heads per topic, those covering most of it")
 parser.add_argument("--per_head", type=int, default=8, help="codes forced per head (of its k slots), the best by F1")

@@ -36,8 +36,10 @@ checkpoint holds its tokenizer, so steer.py and models.load_with_tokenizer need 
 Every stage checkpoints as it goes; rerunning the same command resumes where it stopped.
 """
 import argparse
+import copy
 import functools
 import os
+import sys
 import sysconfig
 import time
 
@@ -169,8 +171,10 @@ def main(argv=None):
 
 def settings(argv):
     """The command line, every setting checked before any work."""
-    preset = PRESETS[parser.parse_known_args(argv)[0].preset]
-    args = parser.parse_args(argv, argparse.Namespace(**preset))  # argparse fills in only what the namespace lacks
+    argv = sys.argv[1:] if argv is None else argv
+    with_preset = copy.deepcopy(parser)  # its --help shows the preset's defaults; the module's parser stays as it is
+    with_preset.set_defaults(**PRESETS[parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].preset])
+    args = with_preset.parse_args(argv)
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",
                                         "eval_windows", "ckpt_every", "sae_steps", "sae_windows", "pattern_windows"),
@@ -183,7 +187,7 @@ def settings(argv):
     cb.check_codebook(args.num_codes, args.k)
     if args.data:
         text.list_files(args.data, args.include, args.exclude.split(","), args.out)  # exists, and holds files to read
-    refuse_unused_flags(args, parser.parse_args([], argparse.Namespace(**preset)))
+    refuse_unused_flags(args, with_preset.parse_args([]))
     if args.patterns and args.pattern_windows > args.eval_windows:
         print(f"note: --pattern_windows {args.pattern_windows}: the pattern table reads the {args.eval_windows} held-out "
               "windows of each corpus there are (--eval_windows)")

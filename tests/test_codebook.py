@@ -239,6 +239,33 @@ def test_recording_and_sampling_count_no_usage_and_leave_revival_alone():
     assert torch.equal(layer.usage, usage)
 
 
+def test_reconstruction_error_is_the_mean_squared_error_since_the_last_revival():
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=3, dim=4, num_codes=5, k=2).train()
+    for _ in range(2):
+        x = torch.randn(2, 7, 3, 4)
+        out = layer(x)
+        assert torch.allclose(layer.recon_sum / layer.token_count, ((out - layer.normalize(x)) ** 2).mean())
+        layer.revive_dead_codes()
+        assert layer.recon_sum == 0 and layer.token_count == 0
+
+
+def test_revived_codes_are_drawn_in_proportion_to_the_squared_error():
+    torch.manual_seed(0)
+    layer = cb.CodebookLayer(heads=1, dim=2, num_codes=4001, k=1).train()
+    layer.usage[0, 0] = 1  # code 0 in use; 4,000 dead
+    layer.token_count += 2
+    layer.last_input = torch.tensor([[[0.0, 0.0], [10.0, 0.0]]])  # (heads, tokens, dim)
+    layer.last_error = torch.tensor([[1.0, 3.0]])  # the second input fitted 3 times worse
+    assert layer.revive_dead_codes(noise=0) == 4000
+    assert abs((layer.codes[0, 1:, 0] > 5).float().mean().item() - 0.75) < 0.03
+
+
+def test_k_equal_to_num_codes_takes_the_mean_of_every_code():
+    layer = cb.CodebookLayer(heads=2, dim=4, num_codes=3, k=3)
+    assert torch.allclose(layer(torch.randn(5, 2, 4)), layer.codes.detach().mean(1).expand(5, 2, 4))
+
+
 def test_revival_noise_follows_the_inputs_spread():
     # a head whose inputs fill a tiny ball (its LayerNorm gain near 0, as finetuning can leave it):
     # codes revived with a fixed noise would all sit outside the ball, and one code would win all
@@ -294,6 +321,10 @@ def test_forced_codes_are_neither_trained_towards_the_input_nor_counted():
     layer.forced = [(0, torch.tensor([[[5]]]), None)]
     layer(x)
     assert layer.aux_loss == 0
+    wide = cb.CodebookLayer(heads=1, dim=4, num_codes=8, k=2).train()  # one of two slots forced: not chosen either
+    wide.disabled, wide.forced = layer.disabled, [(0, torch.tensor([[[5]]]), None)]
+    wide(x)
+    assert (wide.last_ids[..., 0, 1] == 5).all() and wide.usage.sum() == 0 and wide.aux_loss == 0
 
 
 def test_kmeans_init_beats_random_init_on_clustered_data():
@@ -399,13 +430,44 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
         assert torch.equal(model.generate(x[:1, :8], 3, temperature=0), generated[0])
 
 
+def test_forced_positions_count_from_the_end_and_skip_those_outside_the_input():
+    model = tiny_model().eval()
+    x = tokens()
+    model(x)
+    clean = cb.record_codes(model)["L1.MLP"][..., 0]  # the last codebook: forcing one position moves no other
+    for positions, where in (([-16], [0]), ([-1, 15], [15]), ([16], []), ([-17], []), ([], [])):
+        with cb.force_codes(model, ["L1.MLP.3"], positions=positions):
+            model(x)
+        expected = clean.clone()
+        expected[:, where] = 3
+        assert torch.equal(cb.record_codes(model)["L1.MLP"][..., 0], expected), positions
+
+
+def test_replaced_activations_equal_forward_hooks_that_write_them_and_nest():
+    model = tiny_model(mlp=dict(num_codes=30, layers=[1])).eval()  # no codebook at the replaced sites
+    x = tokens()
+    with torch.no_grad():
+        handles = [model.blocks[0].mlp_out.register_forward_hook(lambda m, a, out: 2 * out),
+                   model.blocks[1].attn_out.register_forward_pre_hook(lambda m, a: (a[0] + 1,))]
+        hooked = model(x)
+        for handle in handles:
+            handle.remove()
+        double, shift = {(0, "mlp"): lambda a: 2 * a}, {(1, "attn"): lambda a: a + 1}
+        with cb.replace_activations(model, double), cb.replace_activations(model, shift):
+            nested = model(x)
+        with cb.replace_activations(model, double | shift):
+            together = model(x)
+        assert torch.equal(nested, hooked) and torch.equal(together, hooked) and not torch.equal(model(x), hooked)
+
+
 def test_disabled_codes_never_appear_and_everything_is_undone_after_an_exception():
     model = tiny_model().eval()
     x = tokens(8)
     model(x)
     common = torch.bincount(cb.record_codes(model)["L0.H1"].flatten(), minlength=40).topk(5).indices.tolist()
     with pytest.raises(RuntimeError, match="^boom$"):  # this very exception: no other error on the way
-        with cb.disable_codes(model, [f"L0.H1.{c}" for c in common]), cb.force_codes(model, ["L1.MLP.3"]):
+        with cb.disable_codes(model, [f"L0.H1.{c}" for c in common[:3]]), cb.force_codes(model, ["L1.MLP.3"]), \
+                cb.disable_codes(model, [f"L0.H1.{c}" for c in common[3:]]):  # nested: the inner adds to the outer
             model(x)
             assert not torch.isin(cb.record_codes(model)["L0.H1"], torch.tensor(common)).any()
             generated = model.generate(x[:, :4], 8)  # acts during generation too
@@ -441,6 +503,11 @@ def test_precision_recall_on_a_hand_made_mask():
     assert torch.allclose(precision, torch.tensor([1.0, 1 / 3, 0.0, 0.0])) and torch.allclose(recall, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
 
 
+def test_f1_is_the_harmonic_mean_of_precision_and_recall():
+    f1 = cb.f1_score(torch.tensor([0.5, 1.0, 0.0, 0.9]), torch.tensor([0.5, 0.0, 0.0, 0.3]))
+    assert torch.allclose(f1, torch.tensor([0.5, 0.0, 0.0, 2 * 0.27 / 1.2]))
+
+
 def test_top_contexts_rank_by_score():
     ids = torch.tensor([[[1, 2], [3, 1]], [[1, 0], [2, 3]]])
     scores = torch.tensor([[[0.9, 0.5], [0.8, 0.7]], [[0.2, 0.1], [0.6, 0.3]]])
@@ -473,13 +540,14 @@ def test_top_contexts_rank_by_score():
     (lambda: cb.GPT(dict(TINY, codebooks={"mlp": dict(num_codes=[40, 20])})).locate("L1.MLP.20"), "num_codes=20"),
     (lambda: cb.CodebookLayer(2, 4, 8)(torch.zeros(3, 1, 4)), r"heads=2, dim=4"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1", "L1.MLP.2"]).__enter__(), "k=1 slots"),
-    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [99]}).__enter__(), "num_codes=30"),
+    (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [30]}).__enter__(), "num_codes=30"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP"]).__enter__(), "name a code"),
     (lambda: cb.force_codes(tiny_model(), {"L1.MLP": [2.9]}).__enter__(), r"integer ids.*got torch.float32 \(1,\)"),
     (lambda: cb.force_codes(tiny_model(), {"L1.MLP": torch.ones(2, 4, 1, 1, dtype=torch.long)}).__enter__(), r"\(2, 4, 1, 1\)"),
     (lambda: tiny_model().generate(tokens(), 2, top_k=0), "top_k=0"),
     (lambda: tiny_model().generate(tokens(), 2, temperature=-1), "temperature=-1"),
     (lambda: cb.disable_codes(tiny_model(), [f"L1.MLP.{i}" for i in range(30)]).__enter__(), "fewer than k"),
+    (lambda: cb.disable_codes(tiny_model(), [f"L0.H1.{i}" for i in range(39)]).__enter__(), "fewer than k=2"),
     (lambda: cb.topk_codes(torch.zeros(2, 3, 4), torch.zeros(1, 5, 4), 1), "heads=1"),
     (lambda: cb.code_precision_recall(torch.zeros(2, 4, 1, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool), 4),
      r"masks of shape \(2, 3\) do not cover the ids' positions \(2, 4\)"),

@@ -4,6 +4,7 @@ rerun ends bit-identical to an uninterrupted one; SIGTERM writes a checkpoint an
 resume; every bad setting is one line on stderr, before any work; a second run given the folder of
 a running one stops at once."""
 import json
+import math
 import os
 import random
 import re
@@ -199,6 +200,86 @@ def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.pt", live.name]
 
 
+def test_each_group_s_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_a_tenth(monkeypatch):
+    made, seen = [], []
+    make = runs.make_optimizer
+    monkeypatch.setattr(runs, "make_optimizer", lambda *args, **kw: made.append(make(*args, **kw)) or made[-1])
+
+    def batches(i, rank, world):  # called once the step's rates are set
+        seen.append([group["lr"] for group in made[0].param_groups])
+        return random_batches(i, rank, world)
+    model = tiny_model()
+    runs.train(model, batches, steps=10, lr=1e-2, codebook_lr=3e-2, warmup=3, cosine=True)
+    codebook = {id(p) for name, p in model.named_parameters() if ".codebooks." in name}
+    bases = [3e-2 if all(id(p) in codebook for p in group["params"]) else 1e-2 for group in made[0].param_groups]
+    assert sorted(bases) == [1e-2, 1e-2, 3e-2] and all(group["params"] for group in made[0].param_groups)
+    warmup = [1 / 3, 2 / 3, 3 / 3]  # steps 0-2; then 7 steps from 1 towards 0.1 (never reached)
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * t / 7)) / 2 for t in range(7)]
+    assert seen == [pytest.approx([base * f for base in bases], rel=1e-9) for f in warmup + cosine]
+
+
+def test_two_accumulated_micro_batches_make_the_step_of_their_concatenation():
+    def both(i, rank, world):  # batch i of the run without accumulation: micro-batches 2i and 2i + 1
+        halves = [random_batches(2 * i + micro, rank, world, batch=4) for micro in range(2)]
+        return torch.cat([x for x, y in halves]), torch.cat([y for x, y in halves])
+    # the gradient's norm: 4.6 at the first step, over 10 at the next: the clip binds from the second on
+    settings = dict(steps=4, lr=1e-2, grad_clip=8.0)
+    accumulated = runs.train(tiny_model(), lambda i, rank, world: random_batches(i, rank, world, batch=4),
+                             grad_accum=2, **settings)
+    whole = runs.train(tiny_model(), both, **settings)
+    for (name, a), b in zip(accumulated.named_parameters(), whole.parameters()):
+        if name.endswith("qkv.bias"):  # not the keys' biases: their gradient is 0 but for rounding, which Adam scales up
+            a, b = a.view(3, -1)[[0, 2]], b.view(3, -1)[[0, 2]]
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_no_revival_after_the_last_step():
+    model = runs.train(tiny_model(), random_batches, steps=6, revive_every=3)
+    # revived (and counted afresh) at step 3 only: the statistics hold steps 4-6, 3 batches of 8 x 16 tokens
+    for layer in model.codebook_layers().values():
+        assert layer.usage.sum(-1).tolist() == [3 * 128 * layer.k] * layer.heads
+        assert layer.token_count.item() == 3 * 128 * layer.heads
+
+
+def test_evaluate_is_the_mean_cross_entropy_and_accuracy_over_every_predicted_token():
+    model, rows = tiny_model(), tokens(n=5, seq=17, seed=3)
+    loss, accuracy, dead = runs.evaluate(model, rows, batch_size=2)  # batches of 2, 2 and 1 rows
+    x, y = rows[:, :-1], rows[:, 1:]
+    logits = model(x)
+    assert loss == pytest.approx(F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)).item(), rel=1e-5)
+    assert accuracy == pytest.approx((logits.argmax(-1) == y).float().mean().item()) and 0 < accuracy < 1
+    assert dead == pytest.approx({address: 1 - layer.last_ids[..., head, :].unique().numel() / layer.num_codes
+                                  for address, layer, head in model.codebook_heads()})
+
+
+def test_the_history_s_loss_is_the_cross_entropy_of_the_step_s_batch():
+    model = runs.train(tiny_model(), random_batches, steps=2, lr=1e-2, log_every=1)
+    after_one_step = runs.train(tiny_model(), random_batches, steps=1, lr=1e-2)
+    for step, before in enumerate([tiny_model(), after_one_step]):  # the weights the step started from
+        x, y = random_batches(step, 0, 1)
+        ce = F.cross_entropy(before.train()(x).view(-1, 11), y.reshape(-1))
+        assert model.history[step]["loss"] == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_a_checkpoint_of_one_process_is_not_resumed_by_two(tmp_path, monkeypatch):
+    def fails_at_step_2(i, rank, world):
+        if i == 2:
+            raise RuntimeError("stopped")
+        return random_batches(i, rank, world)
+    path = str(tmp_path / "run.pt")
+    with pytest.raises(RuntimeError, match="stopped"):
+        runs.train(tiny_model(), fails_at_step_2, steps=4, ckpt_path=path, ckpt_every=2)
+    monkeypatch.setattr(runs, "distributed", lambda device="cpu": (0, 2))  # rank 0 of two
+    with pytest.raises(ValueError, match=re.escape(f"{path} was written by 1 process(es), this run has 2: resume with as many")):
+        runs.train(tiny_model(), random_batches, steps=4, ckpt_path=path, ckpt_every=2)
+
+
+def test_a_share_may_be_0_or_1(tmp_path):
+    for share in (0.0, 1.0):
+        assert train_fsm.settings([*TINY_FSM, "--interchange", str(share), "--out", str(tmp_path / "out")]).interchange == share
+    with pytest.raises(ValueError, match="--interchange 1.5: a share, between 0 and 1"):
+        train_fsm.settings([*TINY_FSM, "--interchange", "1.5", "--out", str(tmp_path / "out")])
+
 
 # --- DDP: two processes == one process on the combined batch --------------------------------
 
@@ -222,6 +303,64 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
             assert torch.allclose(got["params"][name], p, atol=1e-5), name
         for mine, theirs in zip(got["counts"], (layer.usage for layer in single.codebook_layers().values())):
             assert torch.equal(mine, theirs)
+
+
+def split_batches(i, rank, world, batch=8):
+    """As random_batches, but the first half of the rows draws tokens 0-5, the second 5-10: each of two ranks its own
+    tokens, so that some codes are used by one rank only."""
+    g = torch.Generator().manual_seed(1000 + i)
+    t = torch.cat([torch.randint(0, 6, (batch // 2, 17), generator=g), torch.randint(5, 11, (batch // 2, 17), generator=g)])
+    shard = t[rank * batch // world:(rank + 1) * batch // world]
+    return shard[:, :-1], shard[:, 1:]
+
+
+def _ddp_revival_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    revived, revive, save = [], cb.CodebookLayer.revive_dead_codes, runs.save_checkpoint
+
+    def recorded(layer, *args):  # this process's codes before and after each revival
+        before = layer.codes.detach().clone()
+        count = revive(layer, *args)
+        revived.append([before, layer.codes.detach().clone()])
+        return count
+
+    def keep_step_4(path, model, optimizer=None, step=0, **extra):  # the checkpoint of a run stopped at step 4
+        save(path, model, optimizer, step, **extra)
+        if step == 4 and path.endswith("straight.pt"):
+            shutil.copy(path, os.path.join(out_dir, "resumed.pt"))
+    cb.CodebookLayer.revive_dead_codes, runs.save_checkpoint = recorded, keep_step_4  # in this forked process only
+    settings = dict(steps=6, lr=3e-3, revive_every=3, log_every=1, ckpt_every=4)
+    found = {}
+    for name in ("straight", "resumed"):
+        model = runs.train(tiny_model(), split_batches, ckpt_path=os.path.join(out_dir, f"{name}.pt"), **settings)
+        found[name] = {"params": model.state_dict(), "history": model.history,
+                       "usage": [layer.usage for layer in model.codebook_layers().values()]}
+    torch.save(found | {"revived": revived}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_revives_the_codes_no_rank_used_on_every_rank_alike_and_resumes_exactly(tmp_path):
+    """Two processes, revival at step 3, a checkpoint at step 4 resumed: every rank revives the codes unused on
+    both ranks (those unused by one process on the combined batch), keeps rank 0's revived codes, and the run
+    resumed from step 4 ends as the one not stopped (weights, the code statistics summed over ranks, history)."""
+    mp.start_processes(_ddp_revival_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    unused = [layer.usage == 0 for layer in runs.train(tiny_model(), split_batches, steps=3, lr=3e-3).codebook_layers().values()]
+    assert any(dead.any() for dead in unused) and not all(dead.all() for dead in unused)
+    for rank in range(2):
+        assert len(got[rank]["revived"]) == len(unused)  # at step 3 only, in the run not stopped
+        for (before, after), dead in zip(got[rank]["revived"], unused):
+            assert torch.equal((before != after).any(-1), dead), rank
+        for name in ("straight", "resumed"):
+            for key, value in got[0]["straight"]["params"].items():
+                assert torch.equal(got[rank][name]["params"][key], value), (rank, name, key)
+            for mine, theirs in zip(got[rank][name]["usage"], got[0]["straight"]["usage"]):
+                assert torch.equal(mine, theirs), (rank, name)
+    # rank 0's history (its loss is its own shard's); the reconstruction error, floats summed over ranks in
+    # another order after a resume, equal to rounding
+    assert got[0]["resumed"]["history"] == [pytest.approx(h, rel=1e-6) for h in got[0]["straight"]["history"]]
 
 
 # --- the drill: scripts killed, interrupted, given bad settings, started twice -------------

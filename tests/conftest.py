@@ -3,6 +3,7 @@ real models (a skip naming what is missing, a failure where CI requires it), tin
 models and text to compare tokenizers on; a tiny random Llama-style model with a BPE tokenizer that
 has a chat format; headless Chromium; a free port for runs of two processes, and running a script
 (killed at a chosen step, if asked) and comparing what two runs wrote."""
+import copy
 import glob
 import importlib
 import os
@@ -135,6 +136,7 @@ GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_
 def tiny_hf(family, vocab_size=96, **options):
     """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
     t = need("transformers")
+    options = copy.deepcopy(options)  # transformers writes into a config's dicts (rope_scaling gets rope_theta)
     if family == "gpt2":
         config = t.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **options)
         return randomize(t.GPT2LMHeadModel(config), 0)

@@ -201,6 +201,45 @@ def test_llama3_gguf_tokenizer_ignores_merges_and_adds_bos():
         assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
 
 
+# The pre-tokenizer patterns of the models' own tokenizer.json files, written out here rather than taken from bpe.py:
+# Meta-Llama-3's (OpenAI's cl100k_base: digits in runs of up to three) and Qwen2's (digits one by one); both read
+# contractions in any case. The GGUF names llama.cpp gives them (tokenizer.ggml.pre).
+REAL_SPLITS = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+GGUF_PRE_NAMES = {"llama3": ["llama-bpe", "llama3", "llama-v3"], "qwen2": ["qwen2", "deepseek-r1-qwen"]}
+# runs of digits; contractions in capitals ("'TIS" is "'T" + "IS"); Unicode's spaces that are not ASCII (U+0085, U+00A0,
+# U+1680, U+2000, U+202F, U+205F, U+3000), doubled before a letter and before punctuation, where they change the cuts
+SPLIT_CASES = ["x 12345 I'M DON'T you're 3.14", "'TIS 'STOP O'NEIL'S WE'VE 'LLAMA 'Dog THEY'D 'RE 'M 1234567890",
+               "a\u202f\u202fb x\u205f\u205f!! c\x85\x85d e\u1680\u1680f g\u2000\u2000h i\u3000\u3000j k\xa0\xa0l",
+               "12\u202f345\u202f.\u205f,\u1680;\x85: end\u202f", " \u202f\n\u205f\t\u1680 \x85 z"]
+
+
+@pytest.mark.parametrize("model", ["llama3", "qwen2"])
+def test_gguf_pre_tokenizers_are_the_models_own(model, tmp_path):
+    """A GGUF file's tokenizer named by tokenizer.ggml.pre cuts text where the `tokenizers` library cuts it with
+    the model's own pattern (written out above, not bpe.py's), and gives its ids: a BPE trained by `tokenizers` with
+    that pattern (ignore_merges for Llama-3, as llama.cpp and its tokenizer.json read it), written as GGUF metadata."""
+    tk = need("tokenizers")
+    split = tk.pre_tokenizers.Split(tk.Regex(REAL_SPLITS[model]), "isolated")
+    theirs = trained_bpe(tmp_path, tk.pre_tokenizers.Sequence([split, tk.pre_tokenizers.ByteLevel(False, use_regex=False)]),
+                         corpus=[stdlib_text(0, 300_000), "\n".join(SPLIT_CASES * 40)], ignore_merges=model == "llama3")
+    ids = theirs.get_vocab()
+    tokens = sorted(ids, key=ids.get)
+    assert [ids[t] for t in tokens] == list(range(len(tokens)))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(theirs.to_str())["model"]["merges"]]
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+                "tokenizer.ggml.token_type": [bpe.CONTROL if t == "<|endoftext|>" else bpe.NORMAL for t in tokens]}
+    assert any(t.isdigit() and len(t) > 1 for t in tokens) == (model == "llama3")  # runs of digits merge in Llama-3's only
+    strings = SPLIT_CASES + [SAMPLE, stdlib_text(60, 30_000)]
+    for pre in GGUF_PRE_NAMES[model]:
+        ours = bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.pre": pre})
+        for string in strings:
+            assert bpe.pre_tokenize(string, ours.pre_tokenizers) == [p for p, _ in split.pre_tokenize_str(string)], (pre, string)
+            assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, (pre, string)
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.ggml.model 'bert' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "bert"})

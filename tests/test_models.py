@@ -23,9 +23,11 @@ from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_h
 
 # --- models --------------------------------------------------------------------------------
 
-# Qwen3 with a head_dim other than d_model / n_head; LLAMA3 (conftest) for Llama-3's rope scaling; pretraining_tp,
-# which changes only how older transformers summed a matmul; Gemma's GeGLU with the exact GELU instead of tanh's
-CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt_neo": ("gpt_neo", {}),
+# GPT-2 without 1/sqrt(d_head) on its scores (scale_attn_weights=False); Qwen3 with a head_dim other than d_model / n_head;
+# LLAMA3 (conftest) for Llama-3's rope scaling; pretraining_tp, which changes only how older transformers summed a matmul;
+# Gemma's GeGLU with the exact GELU instead of tanh's
+CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2", dict(scale_attn_weights=False)),
+         "gpt_neo": ("gpt_neo", {}),
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
          "gpt_neox-bin": ("gpt_neox", {}),  # transformers 5's state_dict names the output layer lm_head, not embed_out
@@ -103,6 +105,70 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     for site in ("attn", "mlp", "block"):
         assert (acts[1][site].flatten(2) - seen[site]).abs().max() <= 1e-4, site
     assert type(with_cb) is models.Transformer and models.model_from_config(with_cb.config.to_dict()).config == with_cb.config
+
+
+# config.json as transformers 4 wrote it (the tests' other configs are transformers 5's, with rope_parameters): the
+# rotary base at the top level (rope_theta; GPT-NeoX's rotary_emb_base), the scaling under rope_scaling with its kind
+# under "type" (older files) or "rope_type", GPT-NeoX's rotary fraction as rotary_pct
+OLDER_CONFIGS = {
+    "llama-linear": ("llama", dict(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})),
+    # (conftest's LLAMA3 written out: transformers adds rope_theta to the dict a config is made with)
+    "llama-llama3": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                          high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "gpt_neox": ("gpt_neox", dict(rotary_pct=0.75, rotary_emb_base=500.0)),
+}
+
+
+@pytest.mark.parametrize("case", OLDER_CONFIGS)
+def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
+    t = need("transformers")
+    family, older = OLDER_CONFIGS[case]
+    tiny_hf(family).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"} | older))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    # transformers reads the older fields (into its rope_parameters), so it is the reference for them
+    rope = theirs.config.rope_parameters
+    assert rope["rope_theta"] == older.get("rope_theta", older.get("rotary_emb_base"))
+    assert rope["rope_type"] == older.get("rope_scaling", {}).get("type", older.get("rope_scaling", {}).get("rope_type", "default"))
+    if family == "gpt_neox":
+        assert rope["partial_rotary_factor"] == older["rotary_pct"]
+    ours = models.from_pretrained(str(tmp_path))
+    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_as_safetensors_reads_them(dtype, tmp_path):
+    """A model saved in bfloat16 or float16 (as most checkpoints come): every tensor formats.py reads is
+    the safetensors package's, its dtype included; and the model built from them gives the logits of
+    the transformers model with those same half-precision weights (computed in float32)."""
+    t, st = need("transformers"), need("safetensors.torch")
+    theirs = tiny_hf("llama", tie_word_embeddings=False).to(dtype)
+    theirs.save_pretrained(tmp_path)
+    want = st.load_file(tmp_path / "model.safetensors")
+    got = {name: load() for name, load in formats.safetensors_loaders(tmp_path / "model.safetensors").items()}
+    assert set(got) == set(want) and all(w.dtype == dtype for w in want.values())
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    # every dtype safetensors writes that this reader knows, with values each dtype tells apart
+    floats, ints = torch.tensor([[0.5, -1.25, 3.0], [1e-3, 250.0, -7.0]]), torch.tensor([[0, -1, 3], [100, 2, -7]])
+    every = {str(d): floats.to(d) for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+    every |= {str(d): ints.to(d) for d in (torch.int64, torch.int32, torch.int16, torch.int8)}
+    every |= {"uint8": ints.abs().to(torch.uint8) + 150, "bool": ints > 0}
+    st.save_file(every, tmp_path / "every.safetensors")
+    read = {name: load() for name, load in formats.safetensors_loaders(tmp_path / "every.safetensors").items()}
+    for name, tensor in st.load_file(tmp_path / "every.safetensors").items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+    # (loaded again in float32: .float() on the model in memory would keep its rotary frequencies rounded to dtype)
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert {p.dtype for p in theirs.parameters()} == {torch.float32}
+    x = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = theirs(x).logits
+    assert logits.std() > 1.0 and (models.from_pretrained(str(tmp_path))(x) - logits).abs().max() <= 1e-4
 
 
 def test_the_text_model_of_a_multimodal_gemma3(tmp_path):

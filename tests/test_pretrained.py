@@ -127,9 +127,10 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
 def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
     """llama.cpp's Gemma layout: norm weights stored as 1 + weight, q / k rows as they are, the window
     and Gemma-2's soft-caps in the metadata; the layer pattern (Gemma-3: five sliding layers, then a
-    global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied."""
-    options = dict(query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) if family == "gemma2" \
-        else dict(query_pre_attn_scalar=16, num_hidden_layers=6)
+    global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied. head_dim 24, not d_model / n_head
+    (16), which llama.cpp takes for the 27B models only."""
+    options = dict(head_dim=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) \
+        if family == "gemma2" else dict(head_dim=24, query_pre_attn_scalar=24, num_hidden_layers=6)
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{family}.gguf", theirs, arch=family))
     assert ours.config.attn_window == ([5, 0] if family == "gemma2" else [5] * 5 + [0]) and ours.config.tied_head
@@ -144,6 +145,28 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
         metadata = {k: v for k, v in info.metadata.items() if "softcapping" not in k}
         config = models.gguf_config(metadata, {name: t.shape for name, t in info.tensors.items()}, "early.gguf")
         assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)
+
+
+# The published config.json of each Gemma-2 and Gemma-3 size (google/gemma-2-*, google/gemma-3-*): layers, d_model, heads,
+# head_dim, and the query_pre_attn_scalar transformers scales scores by, which a GGUF file does not store
+GEMMA_SIZES = {"gemma-2-2b": ("gemma2", 26, 2304, 8, 256, 256), "gemma-2-9b": ("gemma2", 42, 3584, 16, 256, 256),
+               "gemma-2-27b": ("gemma2", 46, 4608, 32, 128, 144), "gemma-3-1b": ("gemma3", 26, 1152, 4, 256, 256),
+               "gemma-3-4b": ("gemma3", 34, 2560, 8, 256, 256), "gemma-3-12b": ("gemma3", 48, 3840, 16, 256, 256),
+               "gemma-3-27b": ("gemma3", 62, 5376, 32, 128, 168)}
+
+
+@pytest.mark.parametrize("size", GEMMA_SIZES)
+def test_the_gemma_score_scale_a_gguf_file_implies(size):
+    """What models.py takes for query_pre_attn_scalar from a Gemma GGUF file's metadata (llama.cpp's rule: d_model /
+    n_head for the 27B models, else head_dim) is the model's own config.json value."""
+    arch, layers, d_model, heads, head_dim, scalar = GEMMA_SIZES[size]
+    metadata = {"general.architecture": arch} | {f"{arch}.{key}": value for key, value in dict(
+        block_count=layers, context_length=8192, embedding_length=d_model, feed_forward_length=4 * d_model,
+        **{"attention.head_count": heads, "attention.head_count_kv": heads // 2, "attention.key_length": head_dim,
+           "attention.layer_norm_rms_epsilon": 1e-6, "attention.sliding_window": 4096 if arch == "gemma2" else 1024}).items()}
+    config = models.gguf_config(metadata, {"token_embd.weight": (256000, d_model)}, f"{size}.gguf")
+    assert config["query_pre_attn_scalar"] == scalar and config["head_dim"] == head_dim
+    assert models.family_config(config, f"{size}.gguf")[0]["attn_scale"] == scalar ** -0.5
 
 
 def test_metadata_llama_cpp_reads_as_optional(tmp_path):

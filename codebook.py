@@ -581,14 +581,16 @@ def force_codes(model, codes, positions=None):
     of positions (negative from the end; those outside the input are skipped, as text grows in
     generate), or a (batch, seq) bool mask."""
     if positions is not None and not is_mask(positions):
-        try:  # any iterable of ints (a range, a set, an array), read once
-            as_tensor = torch.as_tensor(positions.tolist() if torch.is_tensor(positions) else list(positions))
+        try:  # any iterable of ints (a range, a set, an array), read once, or bools (a mask: not the positions 0, 1)
+            as_tensor = torch.as_tensor(positions if hasattr(positions, "__array__") else list(positions))
         except (TypeError, ValueError, RuntimeError):
             as_tensor = torch.zeros(0, 0)  # refused below
-        if as_tensor.dim() != 1 or as_tensor.is_floating_point() and as_tensor.numel():
+        if as_tensor.dtype == torch.bool and as_tensor.numel():
+            positions = as_tensor
+        elif as_tensor.dim() != 1 or as_tensor.is_floating_point() and as_tensor.numel():
             raise ValueError(f"positions must be None, a list of ints or a (batch, seq) bool mask, got {positions!r}")
-        # [False, True, ...] is a mask, not the positions 0 and 1
-        positions = as_tensor if as_tensor.dtype == torch.bool and as_tensor.numel() else as_tensor.long().tolist()
+        else:
+            positions = as_tensor.long().tolist()
     if is_mask(positions) and positions.dim() > 2:
         raise ValueError(f"a mask of forced positions must be (batch, seq) or (seq,), got {tuple(positions.shape)}")
     forced = {}

@@ -39,7 +39,6 @@ import argparse
 import copy
 import functools
 import os
-import sys
 import sysconfig
 import time
 
@@ -171,9 +170,10 @@ def main(argv=None):
 
 def settings(argv):
     """The command line, every setting checked before any work."""
-    argv = sys.argv[1:] if argv is None else argv
-    with_preset = copy.deepcopy(parser)  # its --help shows the preset's defaults; the module's parser stays as it is
-    with_preset.set_defaults(**PRESETS[parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].preset])
+    chooser = argparse.ArgumentParser(add_help=False)  # the preset first, so that --help shows its defaults
+    chooser.add_argument("--preset", choices=list(PRESETS), default="none")
+    with_preset = copy.deepcopy(parser)  # the module's parser stays as it is
+    with_preset.set_defaults(**PRESETS[chooser.parse_known_args(argv)[0].preset])
     args = with_preset.parse_args(argv)
     runs.check_settings(args, positive=("stories", "n_layer", "n_head", "d_model", "block_size", "batch_size",
                                         "base_steps", "num_codes", "k", "codebook_steps", "kmeans_windows",

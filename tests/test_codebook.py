@@ -412,9 +412,11 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
         model(x)
         as_mask = cb.record_codes(model)["L1.H2"]
     assert (as_mask[:, 3, 1] == 5).all() and torch.equal(as_mask[:, :3], clean["L1.H2"][:, :3])
-    with cb.force_codes(model, ["L1.H2.5"], positions=np.arange(16) == 3):  # numpy's bools too
-        model(x)
-        assert torch.equal(cb.record_codes(model)["L1.H2"], as_mask)
+    per_row = np.arange(16)[None].repeat(4, 0) == 3  # (batch, seq)
+    for positions in (np.arange(16) == 3, per_row, per_row.tolist()):  # numpy's bools too, and nested lists
+        with cb.force_codes(model, ["L1.H2.5"], positions=positions):
+            model(x)
+            assert torch.equal(cb.record_codes(model)["L1.H2"], as_mask)
     # generating under positions as a tensor of ints, as under their list; per-position codes whose input
     # never grows: a prompt of block_size tokens, the window sliding
     generated = []

@@ -208,10 +208,11 @@ def test_a_folder_keeps_the_base_model_its_stages_started_from(pipeline, tmp_pat
 
 
 def test_presets_give_defaults_that_flags_override(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train_lm.settings(["--preset", "smollm2", "--help"])
-    shown = " ".join(capsys.readouterr().out.split())
-    assert "(default: 1024)" in shown and "(default: out/smollm2)" in shown  # --help shows the preset's defaults
+    for ask in ("--help", "--hel", "-h"):
+        with pytest.raises(SystemExit):
+            train_lm.settings(["--preset", "smollm2", ask])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "(default: 1024)" in shown and "(default: out/smollm2)" in shown  # --help shows the preset's defaults
     out = ["--out", str(tmp_path / "out")]
     smollm2 = ["--hf", str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")]  # read when the run starts, after its settings
     args = train_lm.settings(["--preset", "smollm2", "--codebook_steps", "5"] + smollm2 + out)

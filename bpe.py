@@ -400,7 +400,7 @@ class SentencePieceBPE:
         i = self.vocab.get(left + right)
         if i is None or left not in self.vocab or right not in self.vocab:
             return None
-        return -self.scores[i], -len(left), i
+        return -self.scores[i], -len(left), -len(right), i
 
     def to_dict(self):
         """Plain Python data (for weights_only checkpoints; JSON too); from_dict() rebuilds the tokenizer.
@@ -453,7 +453,7 @@ class SentencePieceBPE:
             i = self.vocab.get(part)
             if i is not None:
                 ids.append(i)
-            elif all(b is not None for b in self.byte_ids):
+            elif all(self.byte_ids[b] is not None for b in part.encode("utf-8")):  # decided per character
                 ids.extend(self.byte_ids[b] for b in part.encode("utf-8"))
             elif self.unk is not None:
                 if not ids or ids[-1] != self.unk:  # runs of unknown characters fuse into one <unk>

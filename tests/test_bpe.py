@@ -76,6 +76,20 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
         assert old.pre_tokenizers == [bpe.byte_level()] and old.encode("hello world") == ours.encode("hello world")
 
 
+def test_a_folder_s_bos_and_eos_are_its_tokenizer_config_s(tmp_path):
+    """SmolLM2-Instruct's tokenizer_config.json: bos <|im_start|> and eos <|im_end|>, neither <|endoftext|> (the
+    default), each as a string or as an added-token dict; the ids as transformers' AutoTokenizer gives them."""
+    transformers = need("transformers")
+    trained(tmp_path, need("tokenizers").pre_tokenizers.ByteLevel(add_prefix_space=False))
+    for config in [{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
+                   {"bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True},
+                    "eos_token": "<|endoftext|>"}]:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+        ours, theirs = bpe.load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert (ours.bos, ours.eos) == (theirs.bos_token_id, theirs.eos_token_id) and ours.bos != ours.eos
+        assert ours.encode(SAMPLE, special=True) == theirs.encode(SAMPLE)  # no template: the bos is not added
+
+
 def trained_sentencepiece(tmp_path, prepend=False):
     """A SentencePiece-style BPE trained by `tokenizers` as Gemma's tokenizer.json is made: spaces
     replaced by "▁" (Llama-2 style: also one put in front), byte-fallback tokens <0x00>..<0xFF> for
@@ -125,6 +139,23 @@ def test_sentencepiece_bpe_equals_the_tokenizers_library(variant, tmp_path):
     assert bpe.tokenizer_from_dict(json.loads(json.dumps(ours.to_dict()))).to_dict() == ours.to_dict()
 
 
+def test_metaspace_prepending_first_equals_the_tokenizers_library(tmp_path):
+    """Mistral's and Llama-2's (legacy=False) tokenizer.json: no normalizer, a Metaspace pre-tokenizer putting
+    a "▁" before the text's first stretch only, and none where the text starts with a space (not "▁▁")."""
+    tk = need("tokenizers")
+    trained_sentencepiece(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = json.loads(tk.pre_tokenizers.Metaspace(prepend_scheme="first", split=False).__getstate__())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    theirs, ours = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), bpe.load_tokenizer(str(tmp_path))
+    assert ours.dummy_prefix == "first"
+    assert theirs.encode(" Hello").tokens[:2] == ["<bos>", bpe.SPACE]  # one "▁", from the text's own space
+    for string in [" Hello", "Hello world", "  two spaces", "\n\nx y", "x\n\n y", "<eos> a", SAMPLE]:
+        assert ours.encode(string, special=True) == theirs.encode(string).ids, string
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, string
+
+
 def through_checkpoint(data):
     """The data saved by torch.save and read back with weights_only=True, as checkpoints are."""
     buffer = io.BytesIO()
@@ -169,6 +200,160 @@ def test_sentencepiece_merge_order_from_scores():
                 "tokenizer.ggml.bos_token_id": np.int32(1)}
     again = bpe.tokenizer_from_dict(through_checkpoint(bpe.tokenizer_from_gguf(metadata | as_numpy).to_dict()))
     assert again.encode(" abc a\n\nd", special=True) == tok.encode(" abc a\n\nd", special=True)
+
+
+def gguf_tokenizer(folder, metadata, architecture="llama"):
+    """transformers' AutoTokenizer for a GGUF file holding only `metadata` (tokenizer keys), written to `folder`
+    (one of its own: a tokenizer.json beside it would be read instead)."""
+    transformers, gguf = need("transformers"), need("gguf")
+    folder.mkdir(exist_ok=True)
+    writer = gguf.GGUFWriter(str(folder / "m.gguf"), architecture)
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, list(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file="m.gguf")
+
+
+def sentencepiece_gguf(tmp_path):
+    """trained_sentencepiece()'s vocabulary as the GGUF metadata of a SentencePiece model (scores falling with
+    the ids, as the trainer made the tokens): no add_space_prefix, as most Llama-2 and TinyLlama files."""
+    vocab = trained_sentencepiece(tmp_path).get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    kinds = {"<pad>": bpe.CONTROL, "<eos>": bpe.CONTROL, "<bos>": bpe.CONTROL, "<unk>": bpe.UNKNOWN}
+    types = [kinds.get(t, bpe.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else bpe.USER_DEFINED if t and not t.strip("\n\t")
+                       else bpe.NORMAL) for t in tokens]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": [-float(i) for i in range(len(tokens))], "tokenizer.ggml.bos_token_id": vocab["<bos>"],
+            "tokenizer.ggml.eos_token_id": vocab["<eos>"], "tokenizer.ggml.unknown_token_id": vocab["<unk>"]}
+
+
+def test_sentencepiece_gguf_without_add_space_prefix_puts_a_space_first(tmp_path):
+    """llama.cpp's default: a "▁" before the text (transformers reads these files with Metaspace "first", the same
+    on text that neither starts with a space nor follows a special or user-defined token)."""
+    metadata = sentencepiece_gguf(tmp_path)
+    theirs, ours = gguf_tokenizer(tmp_path / "gguf", metadata), bpe.tokenizer_from_gguf(metadata)
+    assert ours.dummy_prefix == "always" and theirs.convert_ids_to_tokens(theirs.encode("Hello"))[:2] == ["<bos>", bpe.SPACE]
+    one_line = re.sub(r"\s", " ", SAMPLE + stdlib_text(60, 20_000)).strip()  # newlines and tabs are user-defined tokens
+    for string in ["Hello", "Hello world", "a  b", "x\n\n", one_line]:
+        assert ours.encode(string, special=True) == theirs.encode(string), string
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False), string
+    assert ours.decode(ours.encode("Hello world")) == theirs.decode(theirs.encode("Hello world"), skip_special_tokens=True)
+
+
+def test_gguf_user_defined_tokens_are_not_special(tmp_path):
+    """User-defined tokens (<think>, runs of newlines) are cut out whole but are text: decoding that skips special
+    tokens keeps them, as transformers reads these files; control tokens go."""
+    vocab = trained_bpe(tmp_path, added=["<think>", "</think>"]).get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    kinds = {"<|endoftext|>": bpe.CONTROL, "<think>": bpe.USER_DEFINED, "</think>": bpe.USER_DEFINED}
+    byte_level = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+                  "tokenizer.ggml.token_type": [kinds.get(t, bpe.NORMAL) for t in tokens],
+                  "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m
+                                            for m in json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"]],
+                  "tokenizer.ggml.bos_token_id": vocab["<|endoftext|>"], "tokenizer.ggml.eos_token_id": vocab["<|endoftext|>"]}
+    string = "<|endoftext|><think>x = 1</think>def f():\n\n\treturn 2<|endoftext|>"
+    (tmp_path / "sp").mkdir()
+    for name, metadata in [("byte_level", byte_level), ("sentencepiece", sentencepiece_gguf(tmp_path / "sp"))]:
+        theirs, ours = gguf_tokenizer(tmp_path / name, metadata), bpe.tokenizer_from_gguf(metadata)
+        ids = ours.encode(string)
+        user_defined = {i for i, t in enumerate(metadata["tokenizer.ggml.token_type"]) if t == bpe.USER_DEFINED}
+        assert user_defined & set(ids) and ours.decode(ids) == theirs.decode(ids), name
+        if name == "byte_level":  # (SentencePiece: llama.cpp's "▁" after a user-defined token, not transformers')
+            assert ids == theirs.encode(string, add_special_tokens=False) and ours.decode(ids) == string
+        kept = ours.decode(ids, skip_special=True)
+        assert kept == theirs.decode(ids, skip_special_tokens=True) and ("<think>" in kept or "\n\n" in kept), name
+
+
+def test_a_gemma_token_spanning_a_space_merges_across_it(tmp_path):
+    """Gemma-3's vocabulary holds ">▁</" (HTML's "<p> </p>"): its merges cross the space, so the text is not cut
+    into stretches at its spaces there; as transformers reads a Gemma GGUF file (merge order: the tokens' order)."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{b:02X}>" for b in range(256)), "<", ">", "/", "p", "a", bpe.SPACE,
+              "</", ">▁", ">▁</", "<p", "p>", "<p>", "▁</", "▁<", "</p", "</p>", "a>", "▁▁"]
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": [0.0] * len(tokens),
+                "tokenizer.ggml.token_type": [bpe.CONTROL] * 3 + [bpe.UNKNOWN] + [bpe.BYTE] * 256 + [bpe.NORMAL] * 18,
+                "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.unknown_token_id": 3,
+                "tokenizer.ggml.add_space_prefix": False}
+    theirs = gguf_tokenizer(tmp_path, metadata, "gemma3")
+    ours = bpe.tokenizer_from_gguf(metadata | {"general.architecture": "gemma3"})
+    assert theirs.convert_ids_to_tokens(theirs.encode("<p> </p>", add_special_tokens=False)) == ["<p", ">▁</", "p>"]
+    for string in ["<p> </p>", "<p>  </p>", "a> </p", "<p> </p> <p> </p>", "x> </", " </p> <", "> </ > </"]:
+        assert ours.encode(string, special=True) == theirs.encode(string), string
+        assert ours.decode(ours.encode(string)) == theirs.decode(theirs.encode(string), skip_special_tokens=True) == string
+
+
+def test_merges_of_equal_score_take_the_longer_left_part_first(tmp_path):
+    """GGUF scores that tie: transformers orders the merges it derives by score, then the longer left part first,
+    whatever the tokens' ids or places. "abcd": ab, then abc (ab + c) before cd; "cabd": ab, then abd (ab + d)
+    before cab (c + ab), though cab is further left (as llama.cpp would take it) and comes first in the vocabulary."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), bpe.SPACE, "a", "b", "c", "d",
+              "ab", "cd", "cab", "abc", "abd"]
+    scores = [0.0] * 259 + [-1.0] * 5 + [-2.0] + [-3.0] * 4
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                "tokenizer.ggml.token_type": [bpe.UNKNOWN] + [bpe.CONTROL] * 2 + [bpe.BYTE] * 256 + [bpe.NORMAL] * 10,
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    theirs, ours = gguf_tokenizer(tmp_path, metadata), bpe.tokenizer_from_gguf(metadata)
+    ids = {t: i for i, t in enumerate(tokens)}
+    assert theirs.encode("abcd cabd", add_special_tokens=False) == [ids[t] for t in ["▁", "abc", "d", "▁", "c", "abd"]]
+    for string in ["abcd", "cabd", "abcdcabd", "abcd cabd dcab", "cdab"]:
+        assert ours.encode(string, special=True) == theirs.encode(string), string
+
+
+def test_merges_of_equal_score_and_left_part_take_the_longer_right_part_first(tmp_path):
+    """Scores and left parts that tie: transformers then takes the longer right part first ("abcd": bcd (b + cd)
+    before ab, though ab comes first in the vocabulary)."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), bpe.SPACE, "a", "b", "c", "d", "cd", "ab", "bcd"]
+    scores = [0.0] * 259 + [-1.0] * 5 + [-2.0, -3.0, -3.0]
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                "tokenizer.ggml.token_type": [bpe.UNKNOWN] + [bpe.CONTROL] * 2 + [bpe.BYTE] * 256 + [bpe.NORMAL] * 8,
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    theirs, ours = gguf_tokenizer(tmp_path, metadata), bpe.tokenizer_from_gguf(metadata)
+    assert theirs.encode("abcd", add_special_tokens=False) == [tokens.index(t) for t in ["▁", "a", "bcd"]]
+    for string in ["abcd", "abcd abcd", "cdab bcd"]:
+        assert ours.encode(string, special=True) == theirs.encode(string), string
+
+
+def test_a_character_falls_back_to_bytes_where_the_vocabulary_has_all_of_its_bytes(tmp_path):
+    """A vocabulary lacking some byte tokens (here <0xF0>..<0xFF>, which begin emoji): a character whose bytes are
+    all there still falls back to them; the others become <unk>, a run of them one, as in `tokenizers`."""
+    tk = need("tokenizers")
+    spec = json.loads(trained_sentencepiece(tmp_path).to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(0xF0, 0x100):
+        vocab[f"<unused{b}>"] = vocab.pop(f"<0x{b:02X}>")
+    theirs = tk.Tokenizer.from_str(json.dumps(spec))
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load_tokenizer(str(tmp_path))
+    for string in ["é", "東京 é", "a🐉🔥b", "🐉 é x", "x 🐉🐉 東"]:
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, string
+
+
+def test_a_repeated_token_is_read_as_its_last_id(tmp_path):
+    """A GGUF vocabulary listing a token twice ("ab", and "▁" as a byte-fallback file may): text encodes to its last
+    id, as transformers reads the file; both ids decode to it."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), bpe.SPACE, "a", "b", "ab", "c", "ab", "abc",
+              bpe.SPACE]
+    scores = [0.0] * 259 + [-1.0, -1.0, -1.0, -2.0, -1.0, -2.0, -3.0, -1.0]
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                "tokenizer.ggml.token_type": [bpe.UNKNOWN] + [bpe.CONTROL] * 2 + [bpe.BYTE] * 256 + [bpe.NORMAL] * 8,
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    theirs, ours = gguf_tokenizer(tmp_path, metadata), bpe.tokenizer_from_gguf(metadata)
+    assert theirs.encode("ab abc", add_special_tokens=False) == [len(tokens) - 1, 264, len(tokens) - 1, 265]
+    for string in ["ab abc", "abab cab", "c a b", "ab  "]:
+        ids = ours.encode(string, special=True)
+        assert ids == theirs.encode(string), string
+        assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True) == string
+    assert ours.decode([262, 264]) == ours.decode([264, 264]) == "abab"
 
 
 def test_llama3_gguf_tokenizer_ignores_merges_and_adds_bos():

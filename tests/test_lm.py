@@ -124,6 +124,21 @@ def test_one_text_file_holds_out_its_tail_and_a_run_never_reads_its_own_output(t
         assert bytes(train.data) == text_[:len(text_) // 2].encode() and bytes(val.data) == text_[len(text_) // 2:].encode()
 
 
+def test_a_tail_held_out_at_a_document_s_start_leaves_no_bos_behind(tmp_path):
+    """Documents all drawn for training (seeds 0, 3, 5, 6 of val_fraction 0.2): the last 20% of the 10 tokens (bytes)
+    are held out, and the cut, 8, falls where the third document starts: it goes whole to "val", and "train" holds
+    the other two, each after its BOS, with no BOS of an empty document after them."""
+    for seed in (0, 3, 5, 6):
+        folder = tmp_path / str(seed)
+        assert text.write_corpus(["abc", "defgh", "ij"], folder, val_fraction=0.2, seed=seed) == {"train": 8, "val": 2}
+        train, val = text.Split(folder, "train"), text.Split(folder, "val")
+        assert bytes(train.data) == b"abcdefgh" and list(np.load(folder / "train_docs.npy")) == [0, 3]
+        assert bytes(val.data) == b"ij" and list(np.load(folder / "val_docs.npy")) == [0]
+        bos = text.BOS
+        assert list(train.tokens(0, train.num_tokens)) == [bos, *b"abc", bos, *b"defgh"] and train.num_tokens == 10
+        assert list(val.tokens(0, val.num_tokens)) == [bos, *b"ij"]
+
+
 def test_a_data_folder_gives_each_file_once_never_other_runs_and_whole_characters(tmp_path, capsys, monkeypatch):
     corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
     (corpus / "notes").mkdir(parents=True), elsewhere.mkdir()

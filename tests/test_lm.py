@@ -19,7 +19,8 @@ import sae
 import steer
 import text
 import train_lm
-from conftest import ROOT, assert_same, chat_bpe, final_state, free_port, run
+from conftest import ROOT, assert_same, chat_bpe, final_state, free_port, run, tiny_model
+from conftest import TINY as TINY_CONFIG, tokens as tiny_tokens
 
 # a model small enough to train in seconds: every flag of train_lm.py
 TINY = ["--stories", "1200", "--n_layer", "2", "--n_head", "2", "--d_model", "32", "--block_size", "64",
@@ -255,6 +256,55 @@ def test_the_page_shows_the_printed_figures(tmp_path):
     assert all(f">{shown}</td>" in page for shown in ("56.25%", "22.75%", "1.250", "28.12%"))
 
 
+def test_the_page_of_a_run_with_a_control_and_patterns_shows_their_figures(tmp_path):
+    """With the control, the ratio column is over the finetuned model; dead codes: the mean over the codebooks;
+    a pattern row's precision and recall each in its own column."""
+    figures = {"base_val_loss": 2.0, "base_val_accuracy": 0.5, "finetuned_val_loss": 2.2, "finetuned_val_accuracy": 0.45,
+               "codebook_val_loss": 2.75, "codebook_val_accuracy": 0.25, "loss_ratio": 1.375, "loss_ratio_finetuned": 1.25,
+               "dead_code_fraction": {"L0.H0": 0.125, "L0.H1": 0.5, "L1.H0": 0.0}}  # mean 20.83%
+    rows = [{"pattern": "digit", "positions": 40, "code": "L1.H0.7", "precision": 0.9, "recall": 0.25, "neuron": "L0.H1[3]",
+             "neuron_precision": 0.5, "sae": "SAE L0.H0[2]", "sae_precision": 0.625}]
+    args = argparse.Namespace(out=str(tmp_path), hf="", init_from="")
+    page = open(train_lm.write_page(figures | {"held_out": {"stories": figures}, "patterns": {"patterns": rows}}, args,
+                                    "python train_lm.py")).read()
+    cells = lambda row: re.findall(r"<td[^>]*>(.*?)</td>", row)
+    (held,) = re.findall(r"<tr><td>stories</td>.*?</tr>", page)
+    assert "codebooks / finetuned" in page
+    assert cells(held) == ["stories", "2.0000", "2.2000", "2.7500", "50.00%", "45.00%", "25.00%", "1.250", "20.83%"]
+    (pattern,) = re.findall(r"<tr><td>digit</td>.*?</tr>", page)
+    assert cells(pattern) == ["digit", "40", "L1.H0.7", "90.00%", "25.00%", "L0.H1[3]", "50.00%", "SAE L0.H0[2]", "62.50%"]
+
+
+def test_held_out_figures_recounted_dead_codes_averaged_over_codebooks():
+    model, windows = tiny_model(), tiny_tokens(n=6, seq=17)
+    model.history = []
+    torch.manual_seed(1)
+    base = cb.GPT(cb.GPTConfig(**TINY_CONFIG))
+    args = argparse.Namespace(sae=False, data="", num_codes=40)
+    results, _, _ = train_lm.evaluate(args, (base, None, model), {"stories": windows}, windows, None, None, 1)
+    ids, _ = cb.record_dataset(model, windows[:, :-1])
+    dead = {a: (torch.bincount(v.flatten(), minlength=model.locate(a)[0].num_codes) == 0).float().mean().item()
+            for a, v in ids.items()}
+    assert results["dead_code_fraction"] == pytest.approx(dead) and len(set(dead.values())) > 2
+    assert results["mean_dead_code_fraction"] == pytest.approx(sum(dead.values()) / len(dead))
+    assert results["loss_ratio"] == results["codebook_val_loss"] / results["base_val_loss"]
+
+
+def test_the_printed_table_shows_the_figures(capsys):
+    dead = {"L0.H0": 0.125, "L0.H1": 0.5, "L1.H0": 0.0, "L1.H1": 0.0}  # mean 15.62%
+    figures = {"base_val_loss": 2.0, "base_val_accuracy": 0.5, "codebook_val_loss": 2.5, "codebook_val_accuracy": 0.25,
+               "loss_ratio": 1.25, "dead_code_fraction": dead}
+    r = figures | {"held_out": {"stories": figures}, "base_train_loss": 1.5, "mean_dead_code_fraction": 0.15625}
+    args = argparse.Namespace(eval_windows=2, block_size=4, num_codes=8, k=2)
+    train_lm.report(r, args, argparse.Namespace(n_layer=2, n_head=2), 0.0, {"stories": argparse.Namespace(num_tokens=100)})
+    printed = capsys.readouterr().out
+    assert re.search(r"val loss \(nats/token\) +2\.0000 +2\.5000\n", printed)
+    assert re.search(r"val next-token accuracy +50\.00% +25\.00%\n", printed)
+    assert "loss ratio codebooks / base       1.250\n" in printed
+    assert printed.count("dead codes                        15.62% mean") == 2  # the corpus's line and the run's
+    assert "L0: H0  12.5%  H1  50.0%" in printed
+
+
 def test_a_topic_s_codes_are_its_best_on_the_heads_that_cover_it_most():
     args = argparse.Namespace(min_precision=0.5, min_recall=0.1, per_head=2, heads=2)
     one_topic = lambda *values: torch.tensor([values])
@@ -265,6 +315,114 @@ def test_a_topic_s_codes_are_its_best_on_the_heads_that_cover_it_most():
     # per head its best codes by F1 (L0.H1: 0.48, then 0.45; L0.H0: 0.45, then 0.33), the heads by coverage
     assert list(steer.topic_codes(stats, 0, args, k=4).items()) == [("L0.H1", [0, 2]), ("L0.H0", [1, 0])]
     assert steer.topic_codes(stats, 0, args, k=1) == {"L0.H1": [0], "L0.H0": [1]}  # at most k codes a head
+
+
+def test_a_topic_code_at_exactly_the_thresholds_is_kept():
+    """--min_precision and --min_recall are floors a code may sit on ("at least")."""
+    args = argparse.Namespace(min_precision=0.5, min_recall=0.25, per_head=4, heads=4)
+    stats = {"L0.H0": (torch.tensor([[0.5, 0.25, 0.875, 1.0]]), torch.tensor([[0.5, 1.0, 0.25, 0.125]]))}
+    # code 0 precision 0.5 (F1 0.5), code 2 recall 0.25 (F1 0.389); code 1 too imprecise, code 3 too rare
+    assert steer.topic_codes(stats, 0, args, k=4) == {"L0.H0": [0, 2]}
+
+
+def test_the_steering_table_s_means_and_rare_topics_counted_by_hand(capsys):
+    figures = lambda base, steered, ppl: {"hit_rate_base": base, "hit_rate_steered": steered, "hit_rate_addition": 0.0,
+                                          "hit_rate_prompting": 0.5, "ppl_base": ppl, "ppl_steered": 2 * ppl,
+                                          "ppl_addition": 3.0, "ppl_prompting": ppl}
+    results = {"a": figures(0.1, 1.0, 2.0), "b": figures(0.0, 0.5, 4.0), "c": figures(0.5, 0.2, 9.0)}
+    r = steer.report(results)
+    assert r["topics_rare_unsteered"] == ["a", "b"]  # "<= 10%": a topic at 10% exactly is rare
+    assert r["mean_hit_rate_steered_rare"] == pytest.approx(0.75) and r["mean_hit_rate_prompting_rare"] == 0.5
+    assert r["mean_hit_rate_steered"] == pytest.approx(1.7 / 3) and r["mean_ppl_base"] == pytest.approx(5.0)
+    assert r["mean_ppl_steered"] == pytest.approx(10.0) and r["mean_hit_rate_base"] == pytest.approx(0.2)
+    assert "2 of 3 topics have an unsteered hit rate <= 10%" in capsys.readouterr().out
+
+
+def test_the_code_search_ranks_every_code_of_every_head_by_f1():
+    one_topic = lambda *values: torch.tensor([values])
+    stats = {"L0.H0": (one_topic(1.0, 0.5, 0.0), one_topic(0.25, 0.5, 0.0)),  # F1 0.4, 0.5, none
+             "L1.H1": (one_topic(0.75, 0.2), one_topic(0.75, 1.0))}  # F1 0.75, 0.333
+    ranked = steer.ranked_codes(stats, 0, n=3)
+    assert [row["address"] for row in ranked] == ["L1.H1.0", "L0.H0.1", "L0.H0.0"]
+    assert ranked[1] == {"address": "L0.H0.1", "precision": 0.5, "recall": 0.5}
+
+
+def test_a_regex_topic_counts_its_words_in_any_case():
+    """--regex hits as the corpus topics' (text.topic_regex): in any case."""
+    args = steer.parser.parse_args(["--regex", r"\bdragons?\b"])
+    (hit,) = steer.choose_topics(args).values()
+    assert [bool(hit.search(t)) for t in ("Dragons flew", "a DRAGON", "dragonfly")] == [True, True, False]
+
+
+def test_perplexity_is_of_the_generated_tokens_up_to_the_first_end_given_the_prompt():
+    torch.manual_seed(0)
+    model = cb.GPT(cb.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32,
+                                codebooks={"attn": dict(num_codes=8, k=2)})).eval()
+    B = text.BOS
+    short = torch.tensor([[B, 65, 66, 67, 68, 69], [B, 65, 66, 70, B, 71]])  # BOS + a 2-byte prompt, then 3 generated
+    long = torch.tensor([[B, 72, 73, 74, 75, B, 76]])  # a 3-byte prompt: the first generated byte ends the sample
+    with torch.no_grad():
+        logp_short, logp_long = (model(t[:, :-1]).log_softmax(-1) for t in (short, long))
+    # by hand: each generated token's log-likelihood given everything before it, none after a BOS nor the BOS itself
+    nll = -(logp_short[0, 2, 67] + logp_short[0, 3, 68] + logp_short[0, 4, 69] + logp_short[1, 2, 70] + logp_long[0, 3, 75])
+    assert steer.perplexity(model, [(short, 3), (long, 4)]) == pytest.approx(np.exp(nll.item() / 5), rel=1e-5)
+
+
+def test_score_counts_the_samples_on_topic_and_their_likelihood_up_to_the_end_of_a_turn():
+    tok = chat_bpe()
+    torch.manual_seed(0)
+    model = cb.GPT(cb.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16, d_mlp=32,
+                                codebooks={"attn": dict(num_codes=8, k=2)})).eval()
+    e = tok.eos
+    rows = lambda prompt, *generated: torch.tensor([[tok.bos, *tok.encode(prompt), *g] for g in generated])
+    samples = [(rows("A", [*tok.encode("dragon"), e, *tok.encode("x")], tok.encode("the cat!!!")), 2),  # a hit; none
+               (rows("Be", [*tok.encode("x"), e, *tok.encode("dragon")], tok.encode("Dragons.")), 3)]  # after its end: none; a hit
+    rate, ppl, texts = steer.score(model, tok, samples, text.topic_regex(["dragon"]))
+    assert texts == ["dragon", "the cat!!!", "x", "Dragons."] and rate == 0.5  # 2 of the 4 samples
+    nll, count = 0.0, 0
+    for tokens, n in samples:
+        with torch.no_grad():
+            logp = model(tokens[:, :-1]).log_softmax(-1)
+        for r, length in enumerate((6, 8) if n == 2 else (1, 8)):  # generated tokens before the end of a turn
+            nll -= sum(logp[r, n - 1 + i, tokens[r, n + i]].item() for i in range(length))
+            count += length
+    assert ppl == pytest.approx(np.exp(nll / count), rel=1e-5)
+
+
+def test_activation_addition_adds_the_scaled_mean_difference_and_the_page_shows_the_table(tmp_path, monkeypatch, capsys):
+    """steer_topics' addition baseline: at each head of the topic's codes, --addition_scale x (the head's mean
+    output on the topic's positions - its mean everywhere), written out; report.html's table of its figures."""
+    torch.manual_seed(0)
+    model = cb.GPT(cb.GPTConfig(vocab_size=257, block_size=64, n_layer=1, n_head=2, d_model=16, d_mlp=32,
+                                codebooks={"attn": dict(num_codes=8, k=2)})).eval()
+    tok = text.ByteTokenizer()
+    tokens = torch.randint(0, 256, (6, 64), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = text.BOS
+    position_topic = torch.full((6, 64), -1)
+    position_topic[:3, 1:] = 0
+    recorded = cb.record_dataset(model, tokens)
+    args = argparse.Namespace(samples=1, new_bytes=2, longest_request=1, temperature=1.0, seed=0, device="cpu", heads=2,
+                              per_head=2, min_precision=0.0, min_recall=0.0, addition_scale=2.5, contexts=1, regex="",
+                              topic_name="", out=str(tmp_path), ckpt="tiny.pt", cards=2)
+    added, real = {}, steer.baselines.add_vectors
+    monkeypatch.setattr(steer.baselines, "add_vectors", lambda model, vectors: added.update(vectors) or real(model, vectors))
+    topics = {"dragons": text.topic_regex(["dragon"])}
+    results, steering = steer.steer_topics(args, model, tok, ["Hi"], topics, tokens, position_topic, recorded)
+    assert set(added) == {code.rsplit(".", 1)[0] for code in results["dragons"]["codes"]} and added
+    for address, vector in added.items():
+        layer, head = model.locate(address)
+        outputs = layer.codes[head].detach()[recorded[0][address]].mean(-2)  # each position's output: the mean of its k codes
+        want = outputs[position_topic == 0].mean(0) - outputs.flatten(0, 1).mean(0)
+        assert torch.allclose(vector, 2.5 * want, atol=1e-5)
+    page = open(steer.write_page(args, "python steer.py", model, tok, tokens, position_topic, ["dragons"], recorded,
+                                 results, steering)).read()
+    r = results["dragons"]
+    methods = ("base", "steered", "addition", "prompting")
+    shown = [f"{round(100 * r[f'hit_rate_{m}'])}%" for m in methods] + [f"{r[f'ppl_{m}']:.2f}" for m in methods]
+    cells = lambda row: re.findall(r"<td[^>]*>(.*?)</td>", row)
+    (topic_row,) = re.findall(r"<tr><td><a href=\"#topic-dragons\">dragons</a></td>.*?</tr>", page)
+    (mean_row,) = re.findall(r"<tr><td>mean</td>.*?</tr>", page)
+    assert cells(topic_row)[1:] == shown + [str(len(r["codes"]))] and cells(mean_row)[1:] == shown + [""]  # one topic: its own mean
 
 
 def test_default_corpus():

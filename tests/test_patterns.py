@@ -111,6 +111,12 @@ def test_documents_are_matched_apart_and_rows_alone():
         patterns.pattern_masks(row, tok, {"x": r"(the"})
 
 
+def test_a_match_whose_group_is_empty_or_absent_marks_nothing():
+    tokens, mask = patterns.text_mask("xz xyz x", BYTES, r"x(y?)")
+    assert mask.nonzero()[:, 0].tolist() == [4]  # the "y" of "xyz" alone
+    assert not patterns.text_mask("ab", BYTES, r"a(c)?")[1].any()
+
+
 def test_topic_patterns_mark_the_words_of_each_topic():
     found = patterns.topic_patterns(["dragons", "sea"])
     tokens, mask = patterns.text_mask("Dragons! A dragon's cave. The seas were calm.", BYTES, found["topic dragons"])
@@ -126,6 +132,27 @@ def test_best_code_is_the_most_precise_above_the_recall_floor_else_the_best_f1()
     index, keys = patterns.best_codes(precision, recall, min_recall=0.1)
     assert index.tolist() == [2, 1]  # 0.9 precise at recall 0.3 (not 0.2); below the floor, F1 0.114 > 0.095
     assert keys[0] > keys[1]
+
+
+def test_a_code_on_the_recall_floor_is_above_it_and_beats_any_below():
+    precision = torch.tensor([[0.5, 1.0, 0.25], [0.3, 1.0, 0.0]])
+    recall = torch.tensor([[0.25, 0.125, 0.75], [0.5, 0.2, 0.0]])
+    index, _ = patterns.best_codes(precision, recall, min_recall=0.25)
+    # row 0: code 0 at recall 0.25 exactly is above the floor and more precise than code 2 (code 1 below it);
+    # row 1: code 0, 30% precise above the floor, beats code 1 below it, whose F1 (0.333) is above that precision
+    assert index.tolist() == [0, 0]
+
+
+def test_the_summary_counts_by_hand():
+    """Precise: precision and recall at least the floors; a win: strictly more precise than the neuron or latent."""
+    rows = [{"code": "L0.H0.1", "precision": 0.8, "recall": 0.1, "neuron_precision": 0.8, "sae_precision": 0.9,
+             "neuron": "n", "sae": "s"},  # on both floors; ties the neuron (no win), loses to the latent
+            {"code": "L0.H1.2", "precision": 0.9, "recall": 0.5, "neuron_precision": 0.95, "sae_precision": 0.5,
+             "neuron": "n", "sae": "s"},  # loses to the neuron, beats the latent
+            {"code": "L1.H0.3", "precision": 0.75, "recall": 0.9},  # not precise; no neuron or SAE column
+            {"code": None, "precision": None, "recall": None}]
+    assert patterns.pattern_summary(rows) == {"patterns": 4, "found": 3, "precise_codes": 2, "min_precision": 0.8,
+                                              "min_recall": 0.1, "code_beats_neuron": 0, "code_beats_sae": 1}
 
 
 def test_pattern_table_finds_a_planted_code_and_scores_neurons_and_latents_by_hand():

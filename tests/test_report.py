@@ -4,6 +4,7 @@ chromedriver): no console error, every codebook and card there, the search filte
 scrolls to its card, the screenshot shows something. Without Chromium the browser tests skip,
 unless CODEBOOK_REQUIRE_BROWSER=1 (CI), where they fail instead."""
 import base64
+import math
 import os
 import re
 
@@ -83,6 +84,53 @@ def test_cards_count_the_recorded_codes_and_hold_their_strongest_contexts(run):
             assert card["label"]["name"] == ["zero", "one", "two"][best]
             assert card["label"]["precision"] == pytest.approx(precision[best])
             assert card["label"]["recall"] == pytest.approx(recall[best])
+
+
+def test_each_codebook_s_figures_and_every_context_s_cuts_counted_by_hand(run):
+    model, tokens, _ = run
+    shown = [[f"<{r},{p}>" for p in range(tokens.shape[1])] for r in range(tokens.shape[0])]
+    data = report.code_browser_data(model, tokens, position_text=shown, max_cards=None, contexts=1000, before=3, after=2)
+    ids, _ = cb.record_dataset(model, tokens)
+    positions = tokens.numel()
+    for book in data["codebooks"]:
+        counts = torch.bincount(ids[book["address"]].flatten(), minlength=book["num_codes"]).tolist()
+        share = [n / sum(counts) for n in counts if n]
+        assert book["entropy_bits"] == pytest.approx(-sum(q * math.log2(q) for q in share))
+        assert book["dead_share"] == pytest.approx(counts.count(0) / book["num_codes"]) and book["positions"] == positions
+        for card in book["cards"]:
+            assert card["density"] == pytest.approx(counts[card["code"]] / positions)  # a share of positions, whatever k
+            for x in card["contexts"]:  # "…" where the row holds tokens the context leaves out
+                assert x["cut_left"] == (x["left"].count("<") < x["pos"])
+                assert x["cut_right"] == (x["right"].count("<") < tokens.shape[1] - 1 - x["pos"])
+    cut = {(x["cut_left"], x["cut_right"]) for b in data["codebooks"] for c in b["cards"] for x in c["contexts"]}
+    positions_seen = {x["pos"] for b in data["codebooks"] for c in b["cards"] for x in c["contexts"]}
+    assert len(cut) == 3 and positions_seen == set(range(tokens.shape[1]))  # every position, at the edges too
+
+
+def test_a_code_on_unlabelled_positions_only_has_no_label_and_a_card_shows_its_label_s_figures(run):
+    model, tokens, _ = run
+    ids, _ = cb.record_dataset(model, tokens)
+    book = model.codebook_heads()[0][0]
+    code = int(ids[book][..., 0].flatten().mode().values)
+    labels = torch.where((ids[book] == code).any(-1), -1, tokens % 2)  # none where the code fires
+    data = report.code_browser_data(model, tokens, TEXT, labels=labels, label_names=["even", "odd"], max_cards=None)
+    cards = {c["code"]: c for c in data["codebooks"][0]["cards"]}
+    assert "label" not in cards[code] and cards[code]["fires"] > 0
+    page = str(report.code_browser(data))
+    labelled = [c for b in data["codebooks"] for c in b["cards"] if "label" in c]
+    assert any(round(100 * c["label"]["precision"]) != round(100 * c["label"]["recall"]) for c in labelled)
+    for c in labelled:
+        p, r = (f"{100 * c['label'][key]:.0f}%" for key in ("precision", "recall"))
+        assert re.search(rf'id="{re.escape(c["address"])}".*?<b>{c["label"]["name"]}</b> P {p} · R {r}</span>', page)
+
+
+def test_ranked_codes_and_attributes_show_what_they_are_given():
+    ranked = str(report.ranked_codes([{"address": "L0.H1.3", "precision": 0.8, "recall": 0.2}], "texts"))
+    assert re.findall(r"<td[^>]*>(.*?)</td>", ranked) == ["1", '<a href="#L0.H1.3" class="code">L0.H1.3</a>',
+                                                         "80.0%", "20.0%", "32.0%"]  # F1 2 x 0.8 x 0.2 / 1.0
+    assert "precision (texts)" in ranked
+    assert str(report.tag("a", "x", href='#"><script>', title="a&b")) == \
+        '<a href="#&quot;&gt;&lt;script&gt;" title="a&amp;b">x</a>'
 
 
 def test_every_code_that_fires_gets_a_card_up_to_a_page_of_max_cards(run, monkeypatch):

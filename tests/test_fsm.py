@@ -1,5 +1,7 @@
 """TokFSM: the data, the metrics on hand-built cases, and a smoke run of the whole pipeline."""
+import contextlib
 import json
+import math
 import os
 import re
 
@@ -10,6 +12,7 @@ import codebook as cb
 import runs
 import sae
 import train_fsm as T
+from conftest import randomize
 
 
 def test_walks_are_legal_and_digits_decode_back_to_states():
@@ -173,6 +176,10 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
         code = cb.parse_code(row["code"]).code
         assert (row["precision"], row["recall"]) == (precision[row["state"], code].item(), recall[row["state"], code].item())
     assert saved["codebook"]["state_code_precision"] == pytest.approx(sum(r["precision"] for r in saved["codebook"]["states"]) / 100)
+    assert saved["codebook"]["state_code_recall"] == pytest.approx(sum(r["recall"] for r in saved["codebook"]["states"]) / 100)
+    for a, codes in ids.items():  # dead codes: the share of a codebook's codes that never fire on the walks, recounted
+        num_codes = model.locate(a)[0].num_codes
+        assert saved["codebook"]["dead_code_fraction"][a] == pytest.approx(len(set(range(num_codes)) - set(codes.flatten().tolist())) / num_codes)
     latents = sae.record_latents(base, saes, walks[:, :-1])
     assert saved["sae"]["dead_latent_fraction"] == {a: sae.dead_fraction(v, saes[cb.parse_address(a).layer, cb.parse_address(a).site]
                                                                           .num_latents) for a, v in latents.items()}
@@ -193,14 +200,21 @@ def test_smoke_run_of_the_whole_pipeline(tmp_path):
     with cb.capture_activations(base) as acts:
         base(walks[:n, :-1])
     neurons = torch.cat([acts[0][site].flatten(2).flatten(0, 1) for site in ("attn", "mlp")], 1)
-    best = []
-    for mask, recall in zip(masks[:, :n].flatten(1), sae_recall.tolist()):
-        need = next(hits for hits in range(1, int(mask.sum()) + 1) if hits / mask.sum() >= recall - 1e-6)
-        for signed in (neurons, -neurons):  # each neuron fires at or above its need-th largest value on the state
-            threshold = signed[mask].sort(0, descending=True).values[need - 1]
-            fires = signed >= threshold
-            best.append(((fires & mask[:, None]).sum(0) / fires.sum(0)).max().item())
-    assert saved["neurons"]["precision_at_sae_recall"] == pytest.approx(sum(map(max, zip(best[::2], best[1::2]))) / 100)
+
+    def best_neurons(recalls):  # per state, the best neuron's precision at that state's recall
+        best = []
+        for mask, recall in zip(masks[:, :n].flatten(1), recalls):
+            need = next(hits for hits in range(1, int(mask.sum()) + 1) if hits / mask.sum() >= recall - 1e-6)
+            for signed in (neurons, -neurons):  # each neuron fires at or above its need-th largest value on the state
+                threshold = signed[mask].sort(0, descending=True).values[need - 1]
+                fires = signed >= threshold
+                best.append(((fires & mask[:, None]).sum(0) / fires.sum(0)).max().item())
+        return list(map(max, zip(best[::2], best[1::2])))
+    assert saved["neurons"]["precision_at_sae_recall"] == pytest.approx(sum(best_neurons(sae_recall.tolist())) / 100)
+    assert saved["sae"]["state_latent_recall"] == pytest.approx(sae_recall.mean().item())
+    at_code_recall = best_neurons([row["recall"] for row in saved["codebook"]["states"]])  # the codes' table
+    assert [row["neuron_precision"] for row in saved["codebook"]["states"]] == pytest.approx(at_code_recall)
+    assert saved["codebook"]["neuron_precision"] == saved["neurons"]["precision_at_code_recall"] == pytest.approx(sum(at_code_recall) / 100)
     # the SAEs change no codebook figure: the same evaluation without them (both stages resumed, done)
     at = argv.index("--sae_steps")
     without = T.main(argv[:at] + argv[at + 4:] + ["--no-sae", "--cards", "2"])  # and 2 cards per codebook on its page
@@ -245,3 +259,130 @@ def test_a_flag_given_wins_over_its_preset(tmp_path, capsys):
     # each preset writes to a folder of its own: `--preset quick` and then the full run never meet
     outs = [T.settings(["--device", "cpu", *preset]).out for preset in ([], ["--preset", "quick"], ["--preset", "paper"])]
     assert len(set(outs)) == 3 and outs[0] == "out/fsm"
+
+
+# --- the reported figures against recounts written out, on small cases ------------------------------
+
+def test_digits_of_states_and_what_spells_no_state_by_hand():
+    fsm = T.TokFSM(num_states=12, num_edges=3, base=10)  # two digits; "12" .. "99" spell no state; 10 is BOS
+    assert fsm.encode(torch.tensor([[8, 11, 0]])).tolist() == [[10, 0, 8, 1, 1, 0, 0]]
+    tokens = torch.tensor([[1, 1, 1, 2, 0, 10, 10, 3, 10, 10, 9, 9, 1, 0]])
+    # 11; 12 (just past the last state); a BOS as second, first or both digits; 99; 10
+    assert fsm.decode(tokens).tolist() == [[11, -1, -1, -1, -1, -1, 10]]
+
+
+def test_transition_accuracy_is_a_recount_of_legal_pairs():
+    fsm = T.TokFSM(num_states=5, num_edges=2, base=10, walk_length=6)
+    g = torch.Generator().manual_seed(0)
+    states = torch.randint(-1, 5, (300, 6), generator=g)  # -1: no state (a BOS or digits past the states)
+    states[:100] = fsm.random_walks(100, g)  # some legal walks too
+    states[:50, 2] = -1  # the first pair legal, later ones not
+    edge = lambda s, t: s >= 0 and t >= 0 and t in fsm.successors[s].tolist()
+    pairs = [[edge(row[j], row[j + 1]) for j in range(5)] for row in states.tolist()]
+    accuracy, first = fsm.transition_accuracy(states)
+    assert accuracy == pytest.approx(sum(map(sum, pairs)) / 1500) and first == pytest.approx(sum(p[0] for p in pairs) / 300)
+
+
+def test_walks_take_every_edge_about_equally_often():
+    fsm = T.TokFSM(num_states=5, num_edges=3, base=10)
+    walks = fsm.random_walks(6000, torch.Generator().manual_seed(0), length=2)  # uniform starts: ~400 steps per edge
+    counts = torch.zeros(5, 5).index_put_((walks[:, 0], walks[:, 1]), torch.ones(6000), accumulate=True)
+    taken = counts.gather(1, fsm.successors)
+    assert counts.sum() == taken.sum() and ((taken / taken.sum(1, keepdim=True) - 1 / 3).abs() < 0.06).all()
+
+
+def test_js_divergence_by_hand():
+    p, q = torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    m = [0.7, 0.3]
+    expected = 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3)) + 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3))
+    assert m and T.js_divergence(p.log(), q.log()).tolist() == pytest.approx([expected, 0], abs=1e-7)
+    assert T.js_divergence(q.log(), p.log()).tolist() == pytest.approx([expected, 0], abs=1e-7)  # symmetric
+
+
+def test_best_code_per_state_and_best_site_by_hand():
+    # state 0: code 0 is the most precise, code 1 the best F1 (2 * .6 * .9 / 1.5 = .72 > .18)
+    precision = torch.tensor([[1.0, 0.6, 0.0], [0.0, 0.2, 0.5]])
+    recall = torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.3, 0.4]])
+    p, r, code = T.best_state_codes(precision, recall)
+    assert (p.tolist(), r.tolist(), code.tolist()) == (pytest.approx([0.6, 0.5]), pytest.approx([0.9, 0.4]), [1, 2])
+    worse = (torch.tensor([[0.5], [0.5]]), torch.tensor([[0.4], [0.2]]))  # mean precision x recall .15, the other's .37
+    best, (p, r, code), precisions, recalls = T.best_site({"L0.H0": worse, "L1.MLP": (precision, recall), "L0.H1": worse})
+    assert best == "L1.MLP" and code.tolist() == [1, 2]
+    assert precisions == pytest.approx({"L0.H0": 0.5, "L1.MLP": 0.55, "L0.H1": 0.5})
+    assert recalls == pytest.approx({"L0.H0": 0.3, "L1.MLP": 0.65, "L0.H1": 0.3})
+
+
+def test_neuron_names_follow_the_columns_of_the_neuron_baseline():
+    # the baseline's columns: per layer the heads' outputs side by side (d_model), then the MLP's (d_model)
+    args = T.settings(["--n_layer", "2", "--n_head", "2", "--d_model", "16", "--device", "cpu"])
+    names = [T.neuron_name(c, args) for c in range(64)]
+    assert names[:17] == [f"L0.H{h}[{i}]" for h in range(2) for i in range(8)] + ["L0.MLP[0]"]
+    assert (names[10], names[31], names[42], names[63]) == ("L0.H1[2]", "L0.MLP[15]", "L1.H1[2]", "L1.MLP[15]")
+
+
+def two_digit_toy():
+    """12 states in two base-4 digits (BOS 4) and a random model, far from uniform, with a codebook per head
+    of layer 0; layer 1 without, so that what is forced at a position changes the next one's prediction
+    (a codebook there would often round the change away)."""
+    fsm = T.TokFSM(num_states=12, num_edges=3, base=4, walk_length=6)
+    torch.manual_seed(0)
+    model = cb.GPT(dict(vocab_size=5, block_size=16, n_layer=2, n_head=2, d_model=16, d_mlp=32,
+                        codebooks={"attn": dict(num_codes=8, k=1, layers=[0])}))
+    return fsm, randomize(model, 3)
+
+
+@torch.no_grad()
+def next_state_by_hand(model, fsm, x, codes=None, position=None, values=None):
+    """log P(next state) of each row of x, one row and one state at a time: log P(first digit) +
+    log P(second digit | the first), with codes[a][i] forced and values[key][i] written at `position`
+    in both forwards; and log P(first digit)."""
+    joint, first = torch.empty(len(x), fsm.num_states), torch.empty(len(x), fsm.base)
+    for i in range(len(x)):
+        force = cb.force_codes(model, {a: ids[i].tolist() for a, ids in codes.items()}, positions=[position]) if codes \
+            else contextlib.nullcontext()
+        write = lambda v: (lambda acts: torch.cat([acts[:, :position], v[None, None], acts[:, position + 1:]], 1))
+        patch = cb.replace_activations(model, {key: write(v[i]) for key, v in values.items()}) if values \
+            else contextlib.nullcontext()
+        with force, patch:
+            first[i] = model(x[i:i + 1])[0, -1, :fsm.base].log_softmax(-1)
+            for s in range(fsm.num_states):
+                d1, d2 = divmod(s, fsm.base)
+                joint[i, s] = first[i, d1] + model(torch.cat([x[i], torch.tensor([d1])])[None])[0, -1, :fsm.base].log_softmax(-1)[d2]
+    return joint, first
+
+
+def test_next_state_logprobs_over_two_digits_by_hand():
+    fsm, model = two_digit_toy()
+    x = fsm.encode(fsm.random_walks(3, torch.Generator().manual_seed(1), length=4))[:, :7]  # BOS and 3 states
+    for forced, values in ((None, None), ({"L0.H0": torch.tensor([[1], [5], [2]]), "L0.H1": torch.tensor([[7], [0], [3]])}, None),
+                           (None, {(0, "mlp"): torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(2))})):
+        joint, first = T.next_state_logprobs(model, fsm, x, forced, 6, values)
+        by_hand = next_state_by_hand(model, fsm, x, forced, 6, values)
+        assert torch.allclose(joint, by_hand[0], atol=1e-5) and torch.allclose(first, by_hand[1], atol=1e-5)
+        assert (joint.exp().sum(-1) < 1).all()  # 12 of the 16 spellings
+
+
+def test_intervention_success_over_two_digits_by_hand():
+    # two-digit states, every pair or a random third of them (not symmetric in a and b): the next state, its
+    # first digit and the JS divergence to b's unforced next digit, recounted pair by pair
+    fsm, model = two_digit_toy()
+    inputs = fsm.encode(fsm.walks_ending_in(torch.arange(12), 5, torch.Generator().manual_seed(7)))  # as it draws them
+    last = inputs.shape[1] - 1
+    with torch.no_grad():
+        model(inputs)
+    recorded = cb.record_codes(model)
+    all_pairs = torch.tensor([(a, b) for a in range(12) for b in range(12) if a != b])
+    some = all_pairs[torch.randperm(132, generator=torch.Generator().manual_seed(0))[:40]]
+    for sites, pairs in (([], all_pairs), (["L0.H0", "L0.H1"], some)):
+        forced = {a: recorded[a][pairs[:, 1], last] for a in sites}
+        joint, first = next_state_by_hand(model, fsm, inputs[pairs[:, 0]], forced, last)
+        clean = next_state_by_hand(model, fsm, inputs[pairs[:, 1]])[1]
+        hits = first_hits = js = 0
+        for (a, b), j, f, c in zip(pairs.tolist(), joint, first, clean):
+            hits += int(j.argmax()) in fsm.successors[b].tolist()
+            first_hits += int(f.argmax()) in [s // fsm.base for s in fsm.successors[b].tolist()]
+            m = (f.exp() + c.exp()) / 2
+            js += 0.5 * (f.exp() * (f - m.log())).sum().item() + 0.5 * (c.exp() * (c - m.log())).sum().item()
+        got = T.intervention_success(model, fsm, sites, pairs)
+        assert got == pytest.approx((hits / len(pairs), first_hits / len(pairs), js / len(pairs)), rel=1e-4), sites
+        assert 0 < got[1] < 1 and got[0] < got[1]  # neither all nor none: a wrong successor set shows

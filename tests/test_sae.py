@@ -66,6 +66,34 @@ def test_auxk_is_zero_without_dead_latents_and_the_error_fitted_by_dead_ones_oth
     assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_auxk_with_fewer_dead_latents_than_k_aux_uses_only_those():
+    sae = random_sae(heads=2, dim=4, num_latents=6, k=1)
+    sae.k_aux = 3
+    x = torch.randn(9, 2, 4)
+    dead = [[2], [1, 5]]  # fewer than k_aux in each head: the live latents take no part
+    for h, latents in enumerate(dead):
+        sae.tokens_since_fired[h, latents] = sae.dead_after
+    _, aux = sae.eval().losses(x)
+    error = x - by_hand(sae, x)
+    expected = 0.0
+    for t in range(9):
+        for h, latents in enumerate(dead):
+            pre = sae.encoder[h] @ (x[t, h] - sae.b_pre[h]) + sae.b_enc[h]
+            error_hat = sum(max(pre[i], 0) * sae.decoder[h, i] for i in latents)
+            expected += (error[t, h] - error_hat).pow(2).sum() / 9
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_latent_chosen_but_zeroed_by_the_relu_has_not_fired():
+    sae = random_sae(heads=2, dim=4, num_latents=6, k=2)
+    with torch.no_grad():
+        sae.b_enc[1] = -100.0  # head 1: its top latents are chosen, but never fire
+    sae.tokens_since_fired[:, 3] = 7
+    sae.train().losses(torch.randn(32, 2, 4))
+    assert (sae.tokens_since_fired[1] == torch.tensor([32, 32, 32, 39, 32, 32])).all()
+    assert (sae.tokens_since_fired[0] == 0).sum() >= 2
+
+
 def test_training_keeps_decoder_rows_unit_norm_and_counts_tokens_since_firing():
     sae = random_sae(heads=2, dim=4, num_latents=6, k=1)
     x = torch.randn(32, 2, 4)

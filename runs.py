@@ -182,13 +182,15 @@ def _lock_holder(fd):
 # 3. Files: written atomically, read with weights_only=True; checkpoints are plain dicts.
 
 def write_atomically(path, write):
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never
-    half of one. A failed write (a full disk, a read-only folder) leaves the old file as it was;
+    """write(tmp_path), flushed to disk, then rename over `path`: readers see the old file or the new
+    one, never half of one. A failed write (a full disk, a read-only folder) leaves the old file as it was;
     the half-written file of a run killed mid-write goes at the next write."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # on disk before the rename: a power cut leaves the old file or the new one
         os.replace(tmp, path)
         for leftover in glob.glob(glob.escape(path) + ".tmp*"):
             if not _writer_alive(leftover.rsplit(".tmp", 1)[1]):

@@ -601,3 +601,84 @@ def test_a_token_shows_in_a_context_as_what_it_holds():
     shown = steer.token_text(tok)
     assert [shown(t) for t in tok.encode("東 x\x1b\té")] == ["\\xe6", "\\x9d", "\\xb1", " ", "x", "\\x1b", "⇥", "\\xc3", "\\xa9"]
     assert shown(tok.eos) == "<|im_end|>" and shown(tok.bos) == "¶"
+
+
+# --- corpora on disk: what a corpus holds, and when it is tokenised again --------------------
+
+def _streams(train, val):
+    return train.tokens(0, train.num_tokens).tolist(), val.tokens(0, val.num_tokens).tolist()
+
+
+def test_a_corpus_is_tokenised_again_whenever_what_it_would_hold_changes(tmp_path):
+    corpus, out = tmp_path / "corpus", str(tmp_path / "out")
+    (corpus / "skip").mkdir(parents=True)
+    (corpus / "a.txt").write_text("the one<|endoftext|>the two||the three")
+    (corpus / "b.md").write_text("the four")
+    (corpus / "skip" / "c.txt").write_text("the five")
+    fewer_merges = chat_bpe()
+    fewer_merges = type(fewer_merges)(fewer_merges.vocab, fewer_merges.merges[:2], fewer_merges.added_tokens,
+                                      bos=fewer_merges.bos, eos=fewer_merges.eos)
+    usual = ["the one", "the two||the three", "the four"]  # a.txt cut at the separator, then b.md; skip/ left out
+    folders = []
+    for change, documents in [({}, usual),
+                              (dict(include="*.txt"), usual[:2]),
+                              (dict(separator="||"), ["the one<|endoftext|>the two", "the three", "the four"]),
+                              (dict(exclude=()), usual + ["the five"]),
+                              (dict(seed=1), usual),
+                              (dict(val_fraction=0.3), usual),
+                              (dict(tokenizer=chat_bpe()), usual),
+                              (dict(tokenizer=fewer_merges), usual),
+                              (dict(new_text="the FOUR"), usual[:2] + ["the FOUR"])]:
+        settings = dict(val_fraction=0.5, seed=0, include="*", separator="<|endoftext|>", exclude=("skip",),
+                        tokenizer=None) | change
+        if "new_text" in settings:  # the same name, other bytes
+            (corpus / "b.md").write_text(settings.pop("new_text"))
+        train, val, folder = text.prepare_data(str(corpus), out, settings["val_fraction"], settings["seed"], 0,
+                                               settings["include"], settings["separator"], 1, settings["exclude"],
+                                               settings["tokenizer"])
+        expected = text.write_corpus([d.encode() for d in documents], tmp_path / f"expected{len(folders)}",
+                                     settings["val_fraction"], settings["seed"], settings["tokenizer"])
+        assert expected == {"train": len(train.data), "val": len(val.data)}, change
+        assert _streams(train, val) == _streams(*(text.Split(tmp_path / f"expected{len(folders)}", s, settings["tokenizer"])
+                                                  for s in ("train", "val"))), change
+        folders.append(folder)
+    assert len(set(folders)) == len(folders)  # each its own corpus
+
+
+def test_a_data_folder_leaves_out_excluded_folders_other_tools_locks_aside_and_itself_however_named(tmp_path):
+    corpus = tmp_path / "corpus"
+    for folder in (".git", "__pycache__", "site-packages", "vendor", "tool"):
+        (corpus / folder).mkdir(parents=True)
+        (corpus / folder / "x.txt").write_text("text\n")
+    (corpus / "tool" / runs.LOCK).write_text("held by another tool\n")  # not a run's process id
+    (corpus / "vendor" / "late.bin").write_bytes(b"x" * 4000 + b"\0")  # binary: a NUL byte in its first 8 KiB
+    assert [os.path.relpath(f, corpus) for f in text.list_files(str(corpus))] == ["tool/x.txt", "vendor/x.txt"]
+    assert [os.path.relpath(f, corpus) for f in text.list_files(str(corpus), exclude=("vendor",))] == [
+        ".git/x.txt", "__pycache__/x.txt", "site-packages/x.txt", "tool/x.txt"]
+    for out in (f"{corpus}/", f"{corpus}/../corpus"):  # the output folder named otherwise
+        with pytest.raises(ValueError, match="is the output folder too"):
+            text.list_files(str(corpus), out=out)
+
+
+def test_documents_are_cut_at_the_separator_across_chunks_and_long_ones_between_characters(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"ab<|endoftext|>c\n\nd<|endoftext|><|endoftext|>efg<|endoftext|>")
+    for chunk_bytes in (1, 3, 7, 100):  # a separator split between two reads is a separator all the same
+        assert list(text.iter_documents(str(path), chunk_bytes=chunk_bytes)) == [b"ab", b"c\n\nd", b"", b"efg", b""]
+    assert list(text.iter_documents(str(path), separator="")) == [path.read_bytes()]  # no separator: the file whole
+    monkeypatch.setattr(text, "MAX_DOC_BYTES", 5)
+    path.write_text("ab🐉🐉")  # 2 + 4 + 4 bytes: the first cut, at 5, goes back 3 bytes to the character's start
+    assert [p.decode() for p in text.iter_documents(str(path), utf8=True)] == ["ab", "🐉", "🐉"]
+    assert [text.character_boundary("a🐉".encode(), at) for at in range(6)] == [0, 1, 1, 1, 1, 5]
+
+
+def test_a_split_holds_at_least_a_block_and_one_token_and_a_single_document_at_least_one_held_out_token(tmp_path):
+    assert text.write_corpus([b"abc"], tmp_path / "one", val_fraction=0.1) == {"train": 2, "val": 1}  # round(2.7) = 3: no
+    for fraction in (0, 1):
+        with pytest.raises(ValueError, match=f"val_fraction={fraction} must be between 0 and 1"):
+            text.write_corpus([b"abc"], tmp_path / "bad", val_fraction=fraction)
+    text.write_corpus(["abcdefg", "xyz"], tmp_path / "two", split_of=lambda doc: "val" if doc == "xyz" else "train")
+    train, val, _ = text.read_splits(tmp_path / "two", None, 3, "here")  # val: BOS x y z, 4 tokens, a window of 3 + 1
+    assert bytes(val.data) == b"xyz" and val.num_tokens == 4 and train.num_tokens == 8
+    with pytest.raises(ValueError, match=re.escape("the validation split holds 4 tokens, fewer than block_size + 1 = 5")):
+        text.read_splits(tmp_path / "two", None, 4, "here")

@@ -3,6 +3,7 @@ being killed and refuse bad settings: the drill. A run killed at a random step o
 rerun ends bit-identical to an uninterrupted one; SIGTERM writes a checkpoint and says how to
 resume; every bad setting is one line on stderr, before any work; a second run given the folder of
 a running one stops at once."""
+import argparse
 import json
 import math
 import os
@@ -576,3 +577,137 @@ def test_a_second_run_in_the_same_folder_stops_before_any_work(script, flags, tm
     monkeypatch.delenv("RANK")
     with runs.one_run_per_folder(out):  # the lock went with its holder
         assert open(os.path.join(out, runs.LOCK)).read() == str(os.getpid())
+
+
+# --- settings, the lock, files and signals, each against what it should do written out by hand ---
+
+def test_check_settings_refuses_each_kind_of_bad_value_and_lets_the_edges_through():
+    ok = argparse.Namespace(count=1, counts=[3, 1], zero=0, lr=1e-9, share=0.0, full=1.0, scale=-2.5)
+    runs.check_settings(ok, positive=("count", "counts"), non_negative=("zero",), rates=("lr",), shares=("share", "full"),
+                        finite=("scale",))
+    for kind, value, words in [("positive", 0, "--x 0: must be a positive integer"),
+                               ("positive", [3, 0], "--x 0: must be a positive integer"),  # each item of a list
+                               ("non_negative", -1, "--x -1: must be 0 or a positive integer"),
+                               ("rates", 0.0, "--x 0.0: a learning rate must be finite and greater than 0"),
+                               ("rates", math.inf, "--x inf: a learning rate must be finite"),
+                               ("rates", math.nan, "--x nan: a learning rate must be finite"),
+                               ("shares", -0.1, "--x -0.1: a share, between 0 and 1"),
+                               ("shares", 1.5, "--x 1.5: a share, between 0 and 1"),
+                               ("shares", math.nan, "--x nan: a share, between 0 and 1"),  # nan is no share
+                               ("finite", math.inf, "--x inf: must be a finite number"),
+                               ("finite", -math.inf, "--x -inf: must be a finite number")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            runs.check_settings(argparse.Namespace(x=value), **{kind: ("x",)})
+
+
+def test_refuse_unused_refuses_any_value_but_the_default_even_0_or_empty():
+    defaults = argparse.Namespace(sae_steps=200, include="*", sae=False)
+    runs.refuse_unused(argparse.Namespace(sae_steps=200, include="*", sae=False), defaults, ("sae_steps", "include"), "x")
+    for given, flag in [(dict(sae_steps=0), "sae_steps"), (dict(include=""), "include"), (dict(sae=True), "sae")]:
+        args = argparse.Namespace(**vars(defaults) | given)
+        with pytest.raises(ValueError, match=f"^--{flag} does nothing without --y: drop it$"):
+            runs.refuse_unused(args, defaults, ("sae_steps", "include", "sae"), "without --y")
+
+
+def test_check_stage_refuses_now_what_train_would_refuse_when_the_stage_came(tmp_path):
+    path = str(tmp_path / "stage.pt")
+    model = runs.train(tiny_model(), random_batches, steps=2, lr=1e-2, warmup=1, ckpt_path=path, settings={"data": "a"})
+    config = model.config.to_dict()
+    same = dict(config=config, steps=2, lr=1e-2, settings={"data": "a"}, warmup=1)
+    runs.check_stage(path, **same, device="cpu", ckpt_every=7, ckpt_seconds=1, eval_every=3)  # options that do not shape training
+    runs.check_stage(str(tmp_path / "none.pt"), **same | dict(warmup=0))  # no checkpoint: nothing to refuse
+    other = tiny_model(attn=dict(num_codes=8, k=2)).config.to_dict()
+    for change, words in [(dict(steps=3), "loop.steps: 2 in the checkpoint, 3 now"),
+                          (dict(lr=1e-3), "loop.lr: 0.01 in the checkpoint, 0.001 now"),
+                          (dict(warmup=2), "loop.warmup: 1 in the checkpoint, 2 now"),
+                          (dict(revive_every=3), "loop.revive_every: 0 in the checkpoint, 3 now"),
+                          (dict(grad_accum=2), "loop.grad_accum: 1 in the checkpoint, 2 now"),
+                          (dict(settings={"data": "b"}), "settings.data: 'a' in the checkpoint, 'b' now"),
+                          (dict(settings={}), "settings.data: 'a' in the checkpoint, 'unset' now"),  # a setting dropped
+                          (dict(config=other), "config.codebooks.attn.num_codes: 40 in the checkpoint, 8 now")]:
+        with pytest.raises(ValueError, match=re.escape(f"{path} was trained with other settings ({words})")):
+            runs.check_stage(path, **same | change)
+    with pytest.raises(ValueError, match=re.escape("settings.data: 'a' in the checkpoint, 'unset' now")):
+        runs.train(tiny_model(), random_batches, steps=2, lr=1e-2, warmup=1, ckpt_path=path)  # as train does
+
+
+def test_a_checkpoint_that_would_run_code_when_loaded_is_refused(tmp_path):
+    class Runs:
+        def __reduce__(self):
+            return os.getpid, ()  # any function, called by the loading
+    (tmp_path / "run[1]").mkdir()  # glob's special characters in a name
+    path = tmp_path / "run[1]" / "code.pt"
+    torch.save({"format": runs.FORMAT, "config": {}, "step": 0, "payload": Runs()}, path)
+    with pytest.raises(ValueError, match=r"code.pt is truncated, corrupt or not a torch file \(UnpicklingError\)"):
+        runs.load_checkpoint(str(path))
+    with pytest.raises(ValueError, match=r"code.pt is truncated, corrupt or not a torch file \(UnpicklingError\)"):
+        runs.check_out(str(tmp_path / "run[1]"))  # found before any work
+
+
+def test_the_lock_goes_with_the_block_and_names_its_holder_and_an_empty_folder_of_its_own_goes_too(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / runs.LOCK).write_text("9" * 12)  # a longer process id, of a run long gone
+    with runs.one_run_per_folder(str(out)):
+        assert (out / runs.LOCK).read_text() == str(os.getpid())
+        with pytest.raises(ValueError, match=rf"another run \(process {os.getpid()}\) is writing to this folder"):
+            with runs.one_run_per_folder(str(out)):
+                pass
+    with runs.one_run_per_folder(str(out)):  # released at the block's end: the next run of this process holds it
+        pass
+    with pytest.raises(KeyError):  # a run that fails before writing anything: a folder it made goes, the user's stays
+        with runs.one_run_per_folder(str(tmp_path / "new")), runs.one_run_per_folder(str(out)):
+            raise KeyError("stop")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == [runs.LOCK]
+
+
+def test_the_next_write_leaves_temporary_files_that_are_not_its_own(tmp_path):
+    folder = tmp_path / "run[1]"  # glob's special characters in a name
+    folder.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / f"m.pt.tmp{finished.stdout.strip()}").write_bytes(b"half")  # a killed write
+    (folder / "m.pt.tmp.bak").write_bytes(b"the user's")  # not a temporary file of ours
+    runs.save_json(str(folder / "m.pt"), {"a": 1})
+    assert sorted(os.listdir(folder)) == ["m.pt", "m.pt.tmp.bak"] and json.load(open(folder / "m.pt")) == {"a": 1}
+
+
+def test_the_rerun_command_quotes_what_a_shell_would_split(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train_lm.py", "--out", "my run", "--include", "*.py"])
+    assert runs.command_line() == "python train_lm.py --out 'my run' --include '*.py'"
+    assert runs.command_line("steer.py", ["--regex", "dragons?", "--seed", "3"]) == "python steer.py --regex 'dragons?' --seed 3"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runs.command_line() == "torchrun ... train_lm.py --out 'my run' --include '*.py'"
+
+
+def test_ctrl_c_exits_130_saying_how_to_resume_and_a_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train_fsm.py", "--out", "o"])
+
+    def pressed():
+        raise KeyboardInterrupt  # Ctrl-C outside the training loop
+    with pytest.raises(SystemExit) as exit:
+        runs.run_main(pressed)
+    assert exit.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "SIGINT: the checkpoints written so far are kept; to resume, rerun the same command: python train_fsm.py --out o")
+
+    def ctrl_c_at_step_1(i, rank, world):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return random_batches(i, rank, world)
+    path = str(tmp_path / "run.pt")
+    with pytest.raises(SystemExit) as exit:
+        runs.run_main(lambda: runs.train(tiny_model(), ctrl_c_at_step_1, steps=4, ckpt_path=path))
+    assert exit.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"SIGINT: checkpoint {path} written at step 2; to resume, rerun the same command: python train_fsm.py --out o")
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with runs.stop_on_signals() as requests:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert requests == [signal.SIGINT]  # the first: a request, for the loop to stop at its step boundary
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("a second signal stops at once")
+    assert stopped.value.args == (signal.SIGTERM,)  # which run_main turns into exit 143
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import codebook as cb
 from conftest import ROOT
-from csrc import loader
+from csrc import dispatch, loader
 
 SIMS = ("cosine", "euclidean")
 
@@ -293,3 +293,45 @@ def test_cuda_kernel_equals_reference(ext, similarity):
     layer_view = x.transpose(0, 1).contiguous().transpose(0, 1)
     check(x, book, 4, similarity, tuple(t.cpu() for t in ext.topk_codes(layer_view.cuda(), book.cuda(), 4, similarity)))
     assert not ext.supports(x.cuda(), 65) and ext.supports(x.cuda(), 64)
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_every_search_dispatch_runs_equals_the_full_top_k(similarity, monkeypatch):
+    """dispatch.topk_codes without the extension, by impl "reference", "chunked" (5000 codes: two tiles) and
+    "auto" over a score matrix above SCORE_MATRIX_BYTES (the tiled search): torch's top-k of the full matrix
+    of scores computed independently (the query times the unit code, minus the euclidean distance)."""
+    monkeypatch.setenv("CODEBOOK_EXT", "0")
+    x, book = data(2, 30, 5000, 8)
+    k = 6
+    full = x @ F.normalize(book, dim=-1).transpose(1, 2) if similarity == "cosine" else -torch.cdist(x, book)
+    want = full.topk(k, dim=-1)
+    monkeypatch.setattr(dispatch, "SCORE_MATRIX_BYTES", 2 * 30 * 5000 * 4 - 1)
+    for impl in ("reference", "chunked", "auto"):
+        scores, ids = dispatch.topk_codes(x, book, k, similarity, impl=impl)
+        torch.testing.assert_close(scores, want.values, atol=1e-4, rtol=1e-5, msg=impl)
+        torch.testing.assert_close(full.gather(-1, ids), want.values, atol=1e-4, rtol=1e-5, msg=impl)
+        check(x, book, k, similarity, (scores, ids))
+
+
+def test_auto_materialises_the_score_matrix_only_within_its_bound(monkeypatch):
+    """impl="auto" without the extension: the reference search while the heads x tokens x codes float32 scores
+    fit in SCORE_MATRIX_BYTES (256 MiB), the tiled one beyond (the searches are spies here: nothing runs)."""
+    monkeypatch.setenv("CODEBOOK_EXT", "0")
+    calls = []
+    monkeypatch.setattr(cb, "search_reference", lambda *args: calls.append("reference"))
+    monkeypatch.setattr(dispatch, "search_chunked", lambda *args: calls.append("chunked"))
+    assert dispatch.SCORE_MATRIX_BYTES == 256 * 2**20
+    for heads, tokens, codes in [(1, 2**14, 2**12), (1, 2**14, 2**12 + 1), (2, 2**13, 2**12), (2, 2**13, 2**12 + 1)]:
+        dispatch.topk_codes(torch.empty(heads, tokens, 1), torch.empty(heads, codes, 1), 1)
+    assert calls == ["reference", "chunked", "reference", "chunked"]
+
+
+def test_auto_gives_the_extension_only_the_k_it_supports(ext, monkeypatch):
+    """On the CPU the extension keeps at most 256 codes per query: a larger k is searched in torch."""
+    calls = []
+    real = ext.topk_codes
+    monkeypatch.setattr(ext, "topk_codes", lambda *args: calls.append(args[2]) or real(*args))
+    x, book = data(1, 5, 300, 4)
+    for k in (256, 257):
+        check(x, book, k, "cosine", cb.topk_codes(x, book, k))
+    assert calls == [256]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import formats
+import models
 from conftest import GEMMA3, SMOLLM2, need, real_model
 
 
@@ -219,3 +220,96 @@ def test_real_models_match_gguf(file, monkeypatch):
     ours = formats.read_gguf(path, names=list(sample)).tensors
     for name, t in sample.items():
         assert same_floats(ours[name], gguf.quants.dequantize(t.data, t.tensor_type)), name
+
+
+# --- what the reader and models.py take from a file, against gguf and transformers ---------------
+
+def write_with_gguf(path, metadata=(), tensors=(), alignment=None):
+    """A GGUF file of the llama architecture written by gguf's GGUFWriter: metadata (key, value type, value)
+    and tensors (name, float32 array)."""
+    gguf = need("gguf")
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    for key, kind, value in metadata:
+        writer.add_key_value(key, value, kind)
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_metadata_keeps_gguf_value_types(tmp_path):
+    """A bool is read as a bool (not the int 1 or 0 that compares equal to it), an array of bools as bools,
+    integers and floats as such: the types of gguf's reader's values."""
+    gguf = need("gguf")
+    t = gguf.GGUFValueType
+    path = write_with_gguf(tmp_path / "types.gguf", [("yes", t.BOOL, True), ("no", t.BOOL, False), ("u8", t.UINT8, 1),
+                                                      ("f32", t.FLOAT32, 2.0), ("flags", t.ARRAY, [True, False])])
+    ours = formats.read_gguf_info(path).metadata
+    theirs = {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items() if not key.startswith("GGUF.")}
+    assert ours == theirs and repr(ours) == repr(theirs)
+    assert ours["yes"] is True and ours["no"] is False and ours["flags"] == [True, False] and type(ours["flags"][0]) is bool
+
+
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_layouts_gguf_writes(alignment, tmp_path):
+    """Tensors of 1 to 4 dims, with the tensor infos ending exactly on the alignment (no padding before the
+    data section) and not: every tensor where gguf's reader finds it, equal to its array."""
+    gguf = need("gguf")
+    rng = np.random.default_rng(0)
+    arrays = {f"t{n}": rng.standard_normal((2, 3, 4, 5)[:n]).astype(np.float32) for n in (1, 2, 3, 4)}
+    header_ends = set()
+    for pad in range(alignment):  # a key of each length: the header ends at every offset modulo the alignment once
+        path = write_with_gguf(tmp_path / "layout.gguf", [("pad", gguf.GGUFValueType.STRING, "x" * pad)], arrays.items(),
+                               alignment)
+        reader = gguf.GGUFReader(path)
+        last = reader.tensors[-1].field
+        header_end = last.offset + sum(int(part.nbytes) for part in last.parts)
+        header_ends.add(header_end % alignment)
+        if header_end % alignment not in (0, 1):
+            continue
+        info = formats.read_gguf(path)
+        assert {n: t.shape for n, t in info.tensors.items()} == {n: a.shape for n, a in arrays.items()}
+        assert all(torch.equal(info.tensors[n], torch.from_numpy(a)) for n, a in arrays.items())
+        assert {n: t.offset for n, t in formats.read_gguf_info(path).tensors.items()} == \
+            {t.name: t.data_offset for t in reader.tensors}
+    assert {0, 1} <= header_ends
+
+
+def test_two_tensors_of_one_name_are_refused(tmp_path):
+    twice = gguf_bytes().replace(string("b") + struct.pack("<I", 2), string("a") + struct.pack("<I", 2))
+    assert "holds two tensors named a" in one_line_error(write(tmp_path, twice))
+
+
+CONFIG_KEYS = {"block_count": 3, "context_length": 4096, "embedding_length": 64, "feed_forward_length": 96,
+               "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 16,
+               "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 500000.0}
+
+
+@pytest.mark.parametrize("drop", [(), ("attention.key_length", "rope.freq_base", "output.weight"),
+                                  ("attention.head_count_kv", "attention.key_length")])
+def test_the_config_of_a_gguf_file_is_transformers(drop, tmp_path):
+    """models.gguf_config against transformers' own GGUF loader's config of the same file: layers, sizes, key /
+    value heads, head_dim, context length, norm epsilon, rotary base and tied embeddings, with every key given
+    (none at a default, context length not d_model) and with the optional ones left out, read as llama.cpp does.
+    (key_length is d_model / heads here: transformers' Llama mapping ignores the key, which llama.cpp reads.)"""
+    gguf, transformers = need("gguf"), need("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    t = gguf.GGUFValueType
+    metadata = [(f"llama.{key}", t.FLOAT32 if isinstance(value, float) else t.UINT32, value)
+                for key, value in CONFIG_KEYS.items() if key not in drop]
+    tensors = [(name, np.zeros((96, 64), np.float32)) for name in ("token_embd.weight", "output.weight") if name not in drop]
+    path = write_with_gguf(tmp_path / "config.gguf", metadata, tensors)
+    info = formats.read_gguf_info(path)
+    ours = models.gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
+    parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    theirs = transformers.LlamaConfig(**{key: value for key, value in parsed.items() if key != "model_type"})
+    fields = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"]
+    assert {f: ours[f] for f in fields} == {f: getattr(theirs, f) for f in fields}
+    assert ours["rope_theta"] == theirs.rope_parameters["rope_theta"]
+    assert (ours["max_position_embeddings"], ours["tie_word_embeddings"]) == (4096, "output.weight" in drop)

@@ -80,6 +80,11 @@ def check_codebook(num_codes, k, similarity="cosine", loss="aeloss"):
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
 
 
+def check_ids(ids, num_codes, what="code ids"):
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= num_codes):
+        raise ValueError(f"{what} must be integers in [0, num_codes={num_codes})")
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. The codebook layer (section 3.1). One layer holds `heads` independent codebooks (the per-head
 # attention codebooks of one layer, or a single MLP / block codebook) as one parameter (heads,
@@ -369,7 +374,7 @@ class CodebookModel(nn.Module):
         """Sample continuations (temperature 0: greedy) under the forcing, disabling and replacing in
         effect. Keys and values are cached, unless codes are forced at chosen positions only or per
         position, or activations are replaced."""
-        self.start_of(idx[:, -self.config.block_size:] if idx.dim() == 2 else idx, None)
+        self.start_of(idx[:, -self.config.block_size:] if idx.dim() == 2 else idx, None)  # the first forward's tokens
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
         forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
@@ -723,11 +728,6 @@ def record_dataset(model, tokens, batch_size=64):
             for address, v in values.items():
                 store.setdefault(address, []).append(v.cpu())
     return ({a: torch.cat(v) for a, v in ids.items()}, {a: torch.cat(v) for a, v in scores.items()})
-
-
-def check_ids(ids, num_codes, what="code ids"):
-    if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= num_codes):
-        raise ValueError(f"{what} must be integers in [0, num_codes={num_codes})")
 
 
 def count_codes(ids, num_codes):

@@ -231,6 +231,27 @@ def is_mask(positions):
     return torch.is_tensor(positions) and positions.dtype == torch.bool
 
 
+def read_positions(positions):
+    """force_codes' `positions` as None, a list of ints, or a bool mask (seq,) or (batch, seq). Any iterable
+    is read once (a range, a set, an array); bools, also in a list or an array, are a mask, not the positions 0, 1."""
+    if positions is None or is_mask(positions):
+        mask = positions
+    else:
+        try:
+            values = torch.as_tensor(positions if hasattr(positions, "__array__") else list(positions))
+        except (TypeError, ValueError, RuntimeError):  # not a sequence of numbers
+            values = None
+        if values is not None and values.dtype == torch.bool and values.numel():
+            mask = values
+        elif values is not None and values.dim() == 1 and not (values.is_floating_point() and values.numel()):
+            return values.long().tolist()
+        else:
+            raise ValueError(f"positions must be None, a list of ints or a (batch, seq) bool mask, got {positions!r}")
+    if mask is not None and mask.dim() > 2:
+        raise ValueError(f"a mask of forced positions must be (batch, seq) or (seq,), got {tuple(mask.shape)}")
+    return mask
+
+
 def forced_positions(positions, seq, device):
     """Where codes are forced, as bool (batch | 1, seq, 1): positions None (all), a list (negatives count
     from the end) or a (batch, seq) bool mask."""
@@ -585,19 +606,7 @@ def force_codes(model, codes, positions=None):
     for per-example codes) or a list of code addresses. `positions`: None for every position, a list
     of positions (negative from the end; those outside the input are skipped, as text grows in
     generate), or a (batch, seq) bool mask."""
-    if positions is not None and not is_mask(positions):
-        try:  # any iterable of ints (a range, a set, an array), read once, or bools (a mask: not the positions 0, 1)
-            as_tensor = torch.as_tensor(positions if hasattr(positions, "__array__") else list(positions))
-        except (TypeError, ValueError, RuntimeError):
-            as_tensor = torch.zeros(0, 0)  # refused below
-        if as_tensor.dtype == torch.bool and as_tensor.numel():
-            positions = as_tensor
-        elif as_tensor.dim() != 1 or as_tensor.is_floating_point() and as_tensor.numel():
-            raise ValueError(f"positions must be None, a list of ints or a (batch, seq) bool mask, got {positions!r}")
-        else:
-            positions = as_tensor.long().tolist()
-    if is_mask(positions) and positions.dim() > 2:
-        raise ValueError(f"a mask of forced positions must be (batch, seq) or (seq,), got {tuple(positions.shape)}")
+    positions = read_positions(positions)
     forced = {}
     for (cb, head), ids in _codes_by_codebook(model, codes).items():
         if ids.shape[-1] > cb.k:

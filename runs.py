@@ -318,9 +318,10 @@ def rng_states(world):
 
 
 def restore_rng(state):
-    torch.set_rng_state(state["torch"])
+    """The states as rng_states saved them; a checkpoint loaded onto a GPU brings them there, torch takes them on the CPU."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def refuse_other_settings(path, saved, run):
@@ -368,14 +369,17 @@ def start(threads, device):
 
 
 def distributed(device="cpu"):
-    """(rank, world_size); launched by torchrun, the process group is started first: nccl for a GPU run, else gloo."""
+    """(rank, world_size); launched by torchrun (one process too), the process group is started first: nccl for a
+    GPU run, else gloo."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         # rank 0 alone tokenises a corpus and evaluates while the others wait, which may take longer than the
         # default 30 minutes; a rank that fails is not waited for: torchrun stops them all
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+        gpu = None
         if backend == "nccl":  # each rank its own GPU, before any collective
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(gpu)
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24), device_id=gpu)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

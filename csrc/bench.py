@@ -3,6 +3,7 @@
     python csrc/bench.py                  # the whole grid and the training steps (~17 min, 2 cores)
     python csrc/bench.py --quick          # a subset, under a minute
     python csrc/bench.py --json out.json  # also write every row and the summary figures
+    python csrc/bench.py --device cuda    # the CUDA kernel at the paper's shapes (16 heads x 64 dims)
 
 Each row of the grid times, in turn and interleaved, the torch reference (every score, then topk),
 the chunked torch path, the extension and a plain matmul of the same shape into a preallocated
@@ -10,8 +11,10 @@ output (the ceiling for GFLOP/s: it computes every score and ranks none); each t
 of several runs. Memory is the peak resident memory a call adds above what was resident before it
 (Linux VmHWM, reset before each call, with glibc made to hand freed memory back to the system), so
 it counts every allocation of the call, torch's or not; memory allocated once and kept across
-calls (BLAS packing buffers, thread stacks) is not counted. Then whole training steps: the TokFSM
-model of the paper and the authors' per-head layer shape, with the extension and with torch.
+calls (BLAS packing buffers, thread stacks) is not counted. On CUDA every call is synchronised
+before its clock stops, and memory is the peak of torch's allocator above what was allocated
+before the call. Then whole training steps: the TokFSM model of the paper and the authors'
+per-head layer shape, with the extension and with torch.
 """
 import argparse
 import ctypes
@@ -34,6 +37,10 @@ from csrc import dispatch, loader  # noqa: E402
 GRID = [(n, d, c, k) for n in (4096, 16384) for d in (32, 64, 256) for c in (1024, 10000, 65536) for k in (1, 8, 32)]
 PYTHIA = (16, 4096, 64, 10000, 8)  # heads, tokens, d, codes, k: a Pythia-410M layer's per-head codebooks
 QUICK = [(4096, d, c, 8) for d in (32, 64) for c in (1024, 10000)]
+# on a GPU: a Pythia-410M layer's 16 heads x 64 dims (the paper's shape), batches of 4k to 64k tokens
+CUDA_GRID = [(16, n, 64, c, k) for n in (4096, 16384, 65536) for c in (1024, 10000, 65536) for k in (1, 8, 32)]
+CUDA_QUICK = [(16, n, 64, 10000, 8) for n in (4096, 16384)]
+DEVICE = torch.device("cpu")  # main() sets it from --device
 AUTHORS = {"layer_s": 2.78, "tokfsm_step_s": 1.33, "tokfsm_plain_step_s": 0.82}  # the authors' code, timed on a 2-core CPU like this one
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -51,6 +58,16 @@ def _status(field):
 def run(fn):
     """(seconds, peak extra bytes or None) of one call of fn."""
     gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(DEVICE)
+        seconds = time.perf_counter() - start
+        del out
+        return seconds, torch.cuda.max_memory_allocated(DEVICE) - base
     measure = libc is not None and os.path.exists("/proc/self/clear_refs")
     if measure:
         libc.malloc_trim(0)
@@ -83,7 +100,7 @@ def race(fns, budget=1.0, max_runs=5):
 
 def search_row(heads, tokens, d, codes, k, budget):
     g = torch.Generator().manual_seed(0)
-    x, book = torch.randn(heads, tokens, d, generator=g), torch.randn(heads, codes, d, generator=g)
+    x, book = torch.randn(heads, tokens, d, generator=g).to(DEVICE), torch.randn(heads, codes, d, generator=g).to(DEVICE)
     score_bytes = heads * tokens * codes * 4
     fns = {"chunked": lambda: dispatch.search_chunked(x, book, k),
            "ext": lambda: dispatch.topk_codes(x, book, k, impl="ext")}
@@ -91,7 +108,7 @@ def search_row(heads, tokens, d, codes, k, budget):
     if score_bytes * 2.5 < 0.6 * _mem_available():  # the matrix, its topk work space, and room for the rest
         fns = {"reference": lambda: cb.search_reference(x, book, k), **fns}
         normed = book / book.norm(dim=-1, keepdim=True)
-        out = torch.empty(heads, tokens, codes)
+        out = torch.empty(heads, tokens, codes, device=DEVICE)
         fns["matmul"] = lambda: torch.bmm(x, normed.transpose(1, 2), out=out)
     else:
         note = f"reference and matmul skipped: a {score_bytes / 2**30:.0f} GiB score matrix"
@@ -109,11 +126,15 @@ def search_row(heads, tokens, d, codes, k, budget):
         row["efficiency"] = row["matmul_s"] / row["ext_s"]
     row["speedup_vs_chunked"] = row["chunked_s"] / row["ext_s"]
     # the bound the extension's memory must keep to: the codebook + O(tokens x k) (+ fixed per-thread tiles)
-    row["ext_bound_mib"] = (heads * codes * d * 4 + heads * tokens * k * 12) / 2**20 + 2 * torch.get_num_threads()
+    # on a GPU also the norms of the codes and queries (search.cpp's inputs), instead of the threads' tiles
+    extra = heads * (tokens + codes) * 4 if DEVICE.type == "cuda" else 2 * 2**20 * torch.get_num_threads()
+    row["ext_bound_mib"] = (heads * codes * d * 4 + heads * tokens * k * 12 + extra) / 2**20
     return row
 
 
 def _mem_available():
+    if DEVICE.type == "cuda":
+        return torch.cuda.mem_get_info(DEVICE)[0]
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -165,9 +186,9 @@ def tokfsm_step_time(num_codes, steps):
     def model_and_step(codebooks):
         torch.manual_seed(0)
         model = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=128, n_layer=4, n_head=4, d_model=128, d_mlp=512,
-                                    codebooks=codebooks)).train()
+                                    codebooks=codebooks)).to(DEVICE).train()
         opt = runs.make_optimizer(model, 1e-3)
-        idx = torch.randint(0, 11, (64, 129), generator=torch.Generator().manual_seed(0))
+        idx = torch.randint(0, 11, (64, 129), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
         def step():
             logits = model(idx[:, :-1])
@@ -175,6 +196,7 @@ def tokfsm_step_time(num_codes, steps):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            synchronize()
         return step
 
     spec = dict(num_codes=num_codes, k=1)
@@ -197,6 +219,11 @@ def tokfsm_step_time(num_codes, steps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def synchronize():
+    if DEVICE.type == "cuda":  # a step's time includes its kernels, not only their launch
+        torch.cuda.synchronize(DEVICE)
+
+
 def _in_torch(fn):
     with search_in_torch():
         return fn()
@@ -206,8 +233,8 @@ def layer_time(reps, with_torch=True):
     """Forward + backward of one CodebookLayer at the authors' per-head shape: 4096 tokens x 16
     heads x 64 dims, 10,000 codes, k = 8 (their code: 2.78 s on this machine)."""
     torch.manual_seed(0)
-    layer = cb.CodebookLayer(heads=16, dim=64, num_codes=10000, k=8).train()
-    x = torch.randn(4096, 16, 64, requires_grad=True)
+    layer = cb.CodebookLayer(heads=16, dim=64, num_codes=10000, k=8).to(DEVICE).train()
+    x = torch.randn(4096, 16, 64, device=DEVICE, requires_grad=True)
 
     def fwd_bwd():
         out = layer(x)
@@ -226,21 +253,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid and short training runs")
     parser.add_argument("--json", help="write every row and the summary here")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
-    if loader.load_extension() is None:
-        sys.exit("the csrc extension is not available (CODEBOOK_EXT=0, or the build failed): nothing to compare")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
+    ext = loader.load_extension()
+    if ext is None or not ext.supports(torch.empty(1, 1, 1, device=DEVICE), 8):
+        sys.exit(f"the csrc extension has no search for {DEVICE.type} here (CODEBOOK_EXT=0, the build failed, "
+                 "or this GPU's shared memory is too small for the kernel): nothing to compare")
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
+    cpu = DEVICE.type == "cpu"  # the authors' figures are from a 2-core CPU
+    if not cpu:
+        print(f"# {torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
     print(f"# command: python csrc/bench.py {' '.join(sys.argv[1:])}".rstrip())
-    grid = QUICK if args.quick else GRID
-    shapes = [(1, *s) for s in grid] + ([] if args.quick else [(PYTHIA[0], *PYTHIA[1:])])
+    if not cpu:
+        shapes = CUDA_QUICK if args.quick else CUDA_GRID
+    else:
+        shapes = [(1, *s) for s in (QUICK if args.quick else GRID)] + ([] if args.quick else [PYTHIA])
     rows = []
     print(f"\n## code search: cosine, float32, one head unless H says otherwise; times are the best of "
           f"{'2' if args.quick else '2-5'} runs")
     print_header()
     for h, n, d, c, k in shapes:
-        rows.append(search_row(h, n, d, c, k, budget=0.2 if args.quick else 1.0))
+        rows.append(search_row(h, n, d, c, k, budget=0.2 if args.quick or not cpu else 1.0))
         print_row(rows[-1])
 
     ref_rows = [r for r in rows if "speedup_vs_reference" in r]
@@ -258,25 +298,26 @@ def main():
     print("\n## training steps")
     if libc is not None:  # back to roomy malloc settings: training allocates many mid-sized tensors
         libc.mallopt(-3, 32 * 2**20), libc.mallopt(-1, 64 * 2**20)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    steps = 3 if args.quick else 5  # medians; a single step is too noisy even for a quick look
+    steps = 10 if DEVICE.type == "cuda" else 3 if args.quick else 5  # medians; a single step is too noisy even for a quick look
     training = {}
     for num_codes in ((1000,) if args.quick else (1000, 10000)):
         t = tokfsm_step_time(num_codes, steps)
         training[f"tokfsm_{num_codes}_codes"] = t
         print(f"TokFSM 4 x 128, batch 64 x 128, per-head attention + MLP codebooks, k=1, {num_codes} codes: "
               f"without codebooks {t['plain']:.3f} s/step; with, extension {t['ext']:.3f} s "
-              f"({t['ext'] / t['plain']:.2f}x, target <= 1.5x; authors {AUTHORS['tokfsm_step_s']} s, target <= 0.66 s); "
+              f"({t['ext'] / t['plain']:.2f}x, target <= 1.5x" + (f"; authors {AUTHORS['tokfsm_step_s']} s, target <= 0.66 s" if cpu else "") + "); "
               f"with, torch search {t['torch']:.3f} s ({t['torch'] / t['plain']:.2f}x)", flush=True)
-    layer = layer_time(1 if args.quick else 3, with_torch=not args.quick)
+    layer = layer_time(1 if args.quick else 3, with_torch=not args.quick or not cpu)
     training["per_head_layer"] = layer
     print(f"CodebookLayer 4096 tokens x 16 heads x 64 dims, 10,000 codes, k=8, forward + backward: "
-          f"extension {layer['ext']:.3f} s (authors {AUTHORS['layer_s']} s, target <= 0.7 s)"
+          f"extension {layer['ext']:.3f} s" + (f" (authors {AUTHORS['layer_s']} s, target <= 0.7 s)" if cpu else "")
           + (f", torch search {layer['torch']:.3f} s" if "torch" in layer else ""))
-    print(f"# load average {os.getloadavg()[0]:.2f} at the end (the methods of a row run interleaved, so other load falls on each alike)")
+    if cpu:
+        print(f"# load average {os.getloadavg()[0]:.2f} at the end (the methods of a row run interleaved, so other load falls on each alike)")
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, **summary, training=training, authors=AUTHORS, quick=args.quick,
+            json.dump(dict(rows=rows, **summary, training=training, authors=AUTHORS, quick=args.quick, device=str(DEVICE),
                            threads=torch.get_num_threads(), torch=torch.__version__), f, indent=1)
 
 

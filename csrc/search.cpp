@@ -98,6 +98,15 @@ void fold_some(const float* keys, int64_t n, int64_t first_id, Row& row, uint64_
 
 }  // namespace
 
+// Each error message is one string: TORCH_CHECK formats several arguments through an ostringstream
+// compiled into this library, and with torch 2.11's CUDA 13 build (g++ 13) that crashed
+// (SIGSEGV in ostream::_M_insert<long>) instead of raising.
+std::string shape_of(const at::Tensor& t) {
+  std::string shape = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) shape += (i ? ", " : "") + std::to_string(t.size(i));
+  return shape + ")";
+}
+
 // Checks the arguments and returns {x, codes, x_sq, code_sq, code_norm} in float32 as both
 // devices score them: x with unit stride along d, codes contiguous; euclidean: the squared norms
 // |x|^2 (heads, tokens) and |c|^2 (heads, codes); cosine: |c| clamped at 1e-12, to divide the codes
@@ -107,12 +116,12 @@ std::vector<at::Tensor> codebook_search_inputs(const at::Tensor& x_in, const at:
                                                c10::string_view similarity) {
   TORCH_CHECK(x_in.dim() == 3 && codebook_in.dim() == 3, "topk_codes: x must be (heads, tokens, d) and codebook (heads, codes, d)");
   TORCH_CHECK(x_in.size(0) == codebook_in.size(0) && x_in.size(2) == codebook_in.size(2),
-              "topk_codes: x ", x_in.sizes(), " and codebook ", codebook_in.sizes(), " disagree on heads or d");
+              "topk_codes: x " + shape_of(x_in) + " and codebook " + shape_of(codebook_in) + " disagree on heads or d");
   TORCH_CHECK(x_in.device() == codebook_in.device(), "topk_codes: x and codebook must be on the same device");
   TORCH_CHECK(x_in.is_floating_point() && codebook_in.is_floating_point(), "topk_codes: inputs must be floating point");
   TORCH_CHECK(similarity == "cosine" || similarity == "euclidean", "topk_codes: similarity must be 'cosine' or 'euclidean'");
   const int64_t C = codebook_in.size(1), d = codebook_in.size(2);
-  TORCH_CHECK(1 <= k && k <= C, "topk_codes: k=", k, " must be between 1 and num_codes=", C);
+  TORCH_CHECK(1 <= k && k <= C, "topk_codes: k=" + std::to_string(k) + " must be between 1 and num_codes=" + std::to_string(C));
   TORCH_CHECK(C < (int64_t(1) << 31) && x_in.size(1) < (int64_t(1) << 31), "topk_codes: at most 2^31 - 1 codes and tokens");
   // no gradient flows through a search: detached, the worker threads' ATen calls never record one
   at::Tensor x = x_in.detach().to(at::kFloat);

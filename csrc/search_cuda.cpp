@@ -19,7 +19,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> topk_codes_cuda(const at::Tensor& x_in, const at::Tensor& codebook_in,
                                                    int64_t k, c10::string_view similarity) {
-  TORCH_CHECK(k <= 64, "topk_codes on CUDA keeps at most k=64 codes per row, got k=", k);
+  TORCH_CHECK(k <= 64, "topk_codes on CUDA keeps at most k=64 codes per row, got k=" + std::to_string(k));  // one string: search.cpp says why
   c10::cuda::CUDAGuard guard(x_in.device());
   auto inputs = codebook_search_inputs(x_in, codebook_in, k, similarity);
   const at::Tensor &x = inputs[0], &x_sq = inputs[2], &code_sq = inputs[3], &code_norm = inputs[4];
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> topk_codes_cuda(const at::Tensor& x_in, const
                                      int(H), int(N), int(C), int(d), int(k), scores.data_ptr<float>(),
                                      reinterpret_cast<long long*>(ids.data_ptr<int64_t>()),
                                      c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == 0, "topk_codes CUDA kernel failed: ", cudaGetErrorString(cudaError_t(err)));
+  TORCH_CHECK(err == 0, std::string("topk_codes CUDA kernel failed: ") + cudaGetErrorString(cudaError_t(err)));
   return {scores, ids};
 }
 

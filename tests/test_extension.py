@@ -273,7 +273,10 @@ def test_the_cuda_kernel_is_used_only_where_its_shared_memory_fits():
     assert {capability: loader.kernel_fits(capability) for capability in fits} == fits
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA kernel did not run")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA kernel did not run")
+
+
+@needs_cuda
 @pytest.mark.parametrize("similarity", SIMS)
 def test_cuda_kernel_equals_reference(ext, similarity):
     if not loader.kernel_fits(torch.cuda.get_device_capability()):
@@ -293,6 +296,48 @@ def test_cuda_kernel_equals_reference(ext, similarity):
     layer_view = x.transpose(0, 1).contiguous().transpose(0, 1)
     check(x, book, 4, similarity, tuple(t.cpu() for t in ext.topk_codes(layer_view.cuda(), book.cuda(), 4, similarity)))
     assert not ext.supports(x.cuda(), 65) and ext.supports(x.cuda(), 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: csrc/gpu_check.sh would run every stage")
+def test_the_gpu_check_without_a_gpu_says_so_and_succeeds(tmp_path):
+    done = subprocess.run(["bash", os.path.join(ROOT, "csrc", "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, env=os.environ | {"PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"gpu_check: {sys.executable}'s torch sees no CUDA device; nothing to check"
+    assert (tmp_path / "gpu_check.log").read_text() == done.stdout and not (tmp_path / "summary.txt").exists()
+
+
+@needs_cuda
+def test_a_cuda_training_step_equals_the_cpu_one_and_bf16_autocast_keeps_its_codes(ext):
+    """One forward + backward of the GPT with per-head attention and MLP codebooks on the GPU (the
+    kernel searching) against the CPU: the same codes, loss and gradients; under bf16 autocast
+    mostly the same codes (a search on garbage would share ~k / num_codes of them) and loss."""
+    def step(device, autocast=False):
+        torch.manual_seed(0)
+        model = cb.GPT(cb.GPTConfig(vocab_size=11, block_size=64, n_layer=2, n_head=4, d_model=64, d_mlp=128, codebooks={
+            "attn": dict(num_codes=500, k=8), "mlp": dict(num_codes=300, k=1, similarity="euclidean")})).to(device)
+        idx = torch.randint(0, 11, (2, 32), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(idx)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, 11), idx[:, 1:].reshape(-1)) + model.codebook_loss()
+        loss.backward()
+        ids = [layer.last_ids.cpu() for layer in model.codebook_layers().values()]
+        return loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}, ids
+
+    calls = []
+    real = ext.topk_codes
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ext, "topk_codes", lambda *args: calls.append(args[0].device.type) or real(*args))
+        loss_gpu, grads_gpu, ids_gpu = step("cuda")
+        loss_cpu, grads_cpu, ids_cpu = step("cpu")
+    assert calls[:4] == ["cuda"] * 4  # 2 layers x (attention + MLP): the kernel did the searching
+    assert all(torch.equal(a, b) for a, b in zip(ids_gpu, ids_cpu))
+    torch.testing.assert_close(loss_gpu, loss_cpu, atol=1e-5, rtol=1e-5)
+    for name, g in grads_cpu.items():
+        torch.testing.assert_close(grads_gpu[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    loss_bf16, grads_bf16, ids_bf16 = step("cuda", autocast=True)
+    shared = torch.cat([(a[..., None] == b[..., None, :]).any(-1).flatten() for a, b in zip(ids_bf16, ids_gpu)]).float().mean()
+    assert shared >= 0.5, f"{shared:.1%} of the codes chosen under bf16 autocast are among the float32 ones"
+    assert abs(loss_bf16 - loss_gpu) <= 0.05 * loss_gpu and all(g.isfinite().all() for g in grads_bf16.values())
 
 
 @pytest.mark.parametrize("similarity", SIMS)

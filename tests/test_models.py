@@ -107,6 +107,28 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     assert type(with_cb) is models.Transformer and models.model_from_config(with_cb.config.to_dict()).config == with_cb.config
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the models did not run on a GPU")
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neox-parallel", "llama", "qwen3", "gemma2", "gemma3"])
+def test_cuda_same_logits_and_generations_as_transformers_and_bf16_autocast_near_them(case, tmp_path):
+    family, options = CASES[case]
+    theirs = tiny_hf(family, **options)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path)).cuda()
+    x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = theirs(x).logits
+    got = ours(x.cuda()).cpu()
+    assert want.std() > 1.0 and (got - want).abs().max() <= 1e-4
+    prompt = x[:2, :8]
+    want_ids = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours.generate(prompt.cuda(), 20, temperature=0).cpu(), want_ids)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as train_lm.py runs on a GPU
+        low = ours(x.cuda()).float().cpu()
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), x[:, 1:].reshape(-1))
+    assert abs(loss(low) - loss(want)) <= 0.01 * loss(want) and (low.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
 # config.json as transformers 4 wrote it (the tests' other configs are transformers 5's, with rope_parameters): the
 # rotary base at the top level (rope_theta; GPT-NeoX's rotary_emb_base), the scaling under rope_scaling with its kind
 # under "type" (older files) or "rope_type", GPT-NeoX's rotary fraction as rotary_pct

@@ -109,15 +109,19 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
             load(str(tmp_path / "flipped.pt"))
 
 
-def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: training on a GPU did not run"))])
+def test_a_run_stopped_by_sigterm_resumes_to_the_same_weights(device, tmp_path):
     """SIGTERM mid-stage: a checkpoint at the step boundary, Interrupted; the rerun from it ends
-    bit-identical to an uninterrupted run: weights, optimiser, code statistics, revivals, history."""
+    bit-identical to an uninterrupted run: weights, optimiser, code statistics, revivals, history
+    (on a GPU under bf16 autocast, as the scripts train there)."""
     def batches(i, rank, world):
         if i == 5 and stop_at_5:
             os.kill(os.getpid(), signal.SIGTERM)
         return random_batches(i, rank, world)
 
-    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4)
+    settings = dict(steps=11, lr=3e-3, warmup=2, cosine=True, revive_every=3, log_every=2, ckpt_every=4, device=device,
+                    autocast=torch.bfloat16 if device == "cuda" else None)
     stop_at_5 = False
     straight = runs.train(tiny_model(), batches, **settings)
     stop_at_5 = True

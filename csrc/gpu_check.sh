@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU path end to end, in one go, each stage under a time limit: the extension's CUDA build, the
+# tests with a CUDA variant, the kernel's benchmark at the paper's shapes, train_fsm.py at the paper's
+# sizes, train_lm.py on the byte model and on a Pythia-410M-shaped model with the paper's codebooks
+# (10,000 codes per head, k = 8; random weights, made with transformers: nothing is downloaded), and
+# torchrun with nccl; then a summary of what passed and each run's step time.
+#
+#     bash csrc/gpu_check.sh [LOG_FOLDER]     # default out/gpu_check
+#
+# LOG_FOLDER gets gpu_check.log (every stage's output), bench.json and summary.txt; the runs' folders
+# go to out/gpu_check/runs (or GPU_CHECK_RUNS); PYTHON names the Python (default python3). Without a
+# CUDA device it says so and exits 0.
+set -u
+cd "$(dirname "$0")/.."
+LOGS=$(realpath -m "${1:-out/gpu_check}")
+RUNS=${GPU_CHECK_RUNS:-out/gpu_check/runs}
+PY=${PYTHON:-python3}
+mkdir -p "$LOGS"
+LOG=$LOGS/gpu_check.log
+: >"$LOG"
+if ! $PY -c "import torch" 2>/dev/null; then
+    echo "gpu_check: $PY has no torch; give the Python to use as PYTHON=..." | tee -a "$LOG"
+    exit 1
+fi
+if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: $PY's torch sees no CUDA device; nothing to check" | tee -a "$LOG"
+    exit 0
+fi
+mkdir -p "$RUNS"
+export CODEBOOK_EXT=1 PYTHONUNBUFFERED=1  # a kernel that does not build fails its stage instead of falling back
+NAMES=() RESULTS=() SECONDS_TAKEN=()
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...: its output into the log, its last lines on the screen
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "== $name (at most ${limit} s): $(echo "$*" | head -n 1)" | tee -a "$LOG"
+    start=$(date +%s)
+    timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    NAMES+=("$name") SECONDS_TAKEN+=($(($(date +%s) - start)))
+    case $rc in 0) RESULTS+=(ok) ;; 124 | 137) RESULTS+=("timed out") ;; *) RESULTS+=("failed ($rc)") ;; esac
+    tail -c 4000 "$LOG" | tr '\r' '\n' | grep -av '^\s*$' | tail -n 6
+    echo "== $name: ${RESULTS[-1]} in ${SECONDS_TAKEN[-1]} s" | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
+
+stage build 300 $PY -c "
+import torch
+from csrc import loader
+ext = loader.load_extension()
+assert ext.supports(torch.empty(1, 1, 1, device='cuda'), 8), 'the CUDA kernel does not serve this GPU'
+print('the extension serves CUDA tensors:', torch.ops.codebook.topk_codes)"
+if [ "${RESULTS[-1]}" != ok ]; then  # the other stages still run, on the torch search
+    export CODEBOOK_EXT=0
+fi
+
+stage tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_extension.py \
+    "tests/test_models.py::test_cuda_same_logits_and_generations_as_transformers_and_bf16_autocast_near_them" \
+    "tests/test_runs.py::test_a_run_stopped_by_sigterm_resumes_to_the_same_weights" -k "not does_not_build"
+
+stage bench 240 $PY csrc/bench.py --device cuda --json "$LOGS/bench.json"
+
+stage train_fsm 240 $PY train_fsm.py --device cuda --preset paper --base_steps 300 --codebook_steps 300 \
+    --eval_seqs 500 --samples 100 --pairs 500 --no-sae --cards 2 --out "$RUNS/fsm-paper"
+
+stage train_lm 180 $PY train_lm.py --device cuda --base_steps 300 --codebook_steps 300 --sae --sae_steps 100 \
+    --out "$RUNS/lm"
+
+# Pythia-410M's shape (24 layers x 16 heads of 64 dims) with random weights, and a small BPE trained here
+stage pythia_folder 120 $PY -c "
+import sys, pathlib, torch, transformers
+sys.path.insert(0, 'tests')
+from conftest import trained_bpe
+folder = pathlib.Path('$RUNS/pythia-410m-shape')
+config = transformers.GPTNeoXConfig(vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096, rotary_pct=0.25, max_position_embeddings=2048)
+with torch.device('cuda'):
+    model = transformers.GPTNeoXForCausalLM(config)
+model.save_pretrained(folder)
+trained_bpe(folder)
+print(sum(p.numel() for p in model.parameters()) / 1e6, 'M parameters in', folder)"
+
+stage train_lm_pythia 240 $PY train_lm.py --device cuda --hf "$RUNS/pythia-410m-shape" --num_codes 10000 --k 8 \
+    --codebook_steps 30 --batch_size 8 --block_size 512 --stories 3000 --kmeans_windows 32 --eval_windows 16 \
+    --no-control --out "$RUNS/lm-pythia"
+
+stage torchrun_nccl 180 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train_lm.py --device cuda \
+    --stories 3000 --base_steps 100 --codebook_steps 100 --out "$RUNS/lm-torchrun"
+
+{ echo
+  echo "## summary: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+  printf '%-16s %-12s %8s\n' stage result seconds
+  for i in "${!NAMES[@]}"; do printf '%-16s %-12s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"; done
+  echo
+  echo "step times (each training stage's last progress line):"
+  tr '\r' '\n' <"$LOG" | grep -aE '^== [a-z_]+ \(at most|: 100%\|' | sed -E 's/ \(at most.*//; s/\|[^|]*\|/|/' \
+      | awk '{ split($0, a, ": 100%") } a[1] != desc && line != "" { print line } { desc = a[1]; line = $0 } END { print line }'
+  grep -aE 'passed|failed|error' "$LOG" | grep -E '^[0-9]+ (passed|failed)|^(FAILED|ERROR)' | head -n 20
+} | tee "$LOGS/summary.txt"

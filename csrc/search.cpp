@@ -101,7 +101,7 @@ void fold_some(const float* keys, int64_t n, int64_t first_id, Row& row, uint64_
 // Each error message is one string: TORCH_CHECK formats several arguments through an ostringstream
 // compiled into this library, and with torch 2.11's CUDA 13 build (g++ 13) that crashed
 // (SIGSEGV in ostream::_M_insert<long>) instead of raising.
-std::string shape_of(const at::Tensor& t) {
+static std::string shape_of(const at::Tensor& t) {
   std::string shape = "(";
   for (int64_t i = 0; i < t.dim(); ++i) shape += (i ? ", " : "") + std::to_string(t.size(i));
   return shape + ")";

@@ -429,6 +429,18 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     assert exit.value.code == 1 and err == [f"error: [Errno 21] Is a directory: {str(tmp_path)!r}"]
 
 
+def test_torchrun_with_one_process_starts_the_process_group_too(monkeypatch):
+    """torchrun --nproc_per_node 1 runs its one process in a process group (nccl on a GPU: csrc/gpu_check.sh)."""
+    monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    try:
+        assert runs.distributed("cpu") == (0, 1)
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    finally:
+        runs.end_distributed()
+    assert not torch.distributed.is_initialized()
+
+
 def test_steering_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="steer.py runs as one process: start it with python, not torchrun"):

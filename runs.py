@@ -369,15 +369,17 @@ def start(threads, device):
 
 
 def distributed(device="cpu"):
-    """(rank, world_size); launched by torchrun (one process too), the process group is started first: nccl for a
-    GPU run, else gloo."""
+    """(rank, world_size); launched by torchrun (one process too: torchrun names its run), the process group is
+    started first: nccl for a GPU run, else gloo."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         # rank 0 alone tokenises a corpus and evaluates while the others wait, which may take longer than the
         # default 30 minutes; a rank that fails is not waited for: torchrun stops them all
         gpu = None
-        if backend == "nccl":  # each rank its own GPU, before any collective
-            gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "nccl":  # each rank its own GPU (one process: the one --device names), before any collective
+            index = torch.device(device).index
+            gpu = torch.device("cuda", index if index is not None else int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(gpu)
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=24), device_id=gpu)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

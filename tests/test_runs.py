@@ -429,13 +429,19 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     assert exit.value.code == 1 and err == [f"error: [Errno 21] Is a directory: {str(tmp_path)!r}"]
 
 
-def test_torchrun_with_one_process_starts_the_process_group_too(monkeypatch):
-    """torchrun --nproc_per_node 1 runs its one process in a process group (nccl on a GPU: csrc/gpu_check.sh)."""
-    monkeypatch.setenv("WORLD_SIZE", "1"), monkeypatch.setenv("RANK", "0")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: nccl did not run"))])
+def test_torchrun_with_one_process_starts_the_process_group_too(device, monkeypatch):
+    """torchrun --nproc_per_node 1 runs its one process in a process group: gloo, or nccl on a GPU. WORLD_SIZE
+    set without torchrun (no run of its, no rendezvous) starts none."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert runs.distributed(device) == (0, 1) and not torch.distributed.is_initialized()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", str(free_port()))
     try:
-        assert runs.distributed("cpu") == (0, 1)
-        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+        assert runs.distributed(device) == (0, 1)
+        assert torch.distributed.is_initialized()
+        assert torch.distributed.get_backend() == ("nccl" if device == "cuda" else "gloo")
     finally:
         runs.end_distributed()
     assert not torch.distributed.is_initialized()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU path end to end, in one go, each stage under a time limit: the extension's CUDA build, the
 # tests with a CUDA variant, the kernel's benchmark at the paper's shapes, train_fsm.py at the paper's
-# sizes, train_lm.py on the byte model and on a Pythia-410M-shaped model with the paper's codebooks
-# (10,000 codes per head, k = 8; random weights, made with transformers: nothing is downloaded), and
-# torchrun with nccl; then a summary of what passed and each training stage's step time.
+# sizes, train_lm.py on the byte model and steer.py on it, train_lm.py on a Pythia-410M-shaped model
+# with the paper's codebooks (10,000 codes per head, k = 8; random weights, made with transformers:
+# nothing is downloaded), and torchrun with nccl; then a summary of what passed and each training
+# stage's step time.
 #
 #     bash csrc/gpu_check.sh [LOG_FOLDER]     # default out/gpu_check
 #
@@ -74,6 +75,10 @@ stage train_fsm 240 "$PY" train_fsm.py --device cuda --preset paper --base_steps
 
 stage train_lm 180 "$PY" train_lm.py --device cuda --base_steps 300 --codebook_steps 300 --sae --sae_steps 100 \
     --out "$RUNS/lm"
+
+# every topic gets its best codes (a 300-step model may have none precise enough): the path is checked, not the figures
+stage steer 180 "$PY" steer.py --device cuda --ckpt "$RUNS/lm/codebook.pt" --reference_stories 160 --min_precision 0 \
+    --min_recall 0 --out "$RUNS/steer"
 
 # Pythia-410M's shape (24 layers x 16 heads of 64 dims) with random weights, and a small BPE trained here
 stage pythia_folder 120 "$PY" -c "

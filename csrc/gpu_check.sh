@@ -3,8 +3,8 @@
 # tests with a CUDA variant, the kernel's benchmark at the paper's shapes, train_fsm.py at the paper's
 # sizes, train_lm.py on the byte model and steer.py on it, train_lm.py on a Pythia-410M-shaped model
 # with the paper's codebooks (10,000 codes per head, k = 8; random weights, made with transformers:
-# nothing is downloaded), and torchrun with nccl; then a summary of what passed and each training
-# stage's step time.
+# nothing is downloaded), torchrun with nccl, and the whole test suite; then a summary of what passed
+# and each training stage's step time.
 #
 #     bash csrc/gpu_check.sh [LOG_FOLDER]     # default out/gpu_check
 #
@@ -101,12 +101,16 @@ stage train_lm_pythia 240 "$PY" train_lm.py --device cuda --hf "$RUNS/pythia-410
 stage torchrun_nccl 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train_lm.py --device cuda \
     --stories 3000 --base_steps 100 --codebook_steps 100 --out "$RUNS/lm-torchrun"
 
+# README's test command where a GPU is (every test that has a CUDA variant runs it beside the CPU one)
+stage suite 360 "$PY" -m pytest -q -p no:cacheprovider
+
 { echo
   echo "## summary: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
   printf '%-16s %-12s %8s\n' stage result seconds
   for i in "${!NAMES[@]}"; do printf '%-16s %-12s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"; done
   echo
-  echo "tests: $(tr '\r' '\n' <"$LOG" | grep -aE '^[0-9]+ (passed|failed)' | tail -n 1)"
+  echo "tests, then the suite:"
+  tr '\r' '\n' <"$LOG" | grep -aE '^[0-9]+ (passed|failed)'
   "$PY" - "$LOG" <<'STEPS'
 import re, sys
 # each progress bar's two 100% lines: at its last step (tqdm's moving rate of the last steps), and when it

@@ -493,7 +493,7 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
 
     steer_args = ["--ckpt", os.path.join(out, "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons",
                   "--reference_stories", "60", "--samples", "2", "--new_bytes", "20", "--min_precision", "0",
-                  "--threads", "1"]
+                  "--threads", "1", "--device", "cpu"]
     steer.main(steer_args)
     steered = json.load(open(tmp_path / "steer" / "results.json"))
     r = steered["topics"]["dragons"]
@@ -544,15 +544,16 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     # texts on the topic alone leave no code to tell from the rest: one line, before sampling
     (tmp_path / "dragons.txt").write_text(" ".join(story for topic, story in text.make_stories(40) if topic == "dragons"))
     with pytest.raises(ValueError, match="every reference text is on the topic 'dragon', so no code can be told from the rest"):
-        steer.main(steer_args[:4] + ["--regex", "dragon", "--topic_file", str(tmp_path / "dragons.txt"), "--reference_bytes", "500"])
-    steer.main(steer_args[:4] + ["--browse", "--cards", "3", "--reference_stories", "60"])
+        steer.main(steer_args[:4] + ["--regex", "dragon", "--topic_file", str(tmp_path / "dragons.txt"), "--reference_bytes", "500",
+                                     "--device", "cpu"])
+    steer.main(steer_args[:4] + ["--browse", "--cards", "3", "--reference_stories", "60", "--device", "cpu"])
     page = open(tmp_path / "steer" / "report.html").read()
     assert 'id="topic-dragons"' not in page and page.count('class="codebook"') == 4 and page.count('class="card"') == 4 * 3
 
     # codes by address: samples with and without
     code = r["codes"][0]
     steer.main(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", code, "--prompt", "Once upon a time",
-                "--samples", "1", "--new_bytes", "10"])
+                "--samples", "1", "--new_bytes", "10", "--device", "cpu"])
     assert f"with {code}" in capsys.readouterr().out
 
 

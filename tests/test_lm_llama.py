@@ -35,7 +35,8 @@ def pipeline(tmp_path_factory):
     train_argv = TRAIN + ["--init_from", tiny_llama(folder / "tiny.pt"), "--out", str(folder / "lm")]
     trained = train_lm.main(train_argv)
     steer_argv = ["--ckpt", str(folder / "lm" / "codebook.pt"), "--out", str(folder / "steer"), "--topics", ",".join(TOPICS),
-                  "--reference_stories", "48", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1"]
+                  "--reference_stories", "48", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1",
+                  "--device", "cpu"]
     steer.main(steer_argv)
     return train_argv, trained, steer_argv, json.load(open(folder / "steer" / "results.json"))
 

@@ -523,11 +523,12 @@ def test_train_lm_and_steer_on_a_saved_model(family, tmp_path, capsys):
 
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
-                "--samples", "2", "--new_bytes", "6", "--threads", "1"])
+                "--samples", "2", "--new_bytes", "6", "--threads", "1", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
     steer.main(["--ckpt", str(out / "codebook.pt"), "--out", str(tmp_path / "steer"), "--topics", "dragons,sea",
-                "--reference_stories", "40", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1"])
+                "--reference_stories", "40", "--samples", "2", "--new_bytes", "6", "--min_precision", "0", "--threads", "1",
+                "--device", "cpu"])
     steered = json.load(open(tmp_path / "steer" / "results.json"))
     assert set(steered["topics"]) == {"dragons", "sea"} and steered["topics"]["sea"]["codes"]
     page = open(tmp_path / "steer" / "report.html", encoding="utf-8").read()  # BPE tokens in the code browser

@@ -286,7 +286,7 @@ def test_train_lm_and_steer_on_a_real_model(name, tmp_path, capsys):
     assert config["family"] == family
     capsys.readouterr()
     steer.main(["--ckpt", str(out / "codebook.pt"), "--codes", "L1.H2.3", "--prompt", "Once upon a time",
-                "--samples", "2", "--new_bytes", "6", "--threads", "2"])
+                "--samples", "2", "--new_bytes", "6", "--threads", "2", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "with L1.H2.3" in printed and printed.count("    Once upon a time") == 4
 

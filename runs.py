@@ -281,14 +281,15 @@ def load_model(path, device="cpu"):
 # ------------------------------------------------------------------------------------------------
 # 4. Exact resume: a checkpoint of the training loop carries what the next step depends on.
 
-def loop_state(summed, world):
+def loop_state(summed, world, device="cpu"):
     """What a resumed loop needs beyond weights and optimiser to continue exactly: every rank's RNG
-    states and the tensors `summed` (statistics such as code usage), summed over ranks."""
+    states (the GPUs' too in a run on one) and the tensors `summed` (statistics such as code usage),
+    summed over ranks."""
     summed = [t.clone() for t in summed]
     if world > 1:
         for t in summed:
             torch.distributed.all_reduce(t)
-    return {"rng": rng_states(world), "summed": [t.cpu() for t in summed]}
+    return {"rng": rng_states(world, str(device).startswith("cuda")), "summed": [t.cpu() for t in summed]}
 
 
 def resume(path, state, run, model, optimizer, summed, rank, world):
@@ -307,9 +308,10 @@ def resume(path, state, run, model, optimizer, summed, rank, world):
     return state["step"], state["history"]
 
 
-def rng_states(world):
-    """This process's RNG states, or under torchrun every rank's (a collective), as a list."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_states(world, gpus=False):
+    """This process's RNG states, or under torchrun every rank's (a collective), as a list; the GPUs' only
+    for a run on them (reading them starts CUDA, which a CPU run on a machine with a GPU need not)."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if gpus else []}
     if world == 1:
         return [state]
     every = [None] * world
@@ -471,7 +473,7 @@ def train(model, get_batch, steps, lr=1e-3, *, device="cpu", weight_decay=0.1, c
         step, history = resume(ckpt_path, state, run, model, optimizer, _stats_buffers(codebooks), rank, world)
 
     def save():
-        summed = loop_state(_stats_buffers(codebooks), world)  # a collective: every rank takes part
+        summed = loop_state(_stats_buffers(codebooks), world, device)  # a collective: every rank takes part
         if rank == 0:
             # the optimiser state (twice the weights' size) only matters to a run that goes on
             save_checkpoint(ckpt_path, model, optimizer if step < steps else None, step, run=run, history=history,

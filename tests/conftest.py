@@ -24,6 +24,9 @@ import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = os.environ | {"CODEBOOK_EXT": "0", "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "0"}  # a progress line per step
+# how tests start worker processes: forked (fast), but spawned where a GPU is, since a forked child cannot use CUDA
+# once the parent has started it (and torch may, reading a device's state)
+START_METHOD = "spawn" if torch.cuda.is_available() else "fork"
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, d_model=32, d_mlp=64)
 
 

@@ -19,7 +19,7 @@ import sae
 import steer
 import text
 import train_lm
-from conftest import ROOT, assert_same, chat_bpe, final_state, free_port, run, tiny_model
+from conftest import ROOT, START_METHOD, assert_same, chat_bpe, final_state, free_port, run, tiny_model
 from conftest import TINY as TINY_CONFIG, tokens as tiny_tokens
 
 # a model small enough to train in seconds: every flag of train_lm.py
@@ -507,7 +507,7 @@ def test_tiny_end_to_end(tmp_path, capsys, one_thread):
     assert whole.longest_request == len(request) > 1
     with pytest.raises(ValueError, match=r"--seed -1: the reference stories \(seed 0\) would be the stories .* was trained on"):
         steer.settings(steer_args + ["--seed", "-1"])  # the run's training seed is 0
-    steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", "L0.H0.1", "--seed", "-1"])  # no reference read
+    steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", "L0.H0.1", "--seed", "-1", "--device", "cpu"])  # no reference read
     with pytest.raises(ValueError, match="--out does nothing with --codes, which only samples --prompt"):  # nor written
         steer.settings(["--ckpt", os.path.join(out, "codebook.pt"), "--codes", "L0.H0.1", "--out", str(tmp_path / "codes")])
     for asking in ((), request):
@@ -574,7 +574,7 @@ def test_torchrun_ddp_runs_and_resumes_exactly(tmp_path):
     uninterrupted.mkdir(), drill.mkdir()
 
     def two_processes(folder):
-        mp.start_processes(_rank, args=(2, free_port(), str(folder), flags), nprocs=2, start_method="fork")
+        mp.start_processes(_rank, args=(2, free_port(), str(folder), flags), nprocs=2, start_method=START_METHOD)
     two_processes(uninterrupted)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "train_lm.py"), *flags]

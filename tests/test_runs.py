@@ -25,7 +25,7 @@ import runs
 import steer
 import train_fsm
 import train_lm
-from conftest import ENV, ROOT, assert_same, final_state, free_port, run, tiny_model, tokens
+from conftest import ENV, ROOT, START_METHOD, assert_same, final_state, free_port, run, tiny_model, tokens
 
 TINY_FSM = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--d_mlp", "32", "--attn_codes", "32",
             "--mlp_codes", "16", "--base_steps", "40", "--codebook_steps", "40", "--revive_every", "7",
@@ -300,7 +300,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     # forked, the workers start with torch already imported (spawned, each would import it anew)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
     single = runs.train(tiny_model(), random_batches, steps=5, lr=3e-3)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -350,7 +350,8 @@ def test_ddp_revives_the_codes_no_rank_used_on_every_rank_alike_and_resumes_exac
     """Two processes, revival at step 3, a checkpoint at step 4 resumed: every rank revives the codes unused on
     both ranks (those unused by one process on the combined batch), keeps rank 0's revived codes, and the run
     resumed from step 4 ends as the one not stopped (weights, the code statistics summed over ranks, history)."""
-    mp.start_processes(_ddp_revival_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_ddp_revival_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START_METHOD)
     got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     unused = [layer.usage == 0 for layer in runs.train(tiny_model(), split_batches, steps=3, lr=3e-3).codebook_layers().values()]
     assert any(dead.any() for dead in unused) and not all(dead.all() for dead in unused)

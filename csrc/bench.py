@@ -271,17 +271,17 @@ def main():
         sys.exit(f"the csrc extension has no search for {DEVICE.type} here (CODEBOOK_EXT=0, the build failed, "
                  "or this GPU's shared memory is too small for the kernel): nothing to compare")
 
-    cpu = DEVICE.type == "cpu"  # the authors' figures are from a 2-core CPU
-    if not cpu:
-        print(f"# {torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    else:
+    cpu = DEVICE.type == "cpu"  # the authors' figures and the targets are a 2-core CPU's
+    if cpu:
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"# command: python csrc/bench.py {' '.join(sys.argv[1:])}".rstrip())
-    if not cpu:
-        shapes = CUDA_QUICK if args.quick else CUDA_GRID
     else:
+        print(f"# {torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"# command: python csrc/bench.py {' '.join(sys.argv[1:])}".rstrip())
+    if cpu:
         shapes = [(1, *s) for s in (QUICK if args.quick else GRID)] + ([] if args.quick else [PYTHIA])
+    else:
+        shapes = CUDA_QUICK if args.quick else CUDA_GRID
     rows = []
     print(f"\n## code search: cosine, float32, one head unless H says otherwise; times are the best of "
           f"{'2' if args.quick else '2-5'} runs")
@@ -306,7 +306,7 @@ def main():
     print("\n## training steps")
     if libc is not None:  # back to roomy malloc settings: training allocates many mid-sized tensors
         libc.mallopt(-3, 32 * 2**20), libc.mallopt(-1, 64 * 2**20)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    steps = 10 if DEVICE.type == "cuda" else 3 if args.quick else 5  # medians; a single step is too noisy even for a quick look
+    steps = 10 if not cpu else 3 if args.quick else 5  # medians; a single step is too noisy even for a quick look
     training = {}
     for num_codes in ((1000,) if args.quick else (1000, 10000)):
         t = tokfsm_step_time(num_codes, steps)

@@ -233,12 +233,15 @@ def is_mask(positions):
 
 def read_positions(positions):
     """force_codes' `positions` as None, a list of ints, or a bool mask (seq,) or (batch, seq). Any iterable
-    is read once (a range, a set, an array); bools, also in a list or an array, are a mask, not the positions 0, 1."""
+    is read once (a range, a set, an array); bools, also in a list or an array, are a mask, not the positions 0, 1;
+    a list mixing bools and ints, or a dict, is neither."""
     if positions is None or is_mask(positions):
         mask = positions
     else:
         try:
-            values = torch.as_tensor(positions if hasattr(positions, "__array__") else list(positions))
+            items = positions if hasattr(positions, "__array__") else list(positions)
+            bools = {isinstance(v, bool) for v in items} if isinstance(items, list) else set()
+            values = None if len(bools) > 1 or isinstance(positions, dict) else torch.as_tensor(items)
         except (TypeError, ValueError, RuntimeError):  # not a sequence of numbers
             values = None
         if values is not None and values.dtype == torch.bool and values.numel():
@@ -398,7 +401,8 @@ class CodebookModel(nn.Module):
         self.start_of(idx[:, -self.config.block_size:] if idx.dim() == 2 else idx, None)  # the first forward's tokens
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature} must be at least 0 and top_k={top_k} at least 1 (or None)")
-        forced = [(codes, positions) for cb in self.codebook_layers().values() for _, codes, positions in cb.forced]
+        forced = [(codes, positions) for cb in self.codebook_layers().values() if cb.enabled  # off: forces nothing
+                  for _, codes, positions in cb.forced]
         if max_new_tokens > 1 and any(is_mask(positions) or codes.shape[1] > 1 for codes, positions in forced):
             raise ValueError("codes forced by a mask or per position fit one input, and the next one grows or slides: to "
                              "generate more than one token, force them at every position or at a list of positions")

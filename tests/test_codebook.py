@@ -430,6 +430,10 @@ def test_forcing_sets_exactly_the_requested_slots_and_the_mean_by_hand():
             model.generate(x[:1], 2)  # the window slides: its codes would move against the text
     with cb.force_codes(model, ["L1.MLP.1"], positions={0, 2}):  # any iterable of positions
         assert torch.equal(model.generate(x[:1, :8], 3, temperature=0), generated[0])
+    with cb.codebooks_off(model):  # codes forced by a mask on codebooks that are off: nothing is forced
+        plain = model.generate(x[:1, :8], 3, temperature=0)
+        with cb.force_codes(model, ["L1.MLP.1"], positions=torch.ones(1, 8, dtype=torch.bool)):
+            assert torch.equal(model.generate(x[:1, :8], 3, temperature=0), plain)
 
 
 def test_forced_positions_count_from_the_end_and_skip_those_outside_the_input():
@@ -571,6 +575,8 @@ def test_top_contexts_rank_by_score():
      r"a list of ints or a \(batch, seq\) bool mask"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=torch.tensor(3)).__enter__(), "list of ints"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=[1.5]).__enter__(), "list of ints"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=[True, 2]).__enter__(), "list of ints"),
+    (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions={0: 1}).__enter__(), "list of ints"),
     (lambda: cb.force_codes(tiny_model(), ["L1.MLP.1"], positions=torch.ones(1, 2, 16, dtype=torch.bool)).__enter__(),
      r"\(batch, seq\) or \(seq,\), got \(1, 2, 16\)"),
     (lambda: cb.replace_activations(tiny_model(), {"L1.MLP": abs}).__enter__(), r"name them \(layer, site\)"),

@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's language-model results
+Mistral, Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's language-model results
 finetune such models with codebooks (section 5).
 
     import models
@@ -411,11 +411,15 @@ LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_he
 
 
 def llama(c, where):
-    """Llama (SmolLM2, TinyLlama, Llama-3.x), Qwen2 (biases on q, k, v) and Qwen3 (an RMSNorm on
+    """Llama (SmolLM2, TinyLlama, Llama-3.x), Mistral (attention over a sliding window of the last
+    sliding_window positions, where one is set), Qwen2 (biases on q, k, v) and Qwen3 (an RMSNorm on
     each head's q and k before the rotary embedding): RMSNorm, rotary embedding on whole heads,
     grouped-query attention, SwiGLU MLP."""
     family = c["model_type"]
     _option(c, "hidden_act", "silu", ["silu"], where)
+    window = (c.get("sliding_window") or 0) if family == "mistral" else 0
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
     _option(c, "use_sliding_window", False, [False], where)
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = c.get("head_dim") or d // heads
@@ -424,8 +428,8 @@ def llama(c, where):
                   n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
                   d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
                   **_rope(c, where, d_head), qkv_bias=family == "qwen2" or bias, out_bias=family != "qwen2" and bias,
-                  qk_norm=family == "qwen3", mlp="gated", activation="silu", mlp_bias=c.get("mlp_bias", False),
-                  tied_head=c.get("tie_word_embeddings", False))
+                  qk_norm=family == "qwen3", attn_window=window, mlp="gated", activation="silu",
+                  mlp_bias=c.get("mlp_bias", False), tied_head=c.get("tie_word_embeddings", False))
     return config, LLAMA_NAMES, {}
 
 
@@ -493,8 +497,8 @@ def gemma3_text_weights(tensors):
     return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
 
 
-FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "qwen2": llama, "qwen3": llama,
-            "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
+            "qwen3": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------

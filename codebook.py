@@ -240,8 +240,8 @@ def read_positions(positions):
     else:
         try:
             items = positions if hasattr(positions, "__array__") else list(positions)
-            bools = {isinstance(v, bool) for v in items} if isinstance(items, list) else set()
-            values = None if len(bools) > 1 or isinstance(positions, dict) else torch.as_tensor(items)
+            mixed = isinstance(items, list) and len({isinstance(v, bool) for v in items}) > 1
+            values = None if mixed or isinstance(positions, dict) else torch.as_tensor(items)
         except (TypeError, ValueError, RuntimeError):  # not a sequence of numbers
             values = None
         if values is not None and values.dtype == torch.bool and values.numel():

@@ -1,8 +1,8 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's language-model results
-finetune such models with codebooks (section 5).
+Mistral, Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
+language-model results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's

@@ -17,7 +17,7 @@
 // the CPU path, and output buffers of (heads, tokens, k).
 //
 // tests/test_extension.py compares it with the torch reference wherever CUDA is available
-// (csrc/gpu_check.sh runs those tests; README.md has their result on an H200).
+// (csrc/gpu_check.sh runs those tests; csrc/README.md has their result on an H200).
 
 #include <cuda_runtime.h>
 #include <math_constants.h>

@@ -147,6 +147,9 @@ def fifth_bits(packed):
     return np.unpackbits(packed, axis=-1, bitorder="little")
 
 
+BIT_PAIRS = np.array([0, 2, 4, 6], dtype=np.uint8)  # shifts to each 2-bit field of a byte
+
+
 def k_scales(packed):
     """Q4_K and Q5_K's 12 bytes (n, 12) holding 8 six-bit scales and 8 six-bit minimums: bytes 0-3 hold
     scales 0-3 (low 6 bits), bytes 4-7 minimums 0-3; scales and minimums 4-7 have their low 4 bits in
@@ -216,9 +219,50 @@ def dequantise_q6_k(b):
     0-63 their low nibbles, 64-127 their high ones) and 32 high bytes (bit pairs 0-1, 2-3, 4-5, 6-7 for
     values 0-31, 32-63, 64-95, 96-127)."""
     low = nibbles(b[:, :128].reshape(-1, 2, 64))
-    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None] & 3).reshape(-1, 2, 128)
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> BIT_PAIRS[:, None] & 3).reshape(-1, 2, 128)
     q = ((low | high << 4).astype(np.int8) - 32).reshape(-1, 16, 16).astype(np.float32)
     return ((f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32))[:, :, None] * q).reshape(-1, 256)
+
+
+def dequantise_q2_k(b):
+    """256 values in 84 bytes: 16 bytes of a 4-bit scale (low nibble) and minimum (high nibble) per 16
+    values, 64 bytes of 2-bit q, f16 d, f16 dmin. Each half of 128 values takes 32 bytes of q: bit pairs
+    0-1, 2-3, 4-5, 6-7 hold values 0-31, 32-63, 64-95, 96-127; value = d * scale * q - dmin * minimum."""
+    q = (b[:, 16:80].reshape(-1, 2, 1, 32) >> BIT_PAIRS[:, None] & 3).reshape(-1, 16, 16).astype(np.float32)
+    scales, minimums = (b[:, :16] & 15).astype(np.float32), (b[:, :16] >> 4).astype(np.float32)
+    return ((f16(b, 80) * scales)[:, :, None] * q - (f16(b, 82) * minimums)[:, :, None]).reshape(-1, 256)
+
+
+def dequantise_q3_k(b):
+    """256 values in 110 bytes: 32 bytes of high bits (bit s of byte l: value 32 s + l's), 64 bytes of
+    low 2 bits laid out as Q2_K's, 12 bytes of 16 six-bit scales, f16 d; value = d * (scale - 32) * (q - 4),
+    q the three bits. Scale i has its low 4 bits in byte i % 8 of the first 8 (low nibble for i < 8, high
+    nibble after), its top 2 bits at bit 2 (i // 4) of byte 8 + i % 4."""
+    low, high = b[:, 96:104], b[:, 104:108]
+    scales = np.concatenate([low & 15, low >> 4], axis=-1) | (high[:, None, :] >> BIT_PAIRS[:, None] & 3).reshape(-1, 16) << 4
+    low_bits = (b[:, 32:96].reshape(-1, 2, 1, 32) >> BIT_PAIRS[:, None] & 3).reshape(-1, 256)
+    high_bit = (b[:, None, :32] >> np.arange(8, dtype=np.uint8)[:, None] & 1).reshape(-1, 256)
+    q = ((low_bits | high_bit << 2).astype(np.int8) - 4).reshape(-1, 16, 16).astype(np.float32)
+    return ((f16(b, 108) * (scales.astype(np.int8) - 32).astype(np.float32))[:, :, None] * q).reshape(-1, 256)
+
+
+# IQ4_NL and IQ4_XS: 4-bit q indexing 16 levels spaced more finely near 0, where most weights are
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+# IQ4_NL: 32 values in 18 bytes: f16 d, 16 bytes of q as in Q4_0; value = d * IQ4_LEVELS[q]
+def dequantise_iq4_nl(b):
+    return f16(b, 0) * IQ4_LEVELS[nibbles(b[:, 2:18])]
+
+
+def dequantise_iq4_xs(b):
+    """256 values in 136 bytes: f16 d, a uint16 of the top 2 bits of 8 six-bit scales (bits 2 s, 2 s + 1 for
+    sub-block s), 4 bytes of their low 4 bits (sub-block 2 i in byte i's low nibble, 2 i + 1 in its high
+    one), 128 bytes of q, 16 per sub-block of 32 as in Q4_0; value = d * (scale - 32) * IQ4_LEVELS[q]."""
+    top = b[:, 2:4].view("<u2") >> (2 * np.arange(8, dtype=np.uint16)) & 3
+    scales = np.stack([b[:, 4:8] & 15, b[:, 4:8] >> 4], axis=-1).reshape(-1, 8) | top.astype(np.uint8) << 4
+    q = IQ4_LEVELS[nibbles(b[:, 8:136].reshape(-1, 8, 16))]
+    return ((f16(b, 0) * (scales.astype(np.float32) - 32))[:, :, None] * q).reshape(-1, 256)
 
 
 def dequantise_bf16(b):  # bfloat16 is the top half of a float32
@@ -232,9 +276,11 @@ GGML_TYPES = {0: ("F32", 1, 4, lambda b: b.view("<f4").astype(np.float32)),
               2: ("Q4_0", 32, 18, dequantise_q4_0), 3: ("Q4_1", 32, 20, dequantise_q4_1),
               6: ("Q5_0", 32, 22, dequantise_q5_0), 7: ("Q5_1", 32, 24, dequantise_q5_1),
               8: ("Q8_0", 32, 34, dequantise_q8_0), 12: ("Q4_K", 256, 144, dequantise_q4_k),
-              13: ("Q5_K", 256, 176, dequantise_q5_k), 14: ("Q6_K", 256, 210, dequantise_q6_k)}
-GGML_UNSUPPORTED = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
-                    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+              13: ("Q5_K", 256, 176, dequantise_q5_k), 14: ("Q6_K", 256, 210, dequantise_q6_k),
+              10: ("Q2_K", 256, 84, dequantise_q2_k), 11: ("Q3_K", 256, 110, dequantise_q3_k),
+              20: ("IQ4_NL", 32, 18, dequantise_iq4_nl), 23: ("IQ4_XS", 256, 136, dequantise_iq4_xs)}
+GGML_UNSUPPORTED = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+                    19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 24: "I8", 25: "I16",
                     26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 GGML_TYPE_NUMBERS = {name: number for number, (name, *_) in GGML_TYPES.items()}
 

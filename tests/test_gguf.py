@@ -79,8 +79,8 @@ def test_bad_files_one_line_each(tmp_path):
         assert "is truncated" in one_line_error(write(tmp_path, good[:cut], "cut.gguf")), cut
     assert "GGUF version 1; this reader reads versions 2 and 3" in one_line_error(write(tmp_path, gguf_bytes(version=1)))
     assert "big-endian" in one_line_error(write(tmp_path, gguf_bytes(version=3 << 24)))
-    assert "tensor b is stored as Q2_K (ggml type 10), a block format this reader does not read" in \
-        one_line_error(write(tmp_path, gguf_bytes(q8_type=10)))
+    assert "tensor b is stored as IQ2_XXS (ggml type 16), a block format this reader does not read" in \
+        one_line_error(write(tmp_path, gguf_bytes(q8_type=16)))
     assert "tensor b is stored as unknown (ggml type 99)" in one_line_error(write(tmp_path, gguf_bytes(q8_type=99)))
     assert "tensor b has rows of 16 values, not a whole number of Q8_0 blocks" in \
         one_line_error(write(tmp_path, gguf_bytes(q8_dims=(16, 2))))
@@ -103,7 +103,7 @@ def test_bad_files_one_line_each(tmp_path):
 # infinite, so those fields get ordinary values; every other byte (the packed integers, the 6-bit and
 # int8 sub-block scales) stays random
 SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-                "Q5_K": [0, 2], "Q6_K": [208]}
+                "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def random_blocks(name, n_blocks, rng):
@@ -167,8 +167,9 @@ def test_a_file_written_by_gguf(tmp_path):
         if name in ("F32", "F16", "BF16", *STEPS):
             originals[name] = rng.standard_normal((3, 2, 64)).astype(np.float32)
             stored[name] = gguf.quants.quantize(originals[name], qtype)
-        else:  # gguf cannot quantise the K formats: random blocks (two rows of 256 values)
-            stored[name] = random_blocks(name, 2, rng)
+        else:  # formats gguf cannot quantise: random blocks, two rows of 256 values
+            values_per_block = formats.GGML_TYPES[formats.GGML_TYPE_NUMBERS[name]][1]
+            stored[name] = random_blocks(name, 2 * 256 // values_per_block, rng).reshape(2, -1)
         writer.add_tensor(f"w.{name}", stored[name], raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

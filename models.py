@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
+Mistral, Qwen2, Qwen3, SmolLM3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
 language-model results finetune such models with codebooks (section 5).
 
     import models
@@ -14,7 +14,7 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, gemma2 and gemma3).
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, gemma2 and gemma3).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -65,6 +65,7 @@ class TransformerConfig:
     rotary_base: float = 10000.0
     rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
+    no_rotary_layers: list = field(default_factory=list)  # layers without the rotary embedding (SmolLM3: every fourth)
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -109,6 +110,8 @@ class TransformerConfig:
         if not (self.local_rotary_base == 0 or is_positive_number(self.local_rotary_base)):
             raise ValueError(f"local_rotary_base={self.local_rotary_base!r} must be a positive number (or 0: none)")
         self.rotary_base, self.local_rotary_base = float(self.rotary_base), float(self.local_rotary_base)
+        if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.no_rotary_layers):
+            raise ValueError(f"no_rotary_layers={self.no_rotary_layers!r} must list layers, each in 0 .. {self.n_layer - 1}")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
 
     def to_dict(self):
@@ -185,7 +188,8 @@ class Attention(nn.Module):
         self.qk_norm, self.softcap = cfg.qk_norm, cfg.attn_softcap
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
-        frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if cfg.rotary_dims else None
+        rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
+        frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if rotates else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
 
     def forward(self, x, start, cache=None):
@@ -412,10 +416,17 @@ LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_he
 
 def llama(c, where):
     """Llama (SmolLM2, TinyLlama, Llama-3.x), Mistral (attention over a sliding window of the last
-    sliding_window positions, where one is set), Qwen2 (biases on q, k, v) and Qwen3 (an RMSNorm on
-    each head's q and k before the rotary embedding): RMSNorm, rotary embedding on whole heads,
+    sliding_window positions, where one is set), Qwen2 (biases on q, k, v), Qwen3 (an RMSNorm on
+    each head's q and k before the rotary embedding) and SmolLM3 (no rotary embedding on the layers
+    no_rope_layers marks 0: by default every fourth): RMSNorm, rotary embedding on whole heads,
     grouped-query attention, SwiGLU MLP."""
-    family = c["model_type"]
+    family, n_layer = c["model_type"], c["num_hidden_layers"]
+    rotary_on = [1] * n_layer
+    if family == "smollm3":
+        every = c.get("no_rope_layer_interval", 4)
+        rotary_on = c.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n_layer)]
+        if len(rotary_on) != n_layer or set(rotary_on) - {0, 1}:
+            raise ValueError(f"{where}: no_rope_layers must give 1 (rotary) or 0 (none) for each of the {n_layer} layers")
     _option(c, "hidden_act", "silu", ["silu"], where)
     window = (c.get("sliding_window") or 0) if family == "mistral" else 0
     if not isinstance(window, int) or window < 0:
@@ -424,12 +435,14 @@ def llama(c, where):
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = c.get("head_dim") or d // heads
     bias = c.get("attention_bias", False)
-    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
                   n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
                   d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
-                  **_rope(c, where, d_head), qkv_bias=family == "qwen2" or bias, out_bias=family != "qwen2" and bias,
+                  **_rope(c, where, d_head, 2e6 if family == "smollm3" else 10000.0),
+                  no_rotary_layers=[i for i, on in enumerate(rotary_on) if not on],
+                  qkv_bias=family == "qwen2" or bias, out_bias=family != "qwen2" and bias,
                   qk_norm=family == "qwen3", attn_window=window, mlp="gated", activation="silu",
-                  mlp_bias=c.get("mlp_bias", False), tied_head=c.get("tie_word_embeddings", False))
+                  mlp_bias=c.get("mlp_bias", False), tied_head=c.get("tie_word_embeddings", family == "smollm3"))
     return config, LLAMA_NAMES, {}
 
 
@@ -498,7 +511,7 @@ def gemma3_text_weights(tensors):
 
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "qwen3": llama, "smollm3": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -646,7 +659,7 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "max_position_embeddings": "context_length"}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3")
 
 
 def is_gguf(path):
@@ -750,7 +763,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     transforms = {}
-    if c["model_type"] == "llama":  # only the llama architecture's rotary is interleaved in llama.cpp
+    if c["model_type"] in ("llama", "smollm3"):  # the architectures whose rotary llama.cpp computes on interleaved pairs
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
     return build(config, c["model_type"], Weights(tensors, path), GGUF_NAMES, transforms, codebooks, block_size)
 

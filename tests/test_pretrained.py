@@ -26,8 +26,8 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), **changes):
-    """model (a transformers Llama, Qwen2, Qwen3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices in
-    `quantisation` (norms and biases stay F32), q / k rows permuted for the llama architecture (whose
+    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices
+    in `quantisation` (norms and biases stay F32), q / k rows permuted for the llama and smollm3 architectures (whose
     rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
     transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
     divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
@@ -63,7 +63,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             continue
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if ("q_proj" in name or "k_proj" in name) and arch == "llama":
+        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         stem, suffix = name.rsplit(".", 1)
         if stem.startswith("model.layers."):
@@ -95,12 +95,13 @@ def rounded(model, quantisation):
 
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
-                                               ("qwen2", "F32"), ("qwen3", "Q8_0")])
+                                               ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
-    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it."""
-    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3)}.get(arch, {})
+    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. SmolLM3:
+    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so)."""
+    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4)}.get(arch, {})
     theirs = tiny_hf(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
     divisors = None
     if arch == "llama3":

@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
+Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
 language-model results finetune such models with codebooks (section 5).
 
     import models
@@ -14,7 +14,7 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, gemma2 and gemma3).
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2, gemma2 and gemma3).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -69,12 +69,14 @@ class TransformerConfig:
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
+    qk_norm_across_heads: bool = False  # that norm spans all heads' queries (and keys) at once (OLMo-2)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     logit_softcap: float = 0.0  # > 0: the same on the output logits
     embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
-    sandwich_norms: bool = False  # a norm on the attention's and the MLP's outputs as well (Gemma)
+    pre_norms: bool = True  # a norm on the attention's and the MLP's inputs (False: OLMo-2, normed after them only)
+    sandwich_norms: bool = False  # a norm on the attention's and the MLP's outputs (Gemma: as well; OLMo-2: instead)
     mlp: str = "gelu"  # "gelu": down(act(up x)); "gated": down(act(gate x) * up x) (SwiGLU with silu)
     activation: str = "gelu"  # a key of ACTIVATIONS
     mlp_bias: bool = True
@@ -184,7 +186,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(cfg.d_head, cfg.norm_eps), RMSNorm(cfg.d_head, cfg.norm_eps)
+            across = cfg.qk_norm_across_heads
+            self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
         self.qk_norm, self.softcap = cfg.qk_norm, cfg.attn_softcap
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
@@ -195,11 +199,10 @@ class Attention(nn.Module):
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.d_head)
-        k, v = (f(x).view(B, T, self.n_kv_head, self.d_head) for f in (self.k, self.v))
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.qk_norm:  # each norm over its width: one head's dims, or all heads' (OLMo-2)
+            q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
             q, k = rotary(q, start, self.inv_freq), rotary(k, start, self.inv_freq)
         if cache is not None:
@@ -236,15 +239,15 @@ class MLP(nn.Module):
 
 class Block(cb.CodebookBlock):
     """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites.
-    With sandwich norms each output is normed again before it is added; the "mlp" site is then
-    what the MLP adds to the residual stream, after its norm."""
+    With sandwich norms each output is normed (again, or only: OLMo-2) before it is added; the "mlp"
+    site is then what the MLP adds to the residual stream, after its norm."""
 
     def __init__(self, cfg, layer):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg, layer), make_norm(cfg), MLP(cfg)
-        sandwich = cfg.sandwich_norms
-        self.post_attn_norm, self.post_mlp_norm = (make_norm(cfg), make_norm(cfg)) if sandwich else (nn.Identity(), nn.Identity())
+        norm_if = lambda present: make_norm(cfg) if present else nn.Identity()
+        self.norm1, self.attn, self.norm2, self.mlp = norm_if(cfg.pre_norms), Attention(cfg, layer), norm_if(cfg.pre_norms), MLP(cfg)
+        self.post_attn_norm, self.post_mlp_norm = norm_if(cfg.sandwich_norms), norm_if(cfg.sandwich_norms)
         self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
 
     def forward(self, x, start, cache=None):
@@ -446,6 +449,17 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
+OLMO2_NAMES = LLAMA_NAMES | names({}, {"post_attn_norm": "post_attention_layernorm",
+                                      "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
+
+
+def olmo2(c, where):
+    """OLMo-2: Llama's parts, but normed after attention and the MLP rather than before, and with one
+    RMSNorm over all heads' queries (and one over all keys) before the rotary embedding."""
+    config, _, _ = llama(c | {"model_type": "llama", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    return config | dict(qk_norm=True, qk_norm_across_heads=True, pre_norms=False, sandwich_norms=True), OLMO2_NAMES, {}
+
+
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
@@ -511,7 +525,7 @@ def gemma3_text_weights(tensors):
 
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "smollm3": llama, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -659,7 +673,7 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "max_position_embeddings": "context_length"}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3")
 
 
 def is_gguf(path):

@@ -26,9 +26,9 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), **changes):
-    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices
+    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices
     in `quantisation` (norms and biases stay F32), q / k rows permuted for the llama and smollm3 architectures (whose
-    rotary llama.cpp computes on interleaved pairs; for Qwen it computes "rotate_half" as
+    rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
     transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
     divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
     norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
@@ -53,7 +53,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm"}
-    if gemma:
+    if gemma or arch == "olmo2":  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
@@ -95,7 +95,8 @@ def rounded(model, quantisation):
 
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
-                                               ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0")])
+                                               ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
+                                               ("olmo2", "F32")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":

@@ -63,7 +63,7 @@ class TransformerConfig:
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
     rotary_base: float = 10000.0
-    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3" or "divisors", its parameters}
+    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3", "yarn" or "divisors", its parameters}
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     no_rotary_layers: list = field(default_factory=list)  # layers without the rotary embedding (SmolLM3: every fourth)
     qkv_bias: bool = False  # biases on the query, key and value projections
@@ -98,8 +98,8 @@ class TransformerConfig:
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "divisors"):
-            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3' or 'divisors'")
+        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "yarn", "divisors"):
+            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3', 'yarn' or 'divisors'")
         if not is_positive_number(self.norm_eps):
             raise ValueError(f"norm_eps={self.norm_eps!r} must be a positive number")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
@@ -144,8 +144,10 @@ def rotary_frequencies(dims, base, scaling):
     """The rotary embedding's angular frequencies (dims / 2,), base^(-2i / dims), rescaled for a
     longer context: "linear" divides them all by the factor; "llama3" divides those whose
     wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
-    original_max_position_embeddings / high_freq_factor, and blends the two in between;
-    "divisors" divides each by its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
+    original_max_position_embeddings / high_freq_factor, and blends the two in between; "yarn" (YaRN)
+    divides those turning fewer than beta_slow times in original_max_position_embeddings, keeps those
+    turning more than beta_fast times, and ramps between them by dimension; "divisors" divides each by
+    its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
     if scaling.get("rope_type") == "linear":
         return inv_freq / scaling["factor"]
@@ -159,16 +161,24 @@ def rotary_frequencies(dims, base, scaling):
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         return torch.where(wavelength < context / high, inv_freq,
                            torch.where(wavelength > context / low, inv_freq / factor, blended))
+    if scaling.get("rope_type") == "yarn":
+        def dim_turning(times):  # the dimension whose wavelength fits `times` times into the original context
+            return dims * math.log(scaling["original_max_position_embeddings"] / (times * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(math.floor(dim_turning(scaling["beta_fast"])), 0), min(math.ceil(dim_turning(scaling["beta_slow"])), dims - 1)
+        ramp = ((torch.arange(dims // 2).float() - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+        kept = 1 - ramp  # the share of each frequency kept as it is (written as transformers does, to the last bit)
+        return 1.0 / (scaling["factor"] * base ** (torch.arange(0, dims, 2).float() / dims)) * (1 - kept) + inv_freq * kept
     return inv_freq
 
 
-def rotary(x, start, inv_freq):
+def rotary(x, start, inv_freq, scale=1.0):
     """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
     2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
-    layout of GPT-NeoX and transformers' Llama), the rest unchanged."""
+    layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's attention
+    factor); the rest unchanged."""
     dims = 2 * inv_freq.shape[0]
     angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq.float()
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(x.dtype) for f in (torch.cos, torch.sin))
+    cos, sin = ((f(torch.cat([angles, angles], -1)) * scale).to(x.dtype) for f in (torch.cos, torch.sin))
     rot = x[..., :dims]
     rotated = rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
@@ -195,6 +205,7 @@ class Attention(nn.Module):
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
         frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if rotates else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
+        self.rotary_scale = scaling.get("attention_factor", 1.0)
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -204,7 +215,7 @@ class Attention(nn.Module):
             q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
-            q, k = rotary(q, start, self.inv_freq), rotary(k, start, self.inv_freq)
+            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale) for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -329,15 +340,31 @@ def _rope(c, where, dims, default_base=10000.0):
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{where}: rope_scaling={rope!r} must be a dict of the rotary embedding's parameters")
-    kind = _option(rope, "rope_type", rope.get("type", "default"), ["default", "linear", "llama3"], where)
-    needs = {"default": [], "linear": ["factor"],
+    kind = _option(rope, "rope_type", rope.get("type", "default"), ["default", "linear", "llama3", "yarn"], where)
+    needs = {"default": [], "linear": ["factor"], "yarn": ["factor", "original_max_position_embeddings"],
              "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}[kind]
     missing = [name for name in needs if name not in rope]
     if missing:
         raise ValueError(f"{where}: rope_type {kind!r} needs {missing}")
     scaling = {"rope_type": kind, **{name: rope[name] for name in needs}} if needs else {}
+    if kind == "yarn":
+        scaling |= _yarn(rope, c, where)
     return dict(rotary_dims=dims, rotary_base=rope.get("rope_theta", c.get("rope_theta", default_base)),
                 rotary_scaling=scaling)
+
+
+def _yarn(rope, c, where):
+    """YaRN's factor (if null: the context over the original one), its two ramp ends and its attention
+    factor, which multiplies queries and keys (if not given: 0.1 ln(factor) + 1, or the ratio of two such
+    terms with mscale and mscale_all_dim), as transformers takes them."""
+    _option(rope, "truncate", True, [True], where)
+    factor = rope["factor"] or c.get("max_position_embeddings", 0) / rope["original_max_position_embeddings"]
+    term = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = term(rope["mscale"]) / term(rope["mscale_all_dim"]) if rope.get("mscale") and rope.get("mscale_all_dim") else term(1)
+    return dict(factor=factor, beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
+                attention_factor=attention)
 
 
 def names(model_level, per_layer, layer_prefix):

@@ -34,6 +34,11 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
+         "llama-yarn": ("llama", dict(rope_theta=100.0, rope_scaling=dict(  # a ramp over dims 0 to 5 of 8
+             rope_type="yarn", factor=2.0, original_max_position_embeddings=32, beta_fast=4.0, beta_slow=0.5, mscale=2.0,
+             mscale_all_dim=1.0))),
+         "qwen3-yarn": ("qwen3", dict(head_dim=16, rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                     original_max_position_embeddings=16, attention_factor=1.5))),
          "mistral": ("mistral", dict(sliding_window=5)),  # a window shorter than the inputs
          "mistral-no-window": ("mistral", dict(sliding_window=None)),
          "qwen2": ("qwen2", {}), "qwen3": ("qwen3", dict(head_dim=24)),
@@ -359,7 +364,12 @@ def test_clear_errors(tmp_path):
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),
                                                   (dict(rope_scaling="linear"), "rope_scaling='linear' must be a dict"),
                                                   (dict(rope_scaling=dict(type="linear", factor="2")),
-                                                   "rotary_scaling's factor='2' must be a positive number")]]:
+                                                   "rotary_scaling's factor='2' must be a positive number"),
+                                                  (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)),
+                                                   r"rope_type 'yarn' needs \['original_max_position_embeddings'\]"),
+                                                  (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate=False,
+                                                                          original_max_position_embeddings=32)),
+                                                   "truncate=False is not implemented")]]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))

@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
+Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
 language-model results finetune such models with codebooks (section 5).
 
     import models
@@ -476,15 +476,46 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
+def _layer_types(c, where, every):
+    """config.json's layer_types, by default "full_attention" on every `every`-th layer and
+    "sliding_attention" on the others."""
+    n_layer = c["num_hidden_layers"]
+    layers = c.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    if len(layers) != n_layer or set(layers) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"{where}: layer_types must give 'sliding_attention' or 'full_attention' for each of the {n_layer} layers")
+    return layers
+
+
+def _rope_by_layer_type(c, where, d_head, base, local_base):
+    """(the rotary fields of the full-attention layers, the rotary base of the sliding-window ones, which
+    are never scaled) from transformers' rope parameters per layer type, or from one set of them: then
+    the sliding layers' base is local_base."""
+    rope = c.get("rope_parameters") or {}
+    if "full_attention" not in rope:
+        return _rope(c, where, d_head, base), local_base
+    local = rope.get("sliding_attention") or {}
+    _option(local, "rope_type", "default", ["default"], f"{where} (sliding_attention)")
+    return _rope(c | {"rope_parameters": rope["full_attention"]}, where, d_head, base), local.get("rope_theta", local_base)
+
+
 OLMO2_NAMES = LLAMA_NAMES | names({}, {"post_attn_norm": "post_attention_layernorm",
                                       "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
 
 
 def olmo2(c, where):
     """OLMo-2: Llama's parts, but normed after attention and the MLP rather than before, and with one
-    RMSNorm over all heads' queries (and one over all keys) before the rotary embedding."""
+    RMSNorm over all heads' queries (and one over all keys) before the rotary embedding. OLMo-3 as
+    well, with attention over a sliding window on the layers layer_types marks (by default three in
+    four), which rotate by their own base, unscaled."""
     config, _, _ = llama(c | {"model_type": "llama", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
-    return config | dict(qk_norm=True, qk_norm_across_heads=True, pre_norms=False, sandwich_norms=True), OLMO2_NAMES, {}
+    config |= dict(qk_norm=True, qk_norm_across_heads=True, pre_norms=False, sandwich_norms=True)
+    if c["model_type"] == "olmo3":
+        # transformers' default base, which its sliding layers also take where config.json gives one base for all
+        rotary, local_base = _rope_by_layer_type(c, where, config["d_head"], c.get("rope_theta", 500000.0), 500000.0)
+        window = c.get("sliding_window", 4096)
+        config |= rotary | dict(local_rotary_base=local_base, attn_window=[window if kind == "sliding_attention" else 0
+                                                                         for kind in _layer_types(c, where, 4)])
+    return config, OLMO2_NAMES, {}
 
 
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
@@ -516,18 +547,8 @@ def gemma(c, where):
     activation = GELUS[_option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)]
     _option(c, "use_bidirectional_attention", False, [False, None], where)
     n_layer, d, d_head = c["num_hidden_layers"], c["hidden_size"], c["head_dim"]
-    every = 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
-    layers = c.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
-    if len(layers) != n_layer or set(layers) - {"sliding_attention", "full_attention"}:
-        raise ValueError(f"{where}: layer_types must give 'sliding_attention' or 'full_attention' for each of the {n_layer} layers")
-    rope = c.get("rope_parameters") or {}
-    if "full_attention" in rope:  # transformers' rope parameters per layer type
-        rotary = _rope({"rope_parameters": rope["full_attention"]}, where, d_head, c["rope_theta"])
-        local = rope.get("sliding_attention") or {}
-        _option(local, "rope_type", "default", ["default"], f"{where} (sliding_attention)")
-        local_base = local.get("rope_theta", c.get("rope_local_base_freq", 10000.0))
-    else:
-        rotary, local_base = _rope(c, where, d_head, c["rope_theta"]), c.get("rope_local_base_freq", 10000.0)
+    layers = _layer_types(c, where, 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6)))
+    rotary, local_base = _rope_by_layer_type(c, where, d_head, c["rope_theta"], c.get("rope_local_base_freq", 10000.0))
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
                   n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], d_model=d, d_head=d_head,
                   d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c["rms_norm_eps"], **rotary,
@@ -552,7 +573,7 @@ def gemma3_text_weights(tensors):
 
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Gemma-2 and Gemma-3, each computing what transformers computes. The paper's
-language-model results finetune such models with codebooks (section 5).
+Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma-2 and Gemma-3, each computing what
+transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
@@ -14,7 +14,7 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2, gemma2 and gemma3).
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2, phi3, gemma2 and gemma3).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -476,6 +476,29 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
+PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
+                                     "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
+
+
+def phi3(c, where):
+    """Phi-3 and Phi-4: Mistral's parts (a sliding window where one is set), with q, k and v stored as one
+    matrix and the MLP's gate and up as another, and the rotary embedding on partial_rotary_factor of
+    each head's dims. LongRoPE, the scaling of the long-context models (Phi-3-128k, Phi-3.5, Phi-4-mini),
+    is not implemented."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):
+        raise ValueError(f"{where}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
+                         "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
+    config, _, _ = llama(c | {"model_type": "mistral", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    config["rotary_dims"] = int(config["d_head"] * fraction)
+    q, kv = config["n_head"] * config["d_head"], config["n_kv_head"] * config["d_head"]
+    rows = lambda start, size: lambda t: t[start:start + size]
+    return config, PHI3_NAMES, {"blocks.{i}.attn.q": rows(0, q), "blocks.{i}.attn.k": rows(q, kv),
+                                "blocks.{i}.attn.v": rows(q + kv, kv), "blocks.{i}.mlp.gate": lambda t: t.chunk(2)[0],
+                                "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
+
+
 def _layer_types(c, where, every):
     """config.json's layer_types, by default "full_attention" on every `every`-th layer and
     "sliding_attention" on the others."""
@@ -573,7 +596,7 @@ def gemma3_text_weights(tensors):
 
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -721,7 +744,9 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "max_position_embeddings": "context_length"}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3")
+GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_qkv", "attn.v": "attn_qkv", "mlp.gate": "ffn_up",
+                                           "mlp.up": "ffn_up"}, "blk.{i}.")  # fused as in its config.json folder
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma2", "gemma3")
 
 
 def is_gguf(path):
@@ -786,6 +811,12 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch.startswith("gemma"):
         c |= gemma_gguf_config(c, get)
+    if arch == "phi3":
+        if "rope_factors_long.weight" in shapes:
+            raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
+                             "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
+        c["sliding_window"] = metadata.get("phi3.attention.sliding_window")
+        c["partial_rotary_factor"] = get("rope.dimension_count", c["head_dim"]) / c["head_dim"]
     return c
 
 
@@ -816,7 +847,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     header, then its tensors dequantised to float32. `info`: formats.read_gguf_info(path), if already read."""
     info = info or formats.read_gguf_info(path)
     c = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
-    config, _, _ = family_config(c, path)
+    config, _, family_transforms = family_config(c, path)
     tensors = formats.gguf_loaders(path, info).tensors
     if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
         divisors = tensors.pop("rope_freqs.weight")().flatten().tolist()
@@ -824,10 +855,12 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
             raise ValueError(f"{path}: rope_freqs holds {len(divisors)} divisors for {config['rotary_dims'] // 2} rotary "
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
-    transforms = {}
+    table, transforms = GGUF_NAMES, {}
     if c["model_type"] in ("llama", "smollm3"):  # the architectures whose rotary llama.cpp computes on interleaved pairs
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
-    return build(config, c["model_type"], Weights(tensors, path), GGUF_NAMES, transforms, codebooks, block_size)
+    if c["model_type"] == "phi3":
+        table, transforms = GGUF_PHI3_NAMES, family_transforms
+    return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 
 # ------------------------------------------------------------------------------------------------

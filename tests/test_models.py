@@ -1,5 +1,5 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2 and OLMo-3 made and saved by `transformers`, loaded by models.py,
+GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3 and Phi-3 made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -46,6 +46,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "smollm3-every-fourth": ("smollm3", dict(num_hidden_layers=4, tie_word_embeddings=False)),  # layer 3 without
          "olmo2": ("olmo2", {}), "olmo2-biases": ("olmo2", dict(attention_bias=True, rms_norm_eps=1e-6)),
          # layers 0-2 with a window of 5, layer 3 global with YaRN; transformers gives the windowed layers its default base
+         "phi3": ("phi3", dict(sliding_window=5, partial_rotary_factor=0.5)), "phi3-no-window": ("phi3", {}),
          "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
              rope_type="yarn", factor=2.0, original_max_position_embeddings=32))),
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
@@ -55,7 +56,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gemma2-exact-gelu": ("gemma2", dict(hidden_activation="gelu")),
          "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu"))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
-        "smollm3": True, "olmo2": False, "olmo3": False, "gemma2": True, "gemma3": True}
+        "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma2": True, "gemma3": True}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -63,7 +64,7 @@ LLAMA_SITES = ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp", "model.l
 SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
-         "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES,
+         "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -358,6 +359,10 @@ def test_clear_errors(tmp_path):
                             (dict(model_type="mistral", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, sliding_window=-3),
                              "config.json: sliding_window=-3 must be a positive integer, or null for none"),
+                            (dict(model_type="phi3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  rope_scaling=dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)),
+                             r"config.json: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"),
                             (dict(model_type="smollm3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, no_rope_layers=[1, 0, 1]),
                              "config.json: no_rope_layers must give 1 \\(rotary\\) or 0 \\(none\\) for each of the 2 layers"),

@@ -26,8 +26,8 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), **changes):
-    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Gemma2 or Gemma3) as llama.cpp's converter writes it: matrices
-    in `quantisation` (norms and biases stay F32), q / k rows permuted for the llama and smollm3 architectures (whose
+    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma2 or Gemma3) as llama.cpp's converter writes it:
+    matrices in `quantisation` (norms and biases stay F32), Phi-3's fused q / k / v and gate / up as they are, q / k rows permuted for the llama and smollm3 architectures (whose
     rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
     transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
     divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
@@ -41,6 +41,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
             "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if arch == "phi3":  # its window, and the rotary embedding on a part of each head
+        meta |= {"attention.sliding_window": c.sliding_window,
+                 "rope.dimension_count": int(meta["attention.key_length"] * c.rope_parameters["partial_rotary_factor"])}
     if gemma:
         meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
@@ -52,7 +55,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm"}
+             "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     if gemma or arch == "olmo2":  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -96,13 +99,15 @@ def rounded(model, quantisation):
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
-                                               ("olmo2", "F32")])
+                                               ("olmo2", "F32"), ("phi3", "Q8_0")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
     Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. SmolLM3:
-    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so)."""
-    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4)}.get(arch, {})
+    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). Phi-3:
+    a window of 5 and the rotary embedding on half of each head."""
+    options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
+               "phi3": dict(sliding_window=5, partial_rotary_factor=0.5)}.get(arch, {})
     theirs = tiny_hf(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
     divisors = None
     if arch == "llama3":
@@ -213,6 +218,10 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
         models.gguf_config(split, {}, "m-00001-of-00003.gguf")
     with pytest.raises(ValueError, match="m.gguf: metadata split.count = 'x' and split.no = 0 must be integers"):
         models.gguf_config(split | {"split.count": "x"}, {}, "m.gguf")
+    phi3 = {"general.architecture": "phi3"} | {f"phi3.{key}": 64 for key in models.GGUF_CONFIG.values()} | {
+        "phi3.attention.layer_norm_rms_epsilon": 1e-5}
+    with pytest.raises(ValueError, match=r"m.gguf: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"):
+        models.gguf_config(phi3, {"token_embd.weight": (64, 64), "rope_factors_long.weight": (8,)}, "m.gguf")
 
 
 def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):

@@ -14,7 +14,7 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2, phi3, gemma2 and gemma3).
+quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma2, gemma3).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -358,6 +358,11 @@ def _yarn(rope, c, where):
     factor, which multiplies queries and keys (if not given: 0.1 ln(factor) + 1, or the ratio of two such
     terms with mscale and mscale_all_dim), as transformers takes them."""
     _option(rope, "truncate", True, [True], where)
+    for name in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim"):
+        value = rope.get(name)
+        if not (value is None or is_positive_number(value) or value == 0 and name.startswith("mscale")):
+            raise ValueError(f"{where}: rope_scaling's {name}={value!r} must be a positive number")
     factor = rope["factor"] or c.get("max_position_embeddings", 0) / rope["original_max_position_embeddings"]
     term = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
     attention = rope.get("attention_factor")
@@ -454,6 +459,8 @@ def llama(c, where):
     rotary_on = [1] * n_layer
     if family == "smollm3":
         every = c.get("no_rope_layer_interval", 4)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"{where}: no_rope_layer_interval={every!r} must be a positive integer")
         rotary_on = c.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n_layer)]
         if len(rotary_on) != n_layer or set(rotary_on) - {0, 1}:
             raise ValueError(f"{where}: no_rope_layers must give 1 (rotary) or 0 (none) for each of the {n_layer} layers")
@@ -466,8 +473,8 @@ def llama(c, where):
     d_head = c.get("head_dim") or d // heads
     bias = c.get("attention_bias", False)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
-                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
-                  d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads", 4 if family == "smollm3" else None) or heads,
+                  d_model=d, d_head=d_head, d_mlp=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
                   **_rope(c, where, d_head, 2e6 if family == "smollm3" else 10000.0),
                   no_rotary_layers=[i for i, on in enumerate(rotary_on) if not on],
                   qkv_bias=family == "qwen2" or bias, out_bias=family != "qwen2" and bias,
@@ -536,6 +543,8 @@ def olmo2(c, where):
         # transformers' default base, which its sliding layers also take where config.json gives one base for all
         rotary, local_base = _rope_by_layer_type(c, where, config["d_head"], c.get("rope_theta", 500000.0), 500000.0)
         window = c.get("sliding_window", 4096)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer")
         config |= rotary | dict(local_rotary_base=local_base, attn_window=[window if kind == "sliding_attention" else 0
                                                                          for kind in _layer_types(c, where, 4)])
     return config, OLMO2_NAMES, {}
@@ -811,11 +820,17 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch.startswith("gemma"):
         c |= gemma_gguf_config(c, get)
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    if arch == "olmo2" and window:  # OLMo-3, as llama.cpp stores it: every fourth layer global, one rotary base for all
+        if "rope_scaling" in c:
+            raise ValueError(f"{path}: an olmo2 file with a sliding window and rope scaling is not implemented")
+        c |= dict(model_type="olmo3", sliding_window=window, rope_parameters={
+            kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
     if arch == "phi3":
         if "rope_factors_long.weight" in shapes:
             raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
                              "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
-        c["sliding_window"] = metadata.get("phi3.attention.sliding_window")
+        c["sliding_window"] = window
         c["partial_rotary_factor"] = get("rope.dimension_count", c["head_dim"]) / c["head_dim"]
     return c
 

@@ -34,8 +34,8 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
-         "llama-yarn": ("llama", dict(rope_theta=100.0, rope_scaling=dict(  # a ramp over dims 0 to 5 of 8
-             rope_type="yarn", factor=2.0, original_max_position_embeddings=32, beta_fast=4.0, beta_slow=0.5, mscale=2.0,
+         "llama-yarn": ("llama", dict(rope_theta=100.0, rope_scaling=dict(  # a ramp from frequency 2 to 6 of 8
+             rope_type="yarn", factor=2.0, original_max_position_embeddings=32, beta_fast=1.5, beta_slow=0.25, mscale=2.0,
              mscale_all_dim=1.0))),
          "qwen3-yarn": ("qwen3", dict(head_dim=16, rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=16, attention_factor=1.5))),
@@ -170,6 +170,28 @@ def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
     if family == "gpt_neox":
         assert rope["partial_rotary_factor"] == older["rotary_pct"]
     ours = models.from_pretrained(str(tmp_path))
+    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+# fields a config.json may leave out, which transformers then gives its family's defaults (SmolLM3: a tied head, base 2e6,
+# 4 key / value heads; OLMo-3: base 500000 on every layer, a window on three in four; OLMo-2, Phi-3: norm eps 1e-5)
+LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "num_key_value_heads", "sliding_window",
+            "layer_types", "no_rope_layers")
+
+
+@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3"])
+def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
+    t = need("transformers")
+    heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
+    tiny_hf(family, num_hidden_layers=4, **heads).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in LEFT_OUT}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.tied_head == (family == "smollm3") and ours.config.n_kv_head == 4
     x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = theirs(x).logits
@@ -364,6 +386,12 @@ def test_clear_errors(tmp_path):
                                   rope_scaling=dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)),
                              r"config.json: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"),
                             (dict(model_type="smollm3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, no_rope_layer_interval=0),
+                             "config.json: no_rope_layer_interval=0 must be a positive integer"),
+                            (dict(model_type="olmo3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, sliding_window=None),
+                             "config.json: sliding_window=None must be a positive integer"),
+                            (dict(model_type="smollm3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, no_rope_layers=[1, 0, 1]),
                              "config.json: no_rope_layers must give 1 \\(rotary\\) or 0 \\(none\\) for each of the 2 layers"),
                             (dict(model_type=["llama"]), r"model_type \['llama'\] is not supported")] + [
@@ -373,6 +401,12 @@ def test_clear_errors(tmp_path):
                                                   (dict(rope_scaling="linear"), "rope_scaling='linear' must be a dict"),
                                                   (dict(rope_scaling=dict(type="linear", factor="2")),
                                                    "rotary_scaling's factor='2' must be a positive number"),
+                                                  (dict(rope_scaling=dict(rope_type="yarn", factor="2",
+                                                                          original_max_position_embeddings=32)),
+                                                   "rope_scaling's factor='2' must be a positive number"),
+                                                  (dict(rope_scaling=dict(rope_type="yarn", factor=None,
+                                                                          original_max_position_embeddings=0)),
+                                                   "rope_scaling's original_max_position_embeddings=0 must be a positive"),
                                                   (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)),
                                                    r"rope_type 'yarn' needs \['original_max_position_embeddings'\]"),
                                                   (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate=False,

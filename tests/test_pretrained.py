@@ -99,14 +99,16 @@ def rounded(model, quantisation):
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
-                                               ("olmo2", "F32"), ("phi3", "Q8_0")])
+                                               ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
     Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. SmolLM3:
-    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). Phi-3:
-    a window of 5 and the rotary embedding on half of each head."""
+    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). OLMo-3:
+    stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four. Phi-3: a window of 5 and
+    the rotary embedding on half of each head."""
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
+               "olmo3": dict(num_hidden_layers=4, sliding_window=5),
                "phi3": dict(sliding_window=5, partial_rotary_factor=0.5)}.get(arch, {})
     theirs = tiny_hf(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
     divisors = None
@@ -114,9 +116,12 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
         divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
         assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
         arch = "llama"
-    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors)
+    family, changes = arch, {}
+    if arch == "olmo3":
+        arch, changes = "olmo2", {"attention.sliding_window": 5}
+    path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors, **changes)
     ours = models.from_pretrained(path)
-    assert ours.config.family == arch and ours.config.n_kv_head == 2 and not ours.config.tied_head
+    assert ours.config.family == family and ours.config.n_kv_head == 2 and not ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     reference = rounded(theirs, quantisation)
     with torch.no_grad():

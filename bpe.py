@@ -104,38 +104,40 @@ def compiled(pattern):
 SPLIT_BEHAVIORS = ("isolated", "removed", "merged_with_previous", "merged_with_next")
 
 
-def split(string, pattern, behavior):
-    """The pieces of `string` around the matches of `pattern`, as tokenizers' Split pre-tokenizer cuts
-    them: matches alone ('isolated'), dropped ('removed') or joined to the piece before or after."""
-    pieces, start, pending = [], 0, ""
+def split(string, pattern, behavior, invert=False):
+    """The pieces of `string` cut at the matches of `pattern` (with `invert`: at the text between them),
+    as tokenizers' Split pre-tokenizer cuts them: those delimiters alone ('isolated'), dropped
+    ('removed') or joined to the piece before or after, where that piece is not a delimiter too."""
+    parts, start = [], 0  # the text before the first match, the match, the text before the next one, ...
     for m in compiled(pattern).finditer(string):
-        if m.end() == m.start():
-            continue
-        gap = string[start:m.start()]
-        if behavior == "isolated":
-            pieces += [gap, m.group()]
-        elif behavior == "removed":
-            pieces.append(gap)
-        elif behavior == "merged_with_previous":
-            pieces.append(gap + m.group())
-        else:  # merged_with_next
-            pieces.append(pending + gap)
-            pending = m.group()
+        if m.end() > m.start():
+            parts += [string[start:m.start()], m.group()]
             start = m.end()
-            continue
-        start = m.end()
-    pieces.append(pending + string[start:])
-    return [p for p in pieces if p]
+    parts.append(string[start:])
+    if behavior == "isolated":
+        return [part for part in parts if part]
+    if behavior == "removed":
+        return [part for part in parts[1 if invert else 0::2] if part]
+    segments = [(part, i % 2 != invert) for i, part in enumerate(parts) if part]  # (part, whether it is a delimiter)
+    with_next = behavior == "merged_with_next"
+    pieces, beside_delimiter = [], False
+    for part, delimiter in reversed(segments) if with_next else segments:
+        if delimiter and pieces and not beside_delimiter:
+            pieces[-1] = part + pieces[-1] if with_next else pieces[-1] + part
+        else:
+            pieces.append(part)
+        beside_delimiter = delimiter
+    return pieces[::-1] if with_next else pieces
 
 
 def pre_tokenize(string, steps):
     """The words of `string` after each step in turn (a list of plain dicts: {"type": "Split",
-    "pattern", "behavior"} or {"type": "ByteLevel", "add_prefix_space", "use_regex"}), each step
+    "pattern", "behavior", "invert"} or {"type": "ByteLevel", "add_prefix_space", "use_regex"}), each step
     cutting every piece the one before left, as tokenizers' Sequence does."""
     pieces = [string]
     for step in steps:
         if step["type"] == "Split":
-            pieces = [q for p in pieces for q in split(p, step["pattern"], step["behavior"])]
+            pieces = [q for p in pieces for q in split(p, step["pattern"], step["behavior"], step.get("invert", False))]
         else:  # ByteLevel: GPT-2's pattern unless told otherwise
             if step["add_prefix_space"]:
                 pieces = [p if p.startswith(" ") else " " + p for p in pieces]
@@ -528,10 +530,11 @@ def _pre_tokenizers(spec, path):
         return [isolate(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")]
     if kind == "Split":
         behavior = re.sub(r"(?<!^)([A-Z])", r"_\1", spec["behavior"]).lower()  # MergedWithPrevious -> merged_with_previous
-        if behavior not in SPLIT_BEHAVIORS or spec.get("invert"):
-            raise ValueError(f"{path}: Split behavior {spec['behavior']!r} (invert {spec.get('invert')}) is not "
-                             f"implemented (supported: {', '.join(SPLIT_BEHAVIORS)}, not inverted)")
-        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior}
+        if behavior not in SPLIT_BEHAVIORS:
+            raise ValueError(f"{path}: Split behavior {spec['behavior']!r} is not implemented (supported: "
+                             f"{', '.join(SPLIT_BEHAVIORS)})")
+        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior,
+                "invert": bool(spec.get("invert", False))}
         compiled(step["pattern"])  # a pattern Python cannot take fails here, before any text
         return [step]
     raise ValueError(f"{path}: pre_tokenizer {kind!r} is not implemented (byte-level BPE takes Sequence, Split, "

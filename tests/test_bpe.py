@@ -46,10 +46,16 @@ def byte_level_cases(tk):
                                                       pt.Split(Regex(r"\p{Lu}"), "removed"),
                                                       pt.ByteLevel(add_prefix_space=True, use_regex=False)]),
                            template="<|im_start|> $A <|im_end|>"),
+        # inverted Splits: cl100k's pattern as tiktoken conversions write it (what it matches kept, the rest
+        # removed), then the text between runs of spaces joined to the run before and after it
+        "inverted": dict(pre_tokenizer=pt.Sequence([pt.Split(Regex(bpe.LLAMA3_SPLIT), "removed", invert=True),
+                                                    pt.Split(Regex(r"[^ ]+"), "merged_with_previous", invert=True),
+                                                    pt.Split(Regex(r"[^\n]+"), "merged_with_next", invert=True),
+                                                    pt.ByteLevel(False, use_regex=False)])),
     }
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen2", "smollm2", "behaviours"])
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "smollm2", "behaviours", "inverted"])
 def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
     tk = need("tokenizers")
     theirs = trained(tmp_path, **byte_level_cases(tk)[case])
@@ -58,6 +64,10 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
     unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
     for string in [unseen, LONG_LINE]:
         assert ours.encode(string, special=True) == theirs.encode(string).ids
+    # the pieces themselves: a piece cut too coarsely can give the same ids, where no merge crosses the cut
+    normalized = theirs.normalizer.normalize_str(SAMPLE) if theirs.normalizer else SAMPLE
+    as_bytes = ["".join(bpe.BYTE_TO_CHAR[b] for b in piece.encode()) for piece in bpe.pre_tokenize(normalized, ours.pre_tokenizers)]
+    assert as_bytes == [piece for piece, _ in theirs.pre_tokenizer.pre_tokenize_str(normalized)]
     for string in [SAMPLE, SAMPLE + "<|im_start|>user\n" + SAMPLE[:80] + "<|im_end|><think>x", "", " ", "\x1c\x1d a 12345"]:
         ids = ours.encode(string, special=True)
         assert ids == theirs.encode(string).ids and ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids

@@ -24,6 +24,7 @@ This file:
                   table from its tensor names to ours
   3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
 """
+import fractions
 import functools
 import math
 import os
@@ -830,8 +831,10 @@ def gguf_config(metadata, shapes, path):
         if "rope_factors_long.weight" in shapes:
             raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
                              "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
-        c["sliding_window"] = window
-        c["partial_rotary_factor"] = get("rope.dimension_count", c["head_dim"]) / c["head_dim"]
+        # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
+        c["sliding_window"] = None
+        # a Fraction, so that d_head times it is the file's count exactly
+        c["partial_rotary_factor"] = fractions.Fraction(get("rope.dimension_count", c["head_dim"]), c["head_dim"])
     return c
 
 
@@ -873,8 +876,10 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     table, transforms = GGUF_NAMES, {}
     if c["model_type"] in ("llama", "smollm3"):  # the architectures whose rotary llama.cpp computes on interleaved pairs
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
-    if c["model_type"] == "phi3":
-        table, transforms = GGUF_PHI3_NAMES, family_transforms
+    if c["model_type"] == "phi3":  # the MLP's gate and up stored as one tensor; q, k and v too, or apart
+        fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
+        fused += [f"blocks.{{i}}.attn.{x}" for x in "qkv" if "blk.0.attn_qkv.weight" in tensors]
+        table, transforms = table | {name: GGUF_PHI3_NAMES[name] for name in fused}, {name: family_transforms[name] for name in fused}
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 

@@ -25,9 +25,9 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
     """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma2 or Gemma3) as llama.cpp's converter writes it:
-    matrices in `quantisation` (norms and biases stay F32), Phi-3's fused q / k / v and gate / up as they are, q / k rows permuted for the llama and smollm3 architectures (whose
+    matrices in `quantisation` (norms and biases stay F32), Phi-3's fused q / k / v (or apart: qkv_apart) and gate / up, q / k rows permuted for the llama and smollm3 architectures (whose
     rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
     transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
     divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
@@ -41,9 +41,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
             "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
-    if arch == "phi3":  # its window, and the rotary embedding on a part of each head
-        meta |= {"attention.sliding_window": c.sliding_window,
-                 "rope.dimension_count": int(meta["attention.key_length"] * c.rope_parameters["partial_rotary_factor"])}
+    if arch == "phi3":  # the rotary embedding on a part of each head
+        meta |= {"rope.dimension_count": int(meta["attention.key_length"] * c.rope_parameters["partial_rotary_factor"])}
     if gemma:
         meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
@@ -60,6 +59,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
+
+    def add(gguf_name, w):
+        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+
     for name, t in model.state_dict().items():
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -74,10 +80,12 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             gguf_name = f"blk.{layer}.{names[part]}.{suffix}"
         else:
             gguf_name = f"{names[stem]}.{suffix}"
-        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        if qkv_apart and "qkv_proj" in name:
+            q, kv = c.num_attention_heads * meta["attention.key_length"], c.num_key_value_heads * meta["attention.key_length"]
+            for part, rows in zip(("attn_q", "attn_k", "attn_v"), np.split(w, [q, q + kv])):
+                add(gguf_name.replace("attn_qkv", part), rows)
         else:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+            add(gguf_name, w)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.numpy())
     writer.write_header_to_file()
@@ -99,18 +107,19 @@ def rounded(model, quantisation):
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
-                                               ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0")])
+                                               ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0"), ("phi3-apart", "F32")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
     Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. SmolLM3:
     four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). OLMo-3:
-    stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four. Phi-3: a window of 5 and
-    the rotary embedding on half of each head."""
+    stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four. Phi-3: the rotary
+    embedding on half of each head, a window of 5 in the metadata, which llama.cpp leaves out (full attention);
+    "phi3-apart": its q, k and v as three tensors, which llama.cpp reads too."""
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
                "olmo3": dict(num_hidden_layers=4, sliding_window=5),
-               "phi3": dict(sliding_window=5, partial_rotary_factor=0.5)}.get(arch, {})
-    theirs = tiny_hf(arch.replace("llama3", "llama"), tie_word_embeddings=False, **options)
+               "phi3": dict(partial_rotary_factor=0.5), "phi3-apart": dict(partial_rotary_factor=0.5)}.get(arch, {})
+    theirs = tiny_hf(arch.replace("llama3", "llama").replace("-apart", ""), tie_word_embeddings=False, **options)
     divisors = None
     if arch == "llama3":
         divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
@@ -119,6 +128,8 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     family, changes = arch, {}
     if arch == "olmo3":
         arch, changes = "olmo2", {"attention.sliding_window": 5}
+    if arch.startswith("phi3"):
+        family, arch, changes = "phi3", "phi3", {"attention.sliding_window": 5, "qkv_apart": arch == "phi3-apart"}
     path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors, **changes)
     ours = models.from_pretrained(path)
     assert ours.config.family == family and ours.config.n_kv_head == 2 and not ours.config.tied_head
@@ -227,6 +238,10 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
         "phi3.attention.layer_norm_rms_epsilon": 1e-5}
     with pytest.raises(ValueError, match=r"m.gguf: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"):
         models.gguf_config(phi3, {"token_embd.weight": (64, 64), "rope_factors_long.weight": (8,)}, "m.gguf")
+    # the rotary embedding on 30 of 44 dims: exactly the file's count (not 29, as 30 / 44 * 44 in floats)
+    partial = models.gguf_config(phi3 | {"phi3.embedding_length": 88, "phi3.attention.head_count": 2,
+                                         "phi3.rope.dimension_count": 30}, {"token_embd.weight": (64, 88)}, "m.gguf")
+    assert models.family_config(partial, "m.gguf")[0]["rotary_dims"] == 30
 
 
 def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):

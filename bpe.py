@@ -169,8 +169,9 @@ GGUF_PRE_TOKENIZERS = {
 # What both kinds share: added tokens cut out of the text first, and the BPE merge loop.
 
 
-def added_pattern(tokens):
-    """(tokens, regex) finding the leftmost-longest of `tokens` (a dict {content: id}), or None. The
+def added_pattern(tokens, lstrip=(), rstrip=()):
+    """(tokens, regex, lstrip, rstrip) finding the leftmost-longest of `tokens` (a dict {content: id}), or
+    None; the contents in lstrip (rstrip) take the whitespace before (after) them, as split_added says. The
     regex is a trie of the contents, so thousands of them (Gemma has 6,384) cost little per character."""
     tokens = {content: i for content, i in tokens.items() if content}
     if not tokens:
@@ -189,24 +190,39 @@ def added_pattern(tokens):
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
         return f"(?:{body})?" if "" in node else body  # greedy: the longer token first
 
-    return tokens, re.compile(alternatives(trie))
+    return tokens, re.compile(alternatives(trie)), frozenset(lstrip), frozenset(rstrip)
 
 
 def split_added(string, added):
-    """Yield (stretch, None) for plain stretches of the string and (content, id) for added tokens."""
+    """Yield (stretch, None) for plain stretches of the string and (content, id) for added tokens. A token
+    marked lstrip (rstrip) also takes the whitespace before (after) it, which is dropped: where the next
+    token starts inside that whitespace, it still counts, and what follows it is text again (as the
+    tokenizers library does)."""
     if added is None:
         if string:
             yield string, None
         return
-    ids, pattern = added
+    ids, pattern, lstrip, rstrip = added
     start = 0
     for m in pattern.finditer(string):
-        if m.start() > start:
-            yield string[start:m.start()], None
+        begin, end = m.start(), m.end()
+        if m.group() in lstrip:
+            while begin > start and is_whitespace(string[begin - 1]):
+                begin -= 1
+        if m.group() in rstrip:
+            while end < len(string) and is_whitespace(string[end]):
+                end += 1
+        if begin > start:
+            yield string[start:begin], None
         yield m.group(), ids[m.group()]
-        start = m.end()
+        start = end
     if start < len(string):
         yield string[start:], None
+
+
+def is_whitespace(ch):
+    """Whitespace as Rust (so the tokenizers library) has it: Python's, less the separators U+001C..U+001F."""
+    return ch.isspace() and ch not in "\x1c\x1d\x1e\x1f"
 
 
 def merge(parts, rank):
@@ -277,7 +293,7 @@ class BPETokenizer:
     def __init__(self, vocab, merges, added_tokens=(), normalizers=(), pre_tokenizers=(byte_level(),),
                  ignore_merges=False, bos=None, eos=None, prefix=(), suffix=()):
         self.vocab, self.merges = dict(vocab), [list(m) for m in merges]
-        self.added_tokens = [dict(t) for t in added_tokens]  # {"id", "content", "special", "normalized"}
+        self.added_tokens = [dict(t) for t in added_tokens]  # {"id", "content", "special", "normalized"[, "lstrip", "rstrip"]}
         self.normalizers, self.pre_tokenizers = list(normalizers), [dict(s) for s in pre_tokenizers]
         self.ignore_merges, self.bos, self.eos, self.prefix, self.suffix = ignore_merges, bos, eos, list(prefix), list(suffix)
         self.ranks = {tuple(m): rank for rank, m in enumerate(self.merges)}
@@ -287,7 +303,8 @@ class BPETokenizer:
         self.special_ids = {t["id"] for t in self.added_tokens if t["special"]}
         # added tokens are matched longest first; unnormalised ones in the raw text, the rest after normalising
         self.raw_added, self.normalized_added = (
-            added_pattern({t["content"]: t["id"] for t in self.added_tokens if t["normalized"] == normalized})
+            added_pattern({t["content"]: t["id"] for t in self.added_tokens if t["normalized"] == normalized},
+                          *({t["content"] for t in self.added_tokens if t.get(side)} for side in ("lstrip", "rstrip")))
             for normalized in (False, True))
         self.cache = Cache()
 
@@ -373,11 +390,12 @@ class SentencePieceBPE:
     """SentencePiece BPE over `tokens` (by id) with their `types`; merge priority from `merges` (pairs,
     best first) or else from `scores` (higher first; for one merged token, the longer left part first,
     as transformers orders the merges it derives). `dummy_prefix`: a "▁" before the text's first
-    stretch ("first", unless it starts with one) or before every stretch ("always"), or none."""
+    stretch ("first", unless it starts with one) or before every stretch ("always"), or none. lstrip, rstrip:
+    ids of added tokens that take the whitespace before or after them (split_added)."""
     kind = "sentencepiece"
 
     def __init__(self, tokens, types, scores=None, merges=None, bos=None, eos=None, unk=None, prefix=(), suffix=(),
-                 dummy_prefix="never"):
+                 dummy_prefix="never", lstrip=(), rstrip=()):
         if (scores is None) == (merges is None):
             raise ValueError("SentencePieceBPE takes either merges or scores, not both or neither")
         if dummy_prefix not in DUMMY_PREFIXES:
@@ -390,7 +408,9 @@ class SentencePieceBPE:
         self.pair_rank = self._score_rank if self.merges is None else {tuple(m): r for r, m in enumerate(self.merges)}.get
         self.byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in range(256)]
         self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
-        self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)})
+        self.lstrip, self.rstrip = sorted(lstrip), sorted(rstrip)
+        self.added = added_pattern({self.tokens[i]: i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)},
+                                   {self.tokens[i] for i in self.lstrip}, {self.tokens[i] for i in self.rstrip})
         # where a vocabulary token with "▁" after another character (Gemma has one: ">▁</") starts: a merge
         # can cross the cut before that "▁"
         crossing = added_pattern({t: 0 for t in self.vocab if SPACE in t.lstrip(SPACE)})
@@ -412,7 +432,8 @@ class SentencePieceBPE:
         return {"kind": self.kind, "tokens": separator.join(self.tokens), "separator": separator,
                 "types": "".join(map(str, self.types)), "scores": None if self.scores is None else _hex("f", self.scores),
                 "merges": None if ids is None else _hex("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
-                "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix}
+                "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix, "lstrip": self.lstrip,
+                "rstrip": self.rstrip}
 
     @classmethod
     def from_dict(cls, data):
@@ -420,7 +441,8 @@ class SentencePieceBPE:
         scores, merges = (None if data[key] is None else _from_hex(code, data[key]) for key, code in (("scores", "f"), ("merges", "I")))
         return cls(tokens, list(map(int, data["types"])), scores=scores,
                    merges=None if merges is None else [(tokens[a], tokens[b]) for a, b in zip(merges[::2], merges[1::2])],
-                   **{k: data[k] for k in ("bos", "eos", "unk", "prefix", "suffix", "dummy_prefix")})
+                   **{k: data[k] for k in ("bos", "eos", "unk", "prefix", "suffix", "dummy_prefix")},
+                   **{k: data.get(k, ()) for k in ("lstrip", "rstrip")})
 
     def encode(self, string, special=False):
         """str (or bytes, read as UTF-8) -> list of token ids; with special=True, between `prefix` and
@@ -596,9 +618,10 @@ def _sentencepiece_from_json(spec, path):
     ids = {t: i for i, t in enumerate(tokens)}
     prefix, suffix = _template(spec.get("post_processor"), path)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    strip = {side: [t["id"] for t in spec.get("added_tokens", []) if t.get(side)] for side in ("lstrip", "rstrip")}
     return SentencePieceBPE(tokens, types, merges=merges, bos=prefix[0] if prefix else ids.get("<s>", ids.get("<bos>")),
                             eos=ids.get("</s>", ids.get("<eos>")), unk=ids.get(model.get("unk_token")), prefix=prefix,
-                            suffix=suffix, dummy_prefix=dummy)
+                            suffix=suffix, dummy_prefix=dummy, **strip)
 
 
 def load_tokenizer(folder):
@@ -629,9 +652,8 @@ def _tokenizer_of_folder(folder, config):
             if model.get(option):
                 raise ValueError(f"{path}: BPE option {option}={model[option]!r} is not implemented")
         for t in spec.get("added_tokens", []):
-            for option in ("single_word", "lstrip", "rstrip"):
-                if t.get(option):
-                    raise ValueError(f"{path}: added token {t['content']!r} uses {option}, which is not implemented")
+            if t.get("single_word"):
+                raise ValueError(f"{path}: added token {t['content']!r} uses single_word, which is not implemented")
         if model.get("byte_fallback"):
             return _sentencepiece_from_json(spec, path)
         if (spec.get("decoder") or {}).get("type") not in ("ByteLevel", None):
@@ -642,6 +664,7 @@ def _tokenizer_of_folder(folder, config):
             raise ValueError(f"{path}: the pre_tokenizer has no ByteLevel step, so this is not byte-level BPE")
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         added = [{"id": t["id"], "content": t["content"], "special": t["special"], "normalized": t["normalized"]}
+                 | {side: True for side in ("lstrip", "rstrip") if t.get(side)}
                  for t in spec.get("added_tokens", [])]
         normalizers = [n["type"] for n in _normalizers(spec.get("normalizer"))]
         if any(n not in NORMALIZERS for n in normalizers):
@@ -664,11 +687,11 @@ def _tokenizer_of_folder(folder, config):
             added |= {t: {"id": int(i), "content": t, "special": False, "normalized": False}
                       for t, i in formats.read_json(os.path.join(folder, "added_tokens.json")).items()}
         for i, t in config.get("added_tokens_decoder", {}).items():
-            if any(t.get(option) for option in ("single_word", "lstrip", "rstrip")):
-                raise ValueError(f"{folder}/tokenizer_config.json: added token {t['content']!r} uses single_word, lstrip "
-                                 f"or rstrip, which is not implemented")
+            if t.get("single_word"):
+                raise ValueError(f"{folder}/tokenizer_config.json: added token {t['content']!r} uses single_word, "
+                                 f"which is not implemented")
             added[t["content"]] = {"id": int(i), "content": t["content"], "special": bool(t.get("special")),
-                                   "normalized": bool(t.get("normalized"))}
+                                   "normalized": bool(t.get("normalized"))} | {side: True for side in ("lstrip", "rstrip") if t.get(side)}
         return BPETokenizer(vocab, merges, list(added.values()), bos=vocab.get("<|endoftext|>"))
     sentencepiece = os.path.isfile(os.path.join(folder, "tokenizer.model"))
     raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)" + (
@@ -750,4 +773,5 @@ def check_tokenizer(tokenizer, vocab_size, where):
     return SentencePieceBPE(tokenizer.tokens[:vocab_size], tokenizer.types[:vocab_size],
                             scores=None if tokenizer.scores is None else tokenizer.scores[:vocab_size], merges=tokenizer.merges,
                             bos=tokenizer.bos, eos=tokenizer.eos, unk=tokenizer.unk, prefix=tokenizer.prefix,
-                            suffix=tokenizer.suffix, dummy_prefix=tokenizer.dummy_prefix)
+                            suffix=tokenizer.suffix, dummy_prefix=tokenizer.dummy_prefix,
+                            lstrip=[i for i in tokenizer.lstrip if i < vocab_size], rstrip=[i for i in tokenizer.rstrip if i < vocab_size])

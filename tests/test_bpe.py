@@ -149,6 +149,24 @@ def test_sentencepiece_bpe_equals_the_tokenizers_library(variant, tmp_path):
     assert bpe.tokenizer_from_dict(json.loads(json.dumps(ours.to_dict()))).to_dict() == ours.to_dict()
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_added_tokens_taking_the_whitespace_beside_them(kind, tmp_path):
+    """Added tokens marked rstrip / lstrip (Phi-3's <|end|>, <|user|>, ...) take the whitespace after / before
+    them, as the tokenizers library encodes it: also where an added token (a newline) starts inside it, and
+    not U+001C..U+001F, which Python calls whitespace and Rust does not."""
+    tk = need("tokenizers")
+    theirs = trained_sentencepiece(tmp_path) if kind == "sentencepiece" else trained(tmp_path, None, added=["\n\n"])
+    theirs.add_special_tokens([tk.AddedToken("<|end|>", rstrip=True, normalized=False, special=True),
+                               tk.AddedToken("<|user|>", lstrip=True, rstrip=True, normalized=False, special=True)])
+    theirs.add_tokens([tk.AddedToken("[L]", lstrip=True, normalized=False)])
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load_tokenizer(str(tmp_path))
+    again = bpe.tokenizer_from_dict(through_checkpoint(ours.to_dict()))
+    for string in ["a <|end|>  \n\n b", "<|user|> hi\t<|end|>\u3000x\x1c y <|end|>\x1f", " \t<|user|>\n\n\t<|end|>",
+                   "x<|end|>", "<|end|>", "  [L] [L]x \n\n[L]", SAMPLE + "<|user|>" + SAMPLE[:60]]:
+        assert ours.encode(string) == again.encode(string) == theirs.encode(string, add_special_tokens=False).ids, repr(string)
+
+
 def test_metaspace_prepending_first_equals_the_tokenizers_library(tmp_path):
     """Mistral's and Llama-2's (legacy=False) tokenizer.json: no normalizer, a Metaspace pre-tokenizer putting
     a "▁" before the text's first stretch only, and none where the text starts with a space (not "▁▁")."""

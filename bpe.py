@@ -610,8 +610,9 @@ def _sentencepiece_from_json(spec, path):
         if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
             types[i] = BYTE
     for t in spec.get("added_tokens", []):
-        if t.get("normalized") and not t["special"]:
-            raise ValueError(f"{path}: added token {t['content']!r} is normalized, which is not implemented here")
+        if t.get("normalized") and (not t["special"] or t.get("lstrip") or t.get("rstrip")):
+            raise ValueError(f"{path}: added token {t['content']!r} is normalized (and not special, or stripping "
+                             f"whitespace), which is not implemented here")
         tokens[t["id"]], types[t["id"]] = t["content"], CONTROL if t["special"] else USER_DEFINED
     if None in tokens:
         raise ValueError(f"{path}: the vocabulary has no token of id {tokens.index(None)}")

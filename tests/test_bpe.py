@@ -478,6 +478,18 @@ def test_clear_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=r"unknown Unicode class"):
         bpe.load_tokenizer(str(tmp_path))
+    spec["pre_tokenizer"] = {"type": "ByteLevel"}
+    spec["added_tokens"] = [{"id": 1, "content": "<x>", "special": True, "normalized": False, "single_word": True}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="added token '<x>' uses single_word, which is not implemented"):
+        bpe.load_tokenizer(str(tmp_path))
+    # SentencePiece: a special token matched after the normaliser (spaces already "▁") that strips whitespace
+    spec = {"model": {"type": "BPE", "byte_fallback": True, "vocab": {"a": 0}, "merges": []},
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": bpe.SPACE},
+            "added_tokens": [{"id": 1, "content": "<|end|>", "special": True, "normalized": True, "rstrip": True}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"added token '<\|end\|>' is normalized \(and not special, or stripping whitespace\)"):
+        bpe.load_tokenizer(str(tmp_path))
 
 
 # --- the real models ---------------------------------------------------------------------------

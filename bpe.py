@@ -432,8 +432,8 @@ class SentencePieceBPE:
         return {"kind": self.kind, "tokens": separator.join(self.tokens), "separator": separator,
                 "types": "".join(map(str, self.types)), "scores": None if self.scores is None else _hex("f", self.scores),
                 "merges": None if ids is None else _hex("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
-                "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix, "lstrip": self.lstrip,
-                "rstrip": self.rstrip}
+                "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix} | {
+                    side: ids for side, ids in (("lstrip", self.lstrip), ("rstrip", self.rstrip)) if ids}  # only where set: text.py keys corpora by to_dict()
 
     @classmethod
     def from_dict(cls, data):
@@ -555,8 +555,8 @@ def _pre_tokenizers(spec, path):
         if behavior not in SPLIT_BEHAVIORS:
             raise ValueError(f"{path}: Split behavior {spec['behavior']!r} is not implemented (supported: "
                              f"{', '.join(SPLIT_BEHAVIORS)})")
-        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior,
-                "invert": bool(spec.get("invert", False))}
+        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior}
+        step |= {"invert": True} if spec.get("invert") else {}  # only where set: text.py keys corpora by to_dict()
         compiled(step["pattern"])  # a pattern Python cannot take fails here, before any text
         return [step]
     raise ValueError(f"{path}: pre_tokenizer {kind!r} is not implemented (byte-level BPE takes Sequence, Split, "

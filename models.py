@@ -807,9 +807,19 @@ def gguf_config(metadata, shapes, path):
     c["rope_theta"] = get("rope.freq_base", 10000.0)
     # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear
     factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
-    kind = _option({"type": get("rope.scaling.type", "linear" if factor else "none")}, "type", "none", ["none", "linear"], path)
+    kind = _option({"type": get("rope.scaling.type", "linear" if factor else "none")}, "type", "none",
+                   ["none", "linear", "yarn"], path)
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
+    if kind == "yarn":  # llama.cpp's YaRN is transformers': the same ramp, queries and keys times 0.1 ln(factor) + 1
+        other = [key for key in ("attn_factor", "yarn_attn_factor", "yarn_log_multiplier", "yarn_ext_factor")
+                 if f"{arch}.rope.scaling.{key}" in metadata]
+        if other:
+            raise ValueError(f"{path}: YaRN with rope.scaling.{other[0]} is not implemented")
+        c["rope_scaling"] = {"rope_type": "yarn", "factor": get("rope.scaling.factor"),
+                             "original_max_position_embeddings": get("rope.scaling.original_context_length",
+                                                                     c["max_position_embeddings"]),
+                             "beta_fast": get("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": get("rope.scaling.yarn_beta_slow", 1.0)}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
     c["vocab_size"] = shapes["token_embd.weight"][0]

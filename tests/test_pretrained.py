@@ -49,7 +49,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     meta = {key: value for key, value in meta.items() if key not in drop} | changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
-        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+        (writer.add_string if isinstance(value, str) else writer.add_float32 if isinstance(value, float) else
+         writer.add_uint32)(f"{arch}.{key}", value)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
@@ -107,19 +108,24 @@ def rounded(model, quantisation):
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
-                                               ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0"), ("phi3-apart", "F32")])
+                                               ("qwen3-yarn", "F32"), ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0"),
+                                               ("phi3-apart", "F32")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
-    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. SmolLM3:
+    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. "qwen3-yarn":
+    YaRN, stored as its type, factor and original context (and the ramp's ends, here not the defaults). SmolLM3:
     four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). OLMo-3:
     stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four. Phi-3: the rotary
     embedding on half of each head, a window of 5 in the metadata, which llama.cpp leaves out (full attention);
     "phi3-apart": its q, k and v as three tensors, which llama.cpp reads too."""
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=1.0, beta_slow=0.25)
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
+               "qwen3-yarn": dict(head_dim=32, rope_scaling=yarn),
                "olmo3": dict(num_hidden_layers=4, sliding_window=5),
                "phi3": dict(partial_rotary_factor=0.5), "phi3-apart": dict(partial_rotary_factor=0.5)}.get(arch, {})
-    theirs = tiny_hf(arch.replace("llama3", "llama").replace("-apart", ""), tie_word_embeddings=False, **options)
+    theirs = tiny_hf(arch.replace("llama3", "llama").replace("-apart", "").replace("-yarn", ""), tie_word_embeddings=False,
+                     **options)
     divisors = None
     if arch == "llama3":
         divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
@@ -128,6 +134,10 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     family, changes = arch, {}
     if arch == "olmo3":
         arch, changes = "olmo2", {"attention.sliding_window": 5}
+    if arch == "qwen3-yarn":
+        family, arch, changes = "qwen3", "qwen3", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                                                   "rope.scaling.original_context_length": 16,
+                                                   "rope.scaling.yarn_beta_fast": 1.0, "rope.scaling.yarn_beta_slow": 0.25}
     if arch.startswith("phi3"):
         family, arch, changes = "phi3", "phi3", {"attention.sliding_window": 5, "qkv_apart": arch == "phi3-apart"}
     path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors, **changes)
@@ -220,7 +230,10 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
              (dict(**{"attention.head_count": 6, "attention.head_count_kv": 3}), r"blk.0.attn_q.weight has shape \(64, 64\)"),
              (dict(expert_count=4), "a mixture-of-experts model \\(llama.expert_count = 4\\); this module reads dense"),
              (dict(**{"attention.head_count": 0}), "metadata llama.attention.head_count = 0 must be a positive integer"),
-             (dict(**{"rope.freq_base": 0.0}), "rotary_base=0.0 must be a positive number")]
+             (dict(**{"rope.freq_base": 0.0}), "rotary_base=0.0 must be a positive number"),
+             (dict(**{"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0, "rope.scaling.attn_factor": 1.2}),
+              "YaRN with rope.scaling.attn_factor is not implemented"),
+             (dict(**{"rope.scaling.type": "longrope"}), r"type='longrope' is not implemented \(supported: \['none', 'linear', 'yarn'\]\)")]
     for changes, message in cases:
         path = write_gguf(tmp_path / "bad.gguf", theirs, **changes)
         with pytest.raises(ValueError, match=message) as e:

@@ -811,15 +811,14 @@ def gguf_config(metadata, shapes, path):
                    ["none", "linear", "yarn"], path)
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
-    if kind == "yarn":  # llama.cpp's YaRN is transformers': the same ramp, queries and keys times 0.1 ln(factor) + 1
-        other = [key for key in ("attn_factor", "yarn_attn_factor", "yarn_log_multiplier", "yarn_ext_factor")
-                 if f"{arch}.rope.scaling.{key}" in metadata]
-        if other:
-            raise ValueError(f"{path}: YaRN with rope.scaling.{other[0]} is not implemented")
+    if kind == "yarn":
+        # llama.cpp's YaRN is transformers' with its default ramp ends (for these architectures it reads no
+        # yarn_beta_* keys): queries and keys times 0.1 ln(factor) + 1, times rope.scaling.attn_factor if given
+        if get("rope.scaling.attn_factor", 1.0) != 1.0:
+            raise ValueError(f"{path}: YaRN with rope.scaling.attn_factor other than 1 is not implemented")
         c["rope_scaling"] = {"rope_type": "yarn", "factor": get("rope.scaling.factor"),
                              "original_max_position_embeddings": get("rope.scaling.original_context_length",
-                                                                     c["max_position_embeddings"]),
-                             "beta_fast": get("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": get("rope.scaling.yarn_beta_slow", 1.0)}
+                                                                     c["max_position_embeddings"])}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path}: tensor token_embd.weight is missing; the file is truncated or not a language model")
     c["vocab_size"] = shapes["token_embd.weight"][0]

@@ -813,7 +813,7 @@ def gguf_config(metadata, shapes, path):
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
     if kind == "yarn":
         # llama.cpp's YaRN is transformers' with its default ramp ends (for these architectures it reads no
-        # yarn_beta_* keys): queries and keys times 0.1 ln(factor) + 1, times rope.scaling.attn_factor if given
+        # yarn_beta_* keys): queries and keys times 0.1 ln(factor) + 1, and by rope.scaling.attn_factor, not taken here
         if get("rope.scaling.attn_factor", 1.0) != 1.0:
             raise ValueError(f"{path}: YaRN with rope.scaling.attn_factor other than 1 is not implemented")
         c["rope_scaling"] = {"rope_type": "yarn", "factor": get("rope.scaling.factor"),

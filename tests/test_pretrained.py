@@ -26,12 +26,13 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
-    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma2 or Gemma3) as llama.cpp's converter writes it:
-    matrices in `quantisation` (norms and biases stay F32), Phi-3's fused q / k / v (or apart: qkv_apart) and gate / up, q / k rows permuted for the llama and smollm3 architectures (whose
-    rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
-    transformers), metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out; rope_freqs: the
-    divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope scaling. Gemma's
-    norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
+    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma2 or Gemma3) as llama.cpp's
+    converter writes it: matrices in `quantisation` (norms and biases stay F32); Phi-3's q / k / v fused (or
+    apart: qkv_apart) and its gate / up fused; q / k rows permuted for the llama and smollm3 architectures
+    (whose rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
+    transformers); metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out;
+    rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
+    scaling. Gemma's norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -112,14 +113,14 @@ def rounded(model, quantisation):
                                                ("phi3-apart", "F32")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
-    matrices rounded to the format (gguf's own dequantisation), which is not the original. "llama3":
-    Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it. "qwen3-yarn":
-    YaRN, stored as its type, factor and original context; the ramp's ends, if written, are not read (llama.cpp
-    reads them for other architectures only). SmolLM3:
-    four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so). OLMo-3:
-    stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four. Phi-3: the rotary
-    embedding on half of each head, a window of 5 in the metadata, which llama.cpp leaves out (full attention);
-    "phi3-apart": its q, k and v as three tensors, which llama.cpp reads too."""
+    matrices rounded to the format (gguf's own dequantisation), which is not the original.
+    - "llama3": Llama-3's rope scaling, stored as the ratios of transformers' frequencies before and after it.
+    - "qwen3-yarn": YaRN, stored as its type, factor and original context; the ramp's ends, if written, are not
+      read (llama.cpp reads them for other architectures only).
+    - SmolLM3: four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so).
+    - OLMo-3: stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four.
+    - Phi-3: the rotary embedding on half of each head; a window of 5 in the metadata, which llama.cpp leaves
+      out (full attention); "phi3-apart": its q, k and v as three tensors, which llama.cpp reads too."""
     yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
                "qwen3-yarn": dict(head_dim=32, rope_scaling=yarn),

@@ -433,7 +433,8 @@ class SentencePieceBPE:
                 "types": "".join(map(str, self.types)), "scores": None if self.scores is None else _hex("f", self.scores),
                 "merges": None if ids is None else _hex("I", ids), "bos": self.bos, "eos": self.eos, "unk": self.unk,
                 "prefix": self.prefix, "suffix": self.suffix, "dummy_prefix": self.dummy_prefix} | {
-                    side: ids for side, ids in (("lstrip", self.lstrip), ("rstrip", self.rstrip)) if ids}  # only where set: text.py keys corpora by to_dict()
+                    # only where set: text.py keys corpora by to_dict()
+                    side: ids for side, ids in (("lstrip", self.lstrip), ("rstrip", self.rstrip)) if ids}
 
     @classmethod
     def from_dict(cls, data):
@@ -692,7 +693,8 @@ def _tokenizer_of_folder(folder, config):
                 raise ValueError(f"{folder}/tokenizer_config.json: added token {t['content']!r} uses single_word, "
                                  f"which is not implemented")
             added[t["content"]] = {"id": int(i), "content": t["content"], "special": bool(t.get("special")),
-                                   "normalized": bool(t.get("normalized"))} | {side: True for side in ("lstrip", "rstrip") if t.get(side)}
+                                   "normalized": bool(t.get("normalized"))}
+            added[t["content"]] |= {side: True for side in ("lstrip", "rstrip") if t.get(side)}
         return BPETokenizer(vocab, merges, list(added.values()), bos=vocab.get("<|endoftext|>"))
     sentencepiece = os.path.isfile(os.path.join(folder, "tokenizer.model"))
     raise ValueError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)" + (
@@ -775,4 +777,4 @@ def check_tokenizer(tokenizer, vocab_size, where):
                             scores=None if tokenizer.scores is None else tokenizer.scores[:vocab_size], merges=tokenizer.merges,
                             bos=tokenizer.bos, eos=tokenizer.eos, unk=tokenizer.unk, prefix=tokenizer.prefix,
                             suffix=tokenizer.suffix, dummy_prefix=tokenizer.dummy_prefix,
-                            lstrip=[i for i in tokenizer.lstrip if i < vocab_size], rstrip=[i for i in tokenizer.rstrip if i < vocab_size])
+                            **{side: [i for i in getattr(tokenizer, side) if i < vocab_size] for side in ("lstrip", "rstrip")})

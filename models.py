@@ -165,7 +165,8 @@ def rotary_frequencies(dims, base, scaling):
     if scaling.get("rope_type") == "yarn":
         def dim_turning(times):  # the dimension whose wavelength fits `times` times into the original context
             return dims * math.log(scaling["original_max_position_embeddings"] / (times * 2 * math.pi)) / (2 * math.log(base))
-        low, high = max(math.floor(dim_turning(scaling["beta_fast"])), 0), min(math.ceil(dim_turning(scaling["beta_slow"])), dims - 1)
+        low = max(math.floor(dim_turning(scaling["beta_fast"])), 0)
+        high = min(math.ceil(dim_turning(scaling["beta_slow"])), dims - 1)
         ramp = ((torch.arange(dims // 2).float() - low) / (high - low if high != low else 0.001)).clamp(0, 1)
         kept = 1 - ramp  # the share of each frequency kept as it is (written as transformers does, to the last bit)
         return 1.0 / (scaling["factor"] * base ** (torch.arange(0, dims, 2).float() / dims)) * (1 - kept) + inv_freq * kept
@@ -213,7 +214,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.qk_norm:  # each norm over its width: one head's dims, or all heads' (OLMo-2)
-            q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+            q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2)
+                    for norm, t in ((self.q_norm, q), (self.k_norm, k)))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
             q, k = (rotary(t, start, self.inv_freq, self.rotary_scale) for t in (q, k))

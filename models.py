@@ -307,6 +307,12 @@ FORMER_FIELDS = dict(attn_scale=None, qkv_bias=True, learned_positions=True, rot
                      parallel_residual=False, gelu="none", ln_eps=1e-5, tied_head=False)
 
 
+def config_from_dict(config):
+    """The config object of a checkpoint's config dict: a TransformerConfig (it names its family) or a
+    codebook.GPTConfig, a field the dict lacks (a checkpoint written before the field was added) at its default."""
+    return (TransformerConfig if "family" in config else cb.GPTConfig)(**config)
+
+
 def model_from_config(config):
     """An untrained model of a checkpoint's config dict: a Transformer (it names its family) or a
     codebook.GPT (also one saved with FORMER_FIELDS)."""

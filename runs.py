@@ -268,6 +268,25 @@ def check_intact(path):
         raise ValueError(f"checkpoint {path} is corrupt (its part {bad} fails its checksum): delete it to redo its stage")
 
 
+def saved_config(config):
+    """A checkpoint's config dict as its class rebuilds it now: the fields added since it was written (a
+    new field's default keeps the former behaviour), nested codebook specs' too, at their defaults, so
+    that a run at those defaults goes on from it. One no config class takes (a field since removed, a
+    value refused) stays as saved, for first_difference to name what differs."""
+    import models  # here, not at the top: models.py reads checkpoints with this module
+    try:
+        return models.config_from_dict(config).to_dict()
+    except (TypeError, ValueError):
+        return config
+
+
+def saved_run(state):
+    """The settings that shaped a checkpoint `state` of the loop (config, data, loop; only the config in
+    a checkpoint saved outside it), its config as saved_config gives it."""
+    saved = state.get("run", {"config": state["config"]})
+    return saved | {"config": saved_config(saved["config"])}
+
+
 def load_model(path, device="cpu"):
     """Rebuild a model from a checkpoint (a codebook.GPT or a pretrained family's Transformer), in eval mode."""
     import models  # here, not at the top: models.py reads checkpoints with this module
@@ -295,7 +314,7 @@ def loop_state(summed, world, device="cpu"):
 def resume(path, state, run, model, optimizer, summed, rank, world):
     """Continue from a checkpoint `state` of the loop, refusing one whose `run` (the settings that
     shape training) differs from this run's; returns (step, history)."""
-    refuse_other_settings(path, state.get("run", {"config": state["config"]}), run)
+    refuse_other_settings(path, saved_run(state), run)
     saved_ranks = len(state["loop_state"]["rng"])
     if state["step"] < run["loop"]["steps"] and saved_ranks != world:
         raise ValueError(f"{path} was written by {saved_ranks} process(es), this run has {world}: resume with as many")
@@ -340,7 +359,7 @@ def check_stage(path, config, steps, lr, settings=None, **options):
     leave out (train's defaults) is not compared, nor are the options that do not shape training."""
     if os.path.exists(path):
         state = load_checkpoint(path, mmap=True)
-        saved = state.get("run", {"config": state["config"]})
+        saved = saved_run(state)
         loop = {"steps": steps, "lr": lr} | {name: value for name, value in options.items() if name in LOOP}
         refuse_other_settings(path, saved | {"loop": {name: saved.get("loop", {}).get(name) for name in loop}},
                               {"config": config, "settings": settings or {}, "loop": loop})

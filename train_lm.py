@@ -247,7 +247,7 @@ def starting_model(args):
     made_here = os.path.join(args.out, "base.pt")
     if base is not None and os.path.isfile(made_here):  # the later stages there started from what that file held then
         state, given = runs.load_checkpoint(made_here, mmap=True), args.init_from or args.hf
-        before, now = state["config"], base.config.to_dict()
+        before, now = runs.saved_config(state["config"]), base.config.to_dict()
         changed = [key for key in now if before.get(key) != now[key]]  # another --block_size, or another file
         if changed:
             raise ValueError(f"{given} gives a model with {changed[0]} {now[changed[0]]!r}, {made_here} was made from it "

@@ -655,6 +655,56 @@ def test_check_stage_refuses_now_what_train_would_refuse_when_the_stage_came(tmp
         runs.train(tiny_model(), random_batches, steps=2, lr=1e-2, warmup=1, ckpt_path=path)  # as train does
 
 
+def test_a_checkpoint_from_before_a_config_field_was_added_resumes_at_its_default_and_refuses_another_value(tmp_path):
+    """A checkpoint written before TransformerConfig (or CodebookSpec) gained a field lacks it: a run at the
+    field's default, which keeps the former behaviour, resumes it exactly and loads from it; a real difference
+    is refused as before, in one line."""
+    def model(**changes):
+        torch.manual_seed(0)
+        return models.Transformer(models.TransformerConfig(
+            vocab_size=11, block_size=16, n_layer=2, n_head=4, d_model=32, d_mlp=64, norm="rmsnorm", rotary_dims=4,
+            codebooks={"attn": dict(num_codes=16, k=2)}, **changes))
+
+    def batches(i, rank, world):
+        if i == 3 and stop_at_3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return random_batches(i, rank, world)
+
+    def as_an_older_version_wrote_it(source, path, **changes):
+        state = torch.load(source, weights_only=True)
+        for config in (state["config"], state["run"]["config"]):
+            for name in ("no_rotary_layers", "pre_norms", "qk_norm_across_heads"):
+                del config[name]
+            del config["codebooks"]["attn"]["beta"]  # a nested codebook spec's field too
+            config |= changes
+        runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    settings = dict(steps=6, lr=3e-3, revive_every=2, log_every=1, ckpt_every=2)
+    stop_at_3 = False
+    straight = runs.train(model(), batches, **settings)
+    stop_at_3 = True
+    with pytest.raises(runs.Interrupted, match="written at step 4"):
+        runs.train(model(), batches, ckpt_path=str(tmp_path / "run.pt"), **settings)
+    stop_at_3 = False
+    path = as_an_older_version_wrote_it(str(tmp_path / "run.pt"), str(tmp_path / "older.pt"))
+    runs.check_stage(path, model().config.to_dict(), **settings)
+    resumed = runs.train(model(), batches, ckpt_path=path, **settings)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history
+    finished = as_an_older_version_wrote_it(path, str(tmp_path / "finished.pt"))
+    assert torch.equal(runs.load_model(finished)(tokens()), straight(tokens()))
+    for changes, now, words in [({}, dict(no_rotary_layers=[1]), "no_rotary_layers: [] in the checkpoint, [1] now"),
+                                ({"pre_norms": False}, {}, "pre_norms: False in the checkpoint, True now")]:
+        path = as_an_older_version_wrote_it(str(tmp_path / "run.pt"), str(tmp_path / "other.pt"), **changes)
+        refused = re.escape(f"{path} was trained with other settings (config.{words})")
+        with pytest.raises(ValueError, match=refused):
+            runs.check_stage(path, model(**now).config.to_dict(), **settings)
+        with pytest.raises(ValueError, match=refused):
+            runs.train(model(**now), batches, ckpt_path=path, **settings)
+
+
 def test_a_checkpoint_that_would_run_code_when_loaded_is_refused(tmp_path):
     class Runs:
         def __reduce__(self):

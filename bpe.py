@@ -728,13 +728,18 @@ def tokenizer_from_gguf(metadata):
     llama3 = model == "gpt2" and pre in ("llama-bpe", "llama3", "llama-v3")
     prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or llama3) and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+    # llama.cpp gives a model named Phi-3 (general.name) special tokens that drop the whitespace after them, as its
+    # tokenizer.json marks them rstrip: every control, user-defined and unknown token but <unk>, <s> and <|endoftext|>
+    phi3 = any(name in str(metadata.get("general.name", "")).lower() for name in ("phi-3", "phi3"))
+    rstrip = {i for i, (t, kind) in enumerate(zip(tokens, types))
+              if phi3 and kind in (CONTROL, USER_DEFINED, UNKNOWN) and t not in ("<unk>", "<s>", "<|endoftext|>")}
     if model == "gpt2":
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
         # control and user-defined tokens are added ones, but not those spelt outside the byte alphabet: mislabels
         # of llama.cpp's converter (as transformers reads these files)
         added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
-                 for i, (t, kind) in enumerate(zip(tokens, types))
+                 | ({"rstrip": True} if i in rstrip else {}) for i, (t, kind) in enumerate(zip(tokens, types))
                  if kind in (CONTROL, USER_DEFINED) and all(ch in CHAR_TO_BYTE for ch in t)]
         # a token spelt outside the byte alphabet stands for its UTF-8 (as transformers reads these files)
         vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
@@ -754,7 +759,7 @@ def tokenizer_from_gguf(metadata):
     # and as the same model's tokenizer.json (its Prepend normalizer) has it
     dummy = "always" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
     return SentencePieceBPE(tokens, types, scores=scores, bos=bos, eos=eos, unk=unk,
-                            prefix=prefix, suffix=suffix, dummy_prefix=dummy)
+                            prefix=prefix, suffix=suffix, dummy_prefix=dummy, rstrip=rstrip)
 
 
 def check_tokenizer(tokenizer, vocab_size, where):

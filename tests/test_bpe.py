@@ -303,6 +303,26 @@ def test_gguf_user_defined_tokens_are_not_special(tmp_path):
         assert kept == theirs.decode(ids, skip_special_tokens=True) and ("<think>" in kept or "\n\n" in kept), name
 
 
+def test_a_gguf_phi3_s_special_tokens_drop_the_whitespace_after_them(tmp_path):
+    """llama.cpp marks the special tokens of a model named Phi-3 (general.name; nothing else in the file says so)
+    as taking the whitespace after them, as Phi-3's tokenizer.json marks them rstrip: all control, user-defined
+    and unknown tokens but <unk>, <s> and <|endoftext|>. A model named otherwise keeps it. (Runs of
+    newlines are plain tokens here, as in Phi-3: llama.cpp cuts the longer special token out first, with its
+    whitespace, where the tokenizers library would still find a newline token starting inside that whitespace.)"""
+    metadata = sentencepiece_gguf(tmp_path)
+    metadata["tokenizer.ggml.token_type"] = [bpe.NORMAL if t == bpe.USER_DEFINED else t for t in metadata["tokenizer.ggml.token_type"]]
+    extra = {"<s>": bpe.CONTROL, "</s>": bpe.CONTROL, "<|endoftext|>": bpe.CONTROL, "<|user|>": bpe.CONTROL,
+             "<|end|>": bpe.CONTROL, "<|placeholder1|>": bpe.USER_DEFINED}
+    metadata |= {"tokenizer.ggml.tokens": metadata["tokenizer.ggml.tokens"] + list(extra),
+                 "tokenizer.ggml.token_type": metadata["tokenizer.ggml.token_type"] + list(extra.values()),
+                 "tokenizer.ggml.scores": metadata["tokenizer.ggml.scores"] + [0.0] * len(extra)}
+    phi3, other = (bpe.tokenizer_from_gguf(metadata | {"general.name": name}) for name in ("Phi-3 Mini 4k Instruct", "Llama"))
+    again = bpe.tokenizer_from_dict(through_checkpoint(phi3.to_dict()))
+    chat = "<|user|>\n Hi <|end|>\n\t</s> x<s>\n<|endoftext|> y<|placeholder1|>  z<unk>\nw<eos>\n\n\nv"
+    stripped = "<|user|>Hi <|end|></s>x<s>\n<|endoftext|> y<|placeholder1|>z<unk>\nw<eos>v"
+    assert phi3.encode(chat) == again.encode(chat) == other.encode(stripped) != other.encode(chat)
+
+
 def test_a_gemma_token_spanning_a_space_merges_across_it(tmp_path):
     """Gemma-3's vocabulary holds ">▁</" (HTML's "<p> </p>"): its merges cross the space, so the text is not cut
     into stretches at its spaces there; as transformers reads a Gemma GGUF file (merge order: the tokens' order)."""

@@ -1,7 +1,7 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma-2 and Gemma-3, each computing what
+Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2 and Gemma-3, each computing what
 transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
 
     import models
@@ -14,7 +14,8 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures llama, qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma2, gemma3).
+quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama, qwen2, qwen3, smollm3, olmo2 (OLMo-2
+and -3), phi3, gemma, gemma2, gemma3).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -563,6 +564,8 @@ GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "po
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
 GEMMA_DEFAULTS = {
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=16, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0),
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
                    num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
                    query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
@@ -577,7 +580,9 @@ def gemma(c, where):
     (1 + weight), stored here as that sum; the embedding times sqrt(d_model); GeGLU MLP; scores
     scaled by query_pre_attn_scalar^-1/2; sandwich norms; sliding-window layers (Gemma-2: every
     other one, Gemma-3: five in six) with, in Gemma-3, their own unscaled rotary base and an RMSNorm
-    on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits."""
+    on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits. Gemma (1) is
+    Gemma-2 without the windows, the soft-caps and the norms after attention and the MLP, its scores
+    scaled by head_dim^-1/2."""
     if c["model_type"] == "gemma3":
         if not isinstance(c.get("text_config"), dict):
             raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
@@ -585,10 +590,16 @@ def gemma(c, where):
         c = {"model_type": "gemma3_text", **c["text_config"], "tie_word_embeddings": c.get("tie_word_embeddings", True)}
     family = c["model_type"]
     c = GEMMA_DEFAULTS[family] | c
-    activation = GELUS[_option(c, "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)]
+    gemma1 = family == "gemma"
+    if gemma1:  # what transformers' Gemma (1) has not, whatever config.json says
+        c |= dict(query_pre_attn_scalar=c["head_dim"], layer_types=None, attn_logit_softcapping=None, final_logit_softcapping=None)
+    # Gemma (1)'s activation is hidden_act, whose "gelu" (its releases' config.json) transformers takes for tanh's
+    act = _option(c, "hidden_act" if gemma1 else "hidden_activation", "gelu_pytorch_tanh", list(GELUS), where)
+    activation = GELUS["gelu_pytorch_tanh" if gemma1 and act == "gelu" else act]
     _option(c, "use_bidirectional_attention", False, [False, None], where)
     n_layer, d, d_head = c["num_hidden_layers"], c["hidden_size"], c["head_dim"]
-    layers = _layer_types(c, where, 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6)))
+    every = 1 if gemma1 else 2 if family == "gemma2" else c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
+    layers = _layer_types(c, where, every)  # every layer global in Gemma (1)
     rotary, local_base = _rope_by_layer_type(c, where, d_head, c["rope_theta"], c.get("rope_local_base_freq", 10000.0))
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer,
                   n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], d_model=d, d_head=d_head,
@@ -599,12 +610,12 @@ def gemma(c, where):
                   attn_window=[c["sliding_window"] if kind == "sliding_attention" else 0 for kind in layers],
                   attn_softcap=(c["attn_logit_softcapping"] or 0.0) if family == "gemma2" else 0.0,  # Gemma-3 has none
                   logit_softcap=c["final_logit_softcapping"] or 0.0,
-                  embed_scale=d ** 0.5, sandwich_norms=True, mlp="gated", activation=activation, mlp_bias=False,
+                  embed_scale=d ** 0.5, sandwich_norms=not gemma1, mlp="gated", activation=activation, mlp_bias=False,
                   tied_head=c.get("tie_word_embeddings", True))
     plus_one = lambda t: 1.0 + t
     norms = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
                                                              "attn.q_norm", "attn.k_norm")]
-    return config, GEMMA_NAMES, {name: plus_one for name in norms}
+    return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {name: plus_one for name in norms}
 
 
 def gemma3_text_weights(tensors):
@@ -614,7 +625,8 @@ def gemma3_text_weights(tensors):
 
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma2": gemma, "gemma3_text": gemma, "gemma3": gemma}
+            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
+            "gemma3_text": gemma, "gemma3": gemma}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -764,7 +776,10 @@ GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_for
                "max_position_embeddings": "context_length"}
 GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_qkv", "attn.v": "attn_qkv", "mlp.gate": "ffn_up",
                                            "mlp.up": "ffn_up"}, "blk.{i}.")  # fused as in its config.json folder
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma2", "gemma3")
+# GPT-2 and GPT-NeoX: q, k and v in one tensor, all q rows, then all k, then all v (the converter reorders GPT-NeoX's
+# head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
+GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
+GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3")
 
 
 def is_gguf(path):
@@ -811,7 +826,8 @@ def gguf_config(metadata, shapes, path):
             raise ValueError(f"{path}: metadata {arch}.{key} = {c[name]!r} must be a positive integer")
     c["num_key_value_heads"] = get("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
-    c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
+    if arch not in ("gpt2", "gptneox"):  # theirs are LayerNorms, whose eps is read below
+        c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
     c["rope_theta"] = get("rope.freq_base", 10000.0)
     # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear
     factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
@@ -836,8 +852,17 @@ def gguf_config(metadata, shapes, path):
     c["tie_word_embeddings"] = "output.weight" not in shapes
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
-    if arch.startswith("gemma"):
+    if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
+    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head times it is the file's count exactly
+        c["partial_rotary_factor"] = fractions.Fraction(get("rope.dimension_count", c["head_dim"]), c["head_dim"])
+    if arch == "gpt2":  # config.json's GPT-2 names
+        c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
+                  n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
+                  layer_norm_epsilon=get("attention.layer_norm_epsilon"))
+    if arch == "gptneox":
+        c |= dict(model_type="gpt_neox", layer_norm_eps=get("attention.layer_norm_epsilon"),
+                  use_parallel_residual=get("use_parallel_residual"))
     window = metadata.get(f"{arch}.attention.sliding_window")
     if arch == "olmo2" and window:  # OLMo-3, as llama.cpp stores it: every fourth layer global, one rotary base for all
         if "rope_scaling" in c:
@@ -850,8 +875,6 @@ def gguf_config(metadata, shapes, path):
                              "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
-        # a Fraction, so that d_head times it is the file's count exactly
-        c["partial_rotary_factor"] = fractions.Fraction(get("rope.dimension_count", c["head_dim"]), c["head_dim"])
     return c
 
 
@@ -893,6 +916,9 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     table, transforms = GGUF_NAMES, {}
     if c["model_type"] in ("llama", "smollm3"):  # the architectures whose rotary llama.cpp computes on interleaved pairs
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
+    if c["model_type"] in ("gpt2", "gpt_neox"):
+        third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
+        table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
     if c["model_type"] == "phi3":  # the MLP's gate and up stored as one tensor; q, k and v too, or apart
         fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
         fused += [f"blocks.{{i}}.attn.{x}" for x in "qkv" if "blk.0.attn_qkv.weight" in tensors]

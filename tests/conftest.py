@@ -133,6 +133,7 @@ def randomize(model, seed):
 # its bands (kept, blended, divided)
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 # Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
+# (Gemma (1) has neither: its config keeps both, which its forward does not use)
 GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)
 
 
@@ -154,10 +155,11 @@ def tiny_hf(family, vocab_size=96, **options):
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma: 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
-    if family in ("gemma2", "gemma3"):  # eager attention: the one that soft-caps scores
-        config = (t.Gemma2Config if family == "gemma2" else t.Gemma3TextConfig)(**sizes | GEMMA | options, attn_implementation="eager")
-        model = (t.Gemma2ForCausalLM if family == "gemma2" else t.Gemma3ForCausalLM)(config)
-        return randomize(model, 4)
+    if family in ("gemma", "gemma2", "gemma3"):  # Gemma-2's eager attention: the one that soft-caps scores
+        config, model = {"gemma": (t.GemmaConfig, t.GemmaForCausalLM), "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM),
+                         "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM)}[family]
+        attention = "eager" if family == "gemma2" else "sdpa"
+        return randomize(model(config(**sizes | GEMMA | options, attn_implementation=attention)), 4)
     model = {"llama": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM, "qwen2": t.Qwen2ForCausalLM,
              "qwen3": t.Qwen3ForCausalLM, "smollm3": t.SmolLM3ForCausalLM, "olmo2": t.Olmo2ForCausalLM,
              "olmo3": t.Olmo3ForCausalLM, "phi3": t.Phi3ForCausalLM}[family]

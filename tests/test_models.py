@@ -1,5 +1,5 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3 and Phi-3 made and saved by `transformers`, loaded by models.py,
+GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3 and Gemma made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -49,6 +49,8 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "phi3": ("phi3", dict(sliding_window=5, partial_rotary_factor=0.5)), "phi3-no-window": ("phi3", {}),
          "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
              rope_type="yarn", factor=2.0, original_max_position_embeddings=32))),
+         # conftest's score scale in its config, unused (Gemma (1) has none); its window too, but transformers' cache would take it
+         "gemma": ("gemma", dict(sliding_window=None)),
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
          "gemma3": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
                                    rope_scaling=dict(rope_type="linear", factor=8.0),
@@ -56,7 +58,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gemma2-exact-gelu": ("gemma2", dict(hidden_activation="gelu")),
          "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu"))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
-        "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma2": True, "gemma3": True}
+        "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -65,6 +67,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
+         "gemma": LLAMA_SITES,
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -152,6 +155,8 @@ OLDER_CONFIGS = {
     "llama-llama3": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                                           high_freq_factor=4.0, original_max_position_embeddings=32))),
     "gpt_neox": ("gpt_neox", dict(rotary_pct=0.75, rotary_emb_base=500.0)),
+    # Gemma (1)'s published config.json: hidden_act "gelu", which transformers reads as tanh's GELU
+    "gemma": ("gemma", dict(rope_theta=500.0, hidden_act="gelu")),
 }
 
 

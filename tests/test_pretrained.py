@@ -1,5 +1,5 @@
-"""models.py on GGUF files: a tiny Llama, Qwen, Gemma-2 and Gemma-3 written by the `gguf` package's
-writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that
+"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2 and Gemma-3 written by the `gguf`
+package's writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that
 disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.
@@ -7,6 +7,7 @@ Test-only packages (transformers, gguf) and the model file skip where absent, un
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -26,38 +27,53 @@ def permute(w, heads):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
-    """model (a transformers Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma2 or Gemma3) as llama.cpp's
-    converter writes it: matrices in `quantisation` (norms and biases stay F32); Phi-3's q / k / v fused (or
-    apart: qkv_apart) and its gate / up fused; q / k rows permuted for the llama and smollm3 architectures
+    """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2 or Gemma3)
+    as llama.cpp's converter writes it: matrices in `quantisation` (norms and biases stay F32); Phi-3's q / k / v
+    fused (or apart: qkv_apart) and its gate / up fused; q / k rows permuted for the llama and smollm3 architectures
     (whose rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
     transformers); metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out;
     rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
-    scaling. Gemma's norm weights are stored as 1 + weight, its window and soft-caps in the metadata."""
+    scaling. Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the
+    metadata. GPT-2's Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head,
+    reordered to all q rows, all k rows, all v rows."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
-            "attention.head_count_kv": c.num_key_value_heads,
-            "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
-            "attention.key_length": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
-    if arch == "phi3":  # the rotary embedding on a part of each head
-        meta |= {"rope.dimension_count": int(meta["attention.key_length"] * c.rope_parameters["partial_rotary_factor"])}
-    if gemma:
+            "feed_forward_length": 4 * c.hidden_size if arch == "gpt2" else c.intermediate_size,
+            "attention.head_count": c.num_attention_heads}
+    if arch in ("gpt2", "gptneox"):  # LayerNorms, one key / value head per query head, GPT-NeoX's rotary base not written
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch == "gpt2" else c.layer_norm_eps}
+    else:
+        meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
+                 "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
+                 "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if arch in ("phi3", "gptneox"):  # the rotary embedding on a part of each head
+        meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
+    if arch == "gptneox":
+        meta |= {"use_parallel_residual": c.use_parallel_residual}
+    if arch == "gemma":  # no rotary base written: llama.cpp's default, 10,000
+        del meta["rope.freq_base"]
+    if arch in ("gemma2", "gemma3"):
         meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
     meta = {key: value for key, value in meta.items() if key not in drop} | changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
-        (writer.add_string if isinstance(value, str) else writer.add_float32 if isinstance(value, float) else
-         writer.add_uint32)(f"{arch}.{key}", value)
+        (writer.add_string if isinstance(value, str) else writer.add_bool if isinstance(value, bool) else
+         writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
-    if gemma or arch == "olmo2":  # their norms after attention and the MLP
+             "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+             "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+             "ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
+             "mlp.c_proj": "ffn_down", "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
+             "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up",
+             "mlp.dense_4h_to_h": "ffn_down"}
+    if arch in ("gemma2", "gemma3", "olmo2"):  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
@@ -76,12 +92,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = w + 1
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
+        if arch == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            w = w.T
+        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
+            w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         stem, suffix = name.rsplit(".", 1)
-        if stem.startswith("model.layers."):
-            _, _, layer, part = stem.split(".", 3)
-            gguf_name = f"blk.{layer}.{names[part]}.{suffix}"
-        else:
-            gguf_name = f"{names[stem]}.{suffix}"
+        layer = re.match(r"(model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)\.(.+)", stem)
+        gguf_name = f"blk.{layer[2]}.{names[layer[3]]}.{suffix}" if layer else f"{names[stem]}.{suffix}"
         if qkv_apart and "qkv_proj" in name:
             q, kv = c.num_attention_heads * meta["attention.key_length"], c.num_key_value_heads * meta["attention.key_length"]
             for part, rows in zip(("attn_q", "attn_k", "attn_v"), np.split(w, [q, q + kv])):
@@ -158,17 +175,43 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gptneox", "Q8_0"), ("gptneox-sequential", "F32")])
+def test_a_gpt2_or_gptneox_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
+    """llama.cpp's GPT-2 and GPT-NeoX (Pythia) layout: q, k and v in one tensor, all q rows, then all k, then all v
+    (GPT-NeoX's stored head by head, reordered by the converter), matrices as (out, in) (GPT-2's Conv1D ones
+    transposed by the converter), LayerNorms with biases. GPT-2: learned positions, no output tensor (tied);
+    GPT-NeoX: the rotary embedding on half of each head (rope.dimension_count), its own output layer, a
+    parallel residual or (use_parallel_residual false) not."""
+    family = "gpt2" if arch == "gpt2" else "gpt_neox"
+    theirs = tiny_hf(family, **({} if arch == "gpt2" else dict(use_parallel_residual=arch == "gptneox")))
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, arch.removesuffix("-sequential")))
+    assert ours.config.family == family and ours.config.tied_head == (arch == "gpt2")
+    assert ours.config.rotary_dims == (0 if arch == "gpt2" else 8) and ours.config.parallel_residual == (arch == "gptneox")
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = rounded(theirs, quantisation)
+    with torch.no_grad():
+        want, got = reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
 def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
     """llama.cpp's Gemma layout: norm weights stored as 1 + weight, q / k rows as they are, the window
     and Gemma-2's soft-caps in the metadata; the layer pattern (Gemma-3: five sliding layers, then a
     global one), the local rotary base and the score scale (1 / sqrt(head_dim)) implied. head_dim 24, not d_model / n_head
-    (16), which llama.cpp takes for the 27B models only."""
-    options = dict(head_dim=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0) \
-        if family == "gemma2" else dict(head_dim=24, query_pre_attn_scalar=24, num_hidden_layers=6)
+    (16), which llama.cpp takes for the 27B models only. Gemma (1): no window, soft-caps or rotary base in the
+    metadata (10,000 implied), every layer global."""
+    options = {"gemma": dict(head_dim=24, sliding_window=None),  # (transformers' cache would take conftest's window)
+               "gemma2": dict(head_dim=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0),
+               "gemma3": dict(head_dim=24, query_pre_attn_scalar=24, num_hidden_layers=6)}[family]
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{family}.gguf", theirs, arch=family))
-    assert ours.config.attn_window == ([5, 0] if family == "gemma2" else [5] * 5 + [0]) and ours.config.tied_head
+    windows = {"gemma": [0, 0], "gemma2": [5, 0], "gemma3": [5] * 5 + [0]}[family]
+    assert ours.config.family == family.replace("gemma3", "gemma3_text") and ours.config.attn_window == windows
+    assert ours.config.tied_head
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want, got = theirs(x).logits, ours(x)

@@ -27,6 +27,19 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# OpenAI's o200k (GPT-4o): a word is cut before a capital that follows small letters (HTTPServer: HTTP, Server) and
+# keeps its contraction; Mistral's tekken: the same words without contractions, digits one by one
+_CAPITALS, _SMALL = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+O200K_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_CAPITALS}*{_SMALL}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               rf"|[^\r\n\p{{L}}\p{{N}}]?{_CAPITALS}+{_SMALL}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_CAPITALS}*{_SMALL}+|[^\r\n\p{{L}}\p{{N}}]?{_CAPITALS}+{_SMALL}*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek-V3's: digits in threes, then Chinese characters and kana, then this
+DEEPSEEK3_SPLIT = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                   r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+HAN_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
+BLOOM_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # BLOOM's: anything but spaces and these stops
 # Unicode's White_Space property: what \s matches there (Python's str.isspace() also counts U+001C..U+001F)
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _category_runs = []  # (first code point, last, category) of each run of one category
@@ -154,16 +167,66 @@ def isolate(pattern):
     return {"type": "Split", "pattern": pattern, "behavior": "isolated"}
 
 
-# The pre-tokenisation a GGUF file names in tokenizer.ggml.pre (llama.cpp's names), for byte-level BPE
+def splits(*patterns, then_gpt2=False):
+    """Split steps (each pattern's matches cut out, in turn), then the bytes, cut by GPT-2's split too if then_gpt2."""
+    return [isolate(p) for p in patterns] + [byte_level(use_regex=then_gpt2)]
+
+
+# The pre-tokenisation a GGUF file names in tokenizer.ggml.pre, for byte-level BPE: llama.cpp's names and regex lists
+# (its src/llama-vocab.cpp), grouped as it groups them, each list as the model's tokenizer.json writes it where
+# llama.cpp quotes that beside its rewrite for its regex engine (the rewrites of tekken's and gpt-4o's cut capitals
+# beyond ASCII and combining marks otherwise: the model's own is taken). Refused: the names whose split llama.cpp
+# codes by hand (kimi-k2, afmoe, superbpe); falcon (its tokenizer.json cuts digit runs after the byte mapping,
+# llama.cpp not at all); tiny_aya (\b and \d, which Python's re reads otherwise); youtu and granite-embed-multi-97m
+# (known here only as llama.cpp's rewrite, which reads \p{Lu} as any letter); deepseek-llm (a class of hundreds of
+# literal ranges, not copied); and names read with more than a split (a separator, a <mask> taking the space before
+# it, no byte mapping: roberta-bpe, jina-v1-en, jina-v2-*, modern-bert, granite-embed-multi-311m).
+_LLAMA3_LIKE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                "jina-v5-nano")
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_SPACE_RUNS = "|".join(rf"\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4)) + r"|\s{1,2}(?!\S)|\s{1}"
 GGUF_PRE_TOKENIZERS = {
-    "gpt-2": [byte_level()], "default": [byte_level()],
-    "smollm": [isolate(r"\p{N}"), byte_level()],  # digits one by one, then GPT-2's split
-    "llama-bpe": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
-    "llama3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
-    "llama-v3": [isolate(LLAMA3_SPLIT), byte_level(use_regex=False)],
-    "deepseek-r1-qwen": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
-    "qwen2": [isolate(QWEN2_SPLIT), byte_level(use_regex=False)],
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "gigachat", "a.x-4.0", "mellum",
+                     "exaone4", "trillion", "granite-docling"), splits(then_gpt2=True)),
+    "default": splits(then_gpt2=True),  # no name: GPT-2's (llama.cpp's "default" cuts punctuation and digits first)
+    # digits one by one, then GPT-2's split
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+                    splits(r"\p{N}", then_gpt2=True)),
+    **dict.fromkeys(_LLAMA3_LIKE + ("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), splits(LLAMA3_SPLIT)),
+    "jais-2": splits(LLAMA3_SPLIT.replace(r"\s+(?!\S)|\s+", _SPACE_RUNS)),  # runs of spaces cut in powers of two
+    "minicpm5": splits(r"\p{N}{1,3}", LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}+")),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open",
+                     "grok-2"), splits(QWEN2_SPLIT)),
+    "laguna": splits(r"[^\n]+|[\n]+", QWEN2_SPLIT),  # lines and runs of newlines apart first
+    "ufakzeka": splits(QWEN2_SPLIT.replace(_CONTRACTIONS + "|", "")),  # Qwen2's without contractions
+    "qwen35": splits(_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                                     r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "seed-coder": splits(_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
+                                         r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    # Ling's: possessive ?+ and ++ in its tokenizer.json, greedy here (the same cuts: nothing after them can fail)
+    **dict.fromkeys(("bailingmoe", "bailingmoe2", "llada-moe"), splits(
+        r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")),
+    "exaone-moe": splits(_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                                         r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"),
+    "tekken": splits(TEKKEN_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), splits(O200K_SPLIT)),
+    # newlines, words with the space before them, punctuation runs, CJK and Hangul runs, digits one by one
+    "deepseek-coder": splits(r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+                             r"\p{N}"),
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "hy_v4", "joyai-llm"),
+                    splits(r"\p{N}{1,3}", HAN_KANA, DEEPSEEK3_SPLIT)),
+    "spark2_5": splits(r"\p{N}{1,3}", HAN_KANA, DEEPSEEK3_SPLIT.replace(r"[\r\n]*|\s*[\r\n]+|", r"|[\r\n]|"),
+                       r"\p{N}"),  # DeepSeek-V3's, newlines one by one, digits one by one at last
+    **dict.fromkeys(("bloom", "gpt3-finnish", "poro-chat"), splits(BLOOM_SPLIT)),
+    "viking": splits(BLOOM_SPLIT, r"\p{N}"),
+    # sentinel and image tokens; a tab, newline, 4 or 2 spaces; digits; punctuation one by one; GPT-2's split
+    "chameleon": splits(r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+                        r"[\p{P}!-/:-@\[-`{-~]", then_gpt2=True),
 }
+# The names llama.cpp reads taking a word that is a token as that token, whatever the merges (ignore_merges, as
+# Llama-3's tokenizer.json has it), and those it adds BOS to unless the file says otherwise (add_bos_token)
+GGUF_IGNORE_MERGES = frozenset(_LLAMA3_LIKE + ("tekken", "minicpm5"))
+GGUF_ADD_BOS = frozenset(_LLAMA3_LIKE + ("tekken", "chameleon"))
 
 # ------------------------------------------------------------------------------------------------
 # What both kinds share: added tokens cut out of the text first, and the BPE merge loop.
@@ -722,11 +785,10 @@ def tokenizer_from_gguf(metadata):
     bos, eos, unk = (None if metadata.get(f"tokenizer.ggml.{key}_token_id") is None
                      else int(metadata[f"tokenizer.ggml.{key}_token_id"]) for key in ("bos", "eos", "unknown"))
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    # llama.cpp adds BOS unless told otherwise to a SentencePiece vocabulary and to Llama-3's, for which it also
-    # takes a word that is a token as that token, whatever the merges: as Llama-3's own tokenizer.json does
-    # (ignore_merges, and a template adding <|begin_of_text|>)
-    llama3 = model == "gpt2" and pre in ("llama-bpe", "llama3", "llama-v3")
-    prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", model == "llama" or llama3) and bos is not None else []
+    # llama.cpp adds BOS unless told otherwise to a SentencePiece vocabulary and to the byte-level ones GGUF_ADD_BOS
+    # names (Llama-3's: as its tokenizer.json's template adds <|begin_of_text|>)
+    add_bos = model == "llama" or (model == "gpt2" and pre in GGUF_ADD_BOS)
+    prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
     # llama.cpp gives a model named Phi-3 (general.name) special tokens that drop the whitespace after them, as its
     # tokenizer.json marks them rstrip: every control, user-defined and unknown token but <unk>, <s> and <|endoftext|>
@@ -735,7 +797,8 @@ def tokenizer_from_gguf(metadata):
               if phi3 and kind in (CONTROL, USER_DEFINED, UNKNOWN) and t not in ("<unk>", "<s>", "<|endoftext|>")}
     if model == "gpt2":
         if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+            raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not implemented (supported: "
+                             f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
         # control and user-defined tokens are added ones, but not those spelt outside the byte alphabet: mislabels
         # of llama.cpp's converter (as transformers reads these files)
         added = [{"id": i, "content": t, "special": kind == CONTROL, "normalized": False}
@@ -745,8 +808,8 @@ def tokenizer_from_gguf(metadata):
         vocab = {t if all(ch in CHAR_TO_BYTE for ch in t) else t.encode().decode("latin-1").translate(_LATIN1_TO_CHARS): i
                  for i, t in enumerate(tokens)}
         return BPETokenizer(vocab, [m.split(" ") for m in metadata["tokenizer.ggml.merges"]], added,
-                            pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], ignore_merges=llama3, bos=bos, eos=eos,
-                            prefix=prefix, suffix=suffix)
+                            pre_tokenizers=GGUF_PRE_TOKENIZERS[pre], ignore_merges=pre in GGUF_IGNORE_MERGES,
+                            bos=bos, eos=eos, prefix=prefix, suffix=suffix)
     scores = [float(x) for x in metadata["tokenizer.ggml.scores"]]
     if str(metadata.get("general.architecture", "")).startswith("gemma"):
         # Gemma's files spell runs of spaces with spaces, not "▁", and score user-defined tokens -1000 though they

@@ -434,51 +434,123 @@ def test_llama3_gguf_tokenizer_ignores_merges_and_adds_bos():
         assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
 
 
-# The pre-tokenizer patterns of the models' own tokenizer.json files, written out here rather than taken from bpe.py:
-# Meta-Llama-3's (OpenAI's cl100k_base: digits in runs of up to three) and Qwen2's (digits one by one); both read
-# contractions in any case. The GGUF names llama.cpp gives them (tokenizer.ggml.pre).
-REAL_SPLITS = {
-    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+# The pre-tokenizers of the models' own tokenizer.json files, written out here rather than taken from bpe.py, as
+# llama.cpp's src/llama-vocab.cpp lists them (the original where it quotes one beside its rewrite for its regex
+# engine), and the GGUF names llama.cpp gives them (tokenizer.ggml.pre). A step is a pattern whose matches a Split cuts
+# out, or "digits" (Digits, one by one); the bytes come last, cut by GPT-2's pattern too after "gpt2". Meta-Llama-3's
+# is OpenAI's cl100k_base (digits in runs of up to three), Qwen2's the same with digits one by one; both read
+# contractions in any case. o200k (GPT-4o) and tekken (Mistral-Nemo) cut a word before a capital after small letters.
+LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+UP, LOW = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+DEEPSEEK3 = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+             r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BLOOM = " ?[^(\\s|.,!?…。，、।۔،)]+"
+MODELS_OWN = {
+    "gpt2": (["gpt2"], "gpt-2 phi-2 mpt olmo jais jina-es jina-de gigachat a.x-4.0 mellum exaone4 trillion "
+                       "granite-docling"),
+    "starcoder": (["digits", "gpt2"], "smollm starcoder refact command-r codeshell exaone minerva-7b mellum2"),
+    "llama3": ([LLAMA3], "llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano"),
+    "dbrx": ([LLAMA3], "dbrx smaug-bpe glm4 chatglm-bpe"),  # cl100k_base too, without ignore_merges
+    "jais-2": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)"
+                r"|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"], "jais-2"),
+    "minicpm5": ([r"\p{N}{1,3}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                                 r"|\s*[\r\n]+|\s+(?!\S)|\s+"], "minicpm5"),
+    "qwen2": ([QWEN2], "qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2"),
+    "laguna": ([r"[^\n]+|[\n]+", QWEN2], "laguna"),
+    "ufakzeka": ([r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"], "ufakzeka"),
+    "qwen35": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+"], "qwen35"),
+    "seed-coder": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                    r"|\s+(?!\S)|\s+"], "seed-coder"),
+    "bailingmoe": ([r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)"
+                    r"|\s+"], "bailingmoe bailingmoe2 llada-moe"),
+    "exaone-moe": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                    r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"], "exaone-moe"),
+    "tekken": ([rf"[^\r\n\p{{L}}\p{{N}}]?{UP}*{LOW}+|[^\r\n\p{{L}}\p{{N}}]?{UP}+{LOW}*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"], "tekken"),
+    "gpt-4o": ([rf"[^\r\n\p{{L}}\p{{N}}]?{UP}*{LOW}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                rf"|[^\r\n\p{{L}}\p{{N}}]?{UP}+{LOW}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+               "gpt-4o llama4 kanana2 talkie minimax-m2"),
+    "deepseek-coder": ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", "digits"], "deepseek-coder"),
+    "deepseek-v3": ([r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3], "deepseek-v3 hunyuan-dense hy_v4 joyai-llm"),
+    "spark2_5": ([r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3.replace(r"[\r\n]*|\s*[\r\n]+|", r"|[\r\n]|"),
+                  r"\p{N}"], "spark2_5"),
+    "bloom": ([BLOOM], "bloom gpt3-finnish poro-chat"),
+    "viking": ([BLOOM, r"\p{N}"], "viking"),
+    "chameleon": ([r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+                   r"[\p{P}!-/:-@\[-`{-~]", "gpt2"], "chameleon"),
 }
-GGUF_PRE_NAMES = {"llama3": ["llama-bpe", "llama3", "llama-v3"], "qwen2": ["qwen2", "deepseek-r1-qwen"]}
+IGNORE_MERGES, ADD_BOS = {"llama3", "tekken", "minicpm5"}, {"llama3", "tekken", "chameleon"}  # llama.cpp's, by group
 # runs of digits; contractions in capitals ("'TIS" is "'T" + "IS"); Unicode's spaces that are not ASCII (U+0085, U+00A0,
 # U+1680, U+2000, U+202F, U+205F, U+3000), doubled before a letter and before punctuation, where they change the cuts
 SPLIT_CASES = ["x 12345 I'M DON'T you're 3.14", "'TIS 'STOP O'NEIL'S WE'VE 'LLAMA 'Dog THEY'D 'RE 'M 1234567890",
                "a\u202f\u202fb x\u205f\u205f!! c\x85\x85d e\u1680\u1680f g\u2000\u2000h i\u3000\u3000j k\xa0\xa0l",
                "12\u202f345\u202f.\u205f,\u1680;\x85: end\u202f", " \u202f\n\u205f\t\u1680 \x85 z"]
+# and what the other patterns cut at: capitals beyond ASCII and combining marks, symbols beside punctuation, CJK, kana
+# and Hangul, the stops BLOOM cuts at, runs of 2, 4 and 600 spaces, slashes before newlines, Chameleon's tokens, emoji
+GGUF_CASES = ["ÉCOLE École HTTPServer iPhone McDonald'S e\u0301te\u0301 ÉE\u0301COLE '\u017f '\u212a",
+              "~!~~ a~b $+<=>^`| x~~y ¡¿",
+              "한국어 텍스트 カタカナ ひらがな 漢字テスト 你好，世界。", "…。，、।۔، (a|b) 12²³ ½ ٣٤٥ x12345y",
+              "\tx\t\ty    code\n        more  \n  end" + " " * 600 + "z", "a/b/\n/ c//\r\n\n\r\r\n",
+              "<sentinel:12><sentinel:3> IMGIMGABZ IMGIMGABCDEFZ", "🐉🔥 👩‍👩‍👧 1️⃣ 🇫🇷 x\u200dy\u00ad !!!abc ?Abc .ABC"]
 
 
-@pytest.mark.parametrize("model", ["llama3", "qwen2"])
-def test_gguf_pre_tokenizers_are_the_models_own(model, tmp_path):
-    """A GGUF file's tokenizer named by tokenizer.ggml.pre cuts text where the `tokenizers` library cuts it with
-    the model's own pattern (written out above, not bpe.py's), and gives its ids: a BPE trained by `tokenizers` with
-    that pattern (ignore_merges for Llama-3, as llama.cpp and its tokenizer.json read it), written as GGUF metadata."""
+def models_own(tk, steps):
+    pt = tk.pre_tokenizers
+    parts = [pt.Digits(individual_digits=True) if s == "digits" else pt.Split(tk.Regex(s), "isolated")
+             for s in steps if s != "gpt2"]
+    return pt.Sequence(parts + [pt.ByteLevel(False, use_regex=steps[-1] == "gpt2")])
+
+
+def test_every_gguf_pre_tokenizer_name_is_checked():
+    names = {group: spelt.split() for group, (_, spelt) in MODELS_OWN.items()}
+    assert sorted(n for group in names.values() for n in group) == sorted(set(bpe.GGUF_PRE_TOKENIZERS) - {"default"})
+    assert bpe.GGUF_PRE_TOKENIZERS["default"] == [bpe.byte_level()]  # a file naming none: GPT-2's split
+    assert bpe.GGUF_IGNORE_MERGES == {n for group in IGNORE_MERGES for n in names[group]}
+    assert bpe.GGUF_ADD_BOS == {n for group in ADD_BOS for n in names[group]}
+
+
+@pytest.mark.parametrize("group", list(MODELS_OWN))
+def test_gguf_pre_tokenizers_are_the_models_own(group, tmp_path):
+    """A GGUF file's tokenizer named by tokenizer.ggml.pre cuts text where the `tokenizers` library cuts it with the
+    model's own pre-tokenizer (written out above, not bpe.py's), and gives its ids: a BPE trained by `tokenizers` with
+    that pre-tokenizer (ignore_merges where llama.cpp reads it so), written as GGUF metadata; BOS first where llama.cpp
+    adds it unless told otherwise."""
     tk = need("tokenizers")
-    split = tk.pre_tokenizers.Split(tk.Regex(REAL_SPLITS[model]), "isolated")
-    theirs = trained_bpe(tmp_path, tk.pre_tokenizers.Sequence([split, tk.pre_tokenizers.ByteLevel(False, use_regex=False)]),
-                         corpus=[stdlib_text(0, 300_000), "\n".join(SPLIT_CASES * 40)], ignore_merges=model == "llama3")
+    steps, names = MODELS_OWN[group]
+    theirs_pre = models_own(tk, steps)
+    theirs = trained_bpe(tmp_path, theirs_pre, ignore_merges=group in IGNORE_MERGES,
+                         corpus=[stdlib_text(0, 100_000), "\n".join((SPLIT_CASES + GGUF_CASES) * 20)])
     ids = theirs.get_vocab()
     tokens = sorted(ids, key=ids.get)
     assert [ids[t] for t in tokens] == list(range(len(tokens)))
     merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(theirs.to_str())["model"]["merges"]]
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
-                "tokenizer.ggml.token_type": [bpe.CONTROL if t == "<|endoftext|>" else bpe.NORMAL for t in tokens]}
-    assert any(t.isdigit() and len(t) > 1 for t in tokens) == (model == "llama3")  # runs of digits merge in Llama-3's only
-    strings = SPLIT_CASES + [SAMPLE, stdlib_text(60, 30_000)]
-    for pre in GGUF_PRE_NAMES[model]:
+                "tokenizer.ggml.token_type": [bpe.CONTROL if t == "<|endoftext|>" else bpe.NORMAL for t in tokens],
+                "tokenizer.ggml.bos_token_id": ids["<|endoftext|>"]}
+    if group in ("llama3", "qwen2"):  # runs of digits merge in Llama-3's only
+        assert any(t.isdigit() and len(t) > 1 for t in tokens) == (group == "llama3")
+    for i, pre in enumerate(names.split()):
         ours = bpe.tokenizer_from_gguf(metadata | {"tokenizer.ggml.pre": pre})
-        for string in strings:
-            assert bpe.pre_tokenize(string, ours.pre_tokenizers) == [p for p, _ in split.pre_tokenize_str(string)], (pre, string)
+        assert ours.ignore_merges == (group in IGNORE_MERGES)
+        assert ours.prefix == [ids["<|endoftext|>"]] * (group in ADD_BOS)
+        for string in SPLIT_CASES + GGUF_CASES + [SAMPLE] + [stdlib_text(60, 10_000)] * (i == 0):
+            pieces = bpe.pre_tokenize(string, ours.pre_tokenizers)
+            as_bytes = ["".join(bpe.BYTE_TO_CHAR[b] for b in piece.encode()) for piece in pieces]
+            assert as_bytes == [p for p, _ in theirs_pre.pre_tokenize_str(string)], (pre, string)
             assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, (pre, string)
 
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.ggml.model 'bert' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "bert"})
-    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'deepseek-coder' is not implemented"):
+    # Falcon's tokenizer.json cuts digits after the byte mapping, llama.cpp not at all: refused
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'falcon' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": [],
-                                 "tokenizer.ggml.pre": "deepseek-coder"})
+                                 "tokenizer.ggml.pre": "falcon"})
     with pytest.raises(ValueError, match="no tokenizer.ggml.scores"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ValueError, match="the GGUF file holds no tokenizer"):

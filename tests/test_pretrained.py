@@ -26,6 +26,9 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices stored (in, out)
+
+
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2 or Gemma3)
     as llama.cpp's converter writes it: matrices in `quantisation` (norms and biases stay F32); Phi-3's q / k / v
@@ -78,8 +81,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
 
-    def add(gguf_name, w):
-        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+    def add(gguf_name, w):  # the converter keeps position embeddings F32 whatever the type
+        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32 and gguf_name != "position_embd.weight":
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w))
@@ -92,7 +95,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = w + 1
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
-        if arch == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
         if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
@@ -115,12 +118,21 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
 
 
 def rounded(model, quantisation):
-    """A copy of the transformers model with every matrix rounded through the GGUF block format."""
+    """A copy of the transformers model with every matrix rounded through the GGUF block format as write_gguf
+    stores it: GPT-2's Conv1D matrices in blocks along the rows of their (out, in) transpose; position
+    embeddings not at all (the converter keeps them F32)."""
     gguf = need("gguf")
     kind = gguf.GGMLQuantizationType[quantisation]
+    rounding = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
+
+    def rounded_tensor(name, t):
+        if t.dim() != 2 or name.endswith("wpe.weight"):
+            return t
+        if isinstance(model, need("transformers").GPT2LMHeadModel) and name.endswith(CONV1D):
+            return torch.from_numpy(np.ascontiguousarray(rounding(t.numpy().T).T))
+        return torch.from_numpy(rounding(t.numpy()))
     copy = type(model)(model.config).eval()
-    copy.load_state_dict({name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), kind), kind))
-                          if t.dim() == 2 else t for name, t in model.state_dict().items()})
+    copy.load_state_dict({name: rounded_tensor(name, t) for name, t in model.state_dict().items()})
     return copy
 
 
@@ -175,7 +187,8 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
 
 
-@pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gptneox", "Q8_0"), ("gptneox-sequential", "F32")])
+@pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("gptneox", "Q8_0"),
+                                               ("gptneox-sequential", "F32")])
 def test_a_gpt2_or_gptneox_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """llama.cpp's GPT-2 and GPT-NeoX (Pythia) layout: q, k and v in one tensor, all q rows, then all k, then all v
     (GPT-NeoX's stored head by head, reordered by the converter), matrices as (out, in) (GPT-2's Conv1D ones

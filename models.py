@@ -824,8 +824,18 @@ def gguf_config(metadata, shapes, path):
     for name, key in GGUF_CONFIG.items():
         if isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] < 1:
             raise ValueError(f"{path}: metadata {arch}.{key} = {c[name]!r} must be a positive integer")
-    c["num_key_value_heads"] = get("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
-    c["head_dim"] = get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
+    def count(key, default, least=1):
+        """the file's whole number `key` (at least `least`), or `default` where it has none"""
+        if f"{arch}.{key}" not in metadata:
+            return default
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{path}: metadata {arch}.{key} = {value!r} must be a "
+                             f"{'positive' if least else 'non-negative'} integer")
+        return value
+
+    c["num_key_value_heads"] = count("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
+    c["head_dim"] = count("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
     if arch not in ("gpt2", "gptneox"):  # theirs are LayerNorms, whose eps is read below
         c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
     c["rope_theta"] = get("rope.freq_base", 10000.0)
@@ -854,13 +864,17 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head times it is the file's count exactly
-        c["partial_rotary_factor"] = fractions.Fraction(get("rope.dimension_count", c["head_dim"]), c["head_dim"])
+    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head (GPT-NeoX's: d_model / n_head) times it is the file's count exactly
+        head = c["head_dim"] if arch == "phi3" else max(1, c["hidden_size"] // c["num_attention_heads"])
+        c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
     if arch == "gpt2":  # config.json's GPT-2 names
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
                   layer_norm_epsilon=get("attention.layer_norm_epsilon"))
     if arch == "gptneox":
+        if not isinstance(get("use_parallel_residual"), bool):
+            raise ValueError(f"{path}: metadata gptneox.use_parallel_residual = {get('use_parallel_residual')!r} must be "
+                             f"a boolean")
         c |= dict(model_type="gpt_neox", layer_norm_eps=get("attention.layer_norm_epsilon"),
                   use_parallel_residual=get("use_parallel_residual"))
     window = metadata.get(f"{arch}.attention.sliding_window")

@@ -315,6 +315,30 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
     assert models.family_config(partial, "m.gguf")[0]["rotary_dims"] == 30
 
 
+def test_gpt2_gptneox_and_gemma_metadata_of_the_wrong_kind_is_one_line(tmp_path):
+    """A count that is not a whole number (a float, a string, 0) or a flag that is not a boolean is refused in one
+    line naming the key, not a traceback from deep in the loader, nor read as something else (the string "false"
+    as a parallel residual). GPT-NeoX's rotary dims are the file's count whatever its key_length says."""
+    neox = need("transformers").GPTNeoXForCausalLM(need("transformers").GPTNeoXConfig(
+        vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, rotary_pct=0.5)).eval()
+    gemma = tiny_hf("gemma", sliding_window=None)
+    cases = [(neox, "gptneox", {"rope.dimension_count": 8.0}, "metadata gptneox.rope.dimension_count = 8.0 must be a"),
+             (neox, "gptneox", {"rope.dimension_count": "8"}, "metadata gptneox.rope.dimension_count = '8' must be a"),
+             (neox, "gptneox", {"attention.key_length": 0}, "metadata gptneox.attention.key_length = 0 must be a"),
+             (neox, "gptneox", {"use_parallel_residual": "false"}, "metadata gptneox.use_parallel_residual = 'false' must"),
+             (gemma, "gemma", {"attention.key_length": 0}, "metadata gemma.attention.key_length = 0 must be a"),
+             (gemma, "gemma", {"attention.key_length": "16"}, "metadata gemma.attention.key_length = '16' must be a"),
+             (gemma, "gemma", {"attention.head_count_kv": 0.5}, "metadata gemma.attention.head_count_kv = 0.5 must be a")]
+    for theirs, arch, changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch=arch, **changes))
+        assert "\n" not in str(e.value)
+    # a key_length other than d_model / n_head (which GPT-NeoX's converter never writes) leaves the rotary dims the file's
+    ours = models.from_pretrained(write_gguf(tmp_path / "neox.gguf", neox, arch="gptneox", **{"attention.key_length": 32}))
+    assert ours.config.rotary_dims == 8
+
+
 def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):
     """A GGUF file without the suffix (ollama's blobs) loads as itself; a missing *.gguf and a file
     that is neither GGUF nor a folder are one-line errors."""

@@ -820,20 +820,14 @@ def gguf_config(metadata, shapes, path):
     if metadata.get(f"{arch}.expert_count", 0):
         raise ValueError(f"{path}: a mixture-of-experts model ({arch}.expert_count = {metadata[f'{arch}.expert_count']}); "
                          "this module reads dense models only")
-    c = {name: get(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
-    for name, key in GGUF_CONFIG.items():
-        if isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] < 1:
-            raise ValueError(f"{path}: metadata {arch}.{key} = {c[name]!r} must be a positive integer")
-    def count(key, default, least=1):
-        """the file's whole number `key` (at least `least`), or `default` where it has none"""
-        if f"{arch}.{key}" not in metadata:
-            return default
-        value = get(key)
+    def count(key, default=None, least=1):  # a whole number of at least `least`
+        value = get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{path}: metadata {arch}.{key} = {value!r} must be a "
                              f"{'positive' if least else 'non-negative'} integer")
         return value
 
+    c = {name: count(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
     c["num_key_value_heads"] = count("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = count("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
     if arch not in ("gpt2", "gptneox"):  # theirs are LayerNorms, whose eps is read below
@@ -864,7 +858,8 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head (GPT-NeoX's: d_model / n_head) times it is the file's count exactly
+    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head (GPT-NeoX's: d_model / n_head) times it is exactly
+        # the file's count
         head = c["head_dim"] if arch == "phi3" else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
     if arch == "gpt2":  # config.json's GPT-2 names

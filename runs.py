@@ -276,7 +276,7 @@ def saved_config(config):
     import models  # here, not at the top: models.py reads checkpoints with this module
     try:
         return models.config_from_dict(config).to_dict()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return config
 
 

@@ -791,7 +791,9 @@ def tokenizer_from_gguf(metadata):
     prefix = [bos] if metadata.get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
     suffix = [eos] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
     # llama.cpp gives a model named Phi-3 (general.name) special tokens that drop the whitespace after them, as its
-    # tokenizer.json marks them rstrip: every control, user-defined and unknown token but <unk>, <s> and <|endoftext|>
+    # tokenizer.json marks them rstrip: every control, user-defined and unknown token but <unk>, <s> and <|endoftext|>.
+    # The whitespace is the tokenizer.json's (Unicode's; llama.cpp's is ASCII only), and a special token starting
+    # inside it counts, as there (llama.cpp cuts the longer special tokens out first)
     phi3 = any(name in str(metadata.get("general.name", "")).lower() for name in ("phi-3", "phi3"))
     rstrip = {i for i, (t, kind) in enumerate(zip(tokens, types))
               if phi3 and kind in (CONTROL, USER_DEFINED, UNKNOWN) and t not in ("<unk>", "<s>", "<|endoftext|>")}

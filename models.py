@@ -1,8 +1,9 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2 and Gemma-3, each computing what
-transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
+Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
+Command-R7B (Cohere2) and StableLM, each computing what transformers computes. The paper's language-model
+results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
@@ -15,7 +16,7 @@ config.json, the weights (model.safetensors or pytorch_model.bin, or the shards 
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama, qwen2, qwen3, smollm3, olmo2 (OLMo-2
-and -3), phi3, gemma, gemma2, gemma3).
+and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -60,7 +61,7 @@ class TransformerConfig:
     d_model: int = 64
     d_head: int = 0  # 0: d_model / n_head
     d_mlp: int = 256
-    norm: str = "layernorm"  # or "rmsnorm" (computed in float32)
+    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), or "layernorm_nobias" (Cohere)
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
@@ -72,6 +73,7 @@ class TransformerConfig:
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
     qk_norm_across_heads: bool = False  # that norm spans all heads' queries (and keys) at once (OLMo-2)
+    qk_layernorm: bool = False  # that norm is a LayerNorm without bias, with a weight for each head (Cohere, StableLM-2-12B)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
@@ -83,6 +85,9 @@ class TransformerConfig:
     activation: str = "gelu"  # a key of ACTIVATIONS
     mlp_bias: bool = True
     parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
+    shared_norm: bool = False  # and read it through one norm: norm2 is norm1 (Cohere, StableLM's parallel residual)
+    residual_scale: float = 1.0  # what attention and the MLP add to the residual stream is multiplied by this (Granite)
+    logit_scale: float = 1.0  # the output logits are multiplied by this (Cohere; Granite: 1 / logits_scaling)
     tied_head: bool = False  # the output layer shares the token embedding's weight
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
@@ -96,14 +101,19 @@ class TransformerConfig:
         windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gated")),
+        for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias")), ("mlp", ("gelu", "gated")),
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "yarn", "divisors"):
             raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3', 'yarn' or 'divisors'")
-        if not is_positive_number(self.norm_eps):
-            raise ValueError(f"norm_eps={self.norm_eps!r} must be a positive number")
+        for name in ("norm_eps", "residual_scale", "logit_scale"):
+            if not is_positive_number(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.qk_layernorm and (not self.qk_norm or self.qk_norm_across_heads):
+            raise ValueError("qk_layernorm needs qk_norm, over each head (not qk_norm_across_heads)")
+        if self.shared_norm and not (self.parallel_residual and self.pre_norms):
+            raise ValueError("shared_norm needs parallel_residual and pre_norms: the MLP reads the attention's normed input")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         numbers = {"rotary_base": self.rotary_base} | {f"rotary_scaling's {name}": value for name, value in
@@ -137,9 +147,23 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+    """A LayerNorm without bias over each head's dims, with a weight (heads, d_head) for each head, in
+    float32 whatever x's dtype (as transformers' Cohere; StableLM's per-head nn.LayerNorms stacked)."""
+
+    def __init__(self, heads, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(heads, dim)), eps
+
+    def forward(self, x):  # x (..., heads, d_head)
+        return (self.weight * F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
+
+
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
-    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
 def rotary_frequencies(dims, base, scaling):
@@ -198,7 +222,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
-        if cfg.qk_norm:
+        if cfg.qk_layernorm:
+            self.q_norm, self.k_norm = (HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
+        elif cfg.qk_norm:
             across = cfg.qk_norm_across_heads
             self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
@@ -215,7 +241,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.qk_norm:  # each norm over its width: one head's dims, or all heads' (OLMo-2)
-            q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2)
+            q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
                     for norm, t in ((self.q_norm, q), (self.k_norm, k)))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
@@ -255,7 +281,8 @@ class MLP(nn.Module):
 class Block(cb.CodebookBlock):
     """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites.
     With sandwich norms each output is normed (again, or only: OLMo-2) before it is added; the "mlp"
-    site is then what the MLP adds to the residual stream, after its norm."""
+    site is then what the MLP adds to the residual stream, after its norm (and residual_scale: Granite).
+    With shared_norm the MLP reads the attention's normed input (norm2 is norm1)."""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -263,14 +290,17 @@ class Block(cb.CodebookBlock):
         norm_if = lambda present: make_norm(cfg) if present else nn.Identity()
         self.norm1, self.attn, self.norm2, self.mlp = norm_if(cfg.pre_norms), Attention(cfg, layer), norm_if(cfg.pre_norms), MLP(cfg)
         self.post_attn_norm, self.post_mlp_norm = norm_if(cfg.sandwich_norms), norm_if(cfg.sandwich_norms)
+        if cfg.shared_norm:
+            self.norm2 = self.norm1  # one module (its weights once in parameters(), under both names in the state_dict)
+        self.residual_scale = cfg.residual_scale
         self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
 
     def forward(self, x, start, cache=None):
         B, T, _ = x.shape
         heads = self.site("attn", self.attn(self.norm1(x), start, cache))  # (B, T, H, dh): before W_O
-        h = x + self.post_attn_norm(self.attn.o(heads.reshape(B, T, -1)))
+        h = x + self.post_attn_norm(self.attn.o(heads.reshape(B, T, -1))) * self.residual_scale
         mlp = self.post_mlp_norm(self.mlp(self.norm2(x if self.parallel_residual else h)))
-        x = h + self.site("mlp", mlp[:, :, None])[:, :, 0]
+        x = h + self.site("mlp", (mlp * self.residual_scale)[:, :, None])[:, :, 0]
         return self.site("block", x[:, :, None])[:, :, 0]
 
 
@@ -299,6 +329,8 @@ class Transformer(cb.CodebookModel):
         if cache is not None:
             cache["length"] = start + idx.shape[1]
         logits = self.head(self.norm_f(x))
+        if cfg.logit_scale != 1.0:
+            logits = logits * cfg.logit_scale
         return torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap if cfg.logit_softcap else logits
 
 
@@ -618,6 +650,98 @@ def gemma(c, where):
     return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {name: plus_one for name in norms}
 
 
+def granite(c, where):
+    """Granite (IBM's granite-3.x dense models): Llama's parts, with the token embedding times
+    embedding_multiplier, scores scaled by attention_multiplier (not 1/sqrt(d_head)), what attention and
+    the MLP add to the residual stream times residual_multiplier, and the logits divided by logits_scaling."""
+    config, _, _ = llama(c | {"model_type": "llama"}, where)
+    scales = {name: c.get(name, 1.0) for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier",
+                                                   "logits_scaling")}
+    for name, value in scales.items():
+        if not is_positive_number(value):
+            raise ValueError(f"{where}: {name}={value!r} must be a positive number")
+    return config | dict(embed_scale=scales["embedding_multiplier"], attn_scale=scales["attention_multiplier"],
+                         residual_scale=scales["residual_multiplier"], logit_scale=1 / scales["logits_scaling"]), LLAMA_NAMES, {}
+
+
+COHERE_NAMES = LLAMA_NAMES | names({}, {"norm2": "input_layernorm"}, "layers.{i}.")  # one norm before attention and MLP
+
+
+def interleaved_to_halves(t):
+    """A head's dims (the last) from interleaved pairs (2i, 2i + 1) to "rotate_half" pairs (i, i + d/2)."""
+    return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def cohere(c, where):
+    """Command-R (Cohere; Aya-23) and Command-R7B (Cohere2): LayerNorms without bias; attention and a
+    SwiGLU MLP in parallel, both reading the block's input through one norm; the logits times
+    logit_scale; a tied output layer; the rotary embedding on interleaved pairs of dims (2i, 2i + 1),
+    which the q and k rows are reordered to "rotate_half" pairs for (as unpermute does for llama.cpp's
+    files); Cohere's optional use_qk_norm (a LayerNorm on each head's q and k, each head with its own
+    weight). Cohere2: attention over a sliding window on the layers layer_types marks (by default three
+    in four), the others global and without the rotary embedding."""
+    family, d, heads = c["model_type"], c["hidden_size"], c["num_attention_heads"]
+    _option(c, "hidden_act", "silu", ["silu"], where)
+    d_head = d // heads if family == "cohere2" else c.get("head_dim") or d // heads
+    n_kv_head = c.get("num_key_value_heads") or heads
+    bias, qk_norm = c.get("attention_bias", False), family == "cohere" and c.get("use_qk_norm", False)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=n_kv_head, d_model=d, d_head=d_head, d_mlp=c["intermediate_size"],
+                  norm="layernorm_nobias", norm_eps=c.get("layer_norm_eps", 1e-5), **_rope(c, where, d_head, 500000.0),
+                  qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, qk_layernorm=qk_norm, mlp="gated", activation="silu",
+                  mlp_bias=False, parallel_residual=True, shared_norm=True, logit_scale=c.get("logit_scale", 0.0625),
+                  tied_head=c.get("tie_word_embeddings", True))
+    if family == "cohere2":
+        window = c.get("sliding_window", 4096)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer")
+        layers = _layer_types(c, where, c.get("sliding_window_pattern", 4))
+        config |= dict(attn_window=[window if kind == "sliding_attention" else 0 for kind in layers],
+                       no_rotary_layers=[i for i, kind in enumerate(layers) if kind == "full_attention"])
+    transforms = {"blocks.{i}.attn.q": unpermute(heads), "blocks.{i}.attn.k": unpermute(n_kv_head),  # weights and biases
+                  "blocks.{i}.attn.q_norm": interleaved_to_halves, "blocks.{i}.attn.k_norm": interleaved_to_halves}
+    return config, COHERE_NAMES, transforms
+
+
+STABLELM_NAMES = LLAMA_NAMES | names({}, {"attn.q_norm": "self_attn.q_layernorm", "attn.k_norm": "self_attn.k_layernorm"},
+                                     "layers.{i}.")
+
+
+def stablelm(c, where):
+    """StableLM (StableLM-2, its Zephyr, StableLM-2-12B): Llama's parts with LayerNorms (with bias), the
+    rotary embedding on partial_rotary_factor of each head's dims, optional biases on q, k and v
+    (use_qkv_bias), and optionally a parallel residual whose MLP reads the attention's normed input
+    (use_parallel_residual) and a LayerNorm without bias on each head's q and k, each head with its own
+    (qk_layernorm; stored as one nn.LayerNorm per head, stacked here by stablelm_weights)."""
+    _option(c, "hidden_act", "silu", ["silu"], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = d // heads  # whatever head_dim says
+    rope = c.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.25)) if isinstance(rope, dict) else 0.25
+    parallel, qk_norm = c.get("use_parallel_residual", False), c.get("qk_layernorm", False)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-5),
+                  **_rope(c, where, int(d_head * fraction)), qkv_bias=c.get("use_qkv_bias", False), qk_norm=qk_norm,
+                  qk_layernorm=qk_norm, mlp="gated", activation="silu", mlp_bias=False, parallel_residual=parallel,
+                  shared_norm=parallel, tied_head=c.get("tie_word_embeddings", False))
+    return config, STABLELM_NAMES | (names({}, {"norm2": "input_layernorm"}, "layers.{i}.") if parallel else {}), {}
+
+
+def stablelm_weights(tensors):
+    """StableLM-2-12B's per-head q and k LayerNorms (self_attn.q_layernorm.norms.{h}.weight) as one
+    (heads, d_head) weight per layer, as llama.cpp's converter stacks them."""
+    stacked, per_head = {}, re.compile(r"^(.*\.self_attn\.[qk]_layernorm)\.norms\.(\d+)\.weight$")
+    for name in tensors:
+        if match := per_head.match(name):
+            stacked.setdefault(match[1] + ".weight", {})[int(match[2])] = tensors[name]
+    if not stacked:
+        return tensors
+    kept = {name: load for name, load in tensors.items() if not per_head.match(name)}
+    return kept | {name: (lambda heads: lambda: torch.stack([heads[h]() for h in sorted(heads)]))(heads)
+                   for name, heads in stacked.items()}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -626,7 +750,8 @@ def gemma3_text_weights(tensors):
 
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
-            "gemma3_text": gemma, "gemma3": gemma}
+            "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
+            "stablelm": stablelm}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -744,6 +869,8 @@ def from_pretrained(path, codebooks=None, block_size=None):
     tensors = formats.weight_loaders(path)
     if c["model_type"] == "gemma3":
         tensors = gemma3_text_weights(tensors)
+    if c["model_type"] == "stablelm":
+        tensors = stablelm_weights(tensors)
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 
@@ -779,7 +906,9 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # GPT-2 and GPT-NeoX: q, k and v in one tensor, all q rows, then all k, then all v (the converter reorders GPT-NeoX's
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
-GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
+                      "granite", "command-r", "cohere2", "stablelm")
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm")  # the others' norms are RMSNorms
 
 
 def is_gguf(path):
@@ -830,7 +959,9 @@ def gguf_config(metadata, shapes, path):
     c = {name: count(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
     c["num_key_value_heads"] = count("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = count("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
-    if arch not in ("gpt2", "gptneox"):  # theirs are LayerNorms, whose eps is read below
+    if arch in LAYERNORM_ARCHITECTURES:  # (GPT-2's eps under its own name below)
+        c["layer_norm_eps"] = get("attention.layer_norm_epsilon")
+    else:
         c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
     c["rope_theta"] = get("rope.freq_base", 10000.0)
     # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear
@@ -866,12 +997,30 @@ def gguf_config(metadata, shapes, path):
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
                   layer_norm_epsilon=get("attention.layer_norm_epsilon"))
-    if arch == "gptneox":
-        if not isinstance(get("use_parallel_residual"), bool):
-            raise ValueError(f"{path}: metadata gptneox.use_parallel_residual = {get('use_parallel_residual')!r} must be "
-                             f"a boolean")
-        c |= dict(model_type="gpt_neox", layer_norm_eps=get("attention.layer_norm_epsilon"),
-                  use_parallel_residual=get("use_parallel_residual"))
+    if arch in ("gptneox", "stablelm"):
+        # (llama.cpp's StableLM reads no such key: its layers without ffn_norm are parallel, as the converter writes them)
+        parallel = get("use_parallel_residual", "blk.0.ffn_norm.weight" not in shapes)
+        if not isinstance(parallel, bool):
+            raise ValueError(f"{path}: metadata {arch}.use_parallel_residual = {parallel!r} must be a boolean")
+        c |= dict(model_type="gpt_neox" if arch == "gptneox" else arch, use_parallel_residual=parallel)
+    if arch == "stablelm":  # the rotary dims a Fraction of d_model / n_head, as GPT-NeoX's; q / k norms stacked per head
+        head = max(1, c["hidden_size"] // c["num_attention_heads"])
+        c |= dict(partial_rotary_factor=fractions.Fraction(count("rope.dimension_count", head, least=0), head),
+                  use_qkv_bias="blk.0.attn_q.bias" in shapes, qk_layernorm="blk.0.attn_q_norm.weight" in shapes)
+    if arch == "granite":
+        c |= granite_gguf_config(c, get, path)
+    if arch in ("command-r", "cohere2"):  # llama.cpp rotates its q / k on interleaved pairs, as transformers: rows unchanged
+        if count("rope.dimension_count", c["head_dim"], least=0) != c["head_dim"]:
+            raise ValueError(f"{path}: metadata {arch}.rope.dimension_count = {get('rope.dimension_count')} is not the "
+                             f"head's {c['head_dim']} dims: a partial rotary embedding is not implemented for {arch}")
+        c |= dict(model_type="cohere" if arch == "command-r" else arch, logit_scale=get("logit_scale"),
+                  use_qk_norm="blk.0.attn_q_norm.weight" in shapes)
+    if arch == "cohere2":  # llama.cpp's Command-R7B: the rotary embedding on the sliding layers only, by rope.freq_base
+        if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
+            raise ValueError(f"{path}: metadata cohere2.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
+                             f"rope.freq_base, which llama.cpp rotates by; not implemented")
+        c |= dict(sliding_window=get("attention.sliding_window"),
+                  sliding_window_pattern=count("attention.sliding_window_pattern", 4))
     window = metadata.get(f"{arch}.attention.sliding_window")
     if arch == "olmo2" and window:  # OLMo-3, as llama.cpp stores it: every fourth layer global, one rotary base for all
         if "rope_scaling" in c:
@@ -885,6 +1034,19 @@ def gguf_config(metadata, shapes, path):
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def granite_gguf_config(c, get, path):
+    """Granite's config.json multipliers from a GGUF file's scales, as llama.cpp reads them: no (or a 0)
+    attention.scale scales scores by head_dim^-1/2; no embedding_scale or residual_scale scales nothing;
+    logit_scale, which the logits are divided by, is required. A file whose rope.scaling.finetuned is
+    false (a Granite-4 without the rotary embedding, converted to granite) is refused."""
+    if get("rope.scaling.finetuned", True) is not True:
+        raise ValueError(f"{path}: metadata granite.rope.scaling.finetuned = {get('rope.scaling.finetuned')!r}: a granite "
+                         f"model without the rotary embedding is not implemented")
+    return dict(attention_multiplier=get("attention.scale", 0.0) or c["head_dim"] ** -0.5,
+                embedding_multiplier=get("embedding_scale", 0.0) or 1.0,
+                residual_multiplier=get("residual_scale", 0.0) or 1.0, logits_scaling=get("logit_scale"))
 
 
 def gemma_gguf_config(c, get):
@@ -923,8 +1085,13 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     table, transforms = GGUF_NAMES, {}
-    if c["model_type"] in ("llama", "smollm3"):  # the architectures whose rotary llama.cpp computes on interleaved pairs
+    if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
+        table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
+    if c["model_type"] in ("llama", "smollm3", "granite"):  # the converter permuted their q / k rows for llama.cpp's
+        # rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
+    if c["model_type"] in ("cohere", "cohere2"):
+        transforms = family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}

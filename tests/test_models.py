@@ -1,5 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3 and Gemma made and saved by `transformers`, loaded by models.py,
+GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2
+and StableLM made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -56,9 +57,19 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
                                    rope_scaling=dict(rope_type="linear", factor=8.0),
                                    attn_logit_softcapping=3.0)),  # in its config, unused: Gemma-3 does not soft-cap scores
          "gemma2-exact-gelu": ("gemma2", dict(hidden_activation="gelu")),
-         "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu"))}
+         "gemma3-exact-gelu": ("gemma3", dict(hidden_activation="gelu")),
+         # every multiplier other than 1 (and the score scale other than 1/sqrt(d_head)), so that one dropped changes the logits
+         "granite": ("granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
+                                     logits_scaling=2.0, rope_theta=500.0)),
+         # Cohere's rotary on interleaved pairs, its per-head q / k LayerNorms, a logit scale other than its default
+         "cohere": ("cohere", dict(logit_scale=0.5, use_qk_norm=True, layer_norm_eps=1e-3)),
+         "cohere-biases": ("cohere", dict(logit_scale=0.5, attention_bias=True, rope_theta=1000.0)),
+         "cohere2": ("cohere2", dict(num_hidden_layers=4, sliding_window=5, logit_scale=0.5)),  # layers 0-2 windowed, rotary
+         "stablelm": ("stablelm", dict(partial_rotary_factor=0.5, use_qkv_bias=True, layer_norm_eps=1e-3)),
+         "stablelm-parallel": ("stablelm", dict(partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
-        "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True}
+        "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
+        "granite": False, "cohere": True, "cohere2": True, "stablelm": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -67,7 +78,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
-         "gemma": LLAMA_SITES,
+         "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -117,6 +128,8 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
         theirs(x)
     for hook in hooks:
         hook.remove()
+    if family == "granite":  # what the block adds as the MLP's output: its output times residual_multiplier
+        seen["mlp"] = seen["mlp"] * theirs.config.residual_multiplier
     with cb.codebooks_off(with_cb), cb.capture_activations(with_cb) as acts:
         with_cb(x)
     for site in ("attn", "mlp", "block"):
@@ -261,8 +274,8 @@ def test_the_text_model_of_a_multimodal_gemma3(tmp_path):
 
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
-    scale, tied head: the key-value cache still computes what the whole prefix does, and rotary
-    scores depend only on the offset."""
+    scale, tied head (and Cohere's and Granite's parts): the key-value cache still computes what the
+    whole prefix does, and rotary scores depend only on the offset."""
     torch.manual_seed(0)
     config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_kv_head=2, d_model=16, d_head=6, d_mlp=32,
                   attn_window=[0, 4, 2], attn_scale=1.0, rotary_dims=4, parallel_residual=True, norm="rmsnorm",
@@ -271,6 +284,15 @@ def test_the_parts_keep_generation_with_the_cache_exact():
     model = models.Transformer(config).double().eval()
     assert model.head.weight is model.tok_emb.weight and "pos_emb.weight" not in model.state_dict()
     x = torch.randint(0, 50, (2, 24))
+    cache = {}
+    steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
+    assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
+    # Cohere's and Granite's parts: one norm (a LayerNorm without bias) read by attention and MLP, per-head LayerNorms on
+    # q and k, the residual and the logits scaled, a layer without the rotary embedding
+    config |= dict(norm="layernorm_nobias", shared_norm=True, qk_layernorm=True, residual_scale=0.5, logit_scale=0.25,
+                   no_rotary_layers=[2])
+    model = models.Transformer(config).double().eval()
+    assert model.blocks[0].norm2 is model.blocks[0].norm1 and model.blocks[0].norm1.bias is None
     cache = {}
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
     assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)

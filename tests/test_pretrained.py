@@ -1,6 +1,6 @@
-"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2 and Gemma-3 written by the `gguf`
-package's writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that
-disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
+Command-R7B and StableLM written by the `gguf` package's writer (laid out as llama.cpp's converter does) against
+transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
@@ -30,15 +30,17 @@ CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices s
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
-    """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2 or Gemma3)
-    as llama.cpp's converter writes it: matrices in `quantisation` (norms and biases stay F32); Phi-3's q / k / v
-    fused (or apart: qkv_apart) and its gate / up fused; q / k rows permuted for the llama and smollm3 architectures
-    (whose rotary llama.cpp computes on interleaved pairs; for the others it computes "rotate_half" as
-    transformers); metadata from its config; `changes` overwrite metadata values, `drop` leaves keys out;
+    """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
+    Granite, Cohere, Cohere2 or StableLM) as llama.cpp's converter writes it: matrices in `quantisation` (norms and
+    biases stay F32); Phi-3's q / k / v fused (or apart: qkv_apart) and its gate / up fused; q / k rows permuted for
+    the llama, smollm3 and granite architectures (whose rotary llama.cpp computes on interleaved pairs; for the others
+    it computes as transformers does: "rotate_half", or Cohere's interleaved pairs); metadata from its config
+    (Granite's multipliers as scales; Cohere's logit scale; StableLM's rotary dims and parallel residual, and no
+    rotary base or key_length, which its converter leaves out); `changes` overwrite metadata values, `drop` leaves keys out;
     rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
     scaling. Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the
     metadata. GPT-2's Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head,
-    reordered to all q rows, all k rows, all v rows."""
+    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -50,12 +52,22 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch == "gpt2" else c.layer_norm_eps}
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
-                 "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"],
-                 "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
-    if arch in ("phi3", "gptneox"):  # the rotary embedding on a part of each head
+                 "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
+        meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm") else
+                 {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
+    if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
-    if arch == "gptneox":
+    if arch in ("gptneox", "stablelm"):
         meta |= {"use_parallel_residual": c.use_parallel_residual}
+    if arch == "stablelm":  # its converter writes no rotary base (llama.cpp's default, 10,000) and no key_length
+        meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
+    if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
+        meta |= {"attention.scale": c.attention_multiplier, "embedding_scale": c.embedding_multiplier,
+                 "residual_scale": c.residual_multiplier, "logit_scale": c.logits_scaling}
+    if arch in ("command-r", "cohere2"):
+        meta |= {"logit_scale": c.logit_scale}
+    if arch == "cohere2":
+        meta |= {"attention.sliding_window": c.sliding_window}
     if arch == "gemma":  # no rotary base written: llama.cpp's default, 10,000
         del meta["rope.freq_base"]
     if arch in ("gemma2", "gemma3"):
@@ -75,25 +87,31 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
              "mlp.c_proj": "ffn_down", "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
              "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up",
-             "mlp.dense_4h_to_h": "ffn_down"}
+             "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm"}
     if arch in ("gemma2", "gemma3", "olmo2"):  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
 
-    def add(gguf_name, w):  # the converter keeps position embeddings F32 whatever the type
-        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32 and gguf_name != "position_embd.weight":
+    def add(gguf_name, w):  # the converter keeps position embeddings and norms (Cohere's per-head ones: 2-d) F32
+        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32 and not gguf_name.endswith(("position_embd.weight",
+                                                                                             "_norm.weight")):
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w))
 
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    for name in [name for name in state if ".norms.0." in name]:  # StableLM's per-head norms as one (heads, d_head) tensor
+        stem = name.split(".norms.0.")[0]
+        heads = sorted(n for n in state if n.startswith(stem + ".norms."))
+        state = {n: t for n, t in state.items() if n not in heads} | {stem + ".weight": torch.stack([state[n] for n in heads])}
+    for name, t in state.items():
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3"):
+        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
@@ -120,13 +138,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
 def rounded(model, quantisation):
     """A copy of the transformers model with every matrix rounded through the GGUF block format as write_gguf
     stores it: GPT-2's Conv1D matrices in blocks along the rows of their (out, in) transpose; position
-    embeddings not at all (the converter keeps them F32)."""
+    embeddings and norms not at all (the converter keeps them F32)."""
     gguf = need("gguf")
     kind = gguf.GGMLQuantizationType[quantisation]
     rounding = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
 
     def rounded_tensor(name, t):
-        if t.dim() != 2 or name.endswith("wpe.weight"):
+        if t.dim() != 2 or name.endswith("wpe.weight") or "norm" in name:
             return t
         if isinstance(model, need("transformers").GPT2LMHeadModel) and name.endswith(CONV1D):
             return torch.from_numpy(np.ascontiguousarray(rounding(t.numpy().T).T))
@@ -236,6 +254,72 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
         metadata = {k: v for k, v in info.metadata.items() if "softcapping" not in k}
         config = models.gguf_config(metadata, {name: t.shape for name, t in info.tensors.items()}, "early.gguf")
         assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)
+
+
+# transformers' options of each: every Granite multiplier other than 1; Command-R's per-head q / k norms and a logit scale
+# other than its default; Command-R7B's window of 5 on layers 0-2 (layer 3 global, without the rotary embedding);
+# StableLM-2's q / k / v biases; StableLM-2-12B's parallel residual and per-head q / k norms
+DENSE_GGUF = {"granite": ("granite", "granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3,
+                                                     residual_multiplier=0.5, logits_scaling=2.0, rope_theta=500.0)),
+              "command-r": ("cohere", "command-r", dict(logit_scale=0.5, use_qk_norm=True, rope_theta=1000.0)),
+              "cohere2": ("cohere2", "cohere2", dict(num_hidden_layers=4, sliding_window=5, logit_scale=0.5)),
+              "stablelm": ("stablelm", "stablelm", dict(partial_rotary_factor=0.5, use_qkv_bias=True)),
+              "stablelm-12b": ("stablelm", "stablelm", dict(partial_rotary_factor=0.5, use_parallel_residual=True,
+                                                            qk_layernorm=True))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("granite", "Q8_0"), ("command-r", "F32"), ("command-r", "Q8_0"),
+                                               ("cohere2", "F32"), ("stablelm", "Q8_0"), ("stablelm-12b", "F32")])
+def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Granite (Llama's layout, q / k rows permuted, the multipliers as attention.scale,
+    embedding_scale, residual_scale and logit_scale, the last dividing the logits), Command-R and
+    Command-R7B (q / k rows as transformers has them: llama.cpp rotates interleaved pairs too; LayerNorms
+    without bias, attn_norm read by attention and MLP, logit_scale, no output tensor; Command-R7B's
+    window in the metadata, three layers in four windowed, implied) and StableLM (LayerNorms with bias,
+    the rotary embedding on rope.dimension_count dims, use_parallel_residual, the per-head q / k norms
+    stacked, no rotary base: 10,000 implied)."""
+    family, arch, options = DENSE_GGUF[case]
+    theirs = tiny_hf(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch))
+    assert ours.config.family == family and ours.config.tied_head == (family in ("cohere", "cohere2"))
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = rounded(theirs, quantisation)
+    with torch.no_grad():
+        want, got = reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+
+
+def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):
+    """What llama.cpp reads as optional is read so (Granite without attention.scale: scores by head_dim^-1/2;
+    without embedding_scale or residual_scale: unscaled; StableLM without use_parallel_residual: parallel
+    where there is no ffn_norm); what it cannot be is one line."""
+    granite = tiny_hf("granite", embedding_multiplier=3.0, attention_multiplier=0.25, residual_multiplier=0.5,
+                      logits_scaling=2.0)
+    plain = tiny_hf("granite", attention_multiplier=0.25, logits_scaling=2.0)  # scores by 16^-1/2: no attention.scale
+    stablelm = tiny_hf("stablelm", partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    for i, (theirs, arch, drop) in enumerate([(plain, "granite", ["attention.scale", "embedding_scale", "residual_scale"]),
+                                              (stablelm, "stablelm", ["use_parallel_residual"])]):
+        ours = models.from_pretrained(write_gguf(tmp_path / f"{i}.gguf", theirs, arch=arch, drop=drop))
+        with torch.no_grad():
+            assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
+    command_r = tiny_hf("cohere", logit_scale=0.5)
+    cases = [(granite, "granite", dict(drop=["logit_scale"]), "metadata granite.logit_scale is missing"),
+             (granite, "granite", {"logit_scale": 0.0}, "logits_scaling=0.0 must be a positive number"),
+             (granite, "granite", {"rope.scaling.finetuned": False}, "granite.rope.scaling.finetuned = False: a granite "
+                                                                      "model without the rotary embedding is not implemented"),
+             (command_r, "command-r", {"rope.dimension_count": 8}, "command-r.rope.dimension_count = 8 is not the head's 16"),
+             (command_r, "command-r", {"logit_scale": -1.0}, "logit_scale=-1.0 must be a positive number"),
+             (tiny_hf("cohere2", num_hidden_layers=4), "cohere2", {"rope.freq_base_swa": 100.0},
+              "cohere2.rope.freq_base_swa = 100.0 differs from rope.freq_base"),
+             (stablelm, "stablelm", {"use_parallel_residual": 1}, "stablelm.use_parallel_residual = 1 must be a boolean")]
+    for theirs, arch, changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch=arch, **changes))
+        assert "\n" not in str(e.value)
 
 
 # The published config.json of each Gemma-2 and Gemma-3 size (google/gemma-2-*, google/gemma-3-*): layers, d_model, heads,

@@ -2,7 +2,8 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2) and StableLM, each computing what transformers computes. The paper's language-model
+Command-R7B (Cohere2), StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, each computing
+what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
     import models
@@ -15,13 +16,14 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama, qwen2, qwen3, smollm3, olmo2 (OLMo-2
-and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm).
+quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
+smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, qwen2moe, qwen3moe,
+olmoe).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
-  1. parts        norms, rotary embedding, attention, MLP, the block and the Transformer
+  1. parts        norms, rotary embedding, attention, MLP (or a mixture of experts), the block and the Transformer
   2. families     per family a function from config.json to TransformerConfig fields and one
                   table from its tensor names to ours
   3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
@@ -74,6 +76,7 @@ class TransformerConfig:
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
     qk_norm_across_heads: bool = False  # that norm spans all heads' queries (and keys) at once (OLMo-2)
     qk_layernorm: bool = False  # that norm is a LayerNorm without bias, with a weight for each head (Cohere, StableLM-2-12B)
+    qkv_clip: float = 0.0  # > 0: queries, keys (after their norm) and values clamped to +-qkv_clip (OLMoE's clip_qkv)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
@@ -88,6 +91,12 @@ class TransformerConfig:
     shared_norm: bool = False  # and read it through one norm: norm2 is norm1 (Cohere, StableLM's parallel residual)
     residual_scale: float = 1.0  # what attention and the MLP add to the residual stream is multiplied by this (Granite)
     logit_scale: float = 1.0  # the output logits are multiplied by this (Cohere; Granite: 1 / logits_scaling)
+    experts: int = 0  # > 0: the MLP is a sparse mixture of this many gated experts (MoE); 0: one dense MLP
+    experts_used: int = 0  # each token goes to the experts_used experts its router scores highest
+    d_expert: int = 0  # each expert's hidden width
+    experts_renormalised: bool = False  # the chosen experts' router probabilities rescaled to sum to 1
+    d_shared_expert: int = 0  # > 0: a gated MLP of this width every token goes through too, times a sigmoid gate (Qwen2-MoE)
+    dense_layers: list = field(default_factory=list)  # layers with a dense MLP (of d_mlp) in a mixture-of-experts model
     tied_head: bool = False  # the output layer shares the token embedding's weight
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
@@ -124,8 +133,16 @@ class TransformerConfig:
         if not (self.local_rotary_base == 0 or is_positive_number(self.local_rotary_base)):
             raise ValueError(f"local_rotary_base={self.local_rotary_base!r} must be a positive number (or 0: none)")
         self.rotary_base, self.local_rotary_base = float(self.rotary_base), float(self.local_rotary_base)
-        if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.no_rotary_layers):
-            raise ValueError(f"no_rotary_layers={self.no_rotary_layers!r} must list layers, each in 0 .. {self.n_layer - 1}")
+        for name in ("no_rotary_layers", "dense_layers"):
+            if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must list layers, each in 0 .. {self.n_layer - 1}")
+        if not (self.qkv_clip == 0 or is_positive_number(self.qkv_clip)):
+            raise ValueError(f"qkv_clip={self.qkv_clip!r} must be a positive number (or 0: none)")
+        for name in ("experts", "experts_used", "d_expert", "d_shared_expert"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if self.experts and not (1 <= self.experts_used <= self.experts and self.d_expert):
+            raise ValueError(f"experts_used={self.experts_used} must be 1 .. experts={self.experts} and d_expert positive")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
 
     def to_dict(self):
@@ -228,7 +245,7 @@ class Attention(nn.Module):
             across = cfg.qk_norm_across_heads
             self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
-        self.qk_norm, self.softcap = cfg.qk_norm, cfg.attn_softcap
+        self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
@@ -243,6 +260,8 @@ class Attention(nn.Module):
         if self.qk_norm:  # each norm over its width: one head's dims, or all heads' (OLMo-2)
             q, k = (norm(t.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
                     for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
             q, k = (rotary(t, start, self.inv_freq, self.rotary_scale) for t in (q, k))
@@ -267,19 +286,67 @@ def softcapped_attention(q, k, v, window, scale, cap):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, width=None):
         super().__init__()
+        width = width or cfg.d_mlp
         self.act = ACTIVATIONS[cfg.activation]
-        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
-        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down(self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x))
 
 
+class Stacked(nn.Module):
+    """n linear maps d_in -> d_out without bias, held as one weight (n, d_out, d_in); (x, i) -> map i of x."""
+
+    def __init__(self, n, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, d_out, d_in) * d_in ** -0.5)
+
+    def forward(self, x, i):
+        return F.linear(x, self.weight[i])
+
+
+class MoE(nn.Module):
+    """A sparse mixture of experts in the MLP's place: the router scores every expert for each token, the
+    softmax over all of them (in float32) gives each a probability, and the token goes to the experts_used
+    most probable, whose gated MLPs' outputs are summed weighted by those probabilities (rescaled to sum to 1
+    where experts_renormalised: taking the top k then a softmax over them is the same). With a shared expert
+    (Qwen2-MoE), a gated MLP every token goes through is added, times sigmoid(shared_gate x). Each expert
+    computes only the tokens sent to it, expert by expert, as transformers does. (The weights are rounded to
+    the activations' dtype before they multiply, as Qwen2-MoE, Qwen3-MoE and OLMoE do; Mixtral multiplies in
+    float32 and rounds the product, which in float32, as models load, is the same.)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.act, self.k, self.renormalised = ACTIVATIONS[cfg.activation], cfg.experts_used, cfg.experts_renormalised
+        self.router = nn.Linear(cfg.d_model, cfg.experts, bias=False)
+        self.experts = nn.ModuleDict({"gate": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
+                                      "up": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
+                                      "down": Stacked(cfg.experts, cfg.d_expert, cfg.d_model)})
+        self.shared = MLP(cfg, cfg.d_shared_expert) if cfg.d_shared_expert else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.d_shared_expert else None
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (tokens, d_model)
+        probs = self.router(x).float().softmax(-1)
+        weights, chosen = probs.topk(self.k, -1)  # (tokens, k) each
+        if self.renormalised:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights, out, gate, up, down = weights.to(x.dtype), torch.zeros_like(x), *self.experts.values()
+        for i in chosen.unique().tolist():  # each expert that any token was sent to
+            token, slot = torch.where(chosen == i)
+            h = x[token]
+            out.index_add_(0, token, down(self.act(gate(h, i)) * up(h, i), i) * weights[token, slot, None])
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out.reshape(shape)
+
+
 class Block(cb.CodebookBlock):
-    """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)), codebooks at the three sites.
+    """Pre-norm block: x + attention(norm1(x)), then + MLP(norm2(...)) (or MoE), codebooks at the three sites.
     With sandwich norms each output is normed (again, or only: OLMo-2) before it is added; the "mlp"
     site is then what the MLP adds to the residual stream, after its norm (and residual_scale: Granite).
     With shared_norm the MLP reads the attention's normed input (norm2 is norm1)."""
@@ -288,7 +355,8 @@ class Block(cb.CodebookBlock):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
         norm_if = lambda present: make_norm(cfg) if present else nn.Identity()
-        self.norm1, self.attn, self.norm2, self.mlp = norm_if(cfg.pre_norms), Attention(cfg, layer), norm_if(cfg.pre_norms), MLP(cfg)
+        self.norm1, self.attn, self.norm2 = norm_if(cfg.pre_norms), Attention(cfg, layer), norm_if(cfg.pre_norms)
+        self.mlp = MoE(cfg) if cfg.experts and layer not in cfg.dense_layers else MLP(cfg)
         self.post_attn_norm, self.post_mlp_norm = norm_if(cfg.sandwich_norms), norm_if(cfg.sandwich_norms)
         if cfg.shared_norm:
             self.norm2 = self.norm1  # one module (its weights once in parameters(), under both names in the state_dict)
@@ -592,6 +660,53 @@ def olmo2(c, where):
     return config, OLMO2_NAMES, {}
 
 
+# a mixture of experts' router, its experts' matrices ({j}: the expert, stored one by one and stacked as loaded) and
+# Qwen2-MoE's shared expert; its dense layers' MLP (Qwen's mlp_only_layers) is LLAMA_NAMES'
+MOE_NAMES = LLAMA_NAMES | names({}, {"mlp.router": "mlp.gate", "mlp.experts.gate": "mlp.experts.{j}.gate_proj",
+                                    "mlp.experts.up": "mlp.experts.{j}.up_proj", "mlp.experts.down": "mlp.experts.{j}.down_proj",
+                                    "mlp.shared.gate": "mlp.shared_expert.gate_proj", "mlp.shared.up": "mlp.shared_expert.up_proj",
+                                    "mlp.shared.down": "mlp.shared_expert.down_proj",
+                                    "mlp.shared_gate": "mlp.shared_expert_gate"}, "layers.{i}.")
+MIXTRAL_NAMES = LLAMA_NAMES | names({}, {"mlp.router": "block_sparse_moe.gate",
+                                        "mlp.experts.gate": "block_sparse_moe.experts.{j}.w1",
+                                        "mlp.experts.up": "block_sparse_moe.experts.{j}.w3",
+                                        "mlp.experts.down": "block_sparse_moe.experts.{j}.w2"}, "layers.{i}.")
+
+
+def moe(c, where):
+    """Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: the attention of Mistral (a window where sliding_window sets
+    one), Qwen2 (biases on q, k, v unless qkv_bias is false), Qwen3 (an RMSNorm on each head's q and k) and
+    OLMoE (Llama's, with an RMSNorm over all heads' queries and one over all keys, as OLMo-2's, then q, k, v
+    clamped to clip_qkv), pre-norms, and a sparse mixture of SwiGLU experts (MoE) for the MLP:
+    num_experts_per_tok of them per token, their router probabilities renormalised in Mixtral and where
+    norm_topk_prob is set; Qwen2-MoE's gated shared expert too. Qwen's MLP is dense (of intermediate_size) on
+    mlp_only_layers and on the layers decoder_sparse_step skips (or all, with no experts), as in transformers."""
+    family = c["model_type"]
+    attention = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "olmoe": "llama"}[family]
+    defaults = dict(rms_norm_eps=1e-5 if family in ("mixtral", "olmoe") else 1e-6,
+                    rope_theta=1e6 if family == "mixtral" else 10000.0)  # transformers' own (Mixtral's rotary base)
+    config, _, _ = llama(defaults | c | {"model_type": attention}, where)
+    n_layer, experts = c["num_hidden_layers"], c.get("num_experts", c.get("num_local_experts"))
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 0:
+        raise ValueError(f"{where}: num_experts={experts!r} must be a non-negative integer")
+    dense = []
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step, only = c.get("decoder_sparse_step", 1), c.get("mlp_only_layers") or []
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"{where}: decoder_sparse_step={step!r} must be a positive integer")
+        dense = [i for i in range(n_layer) if i in only or not (experts and (i + 1) % step == 0)]
+    if family == "qwen2_moe":
+        config["qkv_bias"] = c.get("qkv_bias", True)
+    if len(dense) < n_layer:
+        config |= dict(experts=experts, experts_used=c["num_experts_per_tok"], dense_layers=dense,
+                       d_expert=c["moe_intermediate_size" if family.startswith("qwen") else "intermediate_size"],
+                       experts_renormalised=family == "mixtral" or c.get("norm_topk_prob", False),
+                       d_shared_expert=c["shared_expert_intermediate_size"] if family == "qwen2_moe" else 0)
+    if family == "olmoe":
+        config |= dict(qk_norm=True, qk_norm_across_heads=True, qkv_clip=c.get("clip_qkv") or 0.0)
+    return config, MIXTRAL_NAMES if family == "mixtral" else MOE_NAMES, {}
+
+
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
@@ -751,7 +866,7 @@ def gemma3_text_weights(tensors):
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
-            "stablelm": stablelm}
+            "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -803,8 +918,11 @@ def build(config, family, weights, table, transforms, codebooks=None, block_size
         module, kind = name.rsplit(".", 1)
         layer = re.match(r"blocks\.(\d+)\.", module)
         template = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", module)
-        theirs = table[template].format(i=layer[1] if layer else "") + "." + kind
-        stored = weights[theirs]
+        theirs = table[template].format(i=layer[1] if layer else "", j="{j}") + "." + kind
+        if "{j}" in theirs:  # a mixture's experts, stored one by one: stacked, expert j as row j
+            stored = torch.stack([weights[theirs.format(j=j)] for j in range(param.shape[0])])
+        else:
+            stored = weights[theirs]
         try:
             tensor = transforms.get(template, lambda t: t)(stored)
         except RuntimeError:  # a reshape the stored shape does not fit: the config's sizes are not the weights'
@@ -898,6 +1016,11 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
                     "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
                     "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down",
                     "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}, "blk.{i}.")
+# a mixture of experts (MOE_NAMES): each matrix of all experts as one 3-D tensor (expert, out, in), router and shared
+# expert's gate kept F32 by the converter
+GGUF_NAMES |= names({}, {"mlp.router": "ffn_gate_inp", "mlp.experts.gate": "ffn_gate_exps", "mlp.experts.up": "ffn_up_exps",
+                         "mlp.experts.down": "ffn_down_exps", "mlp.shared.gate": "ffn_gate_shexp", "mlp.shared.up": "ffn_up_shexp",
+                         "mlp.shared.down": "ffn_down_shexp", "mlp.shared_gate": "ffn_gate_inp_shexp"}, "blk.{i}.")
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",  # config.json: GGUF key
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "max_position_embeddings": "context_length"}
@@ -907,8 +1030,12 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
-                      "granite", "command-r", "cohere2", "stablelm")
+                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe")
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm")  # the others' norms are RMSNorms
+# the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
+# renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
+GGUF_MOE = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
+            "olmoe": ("olmoe", False)}
 
 
 def is_gguf(path):
@@ -946,9 +1073,6 @@ def gguf_config(metadata, shapes, path):
                              f"the file is not a {arch} model this module can read")
         return value
 
-    if metadata.get(f"{arch}.expert_count", 0):
-        raise ValueError(f"{path}: a mixture-of-experts model ({arch}.expert_count = {metadata[f'{arch}.expert_count']}); "
-                         "this module reads dense models only")
     def count(key, default=None, least=1):  # a whole number of at least `least`
         value = get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -957,6 +1081,14 @@ def gguf_config(metadata, shapes, path):
         return value
 
     c = {name: count(key) for name, key in GGUF_CONFIG.items()} | {"model_type": arch}
+    experts = count("expert_count", 0, least=0)
+    if experts and arch not in GGUF_MOE:
+        raise ValueError(f"{path}: a mixture-of-experts {arch} model ({arch}.expert_count = {experts}) is not supported "
+                         f"(mixtures of experts: {', '.join(GGUF_MOE)})")
+    if arch in GGUF_MOE and arch != "llama" and not experts:
+        raise ValueError(f"{path}: metadata {arch}.expert_count is missing or 0: the file is not a {arch} model")
+    if experts:
+        c |= moe_gguf_config(c, arch, experts, count, path)
     c["num_key_value_heads"] = count("attention.head_count_kv", c["num_attention_heads"])  # absent: as many as heads
     c["head_dim"] = count("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
     if arch in LAYERNORM_ARCHITECTURES:  # (GPT-2's eps under its own name below)
@@ -986,6 +1118,8 @@ def gguf_config(metadata, shapes, path):
         raise ValueError(f"{path}: the metadata lists {len(tokens)} tokens but token_embd.weight has {c['vocab_size']} rows")
     c["tie_word_embeddings"] = "output.weight" not in shapes
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
+    if arch == "qwen2moe":  # Qwen2's biases on q, k and v, as the file holds them
+        c["qkv_bias"] = "blk.0.attn_q.bias" in shapes
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
@@ -1049,6 +1183,27 @@ def granite_gguf_config(c, get, path):
                 residual_multiplier=get("residual_scale", 0.0) or 1.0, logits_scaling=get("logit_scale"))
 
 
+def moe_gguf_config(c, arch, experts, count, path):
+    """The mixture-of-experts fields of config.json a GGUF file gives or implies, as llama.cpp reads them:
+    every layer a mixture; Mixtral's (llama's) and OLMoE's experts of feed_forward_length, Qwen's of
+    expert_feed_forward_length (absent: feed_forward_length / expert_used_count); Qwen2-MoE's shared expert of
+    expert_shared_feed_forward_length (absent: feed_forward_length); the chosen weights renormalised in Mixtral
+    and Qwen3-MoE only (GGUF_MOE). Grouped routing (DeepSeek's expert_group_count) is refused."""
+    if count("expert_group_count", 0, least=0) > 1:
+        raise ValueError(f"{path}: experts routed by groups ({arch}.expert_group_count = {count('expert_group_count')}, "
+                         f"DeepSeek-style) are not implemented")
+    family, renormalised = GGUF_MOE[arch]
+    used, ff = count("expert_used_count"), c["intermediate_size"]
+    if used > experts:
+        raise ValueError(f"{path}: metadata {arch}.expert_used_count = {used} exceeds its expert_count = {experts}")
+    c = dict(model_type=family, num_experts=experts, num_experts_per_tok=used, norm_topk_prob=renormalised)
+    if arch in ("qwen2moe", "qwen3moe"):
+        c["moe_intermediate_size"] = count("expert_feed_forward_length", max(1, ff // used))
+    if arch == "qwen2moe":
+        c["shared_expert_intermediate_size"] = count("expert_shared_feed_forward_length", ff)
+    return c
+
+
 def gemma_gguf_config(c, get):
     """The Gemma fields of config.json that a GGUF file gives or implies. llama.cpp stores no
     query_pre_attn_scalar (it scales scores by d_model / n_head in the 27B models, Gemma-2's 46
@@ -1087,14 +1242,22 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     table, transforms = GGUF_NAMES, {}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
-    if c["model_type"] in ("llama", "smollm3", "granite"):  # the converter permuted their q / k rows for llama.cpp's
-        # rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as cohere() reads)
+    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral"):  # the converter permuted their q / k rows for
+        # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
+        # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
     if c["model_type"] in ("cohere", "cohere2"):
         transforms = family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+    if "blk.0.ffn_gate_up_exps.weight" in tensors:  # the experts' gate and up as one tensor (the converter's
+        # --fuse-gate-up-exps): all gate rows of each expert, then all up rows
+        fused = {f"blocks.{{i}}.mlp.experts.{x}": "blk.{i}.ffn_gate_up_exps" for x in ("gate", "up")}
+        table = table | fused
+        transforms |= {name: (lambda i: lambda t: t.chunk(2, dim=1)[i])(i) for i, name in enumerate(fused)}
+    if c["model_type"] == "qwen2_moe":  # the shared expert's gate, a row (1, d_model) or (as llama.cpp also reads it) a vector
+        transforms["blocks.{i}.mlp.shared_gate"] = lambda t: t.reshape(1, -1)
     if c["model_type"] == "phi3":  # the MLP's gate and up stored as one tensor; q, k and v too, or apart
         fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
         fused += [f"blocks.{{i}}.attn.{x}" for x in "qkv" if "blk.0.attn_qkv.weight" in tensors]

@@ -87,7 +87,8 @@ parser.add_argument("--out", default="out/lm", help="output folder")
 parser.add_argument("--init_from", default="", help="skip stage 1: start from this base checkpoint (no codebooks)")
 parser.add_argument("--hf", default="", help="skip stage 1: start from this Hugging Face model folder or GGUF file (GPT-2, "
                     "GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, "
-                    "Command-R, Command-R7B, StableLM) and its tokenizer; --n_layer, --n_head, --d_model are then the model's")
+                    "Command-R, Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and its tokenizer; --n_layer, --n_head, "
+                    "--d_model are then the model's")
 parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, its split, the initialisation and every batch")
 # the model (stage 1)
 parser.add_argument("--n_layer", type=int, default=4, help="layers of the GPT trained in stage 1")

@@ -135,6 +135,11 @@ LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fac
 # Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
 # (Gemma (1) has neither: its config keeps both, which its forward does not use)
 GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)
+# mixtures of experts: 4 experts (of width 32 where the family sets it apart), 2 per token; Qwen2-MoE's shared expert of 64
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+       "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+       "olmoe": dict(num_experts=4, num_experts_per_tok=2)}
 
 
 def tiny_hf(family, vocab_size=96, **options):
@@ -152,8 +157,8 @@ def tiny_hf(family, vocab_size=96, **options):
         config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
         return randomize(t.GPTNeoXForCausalLM(config), 2)
-    # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM: 4 query
-    # heads sharing 2 key / value heads
+    # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, the mixtures
+    # of experts (MOE): 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
     if family in ("gemma", "gemma2", "gemma3"):  # Gemma-2's eager attention: the one that soft-caps scores
@@ -164,10 +169,13 @@ def tiny_hf(family, vocab_size=96, **options):
     model = {"llama": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM, "qwen2": t.Qwen2ForCausalLM,
              "qwen3": t.Qwen3ForCausalLM, "smollm3": t.SmolLM3ForCausalLM, "olmo2": t.Olmo2ForCausalLM,
              "olmo3": t.Olmo3ForCausalLM, "phi3": t.Phi3ForCausalLM, "granite": t.GraniteForCausalLM,
-             "cohere": t.CohereForCausalLM, "cohere2": t.Cohere2ForCausalLM, "stablelm": t.StableLmForCausalLM}[family]
+             "cohere": t.CohereForCausalLM, "cohere2": t.Cohere2ForCausalLM, "stablelm": t.StableLmForCausalLM,
+             "mixtral": t.MixtralForCausalLM, "qwen2_moe": t.Qwen2MoeForCausalLM, "qwen3_moe": t.Qwen3MoeForCausalLM,
+             "olmoe": t.OlmoeForCausalLM}[family]
     if family in ("smollm3", "phi3", "stablelm"):
         sizes["pad_token_id"] = None  # their defaults (128004, 32000) are past the tiny vocabulary (StableLM's: none)
-    return randomize(model(getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | options)), 3)
+    config = getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | MOE.get(family, {}) | options)
+    return randomize(model(config), 3)
 
 
 # --- text to compare tokenizers on, and tokenizers trained on it -----------------------------

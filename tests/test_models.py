@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2
-and StableLM made and saved by `transformers`, loaded by models.py,
+GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
+StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -66,10 +66,21 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "cohere-biases": ("cohere", dict(logit_scale=0.5, attention_bias=True, rope_theta=1000.0)),
          "cohere2": ("cohere2", dict(num_hidden_layers=4, sliding_window=5, logit_scale=0.5)),  # layers 0-2 windowed, rotary
          "stablelm": ("stablelm", dict(partial_rotary_factor=0.5, use_qkv_bias=True, layer_norm_eps=1e-3)),
-         "stablelm-parallel": ("stablelm", dict(partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True))}
+         "stablelm-parallel": ("stablelm", dict(partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True)),
+         # mixtures of experts (conftest.MOE: 4 experts, 2 per token): Mixtral renormalises the two chosen experts'
+         # weights, always, and has Mistral's window; Qwen2-MoE adds its gated shared expert, and keeps a dense MLP on
+         # mlp_only_layers and on the layers decoder_sparse_step skips (layer 0 here); Qwen3-MoE and OLMoE renormalise
+         # where norm_topk_prob says; OLMoE norms q and k over all heads and clamps q, k, v to clip_qkv
+         "mixtral": ("mixtral", dict(sliding_window=5)),
+         "qwen2_moe": ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[0])),
+         "qwen2_moe-sparse-step-renormalised": ("qwen2_moe", dict(decoder_sparse_step=2, norm_topk_prob=True, qkv_bias=False)),
+         "qwen3_moe": ("qwen3_moe", dict(head_dim=24, norm_topk_prob=True)),
+         "qwen3_moe-dense-layer": ("qwen3_moe", dict(mlp_only_layers=[0], attention_bias=True)),
+         "olmoe": ("olmoe", {}), "olmoe-clip-renormalised": ("olmoe", dict(clip_qkv=2.0, norm_topk_prob=True))}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
-        "granite": False, "cohere": True, "cohere2": True, "stablelm": False}
+        "granite": False, "cohere": True, "cohere2": True, "stablelm": False,
+        "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -79,6 +90,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
+         "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -272,6 +284,41 @@ def test_the_text_model_of_a_multimodal_gemma3(tmp_path):
     assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
 
 
+MOE_CASES = [case for case, (family, _) in CASES.items() if family in conftest.MOE]
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_the_tiny_mixtures_of_experts_route_as_a_real_one(case, tmp_path):
+    """What the mixture-of-experts cases above rely on to tell a wrong router from a right one: in each
+    mixture layer every expert gets tokens, tokens go to different pairs of experts, the two chosen
+    probabilities sum to less than 1 (renormalising them changes the weights) and Qwen2-MoE's shared
+    expert's gate is neither shut nor open; the layers transformers makes dense are dense."""
+    family, options = CASES[case]
+    tiny_hf(family, **options).save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    config = ours.config
+    assert config.experts == 4 and config.experts_used == 2
+    assert config.experts_renormalised == (family == "mixtral" or options.get("norm_topk_prob", False))
+    dense = options.get("mlp_only_layers", []) + ([0] if options.get("decoder_sparse_step") == 2 else [])
+    assert [type(block.mlp) for block in ours.blocks] == [models.MLP if i in dense else models.MoE for i in range(config.n_layer)]
+    inputs = {}
+    hooks = [block.mlp.register_forward_pre_hook(lambda module, args, i=i: inputs.update({i: args[0].flatten(0, 1)}))
+             for i, block in enumerate(ours.blocks) if isinstance(block.mlp, models.MoE)]
+    with torch.no_grad():
+        ours(torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3)))
+        for hook in hooks:
+            hook.remove()
+        for i, x in inputs.items():
+            moe = ours.blocks[i].mlp
+            top, chosen = moe.router(x).softmax(-1).topk(2, -1)
+            assert chosen.unique().tolist() == [0, 1, 2, 3], i
+            assert len(set(map(tuple, chosen.sort(-1).values.tolist()))) >= 4, i  # of the 6 pairs
+            assert top.sum(-1).mean() < 0.95 and top.sum(-1).min() < 0.8, i
+            if moe.shared is not None:
+                gate = torch.sigmoid(moe.shared_gate(x))
+                assert 0.05 < gate.mean() < 0.95 and gate.std() > 0.1, i
+
+
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
     scale, tied head (and Cohere's and Granite's parts): the key-value cache still computes what the
@@ -423,7 +470,17 @@ def test_clear_errors(tmp_path):
                             (dict(model_type="smollm3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, no_rope_layers=[1, 0, 1]),
                              "config.json: no_rope_layers must give 1 \\(rotary\\) or 0 \\(none\\) for each of the 2 layers"),
-                            (dict(model_type=["llama"]), r"model_type \['llama'\] is not supported")] + [
+                            (dict(model_type=["llama"]), r"model_type \['llama'\] is not supported"),
+                            (dict(model_type="qwen3_moe", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=0),
+                             "config.json: decoder_sparse_step=0 must be a positive integer"),
+                            (dict(model_type="mixtral", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_local_experts=4,
+                                  num_experts_per_tok=5), "config.json: experts_used=5 must be 1 .. experts=4"),
+                            (dict(model_type="olmoe", vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_experts=4),
+                             "config.json: field 'num_experts_per_tok' is missing, which a olmoe model needs")] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

@@ -1,6 +1,6 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B and StableLM written by the `gguf` package's writer (laid out as llama.cpp's converter does) against
-transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE written by the `gguf` package's writer (laid out as
+llama.cpp's converter does) against transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
@@ -27,12 +27,17 @@ def permute(w, heads):
 
 
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices stored (in, out)
+KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\.")  # what the converter never quantises
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, fuse_experts=False,
+               **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2 or StableLM) as llama.cpp's converter writes it: matrices in `quantisation` (norms and
-    biases stay F32); Phi-3's q / k / v fused (or apart: qkv_apart) and its gate / up fused; q / k rows permuted for
+    Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
+    matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
+    expert matrix of all experts stacked as one (experts, out, in) tensor, gate and up apart (or fused, gate rows
+    first: fuse_experts, the converter's --fuse-gate-up-exps); Phi-3's q / k / v fused (or apart: qkv_apart) and its
+    gate / up fused; q / k rows permuted for
     the llama, smollm3 and granite architectures (whose rotary llama.cpp computes on interleaved pairs; for the others
     it computes as transformers does: "rotate_half", or Cohere's interleaved pairs); metadata from its config
     (Granite's multipliers as scales; Cohere's logit scale; StableLM's rotary dims and parallel residual, and no
@@ -68,6 +73,12 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"logit_scale": c.logit_scale}
     if arch == "cohere2":
         meta |= {"attention.sliding_window": c.sliding_window}
+    if getattr(c, "num_experts", None):  # a mixture of experts: Mixtral's (arch llama) and OLMoE's experts of intermediate_size
+        meta |= {"expert_count": c.num_experts, "expert_used_count": c.num_experts_per_tok}
+        if arch in ("qwen2moe", "qwen3moe"):
+            meta |= {"expert_feed_forward_length": c.moe_intermediate_size}
+        if arch == "qwen2moe":
+            meta |= {"expert_shared_feed_forward_length": c.shared_expert_intermediate_size}
     if arch == "gemma":  # no rotary base written: llama.cpp's default, 10,000
         del meta["rope.freq_base"]
     if arch in ("gemma2", "gemma3"):
@@ -87,15 +98,17 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
              "mlp.c_proj": "ffn_down", "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
              "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up",
-             "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm"}
+             "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm",
+             "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
     if arch in ("gemma2", "gemma3", "olmo2"):  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
 
-    def add(gguf_name, w):  # the converter keeps position embeddings and norms (Cohere's per-head ones: 2-d) F32
-        if w.ndim == 2 and kind != gguf.GGMLQuantizationType.F32 and not gguf_name.endswith(("position_embd.weight",
-                                                                                             "_norm.weight")):
+    def add(gguf_name, w):  # the converter keeps position embeddings, norms (Cohere's per-head ones: 2-d) and routers F32
+        if w.ndim >= 2 and kind != gguf.GGMLQuantizationType.F32 and not KEPT_F32.search(gguf_name):
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w))
@@ -117,6 +130,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = w.T
         if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+        experts = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$", name)
+        if experts:  # transformers' (experts, 2 ff, d) and (experts, d, ff): the converter's stacks of the stored experts
+            parts = {"ffn_down_exps": w} if experts[2] == "down" else {"ffn_gate_up_exps": w} if fuse_experts else \
+                dict(zip(("ffn_gate_exps", "ffn_up_exps"), np.split(w, 2, axis=1)))
+            for part, stacked in parts.items():
+                add(f"blk.{experts[1]}.{part}.weight", stacked)
+            continue
         stem, suffix = name.rsplit(".", 1)
         layer = re.match(r"(model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)\.(.+)", stem)
         gguf_name = f"blk.{layer[2]}.{names[layer[3]]}.{suffix}" if layer else f"{names[stem]}.{suffix}"
@@ -137,14 +157,15 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
 
 def rounded(model, quantisation):
     """A copy of the transformers model with every matrix rounded through the GGUF block format as write_gguf
-    stores it: GPT-2's Conv1D matrices in blocks along the rows of their (out, in) transpose; position
-    embeddings and norms not at all (the converter keeps them F32)."""
+    stores it (a mixture's stacked experts too, in blocks along their rows): GPT-2's Conv1D matrices in blocks along
+    the rows of their (out, in) transpose; position embeddings, norms, routers and Qwen2-MoE's shared expert gate not
+    at all (the converter keeps them F32)."""
     gguf = need("gguf")
     kind = gguf.GGMLQuantizationType[quantisation]
     rounding = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
 
     def rounded_tensor(name, t):
-        if t.dim() != 2 or name.endswith("wpe.weight") or "norm" in name:
+        if t.dim() < 2 or name.endswith(("wpe.weight", "mlp.gate.weight", "shared_expert_gate.weight")) or "norm" in name:
             return t
         if isinstance(model, need("transformers").GPT2LMHeadModel) and name.endswith(CONV1D):
             return torch.from_numpy(np.ascontiguousarray(rounding(t.numpy().T).T))
@@ -203,6 +224,45 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     want_ids = reference.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+
+
+# (family, GGUF architecture, tiny_hf options): each mixture as llama.cpp computes it, which renormalises the chosen
+# experts' weights in Mixtral and Qwen3-MoE and not in Qwen2-MoE and OLMoE, whatever config.json says (their real
+# models' norm_topk_prob agrees); OLMoE with as many key / value heads as query heads (llama.cpp's k norm spans d_model)
+MOE_GGUF = {"mixtral": ("mixtral", "llama", {}), "qwen2moe": ("qwen2_moe", "qwen2moe", {}),
+            "qwen3moe": ("qwen3_moe", "qwen3moe", dict(norm_topk_prob=True, head_dim=32)),
+            "olmoe": ("olmoe", "olmoe", dict(num_key_value_heads=4))}
+
+
+@pytest.mark.parametrize("arch,quantisation,fuse", [("mixtral", "F32", False), ("mixtral", "Q8_0", False),
+                                                    ("qwen2moe", "Q8_0", False), ("qwen3moe", "F32", False),
+                                                    ("qwen3moe", "Q4_1", True), ("olmoe", "Q8_0", False)])
+def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisation, fuse, tmp_path):
+    """llama.cpp's mixtures of experts: the router (ffn_gate_inp, F32), each expert matrix of all experts as one
+    3-D tensor (ffn_gate_exps, ffn_up_exps, ffn_down_exps; gate and up as one ffn_gate_up_exps where the converter
+    fuses them), Qwen2-MoE's shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp, F32); expert_count,
+    expert_used_count, expert_feed_forward_length and expert_shared_feed_forward_length in the metadata. Mixtral is
+    the llama architecture with experts, q / k rows permuted. Within 1e-4 of the original with its matrices
+    (the experts' in blocks along their rows) rounded to the format."""
+    family, gguf_arch, options = MOE_GGUF[arch]
+    theirs = tiny_hf(family, **options)
+    path = write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, gguf_arch, fuse_experts=fuse)
+    assert ("blk.0.ffn_gate_up_exps.weight" in formats.read_gguf_info(path).tensors) == fuse
+    ours = models.from_pretrained(path)
+    config = ours.config
+    assert config.family == family and (config.experts, config.experts_used) == (4, 2) and not config.tied_head
+    assert config.experts_renormalised == (arch in ("mixtral", "qwen3moe"))
+    assert config.d_shared_expert == (64 if arch == "qwen2moe" else 0) and config.qkv_bias == (arch == "qwen2moe")
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = rounded(theirs, quantisation)
+    with torch.no_grad():
+        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    if quantisation != "F32":
+        assert (want - original).abs().max() > 1e-2  # the rounding is large enough to see
+    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
 
 
 @pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("gptneox", "Q8_0"),
@@ -370,7 +430,11 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
              (dict(feed_forward_length=128), r"blk.0.ffn_up.weight has shape \(96, 64\), which does not fit"),
              (dict(**{"attention.head_count_kv": 4}), r"blk.0.attn_k.weight has shape \(32, 64\)"),
              (dict(**{"attention.head_count": 6, "attention.head_count_kv": 3}), r"blk.0.attn_q.weight has shape \(64, 64\)"),
-             (dict(expert_count=4), "a mixture-of-experts model \\(llama.expert_count = 4\\); this module reads dense"),
+             (dict(expert_count=4), "metadata llama.expert_used_count is missing"),  # a Mixtral, but without its experts
+             (dict(expert_count=4, expert_used_count=2), "weight 'blk.0.ffn_gate_inp.weight' is missing"),
+             (dict(expert_count=4, expert_used_count=5), "llama.expert_used_count = 5 exceeds its expert_count = 4"),
+             (dict(expert_count=4, expert_used_count=2, expert_group_count=2),
+              r"experts routed by groups \(llama.expert_group_count = 2, DeepSeek-style\) are not implemented"),
              (dict(**{"attention.head_count": 0}), "metadata llama.attention.head_count = 0 must be a positive integer"),
              (dict(**{"rope.freq_base": 0.0}), "rotary_base=0.0 must be a positive number"),
              (dict(**{"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0, "rope.scaling.attn_factor": 1.2}),
@@ -391,6 +455,13 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
         models.gguf_config(split | {"split.count": "x"}, {}, "m.gguf")
     phi3 = {"general.architecture": "phi3"} | {f"phi3.{key}": 64 for key in models.GGUF_CONFIG.values()} | {
         "phi3.attention.layer_norm_rms_epsilon": 1e-5}
+    with pytest.raises(ValueError, match=r"m.gguf: a mixture-of-experts phi3 model \(phi3.expert_count = 16\) is not supported "
+                                         r"\(mixtures of experts: llama, qwen2moe, qwen3moe, olmoe\)"):
+        models.gguf_config(phi3 | {"phi3.expert_count": 16}, {"token_embd.weight": (64, 64)}, "m.gguf")
+    with pytest.raises(ValueError, match=r"m.gguf: metadata qwen3moe.expert_count is missing or 0: the file is not a qwen3moe"):
+        models.gguf_config({"general.architecture": "qwen3moe"} | {f"qwen3moe.{key[5:]}": value for key, value in phi3.items()
+                                                                   if key.startswith("phi3.")}, {"token_embd.weight": (64, 64)},
+                           "m.gguf")
     with pytest.raises(ValueError, match=r"m.gguf: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"):
         models.gguf_config(phi3, {"token_embd.weight": (64, 64), "rope_factors_long.weight": (8,)}, "m.gguf")
     # the rotary embedding on 30 of 44 dims: exactly the file's count (not 29, as 30 / 44 * 44 in floats)

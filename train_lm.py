@@ -1,11 +1,10 @@
 """
 Finetune a language model with per-head attention codebooks (paper section 5).
 
-Stage 1 trains a plain GPT on bytes, or loads one (--init_from), or loads a pretrained model (GPT-2,
-GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
-Granite, Command-R, Command-R7B, StableLM) from a Hugging Face folder or a GGUF file with its tokenizer
-(--hf, models.py). Stage 2 puts a codebook after every attention head of every layer (k = 8 of --num_codes
-codes each), initialises the codes by k-means on the heads' activations, and finetunes the whole model. For the paper's
+Stage 1 trains a plain GPT on bytes, or loads one (--init_from), or loads a pretrained model (a family
+models.py reads: GPT-2, Pythia, Llama, Qwen, Gemma, OLMo, Phi, ... and mixtures of experts) from a Hugging
+Face folder or a GGUF file with its tokenizer (--hf). Stage 2 puts a codebook after every attention head
+of every layer (k = 8 of --num_codes codes each), initialises the codes by k-means on the heads' activations, and finetunes the whole model. For the paper's
 comparison the base is also finetuned as long without codebooks (the control). The script prints the
 models' validation loss and next-token accuracy (bytes, or a pretrained model's tokens), their
 ratios and the share of dead codes, and saves OUT/base.pt, OUT/finetuned.pt, OUT/codebook.pt and
@@ -85,10 +84,8 @@ parser.add_argument("--stories", type=int, default=30000, help="size of the gene
 parser.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
 parser.add_argument("--out", default="out/lm", help="output folder")
 parser.add_argument("--init_from", default="", help="skip stage 1: start from this base checkpoint (no codebooks)")
-parser.add_argument("--hf", default="", help="skip stage 1: start from this Hugging Face model folder or GGUF file (GPT-2, "
-                    "GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, "
-                    "Command-R, Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and its tokenizer; --n_layer, --n_head, "
-                    "--d_model are then the model's")
+parser.add_argument("--hf", default="", help="skip stage 1: start from this Hugging Face model folder or GGUF file (a family "
+                    "models.FAMILIES names) and its tokenizer; --n_layer, --n_head, --d_model are then the model's")
 parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, its split, the initialisation and every batch")
 # the model (stage 1)
 parser.add_argument("--n_layer", type=int, default=4, help="layers of the GPT trained in stage 1")

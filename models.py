@@ -802,7 +802,9 @@ def cohere(c, where):
     bias, qk_norm = c.get("attention_bias", False), family == "cohere" and c.get("use_qk_norm", False)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, n_kv_head=n_kv_head, d_model=d, d_head=d_head, d_mlp=c["intermediate_size"],
-                  norm="layernorm_nobias", norm_eps=c.get("layer_norm_eps", 1e-5), **_rope(c, where, d_head, 500000.0),
+                  norm="layernorm_nobias", norm_eps=c.get("layer_norm_eps", 1e-5),
+                  # transformers' default base: Cohere's config 500000, Cohere2's none of its own (10000)
+                  **_rope(c, where, d_head, 10000.0 if family == "cohere2" else 500000.0),
                   qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, qk_layernorm=qk_norm, mlp="gated", activation="silu",
                   mlp_bias=False, parallel_residual=True, shared_norm=True, logit_scale=c.get("logit_scale", 0.0625),
                   tied_head=c.get("tie_word_embeddings", True))

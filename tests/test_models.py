@@ -207,21 +207,23 @@ def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
 
 
 # fields a config.json may leave out, which transformers then gives its family's defaults (SmolLM3: a tied head, base 2e6,
-# 4 key / value heads; OLMo-3: base 500000 on every layer, a window on three in four; OLMo-2, Phi-3: norm eps 1e-5)
+# 4 key / value heads; OLMo-3: base 500000 on every layer, a window on three in four; OLMo-2, Phi-3: norm eps 1e-5;
+# Command-R7B: a tied head, base 10000 (not Command-R's 500000), a window of 4096 on three layers in four)
 LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "num_key_value_heads", "sliding_window",
             "layer_types", "no_rope_layers")
 
 
-@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3"])
+@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
-    tiny_hf(family, num_hidden_layers=4, **heads).save_pretrained(tmp_path)
+    scale = dict(logit_scale=1.0) if family == "cohere2" else {}  # (kept: logits far enough from uniform to compare)
+    tiny_hf(family, num_hidden_layers=4, **heads, **scale).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in LEFT_OUT}))
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
-    assert ours.config.tied_head == (family == "smollm3") and ours.config.n_kv_head == 4
+    assert ours.config.tied_head == (family in ("smollm3", "cohere2")) and ours.config.n_kv_head == 4
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
     x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))

@@ -1133,12 +1133,14 @@ def gguf_config(metadata, shapes, path):
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
                   layer_norm_epsilon=get("attention.layer_norm_epsilon"))
-    if arch in ("gptneox", "stablelm"):
-        # (llama.cpp's StableLM reads no such key: its layers without ffn_norm are parallel, as the converter writes them)
-        parallel = get("use_parallel_residual", "blk.0.ffn_norm.weight" not in shapes)
+    if arch == "gptneox":
+        parallel = get("use_parallel_residual")
         if not isinstance(parallel, bool):
             raise ValueError(f"{path}: metadata {arch}.use_parallel_residual = {parallel!r} must be a boolean")
-        c |= dict(model_type="gpt_neox" if arch == "gptneox" else arch, use_parallel_residual=parallel)
+        c |= dict(model_type="gpt_neox", use_parallel_residual=parallel)
+    if arch == "stablelm":  # llama.cpp reads no use_parallel_residual (the converter writes it true where config.json has
+        # none, as StableLM-3B-4E1T's): its layers without ffn_norm are parallel, the others not
+        c["use_parallel_residual"] = "blk.0.ffn_norm.weight" not in shapes
     if arch == "stablelm":  # the rotary dims a Fraction of d_model / n_head, as GPT-NeoX's; q / k norms stacked per head
         head = max(1, c["hidden_size"] // c["num_attention_heads"])
         c |= dict(partial_rotary_factor=fractions.Fraction(count("rope.dimension_count", head, least=0), head),

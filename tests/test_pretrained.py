@@ -354,16 +354,21 @@ def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(cas
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):
     """What llama.cpp reads as optional is read so (Granite without attention.scale: scores by head_dim^-1/2;
-    without embedding_scale or residual_scale: unscaled; StableLM without use_parallel_residual: parallel
-    where there is no ffn_norm); what it cannot be is one line."""
+    without embedding_scale or residual_scale: unscaled); what it does not read is not read (StableLM's
+    use_parallel_residual: llama.cpp's layers are parallel where there is no ffn_norm, whatever the key says,
+    and the converter writes it true where config.json has none, as StableLM-3B-4E1T's); what it cannot be
+    is one line."""
     granite = tiny_hf("granite", embedding_multiplier=3.0, attention_multiplier=0.25, residual_multiplier=0.5,
                       logits_scaling=2.0)
     plain = tiny_hf("granite", attention_multiplier=0.25, logits_scaling=2.0)  # scores by 16^-1/2: no attention.scale
     stablelm = tiny_hf("stablelm", partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True)
+    sequential = tiny_hf("stablelm", partial_rotary_factor=0.5, use_qkv_bias=True)  # its ffn_norm read after attention
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    for i, (theirs, arch, drop) in enumerate([(plain, "granite", ["attention.scale", "embedding_scale", "residual_scale"]),
-                                              (stablelm, "stablelm", ["use_parallel_residual"])]):
-        ours = models.from_pretrained(write_gguf(tmp_path / f"{i}.gguf", theirs, arch=arch, drop=drop))
+    for i, (theirs, arch, drop, changes) in enumerate([
+            (plain, "granite", ["attention.scale", "embedding_scale", "residual_scale"], {}),
+            (stablelm, "stablelm", ["use_parallel_residual"], {}), (stablelm, "stablelm", [], {"use_parallel_residual": False}),
+            (sequential, "stablelm", [], {"use_parallel_residual": True}), (sequential, "stablelm", [], {"use_parallel_residual": 1})]):
+        ours = models.from_pretrained(write_gguf(tmp_path / f"{i}.gguf", theirs, arch=arch, drop=drop, **changes))
         with torch.no_grad():
             assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
     command_r = tiny_hf("cohere", logit_scale=0.5)
@@ -375,7 +380,8 @@ def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path)
              (command_r, "command-r", {"logit_scale": -1.0}, "logit_scale=-1.0 must be a positive number"),
              (tiny_hf("cohere2", num_hidden_layers=4), "cohere2", {"rope.freq_base_swa": 100.0},
               "cohere2.rope.freq_base_swa = 100.0 differs from rope.freq_base"),
-             (stablelm, "stablelm", {"use_parallel_residual": 1}, "stablelm.use_parallel_residual = 1 must be a boolean")]
+             # GPT-NeoX's key llama.cpp requires (its layers all have an ffn_norm, parallel or not)
+             (tiny_hf("gpt_neox"), "gptneox", dict(drop=["use_parallel_residual"]), "gptneox.use_parallel_residual is missing")]
     for theirs, arch, changes, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)) as e:
             models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch=arch, **changes))

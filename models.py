@@ -71,6 +71,7 @@ class TransformerConfig:
     rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3", "yarn" or "divisors", its parameters}
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     no_rotary_layers: list = field(default_factory=list)  # layers without the rotary embedding (SmolLM3: every fourth)
+    rotary_float32: bool = False  # queries and keys rotated in float32 whatever their dtype (Cohere), else in their dtype
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -215,16 +216,17 @@ def rotary_frequencies(dims, base, scaling):
     return inv_freq
 
 
-def rotary(x, start, inv_freq, scale=1.0):
+def rotary(x, start, inv_freq, scale=1.0, float32=False):
     """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
     2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
     layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's attention
-    factor); the rest unchanged."""
+    factor); the rest unchanged. The cosines and sines are rounded to x's dtype; with float32 the
+    rotation is computed in float32 and rounded once (transformers' Cohere), else in x's dtype."""
     dims = 2 * inv_freq.shape[0]
     angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq.float()
     cos, sin = ((f(torch.cat([angles, angles], -1)) * scale).to(x.dtype) for f in (torch.cos, torch.sin))
-    rot = x[..., :dims]
-    rotated = rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin
+    rot = x[..., :dims].float() if float32 else x[..., :dims]
+    rotated = (rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin).to(x.dtype)
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
 
 
@@ -251,7 +253,7 @@ class Attention(nn.Module):
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
         frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if rotates else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
-        self.rotary_scale = scaling.get("attention_factor", 1.0)
+        self.rotary_scale, self.rotary_float32 = scaling.get("attention_factor", 1.0), cfg.rotary_float32
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -264,7 +266,7 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
-            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale) for t in (q, k))
+            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale, self.rotary_float32) for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -807,6 +809,7 @@ def cohere(c, where):
                   **_rope(c, where, d_head, 10000.0 if family == "cohere2" else 500000.0),
                   qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, qk_layernorm=qk_norm, mlp="gated", activation="silu",
                   mlp_bias=False, parallel_residual=True, shared_norm=True, logit_scale=c.get("logit_scale", 0.0625),
+                  rotary_float32=True,  # (transformers rotates Cohere's q and k in float32)
                   tied_head=c.get("tie_word_embeddings", True))
     if family == "cohere2":
         window = c.get("sliding_window", 4096)

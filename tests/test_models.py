@@ -232,6 +232,19 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2"])
+def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
+    """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
+    transformers' rounds (the norms in float32, Cohere's rotary embedding in float32, Llama's and StableLM's in bfloat16)."""
+    family, options = CASES[case]
+    theirs = tiny_hf(family, **options)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path)).to(torch.bfloat16)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs.to(torch.bfloat16)(x).logits)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights_as_safetensors_reads_them(dtype, tmp_path):
     """A model saved in bfloat16 or float16 (as most checkpoints come): every tensor formats.py reads is

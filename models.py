@@ -621,8 +621,11 @@ def phi3(c, where):
 def _layer_types(c, where, every):
     """config.json's layer_types, by default "full_attention" on every `every`-th layer and
     "sliding_attention" on the others."""
-    n_layer = c["num_hidden_layers"]
-    layers = c.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    n_layer, layers = c["num_hidden_layers"], c.get("layer_types")
+    if not layers:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"{where}: sliding_window_pattern={every!r} must be a positive integer")
+        layers = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
     if len(layers) != n_layer or set(layers) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"{where}: layer_types must give 'sliding_attention' or 'full_attention' for each of the {n_layer} layers")
     return layers
@@ -838,6 +841,8 @@ def stablelm(c, where):
     d_head = d // heads  # whatever head_dim says
     rope = c.get("rope_parameters") or {}
     fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.25)) if isinstance(rope, dict) else 0.25
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
     parallel, qk_norm = c.get("use_parallel_residual", False), c.get("qk_layernorm", False)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,

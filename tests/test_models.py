@@ -496,6 +496,16 @@ def test_clear_errors(tmp_path):
                             (dict(model_type="olmoe", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_experts=4),
                              "config.json: field 'num_experts_per_tok' is missing, which a olmoe model needs")] + [
+                            (dict(model_type=family, vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=4, num_attention_heads=4) | bad, message)
+                            for family, bad, message in [
+                                ("cohere2", dict(sliding_window_pattern=0), "sliding_window_pattern=0 must be a positive integer"),
+                                ("cohere2", dict(sliding_window_pattern="4"), "sliding_window_pattern='4' must be a positive"),
+                                ("cohere2", dict(sliding_window_pattern=None), "sliding_window_pattern=None must be a positive"),
+                                ("stablelm", dict(partial_rotary_factor=None), "partial_rotary_factor=None must be a number"),
+                                ("stablelm", dict(partial_rotary_factor="0.25"), "partial_rotary_factor='0.25' must be a number"),
+                                ("stablelm", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=2)),
+                                 "partial_rotary_factor=2 must be a number from 0 to 1")]] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

@@ -1159,7 +1159,8 @@ def gguf_config(metadata, shapes, path):
         if count("rope.dimension_count", c["head_dim"], least=0) != c["head_dim"]:
             raise ValueError(f"{path}: metadata {arch}.rope.dimension_count = {get('rope.dimension_count')} is not the "
                              f"head's {c['head_dim']} dims: a partial rotary embedding is not implemented for {arch}")
-        c |= dict(model_type="cohere" if arch == "command-r" else arch, logit_scale=get("logit_scale"),
+        # (a logit_scale of 0 llama.cpp takes for none: it scales the logits `if (f_logit_scale)`)
+        c |= dict(model_type="cohere" if arch == "command-r" else arch, logit_scale=get("logit_scale") or 1.0,
                   use_qk_norm="blk.0.attn_q_norm.weight" in shapes)
     if arch == "cohere2":  # llama.cpp's Command-R7B: the rotary embedding on the sliding layers only, by rope.freq_base
         if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:

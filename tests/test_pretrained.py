@@ -372,6 +372,10 @@ def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path)
         with torch.no_grad():
             assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
     command_r = tiny_hf("cohere", logit_scale=0.5)
+    # a logit_scale of 0 llama.cpp's Command-R and Command-R7B take for none (Granite's it divides by: refused below)
+    ours = models.from_pretrained(write_gguf(tmp_path / "unscaled.gguf", command_r, arch="command-r", logit_scale=0.0))
+    with torch.no_grad():
+        assert ours.config.logit_scale == 1.0 and (ours(x) - command_r(x).logits / 0.5).abs().max() <= 1e-4
     cases = [(granite, "granite", dict(drop=["logit_scale"]), "metadata granite.logit_scale is missing"),
              (granite, "granite", {"logit_scale": 0.0}, "logits_scaling=0.0 must be a positive number"),
              (granite, "granite", {"rope.scaling.finetuned": False}, "granite.rope.scaling.finetuned = False: a granite "

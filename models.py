@@ -337,11 +337,15 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.k, -1)  # (tokens, k) each
         if self.renormalised:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights, out, gate, up, down = weights.to(x.dtype), torch.zeros_like(x), *self.experts.values()
+        weights, out = weights.to(x.dtype), torch.zeros_like(x)
+        # each stacked weight split into its experts' matrices once: its gradient is then gathered into one tensor
+        # (weight[i] for each expert would make backward write a zero tensor of all experts' size per expert used)
+        gate, up, down = (m.weight.unbind(0) for m in self.experts.values())
         for i in chosen.unique().tolist():  # each expert that any token was sent to
             token, slot = torch.where(chosen == i)
             h = x[token]
-            out.index_add_(0, token, down(self.act(gate(h, i)) * up(h, i), i) * weights[token, slot, None])
+            y = F.linear(self.act(F.linear(h, gate[i])) * F.linear(h, up[i]), down[i])
+            out.index_add_(0, token, y * weights[token, slot, None])
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out.reshape(shape)

@@ -318,12 +318,13 @@ class MoE(nn.Module):
     where experts_renormalised: taking the top k then a softmax over them is the same). With a shared expert
     (Qwen2-MoE), a gated MLP every token goes through is added, times sigmoid(shared_gate x). Each expert
     computes only the tokens sent to it, expert by expert, as transformers does. (The weights are rounded to
-    the activations' dtype before they multiply, as Qwen2-MoE, Qwen3-MoE and OLMoE do; Mixtral multiplies in
-    float32 and rounds the product, which in float32, as models load, is the same.)"""
+    the activations' dtype before they multiply, as Qwen2-MoE, Qwen3-MoE and OLMoE do; Mixtral multiplies by
+    the float32 weights and rounds the product, as its transformers does: the same in float32, not in bfloat16.)"""
 
     def __init__(self, cfg):
         super().__init__()
         self.act, self.k, self.renormalised = ACTIVATIONS[cfg.activation], cfg.experts_used, cfg.experts_renormalised
+        self.round_weights = cfg.family != "mixtral"  # Mixtral multiplies by the float32 weights, then rounds
         self.router = nn.Linear(cfg.d_model, cfg.experts, bias=False)
         self.experts = nn.ModuleDict({"gate": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
                                       "up": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
@@ -337,7 +338,9 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.k, -1)  # (tokens, k) each
         if self.renormalised:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights, out = weights.to(x.dtype), torch.zeros_like(x)
+        if self.round_weights:
+            weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
         # each stacked weight split into its experts' matrices once: its gradient is then gathered into one tensor
         # (weight[i] for each expert would make backward write a zero tensor of all experts' size per expert used)
         gate, up, down = (m.weight.unbind(0) for m in self.experts.values())
@@ -345,7 +348,7 @@ class MoE(nn.Module):
             token, slot = torch.where(chosen == i)
             h = x[token]
             y = F.linear(self.act(F.linear(h, gate[i])) * F.linear(h, up[i]), down[i])
-            out.index_add_(0, token, y * weights[token, slot, None])
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out.reshape(shape)

@@ -334,6 +334,21 @@ def test_the_tiny_mixtures_of_experts_route_as_a_real_one(case, tmp_path):
                 assert 0.05 < gate.mean() < 0.95 and gate.std() > 0.1, i
 
 
+@pytest.mark.parametrize("family", list(conftest.MOE))
+def test_a_mixture_in_bfloat16_is_transformers_expert_loop_exactly(family, tmp_path):
+    """In bfloat16 each family weighs its experts' outputs as transformers' own loop over experts does
+    (its "eager" experts): Qwen2-MoE, Qwen3-MoE and OLMoE by the weights rounded to bfloat16, Mixtral by the
+    float32 weights, the product rounded."""
+    theirs = tiny_hf(family)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path)).to(torch.bfloat16)
+    theirs = theirs.to(torch.bfloat16)
+    theirs.set_experts_implementation("eager")
+    x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
+
+
 def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():
     """Finetuning a mixture: backward gathers the gradients of a stacked expert weight into one tensor, not a
     zero tensor of all experts' size for each expert used (with 128 experts, each step's backward took 40 times

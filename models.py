@@ -685,6 +685,17 @@ MIXTRAL_NAMES = LLAMA_NAMES | names({}, {"mlp.router": "block_sparse_moe.gate",
                                         "mlp.experts.down": "block_sparse_moe.experts.{j}.w2"}, "layers.{i}.")
 
 
+# transformers 5's own layout of a mixture (what it holds in memory, and what save_pretrained(save_original_format=False)
+# writes and from_pretrained reads): each matrix of all experts as one (expert, out, in) tensor, named without .weight,
+# gate and up as one gate_up_proj (all gate rows first); Mixtral's block_sparse_moe named mlp
+MOE_FUSED = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
+MOE_FUSED_NAMES = names({}, {"mlp.router": "mlp.gate", "mlp.experts.gate": "mlp.experts.gate_up_proj",
+                             "mlp.experts.up": "mlp.experts.gate_up_proj", "mlp.experts.down": "mlp.experts.down_proj"},
+                        "layers.{i}.")
+MOE_FUSED_TRANSFORMS = {f"blocks.{{i}}.mlp.experts.{x}": (lambda i: lambda t: t.chunk(2, dim=1)[i])(i)
+                        for i, x in enumerate(("gate", "up"))}
+
+
 def moe(c, where):
     """Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: the attention of Mistral (a window where sliding_window sets
     one), Qwen2 (biases on q, k, v unless qkv_bias is false), Qwen3 (an RMSNorm on each head's q and k) and
@@ -1006,6 +1017,9 @@ def from_pretrained(path, codebooks=None, block_size=None):
         tensors = gemma3_text_weights(tensors)
     if c["model_type"] == "stablelm":
         tensors = stablelm_weights(tensors)
+    if FAMILIES[c["model_type"]] is moe and any(MOE_FUSED.search(name) for name in tensors):
+        tensors = {name + ".weight" if MOE_FUSED.search(name) else name: load for name, load in tensors.items()}
+        table, transforms = table | MOE_FUSED_NAMES, transforms | MOE_FUSED_TRANSFORMS
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 

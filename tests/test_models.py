@@ -335,6 +335,20 @@ def test_the_tiny_mixtures_of_experts_route_as_a_real_one(case, tmp_path):
 
 
 @pytest.mark.parametrize("family", list(conftest.MOE))
+def test_a_mixture_saved_in_transformers_5s_own_layout_loads(family, tmp_path):
+    """save_pretrained(save_original_format=False) writes a mixture as transformers 5 holds it, and its
+    from_pretrained reads it: each expert matrix of all experts as one tensor named without .weight, gate and
+    up as one gate_up_proj, Mixtral's block_sparse_moe as mlp. The same model as the experts one by one."""
+    theirs = tiny_hf(family, **(dict(num_hidden_layers=3, mlp_only_layers=[0]) if family == "qwen2_moe" else {}))
+    theirs.save_pretrained(tmp_path, save_original_format=False)
+    stored = formats.weight_loaders(str(tmp_path))
+    assert "model.layers.1.mlp.experts.gate_up_proj" in stored and "model.layers.1.mlp.gate.weight" in stored
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (models.from_pretrained(str(tmp_path))(x) - theirs(x).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(conftest.MOE))
 def test_a_mixture_in_bfloat16_is_transformers_expert_loop_exactly(family, tmp_path):
     """In bfloat16 each family weighs its experts' outputs as transformers' own loop over experts does
     (its "eager" experts): Qwen2-MoE, Qwen3-MoE and OLMoE by the weights rounded to bfloat16, Mixtral by the

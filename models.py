@@ -717,6 +717,8 @@ def moe(c, where):
         step, only = c.get("decoder_sparse_step", 1), c.get("mlp_only_layers") or []
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ValueError(f"{where}: decoder_sparse_step={step!r} must be a positive integer")
+        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+            raise ValueError(f"{where}: mlp_only_layers={only!r} must list layers (whole numbers)")
         dense = [i for i in range(n_layer) if i in only or not (experts and (i + 1) % step == 0)]
     if family == "qwen2_moe":
         config["qkv_bias"] = c.get("qkv_bias", True)

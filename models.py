@@ -301,14 +301,11 @@ class MLP(nn.Module):
 
 
 class Stacked(nn.Module):
-    """n linear maps d_in -> d_out without bias, held as one weight (n, d_out, d_in); (x, i) -> map i of x."""
+    """n linear maps d_in -> d_out without bias, held as one weight (n, d_out, d_in), as GGUF files stack them."""
 
     def __init__(self, n, d_in, d_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n, d_out, d_in) * d_in ** -0.5)
-
-    def forward(self, x, i):
-        return F.linear(x, self.weight[i])
 
 
 class MoE(nn.Module):
@@ -1287,11 +1284,6 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
-    if "blk.0.ffn_gate_up_exps.weight" in tensors:  # the experts' gate and up as one tensor (the converter's
-        # --fuse-gate-up-exps): all gate rows of each expert, then all up rows
-        fused = {f"blocks.{{i}}.mlp.experts.{x}": "blk.{i}.ffn_gate_up_exps" for x in ("gate", "up")}
-        table = table | fused
-        transforms |= {name: (lambda i: lambda t: t.chunk(2, dim=1)[i])(i) for i, name in enumerate(fused)}
     if c["model_type"] == "qwen2_moe":  # the shared expert's gate, a row (1, d_model) or (as llama.cpp also reads it) a vector
         transforms["blocks.{i}.mlp.shared_gate"] = lambda t: t.reshape(1, -1)
     if c["model_type"] == "phi3":  # the MLP's gate and up stored as one tensor; q, k and v too, or apart

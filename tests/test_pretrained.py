@@ -30,13 +30,11 @@ CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices s
 KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\.")  # what the converter never quantises
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, fuse_experts=False,
-               **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
     Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
-    expert matrix of all experts stacked as one (experts, out, in) tensor, gate and up apart (or fused, gate rows
-    first: fuse_experts, the converter's --fuse-gate-up-exps); Phi-3's q / k / v fused (or apart: qkv_apart) and its
+    expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
     the llama, smollm3 and granite architectures (whose rotary llama.cpp computes on interleaved pairs; for the others
     it computes as transformers does: "rotate_half", or Cohere's interleaved pairs); metadata from its config
@@ -132,7 +130,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         experts = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$", name)
         if experts:  # transformers' (experts, 2 ff, d) and (experts, d, ff): the converter's stacks of the stored experts
-            parts = {"ffn_down_exps": w} if experts[2] == "down" else {"ffn_gate_up_exps": w} if fuse_experts else \
+            parts = {"ffn_down_exps": w} if experts[2] == "down" else \
                 dict(zip(("ffn_gate_exps", "ffn_up_exps"), np.split(w, 2, axis=1)))
             for part, stacked in parts.items():
                 add(f"blk.{experts[1]}.{part}.weight", stacked)
@@ -234,20 +232,17 @@ MOE_GGUF = {"mixtral": ("mixtral", "llama", {}), "qwen2moe": ("qwen2_moe", "qwen
             "olmoe": ("olmoe", "olmoe", dict(num_key_value_heads=4))}
 
 
-@pytest.mark.parametrize("arch,quantisation,fuse", [("mixtral", "F32", False), ("mixtral", "Q8_0", False),
-                                                    ("qwen2moe", "Q8_0", False), ("qwen3moe", "F32", False),
-                                                    ("qwen3moe", "Q4_1", True), ("olmoe", "Q8_0", False)])
-def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisation, fuse, tmp_path):
+@pytest.mark.parametrize("arch,quantisation", [("mixtral", "F32"), ("mixtral", "Q8_0"), ("qwen2moe", "Q8_0"),
+                                               ("qwen3moe", "F32"), ("qwen3moe", "Q4_1"), ("olmoe", "Q8_0")])
+def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """llama.cpp's mixtures of experts: the router (ffn_gate_inp, F32), each expert matrix of all experts as one
-    3-D tensor (ffn_gate_exps, ffn_up_exps, ffn_down_exps; gate and up as one ffn_gate_up_exps where the converter
-    fuses them), Qwen2-MoE's shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp, F32); expert_count,
+    3-D tensor (ffn_gate_exps, ffn_up_exps, ffn_down_exps), Qwen2-MoE's shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp, F32); expert_count,
     expert_used_count, expert_feed_forward_length and expert_shared_feed_forward_length in the metadata. Mixtral is
     the llama architecture with experts, q / k rows permuted. Within 1e-4 of the original with its matrices
     (the experts' in blocks along their rows) rounded to the format."""
     family, gguf_arch, options = MOE_GGUF[arch]
     theirs = tiny_hf(family, **options)
-    path = write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, gguf_arch, fuse_experts=fuse)
-    assert ("blk.0.ffn_gate_up_exps.weight" in formats.read_gguf_info(path).tensors) == fuse
+    path = write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, gguf_arch)
     ours = models.from_pretrained(path)
     config = ours.config
     assert config.family == family and (config.experts, config.experts_used) == (4, 2) and not config.tied_head

@@ -1153,8 +1153,8 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox"):  # a Fraction, so that d_head (GPT-NeoX's: d_model / n_head) times it is exactly
-        # the file's count
+    if arch in ("phi3", "gptneox", "stablelm"):  # a Fraction, so that d_head (GPT-NeoX's and StableLM's: d_model /
+        # n_head) times it is exactly the file's count
         head = c["head_dim"] if arch == "phi3" else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
     if arch == "gpt2":  # config.json's GPT-2 names
@@ -1167,12 +1167,9 @@ def gguf_config(metadata, shapes, path):
             raise ValueError(f"{path}: metadata {arch}.use_parallel_residual = {parallel!r} must be a boolean")
         c |= dict(model_type="gpt_neox", use_parallel_residual=parallel)
     if arch == "stablelm":  # llama.cpp reads no use_parallel_residual (the converter writes it true where config.json has
-        # none, as StableLM-3B-4E1T's): its layers without ffn_norm are parallel, the others not
-        c["use_parallel_residual"] = "blk.0.ffn_norm.weight" not in shapes
-    if arch == "stablelm":  # the rotary dims a Fraction of d_model / n_head, as GPT-NeoX's; q / k norms stacked per head
-        head = max(1, c["hidden_size"] // c["num_attention_heads"])
-        c |= dict(partial_rotary_factor=fractions.Fraction(count("rope.dimension_count", head, least=0), head),
-                  use_qkv_bias="blk.0.attn_q.bias" in shapes, qk_layernorm="blk.0.attn_q_norm.weight" in shapes)
+        # none, as StableLM-3B-4E1T's): its layers without ffn_norm are parallel, the others not; q / k norms per head
+        c |= dict(use_parallel_residual="blk.0.ffn_norm.weight" not in shapes, use_qkv_bias="blk.0.attn_q.bias" in shapes,
+                  qk_layernorm="blk.0.attn_q_norm.weight" in shapes)
     if arch == "granite":
         c |= granite_gguf_config(c, get, path)
     if arch in ("command-r", "cohere2"):  # llama.cpp rotates its q / k on interleaved pairs, as transformers: rows unchanged

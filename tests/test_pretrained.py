@@ -173,6 +173,21 @@ def rounded(model, quantisation):
     return copy
 
 
+def assert_reads_as(ours, theirs, quantisation="F32"):
+    """`ours` gives the logits (within 1e-4) and the 20 greedy tokens of `theirs` with its matrices rounded to
+    `quantisation` as the file holds them; where they are rounded, the rounding is large enough to see."""
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = theirs if quantisation == "F32" else rounded(theirs, quantisation)
+    with torch.no_grad():
+        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
+    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
+    if quantisation != "F32":
+        assert (want - original).abs().max() > 1e-2
+    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+
+
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
                                                ("qwen3-yarn", "F32"), ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0"),
@@ -211,17 +226,7 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     path = write_gguf(tmp_path / f"tiny-{quantisation}.gguf", theirs, quantisation, arch, divisors, **changes)
     ours = models.from_pretrained(path)
     assert ours.config.family == family and ours.config.n_kv_head == 2 and not ours.config.tied_head
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    reference = rounded(theirs, quantisation)
-    with torch.no_grad():
-        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
-    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
-    if quantisation != "F32":
-        assert (want - original).abs().max() > 1e-2  # the rounding is large enough to see
-    prompt = x[:1, :8]
-    want_ids = reference.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 20, temperature=0), want_ids)
+    assert_reads_as(ours, theirs, quantisation)
 
 
 # (family, GGUF architecture, tiny_hf options): each mixture as llama.cpp computes it, which renormalises the chosen
@@ -248,16 +253,7 @@ def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisa
     assert config.family == family and (config.experts, config.experts_used) == (4, 2) and not config.tied_head
     assert config.experts_renormalised == (arch in ("mixtral", "qwen3moe"))
     assert config.d_shared_expert == (64 if arch == "qwen2moe" else 0) and config.qkv_bias == (arch == "qwen2moe")
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    reference = rounded(theirs, quantisation)
-    with torch.no_grad():
-        original, want, got = theirs(x).logits, reference(x).logits, ours(x)
-    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
-    if quantisation != "F32":
-        assert (want - original).abs().max() > 1e-2  # the rounding is large enough to see
-    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
-    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+    assert_reads_as(ours, theirs, quantisation)
 
 
 @pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("gptneox", "Q8_0"),
@@ -273,14 +269,7 @@ def test_a_gpt2_or_gptneox_gguf_file_gives_its_original_logits(arch, quantisatio
     ours = models.from_pretrained(write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, arch.removesuffix("-sequential")))
     assert ours.config.family == family and ours.config.tied_head == (arch == "gpt2")
     assert ours.config.rotary_dims == (0 if arch == "gpt2" else 8) and ours.config.parallel_residual == (arch == "gptneox")
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    reference = rounded(theirs, quantisation)
-    with torch.no_grad():
-        want, got = reference(x).logits, ours(x)
-    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
-    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
-    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+    assert_reads_as(ours, theirs, quantisation)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
@@ -298,12 +287,7 @@ def test_a_gemma_gguf_file_gives_its_original_logits(family, tmp_path):
     windows = {"gemma": [0, 0], "gemma2": [5, 0], "gemma3": [5] * 5 + [0]}[family]
     assert ours.config.family == family.replace("gemma3", "gemma3_text") and ours.config.attn_window == windows
     assert ours.config.tied_head
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        want, got = theirs(x).logits, ours(x)
-    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
-    want_ids = theirs.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+    assert_reads_as(ours, theirs)
     if family == "gemma2":  # an early converter's file, without the soft-caps: Gemma-2's own
         info = formats.read_gguf_info(tmp_path / f"{family}.gguf")
         metadata = {k: v for k, v in info.metadata.items() if "softcapping" not in k}
@@ -337,14 +321,7 @@ def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(cas
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch))
     assert ours.config.family == family and ours.config.tied_head == (family in ("cohere", "cohere2"))
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    reference = rounded(theirs, quantisation)
-    with torch.no_grad():
-        want, got = reference(x).logits, ours(x)
-    assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
-    want_ids = reference.generate(x[:1, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
-    assert torch.equal(ours.generate(x[:1, :8], 20, temperature=0), want_ids)
+    assert_reads_as(ours, theirs, quantisation)
 
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):

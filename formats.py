@@ -95,6 +95,23 @@ def weight_loaders(folder):
 LFS_POINTER = b"version https://git-lfs"  # what a file is in a clone made without `git lfs pull`
 
 
+# MXFP4 (OCP Microscaling FP4), in which gpt-oss's released checkpoints store their experts: per row, groups of 32 values,
+# each group 16 bytes of two 4-bit E2M1 codes (the low nibble the even value, the high nibble the odd) and one byte of
+# E8M0 scale, 2^(scale - 127); the codes' values are transformers' FP4_VALUES (integrations/mxfp4.py)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantise_mxfp4(blocks, scales):
+    """float32 (..., G * 32) of MXFP4 blocks (..., G, 16) (uint8) and scales (..., G) (uint8), as transformers'
+    convert_moe_packed_tensors computes them (before its transpose): each code's value times 2^(scale - 127)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales {tuple(scales.shape)} "
+                         f"({scales.dtype}) must be uint8, (..., G, 16) and (..., G)")
+    lut = torch.tensor(E2M1, dtype=torch.float32)
+    values = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], -1).flatten(-2)  # (..., G, 32)
+    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).flatten(-2)
+
+
 def refuse_lfs_pointer(path, head):
     """A one-line ValueError if the file `path`, starting with the bytes `head`, is a git-lfs pointer."""
     if head.startswith(LFS_POINTER):

@@ -2,7 +2,8 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, each computing
+Command-R7B (Cohere2), StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its
+experts in MXFP4 as released, dequantised as loaded; from a folder only), each computing
 what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -81,6 +82,7 @@ class TransformerConfig:
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
+    attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
     logit_softcap: float = 0.0  # > 0: the same on the output logits
     embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
     pre_norms: bool = True  # a norm on the attention's and the MLP's inputs (False: OLMo-2, normed after them only)
@@ -98,6 +100,11 @@ class TransformerConfig:
     experts_renormalised: bool = False  # the chosen experts' router probabilities rescaled to sum to 1
     d_shared_expert: int = 0  # > 0: a gated MLP of this width every token goes through too, times a sigmoid gate (Qwen2-MoE)
     dense_layers: list = field(default_factory=list)  # layers with a dense MLP (of d_mlp) in a mixture-of-experts model
+    experts_bias: bool = False  # biases on the router and on each expert's gate, up and down (gpt-oss)
+    router_top_logits: bool = False  # the experts_used highest router logits chosen, weighted by a softmax over them (gpt-oss)
+    swiglu_limit: float = 0.0  # > 0: each expert's activation is gpt-oss's clamped SwiGLU: gate clamped above at swiglu_limit,
+    # up to +-swiglu_limit, then (up + 1) * gate * sigmoid(swiglu_alpha * gate)
+    swiglu_alpha: float = 1.702
     tied_head: bool = False  # the output layer shares the token embedding's weight
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
@@ -127,7 +134,7 @@ class TransformerConfig:
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         numbers = {"rotary_base": self.rotary_base} | {f"rotary_scaling's {name}": value for name, value in
-                                                       self.rotary_scaling.items() if name != "rope_type"}
+                                                       self.rotary_scaling.items() if name not in ("rope_type", "truncate")}
         for name, value in numbers.items():
             if not all(map(is_positive_number, value if isinstance(value, list) else [value])):
                 raise ValueError(f"{name}={value!r} must be a positive number")
@@ -137,8 +144,11 @@ class TransformerConfig:
         for name in ("no_rotary_layers", "dense_layers"):
             if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must list layers, each in 0 .. {self.n_layer - 1}")
-        if not (self.qkv_clip == 0 or is_positive_number(self.qkv_clip)):
-            raise ValueError(f"qkv_clip={self.qkv_clip!r} must be a positive number (or 0: none)")
+        for name in ("qkv_clip", "swiglu_limit"):
+            if not (getattr(self, name) == 0 or is_positive_number(getattr(self, name))):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number (or 0: none)")
+        if not is_positive_number(self.swiglu_alpha):
+            raise ValueError(f"swiglu_alpha={self.swiglu_alpha!r} must be a positive number")
         for name in ("experts", "experts_used", "d_expert", "d_shared_expert"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
@@ -190,7 +200,8 @@ def rotary_frequencies(dims, base, scaling):
     wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
     original_max_position_embeddings / high_freq_factor, and blends the two in between; "yarn" (YaRN)
     divides those turning fewer than beta_slow times in original_max_position_embeddings, keeps those
-    turning more than beta_fast times, and ramps between them by dimension; "divisors" divides each by
+    turning more than beta_fast times, and ramps between them by dimension (from and to whole dimensions
+    unless its "truncate" is False, as gpt-oss's); "divisors" divides each by
     its own divisor (llama.cpp's rope_freqs: how GGUF files hold "llama3")."""
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
     if scaling.get("rope_type") == "linear":
@@ -208,8 +219,10 @@ def rotary_frequencies(dims, base, scaling):
     if scaling.get("rope_type") == "yarn":
         def dim_turning(times):  # the dimension whose wavelength fits `times` times into the original context
             return dims * math.log(scaling["original_max_position_embeddings"] / (times * 2 * math.pi)) / (2 * math.log(base))
-        low = max(math.floor(dim_turning(scaling["beta_fast"])), 0)
-        high = min(math.ceil(dim_turning(scaling["beta_slow"])), dims - 1)
+        low, high = dim_turning(scaling["beta_fast"]), dim_turning(scaling["beta_slow"])
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dims - 1)
         ramp = ((torch.arange(dims // 2).float() - low) / (high - low if high != low else 0.001)).clamp(0, 1)
         kept = 1 - ramp  # the share of each frequency kept as it is (written as transformers does, to the last bit)
         return 1.0 / (scaling["factor"] * base ** (torch.arange(0, dims, 2).float() / dims)) * (1 - kept) + inv_freq * kept
@@ -248,6 +261,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
@@ -271,20 +285,28 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        if self.softcap:
-            return softcapped_attention(q, k, v, self.window, self.scale, self.softcap).transpose(1, 2)
+        if self.softcap or self.sinks is not None:
+            return softcapped_attention(q, k, v, self.window, self.scale, self.softcap, self.sinks).transpose(1, 2)
         return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
 
 
-def softcapped_attention(q, k, v, window, scale, cap):
+def softcapped_attention(q, k, v, window, scale, cap, sinks=None):
     """codebook.causal_attention's result with each score s (times `scale`) replaced by
-    cap * tanh(s / cap) before the mask: no score beyond +-cap (Gemma-2)."""
+    cap * tanh(s / cap) before the mask: no score beyond +-cap (Gemma-2); cap 0: unchanged. With
+    `sinks` (n_head,), each head's sink joins its softmax as one more score, whose probability is
+    dropped: the weights of the positions sum to less than 1 (gpt-oss)."""
     T, S = q.shape[2], k.shape[2]
     k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-    scores = torch.tanh(q @ k.transpose(2, 3) * (scale or q.shape[-1] ** -0.5) / cap) * cap
+    scores = q @ k.transpose(2, 3) * (scale or q.shape[-1] ** -0.5)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
     i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
     visible = (j <= i) & (j > i - window) if window else j <= i
-    return scores.masked_fill(~visible, -math.inf).softmax(-1) @ v
+    scores = scores.masked_fill(~visible, -math.inf)
+    if sinks is None:
+        return scores.softmax(-1) @ v
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -301,11 +323,13 @@ class MLP(nn.Module):
 
 
 class Stacked(nn.Module):
-    """n linear maps d_in -> d_out without bias, held as one weight (n, d_out, d_in), as GGUF files stack them."""
+    """n linear maps d_in -> d_out, held as one weight (n, d_out, d_in), as GGUF files stack them, and
+    with bias one bias (n, d_out) (gpt-oss); else none."""
 
-    def __init__(self, n, d_in, d_out):
+    def __init__(self, n, d_in, d_out, bias=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n, d_out, d_in) * d_in ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(n, d_out)) if bias else None
 
 
 class MoE(nn.Module):
@@ -316,24 +340,30 @@ class MoE(nn.Module):
     (Qwen2-MoE), a gated MLP every token goes through is added, times sigmoid(shared_gate x). Each expert
     computes only the tokens sent to it, expert by expert, as transformers does. (The weights are rounded to
     the activations' dtype before they multiply, as Qwen2-MoE, Qwen3-MoE and OLMoE do; Mixtral multiplies by
-    the float32 weights and rounds the product, as its transformers does: the same in float32, not in bfloat16.)"""
+    the float32 weights and rounds the product, as its transformers does: the same in float32, not in bfloat16.)
+    gpt-oss's router has a bias and chooses by the logits, weighting the chosen by a softmax over their logits
+    (router_top_logits); its experts have biases and the clamped SwiGLU of swiglu_limit and swiglu_alpha."""
 
     def __init__(self, cfg):
         super().__init__()
         self.act, self.k, self.renormalised = ACTIVATIONS[cfg.activation], cfg.experts_used, cfg.experts_renormalised
         self.round_weights = cfg.family != "mixtral"  # Mixtral multiplies by the float32 weights, then rounds
-        self.router = nn.Linear(cfg.d_model, cfg.experts, bias=False)
-        self.experts = nn.ModuleDict({"gate": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
-                                      "up": Stacked(cfg.experts, cfg.d_model, cfg.d_expert),
-                                      "down": Stacked(cfg.experts, cfg.d_expert, cfg.d_model)})
+        self.top_logits, self.limit, self.alpha = cfg.router_top_logits, cfg.swiglu_limit, cfg.swiglu_alpha
+        self.router = nn.Linear(cfg.d_model, cfg.experts, bias=cfg.experts_bias)
+        self.experts = nn.ModuleDict({"gate": Stacked(cfg.experts, cfg.d_model, cfg.d_expert, cfg.experts_bias),
+                                      "up": Stacked(cfg.experts, cfg.d_model, cfg.d_expert, cfg.experts_bias),
+                                      "down": Stacked(cfg.experts, cfg.d_expert, cfg.d_model, cfg.experts_bias)})
         self.shared = MLP(cfg, cfg.d_shared_expert) if cfg.d_shared_expert else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.d_shared_expert else None
 
     def forward(self, x):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (tokens, d_model)
-        probs = self.router(x).float().softmax(-1)
-        weights, chosen = probs.topk(self.k, -1)  # (tokens, k) each
-        if self.renormalised:
+        if self.top_logits:  # the softmax over the chosen logits, in their dtype (gpt-oss)
+            weights, chosen = self.router(x).topk(self.k, -1)
+            weights = weights.softmax(-1)
+        else:
+            weights, chosen = self.router(x).float().softmax(-1).topk(self.k, -1)  # (tokens, k) each
+        if self.renormalised and not self.top_logits:
             weights = weights / weights.sum(-1, keepdim=True)
         if self.round_weights:
             weights = weights.to(x.dtype)
@@ -341,10 +371,17 @@ class MoE(nn.Module):
         # each stacked weight split into its experts' matrices once: its gradient is then gathered into one tensor
         # (weight[i] for each expert would make backward write a zero tensor of all experts' size per expert used)
         gate, up, down = (m.weight.unbind(0) for m in self.experts.values())
+        biases = [m.bias.unbind(0) if m.bias is not None else [None] * len(m.weight) for m in self.experts.values()]
         for i in chosen.unique().tolist():  # each expert that any token was sent to
             token, slot = torch.where(chosen == i)
             h = x[token]
-            y = F.linear(self.act(F.linear(h, gate[i])) * F.linear(h, up[i]), down[i])
+            g, u = F.linear(h, gate[i], biases[0][i]), F.linear(h, up[i], biases[1][i])
+            if self.limit:  # gpt-oss's clamped SwiGLU
+                g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+                a = (u + 1) * (g * torch.sigmoid(g * self.alpha))
+            else:
+                a = self.act(g) * u
+            y = F.linear(a, down[i], biases[2][i])
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
@@ -472,8 +509,9 @@ def _rope(c, where, dims, default_base=10000.0):
 def _yarn(rope, c, where):
     """YaRN's factor (if null: the context over the original one), its two ramp ends and its attention
     factor, which multiplies queries and keys (if not given: 0.1 ln(factor) + 1, or the ratio of two such
-    terms with mscale and mscale_all_dim), as transformers takes them."""
-    _option(rope, "truncate", True, [True], where)
+    terms with mscale and mscale_all_dim), as transformers takes them; truncate False (gpt-oss): the ramp's
+    ends not rounded to whole dimensions."""
+    truncate = _option(rope, "truncate", True, [True, False], where)
     for name in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
                  "mscale_all_dim"):
         value = rope.get(name)
@@ -485,7 +523,7 @@ def _yarn(rope, c, where):
     if attention is None:
         attention = term(rope["mscale"]) / term(rope["mscale_all_dim"]) if rope.get("mscale") and rope.get("mscale_all_dim") else term(1)
     return dict(factor=factor, beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
-                attention_factor=attention)
+                attention_factor=attention) | ({} if truncate else {"truncate": False})
 
 
 def names(model_level, per_layer, layer_prefix):
@@ -729,6 +767,70 @@ def moe(c, where):
     return config, MIXTRAL_NAMES if family == "mixtral" else MOE_NAMES, {}
 
 
+# gpt-oss: its sinks a parameter of the attention (self_attn.sinks); router and experts with biases, each expert matrix of
+# all experts as one tensor stored (expert, in, out), gate and up as one gate_up_proj, their columns interleaved
+GPT_OSS_NAMES = LLAMA_NAMES | names({}, {"attn": "self_attn", "mlp.router": "mlp.router", "mlp.experts.gate": "mlp.experts.gate_up_proj",
+                                        "mlp.experts.up": "mlp.experts.gate_up_proj",
+                                        "mlp.experts.down": "mlp.experts.down_proj"}, "layers.{i}.")
+# transformers' default rotary embedding of gpt-oss (GptOssConfig's rope_parameters when config.json gives none)
+GPT_OSS_ROPE = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=4096, rope_theta=150000.0)
+
+
+def gpt_oss(c, where):
+    """OpenAI's gpt-oss: Llama's pre-norm blocks with biases on q, k, v and W_O, a learned sink logit per
+    head in each softmax's denominator, sliding-window and full attention layers alternating (layer_types),
+    YaRN (not truncated) on whole heads; the MLP a mixture of experts whose router (with a bias) chooses
+    num_experts_per_tok by their logits and weighs them by a softmax over those, each expert with biases and
+    the clamped SwiGLU (swiglu_limit, swiglu_alpha). Its experts stored in MXFP4 are dequantised as loaded
+    (gpt_oss_weights)."""
+    n_layer, d, heads = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or GPT_OSS_ROPE
+    window = c.get("sliding_window", 128) or 0
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    experts, used = c.get("num_local_experts", c.get("num_experts", 128)), c.get("num_experts_per_tok", 4)
+    bias = c.get("attention_bias", True)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer, n_head=heads,
+                  n_kv_head=c.get("num_key_value_heads", 8) or heads, d_model=d, d_head=d_head, d_mlp=c["intermediate_size"],
+                  norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5),
+                  **_rope(c | {"rope_parameters": rope}, where, d_head, 150000.0), qkv_bias=bias, out_bias=bias,
+                  attn_window=[window if kind == "sliding_attention" else 0 for kind in _layer_types(c, where, 2)],
+                  attn_sinks=True, mlp="gated", activation="silu", mlp_bias=False, experts=experts, experts_used=used,
+                  d_expert=c["intermediate_size"], experts_renormalised=True, experts_bias=True, router_top_logits=True,
+                  swiglu_limit=c.get("swiglu_limit", 7.0), swiglu_alpha=c.get("swiglu_alpha", 1.702),
+                  tied_head=c.get("tie_word_embeddings", False))
+    columns = lambda i: lambda t: (t.transpose(1, 2) if t.dim() == 3 else t)[:, i::2]  # gate: the even, up: the odd
+    return config, GPT_OSS_NAMES, {"blocks.{i}.mlp.experts.gate": columns(0), "blocks.{i}.mlp.experts.up": columns(1),
+                                   "blocks.{i}.mlp.experts.down": lambda t: t.transpose(1, 2) if t.dim() == 3 else t}
+
+
+GPT_OSS_EXPERTS = re.compile(r"^(.*\.mlp\.experts\.(?:gate_up|down)_proj)(_bias|_blocks|_scales)?$")
+
+
+def gpt_oss_weights(tensors, where):
+    """gpt-oss's expert tensors under names build reads: gate_up_proj as gate_up_proj.weight, gate_up_proj_bias as
+    gate_up_proj.bias (down_proj's alike); stored in MXFP4 (gate_up_proj_blocks and _scales, as the released
+    checkpoints), dequantised (formats.dequantise_mxfp4) and laid out (expert, in, out) as transformers does."""
+    renamed, quantised = {}, {}
+    for name, load in tensors.items():
+        match = GPT_OSS_EXPERTS.match(name)
+        if not match:
+            renamed[name] = load
+        elif match[2] in ("_blocks", "_scales"):
+            quantised.setdefault(match[1], {})[match[2]] = load
+        else:
+            renamed[match[1] + (".bias" if match[2] else ".weight")] = load
+    for name, parts in quantised.items():
+        if len(parts) != 2:
+            raise ValueError(f"{where}: {name}{'_scales' if '_blocks' in parts else '_blocks'} is missing, which its "
+                             f"MXFP4 weight needs; download it again")
+        renamed[name + ".weight"] = (lambda parts: lambda: formats.dequantise_mxfp4(
+            parts["_blocks"](), parts["_scales"]()).transpose(1, 2))(parts)
+    return renamed
+
+
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
@@ -893,7 +995,7 @@ def gemma3_text_weights(tensors):
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
-            "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe}
+            "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -981,7 +1083,9 @@ def read_config(folder):
     c = formats.read_json(path)
     if not isinstance(c.get("model_type"), str) or c["model_type"] not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")
-    if "quantization_config" in c:
+    mxfp4 = c["model_type"] == "gpt_oss" and isinstance(c.get("quantization_config"), dict) and \
+        c["quantization_config"].get("quant_method") == "mxfp4"  # gpt-oss's experts, dequantised as loaded
+    if "quantization_config" in c and not mxfp4:
         method = c["quantization_config"].get("quant_method", "?") if isinstance(c["quantization_config"], dict) else "?"
         raise ValueError(f"{path}: the weights are quantised ({method}), which this module does not read: give the "
                          f"model's unquantised folder, or a GGUF file of it")
@@ -1016,6 +1120,8 @@ def from_pretrained(path, codebooks=None, block_size=None):
         tensors = gemma3_text_weights(tensors)
     if c["model_type"] == "stablelm":
         tensors = stablelm_weights(tensors)
+    if c["model_type"] == "gpt_oss":
+        tensors = gpt_oss_weights(tensors, path)
     if FAMILIES[c["model_type"]] is moe and any(MOE_FUSED.search(name) for name in tensors):
         tensors = {name + ".weight" if MOE_FUSED.search(name) else name: load for name, load in tensors.items()}
         table, transforms = table | MOE_FUSED_NAMES, transforms | MOE_FUSED_TRANSFORMS

@@ -141,6 +141,13 @@ MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
        "olmoe": dict(num_experts=4, num_experts_per_tok=2)}
 
+# gpt-oss: layer 0 a window of 5 (shorter than the sequences), layer 1 full; YaRN not truncated, its ramp's ends (0.21 and
+# 3.22 of 8 frequencies) not whole; the SwiGLU clamped at 3, within the gate's and up's spread, so that the clamp acts
+GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=5, swiglu_limit=3.0,
+               layer_types=["sliding_attention", "full_attention"],
+               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                    truncate=False, original_max_position_embeddings=256))
+
 
 def tiny_hf(family, vocab_size=96, **options):
     """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
@@ -166,6 +173,12 @@ def tiny_hf(family, vocab_size=96, **options):
                          "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM)}[family]
         attention = "eager" if family == "gemma2" else "sdpa"
         return randomize(model(config(**sizes | GEMMA | options, attn_implementation=attention)), 4)
+    if family == "gpt_oss":  # sinks made large enough to matter (randomize's 0.3 leaves them far under the scores)
+        model = randomize(t.GptOssForCausalLM(t.GptOssConfig(**sizes | GPT_OSS | options)), 5)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.add_(3.0)
+        return model
     model = {"llama": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM, "qwen2": t.Qwen2ForCausalLM,
              "qwen3": t.Qwen3ForCausalLM, "smollm3": t.SmolLM3ForCausalLM, "olmo2": t.Olmo2ForCausalLM,
              "olmo3": t.Olmo3ForCausalLM, "phi3": t.Phi3ForCausalLM, "granite": t.GraniteForCausalLM,

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE made and saved by `transformers`, loaded by models.py,
+StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -76,11 +76,12 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "qwen2_moe-sparse-step-renormalised": ("qwen2_moe", dict(decoder_sparse_step=2, norm_topk_prob=True, qkv_bias=False)),
          "qwen3_moe": ("qwen3_moe", dict(head_dim=24, norm_topk_prob=True)),
          "qwen3_moe-dense-layer": ("qwen3_moe", dict(mlp_only_layers=[0], attention_bias=True)),
-         "olmoe": ("olmoe", {}), "olmoe-clip-renormalised": ("olmoe", dict(clip_qkv=2.0, norm_topk_prob=True))}
+         "olmoe": ("olmoe", {}), "olmoe-clip-renormalised": ("olmoe", dict(clip_qkv=2.0, norm_topk_prob=True)),
+         "gpt_oss": ("gpt_oss", {})}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False,
-        "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False}
+        "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -91,6 +92,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
+         "gpt_oss": LLAMA_SITES,
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -134,7 +136,7 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     seen, modules = {}, dict(theirs.named_modules())
     w_o, mlp, block = (modules[name] for name in SITES[family])
     hooks = [w_o.register_forward_pre_hook(lambda module, args: seen.update(attn=args[0])),
-             mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out)),
+             mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out[0] if isinstance(out, tuple) else out)),
              block.register_forward_hook(lambda module, args, out: seen.update(block=out[0] if isinstance(out, tuple) else out))]
     with torch.no_grad():
         theirs(x)
@@ -226,6 +228,25 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     assert ours.config.tied_head == (family in ("smollm3", "cohere2")) and ours.config.n_kv_head == 4
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
+    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+def test_gpt_oss_fields_left_out_as_transformers_reads_them(tmp_path):
+    """A gpt-oss config.json without its rotary embedding (then transformers' YaRN: factor 32 of 4,096 positions, base
+    150,000, not truncated), window, layer types, clamp, norm eps, biases' flag or tied flag: transformers' defaults."""
+    t = need("transformers")
+    tiny_hf("gpt_oss", num_key_value_heads=8, num_attention_heads=8, head_dim=8, swiglu_limit=7.0).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    left_out = ("rope_parameters", "rope_theta", "sliding_window", "layer_types", "swiglu_limit", "swiglu_alpha", "rms_norm_eps",
+                "attention_bias", "tie_word_embeddings", "num_key_value_heads")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in left_out}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.attn_window == [theirs.config.sliding_window, 0] == [128, 0] and ours.config.n_kv_head == 8
+    assert ours.config.rotary_scaling["truncate"] is False and ours.config.rotary_base == 150000.0
     x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = theirs(x).logits
@@ -361,6 +382,53 @@ def test_a_mixture_in_bfloat16_is_transformers_expert_loop_exactly(family, tmp_p
     x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x).logits)
+
+
+def mxfp4(shape, g, scales=(0, 255)):
+    """Random MXFP4 blocks (*shape, 16) (every byte, so every code in both nibbles) and scales (*shape) in `scales`."""
+    return (torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8),
+            torch.randint(*scales, shape, generator=g, dtype=torch.uint8))
+
+
+def test_mxfp4_dequantised_as_transformers_dequantises_it_to_the_bit():
+    """formats.dequantise_mxfp4 (then laid out (expert, in, out)) is transformers' convert_moe_packed_tensors bit for bit,
+    over every code in both nibbles and every scale but 255 (2^128: infinite, and 0 times it not a number)."""
+    mxfp4_hf = need("transformers.integrations.mxfp4")
+    blocks, scales = mxfp4((3, 10, 4), torch.Generator().manual_seed(8))
+    scales[0, 0] = torch.tensor([0, 1, 127, 254])  # the extremes: 2^-127 (a float32 subnormal), 2^-126, 1, 2^127
+    want = mxfp4_hf.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    got = formats.dequantise_mxfp4(blocks, scales).transpose(1, 2)
+    assert want.shape == got.shape == (3, 128, 10) and got.dtype == torch.float32
+    assert torch.equal(got.contiguous().view(torch.int32), want.view(torch.int32))  # -0.0 too
+
+
+def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path):
+    """A gpt-oss folder as released: config.json's quantization_config mxfp4, each expert matrix stored as _blocks and
+    _scales instead of gate_up_proj and down_proj. Its experts are the dequantised weights exactly, its logits the
+    model's with them (transformers' own dequantisation written into its parameters)."""
+    mxfp4_hf, st = need("transformers.integrations.mxfp4"), need("safetensors.torch")
+    theirs, g, quantised = tiny_hf("gpt_oss"), torch.Generator().manual_seed(9), {}
+    with torch.no_grad():
+        for i, layer in enumerate(theirs.model.layers):
+            for name, rows, cols in (("gate_up_proj", 2 * 96, 64), ("down_proj", 64, 96)):
+                blocks, scales = mxfp4((4, rows, cols // 32), g, (122, 126))
+                getattr(layer.mlp.experts, name).copy_(mxfp4_hf.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                quantised |= {f"model.layers.{i}.mlp.experts.{name}_blocks": blocks, f"model.layers.{i}.mlp.experts.{name}_scales": scales}
+    theirs.save_pretrained(tmp_path)
+    stored = st.load_file(tmp_path / "model.safetensors")
+    stored = {name: t for name, t in stored.items() if not name.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    st.save_file(stored | quantised, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = models.from_pretrained(str(tmp_path))
+    experts = theirs.model.layers[1].mlp.experts
+    assert torch.equal(ours.blocks[1].mlp.experts["gate"].weight, experts.gate_up_proj[:, :, 0::2].transpose(1, 2))
+    assert torch.equal(ours.blocks[1].mlp.experts["down"].weight, experts.down_proj.transpose(1, 2))
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
 
 
 def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():
@@ -580,9 +648,9 @@ def test_clear_errors(tmp_path):
                                                    "rope_scaling's original_max_position_embeddings=0 must be a positive"),
                                                   (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)),
                                                    r"rope_type 'yarn' needs \['original_max_position_embeddings'\]"),
-                                                  (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate=False,
+                                                  (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate="no",
                                                                           original_max_position_embeddings=32)),
-                                                   "truncate=False is not implemented")]]:
+                                                   "truncate='no' is not implemented")]]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))

@@ -282,6 +282,17 @@ def dequantise_iq4_xs(b):
     return ((f16(b, 0) * (scales.astype(np.float32) - 32))[:, :, None] * q).reshape(-1, 256)
 
 
+# MXFP4 (ggml's, llama.cpp's gpt-oss): 32 values in 17 bytes: an E8M0 exponent e, 16 bytes of 4-bit E2M1 codes as in Q4_0
+# (the low nibbles values 0-15, the high ones 16-31); value = MXFP4_LEVELS[q] (E2M1 doubled) * 2^(e - 128), as ggml's
+# kvalues_mxfp4 and GGML_E8M0_TO_FP32_HALF (a finite 2^127 at e = 255, +0 for both zero codes)
+MXFP4_LEVELS = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+
+
+def dequantise_ggml_mxfp4(b):
+    with np.errstate(over="ignore"):  # 12 * 2^127 is infinite, as in ggml
+        return np.ldexp(np.float32(1), b[:, :1].astype(np.int32) - 128).astype(np.float32) * MXFP4_LEVELS[nibbles(b[:, 1:17])]
+
+
 def dequantise_bf16(b):  # bfloat16 is the top half of a float32
     return (b.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
@@ -295,10 +306,11 @@ GGML_TYPES = {0: ("F32", 1, 4, lambda b: b.view("<f4").astype(np.float32)),
               8: ("Q8_0", 32, 34, dequantise_q8_0), 12: ("Q4_K", 256, 144, dequantise_q4_k),
               13: ("Q5_K", 256, 176, dequantise_q5_k), 14: ("Q6_K", 256, 210, dequantise_q6_k),
               10: ("Q2_K", 256, 84, dequantise_q2_k), 11: ("Q3_K", 256, 110, dequantise_q3_k),
-              20: ("IQ4_NL", 32, 18, dequantise_iq4_nl), 23: ("IQ4_XS", 256, 136, dequantise_iq4_xs)}
+              20: ("IQ4_NL", 32, 18, dequantise_iq4_nl), 23: ("IQ4_XS", 256, 136, dequantise_iq4_xs),
+              39: ("MXFP4", 32, 17, dequantise_ggml_mxfp4)}
 GGML_UNSUPPORTED = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
                     19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 24: "I8", 25: "I16",
-                    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+                    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
 GGML_TYPE_NUMBERS = {name: number for number, (name, *_) in GGML_TYPES.items()}
 
 

@@ -103,7 +103,8 @@ def test_bad_files_one_line_each(tmp_path):
 # infinite, so those fields get ordinary values; every other byte (the packed integers, the 6-bit and
 # int8 sub-block scales) stays random
 SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-                "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0]}
+                "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0],
+                "MXFP4": []}  # (MXFP4's scale is a byte exponent: every value is one)
 
 
 def random_blocks(name, n_blocks, rng):

@@ -65,6 +65,7 @@ class TransformerConfig:
     d_head: int = 0  # 0: d_model / n_head
     d_mlp: int = 256
     norm: str = "layernorm"  # or "rmsnorm" (computed in float32), or "layernorm_nobias" (Cohere)
+    norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
@@ -165,13 +166,17 @@ def is_positive_number(value):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, in float32 whatever x's dtype (as transformers' Llama)."""
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 whatever x's dtype (as transformers' Llama: the
+    normalised x rounded to x's dtype, then times the weight); weight_float32: the weight multiplied in
+    float32 and the product rounded once (transformers' gpt-oss)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, weight_float32=False):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight, self.eps, self.weight_float32 = nn.Parameter(torch.ones(dim)), eps, weight_float32
 
     def forward(self, x):
+        if self.weight_float32:
+            return (self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -190,7 +195,7 @@ class HeadLayerNorm(nn.Module):
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
@@ -306,7 +311,9 @@ def softcapped_attention(q, k, v, window, scale, cap, sinks=None):
     if sinks is None:
         return scores.softmax(-1) @ v
     sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-    return torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(v.dtype) @ v
+    combined = torch.cat([scores, sink], -1)
+    combined = combined - combined.max(-1, keepdim=True).values  # in their dtype, as transformers' gpt-oss (it rounds in bfloat16)
+    return combined.softmax(-1)[..., :-1].to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -375,13 +382,15 @@ class MoE(nn.Module):
         for i in chosen.unique().tolist():  # each expert that any token was sent to
             token, slot = torch.where(chosen == i)
             h = x[token]
-            g, u = F.linear(h, gate[i], biases[0][i]), F.linear(h, up[i], biases[1][i])
+            g, u = F.linear(h, gate[i]), F.linear(h, up[i])
+            if biases[0][i] is not None:  # added apart, each product rounded first (gpt-oss's transformers)
+                g, u = g + biases[0][i], u + biases[1][i]
             if self.limit:  # gpt-oss's clamped SwiGLU
                 g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
                 a = (u + 1) * (g * torch.sigmoid(g * self.alpha))
             else:
                 a = self.act(g) * u
-            y = F.linear(a, down[i], biases[2][i])
+            y = F.linear(a, down[i]) if biases[2][i] is None else F.linear(a, down[i]) + biases[2][i]
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
@@ -794,7 +803,7 @@ def gpt_oss(c, where):
     bias = c.get("attention_bias", True)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n_layer, n_head=heads,
                   n_kv_head=c.get("num_key_value_heads", 8) or heads, d_model=d, d_head=d_head, d_mlp=c["intermediate_size"],
-                  norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5),
+                  norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-5), norm_weight_float32=True,
                   **_rope(c | {"rope_parameters": rope}, where, d_head, 150000.0), qkv_bias=bias, out_bias=bias,
                   attn_window=[window if kind == "sliding_attention" else 0 for kind in _layer_types(c, where, 2)],
                   attn_sinks=True, mlp="gated", activation="silu", mlp_bias=False, experts=experts, experts_used=used,

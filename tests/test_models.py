@@ -369,11 +369,13 @@ def test_a_mixture_saved_in_transformers_5s_own_layout_loads(family, tmp_path):
         assert (models.from_pretrained(str(tmp_path))(x) - theirs(x).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", list(conftest.MOE))
+@pytest.mark.parametrize("family", list(conftest.MOE) + ["gpt_oss"])
 def test_a_mixture_in_bfloat16_is_transformers_expert_loop_exactly(family, tmp_path):
     """In bfloat16 each family weighs its experts' outputs as transformers' own loop over experts does
     (its "eager" experts): Qwen2-MoE, Qwen3-MoE and OLMoE by the weights rounded to bfloat16, Mixtral by the
-    float32 weights, the product rounded."""
+    float32 weights, the product rounded. gpt-oss too, whose transformers rounds where Llama's does not: its
+    RMSNorm multiplies the weight in float32, its experts add their biases after the rounded products, and its
+    attention subtracts the largest score (sinks included) in bfloat16 before the softmax."""
     theirs = tiny_hf(family)
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path)).to(torch.bfloat16)

@@ -424,7 +424,8 @@ def make_optimizer(model, lr, weight_decay=0.1, codebook_lr=None, betas=(0.9, 0.
     """AdamW; weight decay on matrices only, never on codebooks, LayerNorms or biases."""
     groups = {"decay": [], "no_decay": [], "codebook": []}
     for name, p in model.named_parameters():
-        matrix = p.dim() >= 2 and name != "pos_emb.weight"
+        # (a mixture's stacked expert biases, (expert, out), are biases: 2-D, yet not decayed)
+        matrix = p.dim() >= 2 and name != "pos_emb.weight" and not name.endswith(".bias")
         groups["codebook" if ".codebooks." in name else "decay" if matrix else "no_decay"].append(p)
     return torch.optim.AdamW([
         {"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},

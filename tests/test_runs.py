@@ -205,6 +205,19 @@ def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.pt", live.name]
 
 
+def test_weight_decay_falls_on_matrices_never_on_biases_not_even_stacked_expert_biases():
+    """gpt-oss's experts have biases stacked (expert, out): 2-D, yet biases, so never decayed."""
+    import models
+    model = models.Transformer(dict(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_head=8,
+                                    d_mlp=16, norm="rmsnorm", mlp="gated", activation="silu", experts=4, experts_used=2,
+                                    d_expert=16, experts_bias=True, router_top_logits=True, swiglu_limit=7.0,
+                                    qkv_bias=True, attn_sinks=True, family="gpt_oss"))
+    decayed = {id(p) for group in runs.make_optimizer(model, 1e-3).param_groups if group["weight_decay"] for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert "blocks.0.mlp.experts.gate.weight" in names and "blocks.0.attn.q.weight" in names
+    assert not [name for name in names if name.endswith(".bias") or name.endswith("sinks")]
+
+
 def test_each_group_s_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_a_tenth(monkeypatch):
     made, seen = [], []
     make = runs.make_optimizer
@@ -676,7 +689,7 @@ def test_a_checkpoint_from_before_a_config_field_was_added_resumes_at_its_defaul
             for name in ("no_rotary_layers", "pre_norms", "qk_norm_across_heads", "qk_layernorm", "shared_norm",
                          "residual_scale", "logit_scale", "qkv_clip", "experts", "experts_used", "d_expert",
                          "experts_renormalised", "d_shared_expert", "dense_layers", "rotary_float32", "attn_sinks",
-                         "experts_bias", "router_top_logits", "swiglu_limit", "swiglu_alpha"):
+                         "experts_bias", "router_top_logits", "swiglu_limit", "swiglu_alpha", "norm_weight_float32"):
                 del config[name]
             del config["codebooks"]["attn"]["beta"]  # a nested codebook spec's field too
             config |= changes

@@ -835,9 +835,20 @@ def gpt_oss_weights(tensors, where):
         if len(parts) != 2:
             raise ValueError(f"{where}: {name}{'_scales' if '_blocks' in parts else '_blocks'} is missing, which its "
                              f"MXFP4 weight needs; download it again")
-        renamed[name + ".weight"] = (lambda parts: lambda: formats.dequantise_mxfp4(
-            parts["_blocks"](), parts["_scales"]()).transpose(1, 2))(parts)
+        renamed[name + ".weight"] = (lambda name, parts: lambda: _dequantised_experts(name, parts, where))(name, parts)
     return renamed
+
+
+def _dequantised_experts(name, parts, where):
+    """gpt-oss's expert matrix `name` of its MXFP4 _blocks (expert, out, G, 16) and _scales (expert, out, G), laid out
+    (expert, in, out); a malformed pair is one ValueError line naming them and the folder."""
+    blocks, scales = parts["_blocks"](), parts["_scales"]()
+    try:
+        if blocks.dim() != 4:
+            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} must be (expert, out, G, 16)")
+        return formats.dequantise_mxfp4(blocks, scales).transpose(1, 2)
+    except ValueError as e:
+        raise ValueError(f"{where}: {name}_blocks and {name}_scales: {e}; download them again") from None
 
 
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",

@@ -7,6 +7,7 @@ unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -431,6 +432,32 @@ def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path):
     with torch.no_grad():
         want = theirs(x).logits
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change", ["2-D blocks", "int8 scales"])
+def test_malformed_mxfp4_experts_are_one_line_naming_them(change, tmp_path):
+    """A gpt-oss folder whose MXFP4 blocks lack the expert axis, or whose scales are not bytes: one ValueError line
+    naming the folder and the tensors (not an IndexError, nor a message naming neither)."""
+    st = need("safetensors.torch")
+    theirs, g, quantised = tiny_hf("gpt_oss"), torch.Generator().manual_seed(9), {}
+    for i in range(2):
+        for name, rows, cols in (("gate_up_proj", 2 * 96, 64), ("down_proj", 64, 96)):
+            blocks, scales = mxfp4((4, rows, cols // 32), g, (122, 126))
+            quantised |= {f"model.layers.{i}.mlp.experts.{name}_blocks": blocks, f"model.layers.{i}.mlp.experts.{name}_scales": scales}
+    bad = "model.layers.1.mlp.experts.down_proj"
+    if change == "2-D blocks":
+        quantised[bad + "_blocks"], quantised[bad + "_scales"] = quantised[bad + "_blocks"][0], quantised[bad + "_scales"][0]
+    else:
+        quantised[bad + "_scales"] = quantised[bad + "_scales"].to(torch.int8)
+    theirs.save_pretrained(tmp_path)
+    stored = st.load_file(tmp_path / "model.safetensors")
+    stored = {name: t for name, t in stored.items() if not name.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    st.save_file(stored | {k: v.contiguous() for k, v in quantised.items()}, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "mxfp4"}}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: {bad}_blocks and {bad}_scales: MXFP4 blocks")) as e:
+        models.from_pretrained(str(tmp_path))
+    assert "\n" not in str(e.value)
 
 
 def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():

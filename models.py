@@ -794,7 +794,7 @@ def gpt_oss(c, where):
     the clamped SwiGLU (swiglu_limit, swiglu_alpha). Its experts stored in MXFP4 are dequantised as loaded
     (gpt_oss_weights)."""
     n_layer, d, heads = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"]
-    d_head = c.get("head_dim") or d // heads
+    d_head = c.get("head_dim", 64) or d // heads  # left out: GptOssConfig's 64 (null: hidden_size / heads)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or GPT_OSS_ROPE
     window = c.get("sliding_window", 128) or 0
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:

@@ -254,6 +254,20 @@ def test_gpt_oss_fields_left_out_as_transformers_reads_them(tmp_path):
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
 
 
+def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
+    """GptOssConfig's head_dim defaults to 64 (the released models' 2,880 / 64 heads is not 64), not hidden_size / heads."""
+    t = need("transformers")
+    tiny_hf("gpt_oss", head_dim=64).save_pretrained(tmp_path)  # 4 heads of 64 on a width of 64
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "head_dim"}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.d_head == theirs.config.head_dim == 64
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where

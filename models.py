@@ -831,11 +831,18 @@ def gpt_oss_weights(tensors, where):
             quantised.setdefault(match[1], {})[match[2]] = load
         else:
             renamed[match[1] + (".bias" if match[2] else ".weight")] = load
+    last = {}  # the matrix last dequantised: gate and up both read gate_up_proj, one after the other (not twice)
+
+    def load(name, parts):
+        if name not in last:
+            last.clear()
+            last[name] = _dequantised_experts(name, parts, where)
+        return last[name]
     for name, parts in quantised.items():
         if len(parts) != 2:
             raise ValueError(f"{where}: {name}{'_scales' if '_blocks' in parts else '_blocks'} is missing, which its "
                              f"MXFP4 weight needs; download it again")
-        renamed[name + ".weight"] = (lambda name, parts: lambda: _dequantised_experts(name, parts, where))(name, parts)
+        renamed[name + ".weight"] = (lambda name, parts: lambda: load(name, parts))(name, parts)
     return renamed
 
 

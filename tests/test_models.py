@@ -419,7 +419,7 @@ def test_mxfp4_dequantised_as_transformers_dequantises_it_to_the_bit():
     assert torch.equal(got.contiguous().view(torch.int32), want.view(torch.int32))  # -0.0 too
 
 
-def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path):
+def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path, monkeypatch):
     """A gpt-oss folder as released: config.json's quantization_config mxfp4, each expert matrix stored as _blocks and
     _scales instead of gate_up_proj and down_proj. Its experts are the dequantised weights exactly, its logits the
     model's with them (transformers' own dequantisation written into its parameters)."""
@@ -438,7 +438,10 @@ def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    calls, dequantise = [], formats.dequantise_mxfp4
+    monkeypatch.setattr(formats, "dequantise_mxfp4", lambda *args: calls.append(1) or dequantise(*args))
     ours = models.from_pretrained(str(tmp_path))
+    assert len(calls) == 4  # each stored matrix once: gate and up share gate_up_proj's (gpt-oss-20b's: 2 GB, 10 s each)
     experts = theirs.model.layers[1].mlp.experts
     assert torch.equal(ours.blocks[1].mlp.experts["gate"].weight, experts.gate_up_proj[:, :, 0::2].transpose(1, 2))
     assert torch.equal(ours.blocks[1].mlp.experts["down"].weight, experts.down_proj.transpose(1, 2))

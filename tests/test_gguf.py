@@ -126,7 +126,9 @@ def test_block_formats_match_gguf(name):
     gguf = need("gguf")
     blocks = random_blocks(name, 4096, np.random.default_rng(formats.GGML_TYPE_NUMBERS[name]))
     ours = formats.GGML_TYPES[formats.GGML_TYPE_NUMBERS[name]][3](blocks)
-    assert same_floats(ours.reshape(-1), gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType[name]))
+    with np.errstate(over="ignore"):  # (MXFP4's largest exponent overflows float32 to inf in both, as it should)
+        theirs = gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType[name])
+    assert same_floats(ours.reshape(-1), theirs)
 
 
 # one quantisation step of each format gguf can quantise, per block (rows of 32 values) of the original

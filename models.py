@@ -73,7 +73,10 @@ class TransformerConfig:
     rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3", "yarn" or "divisors", its parameters}
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     no_rotary_layers: list = field(default_factory=list)  # layers without the rotary embedding (SmolLM3: every fourth)
-    rotary_float32: bool = False  # queries and keys rotated in float32 whatever their dtype (Cohere), else in their dtype
+    # what the rotary embedding computes in: "input", the queries' and keys' dtype (Llama); "float32", they are
+    # widened, the cosines and sines rounded to their dtype first (Cohere); "float32_tables", the cosines and sines
+    # kept in float32 (OLMo-2); either float32 rounded once at the end
+    rotary_precision: str = "input"
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -120,6 +123,7 @@ class TransformerConfig:
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
         for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias")), ("mlp", ("gelu", "gated")),
+                              ("rotary_precision", ("input", "float32", "float32_tables")),
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -234,16 +238,18 @@ def rotary_frequencies(dims, base, scaling):
     return inv_freq
 
 
-def rotary(x, start, inv_freq, scale=1.0, float32=False):
+def rotary(x, start, inv_freq, scale=1.0, precision="input"):
     """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
     2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
     layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's attention
-    factor); the rest unchanged. The cosines and sines are rounded to x's dtype; with float32 the
-    rotation is computed in float32 and rounded once (transformers' Cohere), else in x's dtype."""
+    factor); the rest unchanged. In x's dtype, or in float32 rounded once (precision: TransformerConfig's
+    rotary_precision)."""
     dims = 2 * inv_freq.shape[0]
     angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq.float()
-    cos, sin = ((f(torch.cat([angles, angles], -1)) * scale).to(x.dtype) for f in (torch.cos, torch.sin))
-    rot = x[..., :dims].float() if float32 else x[..., :dims]
+    cos, sin = (f(torch.cat([angles, angles], -1)) * scale for f in (torch.cos, torch.sin))
+    if precision != "float32_tables":
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot = x[..., :dims].float() if precision != "input" else x[..., :dims]
     rotated = (rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin).to(x.dtype)
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
 
@@ -263,8 +269,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = (HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
         elif cfg.qk_norm:
             across = cfg.qk_norm_across_heads
-            self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps, cfg.norm_weight_float32)
+            self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps, cfg.norm_weight_float32)
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         local = cfg.local_rotary_base and self.window
@@ -272,7 +278,7 @@ class Attention(nn.Module):
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
         frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if rotates else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
-        self.rotary_scale, self.rotary_float32 = scaling.get("attention_factor", 1.0), cfg.rotary_float32
+        self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -285,7 +291,7 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
-            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale, self.rotary_float32) for t in (q, k))
+            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale, self.rotary_precision) for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -704,7 +710,8 @@ def olmo2(c, where):
     well, with attention over a sliding window on the layers layer_types marks (by default three in
     four), which rotate by their own base, unscaled."""
     config, _, _ = llama(c | {"model_type": "llama", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
-    config |= dict(qk_norm=True, qk_norm_across_heads=True, pre_norms=False, sandwich_norms=True)
+    config |= dict(qk_norm=True, qk_norm_across_heads=True, pre_norms=False, sandwich_norms=True,
+                   norm_weight_float32=True, rotary_precision="float32_tables")  # where its transformers rounds
     if c["model_type"] == "olmo3":
         # transformers' default base, which its sliding layers also take where config.json gives one base for all
         rotary, local_base = _rope_by_layer_type(c, where, config["d_head"], c.get("rope_theta", 500000.0), 500000.0)
@@ -958,7 +965,7 @@ def cohere(c, where):
                   **_rope(c, where, d_head, 10000.0 if family == "cohere2" else 500000.0),
                   qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, qk_layernorm=qk_norm, mlp="gated", activation="silu",
                   mlp_bias=False, parallel_residual=True, shared_norm=True, logit_scale=c.get("logit_scale", 0.0625),
-                  rotary_float32=True,  # (transformers rotates Cohere's q and k in float32)
+                  rotary_precision="float32",  # (transformers rotates Cohere's q and k in float32)
                   tied_head=c.get("tie_word_embeddings", True))
     if family == "cohere2":
         window = c.get("sliding_window", 4096)

@@ -268,10 +268,11 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
         assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2"])
+@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
-    transformers' rounds (the norms in float32, Cohere's rotary embedding in float32, Llama's and StableLM's in bfloat16)."""
+    transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
+    and StableLM's in bfloat16)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)

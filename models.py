@@ -384,19 +384,21 @@ class MoE(nn.Module):
         # each stacked weight split into its experts' matrices once: its gradient is then gathered into one tensor
         # (weight[i] for each expert would make backward write a zero tensor of all experts' size per expert used)
         gate, up, down = (m.weight.unbind(0) for m in self.experts.values())
-        biases = [m.bias.unbind(0) if m.bias is not None else [None] * len(m.weight) for m in self.experts.values()]
+        gate_bias, up_bias, down_bias = (None if m.bias is None else m.bias.unbind(0) for m in self.experts.values())
         for i in chosen.unique().tolist():  # each expert that any token was sent to
             token, slot = torch.where(chosen == i)
             h = x[token]
             g, u = F.linear(h, gate[i]), F.linear(h, up[i])
-            if biases[0][i] is not None:  # added apart, each product rounded first (gpt-oss's transformers)
-                g, u = g + biases[0][i], u + biases[1][i]
+            if gate_bias is not None:  # added apart, each product rounded first (gpt-oss's transformers)
+                g, u = g + gate_bias[i], u + up_bias[i]
             if self.limit:  # gpt-oss's clamped SwiGLU
                 g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
                 a = (u + 1) * (g * torch.sigmoid(g * self.alpha))
             else:
                 a = self.act(g) * u
-            y = F.linear(a, down[i]) if biases[2][i] is None else F.linear(a, down[i]) + biases[2][i]
+            y = F.linear(a, down[i])
+            if down_bias is not None:
+                y = y + down_bias[i]
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
@@ -845,6 +847,7 @@ def gpt_oss_weights(tensors, where):
             last.clear()
             last[name] = _dequantised_experts(name, parts, where)
         return last[name]
+
     for name, parts in quantised.items():
         if len(parts) != 2:
             raise ValueError(f"{where}: {name}{'_scales' if '_blocks' in parts else '_blocks'} is missing, which its "

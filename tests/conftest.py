@@ -149,6 +149,12 @@ GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_
                                     truncate=False, original_max_position_embeddings=256))
 
 
+def mxfp4(shape, g, scales=(0, 255)):
+    """Random MXFP4 blocks (*shape, 16) (every byte, so every code in both nibbles) and scales (*shape) in `scales`."""
+    return (torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8),
+            torch.randint(*scales, shape, generator=g, dtype=torch.uint8))
+
+
 def tiny_hf(family, vocab_size=96, **options):
     """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
     t = need("transformers")

@@ -20,7 +20,7 @@ import models
 import runs
 import text
 import conftest
-from conftest import GEMMA, LLAMA3, SAMPLE, need, randomize, stdlib_text, tiny_hf
+from conftest import GEMMA, LLAMA3, SAMPLE, mxfp4, need, randomize, stdlib_text, tiny_hf
 
 
 # --- models --------------------------------------------------------------------------------
@@ -400,12 +400,6 @@ def test_a_mixture_in_bfloat16_is_transformers_expert_loop_exactly(family, tmp_p
     x = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x).logits)
-
-
-def mxfp4(shape, g, scales=(0, 255)):
-    """Random MXFP4 blocks (*shape, 16) (every byte, so every code in both nibbles) and scales (*shape) in `scales`."""
-    return (torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8),
-            torch.randint(*scales, shape, generator=g, dtype=torch.uint8))
 
 
 def test_mxfp4_dequantised_as_transformers_dequantises_it_to_the_bit():

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
 Command-R7B (Cohere2), StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its
-experts in MXFP4 as released, dequantised as loaded; from a folder only), each computing
+experts in MXFP4 as released, dequantised as loaded), each computing
 what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -19,7 +19,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, qwen2moe, qwen3moe,
-olmoe).
+olmoe, gpt-oss).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1203,12 +1203,13 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
-                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe")
+                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss")
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm")  # the others' norms are RMSNorms
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
+# (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
 GGUF_MOE = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
-            "olmoe": ("olmoe", False)}
+            "olmoe": ("olmoe", False), "gpt-oss": ("gpt_oss", False)}
 
 
 def is_gguf(path):
@@ -1334,6 +1335,8 @@ def gguf_config(metadata, shapes, path):
             raise ValueError(f"{path}: an olmo2 file with a sliding window and rope scaling is not implemented")
         c |= dict(model_type="olmo3", sliding_window=window, rope_parameters={
             kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
+    if arch == "gpt-oss":
+        c |= gpt_oss_gguf_config(c, get, count, path)
     if arch == "phi3":
         if "rope_factors_long.weight" in shapes:
             raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
@@ -1354,6 +1357,25 @@ def granite_gguf_config(c, get, path):
     return dict(attention_multiplier=get("attention.scale", 0.0) or c["head_dim"] ** -0.5,
                 embedding_multiplier=get("embedding_scale", 0.0) or 1.0,
                 residual_multiplier=get("residual_scale", 0.0) or 1.0, logits_scaling=get("logit_scale"))
+
+
+def gpt_oss_gguf_config(c, get, count, path):
+    """gpt-oss's config.json fields from a GGUF file, as llama.cpp reads them: experts of expert_feed_forward_length;
+    the window on every layer but the last of each attention.sliding_window_pattern (absent: 2, the even layers windowed,
+    the odd ones full, as transformers' default layer_types); one rotary base for all layers; the clamped SwiGLU's limit
+    and alpha llama.cpp's constants, 7 and 1.702 (no key holds them; the released models' config.json has the same).
+    YaRN's ramp ends are transformers' for gpt-oss (truncate false), not rounded to whole dimensions as llama.cpp's."""
+    if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
+        raise ValueError(f"{path}: metadata gpt-oss.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
+                         f"rope.freq_base, which transformers' gpt-oss rotates every layer by; not implemented")
+    period = count("attention.sliding_window_pattern", 2)
+    rope = c.get("rope_scaling") or {"rope_type": "default"}  # (none given, gpt_oss() would take transformers' default YaRN)
+    if rope["rope_type"] == "yarn":
+        rope = rope | {"truncate": False}
+    return dict(intermediate_size=count("expert_feed_forward_length"), sliding_window=count("attention.sliding_window"),
+                layer_types=["sliding_attention" if i % period < period - 1 else "full_attention"
+                             for i in range(c["num_hidden_layers"])],
+                rope_parameters=rope | {"rope_theta": c["rope_theta"]}, swiglu_limit=7.0, swiglu_alpha=1.702)
 
 
 def moe_gguf_config(c, arch, experts, count, path):
@@ -1424,6 +1446,9 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+    if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them
+        table = table | names({}, {"norm2": "post_attention_norm", "attn": "attn"}, "blk.{i}.")
+        tensors = {re.sub(r"\.attn_sinks\.weight$", ".attn.sinks", name): load for name, load in tensors.items()}
     if c["model_type"] == "qwen2_moe":  # the shared expert's gate, a row (1, d_model) or (as llama.cpp also reads it) a vector
         transforms["blocks.{i}.mlp.shared_gate"] = lambda t: t.reshape(1, -1)
     if c["model_type"] == "phi3":  # the MLP's gate and up stored as one tensor; q, k and v too, or apart

@@ -1,6 +1,6 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE written by the `gguf` package's writer (laid out as
-llama.cpp's converter does) against transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf`
+package's writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
@@ -16,7 +16,7 @@ import torch
 import formats
 import models
 import runs
-from conftest import GEMMA3, LLAMA3, SMOLLM2, need, real_model, tiny_hf
+from conftest import GEMMA3, LLAMA3, SMOLLM2, mxfp4, need, real_model, tiny_hf
 
 
 # --- a tiny Llama as a GGUF file ------------------------------------------------------------
@@ -30,9 +30,18 @@ CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices s
 KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\.")  # what the converter never quantises
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
+def ggml_mxfp4(blocks, scales):
+    """MXFP4 as released (per 32 values a scale byte and 16 bytes, byte j holding value 2j in its low nibble and 2j + 1 in
+    its high one) laid out as ggml's MXFP4 blocks, as llama.cpp's converter repacks it: the scale byte as it is, then 16
+    bytes whose low nibbles hold values 0-15 and high nibbles values 16-31; bytes (..., G * 17)."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], -1).flatten(-2)  # (..., G, 32): the codes in their values' order
+    return torch.cat([scales[..., None], codes[..., :16] | codes[..., 16:] << 4], -1).flatten(-2).numpy()
+
+
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, mxfp4=None,
+               **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -43,7 +52,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
     scaling. Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the
     metadata. GPT-2's Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head,
-    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor."""
+    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
+    gpt-oss: its sinks as attn_sinks.weight, its window, YaRN and expert width in the metadata, its interleaved gate / up
+    columns (and biases) split; its experts from `mxfp4` ({weight name: (blocks, scales)} as released), repacked
+    (ggml_mxfp4), or without it its float weights."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -82,6 +94,12 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     if arch in ("gemma2", "gemma3"):
         meta |= {"attention.sliding_window": c.sliding_window}
         meta |= {name: getattr(c, name) for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(c, name)}
+    if arch == "gpt-oss":  # (the current converter writes the ramp's ends too, from config.json; they are not read)
+        rope = c.rope_parameters
+        meta |= {"expert_feed_forward_length": c.intermediate_size, "attention.sliding_window": c.sliding_window,
+                 "rope.scaling.type": "yarn", "rope.scaling.factor": rope["factor"],
+                 "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+                 "rope.scaling.yarn_beta_fast": rope["beta_fast"], "rope.scaling.yarn_beta_slow": rope["beta_slow"]}
     meta = {key: value for key, value in meta.items() if key not in drop} | changes
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
@@ -99,8 +117,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm",
              "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
-    if arch in ("gemma2", "gemma3", "olmo2"):  # their norms after attention and the MLP
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks"}
+    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
@@ -128,6 +146,20 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = w.T
         if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+        oss = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?$", name)
+        if arch == "gpt-oss" and oss:  # gate_up's gate the even columns (bias entries, MXFP4 rows), up the odd
+            parts = {"ffn_down_exps": slice(None)} if oss[2] == "down" else \
+                {"ffn_gate_exps": slice(0, None, 2), "ffn_up_exps": slice(1, None, 2)}
+            for part, half in parts.items():
+                if oss[3]:  # (experts, out)
+                    writer.add_tensor(f"blk.{oss[1]}.{part}.bias", np.ascontiguousarray(w[:, half]))
+                elif mxfp4:  # blocks (experts, out, G, 16), scales (experts, out, G)
+                    blocks, scales = mxfp4[name]
+                    writer.add_tensor(f"blk.{oss[1]}.{part}.weight", ggml_mxfp4(blocks[:, half], scales[:, half]),
+                                      raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+                else:  # (experts, in, out) to (experts, out, in)
+                    add(f"blk.{oss[1]}.{part}.weight", np.ascontiguousarray(w[:, :, half].swapaxes(1, 2)))
+            continue
         experts = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$", name)
         if experts:  # transformers' (experts, 2 ff, d) and (experts, d, ff): the converter's stacks of the stored experts
             parts = {"ffn_down_exps": w} if experts[2] == "down" else \
@@ -135,7 +167,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             for part, stacked in parts.items():
                 add(f"blk.{experts[1]}.{part}.weight", stacked)
             continue
-        stem, suffix = name.rsplit(".", 1)
+        stem, suffix = name.rsplit(".", 1) if not name.endswith(".sinks") else (name, "weight")  # gpt-oss's: a parameter
         layer = re.match(r"(model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)\.(.+)", stem)
         gguf_name = f"blk.{layer[2]}.{names[layer[3]]}.{suffix}" if layer else f"{names[stem]}.{suffix}"
         if qkv_apart and "qkv_proj" in name:
@@ -254,6 +286,65 @@ def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisa
     assert config.experts_renormalised == (arch in ("mixtral", "qwen3moe"))
     assert config.d_shared_expert == (64 if arch == "qwen2moe" else 0) and config.qkv_bias == (arch == "qwen2moe")
     assert_reads_as(ours, theirs, quantisation)
+
+
+@pytest.mark.parametrize("experts", ["MXFP4", "F32"])
+def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, tmp_path):
+    """llama.cpp's gpt-oss: sinks (attn_sinks), the router and experts with biases (ffn_gate_inp, ffn_gate_exps,
+    ffn_up_exps, ffn_down_exps), gate and up split from transformers' interleaved gate_up_proj, the MLP's norm
+    post_attention_norm; the experts in MXFP4 as released (their blocks repacked to ggml's layout, which the gguf package
+    reads as transformers reads the released ones) or, as the converter writes an unquantised checkpoint, in float32.
+    The window (5, shorter than the inputs) on the even layers, which llama.cpp implies; YaRN as transformers computes
+    gpt-oss's (its ramp's ends, 0.21 and 3.22, not rounded to whole dimensions as llama.cpp rounds them); the SwiGLU
+    clamped at llama.cpp's 7, which the gates and ups here pass."""
+    gguf, mxfp4_hf = need("gguf"), need("transformers.integrations.mxfp4")
+    theirs, g, released = tiny_hf("gpt_oss", swiglu_limit=7.0), torch.Generator().manual_seed(9), {}
+    with torch.no_grad():
+        for i, layer in enumerate(theirs.model.layers):  # experts exactly MXFP4's values, as released (in float32 too)
+            for name, rows, cols in (("gate_up_proj", 2 * 96, 64), ("down_proj", 64, 96)):
+                blocks, scales = released[f"model.layers.{i}.mlp.experts.{name}"] = mxfp4((4, rows, cols // 32), g, (123, 127))
+                weight = mxfp4_hf.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # (experts, in, out)
+                getattr(layer.mlp.experts, name).copy_(weight)
+                stored = gguf.quants.dequantize(ggml_mxfp4(blocks, scales), gguf.GGMLQuantizationType.MXFP4)
+                assert np.array_equal(stored, weight.transpose(1, 2).numpy())
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the clamp acts: without it the logits differ
+        clamped = theirs(x).logits
+        for layer in theirs.model.layers:
+            layer.mlp.experts.limit = float("inf")
+        assert (theirs(x).logits - clamped).abs().max() > 1e-2
+        for layer in theirs.model.layers:
+            layer.mlp.experts.limit = 7.0
+    path = write_gguf(tmp_path / "gpt-oss.gguf", theirs, arch="gpt-oss", mxfp4=released if experts == "MXFP4" else None)
+    assert formats.read_gguf_info(path).tensors["blk.0.ffn_up_exps.weight"].type == experts
+    ours = models.from_pretrained(path)
+    config = ours.config
+    assert config.family == "gpt_oss" and (config.experts, config.experts_used, config.d_expert) == (4, 2, 96)
+    assert config.attn_window == [5, 0] and config.attn_sinks and config.swiglu_limit == 7.0 and not config.tied_head
+    assert config.rotary_scaling["truncate"] is False
+    assert_reads_as(ours, theirs)
+
+
+def test_gpt_oss_metadata_as_llama_cpp_reads_it(tmp_path):
+    """attention.sliding_window_pattern, which llama.cpp reads where present (absent: 2), windows every layer but the last
+    of each period; what llama.cpp requires of a gpt-oss file, or reads and this module does not implement, is one line."""
+    theirs = tiny_hf("gpt_oss", swiglu_limit=7.0)
+    info = formats.read_gguf_info(write_gguf(tmp_path / "gpt-oss.gguf", theirs, arch="gpt-oss"))
+    shapes = {name: t.shape for name, t in info.tensors.items()}
+    config = models.gguf_config(info.metadata | {"gpt-oss.block_count": 6, "gpt-oss.attention.sliding_window_pattern": 3},
+                                shapes, "six.gguf")
+    assert config["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    cases = [(dict(drop=["attention.sliding_window"]), "metadata gpt-oss.attention.sliding_window is missing"),
+             (dict(drop=["expert_feed_forward_length"]), "metadata gpt-oss.expert_feed_forward_length is missing"),
+             (dict(drop=["expert_count"]), "metadata gpt-oss.expert_count is missing or 0"),
+             ({"expert_used_count": 5}, "gpt-oss.expert_used_count = 5 exceeds its expert_count = 4"),
+             ({"attention.sliding_window_pattern": 0}, "gpt-oss.attention.sliding_window_pattern = 0 must be a positive"),
+             ({"attention.sliding_window": 2.5}, "gpt-oss.attention.sliding_window = 2.5 must be a positive integer"),
+             ({"rope.freq_base_swa": 100.0}, "gpt-oss.rope.freq_base_swa = 100.0 differs from rope.freq_base")]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="gpt-oss", **changes))
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("gptneox", "Q8_0"),
@@ -438,7 +529,7 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
     phi3 = {"general.architecture": "phi3"} | {f"phi3.{key}": 64 for key in models.GGUF_CONFIG.values()} | {
         "phi3.attention.layer_norm_rms_epsilon": 1e-5}
     with pytest.raises(ValueError, match=r"m.gguf: a mixture-of-experts phi3 model \(phi3.expert_count = 16\) is not supported "
-                                         r"\(mixtures of experts: llama, qwen2moe, qwen3moe, olmoe\)"):
+                                         r"\(mixtures of experts: llama, qwen2moe, qwen3moe, olmoe, gpt-oss\)"):
         models.gguf_config(phi3 | {"phi3.expert_count": 16}, {"token_embd.weight": (64, 64)}, "m.gguf")
     with pytest.raises(ValueError, match=r"m.gguf: metadata qwen3moe.expert_count is missing or 0: the file is not a qwen3moe"):
         models.gguf_config({"general.architecture": "qwen3moe"} | {f"qwen3moe.{key[5:]}": value for key, value in phi3.items()

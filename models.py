@@ -70,7 +70,8 @@ class TransformerConfig:
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
     rotary_base: float = 10000.0
-    rotary_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear", "llama3", "yarn" or "divisors", its parameters}
+    # {"rope_type": "linear", "llama3", "yarn", "longrope" or "divisors", its parameters}
+    rotary_scaling: dict = field(default_factory=dict)
     local_rotary_base: float = 0.0  # > 0: the layers with a window rotate by this base, unscaled (Gemma-3)
     no_rotary_layers: list = field(default_factory=list)  # layers without the rotary embedding (SmolLM3: every fourth)
     # what the rotary embedding computes in: "input", the queries' and keys' dtype (Llama); "float32", they are
@@ -127,8 +128,9 @@ class TransformerConfig:
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in ("linear", "llama3", "yarn", "divisors"):
-            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be 'linear', 'llama3', 'yarn' or 'divisors'")
+        kinds = ("linear", "llama3", "yarn", "longrope", "divisors")
+        if self.rotary_scaling and self.rotary_scaling.get("rope_type") not in kinds:
+            raise ValueError(f"rotary_scaling={self.rotary_scaling!r}: its rope_type must be one of {kinds}")
         for name in ("norm_eps", "residual_scale", "logit_scale"):
             if not is_positive_number(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number")
@@ -203,9 +205,10 @@ def make_norm(cfg, dim=None):
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
-def rotary_frequencies(dims, base, scaling):
+def rotary_frequencies(dims, base, scaling, long=False):
     """The rotary embedding's angular frequencies (dims / 2,), base^(-2i / dims), rescaled for a
-    longer context: "linear" divides them all by the factor; "llama3" divides those whose
+    longer context: "linear" divides them all by the factor; "longrope" (LongRoPE, Phi's) divides each by
+    its own factor, of short_factor, or of long_factor where `long`; "llama3" divides those whose
     wavelength exceeds original_max_position_embeddings / low_freq_factor, keeps those under
     original_max_position_embeddings / high_freq_factor, and blends the two in between; "yarn" (YaRN)
     divides those turning fewer than beta_slow times in original_max_position_embeddings, keeps those
@@ -217,6 +220,9 @@ def rotary_frequencies(dims, base, scaling):
         return inv_freq / scaling["factor"]
     if scaling.get("rope_type") == "divisors":
         return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float)
+    if scaling.get("rope_type") == "longrope":  # (factor times power in one division, as transformers rounds it)
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float)
+        return 1.0 / (factors * base ** (torch.arange(0, dims, 2).float() / dims))
     if scaling.get("rope_type") == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         context = scaling["original_max_position_embeddings"]
@@ -241,7 +247,7 @@ def rotary_frequencies(dims, base, scaling):
 def rotary(x, start, inv_freq, scale=1.0, precision="input"):
     """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
     2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
-    layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's attention
+    layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's or LongRoPE's attention
     factor); the rest unchanged. In x's dtype, or in float32 rounded once (precision: TransformerConfig's
     rotary_precision)."""
     dims = 2 * inv_freq.shape[0]
@@ -278,6 +284,11 @@ class Attention(nn.Module):
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
         frequencies = rotary_frequencies(cfg.rotary_dims, base, scaling) if rotates else None
         self.register_buffer("inv_freq", frequencies, persistent=False)
+        # LongRoPE's frequencies of its long factors, for a forward that reaches past the original context
+        longrope = rotates and scaling.get("rope_type") == "longrope"
+        self.register_buffer("long_inv_freq", rotary_frequencies(cfg.rotary_dims, base, scaling, long=True) if longrope
+                             else None, persistent=False)
+        self.original_context = scaling.get("original_max_position_embeddings") if longrope else None
         self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
 
     def forward(self, x, start, cache=None):
@@ -291,7 +302,11 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.view(B, T, -1, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
         if self.inv_freq is not None:
-            q, k = (rotary(t, start, self.inv_freq, self.rotary_scale, self.rotary_precision) for t in (q, k))
+            # LongRoPE: the long factors where this forward's last position is past the original context, as transformers
+            # chooses them, per forward by its largest position (with a cache, the earlier keys keep their rotation)
+            long = self.long_inv_freq is not None and start + T > self.original_context
+            inv_freq = self.long_inv_freq if long else self.inv_freq
+            q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision) for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -443,6 +458,14 @@ class Transformer(cb.CodebookModel):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tied_head:
             self.head.weight = self.tok_emb.weight
+
+    def cache_outdated(self, cache, length):
+        """LongRoPE: the cached keys were rotated by the short factors and the sequence now reaches past the original
+        context; transformers' Phi-3 generate then runs the whole sequence again, the long factors on every position."""
+        scaling = self.config.rotary_scaling
+        if scaling.get("rope_type") != "longrope":
+            return False
+        return cache.get("length", 0) <= scaling["original_max_position_embeddings"] < length
 
     def forward(self, idx, cache=None):
         """idx (batch, seq) integer tokens -> logits (batch, seq, vocab); a cache as codebook.GPT's."""
@@ -661,20 +684,50 @@ PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": 
 def phi3(c, where):
     """Phi-3 and Phi-4: Mistral's parts (a sliding window where one is set), with q, k and v stored as one
     matrix and the MLP's gate and up as another, and the rotary embedding on partial_rotary_factor of
-    each head's dims. LongRoPE, the scaling of the long-context models (Phi-3-128k, Phi-3.5, Phi-4-mini),
-    is not implemented."""
+    each head's dims; LongRoPE, the scaling of the long-context models (Phi-3-128k, Phi-3.5, Phi-4-mini),
+    as transformers reads it (_longrope)."""
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):
-        raise ValueError(f"{where}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
-                         "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
-    config, _, _ = llama(c | {"model_type": "mistral", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    # (transformers reads Phi-3's older types "su" and "yarn" as LongRoPE)
+    longrope = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn")
+    base = {"rope_parameters": {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0))}} if longrope else {}
+    config, _, _ = llama(c | base | {"model_type": "mistral", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
     fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
     config["rotary_dims"] = int(config["d_head"] * fraction)
+    if longrope:
+        config["rotary_scaling"] = _longrope(rope, c, where, config["rotary_dims"])
     q, kv = config["n_head"] * config["d_head"], config["n_kv_head"] * config["d_head"]
     rows = lambda start, size: lambda t: t[start:start + size]
     return config, PHI3_NAMES, {"blocks.{i}.attn.q": rows(0, q), "blocks.{i}.attn.k": rows(q, kv),
                                 "blocks.{i}.attn.v": rows(q + kv, kv), "blocks.{i}.mlp.gate": lambda t: t.chunk(2)[0],
                                 "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
+
+
+def _longrope(rope, c, where, dims):
+    """LongRoPE's fields as transformers' Phi-3 takes them: a short and a long factor for each rotary frequency;
+    original_max_position_embeddings, the context it was pretrained for, from config.json's top level (where
+    transformers takes it, before the rope dict's); the attention factor, which multiplies queries and keys (if
+    not given: sqrt(1 + ln(factor) / ln(original context)) for a factor over 1, else 1; the factor, if not given,
+    the context over the original one)."""
+    original = c.get("original_max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError(f"{where}: LongRoPE needs original_max_position_embeddings, the context the model was pretrained "
+                         f"for (4096 in Phi-3 and Phi-4), a positive integer at the top level, where transformers reads it "
+                         f"(not in rope_scaling); it is {original!r}")
+    for name in ("short_factor", "long_factor"):
+        factors = rope.get(name)
+        if not isinstance(factors, list) or len(factors) != dims // 2:
+            size = f"{len(factors)} numbers" if isinstance(factors, list) else repr(factors)
+            raise ValueError(f"{where}: rope_scaling's {name} must list one factor for each of the {dims // 2} rotary "
+                             f"frequencies (half the rotary dims); it is {size}")
+    for name in ("factor", "attention_factor"):
+        if not (rope.get(name) is None or is_positive_number(rope[name])):
+            raise ValueError(f"{where}: rope_scaling's {name}={rope[name]!r} must be a positive number")
+    factor = rope.get("factor") or c["max_position_embeddings"] / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return dict(rope_type="longrope", short_factor=rope["short_factor"], long_factor=rope["long_factor"],
+                original_max_position_embeddings=original, attention_factor=attention)
 
 
 def _layer_types(c, where, every):
@@ -1337,13 +1390,30 @@ def gguf_config(metadata, shapes, path):
             kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
     if arch == "gpt-oss":
         c |= gpt_oss_gguf_config(c, get, count, path)
+    if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & set(shapes):
+        c |= longrope_gguf_config(c, get, count, shapes, path)
     if arch == "phi3":
-        if "rope_factors_long.weight" in shapes:
-            raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "
-                             "give a model without it (e.g. Phi-3-mini-4k, Phi-4)")
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def longrope_gguf_config(c, get, count, shapes, path):
+    """LongRoPE's config.json fields as llama.cpp's converter writes them for Phi-3: its short and long factors
+    as two tensors (from_gguf reads them into the lists), one factor per rotary frequency; the original context
+    (absent: the context, as llama.cpp takes it) and the attention factor, which the converter computes as
+    transformers does (absent: 1, as llama.cpp takes it)."""
+    if "rope_scaling" in c:
+        raise ValueError(f"{path}: LongRoPE's factors and rope.scaling.type = {get('rope.scaling.type', 'linear')!r} "
+                         f"together are not implemented")
+    frequencies = count("rope.dimension_count", c["head_dim"], least=0) // 2
+    for name in ("rope_factors_short.weight", "rope_factors_long.weight"):
+        if tuple(shapes.get(name, ())) != (frequencies,):
+            found = f"has shape {tuple(shapes[name])}" if name in shapes else "is missing"
+            raise ValueError(f"{path}: tensor {name} {found}: LongRoPE needs one factor for each of the {frequencies} "
+                             f"rotary frequencies (half of rope.dimension_count)")
+    return dict(original_max_position_embeddings=count("rope.scaling.original_context_length", c["max_position_embeddings"]),
+                rope_scaling={"rope_type": "longrope", "attention_factor": get("rope.scaling.attn_factor", 1.0)})
 
 
 def granite_gguf_config(c, get, path):
@@ -1426,8 +1496,11 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     header, then its tensors dequantised to float32. `info`: formats.read_gguf_info(path), if already read."""
     info = info or formats.read_gguf_info(path)
     c = gguf_config(info.metadata, {name: t.shape for name, t in info.tensors.items()}, path)
-    config, _, family_transforms = family_config(c, path)
     tensors = formats.gguf_loaders(path, info).tensors
+    if c.get("rope_scaling", {}).get("rope_type") == "longrope":  # its factors, as config.json lists them
+        c["rope_scaling"] |= {f"{kind}_factor": tensors.pop(f"rope_factors_{kind}.weight")().flatten().tolist()
+                              for kind in ("short", "long")}
+    config, _, family_transforms = family_config(c, path)
     if "rope_freqs.weight" in tensors:  # one divisor per rotary frequency (Llama-3's rule, computed by the converter)
         divisors = tensors.pop("rope_freqs.weight")().flatten().tolist()
         if config["rotary_scaling"] or 2 * len(divisors) != config["rotary_dims"]:

@@ -132,6 +132,11 @@ def randomize(model, seed):
 # Llama-3's rope scaling with a context of 32 so that the 8 frequencies of a head fall in all three of
 # its bands (kept, blended, divided)
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+# Phi's LongRoPE (with Phi-4-mini's rotary embedding on 3/4 of each head): a short and a long factor for each of the 6
+# rotary frequencies, the long ones taken by a forward reaching past the original context of 16 positions (of 64), and
+# the attention factor that implies, sqrt(1 + ln 4 / ln 16)
+PHI3_LONGROPE = dict(partial_rotary_factor=0.75, original_max_position_embeddings=16, rope_parameters=dict(
+    rope_type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5], long_factor=[1.5, 2.5, 4.0, 6.0, 9.0, 12.0]))
 # Gemma: a sliding window of 5, shorter than the inputs, on layer 0; layer 1 global; a score scale other than 1/sqrt(d_head)
 # (Gemma (1) has neither: its config keeps both, which its forward does not use)
 GEMMA = dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, pad_token_id=0)

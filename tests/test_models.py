@@ -20,7 +20,7 @@ import models
 import runs
 import text
 import conftest
-from conftest import GEMMA, LLAMA3, SAMPLE, mxfp4, need, randomize, stdlib_text, tiny_hf
+from conftest import GEMMA, LLAMA3, PHI3_LONGROPE, SAMPLE, mxfp4, need, randomize, stdlib_text, tiny_hf
 
 
 # --- models --------------------------------------------------------------------------------
@@ -49,6 +49,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "olmo2": ("olmo2", {}), "olmo2-biases": ("olmo2", dict(attention_bias=True, rms_norm_eps=1e-6)),
          # layers 0-2 with a window of 5, layer 3 global with YaRN; transformers gives the windowed layers its default base
          "phi3": ("phi3", dict(sliding_window=5, partial_rotary_factor=0.5)), "phi3-no-window": ("phi3", {}),
+         "phi3-longrope": ("phi3", PHI3_LONGROPE),  # inputs past its original context; generations reaching past it
          "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
              rope_type="yarn", factor=2.0, original_max_position_embeddings=32))),
          # conftest's score scale in its config, unused (Gemma (1) has none); its window too, but transformers' cache would take it
@@ -233,6 +234,49 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     with torch.no_grad():
         want = theirs(x).logits
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+def test_longrope_takes_its_short_or_long_factors_as_transformers_does(tmp_path):
+    """Phi's LongRoPE: the short factors for a forward whose positions all lie within the original context
+    (16 here), the long ones for a forward that reaches past it, whether its config.json names it "longrope" or,
+    as older Phi-3 ones do, "su". With a cache, each step chooses by its own position, the keys cached before it
+    keeping theirs, as transformers' forward computes; generate, as transformers' Phi-3 generate, runs the whole
+    sequence again at the first step past the original context, so that every key takes the long factors."""
+    t = need("transformers")
+    tiny_hf("phi3", **PHI3_LONGROPE).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = {k: v for k, v in config["rope_parameters"].items() if k not in ("rope_type", "rope_theta", "partial_rotary_factor")}
+    su = {k: v for k, v in config.items() if k != "rope_parameters"} | dict(rope_scaling=rope | {"type": "su"}, rope_theta=10000.0,
+                                                                           partial_rotary_factor=0.75)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(6))
+    for written in (config, su):
+        (tmp_path / "config.json").write_text(json.dumps(written))
+        theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+        ours = models.from_pretrained(str(tmp_path))
+        scale = theirs.model.rotary_emb.attention_scaling
+        assert ours.config.rotary_scaling["attention_factor"] == scale and abs(scale - 1.5 ** 0.5) < 1e-12
+        for length in (16, 17):  # all within the original context (short factors), then one position past it (long)
+            with torch.no_grad():
+                want = theirs(x[:, :length]).logits
+            assert want.std() > 1.0 and (ours(x[:, :length]) - want).abs().max() <= 1e-4, length
+    # 12 tokens, then one at a time with a cache to position 23: positions 16 on take the long factors, 0-15 keep the short
+    with torch.no_grad():
+        step = theirs(x[:, :12], use_cache=True)
+        want, past = [step.logits[:, -1]], step.cache
+        for i in range(12, 24):
+            step = theirs(x[:, i:i + 1], cache=past, use_cache=True)
+            want.append(step.logits[:, -1])
+    cache = {}
+    got = [ours(x[:, :12], cache)[:, -1]] + [ours(x[:, i:i + 1], cache)[:, -1] for i in range(12, 24)]
+    assert (torch.stack(got) - torch.stack(want)).abs().max() <= 1e-4
+    # generate: the same tokens and the same logits at each step (ours seen at the output layer)
+    out = theirs.generate(x[:, :12], max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones_like(x[:, :12]), output_logits=True, return_dict_in_generate=True)
+    seen = []
+    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
+    assert torch.equal(ours.generate(x[:, :12], 12, temperature=0), out.sequences)
+    hook.remove()
+    assert len(seen) == 12 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
 
 
 def test_gpt_oss_fields_left_out_as_transformers_reads_them(tmp_path):
@@ -639,8 +683,10 @@ def test_clear_errors(tmp_path):
                              "config.json: sliding_window=-3 must be a positive integer, or null for none"),
                             (dict(model_type="phi3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  rope_scaling=dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)),
-                             r"config.json: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"),
+                                  rope_scaling=dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                                                    original_max_position_embeddings=16)),
+                             r"config.json: LongRoPE needs original_max_position_embeddings, .* at the top level, where "
+                             r"transformers reads it \(not in rope_scaling\); it is None"),
                             (dict(model_type="smollm3", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, no_rope_layer_interval=0),
                              "config.json: no_rope_layer_interval=0 must be a positive integer"),
@@ -671,6 +717,21 @@ def test_clear_errors(tmp_path):
                                 ("cohere2", dict(sliding_window_pattern=0), "sliding_window_pattern=0 must be a positive integer"),
                                 ("cohere2", dict(sliding_window_pattern="4"), "sliding_window_pattern='4' must be a positive"),
                                 ("cohere2", dict(sliding_window_pattern=None), "sliding_window_pattern=None must be a positive"),
+                                ("phi3", dict(original_max_position_embeddings=16, rope_scaling=dict(
+                                    type="longrope", short_factor=[1.0] * 7, long_factor=[2.0] * 8)),
+                                 r"rope_scaling's short_factor must list one factor for each of the 8 rotary frequencies "
+                                 r"\(half the rotary dims\); it is 7 numbers"),
+                                ("phi3", dict(original_max_position_embeddings=16, partial_rotary_factor=0.5, rope_scaling=dict(
+                                    type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 8)),
+                                 "long_factor must list one factor for each of the 4 rotary frequencies"),
+                                ("phi3", dict(original_max_position_embeddings=16, rope_scaling=dict(
+                                    type="longrope", short_factor=[1.0] * 8, long_factor=None)), "long_factor must list .*; it is None"),
+                                ("phi3", dict(original_max_position_embeddings=16, rope_scaling=dict(
+                                    type="longrope", short_factor=[1.0] * 7 + [0.0], long_factor=[2.0] * 8)),
+                                 r"short_factor=\[1.0, .*, 0.0\] must be a positive number"),
+                                ("phi3", dict(original_max_position_embeddings=16, rope_scaling=dict(
+                                    type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, attention_factor=-1)),
+                                 "rope_scaling's attention_factor=-1 must be a positive number"),
                                 ("stablelm", dict(partial_rotary_factor=None), "partial_rotary_factor=None must be a number"),
                                 ("stablelm", dict(partial_rotary_factor="0.25"), "partial_rotary_factor='0.25' must be a number"),
                                 ("stablelm", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=2)),

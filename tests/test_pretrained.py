@@ -6,6 +6,7 @@ train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import json
+import math
 import os
 import re
 
@@ -16,7 +17,7 @@ import torch
 import formats
 import models
 import runs
-from conftest import GEMMA3, LLAMA3, SMOLLM2, mxfp4, need, real_model, tiny_hf
+from conftest import GEMMA3, LLAMA3, PHI3_LONGROPE, SMOLLM2, mxfp4, need, real_model, tiny_hf
 
 
 # --- a tiny Llama as a GGUF file ------------------------------------------------------------
@@ -50,9 +51,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     (Granite's multipliers as scales; Cohere's logit scale; StableLM's rotary dims and parallel residual, and no
     rotary base or key_length, which its converter leaves out); `changes` overwrite metadata values, `drop` leaves keys out;
     rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
-    scaling. Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the
-    metadata. GPT-2's Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head,
-    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
+    scaling; Phi-3's LongRoPE factors as two tensors, its original context and attention factor in the metadata.
+    Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the metadata. GPT-2's
+    Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head, reordered to all q rows,
+    all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
     gpt-oss: its sinks as attn_sinks.weight, its window, YaRN and expert width in the metadata, its interleaved gate / up
     columns (and biases) split; its experts from `mxfp4` ({weight name: (blocks, scales)} as released), repacked
     (ggml_mxfp4), or without it its float weights."""
@@ -74,6 +76,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
     if arch in ("gptneox", "stablelm"):
         meta |= {"use_parallel_residual": c.use_parallel_residual}
+    longrope = arch == "phi3" and c.rope_parameters.get("long_factor")
+    if arch == "phi3":  # its original context, always; with LongRoPE the attention factor, from the context over it
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        meta |= {"rope.scaling.original_context_length": c.original_max_position_embeddings}
+        if longrope:
+            meta |= {"rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings))
+                     if scale > 1 else 1.0}
     if arch == "stablelm":  # its converter writes no rotary base (llama.cpp's default, 10,000) and no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
     if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
@@ -178,6 +187,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             add(gguf_name, w)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.numpy())
+    if longrope:  # LongRoPE's factors, F32
+        for kind in ("long", "short"):
+            add(f"rope_factors_{kind}.weight", np.array(c.rope_parameters[f"{kind}_factor"], np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -259,6 +271,22 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     ours = models.from_pretrained(path)
     assert ours.config.family == family and ours.config.n_kv_head == 2 and not ours.config.tied_head
     assert_reads_as(ours, theirs, quantisation)
+
+
+def test_a_phi3_gguf_file_with_longrope_gives_its_original_logits(tmp_path):
+    """Phi's LongRoPE as llama.cpp's converter writes it (rope_factors_short and rope_factors_long, the original
+    context and the attention factor in the metadata), read as transformers computes the original: the short factors
+    for a forward within the original context of 16, the long ones past it (llama.cpp would choose by the context
+    it is run with instead); the inputs of assert_reads_as reach past it, and its generations cross it."""
+    theirs = tiny_hf("phi3", tie_word_embeddings=False, **PHI3_LONGROPE)
+    ours = models.from_pretrained(write_gguf(tmp_path / "longrope.gguf", theirs, arch="phi3"))
+    assert ours.config.rotary_scaling["original_max_position_embeddings"] == 16 and ours.config.rotary_dims == 12
+    x = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(7))
+    for length in (16, 17):
+        with torch.no_grad():
+            want = theirs(x[:, :length]).logits
+        assert want.std() > 1.0 and (ours(x[:, :length]) - want).abs().max() <= 1e-4, length
+    assert_reads_as(ours, theirs)
 
 
 # (family, GGUF architecture, tiny_hf options): each mixture as llama.cpp computes it, which renormalises the chosen
@@ -535,8 +563,21 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
         models.gguf_config({"general.architecture": "qwen3moe"} | {f"qwen3moe.{key[5:]}": value for key, value in phi3.items()
                                                                    if key.startswith("phi3.")}, {"token_embd.weight": (64, 64)},
                            "m.gguf")
-    with pytest.raises(ValueError, match=r"m.gguf: LongRoPE \(Phi's long-context rotary scaling\) is not implemented"):
-        models.gguf_config(phi3, {"token_embd.weight": (64, 64), "rope_factors_long.weight": (8,)}, "m.gguf")
+    # LongRoPE's factors: one of each per rotary frequency (4 here), with no other rope scaling
+    longrope = phi3 | {"phi3.attention.head_count": 4, "phi3.rope.dimension_count": 8}
+    for changes, factors, message in [
+            ({}, {"rope_factors_long.weight": (4,)}, r"tensor rope_factors_short.weight is missing: LongRoPE needs one factor "
+                                                     r"for each of the 4 rotary frequencies \(half of rope.dimension_count\)"),
+            ({}, {"rope_factors_short.weight": (4,), "rope_factors_long.weight": (8,)},
+             r"tensor rope_factors_long.weight has shape \(8,\): LongRoPE needs one factor for each of the 4"),
+            ({"phi3.rope.scaling.factor": 2.0}, {"rope_factors_short.weight": (4,), "rope_factors_long.weight": (4,)},
+             "LongRoPE's factors and rope.scaling.type = 'linear' together are not implemented")]:
+        with pytest.raises(ValueError, match="^m.gguf: " + message) as e:
+            models.gguf_config(longrope | changes, {"token_embd.weight": (64, 64)} | factors, "m.gguf")
+        assert "\n" not in str(e.value)
+    read = models.gguf_config(longrope, {"token_embd.weight": (64, 64), "rope_factors_short.weight": (4,),
+                                         "rope_factors_long.weight": (4,)}, "m.gguf")  # llama.cpp's defaults for the rest
+    assert read["original_max_position_embeddings"] == 64 and read["rope_scaling"]["attention_factor"] == 1.0
     # the rotary embedding on 30 of 44 dims: exactly the file's count (not 29, as 30 / 44 * 44 in floats)
     partial = models.gguf_config(phi3 | {"phi3.embedding_length": 88, "phi3.attention.head_count": 2,
                                          "phi3.rope.dimension_count": 30}, {"token_embd.weight": (64, 88)}, "m.gguf")

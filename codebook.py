@@ -365,11 +365,6 @@ class CodebookModel(nn.Module):
             raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
         return start
 
-    def cache_outdated(self, cache, length):
-        """Whether generate must drop `cache` and run the whole sequence of `length` tokens again, the
-        cached keys no longer being what the model computes for them; here never (models.Transformer: LongRoPE)."""
-        return False
-
     def codebook_loss(self):
         """The sum of every codebook's auxiliary loss from the last forward."""
         losses = [cb.aux_loss for cb in self.codebook_layers().values() if cb.enabled]
@@ -420,8 +415,6 @@ class CodebookModel(nn.Module):
             and not any(block.replacements for block in self.blocks)
         cache = {} if whole_sequence else None
         for _ in range(max_new_tokens):
-            if cache is not None and self.cache_outdated(cache, idx.shape[1]):
-                cache = {}
             if cache is not None and idx.shape[1] <= self.config.block_size:
                 logits = self(idx[:, cache.get("length", 0):], cache)[:, -1].float()
             else:  # the sequence outgrew the cache: rerun the last block_size tokens

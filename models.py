@@ -459,13 +459,17 @@ class Transformer(cb.CodebookModel):
         if cfg.tied_head:
             self.head.weight = self.tok_emb.weight
 
-    def cache_outdated(self, cache, length):
-        """LongRoPE: the cached keys were rotated by the short factors and the sequence now reaches past the original
-        context; transformers' Phi-3 generate then runs the whole sequence again, the long factors on every position."""
+    def generate(self, idx, max_new_tokens, *args, **kwargs):
+        """codebook.CodebookModel.generate. Under LongRoPE, as transformers' Phi-3 generate, the step whose input first
+        reaches past the original context starts afresh (a second call, a new cache): the keys cached so far were rotated
+        by the short factors, and the whole sequence is run again with the long ones."""
         scaling = self.config.rotary_scaling
-        if scaling.get("rope_type") != "longrope":
-            return False
-        return cache.get("length", 0) <= scaling["original_max_position_embeddings"] < length
+        original = scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+        if original is not None and idx.shape[1] <= original < idx.shape[1] + max_new_tokens - 1:
+            before = original + 1 - idx.shape[1]  # the tokens generated before that step
+            idx = super().generate(idx, before, *args, **kwargs)
+            return super().generate(idx, max_new_tokens - before, *args, **kwargs)
+        return super().generate(idx, max_new_tokens, *args, **kwargs)
 
     def forward(self, idx, cache=None):
         """idx (batch, seq) integer tokens -> logits (batch, seq, vocab); a cache as codebook.GPT's."""

@@ -30,9 +30,10 @@ CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's matrices s
 KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\.")  # what the converter never quantises
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
+               **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Phi, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -43,7 +44,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     rope_freqs: the divisor of each rotary frequency, as llama.cpp's converter stores Llama-3's rope
     scaling. Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the
     metadata. GPT-2's Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head,
-    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor."""
+    reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
+    Phi (phi2): an MLP of 4 d_model and as many key / value heads as heads whatever config.json says, rotary dims as
+    partial_rotary_factor * d_model // heads, no rotary base or key_length; q, k and v as one tensor with qkv_fused,
+    as older Phi-2 files hold them."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -56,13 +60,16 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
-        meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm") else
-                 {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
+        meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
+                 else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
     if arch in ("gptneox", "stablelm"):
         meta |= {"use_parallel_residual": c.use_parallel_residual}
-    if arch == "stablelm":  # its converter writes no rotary base (llama.cpp's default, 10,000) and no key_length
+    if arch == "phi2":
+        meta |= {"feed_forward_length": 4 * c.hidden_size, "attention.head_count_kv": c.num_attention_heads,
+                 "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+    if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
     if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
         meta |= {"attention.scale": c.attention_multiplier, "embedding_scale": c.embedding_multiplier,
@@ -99,7 +106,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm",
              "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "model.final_layernorm": "output_norm",
+             "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
     if arch in ("gemma2", "gemma3", "olmo2"):  # their norms after attention and the MLP
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -116,6 +124,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         stem = name.split(".norms.0.")[0]
         heads = sorted(n for n in state if n.startswith(stem + ".norms."))
         state = {n: t for n, t in state.items() if n not in heads} | {stem + ".weight": torch.stack([state[n] for n in heads])}
+    if qkv_fused:  # each layer's q, k and v rows (and biases) as one tensor, named as Phi-3's
+        for name in [name for name in state if ".q_proj." in name]:
+            parts = [name.replace("q_proj", x) for x in ("q_proj", "k_proj", "v_proj")]
+            state = {n: t for n, t in state.items() if n not in parts} | {
+                name.replace("q_proj", "qkv_proj"): torch.cat([state[n] for n in parts])}
     for name, t in state.items():
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -321,6 +334,26 @@ def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(cas
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch))
     assert ours.config.family == family and ours.config.tied_head == (family in ("cohere", "cohere2"))
+    assert_reads_as(ours, theirs, quantisation)
+
+
+# (family, GGUF architecture, tiny_hf options, write_gguf options): Phi-2 with as many key / value heads as heads and an
+# MLP of 4 d_model (what its converter writes whatever config.json says, as the released models have), the rotary
+# embedding on 12 of 16 dims; its q, k and v apart (as converted from transformers' folder) or fused (older files)
+GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75), {}),
+                 "phi2-fused": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75),
+                                dict(qkv_fused=True))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32")])
+def test_a_phi_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
+    (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
+    (10,000 implied)."""
+    family, arch, options, writing = GGUF_FAMILIES[case]
+    theirs = tiny_hf(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
+    assert ours.config.family == family and not ours.config.tied_head and ours.config.rotary_dims == 12
     assert_reads_as(ours, theirs, quantisation)
 
 

@@ -2,7 +2,7 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
+Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
 OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded; from a folder only), each computing
 what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -18,8 +18,8 @@ config.json, the weights (model.safetensors or pytorch_model.bin, or the shards 
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
-smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, qwen2moe,
-qwen3moe, olmoe).
+smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
+qwen2moe, qwen3moe, olmoe).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1069,6 +1069,28 @@ def phi(c, where):
     return config, PHI_NAMES, {}
 
 
+STARCODER2_NAMES = LLAMA_NAMES | names({}, {"mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "layers.{i}.")
+
+
+def starcoder2(c, where):
+    """StarCoder2: Llama's pre-norm blocks with LayerNorms (with bias), biases on q, k, v, W_O and the MLP
+    (use_bias), a GELU MLP without gate (c_fc, c_proj), attention over a sliding window where sliding_window
+    sets one, grouped-query attention, the rotary embedding on whole heads."""
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    window = c.get("sliding_window") or 0
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    bias = _option(c, "use_bias", True, [True, False], where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads", 2) or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_eps=c.get("norm_epsilon", 1e-5),
+                  **_rope(c, where, d_head), qkv_bias=bias, out_bias=bias, attn_window=window, mlp="gelu",
+                  activation=GELUS[_option(c, "hidden_act", "gelu_pytorch_tanh", list(GELUS), where)], mlp_bias=bias,
+                  tied_head=c.get("tie_word_embeddings", True))
+    return config, STARCODER2_NAMES, {}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1079,7 +1101,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
-            "phi": phi}
+            "phi": phi, "starcoder2": starcoder2}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1250,8 +1272,9 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
-                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "phi2")
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2")  # the others' norms are RMSNorms
+                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "phi2", "starcoder2")
+# the others' norms are RMSNorms
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 GGUF_MOE = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
@@ -1383,6 +1406,8 @@ def gguf_config(metadata, shapes, path):
             kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
     if arch == "phi2":
         c["model_type"] = "phi"
+    if arch == "starcoder2":  # no window: llama.cpp leaves StarCoder2's out (the released models': 4,096 of 16,384 positions)
+        c |= dict(norm_epsilon=c["layer_norm_eps"], use_bias="blk.0.attn_output.bias" in shapes, sliding_window=None)
     if arch == "phi3":
         if "rope_factors_long.weight" in shapes:
             raise ValueError(f"{path}: LongRoPE (Phi's long-context rotary scaling) is not implemented; "

@@ -33,7 +33,7 @@ KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -61,6 +61,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
         meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
+                 else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
                  else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
@@ -71,6 +72,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
     if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
+    if arch == "starcoder2":  # no key_length (its config.json has no head_dim)
+        del meta["attention.key_length"]
     if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
         meta |= {"attention.scale": c.attention_multiplier, "embedding_scale": c.embedding_multiplier,
                  "residual_scale": c.residual_multiplier, "logit_scale": c.logits_scaling}
@@ -342,18 +345,23 @@ def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(cas
 # embedding on 12 of 16 dims; its q, k and v apart (as converted from transformers' folder) or fused (older files)
 GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75), {}),
                  "phi2-fused": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75),
-                                dict(qkv_fused=True))}
+                                dict(qkv_fused=True)),
+                 "starcoder2": ("starcoder2", "starcoder2", dict(rope_theta=500.0), {"attention.sliding_window": 5}),
+                 "starcoder2-no-biases": ("starcoder2", "starcoder2", dict(use_bias=False, tie_word_embeddings=False), {})}
 
 
-@pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32")])
-def test_a_phi_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+@pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32"), ("starcoder2", "Q8_0"),
+                                               ("starcoder2-no-biases", "F32")])
+def test_a_phi_or_starcoder2_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
     """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
     (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
-    (10,000 implied)."""
+    (10,000 implied). StarCoder2: LayerNorms with bias, biases where the file has them, no output tensor where tied;
+    a window of 5 in the metadata, which llama.cpp leaves out (full attention)."""
     family, arch, options, writing = GGUF_FAMILIES[case]
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
-    assert ours.config.family == family and not ours.config.tied_head and ours.config.rotary_dims == 12
+    assert ours.config.family == family and ours.config.tied_head == (case == "starcoder2")
+    assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
     assert_reads_as(ours, theirs, quantisation)
 
 

@@ -2,9 +2,9 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded; from a folder only), each computing
-what transformers computes. The paper's language-model
+Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the mixtures of experts Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded; from a folder only),
+each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
     import models
@@ -19,7 +19,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-qwen2moe, qwen3moe, olmoe).
+olmo, qwen2moe, qwen3moe, olmoe).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -71,7 +71,7 @@ class TransformerConfig:
     d_model: int = 64
     d_head: int = 0  # 0: d_model / n_head
     d_mlp: int = 256
-    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), or "layernorm_nobias" (Cohere)
+    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
@@ -133,7 +133,8 @@ class TransformerConfig:
         windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias")), ("mlp", ("gelu", "gated")),
+        for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias", "layernorm_noparams")),
+                              ("mlp", ("gelu", "gated")),
                               ("rotary_precision", ("input", "float32", "float32_tables")),
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
@@ -209,10 +210,23 @@ class HeadLayerNorm(nn.Module):
         return (self.weight * F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
 
 
+class BareLayerNorm(nn.Module):
+    """A LayerNorm without weight or bias, in float32 whatever x's dtype, rounded once (OLMo's)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32)
+    if cfg.norm == "layernorm_noparams":
+        return BareLayerNorm(cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
@@ -1091,6 +1105,22 @@ def starcoder2(c, where):
     return config, STARCODER2_NAMES, {}
 
 
+def olmo(c, where):
+    """OLMo (1) (e.g. allenai/OLMo-1B-hf): Llama's blocks with LayerNorms without weight or bias (eps 1e-5, whatever
+    config.json says) computed in float32, q, k and v clamped to +-clip_qkv where it is set, the rotary embedding's
+    cosines and sines kept in float32, biases on q, k, v and W_O where attention_bias says."""
+    _option(c, "hidden_act", "silu", ["silu"], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    bias = c.get("attention_bias", False)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm_noparams", norm_eps=1e-5, **_rope(c, where, d_head),
+                  rotary_precision="float32_tables", qkv_bias=bias, out_bias=bias, qkv_clip=c.get("clip_qkv") or 0.0,
+                  mlp="gated", activation="silu", mlp_bias=False, tied_head=c.get("tie_word_embeddings", False))
+    return config, LLAMA_NAMES, {}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1101,7 +1131,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
-            "phi": phi, "starcoder2": starcoder2}
+            "phi": phi, "starcoder2": starcoder2, "olmo": olmo}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1272,9 +1302,10 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
-                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "phi2", "starcoder2")
-# the others' norms are RMSNorms
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2")
+                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "phi2", "starcoder2",
+                      "olmo")
+# the architectures with LayerNorms (the others' are RMSNorms)
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 GGUF_MOE = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
@@ -1406,6 +1437,10 @@ def gguf_config(metadata, shapes, path):
             kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
     if arch == "phi2":
         c["model_type"] = "phi"
+    if arch == "olmo":  # llama.cpp's OLMo has no biases; q, k, v clamped where attention.clamp_kqv says
+        if c["attention_bias"]:
+            raise ValueError(f"{path}: an olmo file with biases (blk.0.attn_output.bias) is not one llama.cpp reads")
+        c["clip_qkv"] = get("attention.clamp_kqv", 0.0)
     if arch == "starcoder2":  # no window: llama.cpp leaves StarCoder2's out (the released models': 4,096 of 16,384 positions)
         c |= dict(norm_epsilon=c["layer_norm_eps"], use_bias="blk.0.attn_output.bias" in shapes, sliding_window=None)
     if arch == "phi3":
@@ -1489,7 +1524,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     table, transforms = GGUF_NAMES, {}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
-    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral"):  # the converter permuted their q / k rows for
+    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo"):  # the converter permuted their q / k rows for
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}

@@ -33,7 +33,7 @@ KEPT_F32 = re.compile(r"^position_embd\.|_norm\.weight$|\.ffn_gate_inp(_shexp)?\
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -47,7 +47,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     reordered to all q rows, all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
     Phi (phi2): an MLP of 4 d_model and as many key / value heads as heads whatever config.json says, rotary dims as
     partial_rotary_factor * d_model // heads, no rotary base or key_length; q, k and v as one tensor with qkv_fused,
-    as older Phi-2 files hold them."""
+    as older Phi-2 files hold them. OLMo (olmo): q / k rows permuted, no norm tensors, eps 1e-5, clip_qkv as
+    attention.clamp_kqv."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -62,6 +63,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
         meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
                  else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
+                 else {"attention.layer_norm_epsilon": 1e-5} if arch == "olmo"
                  else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
@@ -72,8 +74,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
     if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
-    if arch == "starcoder2":  # no key_length (its config.json has no head_dim)
+    if arch in ("starcoder2", "olmo"):  # no key_length (their config.json has no head_dim)
         del meta["attention.key_length"]
+    if arch == "olmo" and c.clip_qkv:
+        meta |= {"attention.clamp_kqv": c.clip_qkv}
     if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
         meta |= {"attention.scale": c.attention_multiplier, "embedding_scale": c.embedding_multiplier,
                  "residual_scale": c.residual_multiplier, "logit_scale": c.logits_scaling}
@@ -138,7 +142,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             continue
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite"):
+        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
@@ -347,21 +351,25 @@ GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediat
                  "phi2-fused": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75),
                                 dict(qkv_fused=True)),
                  "starcoder2": ("starcoder2", "starcoder2", dict(rope_theta=500.0), {"attention.sliding_window": 5}),
-                 "starcoder2-no-biases": ("starcoder2", "starcoder2", dict(use_bias=False, tie_word_embeddings=False), {})}
+                 "starcoder2-no-biases": ("starcoder2", "starcoder2", dict(use_bias=False, tie_word_embeddings=False), {}),
+                 "olmo": ("olmo", "olmo", dict(clip_qkv=2.0, rope_theta=500.0), {}),
+                 "olmo-tied": ("olmo", "olmo", dict(tie_word_embeddings=True), {})}
 
 
 @pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32"), ("starcoder2", "Q8_0"),
-                                               ("starcoder2-no-biases", "F32")])
-def test_a_phi_or_starcoder2_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+                                               ("starcoder2-no-biases", "F32"), ("olmo", "Q8_0"), ("olmo-tied", "F32")])
+def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
     """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
     (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
     (10,000 implied). StarCoder2: LayerNorms with bias, biases where the file has them, no output tensor where tied;
-    a window of 5 in the metadata, which llama.cpp leaves out (full attention)."""
+    a window of 5 in the metadata, which llama.cpp leaves out (full attention). OLMo: no norm tensors (LayerNorms
+    without parameters, eps 1e-5), q / k rows permuted, attention.clamp_kqv, no output tensor where tied."""
     family, arch, options, writing = GGUF_FAMILIES[case]
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
-    assert ours.config.family == family and ours.config.tied_head == (case == "starcoder2")
+    assert ours.config.family == family and ours.config.tied_head == (case in ("starcoder2", "olmo-tied"))
     assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
+    assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
 
 
@@ -397,6 +405,7 @@ def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path)
              (command_r, "command-r", {"logit_scale": -1.0}, "logit_scale=-1.0 must be a positive number"),
              (tiny_hf("cohere2", num_hidden_layers=4), "cohere2", {"rope.freq_base_swa": 100.0},
               "cohere2.rope.freq_base_swa = 100.0 differs from rope.freq_base"),
+             (tiny_hf("olmo", attention_bias=True), "olmo", {}, "an olmo file with biases (blk.0.attn_output.bias) is not"),
              # GPT-NeoX's key llama.cpp requires (its layers all have an ffn_norm, parallel or not)
              (tiny_hf("gpt_neox"), "gptneox", dict(drop=["use_parallel_residual"]), "gptneox.use_parallel_residual is missing")]
     for theirs, arch, changes, message in cases:

@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE written by the `gguf` package's writer (laid out as
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE written by the `gguf` package's writer (laid out as
 llama.cpp's converter does) against transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.

@@ -2,8 +2,8 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its
-experts in MXFP4 as released, dequantised as loaded), each computing
+Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the mixtures of experts Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing
 what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -18,8 +18,8 @@ config.json, the weights (model.safetensors or pytorch_model.bin, or the shards 
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
-smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, qwen2moe, qwen3moe,
-olmoe, gpt-oss).
+smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -50,7 +50,14 @@ import text
 # 1. Parts. A Transformer is a codebook.CodebookModel: interventions, search, training and reports
 # use it as they use codebook.GPT, with codebooks at the same three sites of every block.
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
+def gelu_new(x):
+    """tanh's GELU computed step by step in x's dtype, as transformers' gelu_new (Phi): gelu_tanh within 1e-6 in
+    float32, but rounded at each step in bfloat16."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu_new": gelu_new,
+               "silu": F.silu}
 
 
 @dataclass
@@ -64,7 +71,7 @@ class TransformerConfig:
     d_model: int = 64
     d_head: int = 0  # 0: d_model / n_head
     d_mlp: int = 256
-    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), or "layernorm_nobias" (Cohere)
+    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
@@ -97,6 +104,9 @@ class TransformerConfig:
     mlp_bias: bool = True
     parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
     shared_norm: bool = False  # and read it through one norm: norm2 is norm1 (Cohere, StableLM's parallel residual)
+    # with parallel_residual: attention's and the MLP's outputs summed first, then the block's input added (Phi); the
+    # same as adding each in turn in float32, not in bfloat16
+    outputs_summed_first: bool = False
     residual_scale: float = 1.0  # what attention and the MLP add to the residual stream is multiplied by this (Granite)
     logit_scale: float = 1.0  # the output logits are multiplied by this (Cohere; Granite: 1 / logits_scaling)
     experts: int = 0  # > 0: the MLP is a sparse mixture of this many gated experts (MoE); 0: one dense MLP
@@ -111,6 +121,7 @@ class TransformerConfig:
     # up to +-swiglu_limit, then (up + 1) * gate * sigmoid(swiglu_alpha * gate)
     swiglu_alpha: float = 1.702
     tied_head: bool = False  # the output layer shares the token embedding's weight
+    head_bias: bool = False  # a bias on the output layer (Phi)
     codebooks: dict = field(default_factory=dict)  # site ('attn', 'mlp', 'block') -> CodebookSpec
 
     def __post_init__(self):
@@ -123,7 +134,8 @@ class TransformerConfig:
         windows = self.attn_window if isinstance(self.attn_window, list) else [self.attn_window]
         if not all(isinstance(w, int) and w >= 0 for w in windows) or len(windows) not in (1, self.n_layer):
             raise ValueError(f"attn_window={self.attn_window!r} must be 0, a positive integer or a list of n_layer of them")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias")), ("mlp", ("gelu", "gated")),
+        for name, allowed in (("norm", ("layernorm", "rmsnorm", "layernorm_nobias", "layernorm_noparams")),
+                              ("mlp", ("gelu", "gated")),
                               ("rotary_precision", ("input", "float32", "float32_tables")),
                               ("activation", tuple(ACTIVATIONS))):
             if getattr(self, name) not in allowed:
@@ -138,6 +150,8 @@ class TransformerConfig:
             raise ValueError("qk_layernorm needs qk_norm, over each head (not qk_norm_across_heads)")
         if self.shared_norm and not (self.parallel_residual and self.pre_norms):
             raise ValueError("shared_norm needs parallel_residual and pre_norms: the MLP reads the attention's normed input")
+        if self.outputs_summed_first and not self.parallel_residual:
+            raise ValueError("outputs_summed_first needs parallel_residual: the MLP reads the block's input")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         numbers = {"rotary_base": self.rotary_base} | {f"rotary_scaling's {name}": value for name, value in
@@ -198,10 +212,23 @@ class HeadLayerNorm(nn.Module):
         return (self.weight * F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
 
 
+class BareLayerNorm(nn.Module):
+    """A LayerNorm without weight or bias, in float32 whatever x's dtype, rounded once (OLMo's)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32)
+    if cfg.norm == "layernorm_noparams":
+        return BareLayerNorm(cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
@@ -435,15 +462,17 @@ class Block(cb.CodebookBlock):
         self.post_attn_norm, self.post_mlp_norm = norm_if(cfg.sandwich_norms), norm_if(cfg.sandwich_norms)
         if cfg.shared_norm:
             self.norm2 = self.norm1  # one module (its weights once in parameters(), under both names in the state_dict)
-        self.residual_scale = cfg.residual_scale
+        self.residual_scale, self.outputs_summed_first = cfg.residual_scale, cfg.outputs_summed_first
         self.init_sites(cfg.codebooks, layer, cfg.n_head, cfg.d_head, cfg.d_model)
 
     def forward(self, x, start, cache=None):
         B, T, _ = x.shape
         heads = self.site("attn", self.attn(self.norm1(x), start, cache))  # (B, T, H, dh): before W_O
-        h = x + self.post_attn_norm(self.attn.o(heads.reshape(B, T, -1))) * self.residual_scale
+        attn = self.post_attn_norm(self.attn.o(heads.reshape(B, T, -1))) * self.residual_scale
+        h = x + attn
         mlp = self.post_mlp_norm(self.mlp(self.norm2(x if self.parallel_residual else h)))
-        x = h + self.site("mlp", (mlp * self.residual_scale)[:, :, None])[:, :, 0]
+        mlp = self.site("mlp", (mlp * self.residual_scale)[:, :, None])[:, :, 0]
+        x = (attn + mlp) + x if self.outputs_summed_first else h + mlp
         return self.site("block", x[:, :, None])[:, :, 0]
 
 
@@ -455,7 +484,7 @@ class Transformer(cb.CodebookModel):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tied_head:
             self.head.weight = self.tok_emb.weight
 
@@ -1080,6 +1109,75 @@ def stablelm_weights(tensors):
                    for name, heads in stacked.items()}
 
 
+# Phi: attention and the MLP both read input_layernorm; W_O is dense, the MLP fc1 and fc2, the last norm final_layernorm
+PHI_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "final_layernorm", "head": "lm_head"},
+                  {"norm1": "input_layernorm", "norm2": "input_layernorm", "attn.q": "self_attn.q_proj",
+                   "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.o": "self_attn.dense",
+                   "mlp.up": "mlp.fc1", "mlp.down": "mlp.fc2"}, "layers.{i}.")
+
+
+def phi(c, where):
+    """Phi-1, Phi-1.5 and Phi-2: LayerNorms with bias; attention and a GELU MLP (tanh's, as gelu_new computes it)
+    in parallel, both reading the block's input through one norm, their outputs summed before the residual is
+    added; the rotary embedding on partial_rotary_factor of each head's dims; biases on q, k, v, W_O, the MLP
+    and the output layer. qk_layernorm (a LayerNorm on q and k, which no released Phi has) is not implemented."""
+    _option(c, "qk_layernorm", False, [False], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    rope = c.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    act = _option(c, "hidden_act", "gelu_new", list(GELUS), where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-5),
+                  **_rope(c, where, int(d_head * fraction)), qkv_bias=True, out_bias=True,
+                  # gelu_new step by step, as transformers computes it (the same bits in bfloat16)
+                  activation="gelu_new" if act == "gelu_new" else GELUS[act],
+                  parallel_residual=True, shared_norm=True, outputs_summed_first=True, head_bias=True,
+                  tied_head=c.get("tie_word_embeddings", False))
+    return config, PHI_NAMES, {}
+
+
+STARCODER2_NAMES = LLAMA_NAMES | names({}, {"mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "layers.{i}.")
+
+
+def starcoder2(c, where):
+    """StarCoder2: Llama's pre-norm blocks with LayerNorms (with bias), biases on q, k, v, W_O and the MLP
+    (use_bias), a GELU MLP without gate (c_fc, c_proj), attention over a sliding window where sliding_window
+    sets one, grouped-query attention, the rotary embedding on whole heads."""
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    window = c.get("sliding_window") or 0
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    bias = _option(c, "use_bias", True, [True, False], where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads", 2) or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_eps=c.get("norm_epsilon", 1e-5),
+                  **_rope(c, where, d_head), qkv_bias=bias, out_bias=bias, attn_window=window, mlp="gelu",
+                  activation=GELUS[_option(c, "hidden_act", "gelu_pytorch_tanh", list(GELUS), where)], mlp_bias=bias,
+                  tied_head=c.get("tie_word_embeddings", True))
+    return config, STARCODER2_NAMES, {}
+
+
+def olmo(c, where):
+    """OLMo (1) (e.g. allenai/OLMo-1B-hf): Llama's blocks with LayerNorms without weight or bias (eps 1e-5, whatever
+    config.json says) computed in float32, q, k and v clamped to +-clip_qkv where it is set, the rotary embedding's
+    cosines and sines kept in float32, biases on q, k, v and W_O where attention_bias says."""
+    _option(c, "hidden_act", "silu", ["silu"], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    bias = c.get("attention_bias", False)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm_noparams", norm_eps=1e-5, **_rope(c, where, d_head),
+                  rotary_precision="float32_tables", qkv_bias=bias, out_bias=bias, qkv_clip=c.get("clip_qkv") or 0.0,
+                  mlp="gated", activation="silu", mlp_bias=False, tied_head=c.get("tie_word_embeddings", False))
+    return config, LLAMA_NAMES, {}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1089,7 +1187,8 @@ def gemma3_text_weights(tensors):
 FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
-            "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss}
+            "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
+            "phi": phi, "starcoder2": starcoder2, "olmo": olmo}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1260,8 +1359,10 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
-                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss")
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm")  # the others' norms are RMSNorms
+                      "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
+                      "starcoder2", "olmo")
+# the architectures with LayerNorms (the others' are RMSNorms)
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1354,9 +1455,9 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox", "stablelm"):  # a Fraction, so that d_head (GPT-NeoX's and StableLM's: d_model /
+    if arch in ("phi3", "gptneox", "stablelm", "phi2"):  # a Fraction, so that d_head (GPT-NeoX's and StableLM's: d_model /
         # n_head) times it is exactly the file's count
-        head = c["head_dim"] if arch == "phi3" else max(1, c["hidden_size"] // c["num_attention_heads"])
+        head = c["head_dim"] if arch in ("phi3", "phi2") else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
     if arch == "gpt2":  # config.json's GPT-2 names
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
@@ -1396,6 +1497,14 @@ def gguf_config(metadata, shapes, path):
         c |= gpt_oss_gguf_config(c, get, count, path)
     if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & set(shapes):
         c |= longrope_gguf_config(c, get, count, shapes, path)
+    if arch == "phi2":
+        c["model_type"] = "phi"
+    if arch == "olmo":  # llama.cpp's OLMo has no biases; q, k, v clamped where attention.clamp_kqv says
+        if c["attention_bias"]:
+            raise ValueError(f"{path}: an olmo file with biases (blk.0.attn_output.bias) is not one llama.cpp reads")
+        c["clip_qkv"] = get("attention.clamp_kqv", 0.0)
+    if arch == "starcoder2":  # no window: llama.cpp leaves StarCoder2's out (the released models': 4,096 of 16,384 positions)
+        c |= dict(norm_epsilon=c["layer_norm_eps"], use_bias="blk.0.attn_output.bias" in shapes, sliding_window=None)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
@@ -1514,7 +1623,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     table, transforms = GGUF_NAMES, {}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
-    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral"):  # the converter permuted their q / k rows for
+    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo"):  # the converter permuted their q / k rows for
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
@@ -1532,6 +1641,11 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
         fused += [f"blocks.{{i}}.attn.{x}" for x in "qkv" if "blk.0.attn_qkv.weight" in tensors]
         table, transforms = table | {name: GGUF_PHI3_NAMES[name] for name in fused}, {name: family_transforms[name] for name in fused}
+    if c["model_type"] == "phi" and "blk.0.attn_qkv.weight" in tensors:  # (older Phi-2 files) q, k, v as one tensor: all q
+        # rows, then all k rows, then all v rows, weight and bias
+        sizes = [config["n_head"] * config["d_head"]] + [config["n_kv_head"] * config["d_head"]] * 2
+        table = table | names({}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
+        transforms = {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 

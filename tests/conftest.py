@@ -175,8 +175,8 @@ def tiny_hf(family, vocab_size=96, **options):
         config = t.GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=128, rotary_pct=0.5, **options)
         return randomize(t.GPTNeoXForCausalLM(config), 2)
-    # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, the mixtures
-    # of experts (MOE): 4 query heads sharing 2 key / value heads
+    # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
+    # StarCoder2, OLMo, the mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
     if family in ("gemma", "gemma2", "gemma3"):  # Gemma-2's eager attention: the one that soft-caps scores
@@ -194,6 +194,7 @@ def tiny_hf(family, vocab_size=96, **options):
              "qwen3": t.Qwen3ForCausalLM, "smollm3": t.SmolLM3ForCausalLM, "olmo2": t.Olmo2ForCausalLM,
              "olmo3": t.Olmo3ForCausalLM, "phi3": t.Phi3ForCausalLM, "granite": t.GraniteForCausalLM,
              "cohere": t.CohereForCausalLM, "cohere2": t.Cohere2ForCausalLM, "stablelm": t.StableLmForCausalLM,
+             "phi": t.PhiForCausalLM, "starcoder2": t.Starcoder2ForCausalLM, "olmo": t.OlmoForCausalLM,
              "mixtral": t.MixtralForCausalLM, "qwen2_moe": t.Qwen2MoeForCausalLM, "qwen3_moe": t.Qwen3MoeForCausalLM,
              "olmoe": t.OlmoeForCausalLM}[family]
     if family in ("smollm3", "phi3", "stablelm"):

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -69,6 +69,14 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "cohere2": ("cohere2", dict(num_hidden_layers=4, sliding_window=5, logit_scale=0.5)),  # layers 0-2 windowed, rotary
          "stablelm": ("stablelm", dict(partial_rotary_factor=0.5, use_qkv_bias=True, layer_norm_eps=1e-3)),
          "stablelm-parallel": ("stablelm", dict(partial_rotary_factor=0.5, use_parallel_residual=True, qk_layernorm=True)),
+         # Phi: its parallel attention and MLP, the rotary embedding on 12 of 16 dims (not its default half), gelu_new
+         "phi": ("phi", dict(partial_rotary_factor=0.75, layer_norm_eps=1e-3)),
+         # StarCoder2: a window of 5, shorter than the inputs; and without biases (use_bias) and untied
+         "starcoder2": ("starcoder2", dict(sliding_window=5, norm_epsilon=1e-3)),
+         "starcoder2-no-biases": ("starcoder2", dict(use_bias=False, tie_word_embeddings=False, rope_theta=500.0)),
+         # OLMo: q, k and v clamped to +-2 (well inside their spread); and with biases on q, k, v and W_O, tied
+         "olmo": ("olmo", dict(clip_qkv=2.0, rope_theta=500.0)),
+         "olmo-biases-tied": ("olmo", dict(attention_bias=True, tie_word_embeddings=True)),
          # mixtures of experts (conftest.MOE: 4 experts, 2 per token): Mixtral renormalises the two chosen experts'
          # weights, always, and has Mistral's window; Qwen2-MoE adds its gated shared expert, and keeps a dense MLP on
          # mlp_only_layers and on the layers decoder_sparse_step skips (layer 0 here); Qwen3-MoE and OLMoE renormalise
@@ -82,7 +90,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gpt_oss": ("gpt_oss", {})}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
-        "granite": False, "cohere": True, "cohere2": True, "stablelm": False,
+        "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
         "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
@@ -94,7 +102,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
-         "gpt_oss": LLAMA_SITES,
+         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
@@ -312,11 +320,12 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
         assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3"])
+@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
+                                  "starcoder2", "olmo"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
-    and StableLM's in bfloat16)."""
+    and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
@@ -735,7 +744,13 @@ def test_clear_errors(tmp_path):
                                 ("stablelm", dict(partial_rotary_factor=None), "partial_rotary_factor=None must be a number"),
                                 ("stablelm", dict(partial_rotary_factor="0.25"), "partial_rotary_factor='0.25' must be a number"),
                                 ("stablelm", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=2)),
-                                 "partial_rotary_factor=2 must be a number from 0 to 1")]] + [
+                                 "partial_rotary_factor=2 must be a number from 0 to 1"),
+                                ("phi", dict(qk_layernorm=True), r"config.json: qk_layernorm=True is not implemented"),
+                                ("phi", dict(partial_rotary_factor=None), "partial_rotary_factor=None must be a number"),
+                                ("starcoder2", dict(sliding_window=-3), "sliding_window=-3 must be a positive integer"),
+                                ("starcoder2", dict(use_bias="no"), r"config.json: use_bias='no' is not implemented"),
+                                ("olmo", dict(clip_qkv="8"), "config.json: qkv_clip='8' must be a positive number"),
+                                ("olmo", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented")]] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

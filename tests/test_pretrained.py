@@ -1,6 +1,7 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf`
-package's writer (laid out as llama.cpp's converter does) against transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
+written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
+files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
 train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
@@ -39,10 +40,11 @@ def ggml_mxfp4(blocks, scales):
     return torch.cat([scales[..., None], codes[..., :16] | codes[..., 16:] << 4], -1).flatten(-2).numpy()
 
 
-def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, mxfp4=None,
-               **changes):
+def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
+               mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
+    converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -55,6 +57,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the metadata. GPT-2's
     Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head, reordered to all q rows,
     all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
+    Phi (phi2): an MLP of 4 d_model and as many key / value heads as heads whatever config.json says, rotary dims as
+    partial_rotary_factor * d_model // heads, no rotary base or key_length; q, k and v as one tensor with qkv_fused,
+    as older Phi-2 files hold them. OLMo (olmo): q / k rows permuted, no norm tensors, eps 1e-5, clip_qkv as
+    attention.clamp_kqv.
     gpt-oss: its sinks as attn_sinks.weight, its window, YaRN and expert width in the metadata, its interleaved gate / up
     columns (and biases) split; its experts from `mxfp4` ({weight name: (blocks, scales)} as released), repacked
     (ggml_mxfp4), or without it its float weights."""
@@ -70,8 +76,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
-        meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm") else
-                 {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
+        meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
+                 else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
+                 else {"attention.layer_norm_epsilon": 1e-5} if arch == "olmo"
+                 else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
     if arch in ("gptneox", "stablelm"):
@@ -83,8 +91,15 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         if longrope:
             meta |= {"rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings))
                      if scale > 1 else 1.0}
-    if arch == "stablelm":  # its converter writes no rotary base (llama.cpp's default, 10,000) and no key_length
+    if arch == "phi2":
+        meta |= {"feed_forward_length": 4 * c.hidden_size, "attention.head_count_kv": c.num_attention_heads,
+                 "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+    if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
+    if arch in ("starcoder2", "olmo"):  # no key_length (their config.json has no head_dim)
+        del meta["attention.key_length"]
+    if arch == "olmo" and c.clip_qkv:
+        meta |= {"attention.clamp_kqv": c.clip_qkv}
     if arch == "granite":  # the multipliers as llama.cpp's scales; the logits are divided by logit_scale
         meta |= {"attention.scale": c.attention_multiplier, "embedding_scale": c.embedding_multiplier,
                  "residual_scale": c.residual_multiplier, "logit_scale": c.logits_scaling}
@@ -126,7 +141,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.dense_4h_to_h": "ffn_down", "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm",
              "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks"}
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks",
+             "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -143,13 +159,18 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         stem = name.split(".norms.0.")[0]
         heads = sorted(n for n in state if n.startswith(stem + ".norms."))
         state = {n: t for n, t in state.items() if n not in heads} | {stem + ".weight": torch.stack([state[n] for n in heads])}
+    if qkv_fused:  # each layer's q, k and v rows (and biases) as one tensor, named as Phi-3's
+        for name in [name for name in state if ".q_proj." in name]:
+            parts = [name.replace("q_proj", x) for x in ("q_proj", "k_proj", "v_proj")]
+            state = {n: t for n, t in state.items() if n not in parts} | {
+                name.replace("q_proj", "qkv_proj"): torch.cat([state[n] for n in parts])}
     for name, t in state.items():
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite"):
+        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
@@ -443,6 +464,35 @@ def test_a_granite_command_r_or_stablelm_gguf_file_gives_its_original_logits(cas
     assert_reads_as(ours, theirs, quantisation)
 
 
+# (family, GGUF architecture, tiny_hf options, write_gguf options): Phi-2 with as many key / value heads as heads and an
+# MLP of 4 d_model (what its converter writes whatever config.json says, as the released models have), the rotary
+# embedding on 12 of 16 dims; its q, k and v apart (as converted from transformers' folder) or fused (older files)
+GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75), {}),
+                 "phi2-fused": ("phi", "phi2", dict(num_key_value_heads=4, intermediate_size=256, partial_rotary_factor=0.75),
+                                dict(qkv_fused=True)),
+                 "starcoder2": ("starcoder2", "starcoder2", dict(rope_theta=500.0), {"attention.sliding_window": 5}),
+                 "starcoder2-no-biases": ("starcoder2", "starcoder2", dict(use_bias=False, tie_word_embeddings=False), {}),
+                 "olmo": ("olmo", "olmo", dict(clip_qkv=2.0, rope_theta=500.0), {}),
+                 "olmo-tied": ("olmo", "olmo", dict(tie_word_embeddings=True), {})}
+
+
+@pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32"), ("starcoder2", "Q8_0"),
+                                               ("starcoder2-no-biases", "F32"), ("olmo", "Q8_0"), ("olmo-tied", "F32")])
+def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
+    (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
+    (10,000 implied). StarCoder2: LayerNorms with bias, biases where the file has them, no output tensor where tied;
+    a window of 5 in the metadata, which llama.cpp leaves out (full attention). OLMo: no norm tensors (LayerNorms
+    without parameters, eps 1e-5), q / k rows permuted, attention.clamp_kqv, no output tensor where tied."""
+    family, arch, options, writing = GGUF_FAMILIES[case]
+    theirs = tiny_hf(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
+    assert ours.config.family == family and ours.config.tied_head == (case in ("starcoder2", "olmo-tied"))
+    assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
+    assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
+    assert_reads_as(ours, theirs, quantisation)
+
+
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):
     """What llama.cpp reads as optional is read so (Granite without attention.scale: scores by head_dim^-1/2;
     without embedding_scale or residual_scale: unscaled); what it does not read is not read (StableLM's
@@ -475,6 +525,7 @@ def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path)
              (command_r, "command-r", {"logit_scale": -1.0}, "logit_scale=-1.0 must be a positive number"),
              (tiny_hf("cohere2", num_hidden_layers=4), "cohere2", {"rope.freq_base_swa": 100.0},
               "cohere2.rope.freq_base_swa = 100.0 differs from rope.freq_base"),
+             (tiny_hf("olmo", attention_bias=True), "olmo", {}, "an olmo file with biases (blk.0.attn_output.bias) is not"),
              # GPT-NeoX's key llama.cpp requires (its layers all have an ffn_norm, parallel or not)
              (tiny_hf("gpt_neox"), "gptneox", dict(drop=["use_parallel_residual"]), "gptneox.use_parallel_residual is missing")]
     for theirs, arch, changes, message in cases:

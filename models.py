@@ -104,8 +104,8 @@ class TransformerConfig:
     mlp_bias: bool = True
     parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
     shared_norm: bool = False  # and read it through one norm: norm2 is norm1 (Cohere, StableLM's parallel residual)
-    # with parallel_residual: attention's and the MLP's outputs summed first, then the block's input added (Phi); the
-    # same as adding each in turn in float32, not in bfloat16
+    # with parallel_residual: attention's and the MLP's outputs summed first, then the block's input added (Phi): the
+    # same sum as adding each in turn, rounded otherwise (in bfloat16, often a different value)
     outputs_summed_first: bool = False
     residual_scale: float = 1.0  # what attention and the MLP add to the residual stream is multiplied by this (Granite)
     logit_scale: float = 1.0  # the output logits are multiplied by this (Cohere; Granite: 1 / logits_scaling)

@@ -1428,10 +1428,13 @@ def gguf_config(metadata, shapes, path):
     else:
         c["rms_norm_eps"] = get("attention.layer_norm_rms_epsilon")
     c["rope_theta"] = get("rope.freq_base", 10000.0)
-    # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear
+    # as llama.cpp reads them: a factor (in older files, rope.scale_linear) with no type is linear; "longrope" (gguf-py's
+    # name for Phi-3's LongRoPE, which llama.cpp reads) changes nothing by itself: a phi3 file's factor tensors say it
     factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
     kind = _option({"type": get("rope.scaling.type", "linear" if factor else "none")}, "type", "none",
-                   ["none", "linear", "yarn"], path)
+                   ["none", "linear", "yarn"] + (["longrope"] if arch == "phi3" else []), path)
+    if kind == "longrope" and factor:  # (llama.cpp would divide every frequency by it too)
+        raise ValueError(f"{path}: rope.scaling.type = 'longrope' with rope.scaling.factor = {factor} is not implemented")
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
     if kind == "yarn":

@@ -308,6 +308,12 @@ def test_a_phi3_gguf_file_with_longrope_gives_its_original_logits(tmp_path):
             want = theirs(x[:, :length]).logits
         assert want.std() > 1.0 and (ours(x[:, :length]) - want).abs().max() <= 1e-4, length
     assert_reads_as(ours, theirs)
+    # rope.scaling.type = "longrope", as gguf-py names it (convert_hf_to_gguf's TextModel writes it for LongRoPE configs;
+    # its Phi3MiniModel, writing its own keys, leaves it out), which llama.cpp reads: the same model, factors from tensors
+    typed = models.from_pretrained(write_gguf(tmp_path / "typed.gguf", theirs, arch="phi3", **{"rope.scaling.type": "longrope"}))
+    assert typed.config.rotary_scaling == ours.config.rotary_scaling
+    with torch.no_grad():
+        assert torch.equal(typed(x), ours(x))
 
 
 # (family, GGUF architecture, tiny_hf options): each mixture as llama.cpp computes it, which renormalises the chosen
@@ -622,7 +628,10 @@ def test_gguf_files_that_disagree_with_themselves(tmp_path):
             ({}, {"rope_factors_short.weight": (4,), "rope_factors_long.weight": (8,)},
              r"tensor rope_factors_long.weight has shape \(8,\): LongRoPE needs one factor for each of the 4"),
             ({"phi3.rope.scaling.factor": 2.0}, {"rope_factors_short.weight": (4,), "rope_factors_long.weight": (4,)},
-             "LongRoPE's factors and rope.scaling.type = 'linear' together are not implemented")]:
+             "LongRoPE's factors and rope.scaling.type = 'linear' together are not implemented"),
+            ({"phi3.rope.scaling.type": "longrope", "phi3.rope.scaling.factor": 2.0},
+             {"rope_factors_short.weight": (4,), "rope_factors_long.weight": (4,)},
+             "rope.scaling.type = 'longrope' with rope.scaling.factor = 2.0 is not implemented")]:
         with pytest.raises(ValueError, match="^m.gguf: " + message) as e:
             models.gguf_config(longrope | changes, {"token_embd.weight": (64, 64)} | factors, "m.gguf")
         assert "\n" not in str(e.value)

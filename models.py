@@ -494,7 +494,8 @@ class Transformer(cb.CodebookModel):
         by the short factors, and the whole sequence is run again with the long ones."""
         scaling = self.config.rotary_scaling
         original = scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
-        if original is not None and idx.shape[1] <= original < idx.shape[1] + max_new_tokens - 1:
+        # (tokens not (batch, seq) are codebook's generate's one-line error)
+        if original is not None and idx.dim() == 2 and idx.shape[1] <= original < idx.shape[1] + max_new_tokens - 1:
             before = original + 1 - idx.shape[1]  # the tokens generated before that step
             idx = super().generate(idx, before, *args, **kwargs)
             return super().generate(idx, max_new_tokens - before, *args, **kwargs)

@@ -285,6 +285,8 @@ def test_longrope_takes_its_short_or_long_factors_as_transformers_does(tmp_path)
     assert torch.equal(ours.generate(x[:, :12], 12, temperature=0), out.sequences)
     hook.remove()
     assert len(seen) == 12 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=r"tokens must be an integer tensor \(batch, seq\), got torch.int64 \(12,\)"):
+        ours.generate(x[0, :12], 12)  # one sequence without its batch dimension: the one-line error of any model
 
 
 def test_gpt_oss_fields_left_out_as_transformers_reads_them(tmp_path):

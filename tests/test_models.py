@@ -323,18 +323,21 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
-                                  "starcoder2", "olmo"])
+                                  "starcoder2", "olmo", "phi3-longrope"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
-    and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual)."""
+    and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
+    LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path)).to(torch.bfloat16)
+    theirs = theirs.to(torch.bfloat16)
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs.to(torch.bfloat16)(x).logits)
+        for length in (16, 40):  # (LongRoPE: within its original context of 16, and past it)
+            assert torch.equal(ours(x[:, :length]), theirs(x[:, :length]).logits), length
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

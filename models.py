@@ -1518,8 +1518,10 @@ def gguf_config(metadata, shapes, path):
 def longrope_gguf_config(c, get, count, shapes, path):
     """LongRoPE's config.json fields as llama.cpp's converter writes them for Phi-3: its short and long factors
     as two tensors (from_gguf reads them into the lists), one factor per rotary frequency; the original context
-    (absent: the context, as llama.cpp takes it) and the attention factor, which the converter computes as
-    transformers does (absent: 1, as llama.cpp takes it)."""
+    (absent: the context, as llama.cpp takes it) and the attention factor (absent: 1, as llama.cpp takes it), taken as
+    the file gives it: the converter computes it from the context over the original one, as transformers does where
+    config.json gives no factor or attention_factor (but for Phi-3's older type "yarn" 0.1 ln(factor) + 1, where
+    transformers takes the square root as for "longrope")."""
     if "rope_scaling" in c:
         raise ValueError(f"{path}: LongRoPE's factors and rope.scaling.type = {get('rope.scaling.type', 'linear')!r} "
                          f"together are not implemented")

@@ -218,31 +218,36 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     return str(path)
 
 
-def rounded(model, quantisation):
+def rounded(model, quantisation, exact=()):
     """A copy of the transformers model with every matrix rounded through the GGUF block format as write_gguf
-    stores it (a mixture's stacked experts too, in blocks along their rows): GPT-2's Conv1D matrices in blocks along
-    the rows of their (out, in) transpose; position embeddings, norms, routers and Qwen2-MoE's shared expert gate not
-    at all (the converter keeps them F32)."""
+    stores it (a mixture's stacked experts too, in blocks along their rows): GPT-2's Conv1D matrices and gpt-oss's
+    (expert, in, out) experts in blocks along the rows of their (out, in) transpose; position embeddings, norms, biases
+    (gpt-oss's experts' are matrices), routers (gpt-oss's mlp.router too) and Qwen2-MoE's shared expert gate not at all
+    (the converter keeps them F32), nor the tensors named in `exact` (gpt-oss's MXFP4 experts, written as released)."""
     gguf = need("gguf")
     kind = gguf.GGMLQuantizationType[quantisation]
     rounding = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
+    transposed = CONV1D if isinstance(model, need("transformers").GPT2LMHeadModel) else \
+        ("experts.gate_up_proj", "experts.down_proj") if model.config.model_type == "gpt_oss" else ()
 
     def rounded_tensor(name, t):
-        if t.dim() < 2 or name.endswith(("wpe.weight", "mlp.gate.weight", "shared_expert_gate.weight")) or "norm" in name:
+        if t.dim() < 2 or name.endswith(("bias", "wpe.weight", "mlp.gate.weight", "mlp.router.weight",
+                                         "shared_expert_gate.weight")) or "norm" in name or name in exact:
             return t
-        if isinstance(model, need("transformers").GPT2LMHeadModel) and name.endswith(CONV1D):
-            return torch.from_numpy(np.ascontiguousarray(rounding(t.numpy().T).T))
+        if name.endswith(transposed):
+            return torch.from_numpy(np.ascontiguousarray(rounding(t.numpy().swapaxes(-1, -2)).swapaxes(-1, -2)))
         return torch.from_numpy(rounding(t.numpy()))
     copy = type(model)(model.config).eval()
     copy.load_state_dict({name: rounded_tensor(name, t) for name, t in model.state_dict().items()})
     return copy
 
 
-def assert_reads_as(ours, theirs, quantisation="F32"):
+def assert_reads_as(ours, theirs, quantisation="F32", exact=()):
     """`ours` gives the logits (within 1e-4) and the 20 greedy tokens of `theirs` with its matrices rounded to
-    `quantisation` as the file holds them; where they are rounded, the rounding is large enough to see."""
+    `quantisation` as the file holds them (but those in `exact`); where they are rounded, the rounding is large enough
+    to see."""
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
-    reference = theirs if quantisation == "F32" else rounded(theirs, quantisation)
+    reference = theirs if quantisation == "F32" else rounded(theirs, quantisation, exact)
     with torch.no_grad():
         original, want, got = theirs(x).logits, reference(x).logits, ours(x)
     assert (got - want).abs().max() <= 1e-4 and want.std() > 1.0
@@ -343,15 +348,18 @@ def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisa
     assert_reads_as(ours, theirs, quantisation)
 
 
-@pytest.mark.parametrize("experts", ["MXFP4", "F32"])
-def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, tmp_path):
+@pytest.mark.parametrize("experts,quantisation", [("MXFP4", "F32"), ("F32", "F32"), ("MXFP4", "Q8_0"), ("MXFP4", "BF16"),
+                                                  ("MXFP4", "F16"), ("F32", "Q8_0")])
+def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, quantisation, tmp_path):
     """llama.cpp's gpt-oss: sinks (attn_sinks), the router and experts with biases (ffn_gate_inp, ffn_gate_exps,
     ffn_up_exps, ffn_down_exps), gate and up split from transformers' interleaved gate_up_proj, the MLP's norm
     post_attention_norm; the experts in MXFP4 as released (their blocks repacked to ggml's layout, which the gguf package
-    reads as transformers reads the released ones) or, as the converter writes an unquantised checkpoint, in float32.
-    The window (5, shorter than the inputs) on the even layers, which llama.cpp implies; YaRN as transformers computes
-    gpt-oss's (its ramp's ends, 0.21 and 3.22, not rounded to whole dimensions as llama.cpp rounds them); the SwiGLU
-    clamped at llama.cpp's 7, which the gates and ups here pass."""
+    reads as transformers reads the released ones) or, as the converter writes an unquantised checkpoint, in float32;
+    the other matrices in float32, or in Q8_0, BF16 or F16 beside MXFP4 experts as the released files hold them
+    (ggml-org's Q8_0, unsloth's F16 and Q8_0), or all in Q8_0 (a float checkpoint converted to it). The window (5,
+    shorter than the inputs) on the even layers, which llama.cpp implies; YaRN as transformers computes gpt-oss's (its
+    ramp's ends, 0.21 and 3.22, not rounded to whole dimensions as llama.cpp rounds them); the SwiGLU clamped at
+    llama.cpp's 7, which the gates and ups here pass."""
     gguf, mxfp4_hf = need("gguf"), need("transformers.integrations.mxfp4")
     theirs, g, released = tiny_hf("gpt_oss", swiglu_limit=7.0), torch.Generator().manual_seed(9), {}
     with torch.no_grad():
@@ -370,14 +378,17 @@ def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, tmp_path):
         assert (theirs(x).logits - clamped).abs().max() > 1e-2
         for layer in theirs.model.layers:
             layer.mlp.experts.limit = 7.0
-    path = write_gguf(tmp_path / "gpt-oss.gguf", theirs, arch="gpt-oss", mxfp4=released if experts == "MXFP4" else None)
-    assert formats.read_gguf_info(path).tensors["blk.0.ffn_up_exps.weight"].type == experts
+    path = write_gguf(tmp_path / "gpt-oss.gguf", theirs, quantisation, arch="gpt-oss",
+                      mxfp4=released if experts == "MXFP4" else None)
+    stored = formats.read_gguf_info(path).tensors
+    assert stored["blk.0.ffn_up_exps.weight"].type == (experts if experts == "MXFP4" else quantisation)
+    assert stored["blk.0.attn_q.weight"].type == stored["token_embd.weight"].type == quantisation
     ours = models.from_pretrained(path)
     config = ours.config
     assert config.family == "gpt_oss" and (config.experts, config.experts_used, config.d_expert) == (4, 2, 96)
     assert config.attn_window == [5, 0] and config.attn_sinks and config.swiglu_limit == 7.0 and not config.tied_head
     assert config.rotary_scaling["truncate"] is False
-    assert_reads_as(ours, theirs)
+    assert_reads_as(ours, theirs, quantisation, exact=released if experts == "MXFP4" else ())
 
 
 def test_gpt_oss_metadata_as_llama_cpp_reads_it(tmp_path):

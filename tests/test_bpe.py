@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bpe
+import formats
 import steer
 from conftest import GEMMA3, SAMPLE, SMOLLM2, need, real_model, stdlib_text, trained_bpe
 
@@ -542,6 +543,49 @@ def test_gguf_pre_tokenizers_are_the_models_own(group, tmp_path):
             as_bytes = ["".join(bpe.BYTE_TO_CHAR[b] for b in piece.encode()) for piece in pieces]
             assert as_bytes == [p for p, _ in theirs_pre.pre_tokenize_str(string)], (pre, string)
             assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, (pre, string)
+
+
+# gpt-oss's o200k_harmony special tokens (ids 199998-200018 in its files, after its vocabulary; the converter fills the
+# rest of its 201088 rows with "[PAD{id}]" tokens of type UNUSED)
+HARMONY = ["<|startoftext|>", "<|endoftext|>"] + [
+    {200002: "<|return|>", 200003: "<|constrain|>", 200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>",
+     200008: "<|message|>", 200012: "<|call|>", 200018: "<|endofprompt|>"}.get(i, f"<|reserved_{i}|>")
+    for i in range(200000, 200019)]
+
+
+def test_a_gpt_oss_gguf_tokenizer_reads_as_its_own(tmp_path):
+    """A gpt-oss GGUF file's tokenizer as llama.cpp's converter writes it (pre "gpt-4o", BOS <|startoftext|>, EOS
+    <|return|>, padding <|endoftext|>, the harmony tokens CONTROL after the vocabulary, then [PAD] tokens UNUSED up to
+    the model's rows, no add_bos_token) is read from the file, fits the model's vocabulary and encodes a harmony chat as
+    the `tokenizers` library with o200k's own pre-tokenizer and as transformers' GGUF reader do, without BOS."""
+    tk = need("tokenizers")
+    theirs = trained_bpe(tmp_path, models_own(tk, MODELS_OWN["gpt-4o"][0]), specials=())
+    vocab = theirs.get_vocab()
+    tokens = sorted(vocab, key=vocab.get) + HARMONY
+    rows = len(tokens) + 40
+    ids = {t: i for i, t in enumerate(tokens)}
+    metadata = {"general.architecture": "gpt-oss", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o",
+                "tokenizer.ggml.tokens": tokens + [f"[PAD{i}]" for i in range(len(tokens), rows)],
+                "tokenizer.ggml.token_type": [bpe.NORMAL] * len(vocab) + [bpe.CONTROL] * len(HARMONY)
+                + [bpe.UNUSED] * (rows - len(tokens)),
+                "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m
+                                          for m in json.loads(theirs.to_str())["model"]["merges"]],
+                "tokenizer.ggml.bos_token_id": ids["<|startoftext|>"], "tokenizer.ggml.eos_token_id": ids["<|return|>"],
+                "tokenizer.ggml.padding_token_id": ids["<|endoftext|>"]}
+    transformers_gguf = gguf_tokenizer(tmp_path / "gguf", metadata, "gpt-oss")
+    stored = formats.read_gguf_info(str(tmp_path / "gguf" / "m.gguf")).metadata
+    ours = bpe.check_tokenizer(bpe.tokenizer_from_gguf(stored), rows, "gpt-oss.gguf")
+    assert (ours.bos, ours.eos, ours.vocab_size) == (ids["<|startoftext|>"], ids["<|return|>"], rows)
+    theirs.add_special_tokens(HARMONY)
+    chat = ("<|start|>system<|message|>You are ChatGPT, a large language model.\nReasoning: medium<|end|>"
+            "<|start|>user<|message|>What's 2+2? Ünïcode 東京 HTTPServer's 12345<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>Sum.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>4<|return|>")
+    got = ours.encode(chat, special=True)
+    assert got == ours.encode(chat) == theirs.encode(chat, add_special_tokens=False).ids
+    assert got == transformers_gguf.encode(chat)
+    assert {ids[t] for t in ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>")} <= set(got)
+    assert ours.decode(got) == chat and "<|" not in ours.decode(got, skip_special=True)
 
 
 def test_clear_errors(tmp_path):

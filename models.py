@@ -1551,18 +1551,19 @@ def granite_gguf_config(c, get, path):
 def gpt_oss_gguf_config(c, get, count, path):
     """gpt-oss's config.json fields from a GGUF file, as llama.cpp reads them: experts of expert_feed_forward_length;
     the window on every layer but the last of each attention.sliding_window_pattern (absent: 2, the even layers windowed,
-    the odd ones full, as transformers' default layer_types); one rotary base for all layers; the clamped SwiGLU's limit
-    and alpha llama.cpp's constants, 7 and 1.702 (no key holds them; the released models' config.json has the same).
+    the odd ones full, as transformers' default layer_types; 0: every layer, as llama.cpp's set_swa_pattern); one
+    rotary base for all layers; the clamped SwiGLU's limit and alpha llama.cpp's constants, 7 and 1.702 (no key holds
+    them; the released models' config.json has the same).
     YaRN's ramp ends are transformers' for gpt-oss (truncate false), not rounded to whole dimensions as llama.cpp's."""
     if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
         raise ValueError(f"{path}: metadata gpt-oss.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
                          f"rope.freq_base, which transformers' gpt-oss rotates every layer by; not implemented")
-    period = count("attention.sliding_window_pattern", 2)
+    period = count("attention.sliding_window_pattern", 2, least=0)
     rope = c.get("rope_scaling") or {"rope_type": "default"}  # (none given, gpt_oss() would take transformers' default YaRN)
     if rope["rope_type"] == "yarn":
         rope = rope | {"truncate": False}
     return dict(intermediate_size=count("expert_feed_forward_length"), sliding_window=count("attention.sliding_window"),
-                layer_types=["sliding_attention" if i % period < period - 1 else "full_attention"
+                layer_types=["sliding_attention" if period == 0 or i % period < period - 1 else "full_attention"
                              for i in range(c["num_hidden_layers"])],
                 rope_parameters=rope | {"rope_theta": c["rope_theta"]}, swiglu_limit=7.0, swiglu_alpha=1.702)
 

@@ -393,18 +393,24 @@ def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, quantisation, tm
 
 def test_gpt_oss_metadata_as_llama_cpp_reads_it(tmp_path):
     """attention.sliding_window_pattern, which llama.cpp reads where present (absent: 2), windows every layer but the last
-    of each period; what llama.cpp requires of a gpt-oss file, or reads and this module does not implement, is one line."""
+    of each period (0: every layer, as llama.cpp's set_swa_pattern; 1: none); what llama.cpp requires of a gpt-oss file,
+    or reads and this module does not implement, is one line."""
     theirs = tiny_hf("gpt_oss", swiglu_limit=7.0)
     info = formats.read_gguf_info(write_gguf(tmp_path / "gpt-oss.gguf", theirs, arch="gpt-oss"))
     shapes = {name: t.shape for name, t in info.tensors.items()}
-    config = models.gguf_config(info.metadata | {"gpt-oss.block_count": 6, "gpt-oss.attention.sliding_window_pattern": 3},
-                                shapes, "six.gguf")
-    assert config["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    sliding, full = "sliding_attention", "full_attention"
+    for period, layers in [(3, [sliding, sliding, full] * 2), (0, [sliding] * 6), (1, [full] * 6)]:
+        config = models.gguf_config(info.metadata | {"gpt-oss.block_count": 6,
+                                                     "gpt-oss.attention.sliding_window_pattern": period}, shapes, "six.gguf")
+        assert config["layer_types"] == layers, period
+    every = tiny_hf("gpt_oss", swiglu_limit=7.0, layer_types=[sliding] * 2)  # 0 read as transformers computes it
+    assert_reads_as(models.from_pretrained(write_gguf(tmp_path / "every.gguf", every, arch="gpt-oss",
+                                                      **{"attention.sliding_window_pattern": 0})), every)
     cases = [(dict(drop=["attention.sliding_window"]), "metadata gpt-oss.attention.sliding_window is missing"),
              (dict(drop=["expert_feed_forward_length"]), "metadata gpt-oss.expert_feed_forward_length is missing"),
              (dict(drop=["expert_count"]), "metadata gpt-oss.expert_count is missing or 0"),
              ({"expert_used_count": 5}, "gpt-oss.expert_used_count = 5 exceeds its expert_count = 4"),
-             ({"attention.sliding_window_pattern": 0}, "gpt-oss.attention.sliding_window_pattern = 0 must be a positive"),
+             ({"attention.sliding_window_pattern": 1.5}, "sliding_window_pattern = 1.5 must be a non-negative integer"),
              ({"attention.sliding_window": 2.5}, "gpt-oss.attention.sliding_window = 2.5 must be a positive integer"),
              ({"rope.freq_base_swa": 100.0}, "gpt-oss.rope.freq_base_swa = 100.0 differs from rope.freq_base")]
     for changes, message in cases:

@@ -1286,9 +1286,20 @@ def read_config(folder):
     return c
 
 
+# the sizes the families divide by or multiply with before TransformerConfig checks them (GPT-2's and GPT-Neo's names
+# too); the optional ones may be null (the family's default)
+SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+
+
 def family_config(c, where):
     """FAMILIES' (TransformerConfig fields, table, transforms) of config `c`; a field the family needs
-    and `c` lacks is a one-line error."""
+    and `c` lacks, or a size that is not a positive integer, is a one-line error."""
+    for name in [name for name in SIZES + OPTIONAL_SIZES if name in c]:  # (not a crash in a family's arithmetic)
+        value = c[name]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0 or value is None and name in OPTIONAL_SIZES):
+            raise ValueError(f"{where}: {name}={value!r} must be a positive integer"
+                             + (", or null for the model's default" if name in OPTIONAL_SIZES else ""))
     try:
         config, table, transforms = FAMILIES[c["model_type"]](c, where)
     except KeyError as e:

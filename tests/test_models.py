@@ -755,7 +755,13 @@ def test_clear_errors(tmp_path):
                                 ("starcoder2", dict(sliding_window=-3), "sliding_window=-3 must be a positive integer"),
                                 ("starcoder2", dict(use_bias="no"), r"config.json: use_bias='no' is not implemented"),
                                 ("olmo", dict(clip_qkv="8"), "config.json: qkv_clip='8' must be a positive number"),
-                                ("olmo", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented")]] + [
+                                ("olmo", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
+                                # sizes a family divides by: checked before it does (not a ZeroDivisionError or TypeError)
+                                ("phi", dict(num_attention_heads=0), "config.json: num_attention_heads=0 must be a positive integer"),
+                                ("phi", dict(head_dim="16"), r"head_dim='16' must be a positive integer, or null"),
+                                ("starcoder2", dict(hidden_size=None), "config.json: hidden_size=None must be a positive integer"),
+                                ("olmo", dict(num_attention_heads=4.0), "num_attention_heads=4.0 must be a positive integer"),
+                                ("llama", dict(num_attention_heads="4"), "num_attention_heads='4' must be a positive integer")]] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

@@ -1,6 +1,6 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
-GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
+GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
 Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the mixtures of experts Mixtral,
 Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing
@@ -19,7 +19,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -85,6 +85,9 @@ class TransformerConfig:
     # widened, the cosines and sines rounded to their dtype first (Cohere); "float32_tables", the cosines and sines
     # kept in float32 (OLMo-2); either float32 rounded once at the end
     rotary_precision: str = "input"
+    # the rotary frequencies kept in float32 when the model is cast to a lower precision (GPT-J: transformers computes its
+    # table of sines and cosines in float32, then rounds them); else rounded with the model, as Llama's inv_freq buffer
+    rotary_frequencies_float32: bool = False
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -152,6 +155,8 @@ class TransformerConfig:
             raise ValueError("shared_norm needs parallel_residual and pre_norms: the MLP reads the attention's normed input")
         if self.outputs_summed_first and not self.parallel_residual:
             raise ValueError("outputs_summed_first needs parallel_residual: the MLP reads the block's input")
+        if self.rotary_frequencies_float32 and self.rotary_scaling.get("rope_type") == "longrope":
+            raise ValueError("rotary_frequencies_float32 with LongRoPE is not implemented")
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.d_head:
             raise ValueError(f"rotary_dims={self.rotary_dims} must be even and at most d_head={self.d_head}")
         numbers = {"rotary_base": self.rotary_base} | {f"rotary_scaling's {name}": value for name, value in
@@ -317,6 +322,8 @@ class Attention(nn.Module):
                              else None, persistent=False)
         self.original_context = scaling.get("original_max_position_embeddings") if longrope else None
         self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
+        # rotary_frequencies_float32: a copy outside the buffers, which casting the model would round
+        self.float32_freq = frequencies if rotates and cfg.rotary_frequencies_float32 else None
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -333,6 +340,10 @@ class Attention(nn.Module):
             # chooses them, per forward by its largest position (with a cache, the earlier keys keep their rotation)
             long = self.long_inv_freq is not None and start + T > self.original_context
             inv_freq = self.long_inv_freq if long else self.inv_freq
+            if self.float32_freq is not None:
+                if self.float32_freq.device != x.device:  # moved once, with the model's first forward there
+                    self.float32_freq = self.float32_freq.to(x.device)
+                inv_freq = self.float32_freq
             q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision) for t in (q, k))
         if cache is not None:
             if "k" in cache:
@@ -1141,6 +1152,34 @@ def phi(c, where):
     return config, PHI_NAMES, {}
 
 
+# GPT-J: attention and the MLP both read ln_1; W_O is out_proj, the MLP fc_in and fc_out
+GPTJ_NAMES = names({"tok_emb": "wte", "norm_f": "ln_f", "head": "lm_head"},
+                   {"norm1": "ln_1", "norm2": "ln_1", "attn.q": "attn.q_proj", "attn.k": "attn.k_proj",
+                    "attn.v": "attn.v_proj", "attn.o": "attn.out_proj", "mlp.up": "mlp.fc_in", "mlp.down": "mlp.fc_out"},
+                   "h.{i}.")
+
+
+def gptj(c, where):
+    """GPT-J (GPT-J-6B): Phi's block (attention and a GELU MLP in parallel, both reading the block's input through one
+    LayerNorm, their outputs summed before the residual is added; gelu_new step by step), without biases on q, k, v
+    and W_O, with them on the MLP and the output layer; the rotary embedding (base 10,000) on each head's first
+    rotary_dim dims, on interleaved pairs (2i, 2i + 1), which those q and k rows are reordered to "rotate_half" pairs
+    for (unpermute), the head's other dims left as they are."""
+    d, heads = c["n_embd"], c["n_head"]
+    rotary = c.get("rotary_dim", 64)
+    # (null: transformers' table spans n_embd dims, which fits a model of one head only)
+    if not isinstance(rotary, int) or isinstance(rotary, bool) or rotary < 1:
+        raise ValueError(f"{where}: rotary_dim={rotary!r} must be a positive integer")
+    act = _option(c, "activation_function", "gelu_new", list(GELUS), where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=heads, d_model=d,
+                  d_mlp=c.get("n_inner") or 4 * d, norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  rotary_dims=rotary, rotary_frequencies_float32=True, qkv_bias=False, out_bias=False,
+                  activation="gelu_new" if act == "gelu_new" else GELUS[act],
+                  parallel_residual=True, shared_norm=True, outputs_summed_first=True, head_bias=True,
+                  tied_head=c.get("tie_word_embeddings", False))
+    return config, GPTJ_NAMES, {f"blocks.{{i}}.attn.{x}": unpermute(heads, rotary) for x in "qk"}
+
+
 STARCODER2_NAMES = LLAMA_NAMES | names({}, {"mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "layers.{i}.")
 
 
@@ -1189,7 +1228,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
-            "phi": phi, "starcoder2": starcoder2, "olmo": olmo}
+            "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
+            "gptj": gptj}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1372,9 +1412,9 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo")
+                      "starcoder2", "olmo", "gptj")
 # the architectures with LayerNorms (the others' are RMSNorms)
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo")
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1474,10 +1514,14 @@ def gguf_config(metadata, shapes, path):
         # n_head) times it is exactly the file's count
         head = c["head_dim"] if arch in ("phi3", "phi2") else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
-    if arch == "gpt2":  # config.json's GPT-2 names
+    if arch in ("gpt2", "gptj"):  # config.json's GPT-2 names (GPT-J's too)
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
                   layer_norm_epsilon=get("attention.layer_norm_epsilon"))
+    if arch == "gptj":  # the rotary embedding on rope.dimension_count dims of each head (absent: all), by GPT-J's base
+        if c["rope_theta"] != 10000.0 or "rope_scaling" in c:
+            raise ValueError(f"{path}: a gptj file with a rotary base other than 10000 or a rope scaling is not implemented")
+        c["rotary_dim"] = count("rope.dimension_count", c["head_dim"])
     if arch == "gptneox":
         parallel = get("use_parallel_residual")
         if not isinstance(parallel, bool):
@@ -1616,10 +1660,17 @@ def gemma_gguf_config(c, get):
                 final_logit_softcapping=get("final_logit_softcapping", 30.0 if gemma2 else 0.0))
 
 
-def unpermute(heads):
+def unpermute(heads, dims=0):
     """llama.cpp's converter reorders each head's q / k rows from the "rotate_half" layout (dim i
-    paired with i + d/2) to interleaved pairs (2i, 2i + 1), its rotary layout; this puts them back."""
-    return lambda t: t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+    paired with i + d/2) to interleaved pairs (2i, 2i + 1), its rotary layout; this puts them back
+    (Cohere's and GPT-J's rows, interleaved as stored, too). dims > 0: only each head's first dims rows,
+    the ones the rotary embedding turns (GPT-J's rotary_dim), the others kept."""
+    def reorder(t):
+        rows = t.unflatten(0, (heads, -1))  # (heads, d_head, ...), a weight's or a bias's
+        n = dims or rows.shape[1]
+        halves = rows[:, :n].unflatten(1, (n // 2, 2)).transpose(1, 2).flatten(1, 2)
+        return torch.cat([halves, rows[:, n:]], 1).flatten(0, 1)
+    return reorder
 
 
 def from_gguf(path, codebooks=None, block_size=None, info=None):
@@ -1645,7 +1696,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
-    if c["model_type"] in ("cohere", "cohere2"):
+    if c["model_type"] in ("cohere", "cohere2", "gptj"):  # q / k rows as the folder's (interleaved pairs), reordered as there
         transforms = family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)

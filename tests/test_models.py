@@ -1,5 +1,5 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
+GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
 StableLM, Phi, StarCoder2, OLMo and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
@@ -33,6 +33,9 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gpt_neox-parallel": ("gpt_neox", dict(use_parallel_residual=True)),
          "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
          "gpt_neox-bin": ("gpt_neox", {}),  # transformers 5's state_dict names the output layer lm_head, not embed_out
+         # GPT-J: the rotary embedding on interleaved pairs of 12 of 16 dims (conftest); on all 16, with a tied output layer
+         # (its bias kept)
+         "gptj": ("gptj", {}), "gptj-whole-head-tied": ("gptj", dict(rotary_dim=16, tie_word_embeddings=True)),
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
@@ -88,7 +91,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "qwen3_moe-dense-layer": ("qwen3_moe", dict(mlp_only_layers=[0], attention_bias=True)),
          "olmoe": ("olmoe", {}), "olmoe-clip-renormalised": ("olmoe", dict(clip_qkv=2.0, norm_topk_prob=True)),
          "gpt_oss": ("gpt_oss", {})}
-TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
+TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
         "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
@@ -99,6 +102,7 @@ LLAMA_SITES = ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp", "model.l
 SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
+         "gptj": ("transformer.h.1.attn.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
@@ -323,12 +327,13 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
-                                  "starcoder2", "olmo", "phi3-longrope"])
+                                  "starcoder2", "olmo", "phi3-longrope", "gptj"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
-    LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32)."""
+    LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
+    GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
@@ -762,6 +767,12 @@ def test_clear_errors(tmp_path):
                                 ("starcoder2", dict(hidden_size=None), "config.json: hidden_size=None must be a positive integer"),
                                 ("olmo", dict(num_attention_heads=4.0), "num_attention_heads=4.0 must be a positive integer"),
                                 ("llama", dict(num_attention_heads="4"), "num_attention_heads='4' must be a positive integer")]] + [
+                            (dict(model_type="gptj", vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4) | bad, message)
+                            for bad, message in [
+                                (dict(rotary_dim=None), "config.json: rotary_dim=None must be a positive integer"),
+                                (dict(rotary_dim=20), "config.json: rotary_dims=20 must be even and at most d_head=16"),
+                                (dict(n_head=0), "config.json: n_head=0 must be a positive integer"),
+                                (dict(activation_function="relu"), r"activation_function='relu' is not implemented")]] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

@@ -1,4 +1,4 @@
-"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
+"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
 Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
@@ -42,7 +42,7 @@ def ggml_mxfp4(blocks, scales):
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
-    """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
+    """model (a transformers GPT-2, GPT-NeoX, GPT-J, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
     Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
     converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
@@ -56,7 +56,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     scaling; Phi-3's LongRoPE factors as two tensors, its original context and attention factor in the metadata.
     Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the metadata. GPT-2's
     Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head, reordered to all q rows,
-    all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor.
+    all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor. GPT-J (gptj): its rotary_dim as
+    rope.dimension_count, an MLP of 4 d_model, q / k rows as they are, as gguf-py's tensor map names them.
     Phi (phi2): an MLP of 4 d_model and as many key / value heads as heads whatever config.json says, rotary dims as
     partial_rotary_factor * d_model // heads, no rotary base or key_length; q, k and v as one tensor with qkv_fused,
     as older Phi-2 files hold them. OLMo (olmo): q / k rows permuted, no norm tensors, eps 1e-5, clip_qkv as
@@ -69,10 +70,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     gemma = arch.startswith("gemma")
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": 4 * c.hidden_size if arch == "gpt2" else c.intermediate_size,
+            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj") else c.intermediate_size,
             "attention.head_count": c.num_attention_heads}
-    if arch in ("gpt2", "gptneox"):  # LayerNorms, one key / value head per query head, GPT-NeoX's rotary base not written
-        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch == "gpt2" else c.layer_norm_eps}
+    if arch in ("gpt2", "gptneox", "gptj"):  # LayerNorms, one key / value head per query head, no rotary base written
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch in ("gpt2", "gptj") else c.layer_norm_eps}
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
@@ -84,6 +85,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
     if arch in ("gptneox", "stablelm"):
         meta |= {"use_parallel_residual": c.use_parallel_residual}
+    if arch == "gptj":
+        meta |= {"rope.dimension_count": c.rotary_dim}
     longrope = arch == "phi3" and c.rope_parameters.get("long_factor")
     if arch == "phi3":  # its original context, always; with LongRoPE the attention factor, from the context over it
         scale = c.max_position_embeddings / c.original_max_position_embeddings
@@ -142,7 +145,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
              "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks",
-             "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+             "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+             "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.out_proj": "attn_output",
+             "mlp.fc_in": "ffn_up", "mlp.fc_out": "ffn_down"}
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -514,6 +519,29 @@ def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quan
     assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
+
+
+@pytest.mark.parametrize("case,quantisation", [("gptj", "F32"), ("gptj", "Q8_0"), ("gptj-whole-head", "F32")])
+def test_a_gptj_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """GPT-J (gptj) as gguf-py's tensor map names it (llama.cpp declares the architecture but builds no graph for it:
+    such files come from other converters): attn_norm read by attention and the MLP, attn_q, attn_k, attn_v and
+    attn_output without biases, q / k rows as transformers has them (interleaved pairs, not permuted), ffn_up and
+    ffn_down with biases, the output layer's bias; the rotary embedding on rope.dimension_count dims (12 of 16; absent,
+    as the newer converters leave it where it is the whole head: all 16), no rotary base (10,000 implied)."""
+    whole = case == "gptj-whole-head"
+    theirs = tiny_hf("gptj", **(dict(rotary_dim=16) if whole else {}))
+    path = write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "gptj", drop=["rope.dimension_count"] if whole else ())
+    ours = models.from_pretrained(path)
+    assert ours.config.family == "gptj" and ours.config.rotary_dims == (16 if whole else 12)
+    assert ours.config.head_bias and ours.config.shared_norm and not ours.config.tied_head
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "gptj" and quantisation == "F32":  # what GPT-J does not have is one line
+        for changes, message in [({"rope.freq_base": 500.0}, "a gptj file with a rotary base other than 10000 or a rope"),
+                                 ({"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}, "or a rope scaling is not"),
+                                 ({"rope.dimension_count": 20}, "rotary_dims=20 must be even and at most d_head=16")]:
+            with pytest.raises(ValueError, match=re.escape(message)) as e:
+                models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="gptj", **changes))
+            assert "\n" not in str(e.value)
 
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):

@@ -1,10 +1,10 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
-GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, Llama (SmolLM2, TinyLlama, Llama-3.x),
-Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the mixtures of experts Mixtral,
-Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing
-what transformers computes. The paper's language-model
+GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (SantaCoder, StarCoder), Llama
+(SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
+Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the
+mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
+as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
     import models
@@ -19,7 +19,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1180,6 +1180,27 @@ def gptj(c, where):
     return config, GPTJ_NAMES, {f"blocks.{{i}}.attn.{x}": unpermute(heads, rotary) for x in "qk"}
 
 
+def gpt_bigcode(c, where):
+    """GPT-BigCode (SantaCoder, StarCoder, StarCoderBase, tiny_starcoder): GPT-2's blocks (learned positions, LayerNorms,
+    biases on all but the tied output layer, tanh's GELU by default) with nn.Linear's (out, in) matrices and, with
+    multi_query (the released models), one key / value head for all query heads, c_attn's rows all q, then k's, then
+    v's; without it a key / value head per query head, c_attn's rows head by head (each head's q, k, v in turn).
+    attention_softmax_in_fp32 and scale_attention_softmax_in_fp32 are accepted either way: transformers 5 reads them
+    and computes the same (its attention functions never look at them)."""
+    multi_query = _option(c, "multi_query", True, [True, False], where)
+    for name in ("attention_softmax_in_fp32", "scale_attention_softmax_in_fp32"):
+        _option(c, name, True, [True, False], where)
+    config, table, _ = gpt2(c | {"activation_function": c.get("activation_function", "gelu_pytorch_tanh")}, where)
+    d, heads = config["d_model"], config["n_head"]
+    if multi_query:
+        sizes = [d, d // heads, d // heads]
+        part = lambda i: lambda t: t.split(sizes)[i]  # q, k or v (weight or bias)
+    else:
+        part = lambda i: lambda t: t.unflatten(0, (heads, 3, -1))[:, i].flatten(0, 1)
+    return (config | dict(n_kv_head=1 if multi_query else heads), table,
+            {f"blocks.{{i}}.attn.{x}": part(i) for i, x in enumerate("qkv")})
+
+
 STARCODER2_NAMES = LLAMA_NAMES | names({}, {"mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "layers.{i}.")
 
 
@@ -1229,7 +1250,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1412,9 +1433,10 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj")
+                      "starcoder2", "olmo", "gptj", "starcoder")
 # the architectures with LayerNorms (the others' are RMSNorms)
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj")
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
+                           "starcoder")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1514,7 +1536,7 @@ def gguf_config(metadata, shapes, path):
         # n_head) times it is exactly the file's count
         head = c["head_dim"] if arch in ("phi3", "phi2") else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
-    if arch in ("gpt2", "gptj"):  # config.json's GPT-2 names (GPT-J's too)
+    if arch in ("gpt2", "gptj", "starcoder"):  # config.json's GPT-2 names (GPT-J's and GPT-BigCode's too)
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
                   layer_norm_epsilon=get("attention.layer_norm_epsilon"))
@@ -1522,6 +1544,11 @@ def gguf_config(metadata, shapes, path):
         if c["rope_theta"] != 10000.0 or "rope_scaling" in c:
             raise ValueError(f"{path}: a gptj file with a rotary base other than 10000 or a rope scaling is not implemented")
         c["rotary_dim"] = count("rope.dimension_count", c["head_dim"])
+    if arch == "starcoder":  # one key / value head: llama.cpp's converter writes head_count_kv 1, whatever the model
+        if c["num_key_value_heads"] != 1:
+            raise ValueError(f"{path}: metadata starcoder.attention.head_count_kv = {c['num_key_value_heads']}: only "
+                             f"multi-query attention (1) is implemented")
+        c |= dict(model_type="gpt_bigcode", multi_query=True)
     if arch == "gptneox":
         parallel = get("use_parallel_residual")
         if not isinstance(parallel, bool):
@@ -1698,6 +1725,8 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
     if c["model_type"] in ("cohere", "cohere2", "gptj"):  # q / k rows as the folder's (interleaved pairs), reordered as there
         transforms = family_transforms
+    if c["model_type"] == "gpt_bigcode":  # c_attn as the folder's, all q rows, then the k head's, then the v head's
+        table, transforms = GGUF_QKV_NAMES, family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}

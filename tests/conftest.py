@@ -179,6 +179,10 @@ def tiny_hf(family, vocab_size=96, **options):
         config = t.GPTJConfig(**dict(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=12,
                                      bos_token_id=0, eos_token_id=0) | options)
         return randomize(t.GPTJForCausalLM(config), 6)
+    if family == "gpt_bigcode":  # multi-query attention, its default: one key / value head
+        config = t.GPTBigCodeConfig(**dict(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                           bos_token_id=0, eos_token_id=0) | options)
+        return randomize(t.GPTBigCodeForCausalLM(config), 7)
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
     # StarCoder2, OLMo, the mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,

@@ -1,5 +1,5 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
+GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
 StableLM, Phi, StarCoder2, OLMo and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
@@ -36,6 +36,12 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          # GPT-J: the rotary embedding on interleaved pairs of 12 of 16 dims (conftest); on all 16, with a tied output layer
          # (its bias kept)
          "gptj": ("gptj", {}), "gptj-whole-head-tied": ("gptj", dict(rotary_dim=16, tie_word_embeddings=True)),
+         # GPT-BigCode: multi-query attention; and without it (c_attn's rows head by head), with GPT-2's unscaled scores, an
+         # MLP of 96 and the softmax options off (which change nothing transformers computes)
+         "gpt_bigcode": ("gpt_bigcode", {}),
+         "gpt_bigcode-mha-unscaled": ("gpt_bigcode", dict(multi_query=False, scale_attn_weights=False, n_inner=96,
+                                                          attention_softmax_in_fp32=False,
+                                                          scale_attention_softmax_in_fp32=False)),
          "llama": ("llama", dict(rope_scaling=LLAMA3, tie_word_embeddings=False, pretraining_tp=2)),
          "llama-linear-tied-biases": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True,
                                                     attention_bias=True, mlp_bias=True, rope_theta=500.0)),
@@ -91,7 +97,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "qwen3_moe-dense-layer": ("qwen3_moe", dict(mlp_only_layers=[0], attention_bias=True)),
          "olmoe": ("olmoe", {}), "olmoe-clip-renormalised": ("olmoe", dict(clip_qkv=2.0, norm_topk_prob=True)),
          "gpt_oss": ("gpt_oss", {})}
-TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
+TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bigcode": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
         "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
@@ -103,6 +109,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gpt_neo": ("transformer.h.1.attn.attention.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "gpt_neox": ("gpt_neox.layers.1.attention.dense", "gpt_neox.layers.1.mlp", "gpt_neox.layers.1"),
          "gptj": ("transformer.h.1.attn.out_proj", "transformer.h.1.mlp", "transformer.h.1"),
+         "gpt_bigcode": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transformer.h.1"),
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
@@ -166,7 +173,7 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the models did not run on a GPU")
-@pytest.mark.parametrize("case", ["gpt2", "gpt_neox-parallel", "llama", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neox-parallel", "llama", "qwen3", "gemma2", "gemma3", "gptj", "gpt_bigcode"])
 def test_cuda_same_logits_and_generations_as_transformers_and_bf16_autocast_near_them(case, tmp_path):
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
@@ -242,6 +249,25 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     assert ours.config.tied_head == (family in ("smollm3", "cohere2")) and ours.config.n_kv_head == 4
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
+    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt_bigcode"])
+def test_gptj_and_gpt_bigcode_fields_left_out_as_transformers_reads_them(family, tmp_path):
+    """Their defaults, not GPT-2's: GPT-BigCode's multi-query attention and tanh's GELU; GPT-J's gelu_new and untied
+    output layer."""
+    t = need("transformers")
+    tiny_hf(family).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    left_out = ("activation_function", "tie_word_embeddings", "layer_norm_epsilon", "n_inner", "multi_query",
+                "num_key_value_heads", "scale_attn_weights", "attention_softmax_in_fp32", "scale_attention_softmax_in_fp32")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in left_out}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.n_kv_head == (1 if family == "gpt_bigcode" else 4) and ours.config.tied_head == (family == "gpt_bigcode")
     x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = theirs(x).logits
@@ -327,7 +353,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
-                                  "starcoder2", "olmo", "phi3-longrope", "gptj"])
+                                  "starcoder2", "olmo", "phi3-longrope", "gptj", "gpt_bigcode",
+                                  "gpt_bigcode-mha-unscaled"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
@@ -773,6 +800,12 @@ def test_clear_errors(tmp_path):
                                 (dict(rotary_dim=20), "config.json: rotary_dims=20 must be even and at most d_head=16"),
                                 (dict(n_head=0), "config.json: n_head=0 must be a positive integer"),
                                 (dict(activation_function="relu"), r"activation_function='relu' is not implemented")]] + [
+                            (dict(model_type="gpt_bigcode", vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4) | bad,
+                             message) for bad, message in [
+                                (dict(multi_query="yes"), r"config.json: multi_query='yes' is not implemented"),
+                                (dict(add_cross_attention=True), r"config.json: add_cross_attention=True is not implemented"),
+                                (dict(attention_softmax_in_fp32=None), "attention_softmax_in_fp32=None is not implemented"),
+                                (dict(n_embd=None), "config.json: n_embd=None must be a positive integer")]] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

@@ -1,4 +1,4 @@
-"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
+"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
 Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
@@ -42,7 +42,7 @@ def ggml_mxfp4(blocks, scales):
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
-    """model (a transformers GPT-2, GPT-NeoX, GPT-J, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
+    """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
     Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
     converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
@@ -57,7 +57,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     Gemma's norm weights are stored as 1 + weight, Gemma-2's and -3's window and soft-caps in the metadata. GPT-2's
     Conv1D matrices are transposed to (out, in); GPT-NeoX's fused q / k / v, head by head, reordered to all q rows,
     all k rows, all v rows; StableLM's per-head q / k LayerNorms stacked to one tensor. GPT-J (gptj): its rotary_dim as
-    rope.dimension_count, an MLP of 4 d_model, q / k rows as they are, as gguf-py's tensor map names them.
+    rope.dimension_count, an MLP of 4 d_model, q / k rows as they are, as gguf-py's tensor map names them. GPT-BigCode
+    (starcoder): an MLP of 4 d_model, one key / value head, c_attn as it is.
     Phi (phi2): an MLP of 4 d_model and as many key / value heads as heads whatever config.json says, rotary dims as
     partial_rotary_factor * d_model // heads, no rotary base or key_length; q, k and v as one tensor with qkv_fused,
     as older Phi-2 files hold them. OLMo (olmo): q / k rows permuted, no norm tensors, eps 1e-5, clip_qkv as
@@ -70,10 +71,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     gemma = arch.startswith("gemma")
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj") else c.intermediate_size,
+            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj", "starcoder") else c.intermediate_size,
             "attention.head_count": c.num_attention_heads}
-    if arch in ("gpt2", "gptneox", "gptj"):  # LayerNorms, one key / value head per query head, no rotary base written
-        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch in ("gpt2", "gptj") else c.layer_norm_eps}
+    if arch in ("gpt2", "gptneox", "gptj", "starcoder"):  # LayerNorms, no rotary base written
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_eps if arch == "gptneox" else c.layer_norm_epsilon}
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
@@ -87,6 +88,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"use_parallel_residual": c.use_parallel_residual}
     if arch == "gptj":
         meta |= {"rope.dimension_count": c.rotary_dim}
+    if arch == "starcoder":
+        meta |= {"attention.head_count_kv": 1}
     longrope = arch == "phi3" and c.rope_parameters.get("long_factor")
     if arch == "phi3":  # its original context, always; with LongRoPE the attention factor, from the context over it
         scale = c.max_position_embeddings / c.original_max_position_embeddings
@@ -519,6 +522,21 @@ def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quan
     assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
+
+
+@pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])
+def test_a_starcoder_gguf_file_gives_its_original_logits(quantisation, tmp_path):
+    """GPT-BigCode (starcoder), as llama.cpp's converter writes it: c_attn as one tensor (attn_qkv: all q rows, then
+    the key head's, then the value head's, as in the folder), head_count_kv 1, position_embd, LayerNorms and biases,
+    no output tensor (tied); a file with another head_count_kv (which llama.cpp would split as q, k, v blocks, and
+    transformers' multi_query false lays out head by head) is one line."""
+    theirs = tiny_hf("gpt_bigcode")
+    ours = models.from_pretrained(write_gguf(tmp_path / "starcoder.gguf", theirs, quantisation, "starcoder"))
+    assert ours.config.family == "gpt_bigcode" and ours.config.n_kv_head == 1 and ours.config.tied_head
+    assert ours.config.learned_positions and ours.config.qkv_bias
+    assert_reads_as(ours, theirs, quantisation)
+    with pytest.raises(ValueError, match=re.escape("starcoder.attention.head_count_kv = 4: only multi-query attention (1)")):
+        models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="starcoder", **{"attention.head_count_kv": 4}))
 
 
 @pytest.mark.parametrize("case,quantisation", [("gptj", "F32"), ("gptj", "Q8_0"), ("gptj-whole-head", "F32")])

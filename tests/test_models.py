@@ -1,7 +1,7 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
-give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
+StableLM, Phi, StarCoder2, OLMo, BLOOM and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss
+made and saved by `transformers`, loaded by models.py, give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
 import glob
@@ -77,6 +77,8 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          # OLMo: q, k and v clamped to +-2 (well inside their spread); and with biases on q, k, v and W_O, tied
          "olmo": ("olmo", dict(clip_qkv=2.0, rope_theta=500.0)),
          "olmo-biases-tied": ("olmo", dict(attention_bias=True, tie_word_embeddings=True)),
+         # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; test_alibi_* for head counts not a power of two
+         "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
          # mixtures of experts (conftest.MOE: 4 experts, 2 per token): Mixtral renormalises the two chosen experts'
          # weights, always, and has Mistral's window; Qwen2-MoE adds its gated shared expert, and keeps a dense MLP on
          # mlp_only_layers and on the layers decoder_sparse_step skips (layer 0 here); Qwen3-MoE and OLMoE renormalise
@@ -91,7 +93,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
-        "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "bloom": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -103,7 +105,9 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
-         "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
+         "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
+         # (BLOOM's MLP module adds the residual itself: its last linear is what the MLP adds)
+         "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1")}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
 
@@ -323,12 +327,13 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
-                                  "starcoder2", "olmo", "phi3-longrope"])
+                                  "starcoder2", "olmo", "phi3-longrope", "bloom"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
-    LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32)."""
+    LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
+    BLOOM's ALiBi bias rounded to bfloat16 within the scores' product, and its GELU step by step)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
@@ -557,9 +562,36 @@ def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():
     assert written.total < 10 * experts  # was 68 times
 
 
+@pytest.mark.parametrize("family", ["bloom"])
+def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, tmp_path):
+    """ALiBi's slopes (models.alibi_slopes) are BLOOM's transformers' for 1 to 80 heads, a power of two or
+    not (the heads past the largest power of two then take the odd powers of a second base); a tiny model with 6 heads
+    gives transformers' logits, and generating past its prompt with the cache, transformers' tokens and its logits at
+    every step (each new query biased by its distance to every cached key)."""
+    hf = need(f"transformers.models.{family}.modeling_{family}")
+    for heads in range(1, 81):
+        theirs = hf._get_alibi_slopes(heads, "cpu")
+        assert torch.allclose(torch.tensor(models.alibi_slopes(heads, 8.0)), theirs, rtol=1e-6, atol=0), heads
+    theirs = tiny_hf(family, n_head=6, hidden_size=48)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.n_head == 6
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    out = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones_like(x[:, :8]), output_logits=True, return_dict_in_generate=True)
+    seen = []
+    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
+    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), out.sequences)
+    hook.remove()
+    assert len(seen) == 20 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+
+
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
-    scale, tied head (and Cohere's and Granite's parts): the key-value cache still computes what the
+    scale, tied head (and Cohere's and Granite's parts, and ALiBi): the key-value cache still computes what the
     whole prefix does, and rotary scores depend only on the offset."""
     torch.manual_seed(0)
     config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_kv_head=2, d_model=16, d_head=6, d_mlp=32,
@@ -581,6 +613,14 @@ def test_the_parts_keep_generation_with_the_cache_exact():
     cache = {}
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
     assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
+
+    # ALiBi as in general and as BLOOM computes it, 6 heads (not a power of two) sharing 3 key / value heads, an embedding norm
+    for family in ("llama", "bloom"):
+        model = models.Transformer(dict(family=family, vocab_size=50, block_size=24, n_layer=2, n_head=6, n_kv_head=3,
+                                        d_model=24, d_mlp=32, alibi=8.0, embed_norm=True, tied_head=True)).double().eval()
+        cache = {}
+        steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
+        assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10), family
 
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
     inv_freq = models.rotary_frequencies(4, 10000.0, {})
@@ -778,7 +818,12 @@ def test_clear_errors(tmp_path):
                                                    r"rope_type 'yarn' needs \['original_max_position_embeddings'\]"),
                                                   (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate="no",
                                                                           original_max_position_embeddings=32)),
-                                                   "truncate='no' is not implemented")]]:
+                                                   "truncate='no' is not implemented")]] + [
+                            # BLOOM's option transformers does not compute
+                            (dict(model_type="bloom", vocab_size=96, hidden_size=64, n_layer=2, n_head=4) | bad, message)
+                            for bad, message in [(dict(apply_residual_connection_post_layernorm=True),
+                                                  "config.json: apply_residual_connection_post_layernorm=True is not implemented"),
+                                                 (dict(n_embed=0), "config.json: n_embed=0 must be a positive integer, or null")]]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))

@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, BLOOM, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
     converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -63,16 +63,22 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     attention.clamp_kqv.
     gpt-oss: its sinks as attn_sinks.weight, its window, YaRN and expert width in the metadata, its interleaved gate / up
     columns (and biases) split; its experts from `mxfp4` ({weight name: (blocks, scales)} as released), repacked
-    (ggml_mxfp4), or without it its float weights."""
+    (ggml_mxfp4), or without it its float weights.
+    BLOOM (bloom): fused q / k / v reordered as GPT-NeoX's, its embedding norm token_embd_norm, the embedding written
+    again as output, the context its n_embed (no seq_length here)."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": 4 * c.hidden_size if arch == "gpt2" else c.intermediate_size,
+    # (BLOOM's converter writes seq_length for the context, or where config.json has none, as here, n_embed)
+    context = c.hidden_size if arch == "bloom" else c.max_position_embeddings
+    meta = {"block_count": c.num_hidden_layers, "context_length": context, "embedding_length": c.hidden_size,
+            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "bloom") else c.intermediate_size,
             "attention.head_count": c.num_attention_heads}
     if arch in ("gpt2", "gptneox"):  # LayerNorms, one key / value head per query head, GPT-NeoX's rotary base not written
         meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch == "gpt2" else c.layer_norm_eps}
+    elif arch == "bloom":  # no rotary embedding; as many key / value heads as heads
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon, "attention.head_count_kv": c.num_attention_heads}
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
@@ -142,7 +148,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
              "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks",
-             "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+             "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+             "transformer.word_embeddings": "token_embd", "transformer.word_embeddings_layernorm": "token_embd_norm",
+             "self_attention.query_key_value": "attn_qkv", "self_attention.dense": "attn_output"}
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -166,15 +174,15 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                 name.replace("q_proj", "qkv_proj"): torch.cat([state[n] for n in parts])}
     for name, t in state.items():
         w = t.numpy()
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
+        if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom":  # (BLOOM's converter writes the
+            continue  # embedding again as output)
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
-        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
+        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim) (GPT-NeoX's and BLOOM's)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         oss = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?$", name)
         if arch == "gpt-oss" and oss:  # gate_up's gate the even columns (bias entries, MXFP4 rows), up the odd
@@ -513,6 +521,20 @@ def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quan
     assert ours.config.family == family and ours.config.tied_head == (case in ("starcoder2", "olmo-tied"))
     assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
+    assert_reads_as(ours, theirs, quantisation)
+
+
+@pytest.mark.parametrize("arch,quantisation", [("bloom", "F32"), ("bloom", "Q8_0")])
+def test_a_bloom_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
+    """llama.cpp's BLOOM (ALiBi, no positions): q, k and v in one tensor, all q rows, then all k, then all v
+    (its head-by-head rows reordered by the converter); the embedding's norm token_embd_norm, LayerNorms and biases,
+    the embedding written again as output; its context the converter's (its n_embed, 64, where config.json has no
+    seq_length)."""
+    theirs = tiny_hf(arch)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, arch))
+    config = ours.config
+    assert config.family == arch and config.alibi == 8.0 and not config.tied_head and config.block_size == 64
+    assert config.embed_norm
     assert_reads_as(ours, theirs, quantisation)
 
 

@@ -2,7 +2,7 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), Llama (SmolLM2, TinyLlama, Llama-3.x),
 Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Command-R (Cohere),
-Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM and the mixtures of experts Mixtral,
+Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT and the mixtures of experts Mixtral,
 Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing
 what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -19,7 +19,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, bloom, qwen2moe, qwen3moe, olmoe, gpt-oss).
+olmo, bloom, mpt, qwen2moe, qwen3moe, olmoe, gpt-oss).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -102,8 +102,8 @@ class TransformerConfig:
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
     logit_softcap: float = 0.0  # > 0: the same on the output logits
-    # > 0: ALiBi (BLOOM): each head's score of key j from query i gets slope * (j - i) added, the heads' slopes
-    # those of this maximum bias (alibi_slopes; 8 in BLOOM)
+    # > 0: ALiBi (BLOOM, MPT): each head's score of key j from query i gets slope * (j - i) added, the heads' slopes
+    # those of this maximum bias (alibi_slopes; 8 in BLOOM and MPT)
     alibi: float = 0.0
     embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
     embed_norm: bool = False  # a norm on the token embedding (BLOOM's word_embeddings_layernorm)
@@ -302,7 +302,7 @@ def rotary(x, start, inv_freq, scale=1.0, precision="input"):
 def alibi_slopes(heads, max_bias):
     """ALiBi's slope of each head for a maximum bias: with p the largest power of two not above `heads`,
     2^(-max_bias (h + 1) / p) for the first p heads, then the odd powers 1, 3, 5, ... of 2^(-max_bias / 2p) for the
-    others (a head count not a power of two); as BLOOM's transformers and llama.cpp compute them."""
+    others (a head count not a power of two); as BLOOM's and MPT's transformers and llama.cpp compute them."""
     p = 1 << (heads.bit_length() - 1)
     return [2 ** (-max_bias * (h + 1) / p) for h in range(p)] + [2 ** (-max_bias * (2 * h + 1) / (2 * p)) for h in range(heads - p)]
 
@@ -369,8 +369,8 @@ class Attention(nn.Module):
 
 def alibi_attention(q, k, v, window, scale, slopes, bloom=False):
     """codebook.causal_attention's result with ALiBi: each score (times `scale`) of key j from query i gets its head's
-    slope * (j - i) added, in float32, then a float32 softmax; the bias depends on the distance only, so a query
-    after cached keys gets what it gets in the whole sequence. bloom: as BLOOM's
+    slope * (j - i) added, in float32, then a float32 softmax, as MPT's transformers computes it; the bias depends on
+    the distance only, so a query after cached keys gets what it gets in the whole sequence. bloom: as BLOOM's
     transformers computes it instead, slope * j (the same softmax), rounded to the scores' dtype and added within
     their product (baddbmm); the same as the other in float32, up to rounding."""
     B, H, T, S = *q.shape[:3], k.shape[2]
@@ -1257,6 +1257,40 @@ def bloom(c, where):
     return config, BLOOM_NAMES, head_by_head(heads)
 
 
+MPT_NAMES = names({"tok_emb": "wte", "norm_f": "norm_f", "head": "lm_head"},
+                  {"norm1": "norm_1", "norm2": "norm_2", "attn.q": "attn.Wqkv", "attn.k": "attn.Wqkv", "attn.v": "attn.Wqkv",
+                   "attn.o": "attn.out_proj", "mlp.up": "ffn.up_proj", "mlp.down": "ffn.down_proj"}, "blocks.{i}.")
+
+
+def mpt(c, where):
+    """MPT (mosaicml/mpt-7b, -30b and their finetunes): no positions but ALiBi, LayerNorms without bias, no biases, q, k
+    and v fused (all q rows, then k, then v) and clamped to +-clip_qkv where it is set, scores scaled by softmax_scale
+    where it is set, an exact-GELU MLP of expansion_ratio d_model (transformers' MPT builds 4 d_model whatever it says,
+    and loads no other), a tied output layer. What transformers' MPT leaves out of the computation whatever config.json
+    says, and MosaicML's own code computes, is refused where it would change the model: an alibi_bias_max other than 8,
+    alibi false (positions instead), qk_ln (LayerNorms on q and k), grouped or multi-query attention (attn_type), biases
+    (no_bias false) and logit_scale. learned_pos_emb is ignored, as transformers ignores it (mpt-7b's config.json says
+    true and holds no position embedding)."""
+    attn = c.get("attn_config") or {}
+    if not isinstance(attn, dict):
+        raise ValueError(f"{where}: attn_config={attn!r} must be a dict of the attention's settings")
+    for name, default, allowed in (("alibi", True, [True]), ("alibi_bias_max", 8, [8]), ("qk_ln", False, [False]),
+                                   ("attn_type", "multihead_attention", ["multihead_attention"])):
+        _option(attn, name, default, allowed, f"{where}: attn_config")
+    _option(c, "no_bias", True, [True], where)
+    _option(c, "logit_scale", None, [None], where)
+    d, heads, ratio = c["d_model"], c["n_heads"], c.get("expansion_ratio", 4)
+    if not isinstance(ratio, (int, float, fractions.Fraction)) or isinstance(ratio, bool) or ratio <= 0:
+        raise ValueError(f"{where}: expansion_ratio={ratio!r} must be a positive number")
+    config = dict(vocab_size=c["vocab_size"], block_size=c.get("max_seq_len", 2048), n_layer=c["n_layers"], n_head=heads,
+                  d_model=d, d_mlp=int(ratio * d), norm="layernorm_nobias", norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  attn_scale=1 / math.sqrt(d / heads) if attn.get("softmax_scale") is None else attn["softmax_scale"], alibi=8.0,
+                  qkv_clip=attn.get("clip_qkv") or 0.0, activation="gelu", mlp_bias=False,
+                  tied_head=c.get("tie_word_embeddings", True))
+    third = lambda i: lambda t: t.chunk(3)[i]
+    return config, MPT_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1267,7 +1301,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
-            "phi": phi, "starcoder2": starcoder2, "olmo": olmo, "bloom": bloom}
+            "phi": phi, "starcoder2": starcoder2, "olmo": olmo, "bloom": bloom, "mpt": mpt}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1366,7 +1400,8 @@ def read_config(folder):
 
 # the sizes the families divide by or multiply with before TransformerConfig checks them (GPT-2's and GPT-Neo's names
 # too); the optional ones may be null (the family's default)
-SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers")
+SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers",
+         "d_model", "n_heads", "n_layers")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "n_embed")
 
 
@@ -1448,14 +1483,14 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # GPT-2 and GPT-NeoX: q, k and v in one tensor, all q rows, then all k, then all v (the converter reorders GPT-NeoX's
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
-# BLOOM: q, k and v in one tensor as GPT-2's (the converter reorders BLOOM's head-by-head rows so); BLOOM's
+# BLOOM and MPT: q, k and v in one tensor as GPT-2's (the converter reorders BLOOM's head-by-head rows so); BLOOM's
 # embedding norm token_embd_norm
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "bloom")
+                      "starcoder2", "olmo", "bloom", "mpt")
 # the architectures with LayerNorms (the others' are RMSNorms)
-LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "bloom")
+LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "bloom", "mpt")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1603,10 +1638,29 @@ def gguf_config(metadata, shapes, path):
         c |= dict(norm_epsilon=c["layer_norm_eps"], use_bias="blk.0.attn_output.bias" in shapes, sliding_window=None)
     if arch == "bloom":  # (llama.cpp's BLOOM: ALiBi of maximum bias 8, a constant, as transformers')
         c |= dict(seq_length=c["max_position_embeddings"], layer_norm_epsilon=c["layer_norm_eps"])
+    if arch == "mpt":
+        c |= mpt_gguf_config(c, get, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def mpt_gguf_config(c, get, path):
+    """MPT's config.json fields from a GGUF file, as llama.cpp reads them: attention.max_alibi_bias (required; 0: no
+    ALiBi), attention.clamp_kqv (absent: none), the MLP's width its feed_forward_length. What transformers' MPT does not
+    compute is refused: a maximum bias other than 8, fewer key / value heads than heads (attention.head_count_kv)."""
+    bias = get("attention.max_alibi_bias")
+    if bias != 8:
+        raise ValueError(f"{path}: metadata mpt.attention.max_alibi_bias = {bias!r}: only ALiBi of maximum bias 8, "
+                         f"which transformers' MPT computes, is implemented")
+    if c["num_key_value_heads"] != c["num_attention_heads"]:
+        raise ValueError(f"{path}: metadata mpt.attention.head_count_kv = {c['num_key_value_heads']} is not its "
+                         f"head_count: grouped-query attention, which transformers' MPT does not have, is not implemented")
+    return dict(d_model=c["hidden_size"], n_heads=c["num_attention_heads"], n_layers=c["num_hidden_layers"],
+                max_seq_len=c["max_position_embeddings"], expansion_ratio=fractions.Fraction(c["intermediate_size"], c["hidden_size"]),
+                layer_norm_epsilon=c["layer_norm_eps"], no_bias=not c["attention_bias"],
+                attn_config=dict(clip_qkv=get("attention.clamp_kqv", 0.0) or None))
 
 
 def longrope_gguf_config(c, get, count, shapes, path):
@@ -1733,7 +1787,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
-    if c["model_type"] == "bloom":  # q, k, v as one tensor, all q rows, then all k, then all v
+    if c["model_type"] in ("bloom", "mpt"):  # q, k, v as one tensor, all q rows, then all k, then all v
         third = lambda i: lambda t: t.chunk(3)[i]
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
     if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them

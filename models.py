@@ -2,7 +2,7 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (SantaCoder, StarCoder), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
-Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo and the
+Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -19,12 +19,12 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
 This file:
-  1. parts        norms, rotary embedding, attention, MLP (or a mixture of experts), the block and the Transformer
+  1. parts        norms, rotary embedding, attention (ALiBi too), MLP (or a mixture of experts), the block and the Transformer
   2. families     per family a function from config.json to TransformerConfig fields and one
                   table from its tensor names to ours
   3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
@@ -56,8 +56,14 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def gelu_bloom(x):
+    """BLOOM's tanh GELU (transformers' bloom_gelu_forward) computed step by step in x's dtype, with its rounded constant
+    0.79788456 for sqrt(2 / pi): gelu_tanh within 1e-6 in float32, but rounded at each step in bfloat16."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu_new": gelu_new,
-               "silu": F.silu}
+               "gelu_bloom": gelu_bloom, "silu": F.silu}
 
 
 @dataclass
@@ -99,7 +105,11 @@ class TransformerConfig:
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
     logit_softcap: float = 0.0  # > 0: the same on the output logits
+    # > 0: ALiBi (BLOOM, MPT): each head's score of key j from query i gets slope * (j - i) added, the heads' slopes
+    # those of this maximum bias (alibi_slopes; 8 in BLOOM and MPT)
+    alibi: float = 0.0
     embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(d_model))
+    embed_norm: bool = False  # a norm on the token embedding (BLOOM's word_embeddings_layernorm)
     pre_norms: bool = True  # a norm on the attention's and the MLP's inputs (False: OLMo-2, normed after them only)
     sandwich_norms: bool = False  # a norm on the attention's and the MLP's outputs (Gemma: as well; OLMo-2: instead)
     mlp: str = "gelu"  # "gelu": down(act(up x)); "gated": down(act(gate x) * up x) (SwiGLU with silu)
@@ -170,9 +180,11 @@ class TransformerConfig:
         for name in ("no_rotary_layers", "dense_layers"):
             if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must list layers, each in 0 .. {self.n_layer - 1}")
-        for name in ("qkv_clip", "swiglu_limit"):
+        for name in ("qkv_clip", "swiglu_limit", "alibi"):
             if not (getattr(self, name) == 0 or is_positive_number(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number (or 0: none)")
+        if self.alibi and (self.attn_softcap or self.attn_sinks):
+            raise ValueError("alibi with attn_softcap or attn_sinks is not implemented")
         if not is_positive_number(self.swiglu_alpha):
             raise ValueError(f"swiglu_alpha={self.swiglu_alpha!r} must be a positive number")
         for name in ("experts", "experts_used", "d_expert", "d_shared_expert"):
@@ -292,6 +304,14 @@ def rotary(x, start, inv_freq, scale=1.0, precision="input"):
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
 
 
+def alibi_slopes(heads, max_bias):
+    """ALiBi's slope of each head for a maximum bias: with p the largest power of two not above `heads`,
+    2^(-max_bias (h + 1) / p) for the first p heads, then the odd powers 1, 3, 5, ... of 2^(-max_bias / 2p) for the
+    others (a head count not a power of two); as BLOOM's and MPT's transformers and llama.cpp compute them."""
+    p = 1 << (heads.bit_length() - 1)
+    return [2 ** (-max_bias * (h + 1) / p) for h in range(p)] + [2 ** (-max_bias * (2 * h + 1) / (2 * p)) for h in range(heads - p)]
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads; returns each head's output before W_O (self.o)."""
 
@@ -311,6 +331,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps, cfg.norm_weight_float32)
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
+        self.alibi = alibi_slopes(cfg.n_head, cfg.alibi) if cfg.alibi else None  # (floats, not a buffer: never rounded)
+        self.alibi_as_bloom = cfg.family == "bloom"  # its bias rounded as BLOOM's transformers rounds it
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
@@ -349,9 +371,31 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
+        if self.alibi is not None:
+            return alibi_attention(q, k, v, self.window, self.scale, self.alibi, self.alibi_as_bloom).transpose(1, 2)
         if self.softcap or self.sinks is not None:
             return softcapped_attention(q, k, v, self.window, self.scale, self.softcap, self.sinks).transpose(1, 2)
         return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
+
+
+def alibi_attention(q, k, v, window, scale, slopes, bloom=False):
+    """codebook.causal_attention's result with ALiBi: each score (times `scale`) of key j from query i gets its head's
+    slope * (j - i) added, in float32, then a float32 softmax, as MPT's transformers computes it; the bias depends on
+    the distance only, so a query after cached keys gets what it gets in the whole sequence. bloom: as BLOOM's
+    transformers computes it instead, slope * j (the same softmax), rounded to the scores' dtype and added within
+    their product (baddbmm); the same as the other in float32, up to rounding."""
+    B, H, T, S = *q.shape[:3], k.shape[2]
+    k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
+    scale = scale or q.shape[-1] ** -0.5
+    i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
+    slopes = torch.tensor(slopes, device=q.device)[:, None, None]  # (H, 1, 1), float32
+    if bloom:
+        bias = (slopes * j).to(q.dtype).repeat(B, 1, 1)  # (B * H, 1, S)
+        scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=scale).view(B, H, T, S).float()
+    else:
+        scores = q @ k.transpose(2, 3) * scale + slopes * (j - i)
+    visible = (j <= i) & (j > i - window) if window else j <= i
+    return scores.masked_fill(~visible, -math.inf).softmax(-1).to(v.dtype) @ v
 
 
 def softcapped_attention(q, k, v, window, scale, cap, sinks=None):
@@ -493,6 +537,7 @@ class Transformer(cb.CodebookModel):
         self.config = cfg = config if isinstance(config, TransformerConfig) else TransformerConfig(**config)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.learned_positions else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
@@ -520,6 +565,8 @@ class Transformer(cb.CodebookModel):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         for i, block in enumerate(self.blocks):
             x = block(x, start, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
@@ -677,8 +724,14 @@ def gpt_neox(c, where):
                   {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "attention.query_key_value",
                    "attn.k": "attention.query_key_value", "attn.v": "attention.query_key_value", "attn.o": "attention.dense",
                    "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "layers.{i}.")
-    per_head = lambda i: lambda t: t.reshape(heads, 3, d_head, *t.shape[1:])[:, i].reshape(d, *t.shape[1:])  # q, k, v
-    return config, table, {f"blocks.{{i}}.attn.{x}": per_head(i) for i, x in enumerate("qkv")}
+    return config, table, head_by_head(heads)
+
+
+def head_by_head(heads):
+    """The transforms taking q, k and v (weight or bias) out of one fused tensor laid out head by head: per head its
+    q rows, then its k rows, then its v rows (GPT-NeoX's and BLOOM's query_key_value)."""
+    part = lambda i: lambda t: t.reshape(heads, 3, -1, *t.shape[1:])[:, i].reshape(-1, *t.shape[1:])
+    return {f"blocks.{{i}}.attn.{x}": part(i) for i, x in enumerate("qkv")}
 
 
 LLAMA_NAMES = names({"tok_emb": "embed_tokens", "norm_f": "norm", "head": "lm_head"},
@@ -1192,13 +1245,11 @@ def gpt_bigcode(c, where):
         _option(c, name, True, [True, False], where)
     config, table, _ = gpt2(c | {"activation_function": c.get("activation_function", "gelu_pytorch_tanh")}, where)
     d, heads = config["d_model"], config["n_head"]
-    if multi_query:
-        sizes = [d, d // heads, d // heads]
-        part = lambda i: lambda t: t.split(sizes)[i]  # q, k or v (weight or bias)
-    else:
-        part = lambda i: lambda t: t.unflatten(0, (heads, 3, -1))[:, i].flatten(0, 1)
-    return (config | dict(n_kv_head=1 if multi_query else heads), table,
-            {f"blocks.{{i}}.attn.{x}": part(i) for i, x in enumerate("qkv")})
+    if not multi_query:
+        return config | dict(n_kv_head=heads), table, head_by_head(heads)
+    sizes = [d, d // heads, d // heads]
+    part = lambda i: lambda t: t.split(sizes)[i]  # q, k or v (weight or bias)
+    return config | dict(n_kv_head=1), table, {f"blocks.{{i}}.attn.{x}": part(i) for i, x in enumerate("qkv")}
 
 
 STARCODER2_NAMES = LLAMA_NAMES | names({}, {"mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}, "layers.{i}.")
@@ -1239,6 +1290,65 @@ def olmo(c, where):
     return config, LLAMA_NAMES, {}
 
 
+BLOOM_NAMES = names({"tok_emb": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "norm_f": "ln_f", "head": "lm_head"},
+                    {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+                     "attn.q": "self_attention.query_key_value", "attn.k": "self_attention.query_key_value",
+                     "attn.v": "self_attention.query_key_value", "attn.o": "self_attention.dense",
+                     "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "h.{i}.")
+
+
+def bloom(c, where):
+    """BLOOM (bigscience/bloom-560m to bloom, bloomz): no positions but ALiBi (maximum bias 8), a LayerNorm on the
+    token embedding, LayerNorms with bias, q, k and v fused head by head (as GPT-NeoX), biases everywhere, BLOOM's
+    tanh GELU in an MLP of 4 d_model, a tied output layer. Its context: seq_length where config.json gives it, else
+    BLOOM's 2,048 (transformers sets none). pretraining_tp with slow_but_exact, which only sums W_O's and the MLP's
+    products in slices (rounding otherwise), is left out; apply_residual_connection_post_layernorm (the residual
+    taken after each norm), which no released BLOOM has, is not implemented."""
+    _option(c, "apply_residual_connection_post_layernorm", False, [False], where)
+    d = c["n_embed"] if c.get("n_embed") is not None else c["hidden_size"]  # (transformers: n_embed, where given, wins)
+    heads = c["n_head"] if "n_head" in c else c["num_attention_heads"]
+    config = dict(vocab_size=c["vocab_size"], block_size=c.get("seq_length") or 2048,
+                  n_layer=c["n_layer"] if "n_layer" in c else c["num_hidden_layers"], n_head=heads, d_model=d, d_mlp=4 * d,
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5), attn_scale=1 / math.sqrt(d // heads), alibi=8.0,
+                  embed_norm=True, qkv_bias=True, out_bias=True, activation="gelu_bloom",
+                  tied_head=c.get("tie_word_embeddings", True))
+    return config, BLOOM_NAMES, head_by_head(heads)
+
+
+MPT_NAMES = names({"tok_emb": "wte", "norm_f": "norm_f", "head": "lm_head"},
+                  {"norm1": "norm_1", "norm2": "norm_2", "attn.q": "attn.Wqkv", "attn.k": "attn.Wqkv", "attn.v": "attn.Wqkv",
+                   "attn.o": "attn.out_proj", "mlp.up": "ffn.up_proj", "mlp.down": "ffn.down_proj"}, "blocks.{i}.")
+
+
+def mpt(c, where):
+    """MPT (mosaicml/mpt-7b, -30b and their finetunes): no positions but ALiBi, LayerNorms without bias, no biases, q, k
+    and v fused (all q rows, then k, then v) and clamped to +-clip_qkv where it is set, scores scaled by softmax_scale
+    where it is set, an exact-GELU MLP of expansion_ratio d_model (transformers' MPT builds 4 d_model whatever it says,
+    and loads no other), a tied output layer. What transformers' MPT leaves out of the computation whatever config.json
+    says, and MosaicML's own code computes, is refused where it would change the model: an alibi_bias_max other than 8,
+    alibi false (positions instead), qk_ln (LayerNorms on q and k), grouped or multi-query attention (attn_type), biases
+    (no_bias false) and logit_scale. learned_pos_emb is ignored, as transformers ignores it (mpt-7b's config.json says
+    true and holds no position embedding)."""
+    attn = c.get("attn_config") or {}
+    if not isinstance(attn, dict):
+        raise ValueError(f"{where}: attn_config={attn!r} must be a dict of the attention's settings")
+    for name, default, allowed in (("alibi", True, [True]), ("alibi_bias_max", 8, [8]), ("qk_ln", False, [False]),
+                                   ("attn_type", "multihead_attention", ["multihead_attention"])):
+        _option(attn, name, default, allowed, f"{where}: attn_config")
+    _option(c, "no_bias", True, [True], where)
+    _option(c, "logit_scale", None, [None], where)
+    d, heads, ratio = c["d_model"], c["n_heads"], c.get("expansion_ratio", 4)
+    if not isinstance(ratio, (int, float, fractions.Fraction)) or isinstance(ratio, bool) or ratio <= 0:
+        raise ValueError(f"{where}: expansion_ratio={ratio!r} must be a positive number")
+    config = dict(vocab_size=c["vocab_size"], block_size=c.get("max_seq_len", 2048), n_layer=c["n_layers"], n_head=heads,
+                  d_model=d, d_mlp=int(ratio * d), norm="layernorm_nobias", norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                  attn_scale=1 / math.sqrt(d / heads) if attn.get("softmax_scale") is None else attn["softmax_scale"], alibi=8.0,
+                  qkv_clip=attn.get("clip_qkv") or 0.0, activation="gelu", mlp_bias=False,
+                  tied_head=c.get("tie_word_embeddings", True))
+    third = lambda i: lambda t: t.chunk(3)[i]
+    return config, MPT_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1250,7 +1360,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj, "gpt_bigcode": gpt_bigcode}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1349,8 +1459,9 @@ def read_config(folder):
 
 # the sizes the families divide by or multiply with before TransformerConfig checks them (GPT-2's and GPT-Neo's names
 # too); the optional ones may be null (the family's default)
-SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers")
-OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers",
+         "d_model", "n_heads", "n_layers")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "n_embed")
 
 
 def family_config(c, where):
@@ -1431,12 +1542,15 @@ GGUF_PHI3_NAMES = GGUF_NAMES | names({}, {"attn.q": "attn_qkv", "attn.k": "attn_
 # GPT-2 and GPT-NeoX: q, k and v in one tensor, all q rows, then all k, then all v (the converter reorders GPT-NeoX's
 # head-by-head rows so, and transposes GPT-2's Conv1D matrices to nn.Linear's layout)
 GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
+# BLOOM and MPT: q, k and v in one tensor as GPT-2's (the converter reorders BLOOM's head-by-head rows so); BLOOM's
+# embedding norm token_embd_norm
+GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
-                           "starcoder")
+                           "starcoder", "bloom", "mpt")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1591,10 +1705,31 @@ def gguf_config(metadata, shapes, path):
         c["clip_qkv"] = get("attention.clamp_kqv", 0.0)
     if arch == "starcoder2":  # no window: llama.cpp leaves StarCoder2's out (the released models': 4,096 of 16,384 positions)
         c |= dict(norm_epsilon=c["layer_norm_eps"], use_bias="blk.0.attn_output.bias" in shapes, sliding_window=None)
+    if arch == "bloom":  # (llama.cpp's BLOOM: ALiBi of maximum bias 8, a constant, as transformers')
+        c |= dict(seq_length=c["max_position_embeddings"], layer_norm_epsilon=c["layer_norm_eps"])
+    if arch == "mpt":
+        c |= mpt_gguf_config(c, get, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def mpt_gguf_config(c, get, path):
+    """MPT's config.json fields from a GGUF file, as llama.cpp reads them: attention.max_alibi_bias (required; 0: no
+    ALiBi), attention.clamp_kqv (absent: none), the MLP's width its feed_forward_length. What transformers' MPT does not
+    compute is refused: a maximum bias other than 8, fewer key / value heads than heads (attention.head_count_kv)."""
+    bias = get("attention.max_alibi_bias")
+    if bias != 8:
+        raise ValueError(f"{path}: metadata mpt.attention.max_alibi_bias = {bias!r}: only ALiBi of maximum bias 8, "
+                         f"which transformers' MPT computes, is implemented")
+    if c["num_key_value_heads"] != c["num_attention_heads"]:
+        raise ValueError(f"{path}: metadata mpt.attention.head_count_kv = {c['num_key_value_heads']} is not its "
+                         f"head_count: grouped-query attention, which transformers' MPT does not have, is not implemented")
+    return dict(d_model=c["hidden_size"], n_heads=c["num_attention_heads"], n_layers=c["num_hidden_layers"],
+                max_seq_len=c["max_position_embeddings"], expansion_ratio=fractions.Fraction(c["intermediate_size"], c["hidden_size"]),
+                layer_norm_epsilon=c["layer_norm_eps"], no_bias=not c["attention_bias"],
+                attn_config=dict(clip_qkv=get("attention.clamp_kqv", 0.0) or None))
 
 
 def longrope_gguf_config(c, get, count, shapes, path):
@@ -1729,6 +1864,9 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         table, transforms = GGUF_QKV_NAMES, family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):
         third = lambda i: lambda t: t.chunk(3)[i]  # q, k or v (weight or bias)
+        table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+    if c["model_type"] in ("bloom", "mpt"):  # q, k, v as one tensor, all q rows, then all k, then all v
+        third = lambda i: lambda t: t.chunk(3)[i]
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
     if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them
         table = table | names({}, {"norm2": "post_attention_norm", "attn": "attn"}, "blk.{i}.")

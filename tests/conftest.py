@@ -161,7 +161,7 @@ def mxfp4(shape, g, scales=(0, 255)):
 
 
 def tiny_hf(family, vocab_size=96, **options):
-    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions)."""
+    """A tiny random transformers model of `family` (d 64, 4 heads, 2 layers, 64 positions; BLOOM none)."""
     t = need("transformers")
     options = copy.deepcopy(options)  # transformers writes into a config's dicts (rope_scaling gets rope_theta)
     if family == "gpt2":
@@ -183,6 +183,14 @@ def tiny_hf(family, vocab_size=96, **options):
         config = t.GPTBigCodeConfig(**dict(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                            bos_token_id=0, eos_token_id=0) | options)
         return randomize(t.GPTBigCodeForCausalLM(config), 7)
+    if family == "bloom":
+        config = t.BloomConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
+                               **dict(hidden_size=64, n_layer=2, n_head=4) | options)
+        return randomize(t.BloomForCausalLM(config), 6)
+    if family == "mpt":
+        config = t.MptConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
+                             **dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64) | options)
+        return randomize(t.MptForCausalLM(config), 7)
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
     # StarCoder2, OLMo, the mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, BLOOM, MPT and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -86,6 +86,11 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          # OLMo: q, k and v clamped to +-2 (well inside their spread); and with biases on q, k, v and W_O, tied
          "olmo": ("olmo", dict(clip_qkv=2.0, rope_theta=500.0)),
          "olmo-biases-tied": ("olmo", dict(attention_bias=True, tie_word_embeddings=True)),
+         # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
+         # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
+         "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
+         "mpt": ("mpt", {}),
+         "mpt-clip-scaled-untied": ("mpt", dict(attn_config=dict(clip_qkv=2.0, softmax_scale=0.2), tie_word_embeddings=False)),
          # mixtures of experts (conftest.MOE: 4 experts, 2 per token): Mixtral renormalises the two chosen experts'
          # weights, always, and has Mistral's window; Qwen2-MoE adds its gated shared expert, and keeps a dense MLP on
          # mlp_only_layers and on the layers decoder_sparse_step skips (layer 0 here); Qwen3-MoE and OLMoE renormalise
@@ -100,7 +105,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bigcode": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
-        "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "bloom": True, "mpt": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -114,7 +119,10 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
-         "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2])}
+         "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
+         # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
+         "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
+         "mpt": ("transformer.blocks.1.attn.out_proj", "transformer.blocks.1.ffn.down_proj", "transformer.blocks.1")}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 
 
@@ -354,13 +362,14 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 @pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
                                   "starcoder2", "olmo", "phi3-longrope", "gptj", "gpt_bigcode",
-                                  "gpt_bigcode-mha-unscaled"])
+                                  "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
-    GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is)."""
+    GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is;
+    MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
@@ -589,9 +598,36 @@ def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():
     assert written.total < 10 * experts  # was 68 times
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, tmp_path):
+    """ALiBi's slopes (models.alibi_slopes) are BLOOM's and MPT's transformers' for 1 to 80 heads, a power of two or
+    not (the heads past the largest power of two then take the odd powers of a second base); a tiny model with 6 heads
+    gives transformers' logits, and generating past its prompt with the cache, transformers' tokens and its logits at
+    every step (each new query biased by its distance to every cached key)."""
+    hf = need(f"transformers.models.{family}.modeling_{family}")
+    for heads in range(1, 81):
+        theirs = hf._get_alibi_slopes(heads, "cpu") if family == "bloom" else -hf.build_mpt_alibi_tensor(heads, 2)[:, 0, 0]
+        assert torch.allclose(torch.tensor(models.alibi_slopes(heads, 8.0)), theirs, rtol=1e-6, atol=0), heads
+    theirs = tiny_hf(family, **(dict(n_head=6, hidden_size=48) if family == "bloom" else dict(n_heads=6, d_model=48)))
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.n_head == 6
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    out = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones_like(x[:, :8]), output_logits=True, return_dict_in_generate=True)
+    seen = []
+    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
+    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), out.sequences)
+    hook.remove()
+    assert len(seen) == 20 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+
+
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
-    scale, tied head (and Cohere's and Granite's parts): the key-value cache still computes what the
+    scale, tied head (and Cohere's and Granite's parts, and ALiBi): the key-value cache still computes what the
     whole prefix does, and rotary scores depend only on the offset."""
     torch.manual_seed(0)
     config = dict(vocab_size=50, block_size=24, n_layer=3, n_head=4, n_kv_head=2, d_model=16, d_head=6, d_mlp=32,
@@ -613,6 +649,14 @@ def test_the_parts_keep_generation_with_the_cache_exact():
     cache = {}
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
     assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
+
+    # ALiBi as MPT and as BLOOM compute it, 6 heads (not a power of two) sharing 3 key / value heads, an embedding norm
+    for family in ("mpt", "bloom"):
+        model = models.Transformer(dict(family=family, vocab_size=50, block_size=24, n_layer=2, n_head=6, n_kv_head=3,
+                                        d_model=24, d_mlp=32, alibi=8.0, embed_norm=True, tied_head=True)).double().eval()
+        cache = {}
+        steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
+        assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10), family
 
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
     inv_freq = models.rotary_frequencies(4, 10000.0, {})
@@ -822,7 +866,23 @@ def test_clear_errors(tmp_path):
                                                    r"rope_type 'yarn' needs \['original_max_position_embeddings'\]"),
                                                   (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate="no",
                                                                           original_max_position_embeddings=32)),
-                                                   "truncate='no' is not implemented")]]:
+                                                   "truncate='no' is not implemented")]] + [
+                            # BLOOM's and MPT's options transformers does not compute (MosaicML's code computes MPT's)
+                            (dict(model_type="bloom", vocab_size=96, hidden_size=64, n_layer=2, n_head=4) | bad, message)
+                            for bad, message in [(dict(apply_residual_connection_post_layernorm=True),
+                                                  "config.json: apply_residual_connection_post_layernorm=True is not implemented"),
+                                                 (dict(n_embed=0), "config.json: n_embed=0 must be a positive integer, or null")]] + [
+                            (dict(model_type="mpt", vocab_size=96, d_model=64, n_layers=2, n_heads=4) | bad, message)
+                            for bad, message in [(dict(attn_config=dict(alibi_bias_max=16)),
+                                                  r"config.json: attn_config: alibi_bias_max=16 is not implemented"),
+                                                 (dict(attn_config=dict(qk_ln=True)), "attn_config: qk_ln=True is not"),
+                                                 (dict(attn_config=dict(alibi=False)), "attn_config: alibi=False is not"),
+                                                 (dict(attn_config=dict(attn_type="grouped_query_attention", kv_n_heads=2)),
+                                                  "attn_config: attn_type='grouped_query_attention' is not implemented"),
+                                                 (dict(no_bias=False), "config.json: no_bias=False is not implemented"),
+                                                 (dict(logit_scale="inv_sqrt_d_model"), "logit_scale='inv_sqrt_d_model' is not"),
+                                                 (dict(expansion_ratio="4"), "expansion_ratio='4' must be a positive"),
+                                                 (dict(n_heads=0), "config.json: n_heads=0 must be a positive integer")]]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))

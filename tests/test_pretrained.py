@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
     converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -65,16 +65,28 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     attention.clamp_kqv.
     gpt-oss: its sinks as attn_sinks.weight, its window, YaRN and expert width in the metadata, its interleaved gate / up
     columns (and biases) split; its experts from `mxfp4` ({weight name: (blocks, scales)} as released), repacked
-    (ggml_mxfp4), or without it its float weights."""
+    (ggml_mxfp4), or without it its float weights.
+    BLOOM (bloom): fused q / k / v reordered as GPT-NeoX's, its embedding norm token_embd_norm, the embedding written
+    again as output, the context its n_embed (no seq_length here). MPT (mpt): an MLP of 4 d_model, eps 1e-5,
+    attention.max_alibi_bias and clip_qkv as attention.clamp_kqv."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj", "starcoder") else c.intermediate_size,
+    # (BLOOM's converter writes seq_length for the context, or where config.json has none, as here, n_embed)
+    context = c.hidden_size if arch == "bloom" else c.max_seq_len if arch == "mpt" else c.max_position_embeddings
+    meta = {"block_count": c.num_hidden_layers, "context_length": context, "embedding_length": c.hidden_size,
+            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj", "starcoder", "bloom", "mpt") else c.intermediate_size,
             "attention.head_count": c.num_attention_heads}
     if arch in ("gpt2", "gptneox", "gptj", "starcoder"):  # LayerNorms, no rotary base written
         meta |= {"attention.layer_norm_epsilon": c.layer_norm_eps if arch == "gptneox" else c.layer_norm_epsilon}
+    elif arch in ("bloom", "mpt"):  # no rotary embedding; MPT's converter writes eps 1e-5 whatever config.json says, its
+        # maximum ALiBi bias and clip_qkv as clamp_kqv; no head_count_kv (MPT) or as many as heads (BLOOM)
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon if arch == "bloom" else 1e-5}
+        meta |= {"attention.head_count_kv": c.num_attention_heads} if arch == "bloom" else \
+            {"attention.max_alibi_bias": float(c.attn_config.alibi_bias_max)}
+        if arch == "mpt" and c.attn_config.clip_qkv:
+            meta |= {"attention.clamp_kqv": c.attn_config.clip_qkv}
     else:
         meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": head,
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
@@ -150,7 +162,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks",
              "model.final_layernorm": "output_norm", "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
              "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.out_proj": "attn_output",
-             "mlp.fc_in": "ffn_up", "mlp.fc_out": "ffn_down"}
+             "mlp.fc_in": "ffn_up", "mlp.fc_out": "ffn_down",
+             "transformer.word_embeddings": "token_embd", "transformer.word_embeddings_layernorm": "token_embd_norm",
+             "self_attention.query_key_value": "attn_qkv", "self_attention.dense": "attn_output",
+             "transformer.norm_f": "output_norm", "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.Wqkv": "attn_qkv",
+             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down"}
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -174,15 +190,15 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                 name.replace("q_proj", "qkv_proj"): torch.cat([state[n] for n in parts])}
     for name, t in state.items():
         w = t.numpy()
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
+        if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom":  # (BLOOM's converter writes the
+            continue  # embedding again as output)
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
-        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim)
+        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim) (GPT-NeoX's and BLOOM's)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         oss = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?$", name)
         if arch == "gpt-oss" and oss:  # gate_up's gate the even columns (bias entries, MXFP4 rows), up the odd
@@ -206,7 +222,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                 add(f"blk.{experts[1]}.{part}.weight", stacked)
             continue
         stem, suffix = name.rsplit(".", 1) if not name.endswith(".sinks") else (name, "weight")  # gpt-oss's: a parameter
-        layer = re.match(r"(model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)\.(.+)", stem)
+        layer = re.match(r"(model\.layers|transformer\.h|gpt_neox\.layers|transformer\.blocks)\.(\d+)\.(.+)", stem)
         gguf_name = f"blk.{layer[2]}.{names[layer[3]]}.{suffix}" if layer else f"{names[stem]}.{suffix}"
         if qkv_apart and "qkv_proj" in name:
             q, kv = c.num_attention_heads * meta["attention.key_length"], c.num_key_value_heads * meta["attention.key_length"]
@@ -560,6 +576,35 @@ def test_a_gptj_gguf_file_gives_its_original_logits(case, quantisation, tmp_path
             with pytest.raises(ValueError, match=re.escape(message)) as e:
                 models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="gptj", **changes))
             assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch,quantisation", [("bloom", "F32"), ("bloom", "Q8_0"), ("mpt", "F32"), ("mpt", "Q8_0")])
+def test_a_bloom_or_mpt_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
+    """llama.cpp's BLOOM and MPT (ALiBi, no positions): q, k and v in one tensor, all q rows, then all k, then all v
+    (BLOOM's head-by-head rows reordered by the converter). BLOOM: the embedding's norm token_embd_norm, LayerNorms
+    and biases, the embedding written again as output; its context the converter's (its n_embed, 64, where config.json
+    has no seq_length). MPT: LayerNorms without bias, no biases, attention.max_alibi_bias, clip_qkv (2, within the
+    spread of q, k and v) as attention.clamp_kqv, no output tensor (tied)."""
+    theirs = tiny_hf(arch, **(dict(attn_config=dict(clip_qkv=2.0)) if arch == "mpt" else {}))
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{arch}.gguf", theirs, quantisation, arch))
+    config = ours.config
+    assert config.family == arch and config.alibi == 8.0 and config.tied_head == (arch == "mpt") and config.block_size == 64
+    assert config.qkv_clip == (2.0 if arch == "mpt" else 0.0) and config.embed_norm == (arch == "bloom")
+    assert_reads_as(ours, theirs, quantisation)
+
+
+def test_mpt_metadata_as_llama_cpp_reads_it(tmp_path):
+    """attention.max_alibi_bias, which llama.cpp requires of an mpt file, other than transformers' 8 (0: no ALiBi), and
+    fewer key / value heads than heads, which llama.cpp reads and transformers' MPT does not compute, are one line."""
+    theirs = tiny_hf("mpt")
+    cases = [(dict(drop=["attention.max_alibi_bias"]), "metadata mpt.attention.max_alibi_bias is missing"),
+             ({"attention.max_alibi_bias": 16.0}, "mpt.attention.max_alibi_bias = 16.0: only ALiBi of maximum bias 8"),
+             ({"attention.max_alibi_bias": 0.0}, "mpt.attention.max_alibi_bias = 0.0: only ALiBi of maximum bias 8"),
+             ({"attention.head_count_kv": 2}, "mpt.attention.head_count_kv = 2 is not its head_count: grouped-query")]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="mpt", **changes))
+        assert "\n" not in str(e.value)
 
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):

@@ -1,6 +1,6 @@
 """
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
-GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (SantaCoder, StarCoder), Llama
+GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
@@ -667,6 +667,10 @@ def gpt2(c, where):
     """GPT-2: fused qkv and every matrix stored transposed (Conv1D), tanh GELU, tied embeddings."""
     _option(c, "scale_attn_by_inverse_layer_idx", False, [False], where)
     _option(c, "add_cross_attention", False, [False], where)
+    # SantaCoder's original repository: a gpt2 config of remote code, its multi-query attention's weights q_attn and kv_attn
+    if c.get("attention_head_type", "multihead") != "multihead":
+        raise ValueError(f"{where}: attention_head_type={c['attention_head_type']!r} is remote code's (GPT2CustomConfig, "
+                         f"bigcode/santacoder's), not GPT-2's: give its conversion to gpt_bigcode, bigcode/gpt_bigcode-santacoder")
     d = c["n_embd"]
     config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
                   d_model=d, d_mlp=c.get("n_inner") or 4 * d, norm_eps=c.get("layer_norm_epsilon", 1e-5),
@@ -1234,7 +1238,8 @@ def gptj(c, where):
 
 
 def gpt_bigcode(c, where):
-    """GPT-BigCode (SantaCoder, StarCoder, StarCoderBase, tiny_starcoder): GPT-2's blocks (learned positions, LayerNorms,
+    """GPT-BigCode (StarCoder, StarCoderBase, tiny_starcoder, gpt_bigcode-santacoder; not bigcode/santacoder, a gpt2
+    config of remote code, refused by gpt2()): GPT-2's blocks (learned positions, LayerNorms,
     biases on all but the tied output layer, tanh's GELU by default) with nn.Linear's (out, in) matrices and, with
     multi_query (the released models), one key / value head for all query heads, c_attn's rows all q, then k's, then
     v's; without it a key / value head per query head, c_attn's rows head by head (each head's q, k, v in turn).

@@ -850,6 +850,13 @@ def test_clear_errors(tmp_path):
                                 (dict(add_cross_attention=True), r"config.json: add_cross_attention=True is not implemented"),
                                 (dict(attention_softmax_in_fp32=None), "attention_softmax_in_fp32=None is not implemented"),
                                 (dict(n_embd=None), "config.json: n_embd=None must be a positive integer")]] + [
+                            # SantaCoder's original repository (bigcode/santacoder): a gpt2 config of remote code, multi-query
+                            # attention with q_attn and kv_attn apart; its conversion, bigcode/gpt_bigcode-santacoder, loads
+                            (dict(model_type="gpt2", vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                  attention_head_type="multiquery"),
+                             r"config.json: attention_head_type='multiquery' is remote code's \(GPT2CustomConfig, "
+                             r"bigcode/santacoder's\), not GPT-2's: give its conversion to gpt_bigcode, "
+                             r"bigcode/gpt_bigcode-santacoder")] + [
                             (dict(model_type="llama", vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) | rope, message)
                             for rope, message in [(dict(rope_theta=None), "rotary_base=None must be a positive number"),

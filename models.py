@@ -94,6 +94,9 @@ class TransformerConfig:
     # the rotary frequencies kept in float32 when the model is cast to a lower precision (GPT-J: transformers computes its
     # table of sines and cosines in float32, then rounds them); else rounded with the model, as Llama's inv_freq buffer
     rotary_frequencies_float32: bool = False
+    # the rotary embedding pairs dims (2i, 2i + 1) of each head, q and k as stored (GPT-J); else (i, i + rotary_dims / 2):
+    # the same rotation of reordered dims, but q . k summed in another order, other last bits in bfloat16 or float16
+    rotary_interleaved: bool = False
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
     qk_norm: bool = False  # an RMSNorm on each head's queries and keys, before the rotary embedding (Qwen3)
@@ -288,19 +291,24 @@ def rotary_frequencies(dims, base, scaling, long=False):
     return inv_freq
 
 
-def rotary(x, start, inv_freq, scale=1.0, precision="input"):
+def rotary(x, start, inv_freq, scale=1.0, precision="input", interleaved=False):
     """Queries or keys x (B, H, T, d_head) at positions start, start + 1, ... rotated: the first
     2 len(inv_freq) dims of each head, dim i paired with i + len(inv_freq) (the "rotate_half"
-    layout of GPT-NeoX and transformers' Llama), and multiplied by `scale` (YaRN's or LongRoPE's attention
-    factor); the rest unchanged. In x's dtype, or in float32 rounded once (precision: TransformerConfig's
-    rotary_precision)."""
+    layout of GPT-NeoX and transformers' Llama; interleaved: dim 2i with 2i + 1, GPT-J's), and multiplied by
+    `scale` (YaRN's or LongRoPE's attention factor); the rest unchanged. In x's dtype, or in float32 rounded once
+    (precision: TransformerConfig's rotary_precision)."""
     dims = 2 * inv_freq.shape[0]
     angles = torch.arange(start, start + x.shape[2], dtype=torch.float, device=x.device)[:, None] * inv_freq.float()
-    cos, sin = (f(torch.cat([angles, angles], -1)) * scale for f in (torch.cos, torch.sin))
+    angles = angles.repeat_interleave(2, -1) if interleaved else torch.cat([angles, angles], -1)
+    cos, sin = (f(angles) * scale for f in (torch.cos, torch.sin))
     if precision != "float32_tables":
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rot = x[..., :dims].float() if precision != "input" else x[..., :dims]
-    rotated = (rot * cos + torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1) * sin).to(x.dtype)
+    if interleaved:  # (-x[2i + 1], x[2i]) at dims 2i, 2i + 1, as transformers' GPT-J turns them
+        turned = torch.stack([-rot[..., 1::2], rot[..., ::2]], -1).flatten(-2)
+    else:
+        turned = torch.cat([-rot[..., dims // 2:], rot[..., :dims // 2]], -1)
+    rotated = (rot * cos + turned * sin).to(x.dtype)
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
 
 
@@ -344,6 +352,7 @@ class Attention(nn.Module):
                              else None, persistent=False)
         self.original_context = scaling.get("original_max_position_embeddings") if longrope else None
         self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
+        self.rotary_interleaved = cfg.rotary_interleaved
         # rotary_frequencies_float32: a copy outside the buffers, which casting the model would round
         self.float32_freq = frequencies if rotates and cfg.rotary_frequencies_float32 else None
 
@@ -366,7 +375,8 @@ class Attention(nn.Module):
                 if self.float32_freq.device != x.device:  # moved once, with the model's first forward there
                     self.float32_freq = self.float32_freq.to(x.device)
                 inv_freq = self.float32_freq
-            q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision) for t in (q, k))
+            q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision, self.rotary_interleaved)
+                    for t in (q, k))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -1220,8 +1230,8 @@ def gptj(c, where):
     """GPT-J (GPT-J-6B): Phi's block (attention and a GELU MLP in parallel, both reading the block's input through one
     LayerNorm, their outputs summed before the residual is added; gelu_new step by step), without biases on q, k, v
     and W_O, with them on the MLP and the output layer; the rotary embedding (base 10,000) on each head's first
-    rotary_dim dims, on interleaved pairs (2i, 2i + 1), which those q and k rows are reordered to "rotate_half" pairs
-    for (unpermute), the head's other dims left as they are."""
+    rotary_dim dims, on interleaved pairs (2i, 2i + 1), q and k as stored (rotary_interleaved), the head's other dims
+    left as they are."""
     d, heads = c["n_embd"], c["n_head"]
     rotary = c.get("rotary_dim", 64)
     # (null: transformers' table spans n_embd dims, which fits a model of one head only)
@@ -1230,11 +1240,11 @@ def gptj(c, where):
     act = _option(c, "activation_function", "gelu_new", list(GELUS), where)
     config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=heads, d_model=d,
                   d_mlp=c.get("n_inner") or 4 * d, norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  rotary_dims=rotary, rotary_frequencies_float32=True, qkv_bias=False, out_bias=False,
+                  rotary_dims=rotary, rotary_frequencies_float32=True, rotary_interleaved=True, qkv_bias=False, out_bias=False,
                   activation="gelu_new" if act == "gelu_new" else GELUS[act],
                   parallel_residual=True, shared_norm=True, outputs_summed_first=True, head_bias=True,
                   tied_head=c.get("tie_word_embeddings", False))
-    return config, GPTJ_NAMES, {f"blocks.{{i}}.attn.{x}": unpermute(heads, rotary) for x in "qk"}
+    return config, GPTJ_NAMES, {}
 
 
 def gpt_bigcode(c, where):
@@ -1827,17 +1837,10 @@ def gemma_gguf_config(c, get):
                 final_logit_softcapping=get("final_logit_softcapping", 30.0 if gemma2 else 0.0))
 
 
-def unpermute(heads, dims=0):
+def unpermute(heads):
     """llama.cpp's converter reorders each head's q / k rows from the "rotate_half" layout (dim i
-    paired with i + d/2) to interleaved pairs (2i, 2i + 1), its rotary layout; this puts them back
-    (Cohere's and GPT-J's rows, interleaved as stored, too). dims > 0: only each head's first dims rows,
-    the ones the rotary embedding turns (GPT-J's rotary_dim), the others kept."""
-    def reorder(t):
-        rows = t.unflatten(0, (heads, -1))  # (heads, d_head, ...), a weight's or a bias's
-        n = dims or rows.shape[1]
-        halves = rows[:, :n].unflatten(1, (n // 2, 2)).transpose(1, 2).flatten(1, 2)
-        return torch.cat([halves, rows[:, n:]], 1).flatten(0, 1)
-    return reorder
+    paired with i + d/2) to interleaved pairs (2i, 2i + 1), its rotary layout; this puts them back."""
+    return lambda t: t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
 def from_gguf(path, codebooks=None, block_size=None, info=None):
@@ -1863,7 +1866,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
-    if c["model_type"] in ("cohere", "cohere2", "gptj"):  # q / k rows as the folder's (interleaved pairs), reordered as there
+    if c["model_type"] in ("cohere", "cohere2"):  # q / k rows as the folder's (interleaved pairs), reordered as there
         transforms = family_transforms
     if c["model_type"] == "gpt_bigcode":  # c_attn as the folder's, all q rows, then the k head's, then the v head's
         table, transforms = GGUF_QKV_NAMES, family_transforms

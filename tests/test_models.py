@@ -368,7 +368,7 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
-    GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is;
+    GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
@@ -379,6 +379,20 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     with torch.no_grad():
         for length in (16, 40):  # (LongRoPE: within its original context of 16, and past it)
             assert torch.equal(ours(x[:, :length]), theirs(x[:, :length]).logits), length
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptj_in_half_precision_the_logits_of_transformers_to_the_bit(dtype, tmp_path):
+    """GPT-J's rotary embedding turns the interleaved pairs (2i, 2i + 1) of q and k as stored, each head's dims left in
+    transformers' order, so the scores sum q . k in its order too: reordered to "rotate_half" pairs, the same products
+    summed otherwise change the logits' last bits in bfloat16 and float16 (GPT-J-6B's float16 branch). Heads of 64 dims,
+    GPT-J-6B's rotary_dim, on more inputs than the bfloat16 test above."""
+    theirs = tiny_hf("gptj", n_embd=128, n_head=2, rotary_dim=64)
+    theirs.save_pretrained(tmp_path)
+    ours, theirs = models.from_pretrained(str(tmp_path)).to(dtype), theirs.to(dtype)
+    x = torch.randint(0, 96, (8, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

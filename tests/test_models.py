@@ -360,13 +360,13 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
         assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama", "stablelm-parallel", "granite", "cohere", "cohere2", "olmo2", "olmo3", "phi",
-                                  "starcoder2", "olmo", "phi3-longrope", "gptj", "gpt_bigcode",
-                                  "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied"])
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "stablelm-parallel", "granite",
+                                  "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
+                                  "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
-    and StableLM's in bfloat16; OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
+    and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step)."""

@@ -79,6 +79,9 @@ class TransformerConfig:
     d_mlp: int = 256
     norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
+    # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma-2 and Gemma-3 store it), the sum and the product in
+    # float32, rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
+    norm_plus_one: bool = False
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
@@ -208,13 +211,17 @@ def is_positive_number(value):
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, in float32 whatever x's dtype (as transformers' Llama: the
     normalised x rounded to x's dtype, then times the weight); weight_float32: the weight multiplied in
-    float32 and the product rounded once (transformers' gpt-oss)."""
+    float32 and the product rounded once (transformers' gpt-oss); plus_one: times 1 + weight, the sum and
+    the product in float32, rounded once (transformers' Gemma)."""
 
-    def __init__(self, dim, eps, weight_float32=False):
+    def __init__(self, dim, eps, weight_float32=False, plus_one=False):
         super().__init__()
-        self.weight, self.eps, self.weight_float32 = nn.Parameter(torch.ones(dim)), eps, weight_float32
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))  # (a scale of 1 either way)
+        self.eps, self.weight_float32, self.plus_one = eps, weight_float32, plus_one
 
     def forward(self, x):
+        if self.plus_one:
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
         if self.weight_float32:
             return (self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -246,7 +253,7 @@ class BareLayerNorm(nn.Module):
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32, cfg.norm_plus_one)
     if cfg.norm == "layernorm_noparams":
         return BareLayerNorm(cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
@@ -335,8 +342,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = (HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
         elif cfg.qk_norm:
             across = cfg.qk_norm_across_heads
-            self.q_norm = RMSNorm(cfg.n_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps, cfg.norm_weight_float32)
-            self.k_norm = RMSNorm(cfg.n_kv_head * cfg.d_head if across else cfg.d_head, cfg.norm_eps, cfg.norm_weight_float32)
+            self.q_norm, self.k_norm = (RMSNorm(heads * cfg.d_head if across else cfg.d_head, cfg.norm_eps,
+                                                cfg.norm_weight_float32, cfg.norm_plus_one) for heads in (cfg.n_head, cfg.n_kv_head))
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         self.alibi = alibi_slopes(cfg.n_head, cfg.alibi) if cfg.alibi else None  # (floats, not a buffer: never rounded)
@@ -421,8 +428,8 @@ def softcapped_attention(q, k, v, window, scale, cap, sinks=None):
     i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
     visible = (j <= i) & (j > i - window) if window else j <= i
     scores = scores.masked_fill(~visible, -math.inf)
-    if sinks is None:
-        return scores.softmax(-1) @ v
+    if sinks is None:  # the softmax in float32, rounded once, as transformers' eager attention (Gemma-2's)
+        return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
     sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     combined = torch.cat([scores, sink], -1)
     combined = combined - combined.max(-1, keepdim=True).values  # in their dtype, as transformers' gpt-oss (it rounds in bfloat16)
@@ -1035,6 +1042,8 @@ def _dequantised_experts(name, parts, where):
 
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
+GEMMA_NORMS = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
+                                                                 "attn.q_norm", "attn.k_norm")]
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
 GEMMA_DEFAULTS = {
     "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
@@ -1050,12 +1059,12 @@ GEMMA_DEFAULTS = {
 
 def gemma(c, where):
     """Gemma-2 and Gemma-3 (gemma3_text; a multimodal gemma3's text_config): RMSNorm scaling by
-    (1 + weight), stored here as that sum; the embedding times sqrt(d_model); GeGLU MLP; scores
+    (1 + weight) in float32 (norm_plus_one); the embedding times sqrt(d_model); GeGLU MLP; scores
     scaled by query_pre_attn_scalar^-1/2; sandwich norms; sliding-window layers (Gemma-2: every
     other one, Gemma-3: five in six) with, in Gemma-3, their own unscaled rotary base and an RMSNorm
     on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits. Gemma (1) is
     Gemma-2 without the windows, the soft-caps and the norms after attention and the MLP, its scores
-    scaled by head_dim^-1/2."""
+    scaled by head_dim^-1/2, and its norms' weights stored here as 1 + weight."""
     if c["model_type"] == "gemma3":
         if not isinstance(c.get("text_config"), dict):
             raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
@@ -1084,11 +1093,10 @@ def gemma(c, where):
                   attn_softcap=(c["attn_logit_softcapping"] or 0.0) if family == "gemma2" else 0.0,  # Gemma-3 has none
                   logit_softcap=c["final_logit_softcapping"] or 0.0,
                   embed_scale=d ** 0.5, sandwich_norms=not gemma1, mlp="gated", activation=activation, mlp_bias=False,
-                  tied_head=c.get("tie_word_embeddings", True))
+                  tied_head=c.get("tie_word_embeddings", True),
+                  norm_plus_one=not gemma1)  # (Gemma (1)'s norms scale by their weights loaded as 1 + weight)
     plus_one = lambda t: 1.0 + t
-    norms = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
-                                                             "attn.q_norm", "attn.k_norm")]
-    return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {name: plus_one for name in norms}
+    return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {name: plus_one for name in GEMMA_NORMS} if gemma1 else {}
 
 
 def granite(c, where):
@@ -1825,8 +1833,8 @@ def gemma_gguf_config(c, get):
     """The Gemma fields of config.json that a GGUF file gives or implies. llama.cpp stores no
     query_pre_attn_scalar (it scales scores by d_model / n_head in the 27B models, Gemma-2's 46
     layers and Gemma-3's 62, else by head_dim), no layer pattern (Gemma-2 alternates, Gemma-3 has
-    every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight,
-    as models.py keeps them. Gemma-2's soft-caps, where an early converter left them out, are the
+    every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight (as
+    models.py keeps Gemma (1)'s; from_gguf takes the 1 off Gemma-2's and Gemma-3's, whose norms add it). Gemma-2's soft-caps, where an early converter left them out, are the
     model's own (50 and 30), and so is its window (4,096), as llama.cpp takes them."""
     gemma2 = c["model_type"] == "gemma2"
     big = c["num_hidden_layers"] == (46 if gemma2 else 62)
@@ -1860,6 +1868,8 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     table, transforms = GGUF_NAMES, {}
+    if config.get("norm_plus_one"):  # Gemma-2's and Gemma-3's norm weights, which the converter stored as 1 + weight
+        transforms = {name: lambda t: t - 1.0 for name in GEMMA_NORMS}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
     if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo"):  # the converter permuted their q / k rows for

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -362,14 +363,16 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 @pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "stablelm-parallel", "granite",
                                   "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
-                                  "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied"])
+                                  "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
+                                  "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
-    MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step)."""
+    MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
+    Gemma-2's and Gemma-3's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)
@@ -379,6 +382,22 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     with torch.no_grad():
         for length in (16, 40):  # (LongRoPE: within its original context of 16, and past it)
             assert torch.equal(ours(x[:, :length]), theirs(x[:, :length]).logits), length
+
+
+def test_softcapped_attention_in_bfloat16_is_transformers_eager_attention():
+    """Gemma-2's soft-capped attention in bfloat16 as transformers' eager attention (the one its from_pretrained takes)
+    computes it, to the bit, with a window and without: its softmax in float32, rounded once (one in bfloat16 differs
+    once in about a million probabilities, which these 64 sequences of 40 reach)."""
+    gemma2 = need("transformers.models.gemma2.modeling_gemma2")
+    module = types.SimpleNamespace(num_key_value_groups=2, training=False, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(64, heads, 40, 16, generator=g).bfloat16() for heads in (8, 4, 4))
+    i, j = torch.arange(40)[:, None], torch.arange(40)
+    for window in (0, 5):
+        visible = (j <= i) & (j > i - window) if window else j <= i
+        mask = torch.zeros(40, 40, dtype=torch.bfloat16).masked_fill(~visible, torch.finfo(torch.bfloat16).min)
+        want, _ = gemma2.eager_attention_forward(module, q, k, v, mask, scaling=24 ** -0.5, softcap=5.0)
+        assert torch.equal(models.softcapped_attention(q, k, v, window, 24 ** -0.5, 5.0).transpose(1, 2), want), window
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

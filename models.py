@@ -681,17 +681,18 @@ def names(model_level, per_layer, layer_prefix):
 
 
 def gpt2(c, where):
-    """GPT-2: fused qkv and every matrix stored transposed (Conv1D), tanh GELU, tied embeddings."""
+    """GPT-2: fused qkv and every matrix stored transposed (Conv1D), tanh GELU (gelu_new), tied embeddings."""
     _option(c, "scale_attn_by_inverse_layer_idx", False, [False], where)
     _option(c, "add_cross_attention", False, [False], where)
     # SantaCoder's original repository: a gpt2 config of remote code, its multi-query attention's weights q_attn and kv_attn
     if c.get("attention_head_type", "multihead") != "multihead":
         raise ValueError(f"{where}: attention_head_type={c['attention_head_type']!r} is remote code's (GPT2CustomConfig, "
                          f"bigcode/santacoder's), not GPT-2's: give its conversion to gpt_bigcode, bigcode/gpt_bigcode-santacoder")
-    d = c["n_embd"]
+    d, act = c["n_embd"], _option(c, "activation_function", "gelu_new", list(GELUS), where)
     config = dict(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
                   d_model=d, d_mlp=c.get("n_inner") or 4 * d, norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=GELUS[_option(c, "activation_function", "gelu_new", list(GELUS), where)],
+                  # gelu_new step by step, as transformers computes it (the same bits in bfloat16)
+                  activation="gelu_new" if act == "gelu_new" else GELUS[act],
                   attn_scale=None if c.get("scale_attn_weights", True) else 1.0, learned_positions=True,
                   qkv_bias=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
     table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},

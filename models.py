@@ -737,11 +737,14 @@ def gpt_neox(c, where):
     rope = c.get("rope_parameters") or {}
     fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
     base = c.get("rotary_emb_base", c.get("rope_theta", 10000.0))  # the family's own name wins, as in transformers
+    # a parallel block sums its MLP's and attention's outputs, then adds its input, as transformers' (in bfloat16 not
+    # always what adding each in turn gives)
+    parallel = c.get("use_parallel_residual", True)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, d_model=d, d_mlp=c["intermediate_size"], norm_eps=c.get("layer_norm_eps", 1e-5),
                   activation=GELUS[_option(c, "hidden_act", "gelu", list(GELUS), where)],
                   **_rope(c | {"rope_theta": base}, where, int(d_head * fraction)), qkv_bias=True, out_bias=True,
-                  parallel_residual=c.get("use_parallel_residual", True), tied_head=c.get("tie_word_embeddings", False))
+                  parallel_residual=parallel, outputs_summed_first=parallel, tied_head=c.get("tie_word_embeddings", False))
     table = names({"tok_emb": "embed_in", "norm_f": "final_layer_norm", "head": "embed_out"},
                   {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "attention.query_key_value",
                    "attn.k": "attention.query_key_value", "attn.v": "attention.query_key_value", "attn.o": "attention.dense",

@@ -79,8 +79,8 @@ class TransformerConfig:
     d_mlp: int = 256
     norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
-    # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma-2 and Gemma-3 store it), the sum and the product in
-    # float32, rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
+    # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma stores it), the sum and the product in float32,
+    # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
     norm_plus_one: bool = False
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
@@ -1068,7 +1068,7 @@ def gemma(c, where):
     other one, Gemma-3: five in six) with, in Gemma-3, their own unscaled rotary base and an RMSNorm
     on each head's q and k; Gemma-2's tanh soft-capping of attention scores and logits. Gemma (1) is
     Gemma-2 without the windows, the soft-caps and the norms after attention and the MLP, its scores
-    scaled by head_dim^-1/2, and its norms' weights stored here as 1 + weight."""
+    scaled by head_dim^-1/2."""
     if c["model_type"] == "gemma3":
         if not isinstance(c.get("text_config"), dict):
             raise ValueError(f"{where}: a gemma3 config.json needs its language model's config under text_config")
@@ -1098,9 +1098,8 @@ def gemma(c, where):
                   logit_softcap=c["final_logit_softcapping"] or 0.0,
                   embed_scale=d ** 0.5, sandwich_norms=not gemma1, mlp="gated", activation=activation, mlp_bias=False,
                   tied_head=c.get("tie_word_embeddings", True),
-                  norm_plus_one=not gemma1)  # (Gemma (1)'s norms scale by their weights loaded as 1 + weight)
-    plus_one = lambda t: 1.0 + t
-    return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {name: plus_one for name in GEMMA_NORMS} if gemma1 else {}
+                  norm_plus_one=True)
+    return config, LLAMA_NAMES if gemma1 else GEMMA_NAMES, {}
 
 
 def granite(c, where):
@@ -1837,8 +1836,8 @@ def gemma_gguf_config(c, get):
     """The Gemma fields of config.json that a GGUF file gives or implies. llama.cpp stores no
     query_pre_attn_scalar (it scales scores by d_model / n_head in the 27B models, Gemma-2's 46
     layers and Gemma-3's 62, else by head_dim), no layer pattern (Gemma-2 alternates, Gemma-3 has
-    every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight (as
-    models.py keeps Gemma (1)'s; from_gguf takes the 1 off Gemma-2's and Gemma-3's, whose norms add it). Gemma-2's soft-caps, where an early converter left them out, are the
+    every sixth layer global) and no local rotary base (10,000); its norm weights hold 1 + weight
+    (from_gguf takes the 1 off: the model's norms add it). Gemma-2's soft-caps, where an early converter left them out, are the
     model's own (50 and 30), and so is its window (4,096), as llama.cpp takes them."""
     gemma2 = c["model_type"] == "gemma2"
     big = c["num_hidden_layers"] == (46 if gemma2 else 62)
@@ -1872,7 +1871,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     table, transforms = GGUF_NAMES, {}
-    if config.get("norm_plus_one"):  # Gemma-2's and Gemma-3's norm weights, which the converter stored as 1 + weight
+    if config.get("norm_plus_one"):  # Gemma's norm weights, which the converter stored as 1 + weight
         transforms = {name: lambda t: t - 1.0 for name in GEMMA_NORMS}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")

@@ -364,7 +364,7 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 @pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "stablelm-parallel", "granite",
                                   "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
                                   "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
-                                  "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gpt2", "gpt2-unscaled",
+                                  "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
                                   "gpt_neox-parallel", "gpt_neox-sequential"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
@@ -373,7 +373,7 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
-    Gemma-2's and Gemma-3's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
+    Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
     GPT-2's gelu_new step by step; GPT-NeoX's parallel attention's and MLP's outputs summed before the residual)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)

@@ -319,12 +319,20 @@ def rotary(x, start, inv_freq, scale=1.0, precision="input", interleaved=False):
     return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], -1)
 
 
-def alibi_slopes(heads, max_bias):
-    """ALiBi's slope of each head for a maximum bias: with p the largest power of two not above `heads`,
+def alibi_slopes(heads, max_bias, bloom=False):
+    """ALiBi's slope of each head (float32) for a maximum bias: with p the largest power of two not above `heads`,
     2^(-max_bias (h + 1) / p) for the first p heads, then the odd powers 1, 3, 5, ... of 2^(-max_bias / 2p) for the
-    others (a head count not a power of two); as BLOOM's and MPT's transformers and llama.cpp compute them."""
-    p = 1 << (heads.bit_length() - 1)
-    return [2 ** (-max_bias * (h + 1) / p) for h in range(p)] + [2 ** (-max_bias * (2 * h + 1) / (2 * p)) for h in range(heads - p)]
+    others (a head count not a power of two). Rounded as the family's transformers rounds them (the two differ in the
+    last bit for most head counts from 12 up, bloom-560m's 16 and BLOOM's 112 among them): MPT's as 1 / 2^x of
+    float32 exponents x; bloom: BLOOM's as float32 powers of a float32 base (as llama.cpp computes both families')."""
+    if bloom:
+        p = 1 << (heads.bit_length() - 1)
+        base = lambda n: torch.tensor(2 ** (-max_bias / n), dtype=torch.float32)
+        return torch.cat([base(p) ** torch.arange(1, p + 1, dtype=torch.int32),
+                          base(2 * p) ** torch.arange(1, 1 + 2 * (heads - p), 2, dtype=torch.int32)])
+    p = 1 << (heads - 1).bit_length()
+    slopes = 1.0 / torch.pow(2, torch.arange(1, p + 1).float() * (max_bias / p))
+    return slopes if p == heads else torch.cat([slopes[1::2], slopes[::2]])[:heads]
 
 
 class Attention(nn.Module):
@@ -346,8 +354,9 @@ class Attention(nn.Module):
                                                 cfg.norm_weight_float32, cfg.norm_plus_one) for heads in (cfg.n_head, cfg.n_kv_head))
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
-        self.alibi = alibi_slopes(cfg.n_head, cfg.alibi) if cfg.alibi else None  # (floats, not a buffer: never rounded)
-        self.alibi_as_bloom = cfg.family == "bloom"  # its bias rounded as BLOOM's transformers rounds it
+        self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
+        # (float32, not a buffer: never rounded with the model)
+        self.alibi = alibi_slopes(cfg.n_head, cfg.alibi, self.alibi_as_bloom) if cfg.alibi else None
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
@@ -397,20 +406,20 @@ class Attention(nn.Module):
 
 def alibi_attention(q, k, v, window, scale, slopes, bloom=False):
     """codebook.causal_attention's result with ALiBi: each score (times `scale`) of key j from query i gets its head's
-    slope * (j - i) added, in float32, then a float32 softmax, as MPT's transformers computes it; the bias depends on
-    the distance only, so a query after cached keys gets what it gets in the whole sequence. bloom: as BLOOM's
-    transformers computes it instead, slope * j (the same softmax), rounded to the scores' dtype and added within
-    their product (baddbmm); the same as the other in float32, up to rounding."""
+    slope * (j - i) added, up to a constant per query, then a float32 softmax. As MPT's transformers computes it: slope
+    * (j - last), `last` the last key, added in float32 (for one new query after cached keys, j - i itself). bloom: as
+    BLOOM's transformers computes it instead, slope * j, rounded to the scores' dtype and added within their product
+    (baddbmm). The constant leaves the softmax unchanged but for rounding."""
     B, H, T, S = *q.shape[:3], k.shape[2]
     k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
     scale = scale or q.shape[-1] ** -0.5
     i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
-    slopes = torch.tensor(slopes, device=q.device)[:, None, None]  # (H, 1, 1), float32
+    slopes = slopes.to(q.device)[:, None, None]  # (H, 1, 1), float32
     if bloom:
         bias = (slopes * j).to(q.dtype).repeat(B, 1, 1)  # (B * H, 1, S)
         scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=scale).view(B, H, T, S).float()
     else:
-        scores = q @ k.transpose(2, 3) * scale + slopes * (j - i)
+        scores = q @ k.transpose(2, 3) * scale + slopes * (j - (S - 1))  # (the bias (H, 1, S), broadcast)
     visible = (j <= i) & (j > i - window) if window else j <= i
     return scores.masked_fill(~visible, -math.inf).softmax(-1).to(v.dtype) @ v
 

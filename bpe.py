@@ -2,7 +2,7 @@
 Tokenizers of pretrained models, written here (no tokenizer package at run time), with the
 interface of text.ByteTokenizer so every script treats them alike; each is plain data in a
 checkpoint (to_dict / tokenizer_from_dict). Two kinds:
-- byte-level BPE (GPT-2, Pythia, Llama-3, SmolLM2, Qwen2/3): BPETokenizer;
+- byte-level BPE (GPT-2, Pythia, MPT, Llama-3, SmolLM2, Qwen2/3, BLOOM): BPETokenizer;
 - SentencePiece BPE (Gemma, Llama-2, TinyLlama): SentencePieceBPE.
 Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF file's metadata
 (tokenizer_from_gguf).
@@ -73,8 +73,10 @@ def unicode_class(name):
 
 
 def python_regex(pattern):
-    r"""A tokenizer file's pattern for Python's re: \p{..}, \P{..}, \s and \S spelt out, inside and outside [...]."""
-    out, i, in_class = [], 0, False
+    r"""A tokenizer file's pattern for Python's re: \p{..}, \P{..}, \s and \S spelt out, inside and outside [...]; a
+    class inside a class (Oniguruma's union, as in BLOOM's [^(\s|[.,!?])]) joined to it (Python reads its [ as a
+    character, its ] as the end)."""
+    out, i, in_class, nested = [], 0, False, 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
@@ -97,6 +99,14 @@ def python_regex(pattern):
             if pattern[i:i + 1] == "^":
                 out.append("^")
                 i += 1
+            continue
+        if c == "[" and in_class:
+            if pattern[i + 1:i + 2] == "^":
+                raise ValueError(f"pattern {pattern!r}: a negated class inside [...] is not implemented")
+            nested, i = nested + 1, i + 1
+            continue
+        if c == "]" and nested:
+            nested, i = nested - 1, i + 1
             continue
         if c == "]" and in_class:
             in_class = False

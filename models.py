@@ -1361,15 +1361,19 @@ def mpt(c, where):
     where it is set, an exact-GELU MLP of expansion_ratio d_model (transformers' MPT builds 4 d_model whatever it says,
     and loads no other), a tied output layer. What transformers' MPT leaves out of the computation whatever config.json
     says, and MosaicML's own code computes, is refused where it would change the model: an alibi_bias_max other than 8,
-    alibi false (positions instead), qk_ln (LayerNorms on q and k), grouped or multi-query attention (attn_type), biases
-    (no_bias false) and logit_scale. learned_pos_emb is ignored, as transformers ignores it (mpt-7b's config.json says
-    true and holds no position embedding)."""
+    alibi false (positions instead), qk_ln (LayerNorms on q and k), grouped or multi-query attention (attn_type), prefix_lm
+    (its generate lets the prompt attend both ways), a sliding window (llm-foundry's sliding_window_size), an RMSNorm
+    (norm_type), biases (no_bias false) and logit_scale. learned_pos_emb is ignored, as transformers ignores it (mpt-7b's
+    config.json says true and holds no position embedding), and so are attn_uses_sequence_id (used in training only)
+    and attn_impl."""
     attn = c.get("attn_config") or {}
     if not isinstance(attn, dict):
         raise ValueError(f"{where}: attn_config={attn!r} must be a dict of the attention's settings")
     for name, default, allowed in (("alibi", True, [True]), ("alibi_bias_max", 8, [8]), ("qk_ln", False, [False]),
-                                   ("attn_type", "multihead_attention", ["multihead_attention"])):
+                                   ("attn_type", "multihead_attention", ["multihead_attention"]), ("prefix_lm", False, [False]),
+                                   ("sliding_window_size", -1, [-1])):
         _option(attn, name, default, allowed, f"{where}: attn_config")
+    _option(c, "norm_type", "low_precision_layernorm", ["low_precision_layernorm", "layernorm"], where)
     _option(c, "no_bias", True, [True], where)
     _option(c, "logit_scale", None, [None], where)
     d, heads, ratio = c["d_model"], c["n_heads"], c.get("expansion_ratio", 4)

@@ -662,6 +662,49 @@ def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, t
     assert len(seen) == 20 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
 
 
+# config.json as released (shrunk to 2 layers of 64, 16 heads, 96 tokens), with the fields transformers does not read:
+# bloom-560m (hidden_size, n_head, no seq_length), bloom-1b7 (n_embed, num_attention_heads, seq_length, pretraining_tp 2
+# without slow_but_exact); mpt-7b (clip_qkv null), mpt-7b-8k (clip_qkv the whole number 6, llm-foundry's fields)
+MEGATRON = dict(apply_residual_connection_post_layernorm=False, attention_dropout=0.0, attention_softmax_in_fp32=True,
+                bias_dropout_fusion=True, bos_token_id=1, eos_token_id=2, pad_token_id=3, unk_token_id=0, hidden_dropout=0.0,
+                initializer_range=0.02, layer_norm_epsilon=1e-05, masked_softmax_fusion=True, model_type="bloom", n_inner=None,
+                n_layer=2, offset_alibi=100, skip_bias_add=True, skip_bias_add_qkv=False, use_cache=True, vocab_size=96)
+MOSAIC_ATTN = dict(alibi=True, alibi_bias_max=8, attn_impl="torch", attn_pdrop=0, attn_type="multihead_attention",
+                   attn_uses_sequence_id=False, clip_qkv=None, prefix_lm=False, qk_ln=False, softmax_scale=None)
+MOSAIC = dict(architectures=["MPTForCausalLM"], d_model=64, emb_pdrop=0, embedding_fraction=1.0, expansion_ratio=4,
+              init_config=dict(fan_mode="fan_in", init_div_is_residual=True, init_gain=0, init_nonlinearity="relu",
+                               init_std=0.02, name="kaiming_normal_"), init_device="cpu", learned_pos_emb=True,
+              logit_scale=None, max_seq_len=2048, model_type="mpt", n_heads=16, n_layers=2, no_bias=True,
+              norm_type="low_precision_layernorm", resid_pdrop=0, tokenizer_name="EleutherAI/gpt-neox-20b", use_cache=False,
+              verbose=0, vocab_size=96)
+RELEASED = {"bloom-560m": MEGATRON | dict(hidden_size=64, n_head=16, pretraining_tp=1, slow_but_exact=False),
+            "bloom-1b7": MEGATRON | dict(n_embed=64, num_attention_heads=16, pretraining_tp=2, seq_length=4096),
+            "mpt-7b": MOSAIC | dict(attn_config=MOSAIC_ATTN),
+            "mpt-7b-8k": MOSAIC | dict(attn_config=MOSAIC_ATTN | dict(attn_impl="triton", clip_qkv=6, sliding_window_size=-1),
+                                       fc_type="torch", ffn_config=dict(ffn_type="mptmlp"), max_seq_len=8192)}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_a_released_bloom_or_mpt_config_loads_with_all_its_fields(name, tmp_path):
+    """Each config.json of RELEASED loads, its context as its transformers' (BLOOM's 2,048 where it sets none), and
+    gives transformers' logits to the bit (transformers 5 reads mpt-7b-8k's clip_qkv only as the float 6.0)."""
+    t = need("transformers")
+    config = RELEASED[name]
+    family = config["model_type"]
+    readable = config | ({"attn_config": config["attn_config"] | dict(clip_qkv=6.0)} if name == "mpt-7b-8k" else {})
+    theirs = randomize((t.BloomForCausalLM if family == "bloom" else t.MptForCausalLM)(
+        (t.BloomConfig if family == "bloom" else t.MptConfig).from_dict(readable)), 5)
+    theirs.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = models.from_pretrained(str(tmp_path))
+    assert (ours.config.n_head, ours.config.d_model, ours.config.block_size) == (
+        16, 64, {"bloom-560m": 2048, "bloom-1b7": 4096, "mpt-7b": 2048, "mpt-7b-8k": 8192}[name])
+    assert ours.config.qkv_clip == (6 if name == "mpt-7b-8k" else 0)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
+
+
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
     scale, tied head (and Cohere's and Granite's parts, and ALiBi): the key-value cache still computes what the
@@ -920,6 +963,11 @@ def test_clear_errors(tmp_path):
                             for bad, message in [(dict(attn_config=dict(alibi_bias_max=16)),
                                                   r"config.json: attn_config: alibi_bias_max=16 is not implemented"),
                                                  (dict(attn_config=dict(qk_ln=True)), "attn_config: qk_ln=True is not"),
+                                                 (dict(attn_config=dict(prefix_lm=True)), "attn_config: prefix_lm=True is not"),
+                                                 (dict(attn_config=dict(sliding_window_size=16)),
+                                                  "attn_config: sliding_window_size=16 is not implemented"),
+                                                 (dict(norm_type="low_precision_rmsnorm"),
+                                                  "config.json: norm_type='low_precision_rmsnorm' is not implemented"),
                                                  (dict(attn_config=dict(alibi=False)), "attn_config: alibi=False is not"),
                                                  (dict(attn_config=dict(attn_type="grouped_query_attention", kv_n_heads=2)),
                                                   "attn_config: attn_type='grouped_query_attention' is not implemented"),

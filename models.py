@@ -1755,9 +1755,10 @@ def gguf_config(metadata, shapes, path):
 
 
 def mpt_gguf_config(c, get, path):
-    """MPT's config.json fields from a GGUF file, as llama.cpp reads them: attention.max_alibi_bias (required; 0: no
-    ALiBi), attention.clamp_kqv (absent: none), the MLP's width its feed_forward_length. What transformers' MPT does not
-    compute is refused: a maximum bias other than 8, fewer key / value heads than heads (attention.head_count_kv)."""
+    """MPT's config.json fields from a GGUF file, as llama.cpp reads them: attention.max_alibi_bias (0: no ALiBi;
+    absent: required by older llama.cpp, 0 for today's), attention.clamp_kqv (absent: none), the MLP's width its
+    feed_forward_length. What transformers' MPT does not compute is refused: a maximum bias other than 8 (or none),
+    fewer key / value heads than heads (attention.head_count_kv)."""
     bias = get("attention.max_alibi_bias")
     if bias != 8:
         raise ValueError(f"{path}: metadata mpt.attention.max_alibi_bias = {bias!r}: only ALiBi of maximum bias 8, "

@@ -594,8 +594,9 @@ def test_a_bloom_or_mpt_gguf_file_gives_its_original_logits(arch, quantisation, 
 
 
 def test_mpt_metadata_as_llama_cpp_reads_it(tmp_path):
-    """attention.max_alibi_bias, which llama.cpp requires of an mpt file, other than transformers' 8 (0: no ALiBi), and
-    fewer key / value heads than heads, which llama.cpp reads and transformers' MPT does not compute, are one line."""
+    """attention.max_alibi_bias absent (older llama.cpp requires it, today's reads none as 0) or other than
+    transformers' 8 (0: no ALiBi), and fewer key / value heads than heads, which llama.cpp reads and transformers' MPT
+    does not compute, are one line."""
     theirs = tiny_hf("mpt")
     cases = [(dict(drop=["attention.max_alibi_bias"]), "metadata mpt.attention.max_alibi_bias is missing"),
              ({"attention.max_alibi_bias": 16.0}, "mpt.attention.max_alibi_bias = 16.0: only ALiBi of maximum bias 8"),

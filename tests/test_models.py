@@ -283,6 +283,20 @@ def test_gptj_and_gpt_bigcode_fields_left_out_as_transformers_reads_them(family,
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
 
 
+def assert_generates_as(ours, theirs, prompt, n):
+    """Greedy generation of n tokens after `prompt` gives transformers' tokens, and its logits at every step (ours seen
+    at the output layer, within 1e-4)."""
+    out = theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones_like(prompt), output_logits=True, return_dict_in_generate=True)
+    seen = []
+    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
+    try:
+        assert torch.equal(ours.generate(prompt, n, temperature=0), out.sequences)
+    finally:
+        hook.remove()
+    assert len(seen) == n and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+
+
 def test_longrope_takes_its_short_or_long_factors_as_transformers_does(tmp_path):
     """Phi's LongRoPE: the short factors for a forward whose positions all lie within the original context
     (16 here), the long ones for a forward that reaches past it, whether its config.json names it "longrope" or,
@@ -317,13 +331,7 @@ def test_longrope_takes_its_short_or_long_factors_as_transformers_does(tmp_path)
     got = [ours(x[:, :12], cache)[:, -1]] + [ours(x[:, i:i + 1], cache)[:, -1] for i in range(12, 24)]
     assert (torch.stack(got) - torch.stack(want)).abs().max() <= 1e-4
     # generate: the same tokens and the same logits at each step (ours seen at the output layer)
-    out = theirs.generate(x[:, :12], max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
-                          attention_mask=torch.ones_like(x[:, :12]), output_logits=True, return_dict_in_generate=True)
-    seen = []
-    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
-    assert torch.equal(ours.generate(x[:, :12], 12, temperature=0), out.sequences)
-    hook.remove()
-    assert len(seen) == 12 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+    assert_generates_as(ours, theirs, x[:, :12], 12)
     with pytest.raises(ValueError, match=r"tokens must be an integer tensor \(batch, seq\), got torch.int64 \(12,\)"):
         ours.generate(x[0, :12], 12)  # one sequence without its batch dimension: the one-line error of any model
 
@@ -653,13 +661,7 @@ def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, t
     with torch.no_grad():
         want = theirs(x).logits
     assert want.std() > 1.0 and torch.equal(ours(x), want)
-    out = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
-                          attention_mask=torch.ones_like(x[:, :8]), output_logits=True, return_dict_in_generate=True)
-    seen = []
-    hook = ours.head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
-    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), out.sequences)
-    hook.remove()
-    assert len(seen) == 20 and (torch.stack(seen) - torch.stack(out.logits)).abs().max() <= 1e-4
+    assert_generates_as(ours, theirs, x[:, :8], 20)
 
 
 # config.json as released (shrunk to 2 layers of 64, 16 heads, 96 tokens), with the fields transformers does not read:

@@ -372,6 +372,14 @@ def test_a_mixture_of_experts_gguf_file_gives_its_original_logits(arch, quantisa
     assert_reads_as(ours, theirs, quantisation)
 
 
+def assert_each_refused(theirs, arch, cases, tmp_path):
+    """Each (metadata changes, message) of `cases` written into theirs' GGUF file is refused in that one line."""
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch=arch, **changes))
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("experts,quantisation", [("MXFP4", "F32"), ("F32", "F32"), ("MXFP4", "Q8_0"), ("MXFP4", "BF16"),
                                                   ("MXFP4", "F16"), ("F32", "Q8_0")])
 def test_a_gpt_oss_gguf_file_gives_its_original_logits(experts, quantisation, tmp_path):
@@ -437,10 +445,7 @@ def test_gpt_oss_metadata_as_llama_cpp_reads_it(tmp_path):
              ({"attention.sliding_window_pattern": 1.5}, "sliding_window_pattern = 1.5 must be a non-negative integer"),
              ({"attention.sliding_window": 2.5}, "gpt-oss.attention.sliding_window = 2.5 must be a positive integer"),
              ({"rope.freq_base_swa": 100.0}, "gpt-oss.rope.freq_base_swa = 100.0 differs from rope.freq_base")]
-    for changes, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)) as e:
-            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="gpt-oss", **changes))
-        assert "\n" not in str(e.value)
+    assert_each_refused(theirs, "gpt-oss", cases, tmp_path)
 
 
 @pytest.mark.parametrize("arch,quantisation", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("gptneox", "Q8_0"),
@@ -570,12 +575,10 @@ def test_a_gptj_gguf_file_gives_its_original_logits(case, quantisation, tmp_path
     assert ours.config.head_bias and ours.config.shared_norm and not ours.config.tied_head
     assert_reads_as(ours, theirs, quantisation)
     if case == "gptj" and quantisation == "F32":  # what GPT-J does not have is one line
-        for changes, message in [({"rope.freq_base": 500.0}, "a gptj file with a rotary base other than 10000 or a rope"),
-                                 ({"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}, "or a rope scaling is not"),
-                                 ({"rope.dimension_count": 20}, "rotary_dims=20 must be even and at most d_head=16")]:
-            with pytest.raises(ValueError, match=re.escape(message)) as e:
-                models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="gptj", **changes))
-            assert "\n" not in str(e.value)
+        assert_each_refused(theirs, "gptj", [({"rope.freq_base": 500.0}, "a gptj file with a rotary base other than 10000 or a rope"),
+                                             ({"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}, "or a rope scaling is not"),
+                                             ({"rope.dimension_count": 20}, "rotary_dims=20 must be even and at most d_head=16")],
+                            tmp_path)
 
 
 @pytest.mark.parametrize("arch,quantisation", [("bloom", "F32"), ("bloom", "Q8_0"), ("mpt", "F32"), ("mpt", "Q8_0")])
@@ -602,10 +605,7 @@ def test_mpt_metadata_as_llama_cpp_reads_it(tmp_path):
              ({"attention.max_alibi_bias": 16.0}, "mpt.attention.max_alibi_bias = 16.0: only ALiBi of maximum bias 8"),
              ({"attention.max_alibi_bias": 0.0}, "mpt.attention.max_alibi_bias = 0.0: only ALiBi of maximum bias 8"),
              ({"attention.head_count_kv": 2}, "mpt.attention.head_count_kv = 2 is not its head_count: grouped-query")]
-    for changes, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)) as e:
-            models.from_pretrained(write_gguf(tmp_path / "bad.gguf", theirs, arch="mpt", **changes))
-        assert "\n" not in str(e.value)
+    assert_each_refused(theirs, "mpt", cases, tmp_path)
 
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):

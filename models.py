@@ -2,7 +2,8 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
-Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT and the
+Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
+(dense) and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -19,7 +20,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -809,6 +810,20 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
+def ernie4_5(c, where):
+    """ERNIE 4.5 (dense, as ERNIE-4.5-0.3B): Llama's parts, but the rotary embedding on interleaved pairs of q and k
+    as stored, computed in float32 with float32 tables; use_bias puts a bias on every projection; head_dim 128, 2 key /
+    value heads, eps 1e-5 and tied embeddings when config.json leaves them out (transformers' defaults; a null head_dim: d_model /
+    n_head, null key / value heads: n_head)."""
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    bias = _option(c, "use_bias", False, [True, False], where)
+    config, table, _ = llama(c | {"model_type": "llama", "head_dim": d_head, "attention_bias": bias, "mlp_bias": bias,
+                                  "num_key_value_heads": c.get("num_key_value_heads", 2), "rms_norm_eps": c.get("rms_norm_eps", 1e-5),
+                                  "tie_word_embeddings": c.get("tie_word_embeddings", True)}, where)
+    config |= _rope(c, where, d_head, 500000.0)  # (its default base)
+    return config | dict(rotary_interleaved=True, rotary_precision="float32_tables"), table, {}
+
+
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
                                      "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
 
@@ -1399,7 +1414,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1586,7 +1601,7 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt")
@@ -1680,6 +1695,9 @@ def gguf_config(metadata, shapes, path):
         raise ValueError(f"{path}: the metadata lists {len(tokens)} tokens but token_embd.weight has {c['vocab_size']} rows")
     c["tie_word_embeddings"] = "output.weight" not in shapes
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
+    if arch == "ernie4_5":  # use_bias: biases on every projection, as the file holds them; its q / k rows as
+        # transformers' (interleaved pairs, llama.cpp's rotary layout too: the converter leaves them), so not unpermuted
+        c["use_bias"] = c["attention_bias"]
     if arch == "qwen2moe":  # Qwen2's biases on q, k and v, as the file holds them
         c["qkv_bias"] = "blk.0.attn_q.bias" in shapes
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes

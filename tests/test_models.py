@@ -87,6 +87,11 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          # OLMo: q, k and v clamped to +-2 (well inside their spread); and with biases on q, k, v and W_O, tied
          "olmo": ("olmo", dict(clip_qkv=2.0, rope_theta=500.0)),
          "olmo-biases-tied": ("olmo", dict(attention_bias=True, tie_word_embeddings=True)),
+         # ERNIE 4.5: interleaved rotary pairs (head_dim given: its default, 128, is wider than these heads); with biases
+         # on every projection (use_bias), untied, YaRN
+         "ernie4_5": ("ernie4_5", dict(head_dim=16)),
+         "ernie4_5-biases-untied-yarn": ("ernie4_5", dict(head_dim=24, use_bias=True, tie_word_embeddings=False, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -105,7 +110,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gpt_oss": ("gpt_oss", {})}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bigcode": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
-        "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False,
+        "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True,
         "bloom": True, "mpt": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
@@ -119,7 +124,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
-         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -245,17 +250,24 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
             "layer_types", "no_rope_layers")
 
 
-@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2"])
+@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2", "ernie4_5"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
+    """(ERNIE 4.5: its head_dim left out too, transformers' 128, not d_model / n_head; its 2 key / value heads)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
+    if family == "ernie4_5":  # its default: 2 key / value heads (16 query heads in the 0.3B)
+        heads = dict(num_key_value_heads=2)
     scale = dict(logit_scale=1.0) if family == "cohere2" else {}  # (kept: logits far enough from uniform to compare)
     tiny_hf(family, num_hidden_layers=4, **heads, **scale).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in LEFT_OUT}))
+    left_out = LEFT_OUT + (("head_dim",) if family == "ernie4_5" else ())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in left_out}))
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
-    assert ours.config.tied_head == (family in ("smollm3", "cohere2")) and ours.config.n_kv_head == 4
+    assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
+    assert ours.config.n_kv_head == theirs.config.num_key_value_heads == (2 if family == "ernie4_5" else 4)
+    if family == "ernie4_5":
+        assert ours.config.d_head == theirs.config.head_dim == 128
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
     x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
@@ -373,13 +385,14 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
                                   "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
                                   "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
-                                  "gpt_neox-parallel", "gpt_neox-sequential"])
+                                  "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5", "ernie4_5-biases-untied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
+    ERNIE 4.5's interleaved pairs turned in float32 with float32 tables;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
     GPT-2's gelu_new step by step; GPT-NeoX's parallel attention's and MLP's outputs summed before the residual)."""

@@ -525,22 +525,28 @@ GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediat
                  "starcoder2": ("starcoder2", "starcoder2", dict(rope_theta=500.0), {"attention.sliding_window": 5}),
                  "starcoder2-no-biases": ("starcoder2", "starcoder2", dict(use_bias=False, tie_word_embeddings=False), {}),
                  "olmo": ("olmo", "olmo", dict(clip_qkv=2.0, rope_theta=500.0), {}),
-                 "olmo-tied": ("olmo", "olmo", dict(tie_word_embeddings=True), {})}
+                 "olmo-tied": ("olmo", "olmo", dict(tie_word_embeddings=True), {}),
+                 # ERNIE 4.5: q / k rows as they are (interleaved pairs), tied; with biases on every projection, untied
+                 "ernie4_5": ("ernie4_5", "ernie4_5", dict(head_dim=16, rope_theta=500.0), {}),
+                 "ernie4_5-biases": ("ernie4_5", "ernie4_5", dict(head_dim=24, use_bias=True, tie_word_embeddings=False), {})}
 
 
 @pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32"), ("starcoder2", "Q8_0"),
-                                               ("starcoder2-no-biases", "F32"), ("olmo", "Q8_0"), ("olmo-tied", "F32")])
-def test_a_phi_starcoder2_or_olmo_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+                                               ("starcoder2-no-biases", "F32"), ("olmo", "Q8_0"), ("olmo-tied", "F32"),
+                                               ("ernie4_5", "F32"), ("ernie4_5", "Q8_0"), ("ernie4_5-biases", "Q8_0")])
+def test_a_phi_starcoder2_olmo_or_ernie_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
     """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
     (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
     (10,000 implied). StarCoder2: LayerNorms with bias, biases where the file has them, no output tensor where tied;
     a window of 5 in the metadata, which llama.cpp leaves out (full attention). OLMo: no norm tensors (LayerNorms
-    without parameters, eps 1e-5), q / k rows permuted, attention.clamp_kqv, no output tensor where tied."""
+    without parameters, eps 1e-5), q / k rows permuted, attention.clamp_kqv, no output tensor where tied. ERNIE 4.5: q / k
+    rows as stored (its rotary on interleaved pairs, as llama.cpp's), biases where the file has them."""
     family, arch, options, writing = GGUF_FAMILIES[case]
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
-    assert ours.config.family == family and ours.config.tied_head == (case in ("starcoder2", "olmo-tied"))
-    assert ours.config.rotary_dims == (12 if family == "phi" else 16) and ours.config.attn_window == 0
+    assert ours.config.family == family and ours.config.tied_head == (case in ("starcoder2", "olmo-tied", "ernie4_5"))
+    assert ours.config.rotary_dims == {"phi": 12, "ernie4_5": options.get("head_dim")}.get(family, 16)
+    assert ours.config.attn_window == 0 and ours.config.qkv_bias == (case in ("phi2", "phi2-fused", "starcoder2", "ernie4_5-biases"))
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
 

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense) and the
+(dense), Arcee (AFM) and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -20,7 +20,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -64,7 +64,7 @@ def gelu_bloom(x):
 
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu_new": gelu_new,
-               "gelu_bloom": gelu_bloom, "silu": F.silu}
+               "gelu_bloom": gelu_bloom, "silu": F.silu, "relu2": lambda x: F.relu(x).square()}  # relu2: Arcee's
 
 
 @dataclass
@@ -119,7 +119,7 @@ class TransformerConfig:
     embed_norm: bool = False  # a norm on the token embedding (BLOOM's word_embeddings_layernorm)
     pre_norms: bool = True  # a norm on the attention's and the MLP's inputs (False: OLMo-2, normed after them only)
     sandwich_norms: bool = False  # a norm on the attention's and the MLP's outputs (Gemma: as well; OLMo-2: instead)
-    mlp: str = "gelu"  # "gelu": down(act(up x)); "gated": down(act(gate x) * up x) (SwiGLU with silu)
+    mlp: str = "gelu"  # "gelu": down(act(up x)) (whatever act is); "gated": down(act(gate x) * up x) (SwiGLU with silu)
     activation: str = "gelu"  # a key of ACTIVATIONS
     mlp_bias: bool = True
     parallel_residual: bool = False  # attention and MLP both read the block's input (GPT-NeoX)
@@ -824,6 +824,13 @@ def ernie4_5(c, where):
     return config | dict(rotary_interleaved=True, rotary_precision="float32_tables"), table, {}
 
 
+def arcee(c, where):
+    """Arcee (AFM-4.5B): Llama without the MLP's gate, down(relu(up x)^2) (hidden_act relu2); YaRN where set."""
+    _option(c, "hidden_act", "relu2", ["relu2"], where)
+    config, table, _ = llama(c | {"model_type": "llama", "hidden_act": "silu"}, where)
+    return config | dict(mlp="gelu", activation="relu2"), table, {}
+
+
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
                                      "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
 
@@ -1414,7 +1421,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1601,7 +1608,7 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt")
@@ -1695,6 +1702,8 @@ def gguf_config(metadata, shapes, path):
         raise ValueError(f"{path}: the metadata lists {len(tokens)} tokens but token_embd.weight has {c['vocab_size']} rows")
     c["tie_word_embeddings"] = "output.weight" not in shapes
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
+    if arch == "arcee":  # its ReLU² MLP (ffn_up, ffn_down; no gate)
+        c["hidden_act"] = "relu2"
     if arch == "ernie4_5":  # use_bias: biases on every projection, as the file holds them; its q / k rows as
         # transformers' (interleaved pairs, llama.cpp's rotary layout too: the converter leaves them), so not unpermuted
         c["use_bias"] = c["attention_bias"]
@@ -1907,7 +1916,7 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         transforms = {name: lambda t: t - 1.0 for name in GEMMA_NORMS}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
-    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo"):  # the converter permuted their q / k rows for
+    if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo", "arcee"):  # the converter permuted their q / k rows for
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}

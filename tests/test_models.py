@@ -92,6 +92,10 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "ernie4_5": ("ernie4_5", dict(head_dim=16)),
          "ernie4_5-biases-untied-yarn": ("ernie4_5", dict(head_dim=24, use_bias=True, tie_word_embeddings=False, rope_parameters=dict(
              rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
+         # Arcee: its ReLU² MLP without gate; with biases on q, k, v, W_O and the MLP, tied, YaRN
+         "arcee": ("arcee", {}),
+         "arcee-biases-tied-yarn": ("arcee", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -110,7 +114,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "gpt_oss": ("gpt_oss", {})}
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bigcode": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
-        "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True,
+        "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "bloom": True, "mpt": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
@@ -124,7 +128,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
-         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -385,14 +389,15 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
                                   "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
                                   "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
-                                  "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5", "ernie4_5-biases-untied-yarn"])
+                                  "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5", "ernie4_5-biases-untied-yarn",
+                                  "arcee", "arcee-biases-tied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
-    ERNIE 4.5's interleaved pairs turned in float32 with float32 tables;
+    ERNIE 4.5's interleaved pairs turned in float32 with float32 tables; Arcee's ReLU² in bfloat16;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
     GPT-2's gelu_new step by step; GPT-NeoX's parallel attention's and MLP's outputs summed before the residual)."""

@@ -48,7 +48,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
-    the llama, smollm3 and granite architectures (whose rotary llama.cpp computes on interleaved pairs; for the others
+    the llama, smollm3, granite and arcee architectures (whose rotary llama.cpp computes on interleaved pairs; for the others
     it computes as transformers does: "rotate_half", or Cohere's interleaved pairs); metadata from its config
     (Granite's multipliers as scales; Cohere's logit scale; StableLM's rotary dims and parallel residual, and no
     rotary base or key_length, which its converter leaves out); `changes` overwrite metadata values, `drop` leaves keys out;
@@ -194,7 +194,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             continue  # embedding again as output)
         if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
             w = w + 1
-        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo"):
+        if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo", "arcee"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
@@ -528,19 +528,27 @@ GGUF_FAMILIES = {"phi2": ("phi", "phi2", dict(num_key_value_heads=4, intermediat
                  "olmo-tied": ("olmo", "olmo", dict(tie_word_embeddings=True), {}),
                  # ERNIE 4.5: q / k rows as they are (interleaved pairs), tied; with biases on every projection, untied
                  "ernie4_5": ("ernie4_5", "ernie4_5", dict(head_dim=16, rope_theta=500.0), {}),
-                 "ernie4_5-biases": ("ernie4_5", "ernie4_5", dict(head_dim=24, use_bias=True, tie_word_embeddings=False), {})}
+                 "ernie4_5-biases": ("ernie4_5", "ernie4_5", dict(head_dim=24, use_bias=True, tie_word_embeddings=False), {}),
+                 # Arcee: q / k rows permuted, as for llama; YaRN as its type, factor and original context
+                 "arcee": ("arcee", "arcee", {}, {}),
+                 "arcee-yarn": ("arcee", "arcee", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1000.0, factor=2.0,
+                                                                           original_max_position_embeddings=32)),
+                                {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0,
+                                 "rope.scaling.original_context_length": 32})}
 
 
 @pytest.mark.parametrize("case,quantisation", [("phi2", "Q8_0"), ("phi2-fused", "F32"), ("starcoder2", "Q8_0"),
                                                ("starcoder2-no-biases", "F32"), ("olmo", "Q8_0"), ("olmo-tied", "F32"),
-                                               ("ernie4_5", "F32"), ("ernie4_5", "Q8_0"), ("ernie4_5-biases", "Q8_0")])
-def test_a_phi_starcoder2_olmo_or_ernie_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+                                               ("ernie4_5", "F32"), ("ernie4_5", "Q8_0"), ("ernie4_5-biases", "Q8_0"),
+                                               ("arcee", "F32"), ("arcee", "Q8_0"), ("arcee-yarn", "F32")])
+def test_a_phi_starcoder2_olmo_ernie_or_arcee_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
     """llama.cpp's Phi-2 (phi2): LayerNorms with bias, attn_norm read by attention and the MLP, biases on q, k, v
     (or the fused attn_qkv), attn_output, ffn_up, ffn_down and output; rope.dimension_count; no rotary base
     (10,000 implied). StarCoder2: LayerNorms with bias, biases where the file has them, no output tensor where tied;
     a window of 5 in the metadata, which llama.cpp leaves out (full attention). OLMo: no norm tensors (LayerNorms
     without parameters, eps 1e-5), q / k rows permuted, attention.clamp_kqv, no output tensor where tied. ERNIE 4.5: q / k
-    rows as stored (its rotary on interleaved pairs, as llama.cpp's), biases where the file has them."""
+    rows as stored (its rotary on interleaved pairs, as llama.cpp's), biases where the file has them. Arcee: ffn_up and
+    ffn_down (ReLU², no gate), q / k rows permuted, YaRN."""
     family, arch, options, writing = GGUF_FAMILIES[case]
     theirs = tiny_hf(family, **options)
     ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))

@@ -241,10 +241,7 @@ def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
     if family == "gpt_neox":
         assert rope["partial_rotary_factor"] == older["rotary_pct"]
     ours = models.from_pretrained(str(tmp_path))
-    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
 # fields a config.json may leave out, which transformers then gives its family's defaults (SmolLM3: a tied head, base 2e6,
@@ -274,10 +271,7 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
         assert ours.config.d_head == theirs.config.head_dim == 128
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
-    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
 @pytest.mark.parametrize("family", ["gptj", "gpt_bigcode"])
@@ -293,7 +287,12 @@ def test_gptj_and_gpt_bigcode_fields_left_out_as_transformers_reads_them(family,
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.n_kv_head == (1 if family == "gpt_bigcode" else 4) and ours.config.tied_head == (family == "gpt_bigcode")
-    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+
+
+def assert_same_logits(ours, theirs, shape, seed):
+    """On random tokens of `shape` (seeded), ours gives transformers' logits within 1e-4 (logits that vary: std > 1)."""
+    x = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         want = theirs(x).logits
     assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
@@ -365,10 +364,7 @@ def test_gpt_oss_fields_left_out_as_transformers_reads_them(tmp_path):
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.attn_window == [theirs.config.sliding_window, 0] == [128, 0] and ours.config.n_kv_head == 8
     assert ours.config.rotary_scaling["truncate"] is False and ours.config.rotary_base == 150000.0
-    x = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
 def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
@@ -600,10 +596,7 @@ def test_a_gpt_oss_with_its_experts_in_mxfp4_loads(tmp_path, monkeypatch):
     experts = theirs.model.layers[1].mlp.experts
     assert torch.equal(ours.blocks[1].mlp.experts["gate"].weight, experts.gate_up_proj[:, :, 0::2].transpose(1, 2))
     assert torch.equal(ours.blocks[1].mlp.experts["down"].weight, experts.down_proj.transpose(1, 2))
-    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    assert_same_logits(ours, theirs, (2, 24), seed=4)
 
 
 @pytest.mark.parametrize("change", ["2-D blocks", "int8 scales"])

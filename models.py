@@ -78,11 +78,14 @@ class TransformerConfig:
     d_model: int = 64
     d_head: int = 0  # 0: d_model / n_head
     d_mlp: int = 256
-    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere), "layernorm_noparams" (OLMo)
+    norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere, MPT), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma stores it), the sum and the product in float32,
     # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
     norm_plus_one: bool = False
+    # a LayerNorm without bias (and qk_layernorm's) computed step by step as transformers' Cohere writes it
+    # (layer_norm_stepwise); else torch's, which differs in float32's last bits and so at times in bfloat16's
+    norm_stepwise: bool = False
     norm_eps: float = 1e-5
     learned_positions: bool = False  # a learned position embedding is added to the token embedding
     rotary_dims: int = 0  # > 0: rotary embedding on each head's first rotary_dims query / key dims
@@ -98,8 +101,9 @@ class TransformerConfig:
     # the rotary frequencies kept in float32 when the model is cast to a lower precision (GPT-J: transformers computes its
     # table of sines and cosines in float32, then rounds them); else rounded with the model, as Llama's inv_freq buffer
     rotary_frequencies_float32: bool = False
-    # the rotary embedding pairs dims (2i, 2i + 1) of each head, q and k as stored (GPT-J); else (i, i + rotary_dims / 2):
-    # the same rotation of reordered dims, but q . k summed in another order, other last bits in bfloat16 or float16
+    # the rotary embedding pairs dims (2i, 2i + 1) of each head, q and k as stored (GPT-J, Cohere, ERNIE 4.5); else
+    # (i, i + rotary_dims / 2): the same rotation of reordered dims, but q . k summed in another order, other last bits in
+    # bfloat16 or float16
     rotary_interleaved: bool = False
     qkv_bias: bool = False  # biases on the query, key and value projections
     out_bias: bool = False  # a bias on W_O
@@ -166,6 +170,8 @@ class TransformerConfig:
         for name in ("norm_eps", "residual_scale", "logit_scale"):
             if not is_positive_number(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.norm_stepwise and self.norm != "layernorm_nobias":
+            raise ValueError(f"norm_stepwise needs norm='layernorm_nobias', not {self.norm!r}")
         if self.qk_layernorm and (not self.qk_norm or self.qk_norm_across_heads):
             raise ValueError("qk_layernorm needs qk_norm, over each head (not qk_norm_across_heads)")
         if self.shared_norm and not (self.parallel_residual and self.pre_norms):
@@ -228,9 +234,29 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+def layer_norm_stepwise(x, eps):
+    """x's last dim normalised in float32 as transformers' Cohere writes it: minus the mean, times rsqrt of the mean
+    squared deviation + eps."""
+    x = x.float()
+    centred = x - x.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class StepwiseLayerNorm(nn.Module):
+    """A LayerNorm without bias as transformers' CohereLayerNorm: layer_norm_stepwise times the weight in float32,
+    rounded once. A weight (dim,), or (heads, d_head) for x (..., heads, d_head): each head's own (Cohere's q / k norms)."""
+
+    def __init__(self, shape, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(shape)), eps
+
+    def forward(self, x):
+        return (self.weight * layer_norm_stepwise(x, self.eps)).to(x.dtype)
+
+
 class HeadLayerNorm(nn.Module):
     """A LayerNorm without bias over each head's dims, with a weight (heads, d_head) for each head, in
-    float32 whatever x's dtype (as transformers' Cohere; StableLM's per-head nn.LayerNorms stacked)."""
+    float32 whatever x's dtype (StableLM's per-head nn.LayerNorms stacked)."""
 
     def __init__(self, heads, dim, eps):
         super().__init__()
@@ -257,6 +283,8 @@ def make_norm(cfg, dim=None):
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32, cfg.norm_plus_one)
     if cfg.norm == "layernorm_noparams":
         return BareLayerNorm(cfg.norm_eps)
+    if cfg.norm_stepwise:
+        return StepwiseLayerNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
@@ -348,7 +376,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
         if cfg.qk_layernorm:
-            self.q_norm, self.k_norm = (HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
+            self.q_norm, self.k_norm = (StepwiseLayerNorm((heads, cfg.d_head), cfg.norm_eps) if cfg.norm_stepwise else
+                                        HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
         elif cfg.qk_norm:
             across = cfg.qk_norm_across_heads
             self.q_norm, self.k_norm = (RMSNorm(heads * cfg.d_head if across else cfg.d_head, cfg.norm_eps,
@@ -1150,19 +1179,14 @@ def granite(c, where):
 COHERE_NAMES = LLAMA_NAMES | names({}, {"norm2": "input_layernorm"}, "layers.{i}.")  # one norm before attention and MLP
 
 
-def interleaved_to_halves(t):
-    """A head's dims (the last) from interleaved pairs (2i, 2i + 1) to "rotate_half" pairs (i, i + d/2)."""
-    return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
 def cohere(c, where):
-    """Command-R (Cohere; Aya-23) and Command-R7B (Cohere2): LayerNorms without bias; attention and a
-    SwiGLU MLP in parallel, both reading the block's input through one norm; the logits times
-    logit_scale; a tied output layer; the rotary embedding on interleaved pairs of dims (2i, 2i + 1),
-    which the q and k rows are reordered to "rotate_half" pairs for (as unpermute does for llama.cpp's
-    files); Cohere's optional use_qk_norm (a LayerNorm on each head's q and k, each head with its own
-    weight). Cohere2: attention over a sliding window on the layers layer_types marks (by default three
-    in four), the others global and without the rotary embedding."""
+    """Command-R (Cohere; Aya-23) and Command-R7B (Cohere2): LayerNorms without bias, computed step by step as
+    transformers' (norm_stepwise); attention and a SwiGLU MLP in parallel, both reading the block's input through one
+    norm; the logits times logit_scale; a tied output layer; the rotary embedding on interleaved pairs of dims
+    (2i, 2i + 1) of q and k as stored (rotary_interleaved: q . k summed in transformers' order); Cohere's optional
+    use_qk_norm (a LayerNorm on each head's q and k, each head with its own weight). Cohere2: attention over a
+    sliding window on the layers layer_types marks (by default three in four), the others global and without the
+    rotary embedding."""
     family, d, heads = c["model_type"], c["hidden_size"], c["num_attention_heads"]
     _option(c, "hidden_act", "silu", ["silu"], where)
     d_head = d // heads if family == "cohere2" else c.get("head_dim") or d // heads
@@ -1170,12 +1194,12 @@ def cohere(c, where):
     bias, qk_norm = c.get("attention_bias", False), family == "cohere" and c.get("use_qk_norm", False)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, n_kv_head=n_kv_head, d_model=d, d_head=d_head, d_mlp=c["intermediate_size"],
-                  norm="layernorm_nobias", norm_eps=c.get("layer_norm_eps", 1e-5),
+                  norm="layernorm_nobias", norm_stepwise=True, norm_eps=c.get("layer_norm_eps", 1e-5),
                   # transformers' default base: Cohere's config 500000, Cohere2's none of its own (10000)
                   **_rope(c, where, d_head, 10000.0 if family == "cohere2" else 500000.0),
                   qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, qk_layernorm=qk_norm, mlp="gated", activation="silu",
                   mlp_bias=False, parallel_residual=True, shared_norm=True, logit_scale=c.get("logit_scale", 0.0625),
-                  rotary_precision="float32",  # (transformers rotates Cohere's q and k in float32)
+                  rotary_precision="float32", rotary_interleaved=True,  # (transformers rotates Cohere's q and k in float32)
                   tied_head=c.get("tie_word_embeddings", True))
     if family == "cohere2":
         window = c.get("sliding_window", 4096)
@@ -1184,9 +1208,7 @@ def cohere(c, where):
         layers = _layer_types(c, where, c.get("sliding_window_pattern", 4))
         config |= dict(attn_window=[window if kind == "sliding_attention" else 0 for kind in layers],
                        no_rotary_layers=[i for i, kind in enumerate(layers) if kind == "full_attention"])
-    transforms = {"blocks.{i}.attn.q": unpermute(heads), "blocks.{i}.attn.k": unpermute(n_kv_head),  # weights and biases
-                  "blocks.{i}.attn.q_norm": interleaved_to_halves, "blocks.{i}.attn.k_norm": interleaved_to_halves}
-    return config, COHERE_NAMES, transforms
+    return config, COHERE_NAMES, {}
 
 
 STABLELM_NAMES = LLAMA_NAMES | names({}, {"attn.q_norm": "self_attn.q_layernorm", "attn.k_norm": "self_attn.k_layernorm"},
@@ -1920,8 +1942,6 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         # llama.cpp's rotary on interleaved pairs (Command-R's it leaves as they are: interleaved for transformers too, as
         # cohere() reads)
         transforms = {"blocks.{i}.attn.q": unpermute(config["n_head"]), "blocks.{i}.attn.k": unpermute(config["n_kv_head"])}
-    if c["model_type"] in ("cohere", "cohere2"):  # q / k rows as the folder's (interleaved pairs), reordered as there
-        transforms = family_transforms
     if c["model_type"] == "gpt_bigcode":  # c_attn as the folder's, all q rows, then the k head's, then the v head's
         table, transforms = GGUF_QKV_NAMES, family_transforms
     if c["model_type"] in ("gpt2", "gpt_neox"):

@@ -389,7 +389,7 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "arcee", "arcee-biases-tied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
-    transformers' rounds (the norms in float32, OLMo-2's weights too; Cohere's rotary embedding in float32, OLMo-2's with float32 tables, Llama's
+    transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
     and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
@@ -433,6 +433,23 @@ def test_gptj_in_half_precision_the_logits_of_transformers_to_the_bit(dtype, tmp
     theirs = tiny_hf("gptj", n_embd=128, n_head=2, rotary_dim=64)
     theirs.save_pretrained(tmp_path)
     ours, theirs = models.from_pretrained(str(tmp_path)).to(dtype), theirs.to(dtype)
+    x = torch.randint(0, 96, (8, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family,options", [("cohere", dict(use_qk_norm=True)), ("cohere2", dict(sliding_window=5))])
+def test_cohere_in_half_precision_the_logits_of_transformers_to_the_bit(family, options, dtype, tmp_path):
+    """Command-R's and Command-R7B's heads of 128 dims, as released: the rotary embedding turns their interleaved pairs
+    as stored (q . k summed in transformers' order, not reordered to "rotate_half" pairs), and the LayerNorms (Command-R's
+    per-head q / k norms too) normalise step by step as transformers' CohereLayerNorm (torch's layer_norm rounds
+    otherwise in float32's last bits): either way otherwise, some of these inputs' logits differ in the last bits."""
+    theirs = tiny_hf(family, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                     logit_scale=0.5, **options)
+    theirs.save_pretrained(tmp_path)
+    ours, theirs = models.from_pretrained(str(tmp_path)).to(dtype), theirs.to(dtype)
+    assert ours.config.d_head == 128
     x = torch.randint(0, 96, (8, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x).logits)

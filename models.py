@@ -115,6 +115,9 @@ class TransformerConfig:
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
+    # queries and keys widened to float32 before their product: the scores, mask and softmax in float32, the weights
+    # rounded once to the values' dtype (GPT-Neo); else the scores in the queries' dtype
+    attn_scores_float32: bool = False
     logit_softcap: float = 0.0  # > 0: the same on the output logits
     # > 0: ALiBi (BLOOM, MPT): each head's score of key j from query i gets slope * (j - i) added, the heads' slopes
     # those of this maximum bias (alibi_slopes; 8 in BLOOM and MPT)
@@ -196,8 +199,8 @@ class TransformerConfig:
         for name in ("qkv_clip", "swiglu_limit", "alibi"):
             if not (getattr(self, name) == 0 or is_positive_number(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number (or 0: none)")
-        if self.alibi and (self.attn_softcap or self.attn_sinks):
-            raise ValueError("alibi with attn_softcap or attn_sinks is not implemented")
+        if self.alibi and (self.attn_softcap or self.attn_sinks or self.attn_scores_float32):
+            raise ValueError("alibi with attn_softcap, attn_sinks or attn_scores_float32 is not implemented")
         if not is_positive_number(self.swiglu_alpha):
             raise ValueError(f"swiglu_alpha={self.swiglu_alpha!r} must be a positive number")
         for name in ("experts", "experts_used", "d_expert", "d_shared_expert"):
@@ -383,6 +386,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = (RMSNorm(heads * cfg.d_head if across else cfg.d_head, cfg.norm_eps,
                                                 cfg.norm_weight_float32, cfg.norm_plus_one) for heads in (cfg.n_head, cfg.n_kv_head))
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
+        self.scores_float32 = cfg.attn_scores_float32
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
         # (float32, not a buffer: never rounded with the model)
@@ -429,7 +433,9 @@ class Attention(nn.Module):
             cache["k"], cache["v"] = k, v
         if self.alibi is not None:
             return alibi_attention(q, k, v, self.window, self.scale, self.alibi, self.alibi_as_bloom).transpose(1, 2)
-        if self.softcap or self.sinks is not None:
+        if self.scores_float32:  # (softcapped_attention's softmax is in float32 and rounded once, as GPT-Neo's)
+            q, k = q.float(), k.float()
+        if self.softcap or self.sinks is not None or self.scores_float32:
             return softcapped_attention(q, k, v, self.window, self.scale, self.softcap, self.sinks).transpose(1, 2)
         return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
 
@@ -746,20 +752,22 @@ def gpt2(c, where):
 
 
 def gpt_neo(c, where):
-    """GPT-Neo: separate q, k, v without bias, no 1/sqrt(d_head) score scaling, local attention
-    (a window of window_size positions) on the layers attention_types marks local, tied embeddings."""
+    """GPT-Neo: separate q, k, v without bias, no 1/sqrt(d_head) score scaling, the scores in float32
+    (attn_scores_float32), local attention (a window of window_size positions) on the layers attention_types marks
+    local, gelu_new step by step, tied embeddings."""
     layers = [kind for kinds, repeat in c.get("attention_types", [[["global", "local"], 12]]) for _ in range(repeat)
               for kind in kinds]
     if len(layers) != c["num_layers"] or set(layers) - {"global", "local"}:
         raise ValueError(f"{where}: attention_types {c.get('attention_types')} must give 'global' "
                          f"or 'local' for each of the {c['num_layers']} layers")
-    d = c["hidden_size"]
+    d, act = c["hidden_size"], _option(c, "activation_function", "gelu_new", list(GELUS), where)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_layers"],
                   n_head=c["num_heads"], d_model=d, d_mlp=c.get("intermediate_size") or 4 * d,
                   norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                  activation=GELUS[_option(c, "activation_function", "gelu_new", list(GELUS), where)],
+                  activation="gelu_new" if act == "gelu_new" else GELUS[act],  # (step by step, as transformers')
                   attn_window=[c.get("window_size", 256) if kind == "local" else 0 for kind in layers],
-                  attn_scale=1.0, learned_positions=True, out_bias=True, tied_head=c.get("tie_word_embeddings", True))
+                  attn_scale=1.0, attn_scores_float32=True, learned_positions=True, out_bias=True,
+                  tied_head=c.get("tie_word_embeddings", True))
     table = names({"tok_emb": "wte", "pos_emb": "wpe", "norm_f": "ln_f", "head": "lm_head"},
                   {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.attention.q_proj", "attn.k": "attn.attention.k_proj",
                    "attn.v": "attn.attention.v_proj", "attn.o": "attn.attention.out_proj", "mlp.up": "mlp.c_fc",

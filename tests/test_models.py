@@ -385,8 +385,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
                                   "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
                                   "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
-                                  "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5", "ernie4_5-biases-untied-yarn",
-                                  "arcee", "arcee-biases-tied-yarn"])
+                                  "gpt_neo", "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5",
+                                  "ernie4_5-biases-untied-yarn", "arcee", "arcee-biases-tied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -396,7 +396,8 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     ERNIE 4.5's interleaved pairs turned in float32 with float32 tables; Arcee's ReLU² in bfloat16;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
-    GPT-2's gelu_new step by step; GPT-NeoX's parallel attention's and MLP's outputs summed before the residual)."""
+    GPT-2's gelu_new step by step, GPT-Neo's too, its scores in float32; GPT-NeoX's parallel attention's and MLP's outputs
+    summed before the residual)."""
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)
     theirs.save_pretrained(tmp_path)

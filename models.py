@@ -389,8 +389,10 @@ class Attention(nn.Module):
         self.scores_float32 = cfg.attn_scores_float32
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
-        # (float32, not a buffer: never rounded with the model)
-        self.alibi = alibi_slopes(cfg.n_head, cfg.alibi, self.alibi_as_bloom) if cfg.alibi else None
+        # ALiBi's float32 slopes held as their int32 bits: a buffer, moved with the model (no copy in a forward), which
+        # casting the model leaves unrounded (it casts floating buffers only); not in the state_dict
+        slopes = alibi_slopes(cfg.n_head, cfg.alibi, self.alibi_as_bloom).view(torch.int32) if cfg.alibi else None
+        self.register_buffer("alibi_bits", slopes, persistent=False)
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
         rotates = cfg.rotary_dims and layer not in cfg.no_rotary_layers
@@ -431,8 +433,9 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        if self.alibi is not None:
-            return alibi_attention(q, k, v, self.window, self.scale, self.alibi, self.alibi_as_bloom).transpose(1, 2)
+        if self.alibi_bits is not None:
+            slopes = self.alibi_bits.view(torch.float32)
+            return alibi_attention(q, k, v, self.window, self.scale, slopes, self.alibi_as_bloom).transpose(1, 2)
         if self.scores_float32:  # (softcapped_attention's softmax is in float32 and rounded once, as GPT-Neo's)
             q, k = q.float(), k.float()
         if self.softcap or self.sinks is not None or self.scores_float32:
@@ -445,12 +448,12 @@ def alibi_attention(q, k, v, window, scale, slopes, bloom=False):
     slope * (j - i) added, up to a constant per query, then a float32 softmax. As MPT's transformers computes it: slope
     * (j - last), `last` the last key, added in float32 (for one new query after cached keys, j - i itself). bloom: as
     BLOOM's transformers computes it instead, slope * j, rounded to the scores' dtype and added within their product
-    (baddbmm). The constant leaves the softmax unchanged but for rounding."""
+    (baddbmm). The constant leaves the softmax unchanged but for rounding. slopes (H,): float32, on q's device."""
     B, H, T, S = *q.shape[:3], k.shape[2]
     k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
     scale = scale or q.shape[-1] ** -0.5
     i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
-    slopes = slopes.to(q.device)[:, None, None]  # (H, 1, 1), float32
+    slopes = slopes[:, None, None]  # (H, 1, 1)
     if bloom:
         bias = (slopes * j).to(q.dtype).repeat(B, 1, 1)  # (B * H, 1, S)
         scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=scale).view(B, H, T, S).float()

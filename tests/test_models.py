@@ -693,6 +693,43 @@ def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, t
     assert_generates_as(ours, theirs, x[:, :8], 20)
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_slopes_move_with_the_model_and_stay_float32(family, tmp_path):
+    """ALiBi's slopes move with the model, outside its state_dict, so that a forward on another device copies nothing
+    onto it from the host: on the meta device (an accelerator's stand-in) a block's forward, and a step with the
+    cache, copy no tensor from the CPU (each copy between devices recorded; the model's own forward reads its tokens'
+    values, which meta tensors lack). Cast to bfloat16, they stay float32: 12 heads (slopes not all powers of two, which
+    bfloat16 would round) give transformers' bfloat16 logits to the bit."""
+    dispatch = need("torch.utils._python_dispatch")
+
+    class Copies(dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor)]
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
+                    len({t.device for t in tensors}) > 1:
+                self.copied.append(func)
+            return out
+
+    theirs = tiny_hf(family, **(dict(n_head=12, hidden_size=48) if family == "bloom" else dict(n_heads=12, d_model=48)))
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    assert not [name for name in ours.state_dict() if "alibi" in name]
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
+    block = ours.blocks[0].to("meta")
+    h = torch.zeros(2, 8, 48, dtype=torch.bfloat16, device="meta")
+    with torch.no_grad(), Copies() as copies:
+        copies.copied = []
+        block(h, 0)
+        cache = {}
+        block(h, 0, cache)
+        block(h[:, :1], 8, cache)
+    assert copies.copied == []
+
+
 # config.json as released (shrunk to 2 layers of 64, 16 heads, 96 tokens), with the fields transformers does not read:
 # bloom-560m (hidden_size, n_head, no seq_length), bloom-1b7 (n_embed, num_attention_heads, seq_length, pretraining_tp 2
 # without slow_but_exact); mpt-7b (clip_qkv null), mpt-7b-8k (clip_qkv the whole number 6, llm-foundry's fields)

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense), Arcee (AFM) and the
+(dense), Arcee (AFM), GLM, GLM-4 and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -20,7 +20,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee, glm4, chatglm).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -896,6 +896,34 @@ def phi3(c, where):
                                 "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
 
 
+GLM_NAMES = LLAMA_NAMES | names({}, {"mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
+GLM4_NAMES = GLM_NAMES | names({}, {"post_attn_norm": "post_self_attn_layernorm", "post_mlp_norm": "post_mlp_layernorm"},
+                               "layers.{i}.")
+
+
+def glm(c, where):
+    """GLM (glm: glm-4-9b-hf, glm-4-9b-chat-hf) and GLM-4 (glm4: GLM-4-0414, GLM-Z1): Llama's parts with the MLP's gate
+    and up stored as one matrix (gate_up_proj, gate first), biases on q, k and v where attention_bias (its default) but
+    none on W_O, and the rotary embedding on interleaved pairs of each head's first partial_rotary_factor of dims (by
+    default half), q and k as stored; GLM-4 norms what attention and the MLP add before adding it too
+    (post_self_attn_layernorm, post_mlp_layernorm). Where config.json leaves them out, transformers' defaults: head_dim
+    128 (null: d_model / n_head), 2 key / value heads (null: n_head), eps 1.5625e-7, untied."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    bias = _option(c, "attention_bias", True, [True, False], where)
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    config, _, _ = llama(c | {"model_type": "llama", "head_dim": d_head, "mlp_bias": False,
+                              "num_key_value_heads": c.get("num_key_value_heads", 2),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1.5625e-7),
+                              "tie_word_embeddings": c.get("tie_word_embeddings", False)}, where)
+    config |= dict(rotary_dims=int(d_head * fraction), rotary_interleaved=True, qkv_bias=bias, out_bias=False,
+                   sandwich_norms=c["model_type"] == "glm4")
+    return config, GLM4_NAMES if c["model_type"] == "glm4" else GLM_NAMES, {
+        "blocks.{i}.mlp.gate": lambda t: t.chunk(2)[0], "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
+
+
 def _longrope(rope, c, where, dims):
     """LongRoPE's fields as transformers' Phi-3 takes them: a short and a long factor for each rotary frequency;
     original_max_position_embeddings, the context it was pretrained for, from config.json's top level (where
@@ -1454,7 +1482,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
+            "glm": glm, "glm4": glm}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1641,7 +1670,7 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "glm4", "chatglm")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt")
@@ -1745,10 +1774,13 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox", "stablelm", "phi2"):  # a Fraction, so that d_head (GPT-NeoX's and StableLM's: d_model /
-        # n_head) times it is exactly the file's count
-        head = c["head_dim"] if arch in ("phi3", "phi2") else max(1, c["hidden_size"] // c["num_attention_heads"])
-        c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
+    if arch in ("phi3", "gptneox", "stablelm", "phi2", "glm4", "chatglm"):  # a Fraction, so that d_head (GPT-NeoX's and
+        # StableLM's: d_model / n_head) times it is exactly the file's count
+        head = max(1, c["hidden_size"] // c["num_attention_heads"]) if arch in ("gptneox", "stablelm") else c["head_dim"]
+        dims = count("rope.dimension_count", head, least=0)
+        if dims > head:
+            raise ValueError(f"{path}: metadata {arch}.rope.dimension_count = {dims} exceeds the {head} dims of a head")
+        c["partial_rotary_factor"] = fractions.Fraction(dims, head)
     if arch in ("gpt2", "gptj", "starcoder"):  # config.json's GPT-2 names (GPT-J's and GPT-BigCode's too)
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
                   n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
@@ -1798,6 +1830,8 @@ def gguf_config(metadata, shapes, path):
         c |= longrope_gguf_config(c, get, count, shapes, path)
     if arch == "phi2":
         c["model_type"] = "phi"
+    if arch in ("glm4", "chatglm"):
+        c |= glm_gguf_config(metadata, count, shapes, arch, path)
     if arch == "olmo":  # llama.cpp's OLMo has no biases; q, k, v clamped where attention.clamp_kqv says
         if c["attention_bias"]:
             raise ValueError(f"{path}: an olmo file with biases (blk.0.attn_output.bias) is not one llama.cpp reads")
@@ -1830,6 +1864,24 @@ def mpt_gguf_config(c, get, path):
                 max_seq_len=c["max_position_embeddings"], expansion_ratio=fractions.Fraction(c["intermediate_size"], c["hidden_size"]),
                 layer_norm_epsilon=c["layer_norm_eps"], no_bias=not c["attention_bias"],
                 attn_config=dict(clip_qkv=get("attention.clamp_kqv", 0.0) or None))
+
+
+def glm_gguf_config(metadata, count, shapes, arch, path):
+    """GLM-4's (glm4) and GLM's (chatglm, as llama.cpp's converter writes glm-4-9b-hf and THUDM's ChatGLM) config.json
+    fields as llama.cpp reads them: biases on q, k and v where the file holds them (attn_q, or the fused attn_qkv, which
+    llama.cpp reads too), none on W_O; q / k rows as stored (interleaved pairs for llama.cpp's rotary embedding and
+    transformers' alike: the converter leaves them). What transformers' GLM-4 does not compute is refused: M-RoPE
+    (rope.dimension_sections, GLM-4V's) and next-token prediction layers (nextn_predict_layers, GLM-OCR's)."""
+    sections = metadata.get(f"{arch}.rope.dimension_sections")
+    if sections and any(sections):
+        raise ValueError(f"{path}: metadata {arch}.rope.dimension_sections = {list(sections)}: M-RoPE (a vision-language "
+                         f"model's, GLM-4V) is not implemented")
+    layers = count("nextn_predict_layers", 0, least=0)
+    if layers:
+        raise ValueError(f"{path}: metadata {arch}.nextn_predict_layers = {layers}: next-token prediction layers "
+                         f"(GLM-OCR's) are not implemented")
+    return dict(model_type="glm4" if arch == "glm4" else "glm",
+                attention_bias="blk.0.attn_q.bias" in shapes or "blk.0.attn_qkv.bias" in shapes)
 
 
 def longrope_gguf_config(c, get, count, shapes, path):
@@ -1970,11 +2022,14 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
         fused += [f"blocks.{{i}}.attn.{x}" for x in "qkv" if "blk.0.attn_qkv.weight" in tensors]
         table, transforms = table | {name: GGUF_PHI3_NAMES[name] for name in fused}, {name: family_transforms[name] for name in fused}
-    if c["model_type"] == "phi" and "blk.0.attn_qkv.weight" in tensors:  # (older Phi-2 files) q, k, v as one tensor: all q
-        # rows, then all k rows, then all v rows, weight and bias
+    if c["model_type"] in ("glm", "glm4"):  # the MLP's gate and up as one tensor, ffn_up, as in the folder
+        fused = [f"blocks.{{i}}.{name}" for name in ("mlp.gate", "mlp.up")]
+        table, transforms = table | {name: GGUF_PHI3_NAMES[name] for name in fused}, family_transforms
+    if c["model_type"] in ("phi", "glm", "glm4") and "blk.0.attn_qkv.weight" in tensors:  # (older Phi-2 files, ChatGLM's)
+        # q, k, v as one tensor: all q rows, then all k rows, then all v rows, weight and bias
         sizes = [config["n_head"] * config["d_head"]] + [config["n_kv_head"] * config["d_head"]] * 2
         table = table | names({}, {f"attn.{x}": "attn_qkv" for x in "qkv"}, "blk.{i}.")
-        transforms = {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
+        transforms = transforms | {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
     return build(config, c["model_type"], Weights(tensors, path), table, transforms, codebooks, block_size)
 
 

@@ -90,6 +90,28 @@ def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
         assert old.pre_tokenizers == [bpe.byte_level()] and old.encode("hello world") == ours.encode("hello world")
 
 
+def test_a_glm4_shaped_tokenizer_json_equals_the_tokenizers_library(tmp_path):
+    """GLM-4's tokenizer.json (glm-4-9b-chat-hf, GLM-4-0414): cl100k's split (LLAMA3 below, digits in runs of up to
+    three), then the bytes without GPT-2's pattern, merges not ignored, a template putting [gMASK] and <sop> before every
+    text, and its special tokens cut out of the text first."""
+    tk = need("tokenizers")
+    pt = tk.pre_tokenizers
+    specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|observation|>"]
+    theirs = trained_bpe(tmp_path, pt.Sequence([pt.Split(tk.Regex(LLAMA3), "isolated"), pt.ByteLevel(False, use_regex=False)]),
+                         specials=specials, corpus=[stdlib_text(0, 100_000)])
+    theirs.post_processor = tk.processors.TemplateProcessing(single="[gMASK] <sop> $A", special_tokens=[
+        (t, theirs.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    ours = bpe.load_tokenizer(str(tmp_path))
+    assert ours.prefix == [theirs.token_to_id("[gMASK]"), theirs.token_to_id("<sop>")] and not ours.ignore_merges
+    assert ours.eos == theirs.token_to_id("<|endoftext|>")
+    for string in [SAMPLE, "<|user|>\n" + SAMPLE[:120] + "<|assistant|>\n12345 x<|endoftext|>", stdlib_text(60, 50_000), "", " "]:
+        assert ours.encode(string, special=True) == theirs.encode(string).ids
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
+
+
 def test_a_folder_s_bos_and_eos_are_its_tokenizer_config_s(tmp_path):
     """SmolLM2-Instruct's tokenizer_config.json: bos <|im_start|> and eos <|im_end|>, neither <|endoftext|> (the
     default), each as a string or as an added-token dict; the ids as transformers' AutoTokenizer gives them."""

@@ -1,9 +1,9 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
-written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
-files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
-.ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
-train_lm.py and steered by steer.py.
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM-4, GLM (chatglm), BLOOM, MPT, Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
+converter does) against transformers' float32 original; files that disagree with themselves; and the real
+SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
+finetuned with codebooks by train_lm.py and steered by steer.py.
 Test-only packages (transformers, gguf) and the model file skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import json
@@ -43,8 +43,8 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
-    converter writes it:
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM, GLM-4, BLOOM, MPT, Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -68,7 +68,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     (ggml_mxfp4), or without it its float weights.
     BLOOM (bloom): fused q / k / v reordered as GPT-NeoX's, its embedding norm token_embd_norm, the embedding written
     again as output, the context its n_embed (no seq_length here). MPT (mpt): an MLP of 4 d_model, eps 1e-5,
-    attention.max_alibi_bias and clip_qkv as attention.clamp_kqv."""
+    attention.max_alibi_bias and clip_qkv as attention.clamp_kqv.
+    GLM-4 (glm4) and GLM (chatglm): q / k rows as they are, gate_up_proj as ffn_up, the rotary dims as rope.dimension_count;
+    GLM-4's norms after attention and the MLP as post_attention_norm and post_ffw_norm; GLM's converter (ChatGLM's) writes
+    no key_length, eps 1e-5, base 10,000 and a context of d_model whatever config.json says."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -94,8 +97,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
                  else {"attention.layer_norm_epsilon": 1e-5} if arch == "olmo"
                  else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
-    if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
+    if arch in ("phi3", "gptneox", "stablelm", "glm4", "chatglm"):  # the rotary embedding on a part of each head
         meta |= {"rope.dimension_count": int(head * c.rope_parameters["partial_rotary_factor"])}
+    if arch == "chatglm":
+        meta = {key: value for key, value in meta.items() if key != "attention.key_length"} | {
+            "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0, "context_length": c.hidden_size}
     if arch in ("gptneox", "stablelm"):
         meta |= {"use_parallel_residual": c.use_parallel_residual}
     if arch == "gptj":
@@ -146,6 +152,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         (writer.add_string if isinstance(value, str) else writer.add_bool if isinstance(value, bool) else
+         writer.add_array if isinstance(value, list) else
          writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -170,6 +177,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
+    if arch == "glm4":
+        names |= {"post_self_attn_layernorm": "post_attention_norm", "post_mlp_layernorm": "post_ffw_norm"}
     kind = gguf.GGMLQuantizationType[quantisation]
 
     def add(gguf_name, w):  # the converter keeps position embeddings, norms (Cohere's per-head ones: 2-d) and routers F32
@@ -557,6 +566,39 @@ def test_a_phi_starcoder2_olmo_ernie_or_arcee_gguf_file_gives_its_original_logit
     assert ours.config.attn_window == 0 and ours.config.qkv_bias == (case in ("phi2", "phi2-fused", "starcoder2", "ernie4_5-biases"))
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
+
+
+# (family, GGUF architecture, tiny_hf options, write_gguf options): GLM-4 with biases on q, k, v, untied, its rotary
+# embedding on half of each head; without biases, tied, on 18 of 24 dims; GLM as llama.cpp's chatglm (eps 1e-5 and base
+# 10,000, which its converter writes whatever config.json says), q, k, v apart (glm-4-9b-hf) or fused (ChatGLM's own)
+GLM_GGUF = {"glm4": ("glm4", "glm4", dict(head_dim=16), {}),
+            "glm4-no-biases-tied": ("glm4", "glm4", dict(head_dim=24, attention_bias=False, tie_word_embeddings=True,
+                                                         partial_rotary_factor=0.75), {}),
+            "chatglm": ("glm", "chatglm", dict(head_dim=16, rms_norm_eps=1e-5), {}),
+            "chatglm-fused": ("glm", "chatglm", dict(head_dim=16, rms_norm_eps=1e-5), dict(qkv_fused=True))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("glm4", "F32"), ("glm4", "Q8_0"), ("glm4-no-biases-tied", "F32"),
+                                               ("chatglm", "Q8_0"), ("chatglm-fused", "F32")])
+def test_a_glm4_or_chatglm_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's GLM-4 (glm4) and GLM (chatglm): q / k rows as transformers has them (llama.cpp rotates interleaved
+    pairs too, on rope.dimension_count dims), the MLP's gate and up as one tensor (ffn_up, gate first), biases on q, k, v
+    where the file has them (attn_q, attn_k, attn_v, or the fused attn_qkv), none on attn_output; GLM-4's norms after
+    attention and the MLP (post_attention_norm, post_ffw_norm); no output tensor where tied."""
+    family, arch, options, writing = GLM_GGUF[case]
+    theirs = tiny_hf(family, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, arch, **writing))
+    config = ours.config
+    assert config.family == family and config.rotary_interleaved and config.sandwich_norms == (family == "glm4")
+    assert config.rotary_dims == (18 if case == "glm4-no-biases-tied" else 8) and config.tied_head == (case == "glm4-no-biases-tied")
+    assert config.qkv_bias == (case != "glm4-no-biases-tied") and not config.out_bias
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "glm4" and quantisation == "F32":  # what transformers' GLM-4 does not compute, or the file lacks, is one line
+        assert_each_refused(theirs, "glm4", [
+            ({"rope.dimension_sections": [4, 2, 2, 0]}, "glm4.rope.dimension_sections = [4, 2, 2, 0]: M-RoPE"),
+            ({"nextn_predict_layers": 1}, "glm4.nextn_predict_layers = 1: next-token prediction layers"),
+            (dict(drop=["attention.layer_norm_rms_epsilon"]), "metadata glm4.attention.layer_norm_rms_epsilon is missing"),
+            ({"rope.dimension_count": 20}, "glm4.rope.dimension_count = 20 exceeds the 16 dims of a head")], tmp_path)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

@@ -405,8 +405,10 @@ class Attention(nn.Module):
         self.original_context = scaling.get("original_max_position_embeddings") if longrope else None
         self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
         self.rotary_interleaved = cfg.rotary_interleaved
-        # rotary_frequencies_float32: a copy outside the buffers, which casting the model would round
-        self.float32_freq = frequencies if rotates and cfg.rotary_frequencies_float32 else None
+        # rotary_frequencies_float32: their float32 bits as int32, a buffer that moves with the model and that casting
+        # it leaves unrounded (as alibi_bits)
+        bits = frequencies.clone().view(torch.int32) if rotates and cfg.rotary_frequencies_float32 else None
+        self.register_buffer("inv_freq_bits", bits, persistent=False)
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -423,10 +425,8 @@ class Attention(nn.Module):
             # chooses them, per forward by its largest position (with a cache, the earlier keys keep their rotation)
             long = self.long_inv_freq is not None and start + T > self.original_context
             inv_freq = self.long_inv_freq if long else self.inv_freq
-            if self.float32_freq is not None:
-                if self.float32_freq.device != x.device:  # moved once, with the model's first forward there
-                    self.float32_freq = self.float32_freq.to(x.device)
-                inv_freq = self.float32_freq
+            if self.inv_freq_bits is not None:
+                inv_freq = self.inv_freq_bits.view(torch.float32)
             q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision, self.rotary_interleaved)
                     for t in (q, k))
         if cache is not None:

@@ -693,13 +693,14 @@ def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, t
     assert_generates_as(ours, theirs, x[:, :8], 20)
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt"])
-def test_alibi_slopes_move_with_the_model_and_stay_float32(family, tmp_path):
-    """ALiBi's slopes move with the model, outside its state_dict, so that a forward on another device copies nothing
-    onto it from the host: on the meta device (an accelerator's stand-in) a block's forward, and a step with the
-    cache, copy no tensor from the CPU (each copy between devices recorded; the model's own forward reads its tokens'
-    values, which meta tensors lack). Cast to bfloat16, they stay float32: 12 heads (slopes not all powers of two, which
-    bfloat16 would round) give transformers' bfloat16 logits to the bit."""
+@pytest.mark.parametrize("family", ["bloom", "mpt", "gptj"])
+def test_alibi_slopes_and_gptj_frequencies_move_with_the_model_and_stay_float32(family, tmp_path):
+    """ALiBi's slopes and GPT-J's float32 rotary frequencies move with the model, outside its state_dict, so that a
+    forward on another device copies nothing onto it from the host: on the meta device (an accelerator's stand-in) a
+    block's forward, and a step with the cache, copy no tensor from the CPU (each copy between devices recorded; the
+    model's own forward reads its tokens' values, which meta tensors lack). Cast to bfloat16, they stay float32: 12
+    heads (slopes not all powers of two, which bfloat16 would round), and GPT-J's frequencies, give transformers'
+    bfloat16 logits to the bit."""
     dispatch = need("torch.utils._python_dispatch")
 
     class Copies(dispatch.TorchDispatchMode):
@@ -711,10 +712,11 @@ def test_alibi_slopes_move_with_the_model_and_stay_float32(family, tmp_path):
                 self.copied.append(func)
             return out
 
-    theirs = tiny_hf(family, **(dict(n_head=12, hidden_size=48) if family == "bloom" else dict(n_heads=12, d_model=48)))
+    sizes = {"bloom": dict(n_head=12, hidden_size=48), "mpt": dict(n_heads=12, d_model=48), "gptj": dict(n_embd=48)}
+    theirs = tiny_hf(family, **sizes[family])
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path))
-    assert not [name for name in ours.state_dict() if "alibi" in name]
+    assert not [name for name in ours.state_dict() if "alibi" in name or "freq" in name]
     ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense), Arcee (AFM) and the
+(dense), Arcee (AFM), Nemotron (Minitron) and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -20,7 +20,7 @@ index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.js
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
 smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee).
+olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee, nemotron).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -81,7 +81,8 @@ class TransformerConfig:
     norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere, MPT), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma stores it), the sum and the product in float32,
-    # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
+    # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum); a
+    # LayerNorm (norm "layernorm") likewise, the sum and the norm in the model's dtype (Nemotron's LayerNorm1P)
     norm_plus_one: bool = False
     # a LayerNorm without bias (and qk_layernorm's) computed step by step as transformers' Cohere writes it
     # (layer_norm_stepwise); else torch's, which differs in float32's last bits and so at times in bfloat16's
@@ -173,6 +174,8 @@ class TransformerConfig:
         for name in ("norm_eps", "residual_scale", "logit_scale"):
             if not is_positive_number(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.norm_plus_one and self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm_plus_one needs norm='rmsnorm' or 'layernorm', not {self.norm!r}")
         if self.norm_stepwise and self.norm != "layernorm_nobias":
             raise ValueError(f"norm_stepwise needs norm='layernorm_nobias', not {self.norm!r}")
         if self.qk_layernorm and (not self.qk_norm or self.qk_norm_across_heads):
@@ -280,10 +283,24 @@ class BareLayerNorm(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+class PlusOneLayerNorm(nn.LayerNorm):
+    """A LayerNorm with bias scaling by 1 + its weight, as transformers' NemotronLayerNorm1P: the sum and the norm in
+    the weights' and x's dtype (no float32 step)."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps=eps)
+        nn.init.zeros_(self.weight)  # (a scale of 1)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32, cfg.norm_plus_one)
+    if cfg.norm_plus_one:
+        return PlusOneLayerNorm(dim, cfg.norm_eps)
     if cfg.norm == "layernorm_noparams":
         return BareLayerNorm(cfg.norm_eps)
     if cfg.norm_stepwise:
@@ -871,6 +888,28 @@ def arcee(c, where):
     return config | dict(mlp="gelu", activation="relu2"), table, {}
 
 
+def nemotron(c, where):
+    """Nemotron (Minitron-4B / -8B, Nemotron-Mini-4B, Nemotron-3-8B converted): Llama's blocks with LayerNorms with bias
+    scaling by 1 + weight (LayerNorm1P: norm_plus_one), a ReLU² MLP without gate (up, down), the rotary embedding on
+    partial_rotary_factor of each head's dims (by default half), biases on q, k, v and W_O where attention_bias says and
+    on the MLP where mlp_bias does, an untied output layer by default."""
+    _option(c, "hidden_act", "relu2", ["relu2"], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    rope = c.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    attention_bias = _option(c, "attention_bias", False, [True, False], where)
+    mlp_bias = _option(c, "mlp_bias", False, [True, False], where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_plus_one=True, norm_eps=c.get("norm_eps", 1e-5),
+                  **_rope(c, where, int(d_head * fraction)), qkv_bias=attention_bias, out_bias=attention_bias,
+                  mlp="gelu", activation="relu2", mlp_bias=mlp_bias, tied_head=c.get("tie_word_embeddings", False))
+    return config, LLAMA_NAMES, {}
+
+
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
                                      "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
 
@@ -1117,8 +1156,6 @@ def _dequantised_experts(name, parts, where):
 
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
-GEMMA_NORMS = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
-                                                                 "attn.q_norm", "attn.k_norm")]
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
 GEMMA_DEFAULTS = {
     "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
@@ -1454,7 +1491,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
-            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee}
+            "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
+            "nemotron": nemotron}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1641,10 +1679,10 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
-                           "starcoder", "bloom", "mpt")
+                           "starcoder", "bloom", "mpt", "nemotron")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1737,6 +1775,8 @@ def gguf_config(metadata, shapes, path):
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
     if arch == "arcee":  # its ReLU² MLP (ffn_up, ffn_down; no gate)
         c["hidden_act"] = "relu2"
+    if arch == "nemotron":  # (its q / k rows as stored: llama.cpp rotates their halves, as transformers)
+        c["norm_eps"] = c["layer_norm_eps"]
     if arch == "ernie4_5":  # use_bias: biases on every projection, as the file holds them; its q / k rows as
         # transformers' (interleaved pairs, llama.cpp's rotary layout too: the converter leaves them), so not unpermuted
         c["use_bias"] = c["attention_bias"]
@@ -1745,9 +1785,10 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox", "stablelm", "phi2"):  # a Fraction, so that d_head (GPT-NeoX's and StableLM's: d_model /
-        # n_head) times it is exactly the file's count
-        head = c["head_dim"] if arch in ("phi3", "phi2") else max(1, c["hidden_size"] // c["num_attention_heads"])
+    if arch in ("phi3", "gptneox", "stablelm", "phi2", "nemotron"):  # a Fraction, so that d_head (GPT-NeoX's and
+        # StableLM's: d_model / n_head) times it is exactly the file's count (Nemotron's converter counts it from hidden_size
+        # / heads, not head_dim, as llama.cpp then rotates)
+        head = c["head_dim"] if arch in ("phi3", "phi2", "nemotron") else max(1, c["hidden_size"] // c["num_attention_heads"])
         c["partial_rotary_factor"] = fractions.Fraction(count("rope.dimension_count", head, least=0), head)
     if arch in ("gpt2", "gptj", "starcoder"):  # config.json's GPT-2 names (GPT-J's and GPT-BigCode's too)
         c |= dict(n_embd=c["hidden_size"], n_inner=c["intermediate_size"], n_layer=c["num_hidden_layers"],
@@ -1945,8 +1986,10 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     table, transforms = GGUF_NAMES, {}
-    if config.get("norm_plus_one"):  # Gemma's norm weights, which the converter stored as 1 + weight
-        transforms = {name: lambda t: t - 1.0 for name in GEMMA_NORMS}
+    if config.get("norm_plus_one"):  # the converter stored each norm's weight as 1 + weight (Gemma's, Nemotron's; not
+        # Nemotron's biases)
+        minus_one = lambda load: lambda: load().float() - 1.0
+        tensors = {name: minus_one(load) if name.endswith("_norm.weight") else load for name, load in tensors.items()}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
     if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo", "arcee"):  # the converter permuted their q / k rows for

@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5, Arcee, Nemotron, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
@@ -43,7 +43,8 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, BLOOM, MPT, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5, Arcee, Nemotron, Mixtral, Qwen2-MoE, Qwen3-MoE,
+    OLMoE or gpt-oss) as llama.cpp's
     converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -68,7 +69,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     (ggml_mxfp4), or without it its float weights.
     BLOOM (bloom): fused q / k / v reordered as GPT-NeoX's, its embedding norm token_embd_norm, the embedding written
     again as output, the context its n_embed (no seq_length here). MPT (mpt): an MLP of 4 d_model, eps 1e-5,
-    attention.max_alibi_bias and clip_qkv as attention.clamp_kqv."""
+    attention.max_alibi_bias and clip_qkv as attention.clamp_kqv. Nemotron (nemotron): its norm weights stored as 1 + weight
+    (not its norm biases), q / k rows as they are, rope.dimension_count as partial_rotary_factor * d_model // heads,
+    rope.scaling.type none or linear with its factor."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -92,6 +95,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
         meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
                  else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
+                 else {"attention.layer_norm_epsilon": c.norm_eps} if arch == "nemotron"
                  else {"attention.layer_norm_epsilon": 1e-5} if arch == "olmo"
                  else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm"):  # the rotary embedding on a part of each head
@@ -112,6 +116,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     if arch == "phi2":
         meta |= {"feed_forward_length": 4 * c.hidden_size, "attention.head_count_kv": c.num_attention_heads,
                  "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+    if arch == "nemotron":  # (its converter counts the rotary dims from d_model, not head_dim)
+        rope = c.rope_parameters
+        meta |= {"rope.dimension_count": int(rope["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+        meta |= {"rope.scaling.type": "linear", "rope.scaling.factor": rope["factor"]} if rope["rope_type"] == "linear" else \
+            {"rope.scaling.type": "none"}
     if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
     if arch in ("starcoder2", "olmo"):  # no key_length (their config.json has no head_dim)
@@ -192,8 +201,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom":  # (BLOOM's converter writes the
             continue  # embedding again as output)
-        if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
-            w = w + 1
+        if gemma and "norm" in name or arch == "nemotron" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's
+            w = w + 1  # and Nemotron's norm weights as 1 + weight
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo", "arcee"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
@@ -557,6 +566,25 @@ def test_a_phi_starcoder2_olmo_ernie_or_arcee_gguf_file_gives_its_original_logit
     assert ours.config.attn_window == 0 and ours.config.qkv_bias == (case in ("phi2", "phi2-fused", "starcoder2", "ernie4_5-biases"))
     assert ours.config.qkv_clip == (2.0 if case == "olmo" else 0.0)
     assert_reads_as(ours, theirs, quantisation)
+
+
+@pytest.mark.parametrize("case,quantisation", [("nemotron", "F32"), ("nemotron", "Q8_0"), ("nemotron-biases-linear", "Q8_0")])
+def test_a_nemotron_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Nemotron (nemotron): LayerNorm1P's weights stored as 1 + weight, its biases as they are; q / k rows as
+    stored (llama.cpp rotates their halves, as transformers); ffn_up and ffn_down (ReLU², no gate); the rotary embedding on
+    rope.dimension_count dims (8 of 16; 12 with a factor of 0.75); biases on attn_q, attn_k, attn_v, attn_output, ffn_up
+    and ffn_down where the file has them; linear scaling as its type and factor. A rotary dims count no model has is one
+    line."""
+    options = dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
+        rope_type="linear", factor=2.0, partial_rotary_factor=0.75, rope_theta=500.0)) if case == "nemotron-biases-linear" else {}
+    theirs = tiny_hf("nemotron", norm_eps=1e-3, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "nemotron"))
+    config = ours.config
+    assert config.family == "nemotron" and config.norm_plus_one and config.norm == "layernorm" and not config.tied_head
+    assert config.rotary_dims == (12 if options else 8) and config.qkv_bias == config.mlp_bias == bool(options)
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "nemotron" and quantisation == "F32":
+        assert_each_refused(theirs, "nemotron", [({"rope.dimension_count": 7}, "rotary_dims=7 must be even")], tmp_path)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense), Arcee (AFM), Nemotron (Minitron) and the
+(dense), Arcee (AFM), Nemotron (Minitron), Ministral, Ministral 3 (text) and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -18,9 +18,9 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
-smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee, nemotron).
+quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
+window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
+stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee, nemotron).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -114,6 +114,10 @@ class TransformerConfig:
     qkv_clip: float = 0.0  # > 0: queries, keys (after their norm) and values clamped to +-qkv_clip (OLMoE's clip_qkv)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
+    # > 0: each query, after the rotary embedding, times 1 + query_scale_beta ln(1 + floor(position / query_scale_period)),
+    # computed in float32 and rounded to its dtype (Llama-4's scaling, Ministral 3's llama_4_scaling_beta)
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 0
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
     # queries and keys widened to float32 before their product: the scores, mask and softmax in float32, the weights
@@ -199,7 +203,9 @@ class TransformerConfig:
         for name in ("no_rotary_layers", "dense_layers"):
             if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must list layers, each in 0 .. {self.n_layer - 1}")
-        for name in ("qkv_clip", "swiglu_limit", "alibi"):
+        if self.query_scale_beta and not (isinstance(self.query_scale_period, int) and self.query_scale_period > 0):
+            raise ValueError(f"query_scale_period={self.query_scale_period!r} must be a positive integer")
+        for name in ("qkv_clip", "swiglu_limit", "alibi", "query_scale_beta"):
             if not (getattr(self, name) == 0 or is_positive_number(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number (or 0: none)")
         if self.alibi and (self.attn_softcap or self.attn_sinks or self.attn_scores_float32):
@@ -403,6 +409,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = (RMSNorm(heads * cfg.d_head if across else cfg.d_head, cfg.norm_eps,
                                                 cfg.norm_weight_float32, cfg.norm_plus_one) for heads in (cfg.n_head, cfg.n_kv_head))
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
+        self.query_scale_beta, self.query_scale_period = cfg.query_scale_beta, cfg.query_scale_period
         self.scores_float32 = cfg.attn_scores_float32
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
@@ -446,6 +453,10 @@ class Attention(nn.Module):
                 inv_freq = self.inv_freq_bits.view(torch.float32)
             q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision, self.rotary_interleaved)
                     for t in (q, k))
+        if self.query_scale_beta:  # (written as transformers' Ministral 3, for its float32 bits)
+            positions = torch.arange(start, start + T, device=x.device)
+            scale = 1 + self.query_scale_beta * torch.log(1 + torch.floor(positions / self.query_scale_period))
+            q = q * scale[:, None].to(q.dtype)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -908,6 +919,55 @@ def nemotron(c, where):
                   **_rope(c, where, int(d_head * fraction)), qkv_bias=attention_bias, out_bias=attention_bias,
                   mlp="gelu", activation="relu2", mlp_bias=mlp_bias, tied_head=c.get("tie_word_embeddings", False))
     return config, LLAMA_NAMES, {}
+
+
+def ministral(c, where):
+    """Ministral (Ministral-8B-Instruct-2410): Mistral's parts with a window of sliding_window positions on the layers
+    layer_types marks sliding (by default all of them where sliding_window is set, none where it is null), full attention
+    on the others; no biases, whatever attention_bias or mlp_bias says; where config.json leaves them out, transformers'
+    defaults: a window of 4,096, 8 key / value heads. Its head_dim is required (transformers leaves it None, which its
+    attention cannot use)."""
+    if c.get("head_dim") is None:
+        raise ValueError(f"{where}: head_dim={c.get('head_dim')!r}: a ministral config needs it (transformers' "
+                         f"MinistralConfig sets no default, and its attention cannot do without one)")
+    window = c.get("sliding_window", 4096)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    kind = "sliding_attention" if window else "full_attention"
+    layers = _layer_types(c | {"layer_types": c.get("layer_types") or [kind] * c["num_hidden_layers"]}, where, 1)
+    config, table, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "attention_bias": False, "mlp_bias": False}, where)
+    windows = [(window or 0) if layer == "sliding_attention" else 0 for layer in layers]
+    return config | dict(attn_window=windows), table, {}
+
+
+# transformers' rotary embedding of Ministral 3 where config.json gives none
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1000000.0, factor=16.0, original_max_position_embeddings=16384,
+                       beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.1)
+
+
+def ministral3(c, where):
+    """Ministral 3 (ministral3: the text models of Ministral-3-3B / -8B / -14B): Mistral's parts (a window on every layer
+    where sliding_window sets one; by default none), YaRN by default, and each query, after the rotary embedding, scaled
+    by its position as Llama-4's (rope_parameters' llama_4_scaling_beta and original_max_position_embeddings, which
+    transformers requires); no biases; where config.json leaves them out, transformers' defaults: head_dim 128, 8 key /
+    value heads, eps 1e-5."""
+    rope = c.get("rope_parameters") or MINISTRAL3_ROPE
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope_parameters={rope!r} must be a dict of the rotary embedding's parameters")
+    beta, period = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
+    if not (beta == 0 or is_positive_number(beta)):
+        raise ValueError(f"{where}: rope_parameters' llama_4_scaling_beta={beta!r} must be a number, 0 or more: "
+                         f"transformers' ministral3 scales its queries by it")
+    if beta and (not isinstance(period, int) or isinstance(period, bool) or period < 1):
+        raise ValueError(f"{where}: rope_parameters' original_max_position_embeddings={period!r} must be a positive "
+                         f"integer: transformers' ministral3 scales its queries by the position over it")
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    config, table, _ = llama(c | {"model_type": "mistral", "rope_parameters": rope, "head_dim": d_head,
+                                  "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "rms_norm_eps": c.get("rms_norm_eps", 1e-5), "attention_bias": False,
+                                  "mlp_bias": False}, where)
+    return config | dict(query_scale_beta=beta, query_scale_period=period if beta else 0), table, {}
 
 
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
@@ -1492,7 +1552,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
-            "nemotron": nemotron}
+            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3}
 
 
 # ------------------------------------------------------------------------------------------------

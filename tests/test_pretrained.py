@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5, Arcee, Nemotron, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4)
 written by the `gguf` package's writer (laid out as llama.cpp's converter does) against transformers' float32 original;
 files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of
 .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
@@ -585,6 +585,22 @@ def test_a_nemotron_gguf_file_gives_its_original_logits(case, quantisation, tmp_
     assert_reads_as(ours, theirs, quantisation)
     if case == "nemotron" and quantisation == "F32":
         assert_each_refused(theirs, "nemotron", [({"rope.dimension_count": 7}, "rotary_dims=7 must be even")], tmp_path)
+
+
+@pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])
+def test_a_ministral_gguf_file_is_llama_without_its_window(quantisation, tmp_path):
+    """Ministral as llama.cpp's converter writes it: the llama architecture, q / k rows permuted, no window recorded (nor
+    read by llama.cpp for llama): full attention on every layer, the logits of transformers' Ministral of the same
+    weights without its window (here a window of 5 on layer 0)."""
+    windowed = tiny_hf("ministral", head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+    full = tiny_hf("ministral", head_dim=16, sliding_window=5, layer_types=["full_attention"] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(windowed.state_dict().values(), full.state_dict().values()))
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (windowed(x).logits - full(x).logits).abs().max() > 1e-2  # (the window changes the model)
+    ours = models.from_pretrained(write_gguf(tmp_path / "ministral.gguf", windowed, quantisation, "llama"))
+    assert ours.config.family == "llama" and ours.config.attn_window == 0 and ours.config.n_kv_head == 2
+    assert_reads_as(ours, full, quantisation)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

@@ -3,7 +3,7 @@ Pretrained language models with codebooks, from a local Hugging Face folder or a
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense), Arcee (AFM), GLM, GLM-4 and the
+(dense), Arcee (AFM), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM, GLM-4 and the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
@@ -18,9 +18,10 @@ A folder is what `huggingface-cli download NAME --local-dir DIR` or `save_pretra
 config.json, the weights (model.safetensors or pytorch_model.bin, or the shards of either with its
 index) and tokenizer.json (or vocab.json + merges.txt), with tokenizer_config.json's BOS and end of turn. A GGUF file (llama.cpp,
 ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metadata, weights
-quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral), qwen2, qwen3,
-smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2, stablelm, phi2, starcoder2,
-olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee, glm4, chatglm).
+quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
+window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
+stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
+nemotron, glm4, chatglm).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -81,7 +82,8 @@ class TransformerConfig:
     norm: str = "layernorm"  # or "rmsnorm" (computed in float32), "layernorm_nobias" (Cohere, MPT), "layernorm_noparams" (OLMo)
     norm_weight_float32: bool = False  # an RMSNorm's weight multiplied in float32, the product rounded once (gpt-oss)
     # an RMSNorm scales by 1 + its weight (stored as transformers' Gemma stores it), the sum and the product in float32,
-    # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum)
+    # rounded once; else by its weight (Gemma's loaded as that sum before: rounded to a lower precision as a sum); a
+    # LayerNorm (norm "layernorm") likewise, the sum and the norm in the model's dtype (Nemotron's LayerNorm1P)
     norm_plus_one: bool = False
     # a LayerNorm without bias (and qk_layernorm's) computed step by step as transformers' Cohere writes it
     # (layer_norm_stepwise); else torch's, which differs in float32's last bits and so at times in bfloat16's
@@ -113,6 +115,10 @@ class TransformerConfig:
     qkv_clip: float = 0.0  # > 0: queries, keys (after their norm) and values clamped to +-qkv_clip (OLMoE's clip_qkv)
     attn_scale: float | None = None  # attention scores are multiplied by this; None: 1/sqrt(d_head)
     attn_window: int | list = 0  # > 0: each position sees itself and the attn_window - 1 before it; or one per layer
+    # > 0: each query, after the rotary embedding, times 1 + query_scale_beta ln(1 + floor(position / query_scale_period)),
+    # computed in float32 and rounded to its dtype (Llama-4's scaling, Ministral 3's llama_4_scaling_beta)
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 0
     attn_softcap: float = 0.0  # > 0: each attention score s becomes attn_softcap * tanh(s / attn_softcap) (Gemma-2)
     attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator, its value dropped (gpt-oss's sinks)
     # queries and keys widened to float32 before their product: the scores, mask and softmax in float32, the weights
@@ -173,6 +179,8 @@ class TransformerConfig:
         for name in ("norm_eps", "residual_scale", "logit_scale"):
             if not is_positive_number(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number")
+        if self.norm_plus_one and self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm_plus_one needs norm='rmsnorm' or 'layernorm', not {self.norm!r}")
         if self.norm_stepwise and self.norm != "layernorm_nobias":
             raise ValueError(f"norm_stepwise needs norm='layernorm_nobias', not {self.norm!r}")
         if self.qk_layernorm and (not self.qk_norm or self.qk_norm_across_heads):
@@ -196,7 +204,9 @@ class TransformerConfig:
         for name in ("no_rotary_layers", "dense_layers"):
             if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must list layers, each in 0 .. {self.n_layer - 1}")
-        for name in ("qkv_clip", "swiglu_limit", "alibi"):
+        if self.query_scale_beta and not (isinstance(self.query_scale_period, int) and self.query_scale_period > 0):
+            raise ValueError(f"query_scale_period={self.query_scale_period!r} must be a positive integer")
+        for name in ("qkv_clip", "swiglu_limit", "alibi", "query_scale_beta"):
             if not (getattr(self, name) == 0 or is_positive_number(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number (or 0: none)")
         if self.alibi and (self.attn_softcap or self.attn_sinks or self.attn_scores_float32):
@@ -280,10 +290,24 @@ class BareLayerNorm(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+class PlusOneLayerNorm(nn.LayerNorm):
+    """A LayerNorm with bias scaling by 1 + its weight, as transformers' NemotronLayerNorm1P: the sum and the norm in
+    the weights' and x's dtype (no float32 step)."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps=eps)
+        nn.init.zeros_(self.weight)  # (a scale of 1)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
 def make_norm(cfg, dim=None):
     dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_float32, cfg.norm_plus_one)
+    if cfg.norm_plus_one:
+        return PlusOneLayerNorm(dim, cfg.norm_eps)
     if cfg.norm == "layernorm_noparams":
         return BareLayerNorm(cfg.norm_eps)
     if cfg.norm_stepwise:
@@ -386,6 +410,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = (RMSNorm(heads * cfg.d_head if across else cfg.d_head, cfg.norm_eps,
                                                 cfg.norm_weight_float32, cfg.norm_plus_one) for heads in (cfg.n_head, cfg.n_kv_head))
         self.qk_norm, self.clip, self.softcap = cfg.qk_norm, cfg.qkv_clip, cfg.attn_softcap
+        self.query_scale_beta, self.query_scale_period = cfg.query_scale_beta, cfg.query_scale_period
         self.scores_float32 = cfg.attn_scores_float32
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
         self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
@@ -405,8 +430,10 @@ class Attention(nn.Module):
         self.original_context = scaling.get("original_max_position_embeddings") if longrope else None
         self.rotary_scale, self.rotary_precision = scaling.get("attention_factor", 1.0), cfg.rotary_precision
         self.rotary_interleaved = cfg.rotary_interleaved
-        # rotary_frequencies_float32: a copy outside the buffers, which casting the model would round
-        self.float32_freq = frequencies if rotates and cfg.rotary_frequencies_float32 else None
+        # rotary_frequencies_float32: their float32 bits as int32, a buffer that moves with the model and that casting
+        # it leaves unrounded (as alibi_bits)
+        bits = frequencies.clone().view(torch.int32) if rotates and cfg.rotary_frequencies_float32 else None
+        self.register_buffer("inv_freq_bits", bits, persistent=False)
 
     def forward(self, x, start, cache=None):
         """x (B, T, D) -> heads (B, T, n_head, d_head); cache: a dict of earlier keys and values, or None."""
@@ -423,12 +450,14 @@ class Attention(nn.Module):
             # chooses them, per forward by its largest position (with a cache, the earlier keys keep their rotation)
             long = self.long_inv_freq is not None and start + T > self.original_context
             inv_freq = self.long_inv_freq if long else self.inv_freq
-            if self.float32_freq is not None:
-                if self.float32_freq.device != x.device:  # moved once, with the model's first forward there
-                    self.float32_freq = self.float32_freq.to(x.device)
-                inv_freq = self.float32_freq
+            if self.inv_freq_bits is not None:
+                inv_freq = self.inv_freq_bits.view(torch.float32)
             q, k = (rotary(t, start, inv_freq, self.rotary_scale, self.rotary_precision, self.rotary_interleaved)
                     for t in (q, k))
+        if self.query_scale_beta:  # (written as transformers' Ministral 3, for its float32 bits)
+            positions = torch.arange(start, start + T, device=x.device)
+            scale = 1 + self.query_scale_beta * torch.log(1 + torch.floor(positions / self.query_scale_period))
+            q = q * scale[:, None].to(q.dtype)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -871,6 +900,77 @@ def arcee(c, where):
     return config | dict(mlp="gelu", activation="relu2"), table, {}
 
 
+def nemotron(c, where):
+    """Nemotron (Minitron-4B / -8B, Nemotron-Mini-4B, Nemotron-3-8B converted): Llama's blocks with LayerNorms with bias
+    scaling by 1 + weight (LayerNorm1P: norm_plus_one), a ReLU² MLP without gate (up, down), the rotary embedding on
+    partial_rotary_factor of each head's dims (by default half), biases on q, k, v and W_O where attention_bias says and
+    on the MLP where mlp_bias does, an untied output layer by default."""
+    _option(c, "hidden_act", "relu2", ["relu2"], where)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = c.get("head_dim") or d // heads
+    rope = c.get("rope_parameters") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    attention_bias = _option(c, "attention_bias", False, [True, False], where)
+    mlp_bias = _option(c, "mlp_bias", False, [True, False], where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
+                  d_mlp=c["intermediate_size"], norm="layernorm", norm_plus_one=True, norm_eps=c.get("norm_eps", 1e-5),
+                  **_rope(c, where, int(d_head * fraction)), qkv_bias=attention_bias, out_bias=attention_bias,
+                  mlp="gelu", activation="relu2", mlp_bias=mlp_bias, tied_head=c.get("tie_word_embeddings", False))
+    return config, LLAMA_NAMES, {}
+
+
+def ministral(c, where):
+    """Ministral (Ministral-8B-Instruct-2410): Mistral's parts with a window of sliding_window positions on the layers
+    layer_types marks sliding (by default all of them where sliding_window is set, none where it is null), full attention
+    on the others; no biases, whatever attention_bias or mlp_bias says; where config.json leaves them out, transformers'
+    defaults: a window of 4,096, 8 key / value heads. Its head_dim is required (transformers leaves it None, which its
+    attention cannot use)."""
+    if c.get("head_dim") is None:
+        raise ValueError(f"{where}: head_dim={c.get('head_dim')!r}: a ministral config needs it (transformers' "
+                         f"MinistralConfig sets no default, and its attention cannot do without one)")
+    window = c.get("sliding_window", 4096)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    kind = "sliding_attention" if window else "full_attention"
+    layers = _layer_types(c | {"layer_types": c.get("layer_types") or [kind] * c["num_hidden_layers"]}, where, 1)
+    config, table, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "attention_bias": False, "mlp_bias": False}, where)
+    windows = [(window or 0) if layer == "sliding_attention" else 0 for layer in layers]
+    return config | dict(attn_window=windows), table, {}
+
+
+# transformers' rotary embedding of Ministral 3 where config.json gives none
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1000000.0, factor=16.0, original_max_position_embeddings=16384,
+                       beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.1)
+
+
+def ministral3(c, where):
+    """Ministral 3 (ministral3: the text models of Ministral-3-3B / -8B / -14B): Mistral's parts (a window on every layer
+    where sliding_window sets one; by default none), YaRN by default, and each query, after the rotary embedding, scaled
+    by its position as Llama-4's (rope_parameters' llama_4_scaling_beta and original_max_position_embeddings, which
+    transformers requires); no biases; where config.json leaves them out, transformers' defaults: head_dim 128, 8 key /
+    value heads, eps 1e-5."""
+    rope = c.get("rope_parameters") or MINISTRAL3_ROPE
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope_parameters={rope!r} must be a dict of the rotary embedding's parameters")
+    beta, period = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
+    if not (beta == 0 or is_positive_number(beta)):
+        raise ValueError(f"{where}: rope_parameters' llama_4_scaling_beta={beta!r} must be a number, 0 or more: "
+                         f"transformers' ministral3 scales its queries by it")
+    if beta and (not isinstance(period, int) or isinstance(period, bool) or period < 1):
+        raise ValueError(f"{where}: rope_parameters' original_max_position_embeddings={period!r} must be a positive "
+                         f"integer: transformers' ministral3 scales its queries by the position over it")
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    config, table, _ = llama(c | {"model_type": "mistral", "rope_parameters": rope, "head_dim": d_head,
+                                  "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "rms_norm_eps": c.get("rms_norm_eps", 1e-5), "attention_bias": False,
+                                  "mlp_bias": False}, where)
+    return config | dict(query_scale_beta=beta, query_scale_period=period if beta else 0), table, {}
+
+
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
                                      "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
 
@@ -1145,8 +1245,6 @@ def _dequantised_experts(name, parts, where):
 
 GEMMA_NAMES = LLAMA_NAMES | names({}, {"norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
                                         "post_mlp_norm": "post_feedforward_layernorm"}, "layers.{i}.")
-GEMMA_NORMS = ["norm_f"] + [f"blocks.{{i}}.{name}" for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm",
-                                                                 "attn.q_norm", "attn.k_norm")]
 # transformers' defaults for what a Gemma config.json may leave out (the multimodal Gemma-3s' text_config leaves out most)
 GEMMA_DEFAULTS = {
     "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
@@ -1483,7 +1581,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
-            "glm": glm, "glm4": glm}
+            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "glm": glm, "glm4": glm}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1670,10 +1768,10 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "glm4", "chatglm")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
-                           "starcoder", "bloom", "mpt")
+                           "starcoder", "bloom", "mpt", "nemotron")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1766,6 +1864,8 @@ def gguf_config(metadata, shapes, path):
     c["attention_bias"] = "blk.0.attn_output.bias" in shapes
     if arch == "arcee":  # its ReLU² MLP (ffn_up, ffn_down; no gate)
         c["hidden_act"] = "relu2"
+    if arch == "nemotron":  # (its q / k rows as stored: llama.cpp rotates their halves, as transformers)
+        c["norm_eps"] = c["layer_norm_eps"]
     if arch == "ernie4_5":  # use_bias: biases on every projection, as the file holds them; its q / k rows as
         # transformers' (interleaved pairs, llama.cpp's rotary layout too: the converter leaves them), so not unpermuted
         c["use_bias"] = c["attention_bias"]
@@ -1774,8 +1874,9 @@ def gguf_config(metadata, shapes, path):
     c["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     if arch in ("gemma2", "gemma3"):  # Gemma (1) has nothing more to read: no window, no soft-caps, scores by head_dim^-1/2
         c |= gemma_gguf_config(c, get)
-    if arch in ("phi3", "gptneox", "stablelm", "phi2", "glm4", "chatglm"):  # a Fraction, so that d_head (GPT-NeoX's and
-        # StableLM's: d_model / n_head) times it is exactly the file's count
+    if arch in ("phi3", "gptneox", "stablelm", "phi2", "nemotron", "glm4", "chatglm"):  # a Fraction, so that d_head
+        # (GPT-NeoX's and StableLM's: d_model / n_head) times it is exactly the file's count (Nemotron's converter counts it
+        # from hidden_size / heads, not head_dim, as llama.cpp then rotates)
         head = max(1, c["hidden_size"] // c["num_attention_heads"]) if arch in ("gptneox", "stablelm") else c["head_dim"]
         dims = count("rope.dimension_count", head, least=0)
         if dims > head:
@@ -1997,8 +2098,10 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
                              f"frequencies{' and the metadata scales them too' if config['rotary_scaling'] else ''}")
         config["rotary_scaling"] = {"rope_type": "divisors", "divisors": divisors}
     table, transforms = GGUF_NAMES, {}
-    if config.get("norm_plus_one"):  # Gemma's norm weights, which the converter stored as 1 + weight
-        transforms = {name: lambda t: t - 1.0 for name in GEMMA_NORMS}
+    if config.get("norm_plus_one"):  # the converter stored each norm's weight as 1 + weight (Gemma's, Nemotron's; not
+        # Nemotron's biases)
+        minus_one = lambda load: lambda: load().float() - 1.0
+        tensors = {name: minus_one(load) if name.endswith("_norm.weight") else load for name, load in tensors.items()}
     if config.get("shared_norm"):  # attention and MLP read attn_norm (Command-R, StableLM-2-12B)
         table = table | names({}, {"norm2": "attn_norm"}, "blk.{i}.")
     if c["model_type"] in ("llama", "smollm3", "granite", "mixtral", "olmo", "arcee"):  # the converter permuted their q / k rows for

@@ -192,7 +192,8 @@ def tiny_hf(family, vocab_size=96, **options):
                              **dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64) | options)
         return randomize(t.MptForCausalLM(config), 7)
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
-    # StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM, GLM-4, the mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
+    # StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, the mixtures of experts (MOE): 4
+    # query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
     if family in ("gemma", "gemma2", "gemma3"):  # Gemma-2's eager attention: the one that soft-caps scores
@@ -213,7 +214,8 @@ def tiny_hf(family, vocab_size=96, **options):
              "phi": t.PhiForCausalLM, "starcoder2": t.Starcoder2ForCausalLM, "olmo": t.OlmoForCausalLM,
              "mixtral": t.MixtralForCausalLM, "qwen2_moe": t.Qwen2MoeForCausalLM, "qwen3_moe": t.Qwen3MoeForCausalLM,
              "olmoe": t.OlmoeForCausalLM, "ernie4_5": t.Ernie4_5ForCausalLM,
-             "arcee": t.ArceeForCausalLM, "glm": t.GlmForCausalLM, "glm4": t.Glm4ForCausalLM}[family]
+             "arcee": t.ArceeForCausalLM, "nemotron": t.NemotronForCausalLM, "ministral": t.MinistralForCausalLM,
+             "ministral3": t.Ministral3ForCausalLM, "glm": t.GlmForCausalLM, "glm4": t.Glm4ForCausalLM}[family]
     if family in ("smollm3", "phi3", "stablelm", "glm", "glm4"):
         sizes["pad_token_id"] = None  # their defaults (128004, 32000, 151329) are past the tiny vocabulary (StableLM's: none)
     config = getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | MOE.get(family, {}) | options)

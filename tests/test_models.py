@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM, GLM-4, BLOOM, MPT and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, BLOOM, MPT and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -104,6 +104,22 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
              rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32, partial_rotary_factor=0.75))),
          "glm4": ("glm4", dict(head_dim=16)),
          "glm4-whole-head": ("glm4", dict(head_dim=24, partial_rotary_factor=1.0, rope_theta=500.0)),
+         # Nemotron: LayerNorm1P (1 + weight, with bias), ReLU² without gate, the rotary embedding on half of each head; with
+         # biases on q, k, v, W_O and the MLP, tied, linear scaling on 12 of 16 dims
+         "nemotron": ("nemotron", dict(norm_eps=1e-3)),
+         "nemotron-biases-tied-linear": ("nemotron", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_parameters=dict(
+             rope_type="linear", factor=2.0, partial_rotary_factor=0.75, rope_theta=500.0))),
+         # Ministral: a window of 5 on layer 0 only (layer_types), then on every layer (its default where sliding_window is
+         # set), with YaRN; Ministral 3: its YaRN and its queries scaled by position past 16 (beta 0.5), then a window of 5
+         # on every layer, the rotary embedding unscaled and the queries scaled past 8
+         "ministral": ("ministral", dict(head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
+         "ministral-all-sliding-yarn": ("ministral", dict(head_dim=24, sliding_window=5, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
+         "ministral3": ("ministral3", dict(head_dim=16, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
+         "ministral3-window": ("ministral3", dict(head_dim=16, sliding_window=5, rope_parameters=dict(
+             rope_type="default", rope_theta=500.0, llama_4_scaling_beta=0.3, original_max_position_embeddings=8))),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -123,6 +139,7 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
 TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bigcode": True, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
+        "nemotron": False, "ministral": False, "ministral3": False,
         "glm": False, "glm4": False, "bloom": True, "mpt": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
@@ -136,7 +153,8 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "llama": LLAMA_SITES, "mistral": LLAMA_SITES, "qwen2": LLAMA_SITES, "qwen3": LLAMA_SITES, "smollm3": LLAMA_SITES, "phi3": LLAMA_SITES,
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
-         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "glm": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
+         "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -260,28 +278,47 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
             "layer_types", "no_rope_layers")
 
 
-@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2", "ernie4_5", "glm", "glm4"])
+@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2", "ernie4_5", "nemotron", "ministral",
+                                    "ministral3", "glm", "glm4"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     """(ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
-    heads; GLM's and GLM-4's biases on q, k, v and rotary embedding on half of each head, eps 1.5625e-7)"""
+    heads; GLM's and GLM-4's biases on q, k, v and rotary embedding on half of each head, eps 1.5625e-7. Nemotron: its
+    norm_eps left out too; the rotary embedding on half of each head, base 10000, untied. Ministral: 8 key / value heads,
+    a window of 4,096 on every layer. Ministral 3: 8 key / value heads, its head_dim left out too, 128; YaRN of factor 16
+    from 16,384 positions, its query scale of beta 0.1 from there; eps 1e-5)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
+    if family in ("ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128 too)
+        heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=16 if family == "ministral" else 128)
     scale = dict(logit_scale=1.0) if family == "cohere2" else {}  # (kept: logits far enough from uniform to compare)
     tiny_hf(family, num_hidden_layers=4, **heads, **scale).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    left_out = LEFT_OUT + (("head_dim",) if family in ("ernie4_5", "glm", "glm4") else ()) + \
-        (("attention_bias", "partial_rotary_factor") if family in ("glm", "glm4") else ())
+    left_out = LEFT_OUT + {"ernie4_5": ("head_dim",), "nemotron": ("norm_eps",), "ministral3": ("head_dim",),
+                           "glm": ("head_dim", "attention_bias", "partial_rotary_factor"),
+                           "glm4": ("head_dim", "attention_bias", "partial_rotary_factor")}.get(family, ())
+    if family == "nemotron":  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None, which its
+        # attention divides by)
+        left_out = tuple(name for name in left_out if name != "num_key_value_heads")
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in left_out}))
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
-    assert ours.config.n_kv_head == theirs.config.num_key_value_heads == (2 if family in ("ernie4_5", "glm", "glm4") else 4)
+    assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {"ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8,
+                                                                          "ministral3": 8}.get(family, 4)
     if family in ("ernie4_5", "glm", "glm4"):
         assert ours.config.d_head == theirs.config.head_dim == 128
     if family in ("glm", "glm4"):
         assert ours.config.rotary_dims == 64 and ours.config.qkv_bias and ours.config.norm_eps == theirs.config.rms_norm_eps
+    if family == "nemotron":
+        assert ours.config.rotary_dims == 8 and ours.config.norm_eps == 1e-5
+    if family == "ministral":
+        assert ours.config.attn_window == [theirs.config.sliding_window] * 4 == [4096] * 4
+    if family == "ministral3":
+        assert ours.config.d_head == theirs.config.head_dim == 128 and ours.config.norm_eps == 1e-5
+        assert ours.config.rotary_scaling["factor"] == 16 and ours.config.rotary_base == 1e6
+        assert (ours.config.query_scale_beta, ours.config.query_scale_period) == (0.1, 16384)
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
     assert_same_logits(ours, theirs, (2, 48), seed=6)
@@ -400,7 +437,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
                                   "gpt_neo", "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5",
                                   "ernie4_5-biases-untied-yarn", "arcee", "arcee-biases-tied-yarn", "glm",
-                                  "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head"])
+                                  "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head", "nemotron",
+                                  "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -409,6 +447,8 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
     ERNIE 4.5's interleaved pairs turned in float32 with float32 tables; Arcee's ReLU² in bfloat16; GLM's and GLM-4's
     interleaved pairs of part of each head turned in bfloat16, GLM-4's norms after attention and the MLP in float32;
+    Nemotron's LayerNorm1P in bfloat16, its 1 + weight too; Ministral 3's query scale rounded to bfloat16 before it
+    multiplies;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
     GPT-2's gelu_new step by step, GPT-Neo's too, its scores in float32; GPT-NeoX's parallel attention's and MLP's outputs
@@ -708,13 +748,14 @@ def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, t
     assert_generates_as(ours, theirs, x[:, :8], 20)
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt"])
-def test_alibi_slopes_move_with_the_model_and_stay_float32(family, tmp_path):
-    """ALiBi's slopes move with the model, outside its state_dict, so that a forward on another device copies nothing
-    onto it from the host: on the meta device (an accelerator's stand-in) a block's forward, and a step with the
-    cache, copy no tensor from the CPU (each copy between devices recorded; the model's own forward reads its tokens'
-    values, which meta tensors lack). Cast to bfloat16, they stay float32: 12 heads (slopes not all powers of two, which
-    bfloat16 would round) give transformers' bfloat16 logits to the bit."""
+@pytest.mark.parametrize("family", ["bloom", "mpt", "gptj"])
+def test_alibi_slopes_and_gptj_frequencies_move_with_the_model_and_stay_float32(family, tmp_path):
+    """ALiBi's slopes and GPT-J's float32 rotary frequencies move with the model, outside its state_dict, so that a
+    forward on another device copies nothing onto it from the host: on the meta device (an accelerator's stand-in) a
+    block's forward, and a step with the cache, copy no tensor from the CPU (each copy between devices recorded; the
+    model's own forward reads its tokens' values, which meta tensors lack). Cast to bfloat16, they stay float32: 12
+    heads (slopes not all powers of two, which bfloat16 would round), and GPT-J's frequencies, give transformers'
+    bfloat16 logits to the bit."""
     dispatch = need("torch.utils._python_dispatch")
 
     class Copies(dispatch.TorchDispatchMode):
@@ -726,10 +767,11 @@ def test_alibi_slopes_move_with_the_model_and_stay_float32(family, tmp_path):
                 self.copied.append(func)
             return out
 
-    theirs = tiny_hf(family, **(dict(n_head=12, hidden_size=48) if family == "bloom" else dict(n_heads=12, d_model=48)))
+    sizes = {"bloom": dict(n_head=12, hidden_size=48), "mpt": dict(n_heads=12, d_model=48), "gptj": dict(n_embd=48)}
+    theirs = tiny_hf(family, **sizes[family])
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path))
-    assert not [name for name in ours.state_dict() if "alibi" in name]
+    assert not [name for name in ours.state_dict() if "alibi" in name or "freq" in name]
     ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -1004,6 +1046,20 @@ def test_clear_errors(tmp_path):
                                 ("glm4", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
                                 ("glm4", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
                                  r"config.json: rope_type='dynamic' is not implemented"),
+                                ("nemotron", dict(hidden_act="silu"), r"config.json: hidden_act='silu' is not implemented"),
+                                ("nemotron", dict(partial_rotary_factor="0.5"), "partial_rotary_factor='0.5' must be a number"),
+                                ("nemotron", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.3125)),
+                                 "config.json: rotary_dims=5 must be even and at most d_head=16"),
+                                ("nemotron", dict(attention_bias="yes"), r"config.json: attention_bias='yes' is not implemented"),
+                                ("nemotron", dict(mlp_bias=None), r"config.json: mlp_bias=None is not implemented"),
+                                ("ministral", {}, "config.json: head_dim=None: a ministral config needs it"),
+                                ("ministral", dict(head_dim=16, layer_types=["full_attention"]), "layer_types must give"),
+                                ("ministral", dict(head_dim=16, sliding_window="5"), "sliding_window='5' must be a positive"),
+                                ("ministral3", dict(rope_parameters=dict(rope_type="default", llama_4_scaling_beta=None)),
+                                 "config.json: rope_parameters' llama_4_scaling_beta=None must be a number, 0 or more"),
+                                ("ministral3", dict(rope_parameters=dict(rope_type="default", llama_4_scaling_beta=0.1)),
+                                 "rope_parameters' original_max_position_embeddings=None must be a positive integer"),
+                                ("ministral3", dict(rope_parameters="yarn"), "rope_parameters='yarn' must be a dict"),
                                 # sizes a family divides by: checked before it does (not a ZeroDivisionError or TypeError)
                                 ("phi", dict(num_attention_heads=0), "config.json: num_attention_heads=0 must be a positive integer"),
                                 ("phi", dict(head_dim="16"), r"head_dim='16' must be a positive integer, or null"),

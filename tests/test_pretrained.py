@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM-4, GLM (chatglm), BLOOM, MPT, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), BLOOM, MPT, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, GLM, GLM-4, BLOOM, MPT, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, BLOOM, MPT, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -71,7 +71,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     attention.max_alibi_bias and clip_qkv as attention.clamp_kqv.
     GLM-4 (glm4) and GLM (chatglm): q / k rows as they are, gate_up_proj as ffn_up, the rotary dims as rope.dimension_count;
     GLM-4's norms after attention and the MLP as post_attention_norm and post_ffw_norm; GLM's converter (ChatGLM's) writes
-    no key_length, eps 1e-5, base 10,000 and a context of d_model whatever config.json says."""
+    no key_length, eps 1e-5, base 10,000 and a context of d_model whatever config.json says.
+    Nemotron (nemotron): its norm weights stored as 1 + weight (not its norm biases), q / k rows as they are,
+    rope.dimension_count as partial_rotary_factor * d_model // heads, rope.scaling.type none or linear with its factor."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -95,6 +97,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                  "rope.freq_base": c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"]}
         meta |= ({"attention.layer_norm_epsilon": c.layer_norm_eps} if arch in ("command-r", "cohere2", "stablelm", "phi2")
                  else {"attention.layer_norm_epsilon": c.norm_epsilon} if arch == "starcoder2"
+                 else {"attention.layer_norm_epsilon": c.norm_eps} if arch == "nemotron"
                  else {"attention.layer_norm_epsilon": 1e-5} if arch == "olmo"
                  else {"attention.layer_norm_rms_epsilon": c.rms_norm_eps})
     if arch in ("phi3", "gptneox", "stablelm", "glm4", "chatglm"):  # the rotary embedding on a part of each head
@@ -118,6 +121,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     if arch == "phi2":
         meta |= {"feed_forward_length": 4 * c.hidden_size, "attention.head_count_kv": c.num_attention_heads,
                  "rope.dimension_count": int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+    if arch == "nemotron":  # (its converter counts the rotary dims from d_model, not head_dim)
+        rope = c.rope_parameters
+        meta |= {"rope.dimension_count": int(rope["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads}
+        meta |= {"rope.scaling.type": "linear", "rope.scaling.factor": rope["factor"]} if rope["rope_type"] == "linear" else \
+            {"rope.scaling.type": "none"}
     if arch in ("stablelm", "phi2"):  # their converters write no rotary base (llama.cpp's default, 10,000), no key_length
         meta = {key: value for key, value in meta.items() if key not in ("rope.freq_base", "attention.key_length")}
     if arch in ("starcoder2", "olmo"):  # no key_length (their config.json has no head_dim)
@@ -201,8 +209,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         w = t.numpy()
         if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom":  # (BLOOM's converter writes the
             continue  # embedding again as output)
-        if gemma and "norm" in name:  # llama.cpp stores Gemma's norm weights as 1 + weight
-            w = w + 1
+        if gemma and "norm" in name or arch == "nemotron" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's
+            w = w + 1  # and Nemotron's norm weights as 1 + weight
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo", "arcee"):
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
@@ -599,6 +607,41 @@ def test_a_glm4_or_chatglm_gguf_file_gives_its_original_logits(case, quantisatio
             ({"nextn_predict_layers": 1}, "glm4.nextn_predict_layers = 1: next-token prediction layers"),
             (dict(drop=["attention.layer_norm_rms_epsilon"]), "metadata glm4.attention.layer_norm_rms_epsilon is missing"),
             ({"rope.dimension_count": 20}, "glm4.rope.dimension_count = 20 exceeds the 16 dims of a head")], tmp_path)
+
+
+@pytest.mark.parametrize("case,quantisation", [("nemotron", "F32"), ("nemotron", "Q8_0"), ("nemotron-biases-linear", "Q8_0")])
+def test_a_nemotron_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Nemotron (nemotron): LayerNorm1P's weights stored as 1 + weight, its biases as they are; q / k rows as
+    stored (llama.cpp rotates their halves, as transformers); ffn_up and ffn_down (ReLU², no gate); the rotary embedding on
+    rope.dimension_count dims (8 of 16; 12 with a factor of 0.75); biases on attn_q, attn_k, attn_v, attn_output, ffn_up
+    and ffn_down where the file has them; linear scaling as its type and factor. A rotary dims count no model has is one
+    line."""
+    options = dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
+        rope_type="linear", factor=2.0, partial_rotary_factor=0.75, rope_theta=500.0)) if case == "nemotron-biases-linear" else {}
+    theirs = tiny_hf("nemotron", norm_eps=1e-3, **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "nemotron"))
+    config = ours.config
+    assert config.family == "nemotron" and config.norm_plus_one and config.norm == "layernorm" and not config.tied_head
+    assert config.rotary_dims == (12 if options else 8) and config.qkv_bias == config.mlp_bias == bool(options)
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "nemotron" and quantisation == "F32":
+        assert_each_refused(theirs, "nemotron", [({"rope.dimension_count": 7}, "rotary_dims=7 must be even")], tmp_path)
+
+
+@pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])
+def test_a_ministral_gguf_file_is_llama_without_its_window(quantisation, tmp_path):
+    """Ministral as llama.cpp's converter writes it: the llama architecture, q / k rows permuted, no window recorded (nor
+    read by llama.cpp for llama): full attention on every layer, the logits of transformers' Ministral of the same
+    weights without its window (here a window of 5 on layer 0)."""
+    windowed = tiny_hf("ministral", head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+    full = tiny_hf("ministral", head_dim=16, sliding_window=5, layer_types=["full_attention"] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(windowed.state_dict().values(), full.state_dict().values()))
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (windowed(x).logits - full(x).logits).abs().max() > 1e-2  # (the window changes the model)
+    ours = models.from_pretrained(write_gguf(tmp_path / "ministral.gguf", windowed, quantisation, "llama"))
+    assert ours.config.family == "llama" and ours.config.attn_window == 0 and ours.config.n_kv_head == 2
+    assert_reads_as(ours, full, quantisation)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

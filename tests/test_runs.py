@@ -691,7 +691,8 @@ def test_a_checkpoint_from_before_a_config_field_was_added_resumes_at_its_defaul
                          "experts_renormalised", "d_shared_expert", "dense_layers", "rotary_precision", "attn_sinks",
                          "experts_bias", "router_top_logits", "swiglu_limit", "swiglu_alpha", "norm_weight_float32",
                          "outputs_summed_first", "head_bias", "rotary_frequencies_float32", "alibi", "embed_norm",
-                         "rotary_interleaved", "norm_plus_one", "norm_stepwise", "attn_scores_float32"):
+                         "rotary_interleaved", "norm_plus_one", "norm_stepwise", "attn_scores_float32",
+                         "query_scale_beta", "query_scale_period"):
                 del config[name]
             del config["codebooks"]["attn"]["beta"]  # a nested codebook spec's field too
             config |= changes

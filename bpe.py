@@ -2,7 +2,7 @@
 Tokenizers of pretrained models, written here (no tokenizer package at run time), with the
 interface of text.ByteTokenizer so every script treats them alike; each is plain data in a
 checkpoint (to_dict / tokenizer_from_dict). Two kinds:
-- byte-level BPE (GPT-2, Pythia, MPT, Llama-3, SmolLM2, Qwen2/3, BLOOM): BPETokenizer;
+- byte-level BPE (GPT-2, Pythia, MPT, Llama-3, SmolLM2, Qwen2/3, BLOOM, Falcon): BPETokenizer;
 - SentencePiece BPE (Gemma, Llama-2, TinyLlama): SentencePieceBPE.
 Both come from a model folder's tokenizer.json (load_tokenizer) or from a GGUF file's metadata
 (tokenizer_from_gguf).
@@ -40,6 +40,8 @@ DEEPSEEK3_SPLIT = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{
                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 HAN_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 BLOOM_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # BLOOM's: anything but spaces and these stops
+# tokenizers' Punctuation pre-tokenizer cuts at Unicode's punctuation and at ASCII's (Rust's is_ascii_punctuation, symbols too)
+PUNCTUATION = r"[\p{P}$+<=>^`|~]"
 # Unicode's White_Space property: what \s matches there (Python's str.isspace() also counts U+001C..U+001F)
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _category_runs = []  # (first code point, last, category) of each run of one category
@@ -124,13 +126,14 @@ def compiled(pattern):
     return _compiled[pattern]
 
 
-SPLIT_BEHAVIORS = ("isolated", "removed", "merged_with_previous", "merged_with_next")
+SPLIT_BEHAVIORS = ("isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous")
 
 
 def split(string, pattern, behavior, invert=False):
     """The pieces of `string` cut at the matches of `pattern` (with `invert`: at the text between them),
-    as tokenizers' Split pre-tokenizer cuts them: those delimiters alone ('isolated'), dropped
-    ('removed') or joined to the piece before or after, where that piece is not a delimiter too."""
+    as tokenizers' Split pre-tokenizer cuts them: those delimiters alone ('isolated'; 'contiguous': delimiters
+    next to each other as one piece), dropped ('removed') or joined to the piece before or after, where that piece
+    is not a delimiter too."""
     parts, start = [], 0  # the text before the first match, the match, the text before the next one, ...
     for m in compiled(pattern).finditer(string):
         if m.end() > m.start():
@@ -142,6 +145,14 @@ def split(string, pattern, behavior, invert=False):
     if behavior == "removed":
         return [part for part in parts[1 if invert else 0::2] if part]
     segments = [(part, i % 2 != invert) for i, part in enumerate(parts) if part]  # (part, whether it is a delimiter)
+    if behavior == "contiguous":  # (tokenizers joins any two neighbours of one kind: with invert, matches next to each other)
+        pieces = []
+        for (part, delimiter), (_, before) in zip(segments, [("", None)] + segments):
+            if delimiter == before:
+                pieces[-1] += part
+            else:
+                pieces.append(part)
+        return pieces
     with_next = behavior == "merged_with_next"
     pieces, beside_delimiter = [], False
     for part, delimiter in reversed(segments) if with_next else segments:
@@ -156,17 +167,28 @@ def split(string, pattern, behavior, invert=False):
 def pre_tokenize(string, steps):
     """The words of `string` after each step in turn (a list of plain dicts: {"type": "Split",
     "pattern", "behavior", "invert"} or {"type": "ByteLevel", "add_prefix_space", "use_regex"}), each step
-    cutting every piece the one before left, as tokenizers' Sequence does."""
-    pieces = [string]
+    cutting every piece the one before left, as tokenizers' Sequence does. A Split after the ByteLevel step cuts
+    the bytes as that step shows them (BYTE_TO_CHAR), as tokenizers does: a character's UTF-8 bytes may part
+    there (Falcon's digits: U+00B2 is both "²" and the last byte of "β"), so its words are bytes."""
+    pieces, mapped = [string], False
     for step in steps:
-        if step["type"] == "Split":
+        if step["type"] == "Split" and mapped:
+            pieces = [bytes(CHAR_TO_BYTE[ch] for ch in q) for p in pieces for q in split(
+                _byte_chars(p), step["pattern"], step["behavior"], step.get("invert", False))]
+        elif step["type"] == "Split":
             pieces = [q for p in pieces for q in split(p, step["pattern"], step["behavior"], step.get("invert", False))]
         else:  # ByteLevel: GPT-2's pattern unless told otherwise
+            mapped = True
             if step["add_prefix_space"]:
                 pieces = [p if p.startswith(" ") else " " + p for p in pieces]
             if step["use_regex"]:
                 pieces = [q for p in pieces for q in compiled(GPT2_SPLIT).findall(p)]
     return pieces
+
+
+def _byte_chars(word):
+    """A word's UTF-8 bytes (a str's, or bytes as they are) as ByteLevel shows them: one BYTE_TO_CHAR character each."""
+    return (word if isinstance(word, bytes) else word.encode("utf-8")).decode("latin-1").translate(_LATIN1_TO_CHARS)
 
 
 def byte_level(add_prefix_space=False, use_regex=True):
@@ -186,11 +208,10 @@ def splits(*patterns, then_gpt2=False):
 # (its src/llama-vocab.cpp), grouped as it groups them, each list as the model's tokenizer.json writes it where
 # llama.cpp quotes that beside its rewrite for its regex engine (the rewrites of tekken's and gpt-4o's cut capitals
 # beyond ASCII and combining marks otherwise: the model's own is taken). Refused: the names whose split llama.cpp
-# codes by hand (kimi-k2, afmoe, superbpe); falcon (its tokenizer.json cuts digit runs after the byte mapping,
-# llama.cpp not at all); tiny_aya (\b and \d, which Python's re reads otherwise); youtu and granite-embed-multi-97m
-# (known here only as llama.cpp's rewrite, which reads \p{Lu} as any letter); deepseek-llm (a class of hundreds of
-# literal ranges, not copied); and names read with more than a split (a separator, a <mask> taking the space before
-# it, no byte mapping: roberta-bpe, jina-v1-en, jina-v2-*, modern-bert, granite-embed-multi-311m).
+# codes by hand (kimi-k2, afmoe, superbpe); tiny_aya (\b and \d, which Python's re reads otherwise); youtu and
+# granite-embed-multi-97m (known here only as llama.cpp's rewrite, which reads \p{Lu} as any letter); deepseek-llm (a
+# class of hundreds of literal ranges, not copied); and names read with more than a split (a separator, a <mask> taking
+# the space before it, no byte mapping: roberta-bpe, jina-v1-en, jina-v2-*, modern-bert, granite-embed-multi-311m).
 _LLAMA3_LIKE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                 "jina-v5-nano")
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
@@ -229,6 +250,10 @@ GGUF_PRE_TOKENIZERS = {
                        r"\p{N}"),  # DeepSeek-V3's, newlines one by one, digits one by one at last
     **dict.fromkeys(("bloom", "gpt3-finnish", "poro-chat"), splits(BLOOM_SPLIT)),
     "viking": splits(BLOOM_SPLIT, r"\p{N}"),
+    # Falcon's tokenizer.json: runs of punctuation apart, GPT-2's split, then digit runs and threes of them cut in the bytes
+    # as ByteLevel shows them (llama.cpp cuts the digits in the text instead, so not "²" out of "β")
+    "falcon": [{"type": "Split", "pattern": PUNCTUATION, "behavior": "contiguous"}, byte_level(), isolate(r"\p{N}+"),
+               isolate("[0-9][0-9][0-9]")],
     # sentinel and image tokens; a tab, newline, 4 or 2 spaces; digits; punctuation one by one; GPT-2's split
     "chameleon": splits(r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
                         r"[\p{P}!-/:-@\[-`{-~]", then_gpt2=True),
@@ -413,7 +438,7 @@ class BPETokenizer:
 
     def _word_ids(self, word):
         """A byte the vocabulary lacks (SmolLM2's has no 0x04, say) is dropped, as the tokenizers library does."""
-        chars = word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_CHARS)
+        chars = _byte_chars(word)
         if self.ignore_merges and chars in self.vocab:
             return self.cache.put(word, [self.vocab[chars]])
         return self.cache.put(word, [self.vocab[p] for p in merge([c for c in chars if c in self.vocab], self.ranks.get)])
@@ -624,17 +649,19 @@ def _pre_tokenizers(spec, path):
         return [byte_level(spec.get("add_prefix_space", False), spec.get("use_regex", True))]
     if kind == "Digits":
         return [isolate(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")]
-    if kind == "Split":
-        behavior = re.sub(r"(?<!^)([A-Z])", r"_\1", spec["behavior"]).lower()  # MergedWithPrevious -> merged_with_previous
+    if kind in ("Split", "Punctuation"):
+        # MergedWithPrevious -> merged_with_previous (Punctuation's default: Isolated)
+        behavior = re.sub(r"(?<!^)([A-Z])", r"_\1", spec.get("behavior", "Isolated")).lower()
         if behavior not in SPLIT_BEHAVIORS:
-            raise ValueError(f"{path}: Split behavior {spec['behavior']!r} is not implemented (supported: "
+            raise ValueError(f"{path}: {kind} behavior {spec['behavior']!r} is not implemented (supported: "
                              f"{', '.join(SPLIT_BEHAVIORS)})")
-        step = {"type": "Split", "pattern": _pattern(spec["pattern"], path), "behavior": behavior}
+        pattern = PUNCTUATION if kind == "Punctuation" else _pattern(spec["pattern"], path)
+        step = {"type": "Split", "pattern": pattern, "behavior": behavior}
         step |= {"invert": True} if spec.get("invert") else {}  # only where set: text.py keys corpora by to_dict()
         compiled(step["pattern"])  # a pattern Python cannot take fails here, before any text
         return [step]
     raise ValueError(f"{path}: pre_tokenizer {kind!r} is not implemented (byte-level BPE takes Sequence, Split, "
-                     f"Digits, ByteLevel)")
+                     f"Punctuation, Digits, ByteLevel)")
 
 
 def _template(spec, path):
@@ -737,6 +764,8 @@ def _tokenizer_of_folder(folder, config):
         pre_tokenizers = _pre_tokenizers(spec.get("pre_tokenizer"), path)
         if not any(step["type"] == "ByteLevel" for step in pre_tokenizers):
             raise ValueError(f"{path}: the pre_tokenizer has no ByteLevel step, so this is not byte-level BPE")
+        if sum(step["type"] == "ByteLevel" for step in pre_tokenizers) > 1:
+            raise ValueError(f"{path}: the pre_tokenizer maps the bytes twice (two ByteLevel steps), which is not implemented")
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         added = [{"id": t["id"], "content": t["content"], "special": t["special"], "normalized": t["normalized"]}
                  | {side: True for side in ("lstrip", "rstrip") if t.get(side)}

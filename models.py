@@ -2,9 +2,9 @@
 Pretrained language models with codebooks, from a local Hugging Face folder or a GGUF file:
 GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (StarCoder, SantaCoder converted), Llama
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
-Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT, ERNIE 4.5
-(dense), Arcee (AFM), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM, GLM-4 and the
-mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
+Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
+ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
+GLM-4 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -21,7 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-nemotron, glm4, chatglm).
+falcon, nemotron, glm4, chatglm).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -391,6 +391,20 @@ def alibi_slopes(heads, max_bias, bloom=False):
     return slopes if p == heads else torch.cat([slopes[1::2], slopes[::2]])[:heads]
 
 
+class BiasAfterLinear(nn.Linear):
+    """nn.Linear with its bias added to the product rounded first, as transformers' FalconLinear computes it: the same
+    in float32, other last bits in bfloat16 (nn.Linear adds the bias within the product)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def linear_of(cfg):
+    """The linear layer of the family's attention and MLP (Falcon's adds its biases after the product)."""
+    return BiasAfterLinear if cfg.family == "falcon" else nn.Linear
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads; returns each head's output before W_O (self.o)."""
 
@@ -398,10 +412,11 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.d_head, self.scale = cfg.n_head, cfg.n_kv_head, cfg.d_head, cfg.attn_scale
         self.window = cfg.attn_window[layer] if isinstance(cfg.attn_window, list) else cfg.attn_window
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
-        self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
+        linear = linear_of(cfg)
+        self.q = linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.k = linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.v = linear(cfg.d_model, cfg.n_kv_head * cfg.d_head, bias=cfg.qkv_bias)
+        self.o = linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=cfg.out_bias)
         if cfg.qk_layernorm:
             self.q_norm, self.k_norm = (StepwiseLayerNorm((heads, cfg.d_head), cfg.norm_eps) if cfg.norm_stepwise else
                                         HeadLayerNorm(heads, cfg.d_head, cfg.norm_eps) for heads in (cfg.n_head, cfg.n_kv_head))
@@ -413,10 +428,11 @@ class Attention(nn.Module):
         self.query_scale_beta, self.query_scale_period = cfg.query_scale_beta, cfg.query_scale_period
         self.scores_float32 = cfg.attn_scores_float32
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sinks else None
-        self.alibi_as_bloom = cfg.family == "bloom"  # its slopes and bias rounded as BLOOM's transformers rounds them
+        # its slopes and bias rounded as the family's transformers rounds them (MPT's, BLOOM's or Falcon's)
+        self.alibi_rounding = cfg.family if cfg.family in ("bloom", "falcon") else "mpt"
         # ALiBi's float32 slopes held as their int32 bits: a buffer, moved with the model (no copy in a forward), which
         # casting the model leaves unrounded (it casts floating buffers only); not in the state_dict
-        slopes = alibi_slopes(cfg.n_head, cfg.alibi, self.alibi_as_bloom).view(torch.int32) if cfg.alibi else None
+        slopes = alibi_slopes(cfg.n_head, cfg.alibi, self.alibi_rounding != "mpt").view(torch.int32) if cfg.alibi else None
         self.register_buffer("alibi_bits", slopes, persistent=False)
         local = cfg.local_rotary_base and self.window
         base, scaling = (cfg.local_rotary_base, {}) if local else (cfg.rotary_base, cfg.rotary_scaling)
@@ -464,7 +480,7 @@ class Attention(nn.Module):
             cache["k"], cache["v"] = k, v
         if self.alibi_bits is not None:
             slopes = self.alibi_bits.view(torch.float32)
-            return alibi_attention(q, k, v, self.window, self.scale, slopes, self.alibi_as_bloom).transpose(1, 2)
+            return alibi_attention(q, k, v, self.window, self.scale, slopes, self.alibi_rounding).transpose(1, 2)
         if self.scores_float32:  # (softcapped_attention's softmax is in float32 and rounded once, as GPT-Neo's)
             q, k = q.float(), k.float()
         if self.softcap or self.sinks is not None or self.scores_float32:
@@ -472,23 +488,29 @@ class Attention(nn.Module):
         return cb.causal_attention(q, k, v, self.window, self.scale).transpose(1, 2)
 
 
-def alibi_attention(q, k, v, window, scale, slopes, bloom=False):
+def alibi_attention(q, k, v, window, scale, slopes, rounding="mpt"):
     """codebook.causal_attention's result with ALiBi: each score (times `scale`) of key j from query i gets its head's
     slope * (j - i) added, up to a constant per query, then a float32 softmax. As MPT's transformers computes it: slope
-    * (j - last), `last` the last key, added in float32 (for one new query after cached keys, j - i itself). bloom: as
-    BLOOM's transformers computes it instead, slope * j, rounded to the scores' dtype and added within their product
-    (baddbmm). The constant leaves the softmax unchanged but for rounding. slopes (H,): float32, on q's device."""
+    * (j - last), `last` the last key, added in float32 (for one new query after cached keys, j - i itself). rounding
+    "bloom": as BLOOM's transformers computes it instead, slope * j, rounded to the scores' dtype and added within their
+    product (baddbmm). "falcon": as Falcon's, slope * j with the slope and the product rounded to bfloat16 whatever the
+    scores' dtype (in float32 too), then divided by sqrt(d_head) in the scores' dtype, added by scaled_dot_product_attention
+    as its mask. The constant leaves the softmax unchanged but for rounding. slopes (H,): float32, on q's device."""
     B, H, T, S = *q.shape[:3], k.shape[2]
     k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
     scale = scale or q.shape[-1] ** -0.5
     i, j = torch.arange(S - T, S, device=q.device)[:, None], torch.arange(S, device=q.device)
     slopes = slopes[:, None, None]  # (H, 1, 1)
-    if bloom:
+    visible = (j <= i) & (j > i - window) if window else j <= i
+    if rounding == "falcon":
+        bias = (slopes.bfloat16() * j).to(q.dtype) / math.sqrt(q.shape[-1])  # (H, 1, S)
+        mask = bias.masked_fill(~visible, torch.finfo(q.dtype).min).expand(B, H, T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if rounding == "bloom":
         bias = (slopes * j).to(q.dtype).repeat(B, 1, 1)  # (B * H, 1, S)
         scores = torch.baddbmm(bias, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=scale).view(B, H, T, S).float()
     else:
         scores = q @ k.transpose(2, 3) * scale + slopes * (j - (S - 1))  # (the bias (H, 1, S), broadcast)
-    visible = (j <= i) & (j > i - window) if window else j <= i
     return scores.masked_fill(~visible, -math.inf).softmax(-1).to(v.dtype) @ v
 
 
@@ -518,9 +540,10 @@ class MLP(nn.Module):
         super().__init__()
         width = width or cfg.d_mlp
         self.act = ACTIVATIONS[cfg.activation]
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
-        self.down = nn.Linear(width, cfg.d_model, bias=cfg.mlp_bias)
+        linear = linear_of(cfg)
+        self.up = linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.gate = linear(cfg.d_model, width, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
+        self.down = linear(width, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down(self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x))
@@ -1569,6 +1592,72 @@ def mpt(c, where):
     return config, MPT_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
 
 
+FALCON_NAMES = names({"tok_emb": "word_embeddings", "norm_f": "ln_f", "head": "lm_head"},
+                     {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+                      "attn.q": "self_attention.query_key_value", "attn.k": "self_attention.query_key_value",
+                      "attn.v": "self_attention.query_key_value", "attn.o": "self_attention.dense",
+                      "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, "h.{i}.")
+
+
+def falcon(c, where):
+    """Falcon (falcon-7b, -40b, -180B, Falcon-11B, falcon-rw-1b and -7b): LayerNorms with bias, q, k and v fused, a GELU MLP
+    of ffn_hidden_size (4 d_model), biases (added after each product, as its FalconLinear adds them) where bias says, a tied
+    output layer unless tie_word_embeddings says otherwise; the rotary embedding on whole heads, or ALiBi (alibi: BLOOM's
+    slopes, the bias rounded to bfloat16 as its transformers rounds it). Three layouts, as transformers' Falcon reads
+    config.json: new_decoder_architecture (40B, 180B, 11B): num_kv_heads key / value heads, query_key_value's rows in
+    groups of a key / value head's queries, then its key, then its value; attention and the MLP in parallel, reading
+    ln_attn and ln_mlp (num_ln_in_parallel_attn 2, its default) or both input_layernorm (1: Falcon-11B). Else multi_query
+    (7B): one key / value head, all q rows, then k's, then v's; or a key / value head per query head, rows head by head
+    (RW). parallel_attn: attention and the MLP in parallel from input_layernorm (7B), their outputs summed before the
+    residual; or in turn, the MLP reading post_attention_layernorm (RW). What transformers does not compute is refused:
+    apply_residual_connection_post_layernorm (the remote code's), parallel_attn false with new_decoder_architecture, ln_attn
+    and ln_mlp without it; RefinedWeb's older names (n_head, n_layer, n_head_kv) where the newer are absent, which
+    transformers 5 does not read (it would take its defaults)."""
+    _option(c, "apply_residual_connection_post_layernorm", False, [False], where)
+    for old, new in (("n_head", "num_attention_heads"), ("n_layer", "num_hidden_layers"), ("n_head_kv", "num_kv_heads")):
+        if old in c and new not in c:
+            raise ValueError(f"{where}: {old} is RefinedWeb's older name of {new}, which transformers 5 does not read "
+                             f"(it takes its default instead): write it as {new}")
+    d = c["n_embed"] if c.get("n_embed") is not None else c["hidden_size"]  # (transformers: n_embed, where given, wins)
+    heads = c["num_attention_heads"]
+    if d % heads:
+        raise ValueError(f"{where}: hidden_size={d} must be a multiple of num_attention_heads={heads}")
+    new_layout, multi_query, parallel, alibi, bias = (_option(c, name, default, [True, False], where) for name, default in (
+        ("new_decoder_architecture", False), ("multi_query", True), ("parallel_attn", True), ("alibi", False), ("bias", False)))
+    kv, norms = c.get("num_kv_heads") or heads, 1
+    if new_layout:
+        _option(c, "parallel_attn", True, [True], f"{where}: with new_decoder_architecture")
+        norms = _option(c, "num_ln_in_parallel_attn", None, [None, 1, 2], where) or 2
+    elif parallel:
+        norms = _option(c, "num_ln_in_parallel_attn", None, [None, 1], f"{where}: without new_decoder_architecture")
+    if not new_layout and not multi_query and kv != heads:
+        raise ValueError(f"{where}: num_kv_heads={kv} is not num_attention_heads={heads}: without new_decoder_architecture "
+                         f"or multi_query, query_key_value holds a key / value head per query head")
+    n_kv_head = kv if new_layout else 1 if multi_query else heads
+    d_head = d // heads
+    act = _option(c, "activation", "gelu", list(GELUS), where)
+    config = dict(vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048), n_layer=c["num_hidden_layers"],
+                  n_head=heads, n_kv_head=n_kv_head, d_model=d, d_head=d_head, d_mlp=c.get("ffn_hidden_size") or 4 * d, norm="layernorm",
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5), attn_scale=1 / math.sqrt(d_head),
+                  **(dict(alibi=8.0) if alibi else _rope(c, where, d_head)), qkv_bias=bias, out_bias=bias, mlp_bias=bias,
+                  activation="gelu_new" if act == "gelu_new" else GELUS[act],
+                  parallel_residual=new_layout or parallel, outputs_summed_first=new_layout or parallel,
+                  shared_norm=(new_layout or parallel) and norms != 2, tied_head=c.get("tie_word_embeddings", True))
+    table = FALCON_NAMES
+    if config["shared_norm"]:
+        table = table | names({}, {"norm2": "input_layernorm"}, "h.{i}.")
+    elif new_layout:
+        table = table | names({}, {"norm1": "ln_attn", "norm2": "ln_mlp"}, "h.{i}.")
+    if new_layout:  # per key / value head: its queries' rows, then its key's, then its value's
+        group = lambda i: lambda t: t.reshape(kv, -1, d_head, *t.shape[1:])[:, i].reshape(-1, *t.shape[1:])
+        return config, table, {"blocks.{i}.attn.q": group(slice(0, -2)), "blocks.{i}.attn.k": group(-2),
+                               "blocks.{i}.attn.v": group(-1)}
+    if multi_query:
+        sizes = [d, d_head, d_head]
+        return config, table, {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
+    return config, table, head_by_head(heads)
+
+
 def gemma3_text_weights(tensors):
     """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
@@ -1581,7 +1670,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
-            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "glm": glm, "glm4": glm}
+            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "glm": glm, "glm4": glm,
+            "falcon": falcon}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1667,6 +1757,9 @@ def read_config(folder):
         raise ValueError(f"{folder} has no config.json: give the folder a Hugging Face model was downloaded or saved to"
                          + (f", or the GGUF file itself: {os.path.join(folder, gguf[0])}" if gguf else ""))
     c = formats.read_json(path)
+    if c.get("model_type") in ("RefinedWeb", "RefinedWebModel"):
+        raise ValueError(f"{path}: model_type {c['model_type']!r} is Falcon's first remote code (RWForCausalLM), which "
+                         f"transformers 5 does not read: give the model as its repository holds it now (model_type falcon)")
     if not isinstance(c.get("model_type"), str) or c["model_type"] not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")
     mxfp4 = c["model_type"] == "gpt_oss" and isinstance(c.get("quantization_config"), dict) and \
@@ -1682,7 +1775,7 @@ def read_config(folder):
 # too); the optional ones may be null (the family's default)
 SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "n_embd", "n_head", "n_layer", "num_heads", "num_layers",
          "d_model", "n_heads", "n_layers")
-OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "n_embed")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "n_embed", "num_kv_heads", "ffn_hidden_size")
 
 
 def family_config(c, where):
@@ -1768,10 +1861,11 @@ GGUF_QKV_NAMES = GGUF_NAMES | names({"pos_emb": "position_embd"}, {f"attn.{x}": 
 GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
-                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm")
+                      "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
+                      "falcon")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
-                           "starcoder", "bloom", "mpt", "nemotron")
+                           "starcoder", "bloom", "mpt", "nemotron", "falcon")
 # the architectures with experts, as the families name them (llama with experts is Mixtral), and whether llama.cpp's graph
 # renormalises the chosen experts' weights (it reads no key for it: build_moe_ffn's norm_w, fixed per architecture)
 # (gpt-oss's weights, a softmax over the chosen experts' logits, sum to 1 either way)
@@ -1943,6 +2037,8 @@ def gguf_config(metadata, shapes, path):
         c |= dict(seq_length=c["max_position_embeddings"], layer_norm_epsilon=c["layer_norm_eps"])
     if arch == "mpt":
         c |= mpt_gguf_config(c, get, path)
+    if arch == "falcon":
+        c |= falcon_gguf_config(c, count, shapes, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
@@ -1983,6 +2079,21 @@ def glm_gguf_config(metadata, count, shapes, arch, path):
                          f"(GLM-OCR's) are not implemented")
     return dict(model_type="glm4" if arch == "glm4" else "glm",
                 attention_bias="blk.0.attn_q.bias" in shapes or "blk.0.attn_qkv.bias" in shapes)
+
+
+def falcon_gguf_config(c, count, shapes, path):
+    """Falcon's config.json fields from a GGUF file, as llama.cpp reads them: attention and the MLP in parallel, reading
+    attn_norm_2 (ln_attn) and attn_norm (ln_mlp) where the file has attn_norm_2 (40B, 180B), else both attn_norm; the
+    rotary embedding on whole heads; attention.head_count_kv key / value heads (the converter writes 1 for 7B), the
+    converter's attn_qkv all q rows, then all k, then all v (from_gguf splits it so). A file with biases, or with
+    rope.dimension_count other than the head's dims, is not one llama.cpp reads."""
+    if "blk.0.attn_qkv.bias" in shapes or "blk.0.attn_output.bias" in shapes:
+        raise ValueError(f"{path}: a falcon file with biases (blk.0.attn_qkv.bias) is not one llama.cpp reads")
+    if count("rope.dimension_count", c["head_dim"], least=0) != c["head_dim"]:
+        raise ValueError(f"{path}: metadata falcon.rope.dimension_count = {count('rope.dimension_count')} is not the "
+                         f"head's {c['head_dim']} dims: a partial rotary embedding is not implemented for falcon")
+    return dict(layer_norm_epsilon=c["layer_norm_eps"], ffn_hidden_size=c["intermediate_size"], new_decoder_architecture=True,
+                num_kv_heads=c["num_key_value_heads"], num_ln_in_parallel_attn=2 if "blk.0.attn_norm_2.weight" in shapes else 1)
 
 
 def longrope_gguf_config(c, get, count, shapes, path):
@@ -2116,6 +2227,12 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
     if c["model_type"] in ("bloom", "mpt"):  # q, k, v as one tensor, all q rows, then all k, then all v
         third = lambda i: lambda t: t.chunk(3)[i]
         table, transforms = GGUF_QKV_NAMES, {f"blocks.{{i}}.attn.{x}": third(i) for i, x in enumerate("qkv")}
+    if c["model_type"] == "falcon":  # attn_qkv all q rows, then all k, then all v (the converter regroups 40B's); the MLP
+        # reads attn_norm, attention attn_norm_2 where the file has it
+        sizes = [config["n_head"] * config["d_head"]] + [config["n_kv_head"] * config["d_head"]] * 2
+        table = GGUF_QKV_NAMES | names({}, {"norm1": "attn_norm" if config["shared_norm"] else "attn_norm_2",
+                                            "norm2": "attn_norm"}, "blk.{i}.")
+        transforms = {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
     if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them
         table = table | names({}, {"norm2": "post_attention_norm", "attn": "attn"}, "blk.{i}.")
         tensors = {re.sub(r"\.attn_sinks\.weight$", ".attn.sinks", name): load for name, load in tensors.items()}

@@ -191,6 +191,10 @@ def tiny_hf(family, vocab_size=96, **options):
         config = t.MptConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
                              **dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64) | options)
         return randomize(t.MptForCausalLM(config), 7)
+    if family == "falcon":  # its defaults: Falcon-7B's layout (multi-query, attention and the MLP in parallel from one norm)
+        config = t.FalconConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64) | options)
+        return randomize(t.FalconForCausalLM(config), 8)
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
     # StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, the mixtures of experts (MOE): 4
     # query heads sharing 2 key / value heads

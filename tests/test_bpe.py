@@ -56,28 +56,38 @@ def byte_level_cases(tk):
         # BLOOM's tokenizer.json: its stops a class inside the class (Oniguruma's union), (, |, ) and spaces cut too
         "bloom": dict(pre_tokenizer=pt.Sequence([pt.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), "isolated"),
                                                  pt.ByteLevel(False, use_regex=False)])),
+        # Falcon's tokenizer.json: runs of punctuation (ASCII's symbols too) apart, GPT-2's split, then digit runs and
+        # threes of digits cut in the bytes as ByteLevel shows them (SAMPLE's "½", and the byte BD of other characters)
+        "falcon": dict(pre_tokenizer=pt.Sequence([pt.Punctuation("contiguous"), pt.ByteLevel(False, use_regex=True),
+                                                  pt.Digits(individual_digits=False), pt.Split(Regex("[0-9][0-9][0-9]"), "isolated")])),
     }
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen2", "smollm2", "behaviours", "inverted", "bloom"])
+def as_byte_chars(pieces):
+    """Pieces (text, or bytes where a step after ByteLevel cut a character) as tokenizers shows them: byte by byte."""
+    return ["".join(bpe.BYTE_TO_CHAR[b] for b in (p if isinstance(p, bytes) else p.encode())) for p in pieces]
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "smollm2", "behaviours", "inverted", "bloom", "falcon"])
 def test_pre_tokenizer_sequences_equal_the_tokenizers_library(case, tmp_path):
     tk = need("tokenizers")
     theirs = trained(tmp_path, **byte_level_cases(tk)[case])
     ours = bpe.load_tokenizer(str(tmp_path))
-    assert ours.pre_tokenizers[-1]["type"] == "ByteLevel" and ours.vocab_size == theirs.get_vocab_size()
+    assert [step["type"] for step in ours.pre_tokenizers].count("ByteLevel") == 1 and ours.vocab_size == theirs.get_vocab_size()
+    assert (ours.pre_tokenizers[-1]["type"] == "ByteLevel") == (case != "falcon")
     unseen = stdlib_text(60, 200_000)  # source the tokenizer was not trained on
     for string in [unseen, LONG_LINE]:
         assert ours.encode(string, special=True) == theirs.encode(string).ids
     # the pieces themselves: a piece cut too coarsely can give the same ids, where no merge crosses the cut
     normalized = theirs.normalizer.normalize_str(SAMPLE) if theirs.normalizer else SAMPLE
-    as_bytes = ["".join(bpe.BYTE_TO_CHAR[b] for b in piece.encode()) for piece in bpe.pre_tokenize(normalized, ours.pre_tokenizers)]
+    as_bytes = as_byte_chars(bpe.pre_tokenize(normalized, ours.pre_tokenizers))
     assert as_bytes == [piece for piece, _ in theirs.pre_tokenizer.pre_tokenize_str(normalized)]
     for string in [SAMPLE, SAMPLE + "<|im_start|>user\n" + SAMPLE[:80] + "<|im_end|><think>x", "", " ", "\x1c\x1d a 12345"]:
         ids = ours.encode(string, special=True)
         assert ids == theirs.encode(string).ids and ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
         assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)
-        if case in ("llama3", "smollm2", "bloom"):  # the others change the text: NFC, removed capitals, spaces put before pieces
+        if case in ("llama3", "smollm2", "bloom", "falcon"):  # the others change the text: NFC, removed capitals, spaces put before pieces
             assert ours.decode(ours.encode(string)) == string
     if case == "llama3":
         assert ours.ignore_merges and json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"]
@@ -110,6 +120,19 @@ def test_a_glm4_shaped_tokenizer_json_equals_the_tokenizers_library(tmp_path):
     for string in [SAMPLE, "<|user|>\n" + SAMPLE[:120] + "<|assistant|>\n12345 x<|endoftext|>", stdlib_text(60, 50_000), "", " "]:
         assert ours.encode(string, special=True) == theirs.encode(string).ids
         assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
+
+
+def test_split_behaviours_and_punctuation_cut_as_the_tokenizers_library():
+    """bpe.split with each behaviour, inverted or not, cuts as tokenizers' Split (contiguous: neighbours of one kind as one
+    piece, inverted matches too), and PUNCTUATION's class as its Punctuation (Unicode's punctuation, ASCII's symbols)."""
+    pt, Regex = need("tokenizers").pre_tokenizers, need("tokenizers").Regex
+    texts = [SAMPLE, "a..b!!c , d--e ...x. «y» $5+3=8 ^_^ `|~ a  b   c", "..x..", "", "x", " . "]
+    for behavior in bpe.SPLIT_BEHAVIORS:
+        for t in texts:
+            assert bpe.split(t, bpe.PUNCTUATION, behavior) == [p for p, _ in pt.Punctuation(behavior).pre_tokenize_str(t)]
+            for invert in (False, True):
+                theirs = pt.Split(Regex(r"\s|\."), behavior, invert=invert).pre_tokenize_str(t)
+                assert bpe.split(t, r"\s|\.", behavior, invert) == [p for p, _ in theirs], (behavior, invert, t)
 
 
 def test_a_folder_s_bos_and_eos_are_its_tokenizer_config_s(tmp_path):
@@ -508,6 +531,8 @@ MODELS_OWN = {
     "viking": ([BLOOM, r"\p{N}"], "viking"),
     "chameleon": ([r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
                    r"[\p{P}!-/:-@\[-`{-~]", "gpt2"], "chameleon"),
+    # Falcon's: runs of punctuation, GPT-2's split, then runs of digits and threes of digits in the bytes ByteLevel shows
+    "falcon": (["punctuation", "gpt2", "digit runs", "[0-9][0-9][0-9]"], "falcon"),
 }
 IGNORE_MERGES, ADD_BOS = {"llama3", "tekken", "minicpm5"}, {"llama3", "tekken", "chameleon"}  # llama.cpp's, by group
 # runs of digits; contractions in capitals ("'TIS" is "'T" + "IS"); Unicode's spaces that are not ASCII (U+0085, U+00A0,
@@ -525,10 +550,12 @@ GGUF_CASES = ["ÉCOLE École HTTPServer iPhone McDonald'S e\u0301te\u0301 ÉE\u0
 
 
 def models_own(tk, steps):
+    """The steps as tokenizers' pre-tokenizers: the bytes where "gpt2" stands (cut by GPT-2's pattern), else last."""
     pt = tk.pre_tokenizers
-    parts = [pt.Digits(individual_digits=True) if s == "digits" else pt.Split(tk.Regex(s), "isolated")
-             for s in steps if s != "gpt2"]
-    return pt.Sequence(parts + [pt.ByteLevel(False, use_regex=steps[-1] == "gpt2")])
+    parts = [pt.ByteLevel(False, use_regex=True) if s == "gpt2" else pt.Digits(individual_digits=True) if s == "digits"
+             else pt.Digits(individual_digits=False) if s == "digit runs" else pt.Punctuation("contiguous")
+             if s == "punctuation" else pt.Split(tk.Regex(s), "isolated") for s in steps]
+    return pt.Sequence(parts + [pt.ByteLevel(False, use_regex=False)] * ("gpt2" not in steps))
 
 
 def test_every_gguf_pre_tokenizer_name_is_checked():
@@ -564,8 +591,7 @@ def test_gguf_pre_tokenizers_are_the_models_own(group, tmp_path):
         assert ours.ignore_merges == (group in IGNORE_MERGES)
         assert ours.prefix == [ids["<|endoftext|>"]] * (group in ADD_BOS)
         for string in SPLIT_CASES + GGUF_CASES + [SAMPLE] + [stdlib_text(60, 10_000)] * (i == 0):
-            pieces = bpe.pre_tokenize(string, ours.pre_tokenizers)
-            as_bytes = ["".join(bpe.BYTE_TO_CHAR[b] for b in piece.encode()) for piece in pieces]
+            as_bytes = as_byte_chars(bpe.pre_tokenize(string, ours.pre_tokenizers))
             assert as_bytes == [p for p, _ in theirs_pre.pre_tokenize_str(string)], (pre, string)
             assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids, (pre, string)
 
@@ -616,10 +642,10 @@ def test_a_gpt_oss_gguf_tokenizer_reads_as_its_own(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.ggml.model 'bert' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "bert"})
-    # Falcon's tokenizer.json cuts digits after the byte mapping, llama.cpp not at all: refused
-    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'falcon' is not implemented"):
+    # Kimi-K2's split, which llama.cpp codes by hand: refused
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'kimi-k2' is not implemented"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": [],
-                                 "tokenizer.ggml.pre": "falcon"})
+                                 "tokenizer.ggml.pre": "kimi-k2"})
     with pytest.raises(ValueError, match="no tokenizer.ggml.scores"):
         bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ValueError, match="the GGUF file holds no tokenizer"):
@@ -642,6 +668,10 @@ def test_clear_errors(tmp_path):
     spec["pre_tokenizer"]["pattern"] = {"Regex": "[a[^b]]+"}  # (a union with a negated class: not one class)
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=r"a negated class inside \[...\] is not implemented"):
+        bpe.load_tokenizer(str(tmp_path))
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel"}, {"type": "ByteLevel"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"maps the bytes twice \(two ByteLevel steps\), which is not implemented"):
         bpe.load_tokenizer(str(tmp_path))
     spec["pre_tokenizer"] = {"type": "ByteLevel"}
     spec["added_tokens"] = [{"id": 1, "content": "<x>", "special": True, "normalized": False, "single_word": True}]

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, BLOOM, MPT and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -125,6 +125,17 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
          "mpt": ("mpt", {}),
          "mpt-clip-scaled-untied": ("mpt", dict(attn_config=dict(clip_qkv=2.0, softmax_scale=0.2), tie_word_embeddings=False)),
+         # Falcon: 7B's multi-query attention, attention and the MLP in parallel from one norm; 40B's and 180B's key / value
+         # groups in query_key_value, ln_attn and ln_mlp; Falcon-11B's groups with one norm, untied, its rotary base; RW's
+         # ALiBi, q / k / v head by head, attention then the MLP, biases; a key / value head per query head in parallel,
+         # with biases and linear rope scaling, untied
+         "falcon-7b": ("falcon", {}),
+         "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+         "falcon-11b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1,
+                                       tie_word_embeddings=False, rope_theta=500.0)),
+         "falcon-rw": ("falcon", dict(alibi=True, bias=True, multi_query=False, parallel_attn=False)),
+         "falcon-mha-biases-linear": ("falcon", dict(multi_query=False, bias=True, tie_word_embeddings=False,
+                                                     rope_scaling=dict(rope_type="linear", factor=2.0))),
          # mixtures of experts (conftest.MOE: 4 experts, 2 per token): Mixtral renormalises the two chosen experts'
          # weights, always, and has Mistral's window; Qwen2-MoE adds its gated shared expert, and keeps a dense MLP on
          # mlp_only_layers and on the layers decoder_sparse_step skips (layer 0 here); Qwen3-MoE and OLMoE renormalise
@@ -140,7 +151,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "bloom": True, "mpt": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -158,7 +169,8 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
-         "mpt": ("transformer.blocks.1.attn.out_proj", "transformer.blocks.1.ffn.down_proj", "transformer.blocks.1")}
+         "mpt": ("transformer.blocks.1.attn.out_proj", "transformer.blocks.1.ffn.down_proj", "transformer.blocks.1"),
+         "falcon": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp", "transformer.h.1")}
 SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
 SITES["glm4"] = (LLAMA_SITES[0], "model.layers.1.post_mlp_layernorm", LLAMA_SITES[2])
 
@@ -201,9 +213,10 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
     # the sites are where transformers computes these: W_O's input, what the block adds as the MLP's output, the block's
     seen, modules = {}, dict(theirs.named_modules())
     w_o, mlp, block = (modules[name] for name in SITES[family])
-    hooks = [w_o.register_forward_pre_hook(lambda module, args: seen.update(attn=args[0])),
-             mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out[0] if isinstance(out, tuple) else out)),
-             block.register_forward_hook(lambda module, args, out: seen.update(block=out[0] if isinstance(out, tuple) else out))]
+    # (copies: Falcon's block adds attention's output into its MLP's in place)
+    hooks = [w_o.register_forward_pre_hook(lambda module, args: seen.update(attn=args[0].clone())),
+             mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=(out[0] if isinstance(out, tuple) else out).clone())),
+             block.register_forward_hook(lambda module, args, out: seen.update(block=(out[0] if isinstance(out, tuple) else out).clone()))]
     with torch.no_grad():
         theirs(x)
     for hook in hooks:
@@ -438,7 +451,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "gpt_neo", "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5",
                                   "ernie4_5-biases-untied-yarn", "arcee", "arcee-biases-tied-yarn", "glm",
                                   "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head", "nemotron",
-                                  "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window"])
+                                  "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window",
+                                  "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -450,6 +464,7 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     Nemotron's LayerNorm1P in bfloat16, its 1 + weight too; Ministral 3's query scale rounded to bfloat16 before it
     multiplies;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
+    Falcon's biases added after each product, its ALiBi bias rounded to bfloat16 and given to scaled_dot_product_attention;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
     GPT-2's gelu_new step by step, GPT-Neo's too, its scores in float32; GPT-NeoX's parallel attention's and MLP's outputs
     summed before the residual)."""
@@ -725,19 +740,25 @@ def test_a_mixtures_backward_writes_each_expert_matrix_gradient_once():
     assert written.total < 10 * experts  # was 68 times
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt"])
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
 def test_alibi_slopes_for_any_head_count_as_transformers_computes_them(family, tmp_path):
     """ALiBi's slopes (models.alibi_slopes) are BLOOM's and MPT's transformers', to the bit, for 1 to 128 heads, a power
     of two or not (the heads past the largest power of two then take the odd powers of a second base; the two round
-    them apart from 12 heads, bloom-560m's 16 and BLOOM's 112 among them); a tiny model with 12 heads gives
-    transformers' float32 logits to the bit (MPT's bias counted from the last key, as its transformers counts it), and
-    generating past its prompt with the cache, transformers' tokens and its logits at every step (each new query
-    biased by its distance to every cached key)."""
+    them apart from 12 heads, bloom-560m's 16 and BLOOM's 112 among them); Falcon's are BLOOM's rounded to bfloat16, as
+    its transformers rounds them (whatever the model's dtype). A tiny model with 12 heads (Falcon's: RW's, biases, attention
+    then the MLP; the slopes of 4 of its heads, and so slope * j, not exact in bfloat16) gives transformers' float32
+    logits to the bit (MPT's bias counted from the last key, as its transformers counts it), and generating past its
+    prompt with the cache, transformers' tokens and its logits at every step (each new query biased by its distance to
+    every cached key)."""
     hf = need(f"transformers.models.{family}.modeling_{family}")
     for heads in range(1, 129):
-        theirs = hf._get_alibi_slopes(heads, "cpu") if family == "bloom" else -hf.build_mpt_alibi_tensor(heads, 2)[:, 0, 0]
-        assert torch.equal(models.alibi_slopes(heads, 8.0, bloom=family == "bloom"), theirs), heads
-    theirs = tiny_hf(family, **(dict(n_head=12, hidden_size=48) if family == "bloom" else dict(n_heads=12, d_model=48)))
+        theirs = hf._get_alibi_slopes(heads, "cpu") if family == "bloom" else -hf.build_mpt_alibi_tensor(heads, 2)[:, 0, 0] \
+            if family == "mpt" else hf.build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]
+        ours = models.alibi_slopes(heads, 8.0, bloom=family != "mpt")
+        assert torch.equal(ours.bfloat16().float() if family == "falcon" else ours, theirs), heads
+    theirs = tiny_hf(family, **{"bloom": dict(n_head=12, hidden_size=48), "mpt": dict(n_heads=12, d_model=48),
+                                "falcon": dict(num_attention_heads=12, hidden_size=48, alibi=True, bias=True, multi_query=False,
+                                               parallel_attn=False)}[family])
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.n_head == 12
@@ -830,6 +851,44 @@ def test_a_released_bloom_or_mpt_config_loads_with_all_its_fields(name, tmp_path
         assert torch.equal(ours(x), theirs(x).logits)
 
 
+# Falcon's config.json files as released (shrunk to 2 layers of 64, 4 heads, 96 tokens), with the fields transformers does
+# not read (the remote code's auto_map, apply_residual_connection_post_layernorm, dropouts): falcon-7b's, falcon-40b's and
+# falcon-rw-1b's leave out the context, the MLP's width, the activation, the rotary base and the tied flag; Falcon-11B's
+# give them, with one norm per layer (num_ln_in_parallel_attn 1) and rope_scaling null
+TII = dict(alibi=False, apply_residual_connection_post_layernorm=False, architectures=["FalconForCausalLM"], attention_dropout=0.0,
+           auto_map={"AutoConfig": "configuration_falcon.FalconConfig", "AutoModelForCausalLM": "modeling_falcon.FalconForCausalLM"},
+           bias=False, bos_token_id=11, eos_token_id=11, hidden_dropout=0.0, hidden_size=64, initializer_range=0.02,
+           layer_norm_epsilon=1e-05, model_type="falcon", num_attention_heads=4, num_hidden_layers=2, torch_dtype="bfloat16",
+           transformers_version="4.27.4", use_cache=True, vocab_size=96)
+FALCON_RELEASED = {"falcon-7b": TII | dict(multi_query=True, new_decoder_architecture=False, parallel_attn=True),
+                   "falcon-40b": TII | dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True),
+                   "falcon-rw-1b": TII | dict(alibi=True, bias=True, bos_token_id=1, eos_token_id=2, multi_query=False,
+                                              new_decoder_architecture=False, parallel_attn=False),
+                   "falcon-11b": TII | dict(activation="gelu", ffn_hidden_size=256, max_position_embeddings=8192,
+                                            new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1,
+                                            parallel_attn=True, rope_scaling=None, rope_theta=500042.0, tie_word_embeddings=False,
+                                            transformers_version="4.40.2")}
+
+
+@pytest.mark.parametrize("name", list(FALCON_RELEASED))
+def test_a_released_falcon_config_loads_with_all_its_fields(name, tmp_path):
+    """Each config.json of FALCON_RELEASED loads as transformers reads it (the fields left out at its defaults: 2,048
+    positions, an MLP of 4 d_model, exact GELU, base 10,000, tied) and gives its logits to the bit."""
+    t = need("transformers")
+    config = FALCON_RELEASED[name]
+    theirs = randomize(t.FalconForCausalLM(t.FalconConfig.from_dict(config)), 5)
+    theirs.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = models.from_pretrained(str(tmp_path))
+    assert (ours.config.block_size, ours.config.tied_head, ours.config.n_kv_head) == {
+        "falcon-7b": (2048, True, 1), "falcon-40b": (2048, True, 2), "falcon-rw-1b": (2048, True, 4),
+        "falcon-11b": (8192, False, 2)}[name]
+    assert ours.config.rotary_base == (500042.0 if name == "falcon-11b" else 10000.0) and ours.config.d_mlp == 256
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x).logits)
+
+
 def test_the_parts_keep_generation_with_the_cache_exact():
     """Partial rotary, parallel residual, per-layer windows, grouped-query heads, q/k norms, no score
     scale, tied head (and Cohere's and Granite's parts, and ALiBi): the key-value cache still computes what the
@@ -855,8 +914,8 @@ def test_the_parts_keep_generation_with_the_cache_exact():
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 24)]
     assert torch.allclose(torch.cat(steps, 1), model(x), atol=1e-10)
 
-    # ALiBi as MPT and as BLOOM compute it, 6 heads (not a power of two) sharing 3 key / value heads, an embedding norm
-    for family in ("mpt", "bloom"):
+    # ALiBi as MPT, BLOOM and Falcon compute it, 6 heads (not a power of two) sharing 3 key / value heads, an embedding norm
+    for family in ("mpt", "bloom", "falcon"):
         model = models.Transformer(dict(family=family, vocab_size=50, block_size=24, n_layer=2, n_head=6, n_kv_head=3,
                                         d_model=24, d_mlp=32, alibi=8.0, embed_norm=True, tied_head=True)).double().eval()
         cache = {}
@@ -1122,7 +1181,34 @@ def test_clear_errors(tmp_path):
                                                  (dict(no_bias=False), "config.json: no_bias=False is not implemented"),
                                                  (dict(logit_scale="inv_sqrt_d_model"), "logit_scale='inv_sqrt_d_model' is not"),
                                                  (dict(expansion_ratio="4"), "expansion_ratio='4' must be a positive"),
-                                                 (dict(n_heads=0), "config.json: n_heads=0 must be a positive integer")]]:
+                                                 (dict(n_heads=0), "config.json: n_heads=0 must be a positive integer")]] + [
+                            # Falcon: what transformers' Falcon does not compute (the remote code's residual after the norm;
+                            # new_decoder_architecture without parallel_attn, or ln_attn / ln_mlp without it, on which it
+                            # fails), RefinedWeb's older names, which transformers 5 no longer reads
+                            (dict(model_type="falcon", vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+                             | bad, message) for bad, message in [
+                                (dict(apply_residual_connection_post_layernorm=True),
+                                 "config.json: apply_residual_connection_post_layernorm=True is not implemented"),
+                                (dict(new_decoder_architecture=True, parallel_attn=False),
+                                 "config.json: with new_decoder_architecture: parallel_attn=False is not implemented"),
+                                (dict(num_ln_in_parallel_attn=2),
+                                 "config.json: without new_decoder_architecture: num_ln_in_parallel_attn=2 is not implemented"),
+                                (dict(new_decoder_architecture=True, num_ln_in_parallel_attn=3),
+                                 "config.json: num_ln_in_parallel_attn=3 is not implemented"),
+                                (dict(multi_query=False, num_kv_heads=2), "config.json: num_kv_heads=2 is not num_attention_heads=4"),
+                                (dict(new_decoder_architecture=True, num_kv_heads=3), "n_head=4 must be a multiple of n_kv_head=3"),
+                                (dict(num_kv_heads="2"), "config.json: num_kv_heads='2' must be a positive integer, or null"),
+                                (dict(num_attention_heads=5), "config.json: hidden_size=64 must be a multiple of num_attention_heads=5"),
+                                (dict(alibi="yes"), "config.json: alibi='yes' is not implemented"),
+                                (dict(activation="relu"), "config.json: activation='relu' is not implemented"),
+                                (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope_type='dynamic' is not implemented"),
+                                (dict(num_attention_heads=None), "num_attention_heads=None must be a positive integer")]] + [
+                            (dict(model_type="falcon", vocab_size=96, hidden_size=64, num_hidden_layers=2, n_head=4),
+                             "config.json: n_head is RefinedWeb's older name of num_attention_heads, which transformers 5 does "
+                             "not read"),
+                            (dict(model_type="RefinedWebModel", vocab_size=96, n_embed=64, n_layer=2, n_head=4),
+                             r"config.json: model_type 'RefinedWebModel' is Falcon's first remote code \(RWForCausalLM\), which "
+                             r"transformers 5 does not read")]:
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message) as e:
             models.from_pretrained(str(tmp_path))

@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), BLOOM, MPT, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, BLOOM, MPT, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -73,17 +73,25 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     GLM-4's norms after attention and the MLP as post_attention_norm and post_ffw_norm; GLM's converter (ChatGLM's) writes
     no key_length, eps 1e-5, base 10,000 and a context of d_model whatever config.json says.
     Nemotron (nemotron): its norm weights stored as 1 + weight (not its norm biases), q / k rows as they are,
-    rope.dimension_count as partial_rotary_factor * d_model // heads, rope.scaling.type none or linear with its factor."""
+    rope.dimension_count as partial_rotary_factor * d_model // heads, rope.scaling.type none or linear with its factor.
+    Falcon (falcon): an MLP of 4 d_model, the context 2,048, no rotary base, head_count_kv num_kv_heads in the new decoder
+    architecture (else 1), query_key_value's key / value groups regrouped to all q rows, all k rows, all v rows, ln_attn as
+    attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    # (BLOOM's converter writes seq_length for the context, or where config.json has none, as here, n_embed)
-    context = c.hidden_size if arch == "bloom" else c.max_seq_len if arch == "mpt" else c.max_position_embeddings
+    # (BLOOM's converter writes seq_length for the context, or where config.json has none, as here, n_embed; Falcon's 2,048)
+    context = c.hidden_size if arch == "bloom" else c.max_seq_len if arch == "mpt" else 2048 if arch == "falcon" else \
+        c.max_position_embeddings
     meta = {"block_count": c.num_hidden_layers, "context_length": context, "embedding_length": c.hidden_size,
-            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj", "starcoder", "bloom", "mpt") else c.intermediate_size,
-            "attention.head_count": c.num_attention_heads}
-    if arch in ("gpt2", "gptneox", "gptj", "starcoder"):  # LayerNorms, no rotary base written
+            "feed_forward_length": 4 * c.hidden_size if arch in ("gpt2", "gptj", "starcoder", "bloom", "mpt", "falcon")
+            else c.intermediate_size, "attention.head_count": c.num_attention_heads}
+    if arch == "falcon":  # LayerNorms, no rotary base written; one key / value head but in the new decoder architecture (the
+        # converter's: num_kv_heads, which the released 7B's config.json has not, else 1)
+        meta |= {"attention.layer_norm_epsilon": c.layer_norm_epsilon, "tensor_data_layout": "jploski",
+                 "attention.head_count_kv": c.num_kv_heads if c.new_decoder_architecture else 1}
+    elif arch in ("gpt2", "gptneox", "gptj", "starcoder"):  # LayerNorms, no rotary base written
         meta |= {"attention.layer_norm_epsilon": c.layer_norm_eps if arch == "gptneox" else c.layer_norm_epsilon}
     elif arch in ("bloom", "mpt"):  # no rotary embedding; MPT's converter writes eps 1e-5 whatever config.json says, its
         # maximum ALiBi bias and clip_qkv as clamp_kqv; no head_count_kv (MPT) or as many as heads (BLOOM)
@@ -181,7 +189,7 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "transformer.word_embeddings": "token_embd", "transformer.word_embeddings_layernorm": "token_embd_norm",
              "self_attention.query_key_value": "attn_qkv", "self_attention.dense": "attn_output",
              "transformer.norm_f": "output_norm", "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.Wqkv": "attn_qkv",
-             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down"}
+             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down", "ln_attn": "attn_norm_2", "ln_mlp": "attn_norm"}
     if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
@@ -215,7 +223,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
             w = permute(w, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if arch == "gpt2" and name.endswith(CONV1D):
             w = w.T
-        if "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim) (GPT-NeoX's and BLOOM's)
+        if "query_key_value" in name and arch == "falcon":  # each key / value head's group (its queries, its key, its
+            # value) to all q rows, all k rows, all v rows
+            groups = w.reshape(meta["attention.head_count_kv"], -1, head, *w.shape[1:])
+            w = np.concatenate([groups[:, :-2].reshape(-1, *w.shape[1:]), groups[:, -2:].swapaxes(0, 1).reshape(-1, *w.shape[1:])])
+        elif "query_key_value" in name:  # (head, q / k / v, dim) to (q / k / v, head, dim) (GPT-NeoX's and BLOOM's)
             w = w.reshape(c.num_attention_heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
         oss = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?$", name)
         if arch == "gpt-oss" and oss:  # gate_up's gate the even columns (bias entries, MXFP4 rows), up the odd
@@ -705,6 +717,40 @@ def test_mpt_metadata_as_llama_cpp_reads_it(tmp_path):
              ({"attention.max_alibi_bias": 0.0}, "mpt.attention.max_alibi_bias = 0.0: only ALiBi of maximum bias 8"),
              ({"attention.head_count_kv": 2}, "mpt.attention.head_count_kv = 2 is not its head_count: grouped-query")]
     assert_each_refused(theirs, "mpt", cases, tmp_path)
+
+
+# (tiny_hf options, metadata changes): Falcon-7B's layout (one key / value head, attn_norm alone); 40B's and 180B's (key /
+# value groups, ln_attn as attn_norm_2, ln_mlp as attn_norm); Falcon-11B's (groups, one norm, untied, its rotary base, which
+# the converter leaves out, written)
+FALCON_GGUF = {"falcon-7b": ({}, {}), "falcon-40b": (dict(new_decoder_architecture=True, num_kv_heads=2), {}),
+               "falcon-11b": (dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1,
+                                   tie_word_embeddings=False, rope_theta=500.0), {"rope.freq_base": 500.0})}
+
+
+@pytest.mark.parametrize("case,quantisation", [("falcon-7b", "F32"), ("falcon-7b", "Q8_0"), ("falcon-40b", "F32"),
+                                               ("falcon-40b", "Q8_0"), ("falcon-11b", "F32")])
+def test_a_falcon_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Falcon (falcon), as its converter writes it: attn_qkv all q rows, then all k, then all v (40B's key /
+    value groups regrouped so), head_count_kv 1 for 7B; attention reads attn_norm_2 where the file has it, the MLP
+    attn_norm; attention and the MLP in parallel, LayerNorms with bias, no other biases, the context 2,048 whatever the
+    model's, an MLP of 4 d_model, no rotary base (10,000 implied), no output tensor where tied."""
+    options, changes = FALCON_GGUF[case]
+    theirs = tiny_hf("falcon", **options)
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "falcon", **changes))
+    config = ours.config
+    assert config.family == "falcon" and config.n_kv_head == (1 if case == "falcon-7b" else 2) and config.block_size == 2048
+    assert config.shared_norm == (case != "falcon-40b") and config.tied_head == (case != "falcon-11b")
+    assert config.rotary_base == (500.0 if case == "falcon-11b" else 10000.0) and config.parallel_residual
+    assert_reads_as(ours, theirs, quantisation)
+
+
+def test_falcon_metadata_as_llama_cpp_reads_it(tmp_path):
+    """What llama.cpp's Falcon cannot be is one line: biases (its converter writes none: Falcon-7B and -40B have none, and
+    RW's ALiBi models, which have them, do not convert), a rotary embedding on part of each head."""
+    assert_each_refused(tiny_hf("falcon", bias=True), "falcon", [({}, "a falcon file with biases (blk.0.attn_qkv.bias) is not one")],
+                        tmp_path)
+    assert_each_refused(tiny_hf("falcon"), "falcon", [({"rope.dimension_count": 8},
+                                                       "falcon.rope.dimension_count = 8 is not the head's 16 dims")], tmp_path)
 
 
 def test_granite_command_r_and_stablelm_metadata_as_llama_cpp_reads_it(tmp_path):

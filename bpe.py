@@ -40,8 +40,16 @@ DEEPSEEK3_SPLIT = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{
                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 HAN_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 BLOOM_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # BLOOM's: anything but spaces and these stops
-# tokenizers' Punctuation pre-tokenizer cuts at Unicode's punctuation and at ASCII's (Rust's is_ascii_punctuation, symbols too)
-PUNCTUATION = r"[\p{P}$+<=>^`|~]"
+# tokenizers' Punctuation pre-tokenizer cuts at Unicode's punctuation and at ASCII's (Rust's is_ascii_punctuation,
+# symbols too); its table of Unicode's punctuation (the unicode_categories crate's) is Unicode 8's: with U+166D and
+# U+111C9 (since then So and Mn), without the punctuation added after it (U+061D, U+2E43.., ...), which \p{P} has here
+PUNCTUATION = ("(?![\\u061d\\u09fd\\u0a76\\u0c77\\u0c84\\u1b7d\\u1b7e\\u2e43-\\u2e4f\\u2e52-\\u2e5d\\U00010ead"
+               "\\U00010f55-\\U00010f59\\U00010f86-\\U00010f89\\U0001144b-\\U0001144f\\U0001145a\\U0001145b"
+               "\\U0001145d\\U00011660-\\U0001166c\\U000116b9\\U0001183b\\U00011944-\\U00011946\\U000119e2"
+               "\\U00011a3f-\\U00011a46\\U00011a9a-\\U00011a9c\\U00011a9e-\\U00011aa2\\U00011c41-\\U00011c45"
+               "\\U00011c70\\U00011c71\\U00011ef7\\U00011ef8\\U00011fff\\U00012ff1\\U00012ff2"
+               "\\U00016e97-\\U00016e9a\\U00016fe2\\U0001e95e\\U0001e95f"
+               "])[\\p{P}$+<=>^`|~\\u166d\\U000111c9]")
 # Unicode's White_Space property: what \s matches there (Python's str.isspace() also counts U+001C..U+001F)
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _category_runs = []  # (first code point, last, category) of each run of one category

@@ -135,6 +135,21 @@ def test_split_behaviours_and_punctuation_cut_as_the_tokenizers_library():
                 assert bpe.split(t, r"\s|\.", behavior, invert) == [p for p, _ in theirs], (behavior, invert, t)
 
 
+def test_punctuation_is_the_tokenizers_library_s_character_for_character():
+    """PUNCTUATION matches what tokenizers' Punctuation cuts at, every code point: its table of Unicode's punctuation is an
+    older Unicode's (U+166D and U+111C9 in it, the punctuation added since, as U+2E53 and U+061D, not), not this Python's
+    \\p{P}; and Falcon's pre-tokenizer cuts a text of those as tokenizers does."""
+    pt = need("tokenizers").pre_tokenizers
+    chars = [chr(c) for c in range(0x21, 0x30000) if not 0xD800 <= c < 0xE000]
+    theirs = [len(pt.Punctuation().pre_tokenize_str("a" + ch + "a")) == 3 for ch in chars]
+    ours = [len(bpe.split("a" + ch + "a", bpe.PUNCTUATION, "isolated")) == 3 for ch in chars]
+    assert [ch for ch, a, b in zip(chars, theirs, ours) if a != b] == []
+    text = "x\u2e53\u2e43y, \u061d\u166d.a\U000111c9\u2e52 \u0f14\u2e42z"
+    falcon = pt.Sequence([pt.Punctuation("contiguous"), pt.ByteLevel(False, use_regex=True), pt.Digits(individual_digits=False),
+                          pt.Split(need("tokenizers").Regex("[0-9][0-9][0-9]"), "isolated")])
+    assert as_byte_chars(bpe.pre_tokenize(text, bpe.GGUF_PRE_TOKENIZERS["falcon"])) == [p for p, _ in falcon.pre_tokenize_str(text)]
+
+
 def test_a_folder_s_bos_and_eos_are_its_tokenizer_config_s(tmp_path):
     """SmolLM2-Instruct's tokenizer_config.json: bos <|im_start|> and eos <|im_end|>, neither <|endoftext|> (the
     default), each as a string or as an added-token dict; the ids as transformers' AutoTokenizer gives them."""

@@ -31,6 +31,7 @@ This file:
                   table from its tensor names to ours
   3. loading      a folder or a GGUF file -> a Transformer; a checkpoint -> its model and tokenizer
 """
+import contextlib
 import fractions
 import functools
 import math
@@ -292,14 +293,23 @@ class BareLayerNorm(nn.Module):
 
 class PlusOneLayerNorm(nn.LayerNorm):
     """A LayerNorm with bias scaling by 1 + its weight, as transformers' NemotronLayerNorm1P: the sum and the norm in
-    the weights' and x's dtype (no float32 step)."""
+    the weights' and x's dtype (no float32 step); under autocast (where torch.is_autocast_enabled() says so: CUDA's, as
+    transformers asks), x, 1 + weight and the bias cast to the autocast dtype and the norm computed in it, autocast off."""
 
     def __init__(self, dim, eps):
         super().__init__(dim, eps=eps)
         nn.init.zeros_(self.weight)  # (a scale of 1)
 
     def forward(self, x):
-        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+        args, device = [x, self.weight + 1.0, self.bias], x.device.type
+        if torch.is_autocast_enabled():
+            dtype = torch.get_autocast_dtype(device)
+            args = [t.to(dtype) if t.is_floating_point() and t.device.type == device and t.dtype != torch.float64 else t
+                    for t in args]
+        off = torch.autocast(device, enabled=False) if device != "meta" and torch.is_autocast_enabled(device) else \
+            contextlib.nullcontext()
+        with off:
+            return F.layer_norm(args[0], self.normalized_shape, args[1], args[2], self.eps)
 
 
 def make_norm(cfg, dim=None):

@@ -479,6 +479,38 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
             assert torch.equal(ours(x[:, :length]), theirs(x[:, :length]).logits), length
 
 
+def test_nemotron_layernorm1p_under_autocast_is_transformers(monkeypatch):
+    """Nemotron's LayerNorm1P (models.PlusOneLayerNorm) as transformers' NemotronLayerNorm1P computes it, to the bit and
+    in its dtype: without autocast in x's dtype (float32, bfloat16); under autocast, x, 1 + weight and the bias cast to the
+    autocast dtype where torch.is_autocast_enabled() says so (CUDA's autocast, as train_lm.py runs: here the CPU's
+    standing in for it), and the norm then computed in that dtype with autocast off; under the CPU's autocast alone, in
+    x's dtype."""
+    nemotron = need("transformers.models.nemotron.modeling_nemotron")
+    g = torch.Generator().manual_seed(0)
+    theirs = nemotron.NemotronLayerNorm1P(64, eps=1e-3)
+    ours = models.PlusOneLayerNorm(64, 1e-3)
+    weight, bias = (0.3 * torch.randn(64, generator=g) for _ in range(2))
+    with torch.no_grad():
+        for module in (theirs, ours):
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+    x = 3 * torch.randn(4, 10, 64, generator=g)
+
+    def same(x):
+        want, got = theirs(x), ours(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), (x.dtype, want.dtype, got.dtype)
+
+    for inputs in (x, x.bfloat16()):
+        same(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU's autocast: not the one transformers looks at
+            same(inputs)
+    enabled = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: enabled(device_type or "cpu"))
+    for inputs in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            same(inputs)
+
+
 def test_softcapped_attention_in_bfloat16_is_transformers_eager_attention():
     """Gemma-2's soft-capped attention in bfloat16 as transformers' eager attention (the one its from_pretrained takes)
     computes it, to the bit, with a window and without: its softmax in float32, rounded once (one in bfloat16 differs

@@ -1004,6 +1004,21 @@ def ministral3(c, where):
     return config | dict(query_scale_beta=beta, query_scale_period=period if beta else 0), table, {}
 
 
+
+def mistral3(c, where):
+    """A multimodal Mistral 3 (mistral3: Ministral-3-3B / -8B / -14B, Mistral-Small-3.1 / -3.2, as released): its text
+    model alone, config.json's text_config (ministral3, or mistral, transformers' default where it names none), the
+    vision tower and projector left out; the output layer tied by the top-level flag (True where absent), as
+    transformers ties it, not by text_config's."""
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{where}: a mistral3 config.json needs its language model's config under text_config")
+    kind = text.get("model_type", "mistral")
+    if kind not in ("ministral3", "mistral"):
+        raise ValueError(f"{where}: text_config's model_type {kind!r} is not implemented in a mistral3 (supported: "
+                         f"ministral3, mistral)")
+    return FAMILIES[kind]({**text, "model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)}, where)
+
 PHI3_NAMES = LLAMA_NAMES | names({}, {"attn.q": "self_attn.qkv_proj", "attn.k": "self_attn.qkv_proj", "attn.v": "self_attn.qkv_proj",
                                      "mlp.gate": "mlp.gate_up_proj", "mlp.up": "mlp.gate_up_proj"}, "layers.{i}.")
 
@@ -1669,7 +1684,8 @@ def falcon(c, where):
 
 
 def gemma3_text_weights(tensors):
-    """A multimodal Gemma-3's language-model weights, named as a Gemma3ForCausalLM's (the vision tower left out)."""
+    """A multimodal Gemma-3's or Mistral 3's language-model weights, named as its ...ForCausalLM's (the vision tower and
+    projector left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
     return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
 
@@ -1680,8 +1696,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
-            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "glm": glm, "glm4": glm,
-            "falcon": falcon}
+            "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
+            "glm4": glm, "falcon": falcon}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1817,7 +1833,7 @@ def from_pretrained(path, codebooks=None, block_size=None):
     c = read_config(path)
     config, table, transforms = family_config(c, f"{path}/config.json")
     tensors = formats.weight_loaders(path)
-    if c["model_type"] == "gemma3":
+    if c["model_type"] in ("gemma3", "mistral3"):
         tensors = gemma3_text_weights(tensors)
     if c["model_type"] == "stablelm":
         tensors = stablelm_weights(tensors)

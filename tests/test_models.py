@@ -612,6 +612,45 @@ def test_the_text_model_of_a_multimodal_gemma3(tmp_path):
     assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
 
 
+@pytest.mark.parametrize("text", ["ministral3", "mistral"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_text_model_of_a_multimodal_mistral3(text, tied, tmp_path):
+    """A Mistral3ForConditionalGeneration folder, as Ministral 3 (Ministral-3-3B / -8B / -14B: a ministral3 text model)
+    and Mistral Small 3.1 / 3.2 (a mistral one) are released: the text model under text_config, its weights beside a
+    Pixtral vision tower's; the text model alone, with the logits and greedy tokens of the whole model on text, its
+    output layer tied by the top-level flag as transformers ties it (the 3B's tied, the 8B's and 14B's not)."""
+    t = need("transformers")
+    text_config = dict(model_type=text, vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, bos_token_id=0,
+                       eos_token_id=0, tie_word_embeddings=tied)
+    if text == "ministral3":  # its YaRN and its queries scaled past position 16
+        text_config["rope_parameters"] = dict(rope_type="yarn", rope_theta=1000.0, factor=4.0, original_max_position_embeddings=16,
+                                              beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                              llama_4_scaling_beta=0.5)
+    vision_config = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         head_dim=16, image_size=28, patch_size=14)
+    randomize(t.Mistral3ForConditionalGeneration(t.Mistral3Config(text_config=text_config, vision_config=vision_config,
+                                                                  tie_word_embeddings=tied)), 5).save_pretrained(tmp_path)
+    theirs = t.Mistral3ForConditionalGeneration.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.family == "mistral3" and ours.config.tied_head == tied
+    assert (ours.config.query_scale_beta, ours.config.query_scale_period) == ((0.5, 16) if text == "ministral3" else (0.0, 0))
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
+    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for bad, message in [(dict(text_config=None), "a mistral3 config.json needs its language model's config under text_config"),
+                         (dict(text_config=config["text_config"] | dict(model_type="llama")),
+                          "text_config's model_type 'llama' is not implemented in a mistral3")]:
+        (tmp_path / "config.json").write_text(json.dumps(config | bad))
+        with pytest.raises(ValueError, match=message):
+            models.from_pretrained(str(tmp_path))
+
+
 MOE_CASES = [case for case, (family, _) in CASES.items() if family in conftest.MOE]
 
 

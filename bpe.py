@@ -43,6 +43,7 @@ BLOOM_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # BL
 # tokenizers' Punctuation pre-tokenizer cuts at Unicode's punctuation and at ASCII's (Rust's is_ascii_punctuation,
 # symbols too); its table of Unicode's punctuation (the unicode_categories crate's) is Unicode 8's: with U+166D and
 # U+111C9 (since then So and Mn), without the punctuation added after it (U+061D, U+2E43.., ...), which \p{P} has here
+# (Python 3.11's tables, Unicode 14; a later Python's adds more)
 PUNCTUATION = ("(?![\\u061d\\u09fd\\u0a76\\u0c77\\u0c84\\u1b7d\\u1b7e\\u2e43-\\u2e4f\\u2e52-\\u2e5d\\U00010ead"
                "\\U00010f55-\\U00010f59\\U00010f86-\\U00010f89\\U0001144b-\\U0001144f\\U0001145a\\U0001145b"
                "\\U0001145d\\U00011660-\\U0001166c\\U000116b9\\U0001183b\\U00011944-\\U00011946\\U000119e2"

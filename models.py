@@ -912,6 +912,18 @@ def llama(c, where):
     return config, LLAMA_NAMES, {}
 
 
+def mistral(c, where):
+    """Mistral: Llama's parts with transformers' Mistral defaults where config.json leaves them out (8 key / value
+    heads, a window of 4,096; null: as many as heads, no window)."""
+    return llama({"num_key_value_heads": 8, "sliding_window": 4096} | c, where)
+
+
+def qwen(c, where):
+    """Qwen2 and Qwen3: Llama's parts with transformers' defaults where config.json leaves them out (32 key / value
+    heads; Qwen3's head_dim 128; null: as many as heads, d_model / n_head)."""
+    return llama({"num_key_value_heads": 32} | ({"head_dim": 128} if c["model_type"] == "qwen3" else {}) | c, where)
+
+
 def ernie4_5(c, where):
     """ERNIE 4.5 (dense, as ERNIE-4.5-0.3B): Llama's parts, but the rotary embedding on interleaved pairs of q and k
     as stored, computed in float32 with float32 tables; use_bias puts a bias on every projection; head_dim 128, 2 key /
@@ -1002,7 +1014,6 @@ def ministral3(c, where):
                                   "rms_norm_eps": c.get("rms_norm_eps", 1e-5), "attention_bias": False,
                                   "mlp_bias": False}, where)
     return config | dict(query_scale_beta=beta, query_scale_period=period if beta else 0), table, {}
-
 
 
 def mistral3(c, where):
@@ -1690,8 +1701,8 @@ def gemma3_text_weights(tensors):
     return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
 
 
-FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": llama, "qwen2": llama,
-            "qwen3": llama, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
+FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": llama, "mistral": mistral, "qwen2": qwen,
+            "qwen3": qwen, "smollm3": llama, "olmo2": olmo2, "olmo3": olmo2, "phi3": phi3, "gemma": gemma, "gemma2": gemma,
             "gemma3_text": gemma, "gemma3": gemma, "granite": granite, "cohere": cohere, "cohere2": cohere,
             "stablelm": stablelm, "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe, "olmoe": moe, "gpt_oss": gpt_oss,
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,

@@ -291,10 +291,11 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
             "layer_types", "no_rope_layers")
 
 
-@pytest.mark.parametrize("family", ["smollm3", "olmo2", "olmo3", "phi3", "cohere2", "ernie4_5", "nemotron", "ministral",
-                                    "ministral3", "glm", "glm4"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "cohere2",
+                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
-    """(ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
+    """(Llama: as many key / value heads as heads; Mistral: 8, and a window of 4,096; Qwen2 and Qwen3: 32, Qwen3's
+    head_dim 128. ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
     heads; GLM's and GLM-4's biases on q, k, v and rotary embedding on half of each head, eps 1.5625e-7. Nemotron: its
     norm_eps left out too; the rotary embedding on half of each head, base 10000, untied. Ministral: 8 key / value heads,
     a window of 4,096 on every layer. Ministral 3: 8 key / value heads, its head_dim left out too, 128; YaRN of factor 16
@@ -303,12 +304,16 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
-    if family in ("ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128 too)
-        heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=16 if family == "ministral" else 128)
+    if family in ("mistral", "ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128)
+        heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=128 if family == "ministral3" else 16)
+    if family in ("llama", "qwen2", "qwen3"):  # Llama's default: as many as heads (32 here); Qwen's: 32 (of 64 here)
+        heads = dict(num_attention_heads=32 if family == "llama" else 64, num_key_value_heads=32,
+                     head_dim=128 if family == "qwen3" else 16)
     scale = dict(logit_scale=1.0) if family == "cohere2" else {}  # (kept: logits far enough from uniform to compare)
     tiny_hf(family, num_hidden_layers=4, **heads, **scale).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     left_out = LEFT_OUT + {"ernie4_5": ("head_dim",), "nemotron": ("norm_eps",), "ministral3": ("head_dim",),
+                           "qwen3": ("head_dim",),
                            "glm": ("head_dim", "attention_bias", "partial_rotary_factor"),
                            "glm4": ("head_dim", "attention_bias", "partial_rotary_factor")}.get(family, ())
     if family == "nemotron":  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None, which its
@@ -318,8 +323,11 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
-    assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {"ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8,
-                                                                          "ministral3": 8}.get(family, 4)
+    assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {
+        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "llama": 32, "qwen2": 32,
+        "qwen3": 32}.get(family, 4)
+    if family in ("mistral", "qwen3"):
+        assert ours.config.attn_window == (4096 if family == "mistral" else 0) and ours.config.d_head == theirs.config.head_dim
     if family in ("ernie4_5", "glm", "glm4"):
         assert ours.config.d_head == theirs.config.head_dim == 128
     if family in ("glm", "glm4"):

@@ -1977,10 +1977,12 @@ def gguf_config(metadata, shapes, path):
         raise ValueError(f"{path}: rope.scaling.type = 'longrope' with rope.scaling.factor = {factor} is not implemented")
     if kind == "linear":
         c["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", factor)}
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    olmo3 = arch == "olmo2" and window  # OLMo-3, as llama.cpp stores it (its YaRN: olmo3_gguf_config)
     if kind == "yarn":
         # llama.cpp's YaRN is transformers' with its default ramp ends (for these architectures it reads no
         # yarn_beta_* keys): queries and keys times 0.1 ln(factor) + 1, and by rope.scaling.attn_factor, not taken here
-        if get("rope.scaling.attn_factor", 1.0) != 1.0:
+        if not olmo3 and get("rope.scaling.attn_factor", 1.0) != 1.0:
             raise ValueError(f"{path}: YaRN with rope.scaling.attn_factor other than 1 is not implemented")
         c["rope_scaling"] = {"rope_type": "yarn", "factor": get("rope.scaling.factor"),
                              "original_max_position_embeddings": get("rope.scaling.original_context_length",
@@ -2050,12 +2052,8 @@ def gguf_config(metadata, shapes, path):
                              f"rope.freq_base, which llama.cpp rotates by; not implemented")
         c |= dict(sliding_window=get("attention.sliding_window"),
                   sliding_window_pattern=count("attention.sliding_window_pattern", 4))
-    window = metadata.get(f"{arch}.attention.sliding_window")
-    if arch == "olmo2" and window:  # OLMo-3, as llama.cpp stores it: every fourth layer global, one rotary base for all
-        if "rope_scaling" in c:
-            raise ValueError(f"{path}: an olmo2 file with a sliding window and rope scaling is not implemented")
-        c |= dict(model_type="olmo3", sliding_window=window, rope_parameters={
-            kind: {"rope_type": "default", "rope_theta": c["rope_theta"]} for kind in ("full_attention", "sliding_attention")})
+    if olmo3:
+        c |= olmo3_gguf_config(c, metadata, get, window, path)
     if arch == "gpt-oss":
         c |= gpt_oss_gguf_config(c, get, count, path)
     if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & set(shapes):
@@ -2080,6 +2078,32 @@ def gguf_config(metadata, shapes, path):
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def olmo3_gguf_config(c, metadata, get, window, path):
+    """OLMo-3's config.json fields from an olmo2 file with a window, as transformers computes the original: the window
+    on three layers in four (every fourth global, as llama.cpp sets it); the full layers rotated by rope.freq_base, with
+    YaRN where the file has it, its attention factor and ramp ends as the converter writes them from config.json
+    (rope.scaling.yarn_attn_factor, yarn_beta_fast, yarn_beta_slow; an older converter's rope.scaling.attn_factor),
+    transformers' defaults where absent; the windowed layers unscaled, by rope.freq_base_swa (absent: rope.freq_base).
+    llama.cpp's olmo2 reads none of the yarn_* keys: its ramp runs from 32 to 1 turns and it scales queries and keys by
+    0.1 ln(factor) + 1 (the released models' values), times rope.scaling.attn_factor (so the older converter's files get
+    the released 1.208 twice over); its windowed layers rotate by rope.freq_base."""
+    scaling = c.pop("rope_scaling", {"rope_type": "default"})
+    if scaling["rope_type"] not in ("default", "yarn"):
+        raise ValueError(f"{path}: an olmo2 file with a sliding window and {scaling['rope_type']} rope scaling is not "
+                         f"implemented")
+    if scaling["rope_type"] == "yarn":
+        key = lambda name: f"olmo2.rope.scaling.{name}"
+        names = {"attention_factor": "yarn_attn_factor", "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
+        scaling |= {ours: metadata[key(name)] for ours, name in names.items() if key(name) in metadata}
+        older = metadata.get(key("attn_factor"))
+        if older is not None and scaling.setdefault("attention_factor", older) != older:
+            raise ValueError(f"{path}: metadata {key('attn_factor')} = {older} and {key('yarn_attn_factor')} = "
+                             f"{scaling['attention_factor']} disagree on YaRN's attention factor")
+    return dict(model_type="olmo3", sliding_window=window, rope_parameters={
+        "full_attention": scaling | {"rope_theta": c["rope_theta"]},
+        "sliding_attention": {"rope_type": "default", "rope_theta": get("rope.freq_base_swa", c["rope_theta"])}})
 
 
 def mpt_gguf_config(c, get, path):

@@ -62,6 +62,10 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "phi3-longrope": ("phi3", PHI3_LONGROPE),  # inputs past its original context; generations reaching past it
          "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
              rope_type="yarn", factor=2.0, original_max_position_embeddings=32))),
+         # as the long-context releases, an attention factor and ramp ends given (here not the defaults: each one shows)
+         "olmo3-yarn": ("olmo3", dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
+             rope_type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=1.5, beta_fast=0.5,
+             beta_slow=0.125))),
          # conftest's score scale in its config, unused (Gemma (1) has none); its window too, but transformers' cache would take it
          "gemma": ("gemma", dict(sliding_window=None)),
          "gemma2": ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0)),
@@ -263,6 +267,11 @@ OLDER_CONFIGS = {
     "gpt_neox": ("gpt_neox", dict(rotary_pct=0.75, rotary_emb_base=500.0)),
     # Gemma (1)'s published config.json: hidden_act "gelu", which transformers reads as tanh's GELU
     "gemma": ("gemma", dict(rope_theta=500.0, hidden_act="gelu")),
+    # OLMo-3's long-context releases (written by transformers 4.57): YaRN under rope_scaling for the full layers, one
+    # rotary base, which transformers 5 gives the full layers only (the windowed ones its default, 500000)
+    "olmo3-yarn": ("olmo3", dict(rope_theta=1000.0, layer_types=["sliding_attention", "full_attention"],
+                                 rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                   attention_factor=1.5, beta_fast=0.5, beta_slow=0.125))),
 }
 
 
@@ -276,6 +285,7 @@ def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     # transformers reads the older fields (into its rope_parameters), so it is the reference for them
     rope = theirs.config.rope_parameters
+    rope = rope.get("full_attention", rope)  # (OLMo-3's: per layer type)
     assert rope["rope_theta"] == older.get("rope_theta", older.get("rotary_emb_base"))
     assert rope["rope_type"] == older.get("rope_scaling", {}).get("type", older.get("rope_scaling", {}).get("rope_type", "default"))
     if family == "gpt_neox":
@@ -453,7 +463,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "stablelm-parallel", "granite",
-                                  "cohere", "cohere2", "olmo2", "olmo3", "phi", "starcoder2", "olmo", "phi3-longrope", "gptj",
+                                  "cohere", "cohere2", "olmo2", "olmo3", "olmo3-yarn", "phi", "starcoder2", "olmo",
+                                  "phi3-longrope", "gptj",
                                   "gpt_bigcode", "gpt_bigcode-mha-unscaled", "bloom", "mpt-clip-scaled-untied", "gemma2",
                                   "gemma3", "gemma2-exact-gelu", "gemma3-exact-gelu", "gemma", "gpt2", "gpt2-unscaled",
                                   "gpt_neo", "gpt_neox-parallel", "gpt_neox-sequential", "ernie4_5",

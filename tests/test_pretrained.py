@@ -352,6 +352,67 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     assert_reads_as(ours, theirs, quantisation)
 
 
+# OLMo-3 with YaRN on its full layers (its long-context releases'): an attention factor and ramp ends other than
+# transformers' defaults, so that each read or left out shows; the full layers' base 1000, the windowed ones'
+# transformers' default, 500000 (config.json giving one base); the older converter's original with the default ramp
+# ends and one base
+OLMO3_YARN = {"current": dict(num_hidden_layers=4, sliding_window=5, rope_theta=1000.0, rope_scaling=dict(
+                  rope_type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=1.5,
+                  beta_fast=0.5, beta_slow=0.125)),  # (the ramp from frequency 1 to 4 of 8, not 0 to 2)
+              "older": dict(num_hidden_layers=4, sliding_window=5, rope_scaling=dict(
+                  rope_type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=1.5))}
+
+
+def olmo3_yarn_metadata(c, converter):
+    """An OLMo-3's window and YaRN as llama.cpp's converter writes them: its window and pattern (True: windowed); the
+    current converter's YaRN keys (with transformers 5's rope_parameters, the windowed layers' base too) or an older
+    one's, which holds the attention factor in rope.scaling.attn_factor and writes no ramp ends."""
+    full, sliding = c.rope_parameters["full_attention"], c.rope_parameters["sliding_attention"]
+    meta = {"attention.sliding_window": c.sliding_window,
+            "attention.sliding_window_pattern": [kind == "sliding_attention" for kind in c.layer_types],
+            "rope.scaling.type": "yarn", "rope.scaling.factor": full["factor"],
+            "rope.scaling.original_context_length": full["original_max_position_embeddings"]}
+    if converter == "older":
+        return meta | {"rope.scaling.attn_factor": full["attention_factor"]}
+    return meta | {"rope.scaling.yarn_attn_factor": full["attention_factor"],
+                   "rope.scaling.yarn_beta_fast": full["beta_fast"], "rope.scaling.yarn_beta_slow": full["beta_slow"],
+                   "rope.freq_base_swa": sliding["rope_theta"]}
+
+
+@pytest.mark.parametrize("converter,quantisation", [("current", "F32"), ("current", "Q8_0"), ("older", "F32")])
+def test_an_olmo3_gguf_file_with_yarn_gives_its_original_logits(converter, quantisation, tmp_path):
+    """OLMo-3's YaRN as the converter writes it (olmo3_yarn_metadata), read as transformers computes the original:
+    on the full layers only, with the file's attention factor once (llama.cpp would multiply an older file's by its
+    own 0.1 ln(factor) + 1) and ramp ends (llama.cpp's are 32 and 1 whatever the file says); the windowed layers
+    unscaled, by rope.freq_base_swa where the file has it (llama.cpp rotates them by rope.freq_base)."""
+    theirs = tiny_hf("olmo3", tie_word_embeddings=False, **OLMO3_YARN[converter])
+    c = theirs.config
+    assert c.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    path = write_gguf(tmp_path / f"olmo3-{quantisation}.gguf", theirs, quantisation, "olmo2",
+                      **olmo3_yarn_metadata(c, converter))
+    ours = models.from_pretrained(path)
+    config = ours.config
+    assert config.family == "olmo3" and config.attn_window == [5, 5, 5, 0]
+    assert config.rotary_scaling["attention_factor"] == 1.5 and config.local_rotary_base == 500000.0
+    assert (config.rotary_scaling["beta_fast"], config.rotary_scaling["beta_slow"]) == \
+        ((0.5, 0.125) if converter == "current" else (32, 1))
+    assert config.rotary_base == (1000.0 if converter == "current" else 500000.0)
+    assert_reads_as(ours, theirs, quantisation)
+
+
+def test_an_olmo3_gguf_file_with_scaling_it_cannot_read_is_refused(tmp_path):
+    """Two attention factors that disagree (an older converter's key and the current one's), and a rope scaling
+    other than YaRN with a window, are refused in one line."""
+    theirs = tiny_hf("olmo3", tie_word_embeddings=False, **OLMO3_YARN["current"])
+    meta = olmo3_yarn_metadata(theirs.config, "current")
+    linear = {key: value for key, value in meta.items() if not key.startswith("rope.scaling.")} | {
+        "rope.scaling.type": "linear", "rope.scaling.factor": 2.0}
+    assert_each_refused(theirs, "olmo2", [
+        (meta | {"rope.scaling.attn_factor": 1.25}, "metadata olmo2.rope.scaling.attn_factor = 1.25 and "
+                                                    "olmo2.rope.scaling.yarn_attn_factor = 1.5 disagree"),
+        (linear, "an olmo2 file with a sliding window and linear rope scaling is not implemented")], tmp_path)
+
+
 def test_a_phi3_gguf_file_with_longrope_gives_its_original_logits(tmp_path):
     """Phi's LongRoPE as llama.cpp's converter writes it (rope_factors_short and rope_factors_long, the original
     context and the attention factor in the metadata), read as transformers computes the original: the short factors

@@ -2082,7 +2082,8 @@ def gguf_config(metadata, shapes, path):
 
 def olmo3_gguf_config(c, metadata, get, window, path):
     """OLMo-3's config.json fields from an olmo2 file with a window, as transformers computes the original: the window
-    on three layers in four (every fourth global, as llama.cpp sets it); the full layers rotated by rope.freq_base, with
+    on the layers attention.sliding_window_pattern marks true, as the converter writes them (absent: three layers in
+    four, every fourth global, as llama.cpp sets it whatever the file says); the full layers rotated by rope.freq_base, with
     YaRN where the file has it, its attention factor and ramp ends as the converter writes them from config.json
     (rope.scaling.yarn_attn_factor, yarn_beta_fast, yarn_beta_slow; an older converter's rope.scaling.attn_factor),
     transformers' defaults where absent; the windowed layers unscaled, by rope.freq_base_swa (absent: rope.freq_base).
@@ -2101,7 +2102,14 @@ def olmo3_gguf_config(c, metadata, get, window, path):
         if older is not None and scaling.setdefault("attention_factor", older) != older:
             raise ValueError(f"{path}: metadata {key('attn_factor')} = {older} and {key('yarn_attn_factor')} = "
                              f"{scaling['attention_factor']} disagree on YaRN's attention factor")
-    return dict(model_type="olmo3", sliding_window=window, rope_parameters={
+    pattern = metadata.get("olmo2.attention.sliding_window_pattern")  # the converter's per layer (True: windowed)
+    layers = {}
+    if isinstance(pattern, list):
+        if len(pattern) != c["num_hidden_layers"] or not all(isinstance(p, bool) for p in pattern):
+            raise ValueError(f"{path}: metadata olmo2.attention.sliding_window_pattern must give true or false for each "
+                             f"of the {c['num_hidden_layers']} layers, got {pattern!r}")
+        layers = {"layer_types": ["sliding_attention" if p else "full_attention" for p in pattern]}
+    return layers | dict(model_type="olmo3", sliding_window=window, rope_parameters={
         "full_attention": scaling | {"rope_theta": c["rope_theta"]},
         "sliding_attention": {"rope_type": "default", "rope_theta": get("rope.freq_base_swa", c["rope_theta"])}})
 

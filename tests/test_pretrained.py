@@ -313,8 +313,8 @@ def assert_reads_as(ours, theirs, quantisation="F32", exact=()):
 
 @pytest.mark.parametrize("arch,quantisation", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_1"), ("llama3", "F32"),
                                                ("qwen2", "F32"), ("qwen3", "Q8_0"), ("smollm3", "Q8_0"),
-                                               ("qwen3-yarn", "F32"), ("olmo2", "F32"), ("olmo3", "F32"), ("phi3", "Q8_0"),
-                                               ("phi3-apart", "F32")])
+                                               ("qwen3-yarn", "F32"), ("olmo2", "F32"), ("olmo3", "F32"),
+                                               ("olmo3-pattern", "F32"), ("phi3", "Q8_0"), ("phi3-apart", "F32")])
 def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     """F32: the original's logits within 1e-4. A block format: within 1e-4 of the original with its
     matrices rounded to the format (gguf's own dequantisation), which is not the original.
@@ -322,24 +322,29 @@ def test_a_gguf_file_gives_its_original_logits(arch, quantisation, tmp_path):
     - "qwen3-yarn": YaRN, stored as its type, factor and original context; the ramp's ends, if written, are not
       read (llama.cpp reads them for other architectures only).
     - SmolLM3: four layers, the last without the rotary embedding, which llama.cpp implies (no metadata says so).
-    - OLMo-3: stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four.
+    - OLMo-3: stored as olmo2 with a window (of 5), which llama.cpp puts on three layers in four; "olmo3-pattern":
+      the windowed layers other than those, as the converter marks them in attention.sliding_window_pattern.
     - Phi-3: the rotary embedding on half of each head; a window of 5 in the metadata, which llama.cpp leaves
       out (full attention); "phi3-apart": its q, k and v as three tensors, which llama.cpp reads too."""
     yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
     options = {"qwen3": dict(head_dim=32), "llama3": dict(rope_scaling=LLAMA3), "smollm3": dict(num_hidden_layers=4),
                "qwen3-yarn": dict(head_dim=32, rope_scaling=yarn),
                "olmo3": dict(num_hidden_layers=4, sliding_window=5),
+               "olmo3-pattern": dict(num_hidden_layers=4, sliding_window=5, layer_types=[
+                   "full_attention", "sliding_attention", "full_attention", "sliding_attention"]),
                "phi3": dict(partial_rotary_factor=0.5), "phi3-apart": dict(partial_rotary_factor=0.5)}.get(arch, {})
-    theirs = tiny_hf(arch.replace("llama3", "llama").replace("-apart", "").replace("-yarn", ""), tie_word_embeddings=False,
-                     **options)
+    theirs = tiny_hf(arch.replace("llama3", "llama").replace("-apart", "").replace("-yarn", "").replace("-pattern", ""),
+                     tie_word_embeddings=False, **options)
     divisors = None
     if arch == "llama3":
         divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
         assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
         arch = "llama"
     family, changes = arch, {}
-    if arch == "olmo3":
-        arch, changes = "olmo2", {"attention.sliding_window": 5}
+    if arch.startswith("olmo3"):
+        family, arch, changes = "olmo3", "olmo2", {"attention.sliding_window": 5}
+        if options.get("layer_types"):
+            changes["attention.sliding_window_pattern"] = [kind == "sliding_attention" for kind in options["layer_types"]]
     if arch == "qwen3-yarn":
         family, arch, changes = "qwen3", "qwen3", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
                                                    "rope.scaling.original_context_length": 16,
@@ -401,8 +406,8 @@ def test_an_olmo3_gguf_file_with_yarn_gives_its_original_logits(converter, quant
 
 
 def test_an_olmo3_gguf_file_with_scaling_it_cannot_read_is_refused(tmp_path):
-    """Two attention factors that disagree (an older converter's key and the current one's), and a rope scaling
-    other than YaRN with a window, are refused in one line."""
+    """Two attention factors that disagree (an older converter's key and the current one's), a rope scaling other than
+    YaRN with a window, and a window pattern not one per layer, are refused in one line."""
     theirs = tiny_hf("olmo3", tie_word_embeddings=False, **OLMO3_YARN["current"])
     meta = olmo3_yarn_metadata(theirs.config, "current")
     linear = {key: value for key, value in meta.items() if not key.startswith("rope.scaling.")} | {
@@ -410,7 +415,9 @@ def test_an_olmo3_gguf_file_with_scaling_it_cannot_read_is_refused(tmp_path):
     assert_each_refused(theirs, "olmo2", [
         (meta | {"rope.scaling.attn_factor": 1.25}, "metadata olmo2.rope.scaling.attn_factor = 1.25 and "
                                                     "olmo2.rope.scaling.yarn_attn_factor = 1.5 disagree"),
-        (linear, "an olmo2 file with a sliding window and linear rope scaling is not implemented")], tmp_path)
+        (linear, "an olmo2 file with a sliding window and linear rope scaling is not implemented"),
+        (meta | {"attention.sliding_window_pattern": [True, False]},
+         "olmo2.attention.sliding_window_pattern must give true or false for each of the 4 layers")], tmp_path)
 
 
 def test_a_phi3_gguf_file_with_longrope_gives_its_original_logits(tmp_path):

@@ -4,7 +4,7 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4, Apertus (Apertus 1.5's text model too) and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
+GLM-4, Apertus (Apertus 1.5's text model too), Helium and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
 gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing what transformers computes. The
 paper's language-model results finetune such models with codebooks (section 5).
 
@@ -1012,6 +1012,26 @@ def apertus1p5(c, where):
                    where)
 
 
+def helium(c, where):
+    """Helium (helium-1-2b, helium-1-preview-2b): Llama's parts with its RMSNorms' weights multiplied in float32
+    (norm_weight_float32), the rotary embedding on interleaved pairs of q and k as stored (rotary_interleaved), biases on
+    q, k, v where attention_bias says but none on W_O, which is d_model square (n_head * head_dim must be d_model). Where
+    config.json leaves them out, transformers' defaults: head_dim 128, 20 key / value heads, eps 1e-8, base 100,000,
+    untied; null for either size is refused, as transformers refuses it."""
+    for name, default in (("head_dim", 128), ("num_key_value_heads", 20)):
+        if c.get(name, default) is None:
+            raise ValueError(f"{where}: {name}=None: transformers' helium needs a number (its default: {default})")
+    d, heads, d_head = c["hidden_size"], c["num_attention_heads"], c.get("head_dim", 128)
+    if heads * d_head != d:
+        raise ValueError(f"{where}: num_attention_heads * head_dim = {heads} * {d_head} is not hidden_size={d}: "
+                         f"transformers' helium's W_O is hidden_size square")
+    bias = _option(c, "attention_bias", False, [True, False], where)
+    config, table, _ = llama(c | {"model_type": "llama", "head_dim": d_head, "rms_norm_eps": c.get("rms_norm_eps", 1e-8),
+                                  "num_key_value_heads": c.get("num_key_value_heads", 20),
+                                  "rope_theta": c.get("rope_theta", 100000.0)}, where)
+    return config | dict(norm_weight_float32=True, rotary_interleaved=True, qkv_bias=bias, out_bias=False), table, {}
+
+
 def nemotron(c, where):
     """Nemotron (Minitron-4B / -8B, Nemotron-Mini-4B, Nemotron-3-8B converted): Llama's blocks with LayerNorms with bias
     scaling by 1 + weight (LayerNorm1P: norm_plus_one), a ReLU² MLP without gate (up, down), the rotary embedding on
@@ -1775,7 +1795,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
-            "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5}
+            "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5,
+            "helium": helium}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4, Apertus (Apertus 1.5's text model too), Helium and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
-gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing what transformers computes. The
-paper's language-model results finetune such models with codebooks (section 5).
+GLM-4, Apertus (Apertus 1.5's text model too), Helium, Seed-OSS and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing what
+transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
@@ -21,7 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm, apertus).
+falcon, nemotron, glm4, chatglm, apertus, seed_oss).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1032,6 +1032,19 @@ def helium(c, where):
     return config | dict(norm_weight_float32=True, rotary_interleaved=True, qkv_bias=bias, out_bias=False), table, {}
 
 
+def seed_oss(c, where):
+    """Seed-OSS (Seed-OSS-36B-Base, -Instruct): Llama's parts with biases on q, k and v where attention_bias says (by
+    default) and on W_O where attention_out_bias does (by default none); its attention and residual dropouts act in
+    training only. Where config.json leaves them out, transformers' defaults: head_dim 128 (null: d_model / n_head), 8 key
+    / value heads (null: n_head), eps 1e-6, base 10,000, untied."""
+    qkv_bias = _option(c, "attention_bias", True, [True, False], where)
+    out_bias = _option(c, "attention_out_bias", False, [True, False], where)
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    config, table, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "head_dim": d_head}, where)
+    return config | dict(qkv_bias=qkv_bias, out_bias=out_bias), table, {}
+
+
 def nemotron(c, where):
     """Nemotron (Minitron-4B / -8B, Nemotron-Mini-4B, Nemotron-3-8B converted): Llama's blocks with LayerNorms with bias
     scaling by 1 + weight (LayerNorm1P: norm_plus_one), a ReLU² MLP without gate (up, down), the rotary embedding on
@@ -1796,7 +1809,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
             "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5,
-            "helium": helium}
+            "helium": helium, "seed_oss": seed_oss}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1988,7 +2001,7 @@ GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
                       "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
-                      "falcon", "apertus")
+                      "falcon", "apertus", "seed_oss")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt", "nemotron", "falcon")
@@ -2171,6 +2184,11 @@ def gguf_config(metadata, shapes, path):
             raise ValueError(f"{path}: an apertus file without output.weight (tied) is not one llama.cpp reads")
         c |= dict(hidden_act="xielu", rope_parameters=(c.pop("rope_scaling", None) or {"rope_type": "default"}) |
                   {"rope_theta": c["rope_theta"]})
+    if arch == "seed_oss":  # q / k rows as stored (llama.cpp rotates their halves, as transformers); biases where the file
+        # has them: on attn_q, attn_k, attn_v, and apart on attn_output; none on the MLP, which llama.cpp leaves out
+        if c["mlp_bias"]:
+            raise ValueError(f"{path}: a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one llama.cpp reads")
+        c |= dict(attention_bias="blk.0.attn_q.bias" in shapes, attention_out_bias="blk.0.attn_output.bias" in shapes)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
@@ -2387,6 +2405,8 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         transforms = {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
     if c["model_type"] == "apertus":
         tensors = tensors | xielu_gguf_tensors(info.metadata, config["n_layer"], path)
+    if c["model_type"] == "seed_oss":  # its MLP reads post_attention_norm (the converter's name for it)
+        table = table | names({}, {"norm2": "post_attention_norm"}, "blk.{i}.")
     if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them
         table = table | names({}, {"norm2": "post_attention_norm", "attn": "attn"}, "blk.{i}.")
         tensors = {re.sub(r"\.attn_sinks\.weight$", ".attn.sinks", name): load for name, load in tensors.items()}

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -132,6 +132,12 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "helium": ("helium", dict(head_dim=16)),
          "helium-biases-tied-linear": ("helium", dict(head_dim=16, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
                                                       rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0))),
+         # Seed-OSS: biases on q, k, v (its default; head_dim given: its default, 128, is wider than these heads); with a
+         # bias on W_O and the MLP instead, tied, YaRN
+         "seed_oss": ("seed_oss", dict(head_dim=16)),
+         "seed_oss-out-bias-tied-yarn": ("seed_oss", dict(head_dim=24, attention_bias=False, attention_out_bias=True, mlp_bias=True,
+                                                          tie_word_embeddings=True, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -163,7 +169,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -178,7 +184,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
          "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "apertus": LLAMA_SITES,
-         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -305,7 +311,8 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "cohere2",
-                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4", "apertus", "helium"])
+                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4", "apertus", "helium",
+                                    "seed_oss"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     """(Llama: as many key / value heads as heads; Mistral: 8, and a window of 4,096; Qwen2 and Qwen3: 32, Qwen3's
     head_dim 128. ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
@@ -316,13 +323,16 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     xIELU, no biases, Llama-3's scaling of factor 8 from 8,192 positions, base 12e6; eps 1e-5, untied. Helium: eps 1e-8,
     base 100,000, no biases, untied; its 20 key / value heads, kept here (they would not divide these 4 heads), seen in the
     config of a config.json of 40 heads; its head_dim, 128, kept too: its W_O, d_model square, leaves d_model / n_head
-    the only head_dim (test_clear_errors refuses 128 for these heads))"""
+    the only head_dim (test_clear_errors refuses 128 for these heads). Seed-OSS: 8 key / value heads, head_dim 128,
+    biases on q, k, v but not W_O, eps 1e-6, base 10,000, untied)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
-    if family in ("mistral", "ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128)
-        heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=128 if family == "ministral3" else 16)
+    if family in ("mistral", "ministral", "ministral3", "seed_oss"):  # their default: 8 key / value heads (Ministral 3's
+        # and Seed-OSS's head_dim 128)
+        heads = dict(num_attention_heads=16, num_key_value_heads=8,
+                     head_dim=128 if family in ("ministral3", "seed_oss") else 16)
     if family in ("llama", "qwen2", "qwen3"):  # Llama's default: as many as heads (32 here); Qwen's: 32 (of 64 here)
         heads = dict(num_attention_heads=32 if family == "llama" else 64, num_key_value_heads=32,
                      head_dim=128 if family == "qwen3" else 16)
@@ -336,7 +346,8 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
                            "glm": ("head_dim", "attention_bias", "partial_rotary_factor"),
                            "glm4": ("head_dim", "attention_bias", "partial_rotary_factor"),
                            "apertus": ("hidden_act", "attention_bias"),
-                           "helium": ("hidden_act", "attention_bias", "mlp_bias")}.get(family, ())
+                           "helium": ("hidden_act", "attention_bias", "mlp_bias"),
+                           "seed_oss": ("head_dim", "attention_bias", "attention_out_bias", "mlp_bias")}.get(family, ())
     if family in ("nemotron", "helium"):  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None,
         # which its attention divides by; Helium's 20 would not divide these 4 heads)
         left_out = tuple(name for name in left_out if name != "num_key_value_heads")
@@ -345,8 +356,8 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
     assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {
-        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "llama": 32, "qwen2": 32,
-        "qwen3": 32}.get(family, 4)
+        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "seed_oss": 8, "llama": 32,
+        "qwen2": 32, "qwen3": 32}.get(family, 4)
     if family in ("mistral", "qwen3"):
         assert ours.config.attn_window == (4096 if family == "mistral" else 0) and ours.config.d_head == theirs.config.head_dim
     if family in ("ernie4_5", "glm", "glm4"):
@@ -366,6 +377,9 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
                      num_attention_heads=40, head_dim=64)
         config = models.family_config(dict(sizes, model_type="helium"), "config.json")[0]
         assert config["n_kv_head"] == t.HeliumConfig(**sizes).num_key_value_heads == 20
+    if family == "seed_oss":
+        assert ours.config.d_head == theirs.config.head_dim == 128 and ours.config.qkv_bias and not ours.config.out_bias
+        assert ours.config.norm_eps == 1e-6 and ours.config.rotary_base == 1e4 and not ours.config.mlp_bias
     if family == "ministral":
         assert ours.config.attn_window == [theirs.config.sliding_window] * 4 == [4096] * 4
     if family == "ministral3":
@@ -493,7 +507,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head", "nemotron",
                                   "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window",
                                   "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear",
-                                  "apertus", "apertus-biases-tied-yarn", "helium", "helium-biases-tied-linear"])
+                                  "apertus", "apertus-biases-tied-yarn", "helium", "helium-biases-tied-linear", "seed_oss",
+                                  "seed_oss-out-bias-tied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -504,7 +519,7 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     interleaved pairs of part of each head turned in bfloat16, GLM-4's norms after attention and the MLP in float32;
     Nemotron's LayerNorm1P in bfloat16, its 1 + weight too; Ministral 3's query scale rounded to bfloat16 before it
     multiplies; Apertus's xIELU in bfloat16 step by step, its softplus of its parameters too; Helium's RMSNorm weights
-    multiplied in float32, its interleaved pairs turned in bfloat16;
+    multiplied in float32, its interleaved pairs turned in bfloat16; Seed-OSS's as Llama's;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Falcon's biases added after each product, its ALiBi bias rounded to bfloat16 and given to scaled_dot_product_attention;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
@@ -1338,6 +1353,9 @@ def test_clear_errors(tmp_path):
                                  "config.json: num_key_value_heads=None: transformers' helium needs a number"),
                                 ("helium", dict(head_dim=16, hidden_act="gelu"), r"hidden_act='gelu' is not implemented"),
                                 ("helium", dict(head_dim=16, attention_bias="no"), r"attention_bias='no' is not implemented"),
+                                ("seed_oss", dict(attention_out_bias="no"), r"config.json: attention_out_bias='no' is not"),
+                                ("seed_oss", dict(attention_bias=None), r"config.json: attention_bias=None is not implemented"),
+                                ("seed_oss", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
                                 # Apertus: an activation other than xIELU; Apertus 1.5's pruned output layer
                                 ("apertus", dict(hidden_act="silu"), r"config.json: hidden_act='silu' is not implemented"),
                                 ("apertus", dict(attention_bias=None), r"config.json: attention_bias=None is not implemented"),

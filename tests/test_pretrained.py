@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, xielu=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -79,7 +79,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm.
     Apertus (apertus): q / k rows as they are, its norms attn_norm and ffn_norm, its xIELU parameters as metadata
     xielu.alpha_p, xielu.alpha_n, xielu.beta and xielu.eps (no architecture prefix; one number per layer), which
-    `xielu` ({name: value, or None to leave it out}) overwrites; Llama-3's scaling as rope_freqs."""
+    `xielu` ({name: value, or None to leave it out}) overwrites; Llama-3's scaling as rope_freqs. Seed-OSS (seed_oss): q /
+    k rows as they are, the MLP's norm as post_attention_norm."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -201,7 +202,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "transformer.norm_f": "output_norm", "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.Wqkv": "attn_qkv",
              "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down", "ln_attn": "attn_norm_2", "ln_mlp": "attn_norm",
              "attention_layernorm": "attn_norm", "feedforward_layernorm": "ffn_norm"}
-    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
+    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss", "seed_oss"):  # their norms after attention and the MLP (gpt-oss's
+        # and Seed-OSS's: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     if arch == "glm4":
@@ -688,6 +690,35 @@ def test_an_apertus_gguf_file_gives_its_original_logits(case, quantisation, tmp_
                                                        "(the xIELU activation's parameters); it is 3 values")], tmp_path)
         with pytest.raises(ValueError, match=re.escape("an apertus file without output.weight (tied) is not one llama.cpp reads")):
             models.from_pretrained(write_gguf(tmp_path / "tied.gguf", tiny_hf("apertus", tie_word_embeddings=True), arch="apertus"))
+
+
+# Seed-OSS: biases on q, k, v; on W_O instead, tied, YaRN and a head_dim of 24
+SEED_OSS_GGUF = {"seed_oss": dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=500.0)),
+                 "seed_oss-out-bias-tied-yarn": dict(head_dim=24, attention_bias=False, attention_out_bias=True,
+                                                     tie_word_embeddings=True, rope_parameters=dict(
+                     rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("seed_oss", "F32"), ("seed_oss", "Q8_0"), ("seed_oss-out-bias-tied-yarn", "F32")])
+def test_a_seed_oss_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Seed-OSS (seed_oss): q / k rows as stored (llama.cpp rotates their halves, as transformers), the MLP's
+    norm post_attention_norm, biases on attn_q, attn_k, attn_v and, apart, on attn_output where the file has them, YaRN as
+    its type, factor and original context, no output tensor where tied. A file with biases on the MLP, which llama.cpp's
+    seed_oss does not read, is one line."""
+    theirs = tiny_hf("seed_oss", **SEED_OSS_GGUF[case])
+    writing = {} if case == "seed_oss" else {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0,
+                                             "rope.scaling.original_context_length": 32}
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "seed_oss", **writing))
+    config = ours.config
+    assert config.family == "seed_oss" and config.mlp == "gated" and not config.rotary_interleaved
+    assert config.qkv_bias == (case == "seed_oss") and config.out_bias == config.tied_head == (case != "seed_oss")
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "seed_oss" and quantisation == "F32":
+        assert_each_refused(theirs, "seed_oss", [(dict(drop=["attention.layer_norm_rms_epsilon"]),
+                                                 "metadata seed_oss.attention.layer_norm_rms_epsilon is missing")], tmp_path)
+        biased = tiny_hf("seed_oss", head_dim=16, mlp_bias=True)
+        with pytest.raises(ValueError, match=re.escape("a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one")):
+            models.from_pretrained(write_gguf(tmp_path / "biased.gguf", biased, arch="seed_oss"))
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

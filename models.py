@@ -4,9 +4,9 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
-as loaded), each computing what transformers computes. The paper's language-model
-results finetune such models with codebooks (section 5).
+GLM-4, Apertus (Apertus 1.5's text model too), Helium, Seed-OSS and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing what
+transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
@@ -21,7 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm).
+falcon, nemotron, glm4, chatglm, apertus, seed_oss).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -65,8 +65,31 @@ def gelu_bloom(x):
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
+class XIELU(nn.Module):
+    """xIELU (Apertus's activation) with its learned parameters, one set per layer, stored as transformers'
+    XIELUActivation stores them: alpha_p and alpha_n (1,) before their softplus, beta and eps () as buffers. Computed
+    as its Python path does, in x's dtype: softplus(alpha_p) x x + beta x where x > 0, else
+    (expm1(min(x, eps)) - x) (beta + softplus(alpha_n)) + beta x (its CUDA kernel, where installed, is not followed)."""
+
+    def __init__(self):
+        super().__init__()
+        # (transformers' starting values: softplus(alpha_p) 0.8, beta + softplus(alpha_n) 0.8, beta 0.5, eps -1e-6)
+        self.alpha_p = nn.Parameter(torch.tensor([0.8]).expm1().log())
+        self.alpha_n = nn.Parameter(torch.tensor([0.3]).expm1().log())
+        self.register_buffer("beta", torch.tensor(0.5))
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x):
+        linear = self.beta * x
+        positive = F.softplus(self.alpha_p) * x * x + linear  # ((alpha x) x, rounded as transformers rounds it)
+        negative = (torch.expm1(torch.minimum(x, self.eps)) - x) * (self.beta + F.softplus(self.alpha_n)) + linear
+        return torch.where(x > 0, positive, negative)
+
+
+# a class (xielu) is a module with parameters of its own: each MLP makes one
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu_new": gelu_new,
-               "gelu_bloom": gelu_bloom, "silu": F.silu, "relu2": lambda x: F.relu(x).square()}  # relu2: Arcee's
+               "gelu_bloom": gelu_bloom, "silu": F.silu, "relu2": lambda x: F.relu(x).square(),  # relu2: Arcee's
+               "xielu": XIELU}
 
 
 @dataclass
@@ -217,6 +240,9 @@ class TransformerConfig:
         for name in ("experts", "experts_used", "d_expert", "d_shared_expert"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if self.experts and isinstance(ACTIVATIONS[self.activation], type):
+            raise ValueError(f"activation={self.activation!r} (with parameters of its own) in a mixture of experts is not "
+                             f"implemented")
         if self.experts and not (1 <= self.experts_used <= self.experts and self.d_expert):
             raise ValueError(f"experts_used={self.experts_used} must be 1 .. experts={self.experts} and d_expert positive")
         self.codebooks = cb.codebook_specs(self.codebooks, self.n_layer)
@@ -549,7 +575,8 @@ class MLP(nn.Module):
     def __init__(self, cfg, width=None):
         super().__init__()
         width = width or cfg.d_mlp
-        self.act = ACTIVATIONS[cfg.activation]
+        act = ACTIVATIONS[cfg.activation]
+        self.act = act() if isinstance(act, type) else act
         linear = linear_of(cfg)
         self.up = linear(cfg.d_model, width, bias=cfg.mlp_bias)
         self.gate = linear(cfg.d_model, width, bias=cfg.mlp_bias) if cfg.mlp == "gated" else None
@@ -943,6 +970,79 @@ def arcee(c, where):
     _option(c, "hidden_act", "relu2", ["relu2"], where)
     config, table, _ = llama(c | {"model_type": "llama", "hidden_act": "silu"}, where)
     return config | dict(mlp="gelu", activation="relu2"), table, {}
+
+
+APERTUS_NAMES = LLAMA_NAMES | names({}, {"norm1": "attention_layernorm", "norm2": "feedforward_layernorm",
+                                        "mlp.act": "mlp.act_fn"}, "layers.{i}.")
+# transformers' rotary embedding of Apertus where config.json gives neither rope_parameters nor rope_scaling (its base
+# then 12e6, whatever rope_theta says)
+APERTUS_ROPE = dict(rope_type="llama3", rope_theta=12000000.0, factor=8.0, original_max_position_embeddings=8192,
+                    low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+def apertus(c, where):
+    """Apertus (Apertus-8B / -70B): Llama's attention with an RMSNorm on each head's q and k (Qwen3's), biases on q, k,
+    v and W_O where attention_bias says; an MLP without gate or biases, down(xIELU(up x)), the xIELU's parameters learned
+    per layer (XIELU); Llama-3's rope scaling by default. Apertus 1.5's text model (apertus1p5_text; the multimodal
+    apertus1p5's text_config) is the same where its output layer has a row for every token: one pruned to
+    output_vocab_size rows is refused. Where config.json leaves them out, transformers' defaults: as many key / value
+    heads as heads, eps 1e-5, untied."""
+    _option(c, "hidden_act", "xielu", ["xielu"], where)
+    bias = _option(c, "attention_bias", False, [True, False], where)
+    rows = c.get("output_vocab_size")
+    if c["model_type"] == "apertus1p5_text" and rows not in (None, c["vocab_size"]):
+        raise ValueError(f"{where}: output_vocab_size={rows!r}: Apertus 1.5's output layer pruned to fewer rows than its "
+                         f"vocabulary of {c['vocab_size']} is not implemented (one vocabulary in and out here)")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or APERTUS_ROPE
+    config, _, _ = llama(c | {"model_type": "llama", "hidden_act": "silu", "rope_parameters": rope,
+                              "rope_theta": c.get("rope_theta", APERTUS_ROPE["rope_theta"]),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    return config | dict(qk_norm=True, qkv_bias=bias, out_bias=bias, mlp="gelu", activation="xielu", mlp_bias=False), \
+        APERTUS_NAMES, {}
+
+
+def apertus1p5(c, where):
+    """A multimodal Apertus 1.5 (apertus1p5: Apertus-v1.5-8B): its text model alone, config.json's text_config
+    (apertus1p5_text), the vision and audio tokenizers left out, the output layer tied by the top-level flag (False where
+    absent), as transformers ties it."""
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{where}: an apertus1p5 config.json needs its language model's config under text_config")
+    return apertus({**text, "model_type": "apertus1p5_text", "tie_word_embeddings": c.get("tie_word_embeddings", False)},
+                   where)
+
+
+def helium(c, where):
+    """Helium (helium-1-2b, helium-1-preview-2b): Llama's parts with its RMSNorms' weights multiplied in float32
+    (norm_weight_float32), the rotary embedding on interleaved pairs of q and k as stored (rotary_interleaved), biases on
+    q, k, v where attention_bias says but none on W_O, which is d_model square (n_head * head_dim must be d_model). Where
+    config.json leaves them out, transformers' defaults: head_dim 128, 20 key / value heads, eps 1e-8, base 100,000,
+    untied; null for either size is refused, as transformers refuses it."""
+    for name, default in (("head_dim", 128), ("num_key_value_heads", 20)):
+        if c.get(name, default) is None:
+            raise ValueError(f"{where}: {name}=None: transformers' helium needs a number (its default: {default})")
+    d, heads, d_head = c["hidden_size"], c["num_attention_heads"], c.get("head_dim", 128)
+    if heads * d_head != d:
+        raise ValueError(f"{where}: num_attention_heads * head_dim = {heads} * {d_head} is not hidden_size={d}: "
+                         f"transformers' helium's W_O is hidden_size square")
+    bias = _option(c, "attention_bias", False, [True, False], where)
+    config, table, _ = llama(c | {"model_type": "llama", "head_dim": d_head, "rms_norm_eps": c.get("rms_norm_eps", 1e-8),
+                                  "num_key_value_heads": c.get("num_key_value_heads", 20),
+                                  "rope_theta": c.get("rope_theta", 100000.0)}, where)
+    return config | dict(norm_weight_float32=True, rotary_interleaved=True, qkv_bias=bias, out_bias=False), table, {}
+
+
+def seed_oss(c, where):
+    """Seed-OSS (Seed-OSS-36B-Base, -Instruct): Llama's parts with biases on q, k and v where attention_bias says (by
+    default) and on W_O where attention_out_bias does (by default none); its attention and residual dropouts act in
+    training only. Where config.json leaves them out, transformers' defaults: head_dim 128 (null: d_model / n_head), 8 key
+    / value heads (null: n_head), eps 1e-6, base 10,000, untied."""
+    qkv_bias = _option(c, "attention_bias", True, [True, False], where)
+    out_bias = _option(c, "attention_out_bias", False, [True, False], where)
+    d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
+    config, table, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                                  "head_dim": d_head}, where)
+    return config | dict(qkv_bias=qkv_bias, out_bias=out_bias), table, {}
 
 
 def nemotron(c, where):
@@ -1695,8 +1795,8 @@ def falcon(c, where):
 
 
 def gemma3_text_weights(tensors):
-    """A multimodal Gemma-3's or Mistral 3's language-model weights, named as its ...ForCausalLM's (the vision tower and
-    projector left out)."""
+    """A multimodal Gemma-3's, Mistral 3's or Apertus 1.5's language-model weights, named as its ...ForCausalLM's (the
+    vision tower and projector, or tokenizers, left out)."""
     text = re.compile(r"^(model\.)?language_model\.")
     return {text.sub("", name): t for name, t in tensors.items() if text.match(name) or name == "lm_head.weight"}
 
@@ -1708,7 +1808,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
-            "glm4": glm, "falcon": falcon}
+            "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5,
+            "helium": helium, "seed_oss": seed_oss}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1844,7 +1945,7 @@ def from_pretrained(path, codebooks=None, block_size=None):
     c = read_config(path)
     config, table, transforms = family_config(c, f"{path}/config.json")
     tensors = formats.weight_loaders(path)
-    if c["model_type"] in ("gemma3", "mistral3"):
+    if c["model_type"] in ("gemma3", "mistral3", "apertus1p5"):
         tensors = gemma3_text_weights(tensors)
     if c["model_type"] == "stablelm":
         tensors = stablelm_weights(tensors)
@@ -1879,7 +1980,8 @@ GGUF_NAMES = names({"tok_emb": "token_embd", "norm_f": "output_norm", "head": "o
                    {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
                     "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
                     "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down",
-                    "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}, "blk.{i}.")
+                    "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm",
+                    "mlp.act": "xielu"}, "blk.{i}.")  # (Apertus's xIELU parameters: from_gguf makes them of the metadata)
 # a mixture of experts (MOE_NAMES): each matrix of all experts as one 3-D tensor (expert, out, in), router and shared
 # expert's gate kept F32 by the converter
 GGUF_NAMES |= names({}, {"mlp.router": "ffn_gate_inp", "mlp.experts.gate": "ffn_gate_exps", "mlp.experts.up": "ffn_up_exps",
@@ -1899,7 +2001,7 @@ GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
                       "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
-                      "falcon")
+                      "falcon", "apertus", "seed_oss")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt", "nemotron", "falcon")
@@ -2074,6 +2176,17 @@ def gguf_config(metadata, shapes, path):
         c |= mpt_gguf_config(c, get, path)
     if arch == "falcon":
         c |= falcon_gguf_config(c, count, shapes, path)
+    if arch == "apertus":  # q / k rows as stored (llama.cpp rotates their halves, as transformers); its rotary embedding
+        # as the file gives it (Llama-3's scaling as rope_freqs), not transformers' default; its xIELU's from_gguf reads
+        if c["tie_word_embeddings"]:
+            raise ValueError(f"{path}: an apertus file without output.weight (tied) is not one llama.cpp reads")
+        c |= dict(hidden_act="xielu", rope_parameters=(c.pop("rope_scaling", None) or {"rope_type": "default"}) |
+                  {"rope_theta": c["rope_theta"]})
+    if arch == "seed_oss":  # q / k rows as stored (llama.cpp rotates their halves, as transformers); biases where the file
+        # has them: on attn_q, attn_k, attn_v, and apart on attn_output; none on the MLP, which llama.cpp leaves out
+        if c["mlp_bias"]:
+            raise ValueError(f"{path}: a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one llama.cpp reads")
+        c |= dict(attention_bias="blk.0.attn_q.bias" in shapes, attention_out_bias="blk.0.attn_output.bias" in shapes)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
@@ -2112,6 +2225,26 @@ def olmo3_gguf_config(c, metadata, get, window, path):
     return layers | dict(model_type="olmo3", sliding_window=window, rope_parameters={
         "full_attention": scaling | {"rope_theta": c["rope_theta"]},
         "sliding_attention": {"rope_type": "default", "rope_theta": get("rope.freq_base_swa", c["rope_theta"])}})
+
+
+def xielu_gguf_tensors(metadata, n_layer, path):
+    """Apertus's xIELU parameters of each layer as llama.cpp's converter writes them: metadata xielu.alpha_p,
+    xielu.alpha_n, xielu.beta and xielu.eps (no architecture prefix), each a list of one number per layer (or one number
+    for all, which llama.cpp reads too), alpha_p and alpha_n before their softplus, as transformers stores them; as
+    tensors named as build reads them of GGUF_NAMES: blk.{i}.xielu.alpha_p and alpha_n (1,), beta and eps ()."""
+    values = {}
+    for name in ("alpha_p", "alpha_n", "beta", "eps"):
+        value = metadata.get(f"xielu.{name}")
+        value = [value] * n_layer if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not (isinstance(value, list) and len(value) == n_layer and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            found = "missing" if value is None else f"{len(value)} values" if isinstance(value, list) else repr(value)
+            raise ValueError(f"{path}: metadata xielu.{name} must give a number for each of the {n_layer} layers (the "
+                             f"xIELU activation's parameters); it is {found}")
+        values[name] = value
+    tensor = lambda v, shape: lambda: torch.tensor(v, dtype=torch.float32).reshape(shape)
+    return {f"blk.{i}.xielu.{name}": tensor(value[i], (1,) if name.startswith("alpha") else ())
+            for name, value in values.items() for i in range(n_layer)}
 
 
 def mpt_gguf_config(c, get, path):
@@ -2302,6 +2435,10 @@ def from_gguf(path, codebooks=None, block_size=None, info=None):
         table = GGUF_QKV_NAMES | names({}, {"norm1": "attn_norm" if config["shared_norm"] else "attn_norm_2",
                                             "norm2": "attn_norm"}, "blk.{i}.")
         transforms = {f"blocks.{{i}}.attn.{x}": (lambda i: lambda t: t.split(sizes)[i])(i) for i, x in enumerate("qkv")}
+    if c["model_type"] == "apertus":
+        tensors = tensors | xielu_gguf_tensors(info.metadata, config["n_layer"], path)
+    if c["model_type"] == "seed_oss":  # its MLP reads post_attention_norm (the converter's name for it)
+        table = table | names({}, {"norm2": "post_attention_norm"}, "blk.{i}.")
     if c["model_type"] == "gpt_oss":  # its MLP reads post_attention_norm; its sinks (attn_sinks) renamed as build reads them
         table = table | names({}, {"norm2": "post_attention_norm", "attn": "attn"}, "blk.{i}.")
         tensors = {re.sub(r"\.attn_sinks\.weight$", ".attn.sinks", name): load for name, load in tensors.items()}

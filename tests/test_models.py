@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -124,6 +124,24 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
              beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
          "ministral3-window": ("ministral3", dict(head_dim=16, sliding_window=5, rope_parameters=dict(
              rope_type="default", rope_theta=500.0, llama_4_scaling_beta=0.3, original_max_position_embeddings=8))),
+         # Apertus: xIELU (its parameters per layer, conftest's beta and eps too), q / k norms, Llama-3's scaling in its three
+         # bands; with biases on q, k, v and W_O, tied, YaRN, a head_dim other than d_model / n_head; Apertus 1.5's text
+         # model, its output layer a row for every token (output_vocab_size as vocab_size: unpruned)
+         "apertus": ("apertus", dict(rope_parameters=dict(LLAMA3, rope_theta=10000.0))),
+         "apertus-biases-tied-yarn": ("apertus", dict(attention_bias=True, tie_word_embeddings=True, head_dim=24, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
+         "apertus1p5_text": ("apertus1p5_text", dict(output_vocab_size=96, rope_parameters=dict(rope_type="default", rope_theta=500.0))),
+         # Helium: its RMSNorms' weights in float32, the rotary embedding on interleaved pairs (head_dim given: its default,
+         # 128, is wider than these heads); with biases on q, k, v and the MLP, tied, linear scaling
+         "helium": ("helium", dict(head_dim=16)),
+         "helium-biases-tied-linear": ("helium", dict(head_dim=16, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                                      rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0))),
+         # Seed-OSS: biases on q, k, v (its default; head_dim given: its default, 128, is wider than these heads); with a
+         # bias on W_O and the MLP instead, tied, YaRN
+         "seed_oss": ("seed_oss", dict(head_dim=16)),
+         "seed_oss-out-bias-tied-yarn": ("seed_oss", dict(head_dim=24, attention_bias=False, attention_out_bias=True, mlp_bias=True,
+                                                          tie_word_embeddings=True, rope_parameters=dict(
+             rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -155,7 +173,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -169,7 +187,8 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
-         "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "apertus": LLAMA_SITES,
+         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -302,40 +321,53 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "cohere2",
-                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4"])
+                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4", "apertus", "helium",
+                                    "seed_oss"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     """(Llama: as many key / value heads as heads; Mistral: 8, and a window of 4,096; Qwen2 and Qwen3: 32, Qwen3's
     head_dim 128. ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
     heads; GLM's and GLM-4's biases on q, k, v and rotary embedding on half of each head, eps 1.5625e-7. Nemotron: its
     norm_eps left out too; the rotary embedding on half of each head, base 10000, untied. Ministral: 8 key / value heads,
     a window of 4,096 on every layer. Ministral 3: 8 key / value heads, its head_dim left out too, 128; YaRN of factor 16
-    from 16,384 positions, its query scale of beta 0.1 from there; eps 1e-5)"""
+    from 16,384 positions, its query scale of beta 0.1 from there; eps 1e-5. Apertus: as many key / value heads as heads,
+    xIELU, no biases, Llama-3's scaling of factor 8 from 8,192 positions, base 12e6; eps 1e-5, untied. Helium: eps 1e-8,
+    base 100,000, no biases, untied; its 20 key / value heads, kept here (they would not divide these 4 heads), seen in the
+    config of a config.json of 40 heads; its head_dim, 128, kept too: its W_O, d_model square, leaves d_model / n_head
+    the only head_dim (test_clear_errors refuses 128 for these heads). Seed-OSS: 8 key / value heads, head_dim 128,
+    biases on q, k, v but not W_O, eps 1e-6, base 10,000, untied)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
-    if family in ("mistral", "ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128)
-        heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=128 if family == "ministral3" else 16)
+    if family in ("mistral", "ministral", "ministral3", "seed_oss"):  # their default: 8 key / value heads (Ministral 3's
+        # and Seed-OSS's head_dim 128)
+        heads = dict(num_attention_heads=16, num_key_value_heads=8,
+                     head_dim=128 if family in ("ministral3", "seed_oss") else 16)
     if family in ("llama", "qwen2", "qwen3"):  # Llama's default: as many as heads (32 here); Qwen's: 32 (of 64 here)
         heads = dict(num_attention_heads=32 if family == "llama" else 64, num_key_value_heads=32,
                      head_dim=128 if family == "qwen3" else 16)
+    if family == "helium":
+        heads = dict(num_key_value_heads=4, head_dim=16)
     scale = dict(logit_scale=1.0) if family == "cohere2" else {}  # (kept: logits far enough from uniform to compare)
     tiny_hf(family, num_hidden_layers=4, **heads, **scale).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     left_out = LEFT_OUT + {"ernie4_5": ("head_dim",), "nemotron": ("norm_eps",), "ministral3": ("head_dim",),
                            "qwen3": ("head_dim",),
                            "glm": ("head_dim", "attention_bias", "partial_rotary_factor"),
-                           "glm4": ("head_dim", "attention_bias", "partial_rotary_factor")}.get(family, ())
-    if family == "nemotron":  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None, which its
-        # attention divides by)
+                           "glm4": ("head_dim", "attention_bias", "partial_rotary_factor"),
+                           "apertus": ("hidden_act", "attention_bias"),
+                           "helium": ("hidden_act", "attention_bias", "mlp_bias"),
+                           "seed_oss": ("head_dim", "attention_bias", "attention_out_bias", "mlp_bias")}.get(family, ())
+    if family in ("nemotron", "helium"):  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None,
+        # which its attention divides by; Helium's 20 would not divide these 4 heads)
         left_out = tuple(name for name in left_out if name != "num_key_value_heads")
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in left_out}))
     theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
     assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {
-        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "llama": 32, "qwen2": 32,
-        "qwen3": 32}.get(family, 4)
+        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "seed_oss": 8, "llama": 32,
+        "qwen2": 32, "qwen3": 32}.get(family, 4)
     if family in ("mistral", "qwen3"):
         assert ours.config.attn_window == (4096 if family == "mistral" else 0) and ours.config.d_head == theirs.config.head_dim
     if family in ("ernie4_5", "glm", "glm4"):
@@ -344,6 +376,20 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
         assert ours.config.rotary_dims == 64 and ours.config.qkv_bias and ours.config.norm_eps == theirs.config.rms_norm_eps
     if family == "nemotron":
         assert ours.config.rotary_dims == 8 and ours.config.norm_eps == 1e-5
+    if family == "apertus":
+        assert ours.config.rotary_scaling == dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position_embeddings=8192)
+        assert ours.config.rotary_base == 12e6 and ours.config.norm_eps == 1e-5 and not ours.config.qkv_bias
+    if family == "helium":
+        assert ours.config.norm_eps == 1e-8 and ours.config.rotary_base == 1e5
+        assert not (ours.config.qkv_bias or ours.config.mlp_bias) and ours.config.rotary_interleaved
+        sizes = dict(vocab_size=96, max_position_embeddings=64, hidden_size=2560, intermediate_size=96, num_hidden_layers=1,
+                     num_attention_heads=40, head_dim=64)
+        config = models.family_config(dict(sizes, model_type="helium"), "config.json")[0]
+        assert config["n_kv_head"] == t.HeliumConfig(**sizes).num_key_value_heads == 20
+    if family == "seed_oss":
+        assert ours.config.d_head == theirs.config.head_dim == 128 and ours.config.qkv_bias and not ours.config.out_bias
+        assert ours.config.norm_eps == 1e-6 and ours.config.rotary_base == 1e4 and not ours.config.mlp_bias
     if family == "ministral":
         assert ours.config.attn_window == [theirs.config.sliding_window] * 4 == [4096] * 4
     if family == "ministral3":
@@ -471,7 +517,9 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "ernie4_5-biases-untied-yarn", "arcee", "arcee-biases-tied-yarn", "glm",
                                   "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head", "nemotron",
                                   "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window",
-                                  "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear"])
+                                  "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear",
+                                  "apertus", "apertus-biases-tied-yarn", "helium", "helium-biases-tied-linear", "seed_oss",
+                                  "seed_oss-out-bias-tied-yarn"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -481,7 +529,8 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     ERNIE 4.5's interleaved pairs turned in float32 with float32 tables; Arcee's ReLU² in bfloat16; GLM's and GLM-4's
     interleaved pairs of part of each head turned in bfloat16, GLM-4's norms after attention and the MLP in float32;
     Nemotron's LayerNorm1P in bfloat16, its 1 + weight too; Ministral 3's query scale rounded to bfloat16 before it
-    multiplies;
+    multiplies; Apertus's xIELU in bfloat16 step by step, its softplus of its parameters too; Helium's RMSNorm weights
+    multiplied in float32, its interleaved pairs turned in bfloat16; Seed-OSS's as Llama's;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Falcon's biases added after each product, its ALiBi bias rounded to bfloat16 and given to scaled_dot_product_attention;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
@@ -668,6 +717,104 @@ def test_the_text_model_of_a_multimodal_mistral3(text, tied, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(config | bad))
         with pytest.raises(ValueError, match=message):
             models.from_pretrained(str(tmp_path))
+
+
+def test_xielu_is_transformers_xielu_activation_to_the_bit():
+    """models.XIELU (Apertus's activation) against transformers' XIELUActivation (its Python path) with the same
+    parameters and buffers, to the bit in float32 and bfloat16: on inputs of both signs, around 0 and around eps (-0.3
+    here), where min(x, eps) cuts in."""
+    activations = need("transformers.activations")
+    theirs, ours = activations.XIELUActivation(dtype=torch.float32), models.XIELU()
+    with torch.no_grad():
+        for module in (theirs, ours):
+            module.alpha_p.fill_(0.4)
+            module.alpha_n.fill_(-1.3)
+            module.beta.fill_(0.7)
+            module.eps.fill_(-0.3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([3 * torch.randn(4000, generator=g), 0.4 * torch.rand(2000, generator=g) - 0.5,
+                   torch.tensor([0.0, -0.0, -0.3, 1e-30, -1e-30])])
+    for dtype in (torch.float32, torch.bfloat16):
+        theirs, ours = theirs.to(dtype), ours.to(dtype)
+        want, got = theirs(x.to(dtype)), ours(x.to(dtype))
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want), dtype
+    assert (ours(x.bfloat16()) != models.XIELU().bfloat16()(x.bfloat16())).any()  # (the parameters matter)
+    with pytest.raises(ValueError, match=r"activation='xielu' \(with parameters of its own\) in a mixture of experts is not"):
+        models.TransformerConfig(norm="rmsnorm", experts=4, experts_used=2, d_expert=8, activation="xielu")
+
+
+def test_apertus_xielu_parameters_load_and_a_checkpoint_carries_them(tmp_path):
+    """Apertus's xIELU parameters (alpha_p, alpha_n, beta, eps of each layer) are weights: read from the folder, where
+    config.json with only a top-level rope_theta takes transformers' Llama-3 scaling of base 12e6 all the same; they change
+    the logits, and a checkpoint carries them, finetuned (alpha_p, alpha_n) or not (beta, eps: buffers, as transformers')."""
+    t = need("transformers")
+    tiny_hf("apertus").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"} |
+                                                     {"rope_theta": 500.0}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.rotary_base == theirs.config.rope_parameters["rope_theta"] == 12e6
+    assert ours.config.rotary_scaling["rope_type"] == "llama3"
+    for mine, their in zip(ours.blocks, theirs.model.layers):
+        assert all(torch.equal(getattr(mine.mlp.act, name), getattr(their.mlp.act_fn, name))
+                   for name in ("alpha_p", "alpha_n", "beta", "eps"))
+    assert [block.mlp.act.eps.item() for block in ours.blocks] == pytest.approx([-0.2, -0.4])
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    fresh = models.model_from_config(ours.config.to_dict())
+    fresh.load_state_dict({k: v for k, v in ours.state_dict().items() if ".act." not in k}, strict=False)
+    with torch.no_grad():
+        assert (fresh(x) - ours(x)).abs().max() > 1e-2
+        for block in ours.blocks:
+            block.mlp.act.alpha_p.add_(0.5)
+            block.mlp.act.beta.add_(0.25)
+    runs.save_checkpoint(tmp_path / "run.pt", ours, step=1)
+    state = runs.load_checkpoint(tmp_path / "run.pt")
+    loaded = models.model_from_config(state["config"])
+    loaded.load_state_dict(state["model"])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), ours(x))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_text_model_of_a_multimodal_apertus1p5(tied, tmp_path):
+    """An Apertus1p5ForConditionalGeneration folder (Apertus 1.5: its text model under text_config, its weights beside a
+    vision and an audio tokenizer's): the text model alone, with the logits and greedy tokens of the whole model on text,
+    tied or not by the top-level flag as transformers ties it (text_config's says the opposite here); an output layer
+    pruned to fewer rows than the vocabulary (text_config's output_vocab_size) is refused in one line."""
+    t = need("transformers")
+    text_config = dict(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+                       rope_parameters=dict(rope_type="default", rope_theta=500.0), tie_word_embeddings=not tied)
+    vision = dict(codebook_size=16, embed_dim=8, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+                  num_res_blocks=1, attn_resolutions=[], resolution=32)
+    audio = dict(model_type="wavtokenizer_encoder", codebook_size=16, codebook_dim=32, hidden_size=32, num_filters=4,
+                 upsampling_ratios=[2, 2], num_lstm_layers=1)
+    theirs = randomize(t.Apertus1p5ForConditionalGeneration(t.Apertus1p5Config(
+        text_config=text_config, vision_config=vision, audio_config=audio, image_token_offset=40, audio_token_offset=56,
+        image_token_id=90, audio_token_id=91, tie_word_embeddings=tied)), 5)
+    conftest.apertus_xielu(theirs.model.language_model.layers)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.family == "apertus1p5" and ours.config.tied_head == tied and ours.config.activation == "xielu"
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = theirs(x).logits
+    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
+    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
+    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for bad, message in [(dict(text_config=None), "an apertus1p5 config.json needs its language model's config under text_config"),
+                         (dict(text_config=config["text_config"] | dict(output_vocab_size=72)),
+                          "output_vocab_size=72: Apertus 1.5's output layer pruned to fewer rows than its vocabulary of 96 "
+                          "is not implemented")]:
+        (tmp_path / "config.json").write_text(json.dumps(config | bad))
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            models.from_pretrained(str(tmp_path))
+        assert "\n" not in str(e.value)
 
 
 MOE_CASES = [case for case, (family, _) in CASES.items() if family in conftest.MOE]
@@ -1209,6 +1356,24 @@ def test_clear_errors(tmp_path):
                                 ("ministral3", dict(rope_parameters=dict(rope_type="default", llama_4_scaling_beta=0.1)),
                                  "rope_parameters' original_max_position_embeddings=None must be a positive integer"),
                                 ("ministral3", dict(rope_parameters="yarn"), "rope_parameters='yarn' must be a dict"),
+                                # Helium: W_O not square (its default head_dim, 128, or another), null sizes
+                                ("helium", {}, r"config.json: num_attention_heads \* head_dim = 4 \* 128 is not hidden_size=64"),
+                                ("helium", dict(head_dim=24), r"num_attention_heads \* head_dim = 4 \* 24 is not hidden_size=64"),
+                                ("helium", dict(head_dim=None), "config.json: head_dim=None: transformers' helium needs a number"),
+                                ("helium", dict(head_dim=16, num_key_value_heads=None),
+                                 "config.json: num_key_value_heads=None: transformers' helium needs a number"),
+                                ("helium", dict(head_dim=16, hidden_act="gelu"), r"hidden_act='gelu' is not implemented"),
+                                ("helium", dict(head_dim=16, attention_bias="no"), r"attention_bias='no' is not implemented"),
+                                ("seed_oss", dict(attention_out_bias="no"), r"config.json: attention_out_bias='no' is not"),
+                                ("seed_oss", dict(attention_bias=None), r"config.json: attention_bias=None is not implemented"),
+                                ("seed_oss", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
+                                # Apertus: an activation other than xIELU; Apertus 1.5's pruned output layer
+                                ("apertus", dict(hidden_act="silu"), r"config.json: hidden_act='silu' is not implemented"),
+                                ("apertus", dict(attention_bias=None), r"config.json: attention_bias=None is not implemented"),
+                                ("apertus", dict(rope_parameters=dict(rope_type="dynamic", factor=2.0)),
+                                 r"config.json: rope_type='dynamic' is not implemented"),
+                                ("apertus1p5_text", dict(output_vocab_size=64), "config.json: output_vocab_size=64: Apertus "
+                                                                              "1.5's output layer pruned to fewer rows"),
                                 # sizes a family divides by: checked before it does (not a ZeroDivisionError or TypeError)
                                 ("phi", dict(num_attention_heads=0), "config.json: num_attention_heads=0 must be a positive integer"),
                                 ("phi", dict(head_dim="16"), r"head_dim='16' must be a positive integer, or null"),

@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -41,9 +41,9 @@ def ggml_mxfp4(blocks, scales):
 
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
-               mxfp4=None, **changes):
+               mxfp4=None, xielu=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -76,7 +76,11 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     rope.dimension_count as partial_rotary_factor * d_model // heads, rope.scaling.type none or linear with its factor.
     Falcon (falcon): an MLP of 4 d_model, the context 2,048, no rotary base, head_count_kv num_kv_heads in the new decoder
     architecture (else 1), query_key_value's key / value groups regrouped to all q rows, all k rows, all v rows, ln_attn as
-    attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm."""
+    attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm.
+    Apertus (apertus): q / k rows as they are, its norms attn_norm and ffn_norm, its xIELU parameters as metadata
+    xielu.alpha_p, xielu.alpha_n, xielu.beta and xielu.eps (no architecture prefix; one number per layer), which
+    `xielu` ({name: value, or None to leave it out}) overwrites; Llama-3's scaling as rope_freqs. Seed-OSS (seed_oss): q /
+    k rows as they are, the MLP's norm as post_attention_norm."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -170,6 +174,13 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         (writer.add_string if isinstance(value, str) else writer.add_bool if isinstance(value, bool) else
          writer.add_array if isinstance(value, list) else
          writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    if arch == "apertus":  # (keys of no architecture)
+        state = model.state_dict()
+        values = {name: [state[f"model.layers.{i}.mlp.act_fn.{name}"].item() for i in range(c.num_hidden_layers)]
+                  for name in ("alpha_p", "alpha_n", "beta", "eps")} | (xielu or {})
+        for name, value in values.items():
+            if value is not None:
+                (writer.add_array if isinstance(value, list) else writer.add_float32)(f"xielu.{name}", value)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
@@ -189,8 +200,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "transformer.word_embeddings": "token_embd", "transformer.word_embeddings_layernorm": "token_embd_norm",
              "self_attention.query_key_value": "attn_qkv", "self_attention.dense": "attn_output",
              "transformer.norm_f": "output_norm", "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.Wqkv": "attn_qkv",
-             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down", "ln_attn": "attn_norm_2", "ln_mlp": "attn_norm"}
-    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss"):  # their norms after attention and the MLP (gpt-oss: the MLP's)
+             "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down", "ln_attn": "attn_norm_2", "ln_mlp": "attn_norm",
+             "attention_layernorm": "attn_norm", "feedforward_layernorm": "ffn_norm"}
+    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss", "seed_oss"):  # their norms after attention and the MLP (gpt-oss's
+        # and Seed-OSS's: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     if arch == "glm4":
@@ -215,8 +228,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
                 name.replace("q_proj", "qkv_proj"): torch.cat([state[n] for n in parts])}
     for name, t in state.items():
         w = t.numpy()
-        if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom":  # (BLOOM's converter writes the
-            continue  # embedding again as output)
+        if name == "lm_head.weight" and c.tie_word_embeddings and arch != "bloom" or ".act_fn." in name:  # (BLOOM's
+            continue  # converter writes the embedding again as output; Apertus's xIELU is in the metadata)
         if gemma and "norm" in name or arch == "nemotron" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's
             w = w + 1  # and Nemotron's norm weights as 1 + weight
         if ("q_proj" in name or "k_proj" in name) and arch in ("llama", "smollm3", "granite", "olmo", "arcee"):
@@ -706,6 +719,74 @@ def test_a_nemotron_gguf_file_gives_its_original_logits(case, quantisation, tmp_
     assert_reads_as(ours, theirs, quantisation)
     if case == "nemotron" and quantisation == "F32":
         assert_each_refused(theirs, "nemotron", [({"rope.dimension_count": 7}, "rotary_dims=7 must be even")], tmp_path)
+
+
+# Apertus: Llama-3's scaling (as rope_freqs); with biases on q, k, v and W_O, YaRN and a head_dim of 24
+APERTUS_GGUF = {"apertus": dict(rope_parameters=dict(LLAMA3, rope_theta=10000.0)),
+                "apertus-biases-yarn": dict(attention_bias=True, head_dim=24, rope_parameters=dict(
+                    rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("apertus", "F32"), ("apertus", "Q8_0"), ("apertus-biases-yarn", "F32")])
+def test_an_apertus_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Apertus (apertus): q / k rows as stored (llama.cpp rotates their halves, as transformers), attn_q_norm
+    and attn_k_norm, ffn_up and ffn_down (no gate), the xIELU parameters of each layer from the metadata (xielu.alpha_p,
+    alpha_n, beta, eps, before softplus as transformers stores them), Llama-3's scaling as rope_freqs or YaRN as its type,
+    factor and original context, biases on attn_q, attn_k, attn_v and attn_output where the file has them. Metadata that
+    gives no xIELU parameter for a layer is one line, and so is a tied model's file (no output tensor, which llama.cpp's
+    apertus requires); one number for all layers is read as llama.cpp reads it."""
+    theirs = tiny_hf("apertus", **APERTUS_GGUF[case])
+    divisors, writing = None, {}
+    if case == "apertus":
+        divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
+        assert divisors.min() == 1 and divisors.max() == 8 and ((divisors > 1) & (divisors < 8)).any()  # all 3 bands
+    else:
+        writing = {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0, "rope.scaling.original_context_length": 32}
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "apertus", divisors, **writing))
+    config = ours.config
+    assert config.family == "apertus" and config.activation == "xielu" and config.qk_norm and config.mlp == "gelu"
+    assert config.qkv_bias == config.out_bias == (case != "apertus") and not config.tied_head
+    assert [block.mlp.act.eps.item() for block in ours.blocks] == pytest.approx([-0.2, -0.4])
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "apertus" and quantisation == "F32":
+        one = models.from_pretrained(write_gguf(tmp_path / "one.gguf", theirs, "F32", "apertus", divisors, xielu={"eps": -0.1}))
+        assert [block.mlp.act.eps.item() for block in one.blocks] == pytest.approx([-0.1, -0.1])
+        assert_each_refused(theirs, "apertus", [
+            (dict(xielu={"beta": None}), "metadata xielu.beta must give a number for each of the 2 layers (the xIELU "
+                                         "activation's parameters); it is missing"),
+            (dict(xielu={"alpha_p": [0.1, 0.2, 0.3]}), "metadata xielu.alpha_p must give a number for each of the 2 layers "
+                                                       "(the xIELU activation's parameters); it is 3 values")], tmp_path)
+        with pytest.raises(ValueError, match=re.escape("an apertus file without output.weight (tied) is not one llama.cpp reads")):
+            models.from_pretrained(write_gguf(tmp_path / "tied.gguf", tiny_hf("apertus", tie_word_embeddings=True), arch="apertus"))
+
+
+# Seed-OSS: biases on q, k, v; on W_O instead, tied, YaRN and a head_dim of 24
+SEED_OSS_GGUF = {"seed_oss": dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=500.0)),
+                 "seed_oss-out-bias-tied-yarn": dict(head_dim=24, attention_bias=False, attention_out_bias=True,
+                                                     tie_word_embeddings=True, rope_parameters=dict(
+                     rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))}
+
+
+@pytest.mark.parametrize("case,quantisation", [("seed_oss", "F32"), ("seed_oss", "Q8_0"), ("seed_oss-out-bias-tied-yarn", "F32")])
+def test_a_seed_oss_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's Seed-OSS (seed_oss): q / k rows as stored (llama.cpp rotates their halves, as transformers), the MLP's
+    norm post_attention_norm, biases on attn_q, attn_k, attn_v and, apart, on attn_output where the file has them, YaRN as
+    its type, factor and original context, no output tensor where tied. A file with biases on the MLP, which llama.cpp's
+    seed_oss does not read, is one line."""
+    theirs = tiny_hf("seed_oss", **SEED_OSS_GGUF[case])
+    writing = {} if case == "seed_oss" else {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0,
+                                             "rope.scaling.original_context_length": 32}
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "seed_oss", **writing))
+    config = ours.config
+    assert config.family == "seed_oss" and config.mlp == "gated" and not config.rotary_interleaved
+    assert config.qkv_bias == (case == "seed_oss") and config.out_bias == config.tied_head == (case != "seed_oss")
+    assert_reads_as(ours, theirs, quantisation)
+    if case == "seed_oss" and quantisation == "F32":
+        assert_each_refused(theirs, "seed_oss", [(dict(drop=["attention.layer_norm_rms_epsilon"]),
+                                                 "metadata seed_oss.attention.layer_norm_rms_epsilon is missing")], tmp_path)
+        biased = tiny_hf("seed_oss", head_dim=16, mlp_bias=True)
+        with pytest.raises(ValueError, match=re.escape("a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one")):
+            models.from_pretrained(write_gguf(tmp_path / "biased.gguf", biased, arch="seed_oss"))
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

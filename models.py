@@ -4,7 +4,7 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
+GLM-4, EXAONE 3.0 / 3.5 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -21,7 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm).
+falcon, nemotron, glm4, chatglm, exaone).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1083,6 +1083,29 @@ def glm(c, where):
         "blocks.{i}.mlp.gate": lambda t: t.chunk(2)[0], "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
 
 
+# EXAONE 3.x as its checkpoints name Llama's parts (transformers renames them as it loads: conversion_mapping's "exaone")
+EXAONE_NAMES = names({"tok_emb": "wte", "norm_f": "ln_f", "head": "lm_head"},
+                     {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.attention.q_proj", "attn.k": "attn.attention.k_proj",
+                      "attn.v": "attn.attention.v_proj", "attn.o": "attn.attention.out_proj", "mlp.gate": "mlp.c_fc_0",
+                      "mlp.up": "mlp.c_fc_1", "mlp.down": "mlp.c_proj"}, "h.{i}.")
+# config.json's EXAONE names, which transformers' ExaoneConfig maps onto Llama's (attribute_map): they win where both are
+EXAONE_ALIASES = {"num_hidden_layers": "num_layers", "rms_norm_eps": "layer_norm_epsilon", "hidden_act": "activation_function"}
+
+
+def exaone(c, where):
+    """EXAONE 3.0 and 3.5 (exaone: EXAONE-3.0-7.8B, EXAONE-3.5-2.4B / -7.8B / -32B): Llama, as transformers computes it
+    (LlamaForCausalLM), its weights under EXAONE's names (EXAONE_NAMES; Llama's where saved in transformers' own layout),
+    config.json's num_layers, layer_norm_epsilon and activation_function read as num_hidden_layers, rms_norm_eps and
+    hidden_act; where config.json leaves them out, transformers' defaults: 8 key / value heads (null: n_head), eps 1e-5,
+    base 500,000, untied."""
+    if "activation_function" in c:  # (named as config.json names it)
+        _option(c, "activation_function", "silu", ["silu"], where)
+    c = c | {name: c[alias] for name, alias in EXAONE_ALIASES.items() if alias in c}
+    config, _, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    return config | _rope(c, where, config["d_head"], 500000.0), EXAONE_NAMES, {}
+
+
 def _longrope(rope, c, where, dims):
     """LongRoPE's fields as transformers' Phi-3 takes them: a short and a long factor for each rotary frequency;
     original_max_position_embeddings, the context it was pretrained for, from config.json's top level (where
@@ -1708,7 +1731,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
-            "glm4": glm, "falcon": falcon}
+            "glm4": glm, "falcon": falcon, "exaone": exaone}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1850,6 +1873,8 @@ def from_pretrained(path, codebooks=None, block_size=None):
         tensors = stablelm_weights(tensors)
     if c["model_type"] == "gpt_oss":
         tensors = gpt_oss_weights(tensors, path)
+    if c["model_type"] == "exaone" and "model.embed_tokens.weight" in tensors:  # saved in transformers' own layout
+        table = LLAMA_NAMES
     if FAMILIES[c["model_type"]] is moe and any(MOE_FUSED.search(name) for name in tensors):
         tensors = {name + ".weight" if MOE_FUSED.search(name) else name: load for name, load in tensors.items()}
         table, transforms = table | MOE_FUSED_NAMES, transforms | MOE_FUSED_TRANSFORMS
@@ -1899,7 +1924,7 @@ GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
                       "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
-                      "falcon")
+                      "falcon", "exaone")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt", "nemotron", "falcon")
@@ -2076,10 +2101,20 @@ def gguf_config(metadata, shapes, path):
         c |= mpt_gguf_config(c, get, path)
     if arch == "falcon":
         c |= falcon_gguf_config(c, count, shapes, path)
+    if arch == "exaone":  # q / k rows as transformers has them (llama.cpp rotates their halves): not unpermuted
+        _whole_head_rotary(c, count, arch, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def _whole_head_rotary(c, count, arch, path):
+    """A file whose rope.dimension_count is not the head's dims is refused: llama.cpp's graph for `arch` asserts they are
+    equal (and transformers rotates whole heads)."""
+    if count("rope.dimension_count", c["head_dim"], least=0) != c["head_dim"]:
+        raise ValueError(f"{path}: metadata {arch}.rope.dimension_count = {count('rope.dimension_count')} is not the "
+                         f"head's {c['head_dim']} dims, which llama.cpp's {arch} requires")
 
 
 def mpt_gguf_config(c, get, path):

@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, EXAONE 3, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -120,6 +120,9 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
              beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
          "ministral3-window": ("ministral3", dict(head_dim=16, sliding_window=5, rope_parameters=dict(
              rope_type="default", rope_theta=500.0, llama_4_scaling_beta=0.3, original_max_position_embeddings=8))),
+         # EXAONE 3 (Llama under its own names): Llama-3's rope scaling; with biases on q, k, v, W_O and the MLP, tied
+         "exaone": ("exaone", dict(rope_scaling=LLAMA3, rms_norm_eps=1e-3)),
+         "exaone-biases-tied": ("exaone", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=500.0)),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -151,7 +154,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "exaone": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -165,7 +168,7 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "gemma": LLAMA_SITES, "granite": LLAMA_SITES, "cohere": LLAMA_SITES, "cohere2": LLAMA_SITES, "stablelm": LLAMA_SITES,
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
-         "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "exaone": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -292,19 +295,20 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "cohere2",
-                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4"])
+                                    "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4", "exaone"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     """(Llama: as many key / value heads as heads; Mistral: 8, and a window of 4,096; Qwen2 and Qwen3: 32, Qwen3's
     head_dim 128. ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
     heads; GLM's and GLM-4's biases on q, k, v and rotary embedding on half of each head, eps 1.5625e-7. Nemotron: its
     norm_eps left out too; the rotary embedding on half of each head, base 10000, untied. Ministral: 8 key / value heads,
     a window of 4,096 on every layer. Ministral 3: 8 key / value heads, its head_dim left out too, 128; YaRN of factor 16
-    from 16,384 positions, its query scale of beta 0.1 from there; eps 1e-5)"""
+    from 16,384 positions, its query scale of beta 0.1 from there; eps 1e-5. EXAONE 3: 8 key / value heads, base 500,000,
+    eps 1e-5)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
-    if family in ("mistral", "ministral", "ministral3"):  # their default: 8 key / value heads (Ministral 3's head_dim 128)
+    if family in ("mistral", "ministral", "ministral3", "exaone"):  # their default: 8 key / value heads (Ministral 3's head_dim 128)
         heads = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=128 if family == "ministral3" else 16)
     if family in ("llama", "qwen2", "qwen3"):  # Llama's default: as many as heads (32 here); Qwen's: 32 (of 64 here)
         heads = dict(num_attention_heads=32 if family == "llama" else 64, num_key_value_heads=32,
@@ -324,8 +328,8 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
     assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {
-        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "llama": 32, "qwen2": 32,
-        "qwen3": 32}.get(family, 4)
+        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "exaone": 8, "llama": 32,
+        "qwen2": 32, "qwen3": 32}.get(family, 4)
     if family in ("mistral", "qwen3"):
         assert ours.config.attn_window == (4096 if family == "mistral" else 0) and ours.config.d_head == theirs.config.head_dim
     if family in ("ernie4_5", "glm", "glm4"):
@@ -340,8 +344,33 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
         assert ours.config.d_head == theirs.config.head_dim == 128 and ours.config.norm_eps == 1e-5
         assert ours.config.rotary_scaling["factor"] == 16 and ours.config.rotary_base == 1e6
         assert (ours.config.query_scale_beta, ours.config.query_scale_period) == (0.1, 16384)
+    if family == "exaone":
+        assert ours.config.rotary_base == 500000.0 and ours.config.norm_eps == 1e-5
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+
+
+@pytest.mark.parametrize("layout", ["exaone", "transformers"])
+def test_an_exaone_config_as_released_reads_as_transformers_reads_it(layout, tmp_path):
+    """EXAONE 3's config.json as released: the layer count, the norm's eps and the activation under its own names
+    (num_layers, layer_norm_epsilon, activation_function), which transformers takes over Llama's names where both are
+    (here Llama's too, with other values); Llama-3's scaling under rope_scaling, the base at the top level. Its weights
+    as save_pretrained writes them, under EXAONE's names (transformer.h.N.attn.attention.q_proj, mlp.c_fc_0, ...), or in
+    transformers' own layout (save_original_format=False): Llama's names."""
+    t = need("transformers")
+    tiny_hf("exaone").save_pretrained(tmp_path, save_original_format=layout == "exaone")
+    stored = formats.safetensors_loaders(str(tmp_path / "model.safetensors"))
+    assert ("transformer.h.1.mlp.c_fc_0.weight" in stored) == (layout == "exaone") != ("model.embed_tokens.weight" in stored)
+    config = json.loads((tmp_path / "config.json").read_text())
+    released = dict(num_layers=2, layer_norm_epsilon=1e-3, activation_function="silu", rope_theta=1e6, rope_scaling=LLAMA3)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"} | released
+                                                     | dict(num_hidden_layers=3, rms_norm_eps=0.5, hidden_act="gelu")))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert theirs.config.num_hidden_layers == ours.config.n_layer == 2 and theirs.config.hidden_act == "silu"
+    assert theirs.config.rms_norm_eps == ours.config.norm_eps == 1e-3 and ours.config.rotary_base == 1e6
+    assert ours.config.rotary_scaling["rope_type"] == theirs.config.rope_parameters["rope_type"] == "llama3"
     assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
@@ -460,7 +489,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "ernie4_5-biases-untied-yarn", "arcee", "arcee-biases-tied-yarn", "glm",
                                   "glm-no-biases-tied-yarn", "glm4", "glm4-whole-head", "nemotron",
                                   "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window",
-                                  "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear"])
+                                  "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear",
+                                  "exaone", "exaone-biases-tied"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -1198,6 +1228,11 @@ def test_clear_errors(tmp_path):
                                 ("ministral3", dict(rope_parameters=dict(rope_type="default", llama_4_scaling_beta=0.1)),
                                  "rope_parameters' original_max_position_embeddings=None must be a positive integer"),
                                 ("ministral3", dict(rope_parameters="yarn"), "rope_parameters='yarn' must be a dict"),
+                                # EXAONE 3: its activation under its own name; its layer count too
+                                ("exaone", dict(activation_function="gelu"),
+                                 r"config.json: activation_function='gelu' is not implemented"),
+                                ("exaone", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
+                                ("exaone", dict(num_layers="2"), "config.json: num_layers='2' must be a positive integer"),
                                 # sizes a family divides by: checked before it does (not a ZeroDivisionError or TypeError)
                                 ("phi", dict(num_attention_heads=0), "config.json: num_attention_heads=0 must be a positive integer"),
                                 ("phi", dict(head_dim="16"), r"head_dim='16' must be a positive integer, or null"),

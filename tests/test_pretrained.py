@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), EXAONE 3, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, EXAONE 3, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -76,7 +76,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     rope.dimension_count as partial_rotary_factor * d_model // heads, rope.scaling.type none or linear with its factor.
     Falcon (falcon): an MLP of 4 d_model, the context 2,048, no rotary base, head_count_kv num_kv_heads in the new decoder
     architecture (else 1), query_key_value's key / value groups regrouped to all q rows, all k rows, all v rows, ln_attn as
-    attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm."""
+    attn_norm_2 and ln_mlp (or input_layernorm) as attn_norm. EXAONE 3 (exaone): q / k rows as they are (llama.cpp rotates
+    their halves)."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -638,6 +639,28 @@ def test_a_nemotron_gguf_file_gives_its_original_logits(case, quantisation, tmp_
     assert_reads_as(ours, theirs, quantisation)
     if case == "nemotron" and quantisation == "F32":
         assert_each_refused(theirs, "nemotron", [({"rope.dimension_count": 7}, "rotary_dims=7 must be even")], tmp_path)
+
+
+@pytest.mark.parametrize("case,quantisation", [("exaone", "F32"), ("exaone", "Q8_0"), ("exaone-llama3-biases-tied", "Q8_0")])
+def test_an_exaone_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's EXAONE 3 (exaone): Llama's tensor names (the converter maps EXAONE's to them), q / k rows as stored
+    (llama.cpp rotates their halves, as transformers: the converter does not permute them), biases on attn_q, attn_k,
+    attn_v and attn_output where the file has them, Llama-3's scaling as rope_freqs, no output tensor where tied. A
+    rotary dims count other than the head's, which llama.cpp's exaone refuses, is one line."""
+    scaled = case != "exaone"
+    theirs = tiny_hf("exaone", **dict(attention_bias=True, tie_word_embeddings=True, rope_scaling=LLAMA3, rope_theta=10000.0)
+                     if scaled else dict(rms_norm_eps=1e-3))
+    divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq if scaled else None
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "exaone", divisors))
+    config = ours.config
+    assert config.family == "exaone" and config.n_kv_head == 2
+    assert config.tied_head == config.qkv_bias == config.out_bias == scaled
+    assert config.rotary_scaling.get("rope_type") == ("divisors" if scaled else None)
+    assert config.norm_eps == pytest.approx(1e-5 if scaled else 1e-3)  # (float32 in the file)
+    assert_reads_as(ours, theirs, quantisation)
+    if not scaled and quantisation == "F32":
+        assert_each_refused(theirs, "exaone", [({"rope.dimension_count": 8},
+                                                "exaone.rope.dimension_count = 8 is not the head's 16 dims")], tmp_path)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

@@ -4,7 +4,7 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4, EXAONE 3.0 / 3.5 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
+GLM-4, EXAONE 3.0 / 3.5, EXAONE 4.0 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised
 as loaded), each computing what transformers computes. The paper's language-model
 results finetune such models with codebooks (section 5).
 
@@ -21,7 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm, exaone).
+falcon, nemotron, glm4, chatglm, exaone, exaone4).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1106,6 +1106,34 @@ def exaone(c, where):
     return config | _rope(c, where, config["d_head"], 500000.0), EXAONE_NAMES, {}
 
 
+def exaone4(c, where):
+    """EXAONE 4.0 (exaone4: EXAONE-4.0-1.2B, -32B): OLMo-2's blocks (normed after attention and the MLP, not before), an
+    RMSNorm on each head's queries and keys before the rotary embedding (Qwen3's), no biases whatever attention_bias says.
+    With sliding_window set, a window on the layers layer_types marks sliding (by default all but every
+    sliding_window_pattern-th) and the rotary embedding on those alone; with it null, full attention and the rotary
+    embedding on every layer. Where config.json leaves them out, transformers' defaults: 32 key / value heads (null:
+    n_head), eps 1e-5, base 10,000, a window of 4,096 on three layers in four, untied. What transformers' Exaone4Config
+    or its attention fails on is refused: no layer_types with a null window or a pattern other than a positive integer
+    (such as "LLLG"), sliding layers with a null window."""
+    window = c.get("sliding_window", 4096)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    if window is None and not c.get("layer_types"):
+        raise ValueError(f"{where}: sliding_window=null without layer_types: transformers' Exaone4Config cannot build "
+                         f"the layer types (from a pattern of 0); give layer_types")
+    layers = _layer_types(c, where, c.get("sliding_window_pattern", 4))
+    if window is None and "sliding_attention" in layers:
+        raise ValueError(f"{where}: layer_types marks sliding layers but sliding_window is null: transformers' exaone4 "
+                         f"cannot build their mask")
+    config, _, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 32),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1e-5), "attention_bias": False, "mlp_bias": False},
+                         where)
+    sliding = [kind == "sliding_attention" for kind in layers]
+    config |= dict(qk_norm=True, pre_norms=False, sandwich_norms=True, attn_window=[window if s else 0 for s in sliding],
+                   no_rotary_layers=[i for i, s in enumerate(sliding) if window and not s])  # global layers: no rotary
+    return config, OLMO2_NAMES, {}
+
+
 def _longrope(rope, c, where, dims):
     """LongRoPE's fields as transformers' Phi-3 takes them: a short and a long factor for each rotary frequency;
     original_max_position_embeddings, the context it was pretrained for, from config.json's top level (where
@@ -1731,7 +1759,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "phi": phi, "starcoder2": starcoder2, "olmo": olmo,
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
-            "glm4": glm, "falcon": falcon, "exaone": exaone}
+            "glm4": glm, "falcon": falcon, "exaone": exaone, "exaone4": exaone4}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1924,7 +1952,7 @@ GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
                       "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
-                      "falcon", "exaone")
+                      "falcon", "exaone", "exaone4")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt", "nemotron", "falcon")
@@ -2101,12 +2129,37 @@ def gguf_config(metadata, shapes, path):
         c |= mpt_gguf_config(c, get, path)
     if arch == "falcon":
         c |= falcon_gguf_config(c, count, shapes, path)
-    if arch == "exaone":  # q / k rows as transformers has them (llama.cpp rotates their halves): not unpermuted
+    if arch in ("exaone", "exaone4"):  # q / k rows as transformers has them (llama.cpp rotates their halves): not unpermuted
         _whole_head_rotary(c, count, arch, path)
+    if arch == "exaone4":
+        c |= exaone4_gguf_config(c, metadata, get, count, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
     return c
+
+
+def exaone4_gguf_config(c, metadata, get, count, path):
+    """EXAONE 4.0's config.json fields from a GGUF file, as llama.cpp reads them: windows in a model of 64 layers alone (it
+    keys EXAONE-4.0-32B's layout on that count): attention.sliding_window (absent: 4,096) on every layer but the last of
+    each attention.sliding_window_pattern (absent: 4; 0: every layer), the rotary embedding on those alone; the
+    converter's per-layer list in its place, which llama.cpp does not read (it takes 4), must say the same. Any other
+    layer count: full attention and the rotary embedding on every layer, whatever window the file records."""
+    n_layer = c["num_hidden_layers"]
+    if n_layer != 64:
+        return dict(sliding_window=None, layer_types=["full_attention"] * n_layer)
+    if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
+        raise ValueError(f"{path}: metadata exaone4.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
+                         f"rope.freq_base, which transformers' exaone4 rotates every layer by; not implemented")
+    pattern = metadata.get("exaone4.attention.sliding_window_pattern")
+    listed = isinstance(pattern, list)
+    period = 4 if listed else count("attention.sliding_window_pattern", 4, least=0)
+    sliding = [period == 0 or i % period < period - 1 for i in range(n_layer)]
+    if listed and list(map(bool, pattern)) != sliding:
+        raise ValueError(f"{path}: metadata exaone4.attention.sliding_window_pattern lists other sliding layers than "
+                         f"llama.cpp's, which reads no list: every layer but each fourth; not implemented")
+    return dict(sliding_window=count("attention.sliding_window", 4096),
+                layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
 
 
 def _whole_head_rotary(c, count, arch, path):

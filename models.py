@@ -4,9 +4,9 @@ GPT-2, GPT-Neo (the TinyStories models), GPT-NeoX (Pythia), GPT-J, GPT-BigCode (
 (SmolLM2, TinyLlama, Llama-3.x), Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Gemma-2, Gemma-3,
 Granite, Command-R (Cohere), Command-R7B (Cohere2), StableLM, Phi-1 / Phi-1.5 / Phi-2, StarCoder2, OLMo, BLOOM, MPT,
 ERNIE 4.5 (dense), Arcee (AFM), Falcon (7B, 40B, 180B, 11B, RW), Nemotron (Minitron), Ministral, Ministral 3 (text), GLM,
-GLM-4, Apertus (Apertus 1.5's text model too), Helium, Seed-OSS and the mixtures of experts Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded), each computing what
-transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
+GLM-4, Apertus (Apertus 1.5's text model too), Helium, Seed-OSS, EXAONE 3.0 / 3.5, EXAONE 4.0 and the mixtures of
+experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4 as released, dequantised as loaded),
+each computing what transformers computes. The paper's language-model results finetune such models with codebooks (section 5).
 
     import models
     model = models.from_pretrained("models/pythia-70m")                  # logits as the original's
@@ -21,7 +21,8 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm, apertus, seed_oss).
+falcon, nemotron, glm4, chatglm, apertus, seed_oss, exaone,
+exaone4).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1183,6 +1184,57 @@ def glm(c, where):
         "blocks.{i}.mlp.gate": lambda t: t.chunk(2)[0], "blocks.{i}.mlp.up": lambda t: t.chunk(2)[1]}
 
 
+# EXAONE 3.x as its checkpoints name Llama's parts (transformers renames them as it loads: conversion_mapping's "exaone")
+EXAONE_NAMES = names({"tok_emb": "wte", "norm_f": "ln_f", "head": "lm_head"},
+                     {"norm1": "ln_1", "norm2": "ln_2", "attn.q": "attn.attention.q_proj", "attn.k": "attn.attention.k_proj",
+                      "attn.v": "attn.attention.v_proj", "attn.o": "attn.attention.out_proj", "mlp.gate": "mlp.c_fc_0",
+                      "mlp.up": "mlp.c_fc_1", "mlp.down": "mlp.c_proj"}, "h.{i}.")
+# config.json's EXAONE names, which transformers' ExaoneConfig maps onto Llama's (attribute_map): they win where both are
+EXAONE_ALIASES = {"num_hidden_layers": "num_layers", "rms_norm_eps": "layer_norm_epsilon", "hidden_act": "activation_function"}
+
+
+def exaone(c, where):
+    """EXAONE 3.0 and 3.5 (exaone: EXAONE-3.0-7.8B, EXAONE-3.5-2.4B / -7.8B / -32B): Llama, as transformers computes it
+    (LlamaForCausalLM), its weights under EXAONE's names (EXAONE_NAMES; Llama's where saved in transformers' own layout),
+    config.json's num_layers, layer_norm_epsilon and activation_function read as num_hidden_layers, rms_norm_eps and
+    hidden_act; where config.json leaves them out, transformers' defaults: 8 key / value heads (null: n_head), eps 1e-5,
+    base 500,000, untied."""
+    if "activation_function" in c:  # (named as config.json names it)
+        _option(c, "activation_function", "silu", ["silu"], where)
+    c = c | {name: c[alias] for name, alias in EXAONE_ALIASES.items() if alias in c}
+    config, _, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 8),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
+    return config | _rope(c, where, config["d_head"], 500000.0), EXAONE_NAMES, {}
+
+
+def exaone4(c, where):
+    """EXAONE 4.0 (exaone4: EXAONE-4.0-1.2B, -32B): OLMo-2's blocks (normed after attention and the MLP, not before), an
+    RMSNorm on each head's queries and keys before the rotary embedding (Qwen3's), no biases whatever attention_bias says.
+    With sliding_window set, a window on the layers layer_types marks sliding (by default all but every
+    sliding_window_pattern-th) and the rotary embedding on those alone; with it null, full attention and the rotary
+    embedding on every layer. Where config.json leaves them out, transformers' defaults: 32 key / value heads (null:
+    n_head), eps 1e-5, base 10,000, a window of 4,096 on three layers in four, untied. What transformers' Exaone4Config
+    or its attention fails on is refused: no layer_types with a null window or a pattern other than a positive integer
+    (such as "LLLG"), sliding layers with a null window."""
+    window = c.get("sliding_window", 4096)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{where}: sliding_window={window!r} must be a positive integer, or null for none")
+    if window is None and not c.get("layer_types"):
+        raise ValueError(f"{where}: sliding_window=null without layer_types: transformers' Exaone4Config cannot build "
+                         f"the layer types (from a pattern of 0); give layer_types")
+    layers = _layer_types(c, where, c.get("sliding_window_pattern", 4))
+    if window is None and "sliding_attention" in layers:
+        raise ValueError(f"{where}: layer_types marks sliding layers but sliding_window is null: transformers' exaone4 "
+                         f"cannot build their mask")
+    config, _, _ = llama(c | {"model_type": "llama", "num_key_value_heads": c.get("num_key_value_heads", 32),
+                              "rms_norm_eps": c.get("rms_norm_eps", 1e-5), "attention_bias": False, "mlp_bias": False},
+                         where)
+    sliding = [kind == "sliding_attention" for kind in layers]
+    config |= dict(qk_norm=True, pre_norms=False, sandwich_norms=True, attn_window=[window if s else 0 for s in sliding],
+                   no_rotary_layers=[i for i, s in enumerate(sliding) if window and not s])  # global layers: no rotary
+    return config, OLMO2_NAMES, {}
+
+
 def _longrope(rope, c, where, dims):
     """LongRoPE's fields as transformers' Phi-3 takes them: a short and a long factor for each rotary frequency;
     original_max_position_embeddings, the context it was pretrained for, from config.json's top level (where
@@ -1809,7 +1861,8 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
             "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5,
-            "helium": helium, "seed_oss": seed_oss}
+            "helium": helium, "seed_oss": seed_oss, "exaone": exaone,
+            "exaone4": exaone4}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1951,6 +2004,8 @@ def from_pretrained(path, codebooks=None, block_size=None):
         tensors = stablelm_weights(tensors)
     if c["model_type"] == "gpt_oss":
         tensors = gpt_oss_weights(tensors, path)
+    if c["model_type"] == "exaone" and "model.embed_tokens.weight" in tensors:  # saved in transformers' own layout
+        table = LLAMA_NAMES
     if FAMILIES[c["model_type"]] is moe and any(MOE_FUSED.search(name) for name in tensors):
         tensors = {name + ".weight" if MOE_FUSED.search(name) else name: load for name, load in tensors.items()}
         table, transforms = table | MOE_FUSED_NAMES, transforms | MOE_FUSED_TRANSFORMS
@@ -2001,7 +2056,7 @@ GGUF_QKV_NAMES |= {"embed_norm": "token_embd_norm"}
 GGUF_ARCHITECTURES = ("gpt2", "gptneox", "llama", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma2", "gemma3",
                       "granite", "command-r", "cohere2", "stablelm", "qwen2moe", "qwen3moe", "olmoe", "gpt-oss", "phi2",
                       "starcoder2", "olmo", "gptj", "starcoder", "bloom", "mpt", "ernie4_5", "arcee", "nemotron", "glm4", "chatglm",
-                      "falcon", "apertus", "seed_oss")
+                      "falcon", "apertus", "seed_oss", "exaone", "exaone4")
 # the architectures with LayerNorms (the others' are RMSNorms)
 LAYERNORM_ARCHITECTURES = ("gpt2", "gptneox", "command-r", "cohere2", "stablelm", "phi2", "starcoder2", "olmo", "gptj",
                            "starcoder", "bloom", "mpt", "nemotron", "falcon")
@@ -2187,6 +2242,10 @@ def gguf_config(metadata, shapes, path):
         if c["mlp_bias"]:
             raise ValueError(f"{path}: a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one llama.cpp reads")
         c |= dict(attention_bias="blk.0.attn_q.bias" in shapes, attention_out_bias="blk.0.attn_output.bias" in shapes)
+    if arch in ("exaone", "exaone4"):  # q / k rows as transformers has them (llama.cpp rotates their halves): not unpermuted
+        _whole_head_rotary(c, count, arch, path)
+    if arch == "exaone4":
+        c |= exaone4_gguf_config(c, metadata, get, count, path)
     if arch == "phi3":
         # no window: llama.cpp leaves Phi-3's out (transformers applies it, past 2,047 tokens for Phi-3-mini-4k)
         c["sliding_window"] = None
@@ -2245,6 +2304,37 @@ def xielu_gguf_tensors(metadata, n_layer, path):
     tensor = lambda v, shape: lambda: torch.tensor(v, dtype=torch.float32).reshape(shape)
     return {f"blk.{i}.xielu.{name}": tensor(value[i], (1,) if name.startswith("alpha") else ())
             for name, value in values.items() for i in range(n_layer)}
+
+
+def exaone4_gguf_config(c, metadata, get, count, path):
+    """EXAONE 4.0's config.json fields from a GGUF file, as llama.cpp reads them: windows in a model of 64 layers alone (it
+    keys EXAONE-4.0-32B's layout on that count): attention.sliding_window (absent: 4,096) on every layer but the last of
+    each attention.sliding_window_pattern (absent: 4; 0: every layer), the rotary embedding on those alone; the
+    converter's per-layer list in its place, which llama.cpp does not read (it takes 4), must say the same. Any other
+    layer count: full attention and the rotary embedding on every layer, whatever window the file records."""
+    n_layer = c["num_hidden_layers"]
+    if n_layer != 64:
+        return dict(sliding_window=None, layer_types=["full_attention"] * n_layer)
+    if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
+        raise ValueError(f"{path}: metadata exaone4.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
+                         f"rope.freq_base, which transformers' exaone4 rotates every layer by; not implemented")
+    pattern = metadata.get("exaone4.attention.sliding_window_pattern")
+    listed = isinstance(pattern, list)
+    period = 4 if listed else count("attention.sliding_window_pattern", 4, least=0)
+    sliding = [period == 0 or i % period < period - 1 for i in range(n_layer)]
+    if listed and list(map(bool, pattern)) != sliding:
+        raise ValueError(f"{path}: metadata exaone4.attention.sliding_window_pattern lists other sliding layers than "
+                         f"llama.cpp's, which reads no list: every layer but each fourth; not implemented")
+    return dict(sliding_window=count("attention.sliding_window", 4096),
+                layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+
+
+def _whole_head_rotary(c, count, arch, path):
+    """A file whose rope.dimension_count is not the head's dims is refused: llama.cpp's graph for `arch` asserts they are
+    equal (and transformers rotates whole heads)."""
+    if count("rope.dimension_count", c["head_dim"], least=0) != c["head_dim"]:
+        raise ValueError(f"{path}: metadata {arch}.rope.dimension_count = {count('rope.dimension_count')} is not the "
+                         f"head's {c['head_dim']} dims, which llama.cpp's {arch} requires")
 
 
 def mpt_gguf_config(c, get, path):

@@ -196,8 +196,8 @@ def tiny_hf(family, vocab_size=96, **options):
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64) | options)
         return randomize(t.FalconForCausalLM(config), 8)
     # Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2, StableLM, Phi,
-    # StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, the
-    # mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
+    # StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS,
+    # EXAONE 3, EXAONE 4, the mixtures of experts (MOE): 4 query heads sharing 2 key / value heads
     sizes = dict(vocab_size=vocab_size, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, bos_token_id=0, eos_token_id=0)
     if family in ("gemma", "gemma2", "gemma3"):  # Gemma-2's eager attention: the one that soft-caps scores
@@ -205,6 +205,8 @@ def tiny_hf(family, vocab_size=96, **options):
                          "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM)}[family]
         attention = "eager" if family == "gemma2" else "sdpa"
         return randomize(model(config(**sizes | GEMMA | options, attn_implementation=attention)), 4)
+    if family == "exaone":  # transformers builds EXAONE 3 as Llama: a LlamaForCausalLM of an ExaoneConfig
+        return randomize(t.AutoModelForCausalLM.from_config(t.ExaoneConfig(**sizes | options)), 3)
     if family == "gpt_oss":  # sinks made large enough to matter (randomize's 0.3 leaves them far under the scores)
         model = randomize(t.GptOssForCausalLM(t.GptOssConfig(**sizes | GPT_OSS | options)), 5)
         with torch.no_grad():
@@ -221,7 +223,8 @@ def tiny_hf(family, vocab_size=96, **options):
              "arcee": t.ArceeForCausalLM, "nemotron": t.NemotronForCausalLM, "ministral": t.MinistralForCausalLM,
              "ministral3": t.Ministral3ForCausalLM, "glm": t.GlmForCausalLM, "glm4": t.Glm4ForCausalLM,
              "apertus": t.ApertusForCausalLM, "apertus1p5_text": t.Apertus1p5TextForCausalLM,
-             "helium": t.HeliumForCausalLM, "seed_oss": t.SeedOssForCausalLM}[family]
+             "helium": t.HeliumForCausalLM, "seed_oss": t.SeedOssForCausalLM,
+             "exaone4": t.Exaone4ForCausalLM}[family]
     if family in ("smollm3", "phi3", "stablelm", "glm", "glm4"):
         sizes["pad_token_id"] = None  # their defaults (128004, 32000, 151329) are past the tiny vocabulary (StableLM's: none)
     config = getattr(t, model.__name__.replace("ForCausalLM", "Config"))(**sizes | MOE.get(family, {}) | options)

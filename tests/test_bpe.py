@@ -123,6 +123,37 @@ def test_a_glm4_shaped_tokenizer_json_equals_the_tokenizers_library(tmp_path):
         assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
 
 
+@pytest.mark.parametrize("name", ["exaone", "exaone4"])
+def test_an_exaone_shaped_tokenizer_json_and_its_gguf_name_equal_the_tokenizers_library(name, tmp_path):
+    """EXAONE's tokenizer.json in the shape llama.cpp's pre-tokenizer names imply (EXAONE 3's "exaone": digits one by
+    one, then GPT-2's split; EXAONE 4's "exaone4": GPT-2's split), its special tokens ([BOS], [|endofturn|], [|user|], ...:
+    brackets and bars, cut out of the text first), no template (nothing added before a text), BOS and EOS from
+    tokenizer_config.json; and the same vocabulary and merges as a GGUF file's metadata with that tokenizer.ggml.pre."""
+    tk = need("tokenizers")
+    pt = tk.pre_tokenizers
+    specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"]
+    steps = ([pt.Digits(individual_digits=True)] if name == "exaone" else []) + [pt.ByteLevel(False, use_regex=True)]
+    theirs = trained_bpe(tmp_path, pt.Sequence(steps), specials=specials, added=["<think>", "</think>"],
+                         corpus=[stdlib_text(0, 100_000), SAMPLE * 20])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]", "eos_token": "[|endofturn|]",
+                                                                "pad_token": "[PAD]", "unk_token": "[UNK]"}))
+    ours = bpe.load_tokenizer(str(tmp_path))
+    assert (ours.bos, ours.eos) == (theirs.token_to_id("[BOS]"), theirs.token_to_id("[|endofturn|]")) and ours.prefix == []
+    ids = theirs.get_vocab()
+    tokens = sorted(ids, key=ids.get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(theirs.to_str())["model"]["merges"]]
+    from_gguf = bpe.tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": tokens,
+                                         "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": [
+                                             bpe.CONTROL if t in specials else bpe.NORMAL for t in tokens]})
+    chat = "[|system|]x[|endofturn|]\n[|user|]" + SAMPLE[:160] + "[|endofturn|]\n[|assistant|]<think>\n\n</think>\n12345 "
+    for string in [SAMPLE, chat, stdlib_text(60, 50_000), "", " 2024-06-01 x1y22z333"]:
+        assert ours.encode(string, special=True) == theirs.encode(string).ids, string[:40]
+        assert ours.encode(string) == theirs.encode(string, add_special_tokens=False).ids
+        assert ours.decode(ours.encode(string, special=True)) == string
+        if "[|" not in string:  # (the GGUF file's added tokens: its CONTROL ones, cut out only where asked)
+            assert from_gguf.encode(string) == theirs.encode(string, add_special_tokens=False).ids
+
+
 def test_split_behaviours_and_punctuation_cut_as_the_tokenizers_library():
     """bpe.split with each behaviour, inverted or not, cuts as tokenizers' Split (contiguous: neighbours of one kind as one
     piece, inverted matches too), and PUNCTUATION's class as its Punctuation (Unicode's punctuation, ASCII's symbols)."""

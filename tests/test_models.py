@@ -1,6 +1,6 @@
 """models.py against the industrial implementations (minGPT's test, once per family): a tiny random
 GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
+StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
 give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
 code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
 unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
@@ -142,6 +142,17 @@ CASES = {"gpt2": ("gpt2", {}), "gpt2-bin": ("gpt2", {}), "gpt2-unscaled": ("gpt2
          "seed_oss-out-bias-tied-yarn": ("seed_oss", dict(head_dim=24, attention_bias=False, attention_out_bias=True, mlp_bias=True,
                                                           tie_word_embeddings=True, rope_parameters=dict(
              rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32))),
+         # EXAONE 3 (Llama under its own names): Llama-3's rope scaling; with biases on q, k, v, W_O and the MLP, tied
+         "exaone": ("exaone", dict(rope_scaling=LLAMA3, rms_norm_eps=1e-3)),
+         "exaone-biases-tied": ("exaone", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=500.0)),
+         # EXAONE 4: normed after attention and the MLP, q / k norms; a window of 5 on layers 0-2 (its default pattern of 4),
+         # layer 3 global without the rotary embedding; windows on every other layer; no window (null), the rotary
+         # embedding on every layer (EXAONE-4.0-1.2B's), a head_dim other than d_model / n_head, tied, Llama-3's scaling
+         "exaone4": ("exaone4", dict(num_hidden_layers=4, sliding_window=5, rms_norm_eps=1e-3)),
+         "exaone4-every-other": ("exaone4", dict(num_hidden_layers=3, sliding_window=5, sliding_window_pattern=2,
+                                                 rope_theta=500.0)),
+         "exaone4-global-tied-llama3": ("exaone4", dict(sliding_window=None, layer_types=["full_attention"] * 2, head_dim=24,
+                                                        tie_word_embeddings=True, rope_scaling=LLAMA3)),
          # ALiBi: BLOOM with its embedding norm, fused q / k / v head by head; MPT with q, k, v clamped to +-2 (well inside
          # their spread), a score scale other than 1/sqrt(d_head), untied; test_alibi_* for head counts not a power of two
          "bloom": ("bloom", dict(layer_norm_epsilon=1e-3)),
@@ -173,7 +184,7 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False, "exaone": False, "exaone4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -188,13 +199,13 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
          "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "apertus": LLAMA_SITES,
-         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "exaone": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
          "mpt": ("transformer.blocks.1.attn.out_proj", "transformer.blocks.1.ffn.down_proj", "transformer.blocks.1"),
          "falcon": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp", "transformer.h.1")}
-SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["gemma2"]
+SITES["gemma3"] = SITES["olmo2"] = SITES["olmo3"] = SITES["exaone4"] = SITES["gemma2"]
 SITES["glm4"] = (LLAMA_SITES[0], "model.layers.1.post_mlp_layernorm", LLAMA_SITES[2])
 
 
@@ -322,7 +333,7 @@ LEFT_OUT = ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_parameter
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "olmo3", "phi3", "cohere2",
                                     "ernie4_5", "nemotron", "ministral", "ministral3", "glm", "glm4", "apertus", "helium",
-                                    "seed_oss"])
+                                    "seed_oss", "exaone", "exaone4"])
 def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     """(Llama: as many key / value heads as heads; Mistral: 8, and a window of 4,096; Qwen2 and Qwen3: 32, Qwen3's
     head_dim 128. ERNIE 4.5, GLM and GLM-4: their head_dim left out too, transformers' 128, not d_model / n_head; their 2 key / value
@@ -334,17 +345,19 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     base 100,000, no biases, untied; its 20 key / value heads, kept here (they would not divide these 4 heads), seen in the
     config of a config.json of 40 heads; its head_dim, 128, kept too: its W_O, d_model square, leaves d_model / n_head
     the only head_dim (test_clear_errors refuses 128 for these heads). Seed-OSS: 8 key / value heads, head_dim 128,
-    biases on q, k, v but not W_O, eps 1e-6, base 10,000, untied)"""
+    biases on q, k, v but not W_O, eps 1e-6, base 10,000, untied. EXAONE 3: 8 key / value heads, base 500,000, eps 1e-5. EXAONE 4: 32 key /
+    value heads, its window pattern left out too: a window of 4,096 on three layers in four, the fourth without the
+    rotary embedding, base 10,000, eps 1e-5)"""
     t = need("transformers")
     heads = dict(num_attention_heads=8, num_key_value_heads=4) if family == "smollm3" else dict(num_key_value_heads=4)
     if family in ("ernie4_5", "glm", "glm4"):  # their default: 2 key / value heads (16 query heads in the 0.3B)
         heads = dict(num_key_value_heads=2)
-    if family in ("mistral", "ministral", "ministral3", "seed_oss"):  # their default: 8 key / value heads (Ministral 3's
-        # and Seed-OSS's head_dim 128)
+    if family in ("mistral", "ministral", "ministral3", "seed_oss", "exaone"):  # their default: 8 key / value heads
+        # (Ministral 3's and Seed-OSS's head_dim 128)
         heads = dict(num_attention_heads=16, num_key_value_heads=8,
                      head_dim=128 if family in ("ministral3", "seed_oss") else 16)
-    if family in ("llama", "qwen2", "qwen3"):  # Llama's default: as many as heads (32 here); Qwen's: 32 (of 64 here)
-        heads = dict(num_attention_heads=32 if family == "llama" else 64, num_key_value_heads=32,
+    if family in ("llama", "qwen2", "qwen3", "exaone4"):  # Llama's: as many as heads (32 here); Qwen's, EXAONE 4's: 32
+        heads = dict(num_attention_heads=32 if family in ("llama", "exaone4") else 64, num_key_value_heads=32,
                      head_dim=128 if family == "qwen3" else 16)
     if family == "helium":
         heads = dict(num_key_value_heads=4, head_dim=16)
@@ -357,7 +370,8 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
                            "glm4": ("head_dim", "attention_bias", "partial_rotary_factor"),
                            "apertus": ("hidden_act", "attention_bias"),
                            "helium": ("hidden_act", "attention_bias", "mlp_bias"),
-                           "seed_oss": ("head_dim", "attention_bias", "attention_out_bias", "mlp_bias")}.get(family, ())
+                           "seed_oss": ("head_dim", "attention_bias", "attention_out_bias", "mlp_bias"),
+                           "exaone4": ("sliding_window_pattern",)}.get(family, ())
     if family in ("nemotron", "helium"):  # (num_key_value_heads kept: transformers 5's NemotronConfig leaves it None,
         # which its attention divides by; Helium's 20 would not divide these 4 heads)
         left_out = tuple(name for name in left_out if name != "num_key_value_heads")
@@ -366,8 +380,8 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.tied_head == (family in ("smollm3", "cohere2", "ernie4_5"))
     assert ours.config.n_kv_head == theirs.config.num_key_value_heads == {
-        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "seed_oss": 8, "llama": 32,
-        "qwen2": 32, "qwen3": 32}.get(family, 4)
+        "ernie4_5": 2, "glm": 2, "glm4": 2, "ministral": 8, "ministral3": 8, "mistral": 8, "seed_oss": 8, "exaone": 8, "llama": 32,
+        "qwen2": 32, "qwen3": 32, "exaone4": 32}.get(family, 4)
     if family in ("mistral", "qwen3"):
         assert ours.config.attn_window == (4096 if family == "mistral" else 0) and ours.config.d_head == theirs.config.head_dim
     if family in ("ernie4_5", "glm", "glm4"):
@@ -396,8 +410,64 @@ def test_fields_left_out_as_transformers_reads_them(family, tmp_path):
         assert ours.config.d_head == theirs.config.head_dim == 128 and ours.config.norm_eps == 1e-5
         assert ours.config.rotary_scaling["factor"] == 16 and ours.config.rotary_base == 1e6
         assert (ours.config.query_scale_beta, ours.config.query_scale_period) == (0.1, 16384)
+    if family == "exaone":
+        assert ours.config.rotary_base == 500000.0 and ours.config.norm_eps == 1e-5
+    if family == "exaone4":
+        assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] == [4096] * 3 + [0]
+        assert ours.config.no_rotary_layers == [3] and ours.config.rotary_base == 10000.0 and ours.config.norm_eps == 1e-5
     if family == "olmo3":  # a window too long to see in these inputs: the config shows it
         assert ours.config.attn_window == [theirs.config.sliding_window] * 3 + [0] and theirs.config.sliding_window == 4096
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+
+
+@pytest.mark.parametrize("layout", ["exaone", "transformers"])
+def test_an_exaone_config_as_released_reads_as_transformers_reads_it(layout, tmp_path):
+    """EXAONE 3's config.json as released: the layer count, the norm's eps and the activation under its own names
+    (num_layers, layer_norm_epsilon, activation_function), which transformers takes over Llama's names where both are
+    (here Llama's too, with other values); Llama-3's scaling under rope_scaling, the base at the top level. Its weights
+    as save_pretrained writes them, under EXAONE's names (transformer.h.N.attn.attention.q_proj, mlp.c_fc_0, ...), or in
+    transformers' own layout (save_original_format=False): Llama's names."""
+    t = need("transformers")
+    tiny_hf("exaone").save_pretrained(tmp_path, save_original_format=layout == "exaone")
+    stored = formats.safetensors_loaders(str(tmp_path / "model.safetensors"))
+    assert ("transformer.h.1.mlp.c_fc_0.weight" in stored) == (layout == "exaone") != ("model.embed_tokens.weight" in stored)
+    config = json.loads((tmp_path / "config.json").read_text())
+    released = dict(num_layers=2, layer_norm_epsilon=1e-3, activation_function="silu", rope_theta=1e6, rope_scaling=LLAMA3)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"} | released
+                                                     | dict(num_hidden_layers=3, rms_norm_eps=0.5, hidden_act="gelu")))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    assert theirs.config.num_hidden_layers == ours.config.n_layer == 2 and theirs.config.hidden_act == "silu"
+    assert theirs.config.rms_norm_eps == ours.config.norm_eps == 1e-3 and ours.config.rotary_base == 1e6
+    assert ours.config.rotary_scaling["rope_type"] == theirs.config.rope_parameters["rope_type"] == "llama3"
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+
+
+# EXAONE 4's config.json as released (4 layers here): the 32B's window pattern as a string beside its layer_types, the
+# 1.2B's null window and pattern beside its layer_types, all global; Llama-3's scaling under rope_scaling, the base at
+# the top level
+EXAONE4_RELEASED = {"32b": dict(sliding_window=5, sliding_window_pattern="LLLG",
+                                layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                    "1.2b": dict(sliding_window=None, sliding_window_pattern=None, layer_types=["full_attention"] * 4,
+                                 tie_word_embeddings=True)}
+
+
+@pytest.mark.parametrize("size", EXAONE4_RELEASED)
+def test_an_exaone4_config_as_released_reads_as_transformers_reads_it(size, tmp_path):
+    """The layer types as given, the pattern (a string, which transformers cannot build them from) unread: the 32B's window
+    on layers 0-2, layer 3 global without the rotary embedding; the 1.2B's full attention and the rotary embedding on
+    every layer."""
+    t = need("transformers")
+    tied = EXAONE4_RELEASED[size].get("tie_word_embeddings", False)
+    tiny_hf("exaone4", num_hidden_layers=4, sliding_window=5, tie_word_embeddings=tied).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    released = EXAONE4_RELEASED[size] | dict(rope_theta=1e6, rope_scaling=LLAMA3)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"} | released))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = models.from_pretrained(str(tmp_path))
+    windowed = size == "32b"
+    assert ours.config.attn_window == ([5] * 3 + [0] if windowed else [0] * 4) and ours.config.tied_head == tied
+    assert ours.config.no_rotary_layers == ([3] if windowed else []) and ours.config.rotary_scaling["rope_type"] == "llama3"
     assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
@@ -519,7 +589,8 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "nemotron-biases-tied-linear", "ministral", "ministral3", "ministral3-window",
                                   "falcon-7b", "falcon-40b", "falcon-11b", "falcon-rw", "falcon-mha-biases-linear",
                                   "apertus", "apertus-biases-tied-yarn", "helium", "helium-biases-tied-linear", "seed_oss",
-                                  "seed_oss-out-bias-tied-yarn"])
+                                  "seed_oss-out-bias-tied-yarn", "exaone", "exaone-biases-tied", "exaone4",
+                                  "exaone4-every-other", "exaone4-global-tied-llama3"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
     transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
@@ -530,7 +601,8 @@ def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     interleaved pairs of part of each head turned in bfloat16, GLM-4's norms after attention and the MLP in float32;
     Nemotron's LayerNorm1P in bfloat16, its 1 + weight too; Ministral 3's query scale rounded to bfloat16 before it
     multiplies; Apertus's xIELU in bfloat16 step by step, its softplus of its parameters too; Helium's RMSNorm weights
-    multiplied in float32, its interleaved pairs turned in bfloat16; Seed-OSS's as Llama's;
+    multiplied in float32, its interleaved pairs turned in bfloat16; Seed-OSS's as Llama's; EXAONE 4's norms
+    after attention and the MLP and on each head's q and k in float32, their weights in bfloat16;
     MPT's ALiBi bias added in float32, BLOOM's rounded to bfloat16 within the scores' product, and BLOOM's GELU step by step;
     Falcon's biases added after each product, its ALiBi bias rounded to bfloat16 and given to scaled_dot_product_attention;
     Gemma's norms times 1 + weight in float32, Gemma-2's soft-capped scores' softmax in float32;
@@ -1374,6 +1446,25 @@ def test_clear_errors(tmp_path):
                                  r"config.json: rope_type='dynamic' is not implemented"),
                                 ("apertus1p5_text", dict(output_vocab_size=64), "config.json: output_vocab_size=64: Apertus "
                                                                               "1.5's output layer pruned to fewer rows"),
+                                # EXAONE 3: its activation under its own name; its layer count too
+                                ("exaone", dict(activation_function="gelu"),
+                                 r"config.json: activation_function='gelu' is not implemented"),
+                                ("exaone", dict(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not implemented"),
+                                ("exaone", dict(num_layers="2"), "config.json: num_layers='2' must be a positive integer"),
+                                # EXAONE 4: what transformers' Exaone4Config or its attention fails on (its 32 key / value
+                                # heads by default: 2 given)
+                                ("exaone4", dict(num_key_value_heads=2, sliding_window=None),
+                                 "sliding_window=null without layer_types: transformers' Exaone4Config cannot build the layer"),
+                                ("exaone4", dict(num_key_value_heads=2, sliding_window_pattern="LLLG"),
+                                 "config.json: sliding_window_pattern='LLLG' must be a positive integer"),
+                                ("exaone4", dict(num_key_value_heads=2, sliding_window=None, layer_types=["sliding_attention"] * 4),
+                                 "config.json: layer_types marks sliding layers but sliding_window is null"),
+                                ("exaone4", dict(num_key_value_heads=2, sliding_window="5"),
+                                 "config.json: sliding_window='5' must be a positive integer"),
+                                ("exaone4", dict(num_key_value_heads=2, layer_types=["full_attention"]),
+                                 "config.json: layer_types must give"),
+                                ("exaone4", dict(num_key_value_heads=2, hidden_act="gelu"),
+                                 r"config.json: hidden_act='gelu' is not implemented"),
                                 # sizes a family divides by: checked before it does (not a ZeroDivisionError or TypeError)
                                 ("phi", dict(num_attention_heads=0), "config.json: num_attention_heads=0 must be a positive integer"),
                                 ("phi", dict(head_dim="16"), r"head_dim='16' must be a positive integer, or null"),

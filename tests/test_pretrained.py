@@ -1,5 +1,5 @@
 """models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
 converter does) against transformers' float32 original; files that disagree with themselves; and the real
 SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
@@ -43,7 +43,7 @@ def ggml_mxfp4(blocks, scales):
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, xielu=None, **changes):
     """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, Seed-OSS, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
+    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
     Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
@@ -80,7 +80,10 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     Apertus (apertus): q / k rows as they are, its norms attn_norm and ffn_norm, its xIELU parameters as metadata
     xielu.alpha_p, xielu.alpha_n, xielu.beta and xielu.eps (no architecture prefix; one number per layer), which
     `xielu` ({name: value, or None to leave it out}) overwrites; Llama-3's scaling as rope_freqs. Seed-OSS (seed_oss): q /
-    k rows as they are, the MLP's norm as post_attention_norm."""
+    k rows as they are, the MLP's norm as post_attention_norm. EXAONE 3 (exaone): q / k rows as they are (llama.cpp rotates their halves).
+    EXAONE 4 (exaone4): q / k rows as they are, its norms after attention and the MLP as post_attention_norm and
+    post_ffw_norm, a window (where set) as attention.sliding_window and the sliding layers as a list of booleans,
+    attention.sliding_window_pattern."""
     gguf = need("gguf")
     c = model.config
     gemma = arch.startswith("gemma")
@@ -151,6 +154,9 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
         meta |= {"logit_scale": c.logit_scale}
     if arch == "cohere2":
         meta |= {"attention.sliding_window": c.sliding_window}
+    if arch == "exaone4" and c.sliding_window is not None:  # the window, and the sliding layers listed
+        meta |= {"attention.sliding_window": c.sliding_window,
+                 "attention.sliding_window_pattern": [kind == "sliding_attention" for kind in c.layer_types]}
     if getattr(c, "num_experts", None):  # a mixture of experts: Mixtral's (arch llama) and OLMoE's experts of intermediate_size
         meta |= {"expert_count": c.num_experts, "expert_used_count": c.num_experts_per_tok}
         if arch in ("qwen2moe", "qwen3moe"):
@@ -202,8 +208,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
              "transformer.norm_f": "output_norm", "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.Wqkv": "attn_qkv",
              "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down", "ln_attn": "attn_norm_2", "ln_mlp": "attn_norm",
              "attention_layernorm": "attn_norm", "feedforward_layernorm": "ffn_norm"}
-    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss", "seed_oss"):  # their norms after attention and the MLP (gpt-oss's
-        # and Seed-OSS's: the MLP's)
+    if arch in ("gemma2", "gemma3", "olmo2", "gpt-oss", "seed_oss", "exaone4"):  # their norms after attention and the MLP
+        # (gpt-oss's and Seed-OSS's: the MLP's)
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     if arch == "glm4":
@@ -787,6 +793,80 @@ def test_a_seed_oss_gguf_file_gives_its_original_logits(case, quantisation, tmp_
         biased = tiny_hf("seed_oss", head_dim=16, mlp_bias=True)
         with pytest.raises(ValueError, match=re.escape("a seed_oss file with biases on the MLP (blk.0.ffn_up.bias) is not one")):
             models.from_pretrained(write_gguf(tmp_path / "biased.gguf", biased, arch="seed_oss"))
+
+
+@pytest.mark.parametrize("case,quantisation", [("exaone", "F32"), ("exaone", "Q8_0"), ("exaone-llama3-biases-tied", "Q8_0")])
+def test_an_exaone_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's EXAONE 3 (exaone): Llama's tensor names (the converter maps EXAONE's to them), q / k rows as stored
+    (llama.cpp rotates their halves, as transformers: the converter does not permute them), biases on attn_q, attn_k,
+    attn_v and attn_output where the file has them, Llama-3's scaling as rope_freqs, no output tensor where tied. A
+    rotary dims count other than the head's, which llama.cpp's exaone refuses, is one line."""
+    scaled = case != "exaone"
+    theirs = tiny_hf("exaone", **dict(attention_bias=True, tie_word_embeddings=True, rope_scaling=LLAMA3, rope_theta=10000.0)
+                     if scaled else dict(rms_norm_eps=1e-3))
+    divisors = models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq if scaled else None
+    ours = models.from_pretrained(write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "exaone", divisors))
+    config = ours.config
+    assert config.family == "exaone" and config.n_kv_head == 2
+    assert config.tied_head == config.qkv_bias == config.out_bias == scaled
+    assert config.rotary_scaling.get("rope_type") == ("divisors" if scaled else None)
+    assert config.norm_eps == pytest.approx(1e-5 if scaled else 1e-3)  # (float32 in the file)
+    assert_reads_as(ours, theirs, quantisation)
+    if not scaled and quantisation == "F32":
+        assert_each_refused(theirs, "exaone", [({"rope.dimension_count": 8},
+                                                "exaone.rope.dimension_count = 8 is not the head's 16 dims")], tmp_path)
+
+
+# a 64-layer EXAONE 4 (the 32B's layer count, on which llama.cpp keys its windows), narrow so that it stays small
+EXAONE4_64 = dict(num_hidden_layers=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+                  sliding_window=5)
+
+
+@pytest.mark.parametrize("case,quantisation", [("exaone4", "F32"), ("exaone4", "Q8_0"), ("exaone4-64-layers", "F32")])
+def test_an_exaone4_gguf_file_gives_its_original_logits(case, quantisation, tmp_path):
+    """llama.cpp's EXAONE 4 (exaone4): q / k rows as stored (llama.cpp rotates their halves), attn_q_norm and
+    attn_k_norm, the norms after attention and the MLP (post_attention_norm, post_ffw_norm; no attn_norm or ffn_norm), no
+    output tensor where tied. Without a window (EXAONE-4.0-1.2B's; tied, Llama-3's scaling as rope_freqs) the rotary
+    embedding on every layer; with 64 layers, attention.sliding_window and the converter's list of the sliding layers
+    (or the pattern as a number): the window on three layers in four, the fourth global without the rotary embedding.
+    What llama.cpp reads otherwise is one line: a rotary dims count other than the head's, a list of other sliding layers
+    than llama.cpp's (it reads none), a base of the windowed layers' own."""
+    windowed = case == "exaone4-64-layers"
+    theirs = tiny_hf("exaone4", **EXAONE4_64 if windowed else dict(
+        sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True, rope_scaling=LLAMA3))
+    divisors = None if windowed else models.rotary_frequencies(16, 10000.0, {}) / theirs.model.rotary_emb.inv_freq
+    path = write_gguf(tmp_path / f"{case}.gguf", theirs, quantisation, "exaone4", divisors)
+    ours = models.from_pretrained(path)
+    config = ours.config
+    assert config.family == "exaone4" and config.qk_norm and not config.pre_norms and config.sandwich_norms
+    assert config.tied_head == (not windowed) and config.rotary_scaling.get("rope_type") == (None if windowed else "divisors")
+    assert config.attn_window == ([5, 5, 5, 0] * 16 if windowed else [0, 0])
+    assert config.no_rotary_layers == (list(range(3, 64, 4)) if windowed else [])
+    assert_reads_as(ours, theirs, quantisation)
+    if windowed:  # the pattern as a number, as llama.cpp reads it: the same model
+        numbered = models.from_pretrained(write_gguf(tmp_path / "numbered.gguf", theirs, arch="exaone4",
+                                                     **{"attention.sliding_window_pattern": 4}))
+        assert numbered.config == config
+        assert_each_refused(theirs, "exaone4", [
+            ({"rope.dimension_count": 8}, "exaone4.rope.dimension_count = 8 is not the head's 16 dims"),
+            ({"attention.sliding_window_pattern": [True, False] * 32},
+             "exaone4.attention.sliding_window_pattern lists other sliding layers than llama.cpp's"),
+            ({"rope.freq_base_swa": 500.0}, "exaone4.rope.freq_base_swa = 500.0 differs from rope.freq_base")], tmp_path)
+
+
+def test_an_exaone4_gguf_file_of_another_layer_count_is_read_without_its_windows(tmp_path):
+    """llama.cpp windows an exaone4 file of 64 layers alone: another's window (here 5 on layers 0-2, as its converter
+    records it) is left out and every layer takes the rotary embedding, as transformers' EXAONE 4 of the same weights
+    with a null window computes."""
+    windowed = tiny_hf("exaone4", num_hidden_layers=4, sliding_window=5)
+    full = tiny_hf("exaone4", num_hidden_layers=4, sliding_window=None, layer_types=["full_attention"] * 4)
+    assert all(torch.equal(a, b) for a, b in zip(windowed.state_dict().values(), full.state_dict().values()))
+    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (windowed(x).logits - full(x).logits).abs().max() > 1e-2  # (the windows change the model)
+    ours = models.from_pretrained(write_gguf(tmp_path / "exaone4.gguf", windowed, arch="exaone4"))
+    assert ours.config.attn_window == [0] * 4 and ours.config.no_rotary_layers == []
+    assert_reads_as(ours, full)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

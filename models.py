@@ -793,6 +793,16 @@ def _rope(c, where, dims, default_base=10000.0):
                 rotary_scaling=scaling)
 
 
+def _partial_rotary(c, where, default):
+    """partial_rotary_factor, the share of each head's dims the rotary embedding turns, as transformers reads it: from
+    the rope parameters (rope_parameters, or the older rope_scaling), else config.json's top level, else `default`."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", default)) if isinstance(rope, dict) else default
+    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    return fraction
+
+
 def _yarn(rope, c, where):
     """YaRN's factor (if null: the context over the original one), its two ramp ends and its attention
     factor, which multiplies queries and keys (if not given: 0.1 ln(factor) + 1, or the ratio of two such
@@ -1054,10 +1064,7 @@ def nemotron(c, where):
     _option(c, "hidden_act", "relu2", ["relu2"], where)
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = c.get("head_dim") or d // heads
-    rope = c.get("rope_parameters") or {}
-    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
-    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
-        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    fraction = _partial_rotary(c, where, 0.5)
     attention_bias = _option(c, "attention_bias", False, [True, False], where)
     mlp_bias = _option(c, "mlp_bias", False, [True, False], where)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
@@ -1145,7 +1152,7 @@ def phi3(c, where):
     longrope = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn")
     base = {"rope_parameters": {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0))}} if longrope else {}
     config, _, _ = llama(c | base | {"model_type": "mistral", "rms_norm_eps": c.get("rms_norm_eps", 1e-5)}, where)
-    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    fraction = _partial_rotary(c, where, 1.0)
     config["rotary_dims"] = int(config["d_head"] * fraction)
     if longrope:
         config["rotary_scaling"] = _longrope(rope, c, where, config["rotary_dims"])
@@ -1168,10 +1175,7 @@ def glm(c, where):
     default half), q and k as stored; GLM-4 norms what attention and the MLP add before adding it too
     (post_self_attn_layernorm, post_mlp_layernorm). Where config.json leaves them out, transformers' defaults: head_dim
     128 (null: d_model / n_head), 2 key / value heads (null: n_head), eps 1.5625e-7, untied."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
-    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
-        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    fraction = _partial_rotary(c, where, 0.5)
     bias = _option(c, "attention_bias", True, [True, False], where)
     d_head = c.get("head_dim", 128) or c["hidden_size"] // c["num_attention_heads"]
     config, _, _ = llama(c | {"model_type": "llama", "head_dim": d_head, "mlp_bias": False,
@@ -1572,10 +1576,7 @@ def stablelm(c, where):
     _option(c, "hidden_act", "silu", ["silu"], where)
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = d // heads  # whatever head_dim says
-    rope = c.get("rope_parameters") or {}
-    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.25)) if isinstance(rope, dict) else 0.25
-    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
-        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    fraction = _partial_rotary(c, where, 0.25)
     parallel, qk_norm = c.get("use_parallel_residual", False), c.get("qk_layernorm", False)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,
@@ -1615,10 +1616,7 @@ def phi(c, where):
     _option(c, "qk_layernorm", False, [False], where)
     d, heads = c["hidden_size"], c["num_attention_heads"]
     d_head = c.get("head_dim") or d // heads
-    rope = c.get("rope_parameters") or {}
-    fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)) if isinstance(rope, dict) else 0.5
-    if not isinstance(fraction, (int, float, fractions.Fraction)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
-        raise ValueError(f"{where}: partial_rotary_factor={fraction!r} must be a number from 0 to 1")
+    fraction = _partial_rotary(c, where, 0.5)
     act = _option(c, "hidden_act", "gelu_new", list(GELUS), where)
     config = dict(vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
                   n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads, d_model=d, d_head=d_head,

@@ -743,13 +743,8 @@ def test_the_text_model_of_a_multimodal_gemma3(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.family == "gemma3" and ours.config.attn_window == [5, 0] and ours.config.qk_norm
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
-    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
-    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
+    assert_same_logits(ours, theirs, (2, 40), seed=4)
+    assert_generates_as(ours, theirs, torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4)), 20)
 
 
 @pytest.mark.parametrize("text", ["ministral3", "mistral"])
@@ -775,13 +770,8 @@ def test_the_text_model_of_a_multimodal_mistral3(text, tied, tmp_path):
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.family == "mistral3" and ours.config.tied_head == tied
     assert (ours.config.query_scale_beta, ours.config.query_scale_period) == ((0.5, 16) if text == "ministral3" else (0.0, 0))
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
-    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
-    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
+    assert_same_logits(ours, theirs, (2, 40), seed=4)
+    assert_generates_as(ours, theirs, torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4)), 20)
     config = json.loads((tmp_path / "config.json").read_text())
     for bad, message in [(dict(text_config=None), "a mistral3 config.json needs its language model's config under text_config"),
                          (dict(text_config=config["text_config"] | dict(model_type="llama")),
@@ -871,13 +861,8 @@ def test_the_text_model_of_a_multimodal_apertus1p5(tied, tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = models.from_pretrained(str(tmp_path))
     assert ours.config.family == "apertus1p5" and ours.config.tied_head == tied and ours.config.activation == "xielu"
-    x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = theirs(x).logits
-    assert want.std() > 1.0 and (ours(x) - want).abs().max() <= 1e-4
-    want_ids = theirs.generate(x[:, :8], max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, attention_mask=torch.ones_like(x[:, :8]))
-    assert torch.equal(ours.generate(x[:, :8], 20, temperature=0), want_ids)
+    assert_same_logits(ours, theirs, (2, 40), seed=4)
+    assert_generates_as(ours, theirs, torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4)), 20)
     config = json.loads((tmp_path / "config.json").read_text())
     for bad, message in [(dict(text_config=None), "an apertus1p5 config.json needs its language model's config under text_config"),
                          (dict(text_config=config["text_config"] | dict(output_vocab_size=72)),

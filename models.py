@@ -2305,25 +2305,30 @@ def xielu_gguf_tensors(metadata, n_layer, path):
 
 
 def exaone4_gguf_config(c, metadata, get, count, path):
-    """EXAONE 4.0's config.json fields from a GGUF file, as llama.cpp reads them: windows in a model of 64 layers alone (it
-    keys EXAONE-4.0-32B's layout on that count): attention.sliding_window (absent: 4,096) on every layer but the last of
-    each attention.sliding_window_pattern (absent: 4; 0: every layer), the rotary embedding on those alone; the
-    converter's per-layer list in its place, which llama.cpp does not read (it takes 4), must say the same. Any other
-    layer count: full attention and the rotary embedding on every layer, whatever window the file records."""
+    """EXAONE 4.0's config.json fields from a GGUF file, as transformers computes the original: llama.cpp's converter
+    writes attention.sliding_window only where config.json's sliding_window is set, and with it the sliding layers,
+    attention.sliding_window_pattern, one boolean per layer (from layer_types, or from the pattern). So, with the
+    window: the window on the layers the list marks (a number in its place: every layer but the last of each such
+    period, 0 every layer; absent: transformers' default, every layer but each fourth), the rotary embedding on those
+    alone; without it (EXAONE-4.0-1.2B's): full attention and the rotary embedding on every layer, whatever the layer
+    count. llama.cpp keys the windows on 64 layers instead (EXAONE-4.0-32B's count): there three layers in four,
+    whatever the list says, with the file's window or 4,096; at any other count none, whatever window the file records."""
     n_layer = c["num_hidden_layers"]
-    if n_layer != 64:
+    if "exaone4.attention.sliding_window" not in metadata:
         return dict(sliding_window=None, layer_types=["full_attention"] * n_layer)
     if get("rope.freq_base_swa", c["rope_theta"]) != c["rope_theta"]:
         raise ValueError(f"{path}: metadata exaone4.rope.freq_base_swa = {get('rope.freq_base_swa')} differs from "
                          f"rope.freq_base, which transformers' exaone4 rotates every layer by; not implemented")
     pattern = metadata.get("exaone4.attention.sliding_window_pattern")
-    listed = isinstance(pattern, list)
-    period = 4 if listed else count("attention.sliding_window_pattern", 4, least=0)
-    sliding = [period == 0 or i % period < period - 1 for i in range(n_layer)]
-    if listed and list(map(bool, pattern)) != sliding:
-        raise ValueError(f"{path}: metadata exaone4.attention.sliding_window_pattern lists other sliding layers than "
-                         f"llama.cpp's, which reads no list: every layer but each fourth; not implemented")
-    return dict(sliding_window=count("attention.sliding_window", 4096),
+    if isinstance(pattern, list):  # the converter's, one per layer (true: sliding)
+        if len(pattern) != n_layer or not all(isinstance(p, bool) for p in pattern):
+            raise ValueError(f"{path}: metadata exaone4.attention.sliding_window_pattern must give true or false for "
+                             f"each of the {n_layer} layers, got {pattern!r}")
+        sliding = pattern
+    else:
+        period = count("attention.sliding_window_pattern", 4, least=0)
+        sliding = [period == 0 or i % period < period - 1 for i in range(n_layer)]
+    return dict(sliding_window=count("attention.sliding_window"),
                 layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
 
 

@@ -829,8 +829,8 @@ def test_an_exaone4_gguf_file_gives_its_original_logits(case, quantisation, tmp_
     output tensor where tied. Without a window (EXAONE-4.0-1.2B's; tied, Llama-3's scaling as rope_freqs) the rotary
     embedding on every layer; with 64 layers, attention.sliding_window and the converter's list of the sliding layers
     (or the pattern as a number): the window on three layers in four, the fourth global without the rotary embedding.
-    What llama.cpp reads otherwise is one line: a rotary dims count other than the head's, a list of other sliding layers
-    than llama.cpp's (it reads none), a base of the windowed layers' own."""
+    What is not read is one line: a rotary dims count other than the head's, a list of sliding layers not one boolean
+    per layer, a base of the windowed layers' own."""
     windowed = case == "exaone4-64-layers"
     theirs = tiny_hf("exaone4", **EXAONE4_64 if windowed else dict(
         sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True, rope_scaling=LLAMA3))
@@ -849,24 +849,34 @@ def test_an_exaone4_gguf_file_gives_its_original_logits(case, quantisation, tmp_
         assert numbered.config == config
         assert_each_refused(theirs, "exaone4", [
             ({"rope.dimension_count": 8}, "exaone4.rope.dimension_count = 8 is not the head's 16 dims"),
-            ({"attention.sliding_window_pattern": [True, False] * 32},
-             "exaone4.attention.sliding_window_pattern lists other sliding layers than llama.cpp's"),
+            ({"attention.sliding_window_pattern": [True, False] * 31},
+             "exaone4.attention.sliding_window_pattern must give true or false for each of the 64 layers"),
             ({"rope.freq_base_swa": 500.0}, "exaone4.rope.freq_base_swa = 500.0 differs from rope.freq_base")], tmp_path)
 
 
-def test_an_exaone4_gguf_file_of_another_layer_count_is_read_without_its_windows(tmp_path):
-    """llama.cpp windows an exaone4 file of 64 layers alone: another's window (here 5 on layers 0-2, as its converter
-    records it) is left out and every layer takes the rotary embedding, as transformers' EXAONE 4 of the same weights
-    with a null window computes."""
-    windowed = tiny_hf("exaone4", num_hidden_layers=4, sliding_window=5)
+@pytest.mark.parametrize("kinds", [None, ["sliding_attention", "full_attention"] * 2, ["full_attention"] * 4])
+def test_an_exaone4_gguf_file_of_any_layer_count_gives_its_original_windows(kinds, tmp_path):
+    """An exaone4 file of 4 layers (not the 64 on which llama.cpp keys its windows) with the window its converter
+    records (here 5) and the sliding layers it lists (by default layers 0-2; or every other; or none, the window set:
+    no rotary embedding anywhere) gives transformers' windowed logits, which differ from the same weights' without
+    windows; a file of 64 layers without the window (a null sliding_window, EXAONE-4.0-1.2B's) gives full attention and
+    the rotary embedding on every layer, where llama.cpp windows three layers in four by 4,096."""
+    windowed = tiny_hf("exaone4", num_hidden_layers=4, sliding_window=5, layer_types=kinds)
     full = tiny_hf("exaone4", num_hidden_layers=4, sliding_window=None, layer_types=["full_attention"] * 4)
     assert all(torch.equal(a, b) for a, b in zip(windowed.state_dict().values(), full.state_dict().values()))
     x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (windowed(x).logits - full(x).logits).abs().max() > 1e-2  # (the windows change the model)
     ours = models.from_pretrained(write_gguf(tmp_path / "exaone4.gguf", windowed, arch="exaone4"))
-    assert ours.config.attn_window == [0] * 4 and ours.config.no_rotary_layers == []
-    assert_reads_as(ours, full)
+    sliding = [kind == "sliding_attention" for kind in windowed.config.layer_types]
+    assert ours.config.attn_window == [5 if s else 0 for s in sliding]
+    assert ours.config.no_rotary_layers == [i for i, s in enumerate(sliding) if not s]
+    assert_reads_as(ours, windowed)
+    if kinds is None:
+        null = tiny_hf("exaone4", **EXAONE4_64 | dict(sliding_window=None, layer_types=["full_attention"] * 64))
+        ours = models.from_pretrained(write_gguf(tmp_path / "null.gguf", null, arch="exaone4"))
+        assert ours.config.attn_window == [0] * 64 and ours.config.no_rotary_layers == []
+        assert_reads_as(ours, null)
 
 
 @pytest.mark.parametrize("quantisation", ["F32", "Q8_0"])

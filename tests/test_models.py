@@ -324,6 +324,24 @@ def test_older_config_fields_as_transformers_reads_them(case, tmp_path):
     assert_same_logits(ours, theirs, (2, 48), seed=6)
 
 
+@pytest.mark.parametrize("family", ["llama", "glm4"])
+def test_rope_scaling_beside_rope_parameters_replaces_them_as_in_transformers(family, tmp_path):
+    """A transformers 5 config.json (rope_parameters) with a rope_scaling added by hand, as a model card's long-context
+    snippet says: transformers takes rope_scaling in place of rope_parameters (the base then config.json's top-level
+    rope_theta, else the family's default), and so does models.py."""
+    t = need("transformers")
+    tiny_hf(family, **({"head_dim": 16} if family == "glm4" else {})).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in config and "rope_scaling" not in config
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_scaling": yarn}))
+    theirs = t.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    assert theirs.config.rope_parameters["rope_type"] == "yarn"
+    ours = models.from_pretrained(str(tmp_path))
+    assert ours.config.rotary_scaling["rope_type"] == "yarn"
+    assert_same_logits(ours, theirs, (2, 48), seed=6)
+
+
 # fields a config.json may leave out, which transformers then gives its family's defaults (SmolLM3: a tied head, base 2e6,
 # 4 key / value heads; OLMo-3: base 500000 on every layer, a window on three in four; OLMo-2, Phi-3: norm eps 1e-5;
 # Command-R7B: a tied head, base 10000 (not Command-R's 500000), a window of 4096 on three layers in four)

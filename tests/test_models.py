@@ -265,7 +265,8 @@ def test_same_logits_and_generations_as_transformers(case, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the models did not run on a GPU")
-@pytest.mark.parametrize("case", ["gpt2", "gpt_neox-parallel", "llama", "qwen3", "gemma2", "gemma3", "gptj", "gpt_bigcode"])
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neox-parallel", "llama", "qwen3", "gemma2", "gemma3", "gptj", "gpt_bigcode",
+                                  "gpt_neo", "cohere", "bloom", "mpt", "falcon-rw", "nemotron", "apertus"])
 def test_cuda_same_logits_and_generations_as_transformers_and_bf16_autocast_near_them(case, tmp_path):
     family, options = CASES[case]
     theirs = tiny_hf(family, **options)

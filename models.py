@@ -858,9 +858,12 @@ def gpt_neo(c, where):
     """GPT-Neo: separate q, k, v without bias, no 1/sqrt(d_head) score scaling, the scores in float32
     (attn_scores_float32), local attention (a window of window_size positions) on the layers attention_types marks
     local, gelu_new step by step, tied embeddings."""
-    layers = [kind for kinds, repeat in c.get("attention_types", [[["global", "local"], 12]]) for _ in range(repeat)
-              for kind in kinds]
-    if len(layers) != c["num_layers"] or set(layers) - {"global", "local"}:
+    try:  # [[kinds, repeat], ...]; null: transformers' default
+        layers = [kind for kinds, repeat in c.get("attention_types") or [[["global", "local"], 12]]
+                  for _ in range(repeat) for kind in kinds]
+    except (TypeError, ValueError):  # not pairs of a list of kinds and a count
+        layers = None
+    if layers is None or len(layers) != c["num_layers"] or set(layers) - {"global", "local"}:
         raise ValueError(f"{where}: attention_types {c.get('attention_types')} must give 'global' "
                          f"or 'local' for each of the {c['num_layers']} layers")
     d, act = c["hidden_size"], _option(c, "activation_function", "gelu_new", list(GELUS), where)

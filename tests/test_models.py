@@ -1586,6 +1586,13 @@ def test_clear_errors(tmp_path):
 
 
 def test_clear_errors_from_broken_folders(tmp_path):
+    tiny_hf("gpt_neo").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for kinds in (None, "global", [["global", 1]], [[["global", "local"], "1"]]):  # (null: the default's 24 layers)
+        (tmp_path / "config.json").write_text(json.dumps(config | {"attention_types": kinds}))
+        with pytest.raises(ValueError, match=r"config.json: attention_types .* must give 'global' or 'local' for each of "
+                                             r"the 2 layers$"):
+            models.from_pretrained(str(tmp_path))
     model = tiny_hf("gpt_neox")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

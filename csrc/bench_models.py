@@ -9,7 +9,8 @@ model of the same file, and what per-head codebooks on every layer add to it.
 A step is forward, cross-entropy on next tokens, backward, on one fixed batch. The three models
 run in turn, interleaved (ours, transformers', ours with codebooks), after one warm-up step each,
 so that what the other jobs on the machine take falls on all alike; each figure is the median of
---reps steps. transformers and gguf are needed here only (pip install transformers gguf).
+--reps steps. transformers, gguf and accelerate are needed here only
+(pip install transformers gguf accelerate).
 
 With --sample_rows, a sampling step instead (steer.py's: one forward of the new token of every row,
 keys and values cached, codebooks on every head) at each batch size in turn, interleaved likewise:

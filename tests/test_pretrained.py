@@ -1186,7 +1186,7 @@ def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):
 def ours_and_theirs(name):
     """(our model, its tokenizer, transformers' model) of a real GGUF file, both float32."""
     transformers = need("transformers")
-    need("gguf")
+    need("gguf"), need("accelerate")  # transformers' GGUF loader asks for both
     path = real_model(name)
     ours, tok = models.load_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

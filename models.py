@@ -21,8 +21,7 @@ ollama, LM Studio) holds the same in one file: sizes and tokenizer in its metada
 quantised in blocks (formats.py reads both; architectures gpt2, gptneox, llama (with experts: Mixtral; Ministral's, no
 window recorded), qwen2, qwen3, smollm3, olmo2 (OLMo-2 and -3), phi3, gemma, gemma2, gemma3, granite, command-r, cohere2,
 stablelm, phi2, starcoder2, olmo, qwen2moe, qwen3moe, olmoe, gpt-oss, gptj, starcoder, bloom, mpt, ernie4_5, arcee,
-falcon, nemotron, glm4, chatglm, apertus, seed_oss, exaone,
-exaone4).
+falcon, nemotron, glm4, chatglm, apertus, seed_oss, exaone, exaone4).
 Nothing is downloaded and transformers is not needed.
 Weights load as float32; dropout is left out, so the model computes the original in eval mode.
 
@@ -1862,8 +1861,7 @@ FAMILIES = {"gpt2": gpt2, "gpt_neo": gpt_neo, "gpt_neox": gpt_neox, "llama": lla
             "gptj": gptj, "gpt_bigcode": gpt_bigcode, "bloom": bloom, "mpt": mpt, "ernie4_5": ernie4_5, "arcee": arcee,
             "nemotron": nemotron, "ministral": ministral, "ministral3": ministral3, "mistral3": mistral3, "glm": glm,
             "glm4": glm, "falcon": falcon, "apertus": apertus, "apertus1p5_text": apertus, "apertus1p5": apertus1p5,
-            "helium": helium, "seed_oss": seed_oss, "exaone": exaone,
-            "exaone4": exaone4}
+            "helium": helium, "seed_oss": seed_oss, "exaone": exaone, "exaone4": exaone4}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""models.py against the industrial implementations (minGPT's test, once per family): a tiny random
-GPT-2, GPT-Neo, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere, Cohere2,
-StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus, Helium, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py,
-give the same logits and the same greedy generations; the BPE tokenizer gives the `tokenizers` library's ids on source
-code and non-ASCII text. transformers and tokenizers are test-only: without them these tests skip,
-unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a failure (conftest.need)."""
+"""models.py against the industrial implementations (minGPT's test, once per family): a tiny random GPT-2, GPT-Neo,
+GPT-NeoX, GPT-J, GPT-BigCode, Llama, Mistral, Qwen2, Qwen3, SmolLM3, OLMo-2, OLMo-3, Phi-3, Gemma, Granite, Cohere,
+Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral, Ministral 3, GLM, GLM-4, Apertus,
+Helium, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE and gpt-oss made and saved by `transformers`, loaded by models.py, give the same logits and the same greedy
+generations; the BPE tokenizer gives the `tokenizers` library's ids on source code and non-ASCII text. transformers and
+tokenizers are test-only: without them these tests skip, unless CODEBOOK_REQUIRE_HF=1 (as in CI) makes their absence a
+failure (conftest.need)."""
 import glob
 import json
 import os
@@ -184,7 +186,9 @@ TIED = {"gpt2": True, "gpt_neo": True, "gpt_neox": False, "gptj": False, "gpt_bi
         "smollm3": True, "olmo2": False, "olmo3": False, "phi3": False, "gemma": True, "gemma2": True, "gemma3": True,
         "granite": False, "cohere": True, "cohere2": True, "stablelm": False, "phi": False, "starcoder2": True, "olmo": False, "ernie4_5": True, "arcee": False,
         "nemotron": False, "ministral": False, "ministral3": False,
-        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False, "exaone": False, "exaone4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False, "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
+        "glm": False, "glm4": False, "apertus": False, "apertus1p5_text": False, "helium": False, "seed_oss": False,
+        "exaone": False, "exaone4": False, "bloom": True, "mpt": True, "falcon": True, "mixtral": False, "qwen2_moe": False,
+        "qwen3_moe": False, "olmoe": False, "gpt_oss": False}
 
 
 # layer 1's modules in transformers: W_O, the one whose output the block adds as the MLP's (Gemma's after its norm), the block
@@ -199,7 +203,8 @@ SITES = {"gpt2": ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp", "transfo
          "mixtral": LLAMA_SITES, "qwen2_moe": LLAMA_SITES, "qwen3_moe": LLAMA_SITES, "olmoe": LLAMA_SITES,
          "gpt_oss": LLAMA_SITES, "starcoder2": LLAMA_SITES, "olmo": LLAMA_SITES, "ernie4_5": LLAMA_SITES, "arcee": LLAMA_SITES, "nemotron": LLAMA_SITES,
          "ministral": LLAMA_SITES, "ministral3": LLAMA_SITES, "glm": LLAMA_SITES, "apertus": LLAMA_SITES,
-         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "exaone": LLAMA_SITES, "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
+         "apertus1p5_text": LLAMA_SITES, "helium": LLAMA_SITES, "seed_oss": LLAMA_SITES, "exaone": LLAMA_SITES,
+         "phi": ("model.layers.1.self_attn.dense", "model.layers.1.mlp", "model.layers.1"),
          "gemma2": (LLAMA_SITES[0], "model.layers.1.post_feedforward_layernorm", LLAMA_SITES[2]),
          # (BLOOM's and MPT's MLP modules add the residual themselves: their last linear is what the MLP adds)
          "bloom": ("transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h", "transformer.h.1"),
@@ -612,8 +617,10 @@ def test_a_gpt_oss_without_head_dim_has_transformers_default_64(tmp_path):
                                   "exaone4-every-other", "exaone4-global-tied-llama3"])
 def test_in_bfloat16_the_logits_of_transformers_in_bfloat16(case, tmp_path):
     """The model and transformers' both cast to bfloat16 compute the same logits, to the bit: each part rounds where
-    transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's
-    and StableLM's in bfloat16, and so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
+    transformers' rounds (the norms in float32, OLMo-2's weights too, Cohere's step by step; Cohere's rotary embedding
+    in float32 on its interleaved pairs as stored, OLMo-2's with float32 tables, Llama's and StableLM's in bfloat16, and
+    so Mistral's, Qwen2's, Qwen3's (its q / k norms too), SmolLM3's and Phi-3's (on part of each head); OLMo's bare
+    LayerNorms in float32; Phi's gelu_new step by step, its attention's and MLP's outputs summed before the residual;
     LongRoPE's short and long frequencies both rounded to bfloat16 with the model, its attention factor applied to cos / sin in float32;
     GPT-J's frequencies kept in float32, its sines and cosines rounded to bfloat16, as its table is, its interleaved pairs turned as stored;
     ERNIE 4.5's interleaved pairs turned in float32 with float32 tables; Arcee's ReLU² in bfloat16; GLM's and GLM-4's

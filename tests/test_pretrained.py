@@ -1,10 +1,11 @@
-"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite, Command-R,
-Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM (chatglm), Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE and gpt-oss (its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's
-converter does) against transformers' float32 original; files that disagree with themselves; and the real
-SmolLM2-135M-Instruct (Q4_1) and Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then
-finetuned with codebooks by train_lm.py and steered by steer.py.
-Test-only packages (transformers, gguf) and the model file skip where absent, unless
+"""models.py on GGUF files: a tiny GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen, Gemma, Gemma-2, Gemma-3, Granite,
+Command-R, Command-R7B, StableLM, Phi-2, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, Ministral (as llama), GLM-4, GLM
+(chatglm), Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss
+(its experts in MXFP4) written by the `gguf` package's writer (laid out as llama.cpp's converter does) against
+transformers' float32 original; files that disagree with themselves; and the real SmolLM2-135M-Instruct (Q4_1) and
+Gemma-3-270M (Q4_K_M) of .ci/fetch_models against transformers' own GGUF loader, then finetuned with codebooks by
+train_lm.py and steered by steer.py.
+Test-only packages (transformers, gguf, accelerate) and the model files skip where absent, unless
 CODEBOOK_REQUIRE_HF=1 or CODEBOOK_REQUIRE_MODELS=1 (CI) makes that a failure."""
 import json
 import math
@@ -42,9 +43,10 @@ def ggml_mxfp4(blocks, scales):
 
 def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, drop=(), qkv_apart=False, qkv_fused=False,
                mxfp4=None, xielu=None, **changes):
-    """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma, Gemma2, Gemma3,
-    Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4, Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE,
-    Qwen3-MoE, OLMoE or gpt-oss) as llama.cpp's converter writes it:
+    """model (a transformers GPT-2, GPT-NeoX, GPT-J, GPT-BigCode, Llama, Qwen2, Qwen3, SmolLM3, OLMo-2, Phi-3, Gemma,
+    Gemma2, Gemma3, Granite, Cohere, Cohere2, StableLM, Phi, StarCoder2, OLMo, ERNIE 4.5, Arcee, Nemotron, GLM, GLM-4,
+    Apertus, Seed-OSS, EXAONE 3, EXAONE 4, BLOOM, MPT, Falcon, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss) as
+    llama.cpp's converter writes it:
     matrices in `quantisation` (norms, biases, a mixture's router and Qwen2-MoE's shared expert gate stay F32); each
     expert matrix of all experts stacked as one (experts, out, in) tensor; Phi-3's q / k / v fused (or apart: qkv_apart) and its
     gate / up fused; q / k rows permuted for
@@ -80,7 +82,8 @@ def write_gguf(path, model, quantisation="F32", arch="llama", rope_freqs=None, d
     Apertus (apertus): q / k rows as they are, its norms attn_norm and ffn_norm, its xIELU parameters as metadata
     xielu.alpha_p, xielu.alpha_n, xielu.beta and xielu.eps (no architecture prefix; one number per layer), which
     `xielu` ({name: value, or None to leave it out}) overwrites; Llama-3's scaling as rope_freqs. Seed-OSS (seed_oss): q /
-    k rows as they are, the MLP's norm as post_attention_norm. EXAONE 3 (exaone): q / k rows as they are (llama.cpp rotates their halves).
+    k rows as they are, the MLP's norm as post_attention_norm. EXAONE 3 (exaone): q / k rows as they are (llama.cpp
+    rotates their halves).
     EXAONE 4 (exaone4): q / k rows as they are, its norms after attention and the MLP as post_attention_norm and
     post_ffw_norm, a window (where set) as attention.sliding_window and the sliding layers as a list of booleans,
     attention.sliding_window_pattern."""
@@ -1186,7 +1189,8 @@ def test_a_gguf_file_is_known_by_its_first_bytes(tmp_path):
 def ours_and_theirs(name):
     """(our model, its tokenizer, transformers' model) of a real GGUF file, both float32."""
     transformers = need("transformers")
-    need("gguf"), need("accelerate")  # transformers' GGUF loader asks for both
+    need("gguf")  # transformers' GGUF loader asks for gguf and accelerate
+    need("accelerate")
     path = real_model(name)
     ours, tok = models.load_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

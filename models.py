@@ -1952,8 +1952,9 @@ def read_config(folder):
                          f"transformers 5 does not read: give the model as its repository holds it now (model_type falcon)")
     if not isinstance(c.get("model_type"), str) or c["model_type"] not in FAMILIES:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (supported: {', '.join(FAMILIES)})")
-    for part in (c, c.get("text_config")):  # transformers 5 takes a rope_scaling in place of rope_parameters (both:
-        # a rope_scaling added by hand to a config.json it saved)
+    # a rope_scaling added by hand to a config.json that transformers 5 saved (with rope_parameters): transformers then
+    # takes the rope_scaling in place of the rope_parameters, and so does this module
+    for part in (c, c.get("text_config")):
         if isinstance(part, dict) and part.get("rope_scaling") and part.get("rope_parameters"):
             del part["rope_parameters"]
     mxfp4 = c["model_type"] == "gpt_oss" and isinstance(c.get("quantization_config"), dict) and \
